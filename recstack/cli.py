@@ -1,0 +1,127 @@
+"""`recstack` — one console script, thin over the packages (each command imports what it needs
+lazily, so `recstack serve` never loads torch or training code)."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+
+STAGES = {"retrieval": "retrieval", "coarse": "coarse_rank", "fine": "fine_rank"}
+
+
+def _cmd_simulate(args) -> int:
+    from recstack.config import apply_overrides
+    from recstack.world import preset, simulate
+
+    cfg = apply_overrides(preset(args.preset), args.set)
+    meta = simulate(cfg, args.seed, args.out, preset=args.preset)
+    days = meta["days"]
+    print(f"wrote {args.out}: {cfg.n_users} users, {cfg.n_items} items, {len(days)} days, "
+          f"{sum(d['impressions'] for d in days)} impressions, {meta['n_events']} behaviours "
+          f"in {meta['timings_s']['total']:.1f}s")
+    for d in days:
+        print(f"  day {d['day']}: {d['impressions']} impressions, CTR {d['ctr']:.4f}, CVR {d['cvr']:.4f}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from recstack.config import apply_overrides
+
+    mod = importlib.import_module(f"{STAGES[args.stage]}.train")
+    cfg = apply_overrides(mod.Config(), args.set)
+    out = Path(args.out) / args.stage
+    metrics = mod.train(cfg, args.data, out)
+    print(f"{args.stage}: checkpoint {out / 'checkpoint.pt'}")
+    for k, v in metrics.items():
+        if isinstance(v, (int, float)):
+            print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from recstack.export import export_bundle
+
+    path = export_bundle(args.runs, args.out)
+    print(f"bundle written: {path}")
+    return 0
+
+
+def _cmd_serve(args) -> int:
+    from recstack.serving.server import serve
+
+    return serve(args.artifacts, host=args.host, port=args.port, workers=args.workers) or 0
+
+
+def _cmd_rank(args) -> int:
+    from recstack.serving.client import format_table, rank
+
+    resp = rank(args.target, args.user_id, args.k, debug=True, timeout=args.timeout)
+    print(format_table(resp))
+    return 0
+
+
+def _cmd_quickstart(args) -> int:
+    from recstack.quickstart import quickstart
+
+    return quickstart(workdir=args.workdir, preset=args.preset, seed=args.seed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recstack", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("simulate", help="simulate a world and write its Parquet logs")
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "medium", "large"])
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", required=True)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a WorldConfig field")
+    s.set_defaults(func=_cmd_simulate)
+
+    s = sub.add_parser("train", help="train one stage from the logs")
+    s.add_argument("stage", choices=list(STAGES))
+    s.add_argument("--data", required=True, help="a `recstack simulate` output directory")
+    s.add_argument("--out", required=True, help="runs directory; the checkpoint goes to OUT/STAGE/checkpoint.pt")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
+    s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("export", help="write a versioned artifact bundle from trained checkpoints")
+    s.add_argument("--runs", required=True)
+    s.add_argument("--out", required=True, help="artifacts root: OUT/<version>/ plus the OUT/current pointer")
+    s.set_defaults(func=_cmd_export)
+
+    s = sub.add_parser("serve", help="serve a bundle over gRPC")
+    s.add_argument("--artifacts", required=True, help="a bundle directory or an artifacts root with a `current` pointer")
+    s.add_argument("--host", default="127.0.0.1", help="listen address (loopback by default)")
+    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--workers", type=int, default=1)
+    s.set_defaults(func=_cmd_serve)
+
+    s = sub.add_parser("rank", help="call the ranking service and print a table")
+    s.add_argument("--target", default="127.0.0.1:50051")
+    s.add_argument("--user-id", type=int, required=True)
+    s.add_argument("-k", type=int, default=10)
+    s.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
+    s.set_defaults(func=_cmd_rank)
+
+    s = sub.add_parser("quickstart", help="simulate small -> train -> export -> serve -> rank, on this machine")
+    s.add_argument("--workdir", default="runs/quickstart")
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"])
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_quickstart)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from recstack.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"recstack {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The documented schema of a `recstack simulate` output directory.
+
+`SCHEMA[file][column] = description`. tests/test_world.py checks the files against it.
+Times (`ts`) are seconds since the start of the first history day; day d >= 1 spans
+[(history_days + d - 1) * 86400, (history_days + d) * 86400). Ids are 0-based.
+"""
+
+SCHEMA: dict[str, dict[str, str]] = {
+    "users.parquet": {
+        "user_id": "int64, 0..n_users-1",
+        "age_bucket": "int64, 0..n_age_buckets-1 (regular feature)",
+        "gender": "int64, 0..n_genders-1 (regular feature)",
+        "activity": "int64, 0..n_activity_levels-1: how often the user visits (regular feature)",
+        "consent": "bool: the user consents to conversion tracking (signal loss when false)",
+    },
+    "items.parquet": {
+        "item_id": "int64, 0..n_items-1",
+        "category": "int64, 0..n_categories-1 (leaf category)",
+        "shop": "int64, 0..n_shops-1; shops mostly sell within one home category",
+        "brand": "int64, 0..n_brands-1",
+        "price": "float32, > 0",
+        "price_bucket": "int64, 0..n_price_buckets-1 (quantiles of log price)",
+    },
+    "events.parquet": {
+        "user_id": "int64",
+        "ts": "float64 seconds; sorted by (user_id, ts)",
+        "item_id": "int64",
+        "kind": "int8: 0 = click, 1 = purchase (a purchase follows its click by the dwell time)",
+        "dwell": "float32 seconds on the detail page (clicks; 0 for purchases)",
+    },
+    "impressions/day=NN.parquet": {
+        "day": "int16, 1..n_days",
+        "ts": "float64 seconds: when the session's list was shown",
+        "user_id": "int64",
+        "session_id": "int64, unique per session",
+        "position": "int64, 0-based slot in the session's list (the logging policy's order)",
+        "item_id": "int64",
+        "click": "bool label",
+        "purchase": "bool label: purchase given the impression (true, consent ignored)",
+        "purchase_observed": "bool: purchase as the per-example stream sees it (0 without consent)",
+        "dwell": "float32 post-event (CVR privileged): seconds on the detail page, 0 when not clicked",
+        "comments": "int16 post-event: comments viewed, 0 when not clicked",
+        "chatted": "int16 post-event: 0/1 chatted with the seller",
+        "cart": "int16 post-event: 0/1 added to cart",
+        "true_pctr": "float32 ground truth P(click) of this impression",
+        "true_pcvr": "float32 ground truth P(purchase | click) of this impression",
+    },
+    "aggregates.parquet": {
+        "day": "int16",
+        "category": "int64",
+        "clicks": "int64 clicks on the category that day",
+        "conversions": "int64 purchases after those clicks, all users (the aggregated counts)",
+        "conversions_observed": "int64 the same, consented users only",
+    },
+    "truth_users.parquet": {
+        "user_id": "int64",
+        "price_sensitivity": "float64 (hidden)",
+        "favourite_shops": "list<int64> (hidden): shops the user has an affinity to",
+        "favourite_brands": "list<int64> (hidden)",
+        "taste": "list<float32> latent taste vector (hidden)",
+    },
+    "truth_items.parquet": {
+        "item_id": "int64",
+        "quality": "float64 (hidden)",
+        "popularity": "float64: the logging policy's sampling probability (hidden)",
+        "latent": "list<float32> latent vector (hidden)",
+    },
+    "truth_intents.parquet": {
+        "user_id": "int64",
+        "day": "int16",
+        "category": "int64: one of the user's intent categories that day (hidden)",
+    },
+    "truth_categories.parquet": {
+        "category": "int64",
+        "popularity": "float64 (hidden)",
+    },
+}
+
+WORLD_JSON = {
+    "format_version": "int: layout version of this directory",
+    "preset": "str or null",
+    "seed": "int",
+    "config": "the WorldConfig used, every field",
+    "n_days": "int",
+    "history_days": "int: unlogged days of behaviour before day 1",
+    "day_seconds": "86400",
+    "now": "float: end of the logs in ts units (the serving snapshot's clock)",
+    "vocab": "cardinalities + log-price standardisation (recstack.features.Vocab)",
+    "days": "per-day impressions, CTR, CVR, observed CVR",
+    "n_events": "int",
+    "timings_s": "simulation wall time",
+}
