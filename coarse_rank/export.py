@@ -1,0 +1,131 @@
+"""Export the coarse student for serving: the user tower to ONNX, item vectors precomputed.
+
+Serving then scores N candidates with one user-tower forward pass and one (N, 128) x (128,)
+product; the score scale is folded into the item vectors so that product *is* the logit.
+
+    out = export("runs/coarse/checkpoint.pt", "artifacts/v1/coarse")
+    out["files"]  # ["user_tower.onnx", "item_vectors.npy"]
+    out["meta"]   # dim, scale, parity diffs, ...
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recstack import onnx_export
+from recstack.data import SimData, load
+from recstack.features import SEQ_LEN
+
+from coarse_rank.model import InnerProductStudent
+from coarse_rank.train import load_student, model_inputs
+
+USER_INPUTS = ("user_feats", "seq_items", "seq_extras")
+USER_OUTPUT = "user_vec"
+PARITY_TOL = 1e-5  # user tower, ONNX Runtime vs PyTorch (unit vectors)
+LOGIT_TOL = 1e-4  # serving logit (ONNX user_vec . precomputed item vector) vs the torch student
+PARITY_ROWS = 256  # real test-day rows used for the checks
+
+
+class ExportError(RuntimeError):
+    """The exported artifacts do not reproduce the trained model."""
+
+
+@torch.no_grad()
+def item_vectors(model: InnerProductStudent, data: SimData, chunk: int = 8192) -> np.ndarray:
+    """Item-tower vectors of the whole corpus times the score scale: float32 (n_items, out_dim),
+    row i = raw item id i (the same id space as the FAISS index)."""
+    model.eval()
+    n = data.items.n
+    parts = []
+    for s in range(0, n, chunk):
+        ids = np.arange(s, min(s + chunk, n))
+        feats = torch.from_numpy(data.items.feats(ids))
+        dense = torch.from_numpy(np.ascontiguousarray(data.items.dense(ids)))
+        parts.append(model.item_tower(feats, dense).numpy())
+    vecs = np.concatenate(parts) if parts else np.zeros((0, model.item_tower.mlp[-1].out_features), np.float32)
+    return (vecs * np.float32(model.scale)).astype(np.float32)
+
+
+def _check_rows(data: SimData, n: int) -> dict[str, np.ndarray]:
+    """Real test-day rows (spread over the day) plus one cold-start row: an unknown user with
+    an empty sequence, the input most likely to break masking in the exported graph."""
+    ex = data.examples(data.test_day)
+    rows = np.unique(np.linspace(0, len(ex) - 1, num=min(n, len(ex))).astype(np.int64))
+    batch = ex.batch(rows)
+    cold = {
+        "user_feats": np.zeros((1, 4), np.int64),
+        "seq_items": np.zeros((1, SEQ_LEN, 5), np.int64),
+        "seq_extras": np.zeros((1, SEQ_LEN, 3), np.float32),
+        "item_feats": batch["item_feats"][:1],
+        "item_dense": batch["item_dense"][:1],
+        "item_id": batch["item_id"][:1],
+    }
+    return {k: np.ascontiguousarray(np.concatenate([batch[k], cold[k]])) for k in cold}
+
+
+def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | Path | None = None) -> dict:
+    """Write `user_tower.onnx` and `item_vectors.npy` under `out_dir`; returns {"files", "meta"}.
+
+    `data_dir` defaults to the one recorded in the checkpoint (the corpus and the check rows
+    come from it). Raises ExportError when the ONNX user tower differs from PyTorch by more
+    than 1e-5 or the serving logits differ from the student's by more than 1e-4.
+    """
+    model, cfg, ckpt = load_student(checkpoint_path)
+    data = load(data_dir or ckpt["data_dir"])
+    if data.vocab.to_dict() != ckpt["vocab"]:
+        raise ExportError(f"{data.root} has a different vocabulary from the one {checkpoint_path} was trained on")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    vecs = item_vectors(model, data)
+    np.save(out_dir / "item_vectors.npy", vecs, allow_pickle=False)
+
+    rows = _check_rows(data, PARITY_ROWS)
+    user_in = {k: rows[k] for k in USER_INPUTS}
+    onnx_path = onnx_export.export_onnx(model.user_tower, user_in, out_dir / "user_tower.onnx", [USER_OUTPUT])
+    # the full batch, and single rows (batch 1 exercises the dynamic batch axis)
+    parity = onnx_export.parity(model.user_tower, onnx_path, user_in)
+    for r in (0, len(rows["user_feats"]) - 1):
+        parity = max(parity, onnx_export.parity(model.user_tower, onnx_path, {k: v[r : r + 1] for k, v in user_in.items()}))
+    if not parity <= PARITY_TOL:  # also catches NaN
+        raise ExportError(f"coarse user tower: ONNX vs PyTorch max abs diff {parity:.3g} > {PARITY_TOL}")
+
+    # what serving computes: ONNX user vector . precomputed (scaled) item vector
+    user_vec = onnx_export.onnx_session(onnx_path).run([USER_OUTPUT], user_in)[0]  # (B, D)
+    serving_logit = np.einsum("bd,bd->b", user_vec, vecs[rows["item_id"]])
+    with torch.no_grad():
+        torch_logit = model(**model_inputs(rows)).numpy()
+    logit_diff = float(np.max(np.abs(serving_logit - torch_logit)))
+    if not logit_diff <= LOGIT_TOL:
+        raise ExportError(f"coarse serving logits vs torch student max abs diff {logit_diff:.3g} > {LOGIT_TOL}")
+    norm_err = float(np.max(np.abs(np.linalg.norm(user_vec, axis=1) - 1.0)))
+
+    meta = {
+        "dim": int(vecs.shape[1]),
+        "scale": float(model.scale),
+        "n_items": int(vecs.shape[0]),
+        "user_tower_inputs": list(USER_INPUTS),
+        "user_tower_output": USER_OUTPUT,
+        "item_vectors_scaled": True,
+        "parity_max_abs_diff": parity,
+        "logit_max_abs_diff": logit_diff,
+        "user_vec_norm_max_err": norm_err,
+        "check_rows": int(len(rows["user_feats"])),
+        "config": ckpt["config"],
+        "metrics": ckpt.get("metrics", {}),
+    }
+    return {"files": ["user_tower.onnx", "item_vectors.npy"], "meta": meta}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="export the coarse student (user tower ONNX + item vectors)")
+    ap.add_argument("--checkpoint", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--data", default=None, help="data dir (default: the one recorded in the checkpoint)")
+    args = ap.parse_args()
+    print(json.dumps(export(args.checkpoint, args.out, data_dir=args.data)["meta"], indent=2))

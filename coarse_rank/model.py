@@ -1,0 +1,291 @@
+"""The coarse ranker's inner-product student (PFD paper, Eq. 3), built from reusable parts.
+
+    score(u, i) = scale * < l2norm(Phi_u(X_u)), l2norm(Phi_i(X_i)) >
+
+The parts are separate modules so that a distillation teacher trained synchronously with the
+student (PFD Eq. 5, Algorithm 1) can share them instead of copying them:
+
+- `FeatureEmbeddings` owns every embedding table (user fields, item fields). The same item
+  tables embed both the candidate item and the items of the behaviour sequence.
+- `BehaviourEncoder` turns the 50-slot behaviour sequence into one vector (one layer of
+  multi-head self-attention, no position encoding: the per-behaviour extras stand in).
+- `UserTower` / `ItemTower` map their side to a unit vector; they hold *references* to the
+  embeddings (and the encoder), so two towers built on the same instances share them.
+- `InnerProductStudent` composes the above.
+
+Pure modules: no I/O, no training code. Input names and layouts follow docs/ARCHITECTURE.md
+(ids are raw id + 1, 0 = padding / unknown).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recstack.features import Vocab
+
+# A finite stand-in for -inf in attention scores: a row whose keys were all masked would
+# become softmax(-inf, ..., -inf) = NaN with -inf; with a finite value it stays finite. The
+# always-valid summary slot already prevents such rows; this is the second line of defence.
+_MASKED_SCORE = -1e9
+
+
+class FeatureEmbeddings(nn.Module):
+    """All embedding tables of the coarse ranker, one per categorical field.
+
+    Tables are indexed by the model-input ids (raw id + 1); row 0 is padding / unknown and is
+    kept at zero (`padding_idx=0`), so an unknown user or an empty slot contributes nothing.
+    """
+
+    def __init__(self, vocab: Vocab, dim: int, init_std: float = 0.05):
+        super().__init__()
+        self.dim = dim
+        self.init_std = init_std
+        self.user_tables = nn.ModuleList(nn.Embedding(n, dim, padding_idx=0) for n in vocab.user_sizes())
+        self.item_tables = nn.ModuleList(nn.Embedding(n, dim, padding_idx=0) for n in vocab.item_sizes())
+        for table in [*self.user_tables, *self.item_tables]:
+            nn.init.normal_(table.weight, std=init_std)
+            with torch.no_grad():
+                table.weight[0].zero_()
+
+    @property
+    def user_dim(self) -> int:
+        return self.dim * len(self.user_tables)
+
+    @property
+    def item_dim(self) -> int:
+        return self.dim * len(self.item_tables)
+
+    def sharing(self, *, except_user_fields: Sequence[int] = (), vocab: Vocab | None = None) -> "FeatureEmbeddings":
+        """A new instance whose tables ARE this one's (same Parameters), except the user-field
+        columns listed, which get fresh tables (PFD Table 7 "Share*": all shared but user id).
+
+        `vocab` is needed only when some table is not shared.
+        """
+        out = FeatureEmbeddings.__new__(FeatureEmbeddings)
+        nn.Module.__init__(out)
+        out.dim = self.dim
+        out.init_std = self.init_std
+        tables = []
+        for j, table in enumerate(self.user_tables):
+            if j in except_user_fields:
+                if vocab is None:
+                    raise ValueError("sharing(except_user_fields=...) needs the vocab to size the fresh tables")
+                fresh = nn.Embedding(vocab.user_sizes()[j], self.dim, padding_idx=0)
+                nn.init.normal_(fresh.weight, std=self.init_std)
+                with torch.no_grad():
+                    fresh.weight[0].zero_()
+                tables.append(fresh)
+            else:
+                tables.append(table)
+        out.user_tables = nn.ModuleList(tables)
+        out.item_tables = self.item_tables
+        return out
+
+    def user(self, user_feats: torch.Tensor) -> torch.Tensor:
+        """user_feats (B, 4) int64 -> (B, 4 * dim)."""
+        return torch.cat([t(user_feats[:, j]) for j, t in enumerate(self.user_tables)], dim=-1)
+
+    def item(self, item_feats: torch.Tensor) -> torch.Tensor:
+        """item_feats (..., 5) int64 -> (..., 5 * dim); works for candidates (B, 5) and
+        sequences (B, L, 5) alike."""
+        return torch.cat([t(item_feats[..., j]) for j, t in enumerate(self.item_tables)], dim=-1)
+
+
+class SelfAttentionLayer(nn.Module):
+    """One post-LN transformer encoder layer (Vaswani et al.): multi-head self-attention and a
+    feed-forward network, each with a skip connection and layer normalisation.
+
+    Written out rather than `nn.MultiheadAttention` so the masking semantics are explicit and
+    identical in PyTorch and in the exported ONNX graph.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, ff_dim: int):
+        super().__init__()
+        if d_model % n_heads:
+            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+        self.n_heads = n_heads
+        self.head_dim = d_model // n_heads
+        self.qkv = nn.Linear(d_model, 3 * d_model)
+        self.attn_out = nn.Linear(d_model, d_model)
+        self.attn_norm = nn.LayerNorm(d_model)
+        self.ff = nn.Sequential(nn.Linear(d_model, ff_dim), nn.ReLU(), nn.Linear(ff_dim, d_model))
+        self.ff_norm = nn.LayerNorm(d_model)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """x (B, T, D) float, valid (B, T) bool (keys that may be attended to) -> (B, T, D).
+
+        Every row of `valid` must hold at least one True for the output to be meaningful
+        (it stays finite regardless).
+        """
+        t, d = x.shape[1], x.shape[2]
+        qkv = self.qkv(x).reshape(-1, t, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, T, Dh)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        scores = torch.matmul(q, k.transpose(-1, -2)) * (1.0 / math.sqrt(self.head_dim))  # (B, H, T, T)
+        scores = scores.masked_fill(~valid[:, None, None, :], _MASKED_SCORE)
+        attn = torch.softmax(scores, dim=-1)
+        mixed = torch.matmul(attn, v).transpose(1, 2).reshape(-1, t, d)  # (B, T, D)
+        x = self.attn_norm(x + self.attn_out(mixed))
+        return self.ff_norm(x + self.ff(x))
+
+
+class BehaviourEncoder(nn.Module):
+    """Behaviour sequence -> one vector (PFD §5: one layer of multi-head self-attention,
+    no position encoding, mean pooling over the sequence).
+
+    Each slot's token is a projection of its item-field embeddings plus a projection of its
+    extras (time since, dwell, purchase flag); the extras take the role of position
+    encodings and also say how much the behaviour matters.
+
+    A learned summary slot is prepended and is always valid: a user with no behaviours at
+    all (first day, cold start) then still has one key to attend to and one slot to pool,
+    so the output is finite (fully masked attention rows are NaN in PyTorch and ONNX alike)
+    and is a learned "no history" vector rather than an arbitrary one.
+    """
+
+    def __init__(self, item_dim: int, n_extras: int = 3, d_model: int = 128, n_heads: int = 4, ff_dim: int = 256):
+        super().__init__()
+        self.d_model = d_model
+        self.item_proj = nn.Linear(item_dim, d_model)
+        self.extras_proj = nn.Linear(n_extras, d_model, bias=False)
+        self.summary = nn.Parameter(torch.randn(1, 1, d_model) * 0.02)
+        self.layer = SelfAttentionLayer(d_model, n_heads, ff_dim)
+
+    def forward(self, seq_emb: torch.Tensor, seq_extras: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """seq_emb (B, L, E) item-field embeddings, seq_extras (B, L, X), valid (B, L) bool
+        -> (B, d_model): mean over the summary slot and the valid behaviour slots."""
+        tokens = self.item_proj(seq_emb) + self.extras_proj(seq_extras)  # (B, L, D)
+        summary = self.summary.expand(tokens.shape[0], -1, -1)  # (B, 1, D)
+        x = torch.cat([summary, tokens], dim=1)  # (B, 1 + L, D)
+        keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)  # (B, 1 + L)
+        h = self.layer(x, keep)  # (B, 1 + L, D)
+        w = keep.to(h.dtype).unsqueeze(-1)  # (B, 1 + L, 1); padding rows get weight 0
+        return (h * w).sum(dim=1) / w.sum(dim=1)  # denominator >= 1 (the summary slot)
+
+
+class MLP(nn.Sequential):
+    """in -> [Linear -> BatchNorm -> LeakyReLU] per hidden width -> Linear(out).
+
+    BN before the activation as in the PFD paper; the last layer is linear because the
+    towers l2-normalise its output.
+    """
+
+    def __init__(self, in_dim: int, hidden: Sequence[int], out_dim: int, negative_slope: float = 0.01):
+        layers: list[nn.Module] = []
+        for width in hidden:
+            layers += [nn.Linear(in_dim, width), nn.BatchNorm1d(width), nn.LeakyReLU(negative_slope)]
+            in_dim = width
+        layers.append(nn.Linear(in_dim, out_dim))
+        super().__init__(*layers)
+
+
+class UserTower(nn.Module):
+    """Phi_u: user features + behaviour sequence -> unit vector (PFD Eq. 3, user side).
+
+    Holds references to shared `FeatureEmbeddings` and `BehaviourEncoder`. `encode_sequence`
+    and `head` are separate so a model sharing the encoder (a synchronous teacher) can run
+    the costly sequence part once and reuse its output; `extra_dim` widens the MLP input for
+    a subclass whose `head` appends more features (e.g. PFD's interacted features).
+    """
+
+    def __init__(self, embeddings: FeatureEmbeddings, sequence: BehaviourEncoder,
+                 hidden: Sequence[int] = (512, 256), out_dim: int = 128, extra_dim: int = 0):
+        super().__init__()
+        self.embeddings = embeddings
+        self.sequence = sequence
+        self.mlp = MLP(embeddings.user_dim + sequence.d_model + extra_dim, hidden, out_dim)
+
+    def encode_sequence(self, seq_items: torch.Tensor, seq_extras: torch.Tensor, length_buckets: int = 1) -> torch.Tensor:
+        """seq_items (B, L, 5) int64, seq_extras (B, L, 3) float32 -> (B, d_model).
+
+        `length_buckets > 1` is a training-time speed-up: rows are grouped by how many slots
+        they use and each group is cut after its last used slot, so attention and the
+        feed-forward run on far fewer empty slots (most users fill a fraction of the 50).
+        Exact, because empty slots do not change a row's output and the encoder has no
+        cross-row operation. Export traces the default (one bucket).
+        """
+        valid = seq_items[..., 0] > 0  # (B, L); an empty slot has item id 0
+        if length_buckets <= 1:
+            return self.sequence(self.embeddings.item(seq_items), seq_extras, valid)
+        slot = torch.arange(1, valid.shape[1] + 1, device=valid.device)
+        used = (valid * slot).amax(dim=1)  # (B,) slots up to and including the last valid one
+        order = torch.argsort(used)
+        parts = []
+        for rows in order.tensor_split(min(length_buckets, len(order))):
+            n = max(int(used[rows].max()), 1) if len(rows) else 1
+            si, se = seq_items[rows, :n], seq_extras[rows, :n]
+            parts.append(self.sequence(self.embeddings.item(si), se, valid[rows, :n]))
+        return torch.cat(parts).index_select(0, torch.argsort(order))  # back to the input row order
+
+    def head(self, user_feats: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+        """user_feats (B, 4) int64, pooled (B, d_model) -> user_vec (B, out_dim), l2-normalised."""
+        return F.normalize(self.mlp(torch.cat([self.embeddings.user(user_feats), pooled], dim=-1)), dim=-1)
+
+    def forward(self, user_feats: torch.Tensor, seq_items: torch.Tensor, seq_extras: torch.Tensor,
+                length_buckets: int = 1) -> torch.Tensor:
+        """user_feats (B, 4) int64, seq_items (B, L, 5) int64, seq_extras (B, L, 3) float32
+        -> user_vec (B, out_dim) float32, l2-normalised."""
+        return self.head(user_feats, self.encode_sequence(seq_items, seq_extras, length_buckets))
+
+
+class ItemTower(nn.Module):
+    """Phi_i: item features -> unit vector (PFD Eq. 3, item side). Precomputed for the
+    whole corpus at export, so its cost never reaches serving."""
+
+    def __init__(self, embeddings: FeatureEmbeddings, n_dense: int = 1,
+                 hidden: Sequence[int] = (512, 256), out_dim: int = 128):
+        super().__init__()
+        self.embeddings = embeddings
+        self.mlp = MLP(embeddings.item_dim + n_dense, hidden, out_dim)
+
+    def features(self, item_feats: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+        """item_feats (B, 5) int64, item_dense (B, 1) float32 -> (B, 5 * dim + 1)."""
+        return torch.cat([self.embeddings.item(item_feats), item_dense], dim=-1)
+
+    def forward(self, item_feats: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+        """item_feats (B, 5) int64, item_dense (B, 1) float32 -> item_vec (B, out_dim), l2-normalised."""
+        return F.normalize(self.mlp(self.features(item_feats, item_dense)), dim=-1)
+
+
+class InnerProductStudent(nn.Module):
+    """The serving model of the coarse ranker: logit = scale * <user_vec, item_vec>.
+
+    The scale (5 in the paper) compensates for the l2 normalisation, which would otherwise
+    limit logits to [-1, 1].
+    """
+
+    def __init__(self, vocab: Vocab, *, embed_dim: int = 16, d_model: int = 128, n_heads: int = 4,
+                 ff_dim: int = 256, hidden: Sequence[int] = (512, 256), out_dim: int = 128,
+                 scale: float = 5.0, n_extras: int = 3, n_item_dense: int = 1):
+        super().__init__()
+        self.scale = float(scale)
+        self.embeddings = FeatureEmbeddings(vocab, embed_dim)
+        self.sequence = BehaviourEncoder(self.embeddings.item_dim, n_extras, d_model, n_heads, ff_dim)
+        self.user_tower = UserTower(self.embeddings, self.sequence, hidden, out_dim)
+        self.item_tower = ItemTower(self.embeddings, n_item_dense, hidden, out_dim)
+
+    def forward(self, user_feats: torch.Tensor, seq_items: torch.Tensor, seq_extras: torch.Tensor,
+                item_feats: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
+        """user_feats (B, 4), seq_items (B, L, 5), seq_extras (B, L, 3), item_feats (B, 5),
+        item_dense (B, 1) -> click logits (B,) float32 (one item per user row)."""
+        u = self.user_tower(user_feats, seq_items, seq_extras)  # (B, out_dim)
+        v = self.item_tower(item_feats, item_dense)  # (B, out_dim)
+        return self.scale * (u * v).sum(dim=-1)
+
+    def score_requests(self, user_feats: torch.Tensor, seq_items: torch.Tensor, seq_extras: torch.Tensor,
+                       request_index: torch.Tensor, item_feats: torch.Tensor, item_dense: torch.Tensor,
+                       length_buckets: int = 1) -> torch.Tensor:
+        """Logits for B impressions drawn from R requests, running the user tower once per request
+        (as serving does) instead of once per impression.
+
+        user_feats (R, 4), seq_items (R, L, 5), seq_extras (R, L, 3), request_index (B,) int64 in
+        [0, R), item_feats (B, 5), item_dense (B, 1) -> (B,). Equals `forward` on the gathered
+        rows in eval mode; in train mode the user tower's BatchNorm sees per-request statistics.
+        `length_buckets`: see `UserTower.encode_sequence`.
+        """
+        u = self.user_tower(user_feats, seq_items, seq_extras, length_buckets)  # (R, out_dim)
+        v = self.item_tower(item_feats, item_dense)  # (B, out_dim)
+        return self.scale * (u.index_select(0, request_index) * v).sum(dim=-1)
