@@ -1,0 +1,140 @@
+"""Fine-ranker models: CTR and CVR rankers over regular features (pure nn.Modules, no I/O).
+
+    embeddings = FeatureEmbeddings(vocab.user_sizes(), vocab.item_sizes(), dim=16)
+    ranker = Ranker(embeddings, hidden=(512, 256, 128))
+    prob = ranker(user_feats, item_feats, item_dense, interacted)        # (B,) serving / ONNX
+    logit = ranker.logits(user_feats, item_feats, item_dense, interacted)  # (B,) training
+
+A ranker is embeddings -> `SharedBottom` MLP -> main `Head`. The roles are separate modules
+so that the distillation variants compose them instead of re-implementing them: a PFD
+teacher reuses the same `FeatureEmbeddings` (shared embeddings, PFD Algorithm 1) with a
+wider input, and SEAD adds an auxiliary `Head` on the same `SharedBottom` while the main
+head stays the (calibrated) serving head.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from recstack import features as F
+
+N_ITEM_DENSE = 1  # columns of `item_dense`
+N_INTERACTED = len(F.INTERACTED_FIELDS)
+# small initial id vectors: with N(0, 1) (the nn.Embedding default) an unseen or rarely
+# seen id starts as a large random signal that the MLP fits, and the model overfits ids
+EMBEDDING_INIT_STD = 0.05
+
+
+class FeatureEmbeddings(nn.Module):
+    """One embedding table per categorical column of `user_feats` and `item_feats`.
+
+    Row 0 of every table is padding / unknown (cold-start user, unknown item) and stays 0.
+    """
+
+    def __init__(self, user_sizes: Sequence[int], item_sizes: Sequence[int], dim: int):
+        super().__init__()
+        if len(user_sizes) != len(F.USER_FIELDS) or len(item_sizes) != len(F.ITEM_FIELDS):
+            raise ValueError(f"expected {len(F.USER_FIELDS)} user and {len(F.ITEM_FIELDS)} item table sizes")
+        self.dim = dim
+        self.user = nn.ModuleDict({name: nn.Embedding(n, dim, padding_idx=0) for name, n in zip(F.USER_FIELDS, user_sizes)})
+        self.item = nn.ModuleDict({name: nn.Embedding(n, dim, padding_idx=0) for name, n in zip(F.ITEM_FIELDS, item_sizes)})
+        for table in (*self.user.values(), *self.item.values()):
+            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
+            with torch.no_grad():
+                table.weight[0].zero_()
+
+    @property
+    def out_dim(self) -> int:
+        return (len(self.user) + len(self.item)) * self.dim
+
+    def forward(self, user_feats: torch.Tensor, item_feats: torch.Tensor) -> torch.Tensor:
+        """user_feats (B, 4) int64, item_feats (B, 5) int64 -> (B, 9 * dim) concatenated embeddings."""
+        parts = [table(user_feats[:, j]) for j, table in enumerate(self.user.values())]
+        parts += [table(item_feats[:, j]) for j, table in enumerate(self.item.values())]
+        return torch.cat(parts, dim=-1)
+
+
+class SharedBottom(nn.Module):
+    """MLP of Linear -> BatchNorm -> LeakyReLU blocks (BN before the activation, as in PFD)."""
+
+    def __init__(self, in_dim: int, hidden: Sequence[int] = (512, 256, 128), negative_slope: float = 0.01):
+        super().__init__()
+        if not hidden:
+            raise ValueError("hidden needs at least one layer")
+        layers: list[nn.Module] = []
+        prev = in_dim
+        for width in hidden:
+            # no Linear bias: the BatchNorm shift that follows makes it redundant
+            layers += [nn.Linear(prev, width, bias=False), nn.BatchNorm1d(width), nn.LeakyReLU(negative_slope)]
+            prev = width
+        self.layers = nn.Sequential(*layers)
+        self.out_dim = prev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, in_dim) float32 -> (B, hidden[-1])."""
+        return self.layers(x)
+
+
+class Head(nn.Module):
+    """A linear logit head on top of the shared bottom."""
+
+    def __init__(self, in_dim: int):
+        super().__init__()
+        self.linear = nn.Linear(in_dim, 1)
+        # zero weights: the initial logit is the bias alone, so with `set_prior` the first
+        # prediction is the base rate for every row. A random init spreads the logits and,
+        # through the sigmoid, inflates the mean prediction of a briefly trained model
+        nn.init.zeros_(self.linear.weight)
+
+    def set_prior(self, positive_rate: float) -> None:
+        """Start the bias at the logit of the label base rate.
+
+        The first steps then fit the ranking instead of the base rate, which matters for
+        the rare CVR label and keeps short runs calibrated.
+        """
+        p = min(max(float(positive_rate), 1e-6), 1 - 1e-6)
+        with torch.no_grad():
+            self.linear.bias.fill_(math.log(p / (1 - p)))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """h (B, in_dim) -> logits (B,)."""
+        return self.linear(h).squeeze(-1)
+
+
+class Ranker(nn.Module):
+    """Pointwise ranker on regular features: the CTR model and the CVR model are both one.
+
+    Inputs are the serving tensors of docs/ARCHITECTURE.md; the interacted features are
+    regular inputs here (the fine ranker computes them online from the behaviour sequence).
+    """
+
+    def __init__(self, embeddings: FeatureEmbeddings, hidden: Sequence[int] = (512, 256, 128), negative_slope: float = 0.01):
+        super().__init__()
+        self.embeddings = embeddings
+        self.bottom = SharedBottom(embeddings.out_dim + N_ITEM_DENSE + N_INTERACTED, hidden, negative_slope)
+        self.head = Head(self.bottom.out_dim)
+
+    @classmethod
+    def build(cls, vocab: F.Vocab, emb_dim: int = 16, hidden: Sequence[int] = (512, 256, 128)) -> "Ranker":
+        return cls(FeatureEmbeddings(vocab.user_sizes(), vocab.item_sizes(), emb_dim), hidden)
+
+    def inputs(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
+        """-> (B, 9 * emb_dim + 1 + 7) bottom input: embeddings, then item_dense, then interacted."""
+        return torch.cat([self.embeddings(user_feats, item_feats), item_dense, interacted], dim=-1)
+
+    def hidden(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
+        """-> (B, hidden[-1]) shared-bottom output (where an auxiliary head attaches)."""
+        return self.bottom(self.inputs(user_feats, item_feats, item_dense, interacted))
+
+    def logits(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
+        """user_feats (B, 4) int64, item_feats (B, 5) int64, item_dense (B, 1) float32,
+        interacted (B, 7) float32 -> main-head logits (B,) (for the log-loss)."""
+        return self.head(self.hidden(user_feats, item_feats, item_dense, interacted))
+
+    def forward(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
+        """user_feats (B, 4) int64, item_feats (B, 5) int64, item_dense (B, 1) float32,
+        interacted (B, 7) float32 -> probability (B,) in (0, 1) (the exported serving output)."""
+        return torch.sigmoid(self.logits(user_feats, item_feats, item_dense, interacted))
