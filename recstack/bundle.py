@@ -1,0 +1,248 @@
+"""Artifact bundles: a versioned directory of model files with a checksummed manifest.
+
+    ARTIFACTS/
+      current            # text: the version directory name, switched last and atomically
+      v20261128-121500/
+        manifest.json    # format_version, version, created, configs, feature_schema, vocab,
+                         # files {relpath: {sha256, bytes}}, stages {name: meta}, snapshot
+        retrieval/... coarse/... fine/... features/...
+
+The server only ever opens a bundle through `Bundle.open`, which verifies every listed file
+(size and sha256) and resolves each relative path inside the bundle: no absolute paths, no
+`..`, no symlink that leads outside. Nothing here unpickles anything.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+CURRENT = "current"
+REQUIRED_KEYS = ("format_version", "version", "created", "configs", "feature_schema", "vocab", "files", "stages")
+
+# The feature-store snapshot (written by recstack.export, read by recstack.serving.cascade).
+# Raw 0-based ids; `user_id` / `item_id` columns are dense 0..n-1 in order.
+SNAPSHOT_USERS = "features/users.parquet"  # user_id, age_bucket, gender, activity
+SNAPSHOT_ITEMS = "features/items.parquet"  # item_id, category, shop, brand, price_bucket, price
+# user_id, seconds_ago (relative to the snapshot time), item_id, kind (0 click, 1 purchase),
+# dwell; sorted by user_id then seconds_ago ascending (newest first), at most 50 per user.
+SNAPSHOT_BEHAVIOURS = "features/behaviours.parquet"
+
+_VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHUNK = 1 << 20
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, malformed, or fails its checks; the message names the file."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_version_name(name: str) -> str:
+    """A version is one plain path component (it names a directory under the artifacts root)."""
+    if not isinstance(name, str) or not _VERSION_RE.match(name) or name in (".", ".."):
+        raise BundleError(f"invalid bundle version name {name!r}: expected letters, digits, '.', '_' or '-'")
+    return name
+
+
+def check_relpath(relpath: str) -> PurePosixPath:
+    """Validate a manifest path lexically: relative, POSIX separators, no `..`, no empty parts."""
+    if not isinstance(relpath, str) or not relpath:
+        raise BundleError(f"invalid bundle path {relpath!r}: empty")
+    if "\\" in relpath or "\x00" in relpath:
+        raise BundleError(f"invalid bundle path {relpath!r}: backslash or NUL")
+    p = PurePosixPath(relpath)
+    if p.is_absolute() or re.match(r"^[A-Za-z]:", relpath):
+        raise BundleError(f"invalid bundle path {relpath!r}: absolute paths are not allowed")
+    if any(part in ("..", ".", "") for part in relpath.split("/")):
+        raise BundleError(f"invalid bundle path {relpath!r}: '..', '.' and empty components are not allowed")
+    return p
+
+
+def safe_path(root: str | Path, relpath: str) -> Path:
+    """`root / relpath`, refusing anything that resolves (symlinks followed) outside `root`."""
+    check_relpath(relpath)
+    root_real = Path(root).resolve()
+    target = (root_real / relpath).resolve()
+    if target != root_real and root_real not in target.parents:
+        raise BundleError(f"bundle path {relpath!r} resolves outside the bundle ({target})")
+    return target
+
+
+def file_entry(path: str | Path) -> dict:
+    path = Path(path)
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def new_version(now: _dt.datetime | None = None) -> str:
+    """A version name from the UTC time, e.g. v20261128-121500 (callers make it unique)."""
+    now = now or _dt.datetime.now(_dt.timezone.utc)
+    return now.strftime("v%Y%m%d-%H%M%S")
+
+
+def _utc_now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_manifest(
+    bundle_dir: str | Path,
+    *,
+    version: str,
+    files: Iterable[str],
+    configs: dict[str, Any],
+    feature_schema: dict[str, Any],
+    vocab: dict[str, Any],
+    stages: dict[str, Any],
+    extra: dict[str, Any] | None = None,
+    created: str | None = None,
+) -> dict:
+    """Checksum `files` (paths relative to `bundle_dir`) and write manifest.json atomically."""
+    bundle_dir = Path(bundle_dir)
+    check_version_name(version)
+    entries = {}
+    for rel in sorted(set(files)):
+        path = safe_path(bundle_dir, rel)
+        if rel == MANIFEST:
+            raise BundleError(f"{MANIFEST} cannot list itself")
+        if not path.is_file():
+            raise BundleError(f"bundle file {rel!r} does not exist in {bundle_dir}")
+        entries[rel] = file_entry(path)
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "version": version,
+        "created": created or _utc_now_iso(),
+        "configs": configs,
+        "feature_schema": feature_schema,
+        "vocab": vocab,
+        "files": entries,
+        "stages": stages,
+        **(extra or {}),
+    }
+    _atomic_write_text(bundle_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return manifest
+
+
+def read_manifest(bundle_dir: str | Path) -> dict:
+    """Parse manifest.json and check its shape (not the files: see `verify_bundle`)."""
+    path = Path(bundle_dir) / MANIFEST
+    if not path.is_file():
+        raise BundleError(f"{path} does not exist (not a bundle directory?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{path}: cannot parse: {e}") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: expected a JSON object")
+    missing = [k for k in REQUIRED_KEYS if k not in manifest]
+    if missing:
+        raise BundleError(f"{path}: missing keys {missing}")
+    if manifest["format_version"] != FORMAT_VERSION:
+        raise BundleError(f"{path}: format_version {manifest['format_version']!r}, this code reads {FORMAT_VERSION}")
+    if not isinstance(manifest["files"], dict):
+        raise BundleError(f"{path}: 'files' must be an object")
+    return manifest
+
+
+def verify_bundle(bundle_dir: str | Path) -> dict:
+    """Read the manifest and check every listed file's path, size and sha256; returns the manifest."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    for rel, entry in manifest["files"].items():
+        path = safe_path(bundle_dir, rel)
+        if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
+            raise BundleError(f"bundle file {rel!r}: manifest entry needs sha256 and bytes")
+        if not path.is_file():
+            raise BundleError(f"bundle file {rel!r} is missing from {bundle_dir}")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(f"bundle file {rel!r}: size {size} bytes, manifest says {entry['bytes']}")
+        digest = sha256_file(path)
+        if digest != entry["sha256"]:
+            raise BundleError(f"bundle file {rel!r}: sha256 mismatch (file {digest[:12]}..., manifest {str(entry['sha256'])[:12]}...)")
+    return manifest
+
+
+def read_current(artifacts_root: str | Path) -> str:
+    path = Path(artifacts_root) / CURRENT
+    try:
+        name = path.read_text().strip()
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e}") from e
+    return check_version_name(name)
+
+
+def write_current(artifacts_root: str | Path, version: str) -> Path:
+    """Point `current` at `version` atomically (tmp file + rename): readers see old or new, never half."""
+    root = Path(artifacts_root)
+    check_version_name(version)
+    if not (root / version / MANIFEST).is_file():
+        raise BundleError(f"{root / version} is not a bundle (no {MANIFEST}); refusing to point {CURRENT} at it")
+    _atomic_write_text(root / CURRENT, version + "\n")
+    return root / CURRENT
+
+
+def resolve_bundle(path: str | Path) -> Path:
+    """A bundle directory, or an artifacts root whose `current` names one -> the bundle directory."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path.resolve()
+    if (path / CURRENT).is_file():
+        version = read_current(path)
+        bundle = safe_path(path, version)
+        if not (bundle / MANIFEST).is_file():
+            raise BundleError(f"{path / CURRENT} points at {version!r}, which is not a bundle directory")
+        return bundle
+    if not path.exists():
+        raise BundleError(f"{path} does not exist")
+    raise BundleError(f"{path} is neither a bundle (no {MANIFEST}) nor an artifacts root (no {CURRENT} file)")
+
+
+class Bundle:
+    """A verified bundle: its directory, manifest, and safe access to its files."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = root
+        self.manifest = manifest
+
+    @classmethod
+    def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+        root = resolve_bundle(path)
+        manifest = verify_bundle(root) if verify else read_manifest(root)
+        return cls(root, manifest)
+
+    @property
+    def version(self) -> str:
+        return self.manifest["version"]
+
+    def path(self, relpath: str) -> Path:
+        """A listed file's path; a file the manifest does not list (and so did not verify) is refused."""
+        if relpath not in self.manifest["files"]:
+            raise BundleError(f"bundle {self.root} does not list {relpath!r} in its manifest")
+        return safe_path(self.root, relpath)
+
+    def stage(self, name: str) -> dict:
+        try:
+            return self.manifest["stages"][name]
+        except KeyError:
+            raise BundleError(f"bundle {self.root}: manifest has no stage {name!r}") from None

@@ -1,0 +1,317 @@
+"""The serving cascade: feature lookup -> FAISS retrieval -> inner-product coarse -> ONNX fine.
+
+    cascade = Cascade.load("artifacts")   # verifies checksums, loads, warms up
+    result = cascade.rank(Query(user_id=7, num_results=10, retrieval_size=1000, coarse_size=200))
+
+Imports numpy, faiss, onnxruntime, pyarrow and the bundle / feature contracts only: the
+server never imports torch or training code. Every feature tensor is built by
+recstack.features, the same functions the trainers use, so training and serving cannot drift.
+
+The feature-store snapshot's `seconds_ago` is relative to the snapshot time, and a request's
+behaviours are relative to the request; the cascade treats both clocks as the same "now"
+(the simulated world has no wall clock to advance the snapshot by).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import faiss
+import numpy as np
+import onnxruntime as ort
+import pyarrow.parquet as pq
+
+from recstack import features as F
+from recstack.bundle import SNAPSHOT_BEHAVIOURS, SNAPSHOT_ITEMS, SNAPSHOT_USERS, Bundle, BundleError
+
+SOURCE_ANN = "ann"
+
+RETRIEVAL_TOWER = "retrieval/user_tower.onnx"
+RETRIEVAL_INDEX = "retrieval/index.faiss"
+COARSE_TOWER = "coarse/user_tower.onnx"
+COARSE_ITEM_VECTORS = "coarse/item_vectors.npy"
+FINE_CTR = "fine/ctr.onnx"
+FINE_CVR = "fine/cvr.onnx"
+
+# inputs each ONNX model may declare (docs/ARCHITECTURE.md "Feature tensors")
+_TOWER_INPUTS = {"user_feats", "seq_items", "seq_extras"}
+_FINE_INPUTS = {"user_feats", "item_feats", "item_dense", "interacted"}
+
+
+class DeadlineExceeded(RuntimeError):
+    """The caller's deadline passed before a stage started."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated request (see recstack.serving.validate); behaviour arrays are (K,) each."""
+
+    user_id: int
+    num_results: int
+    retrieval_size: int
+    coarse_size: int
+    item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    seconds_ago: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
+    kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
+    dwell: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+@dataclass
+class Ranking:
+    """The cascade's answer: (N,) arrays sorted by score descending."""
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    pctr: np.ndarray
+    pcvr: np.ndarray
+    price: np.ndarray
+    coarse_scores: np.ndarray
+    sources: list[str]
+    cold_start: bool
+    timings_ms: dict[str, float]
+    counts: dict[str, int]
+
+
+def onnx_session(path: Path, threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    # one request's tensors are small: intra-op threads mostly add contention between
+    # concurrent requests, so the default is 1 and parallelism comes from gRPC workers
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types for bad models
+        raise BundleError(f"bundle file {path.name!r} ({path}): onnxruntime cannot load it: {e}") from e
+
+
+class _Model:
+    """An ONNX session fed by input name from a dict of available feature tensors."""
+
+    def __init__(self, bundle: Bundle, relpath: str, allowed: set[str], threads: int):
+        self.relpath = relpath
+        self.session = onnx_session(bundle.path(relpath), threads)
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        unknown = set(self.inputs) - allowed
+        if unknown:
+            raise BundleError(f"bundle file {relpath!r} declares inputs {sorted(unknown)}; serving provides {sorted(allowed)}")
+
+    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, {n: feeds[n] for n in self.inputs})[0]
+
+
+def _read_table(bundle: Bundle, relpath: str, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
+    try:
+        table = pq.read_table(bundle.path(relpath))
+    except BundleError:
+        raise
+    except Exception as e:
+        raise BundleError(f"bundle file {relpath!r}: cannot read parquet: {e}") from e
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise BundleError(f"bundle file {relpath!r}: missing columns {missing}")
+    return {c: table.column(c).to_numpy() for c in columns}
+
+
+class Cascade:
+    """A loaded bundle and the per-request pipeline. Thread-safe: `rank` only reads shared state."""
+
+    def __init__(self, bundle: Bundle, onnx_threads: int = 1, faiss_threads: int = 1):
+        self.bundle = bundle
+        self.version = bundle.version
+        m = bundle.manifest
+        self.vocab = F.Vocab.from_dict(m["vocab"])
+        self.seq_len = int(m["feature_schema"].get("seq_len", F.SEQ_LEN))
+        if self.seq_len != F.SEQ_LEN:
+            raise BundleError(f"manifest.json: feature_schema.seq_len {self.seq_len}, this server builds {F.SEQ_LEN}")
+
+        # feature-store snapshot
+        u = _read_table(bundle, SNAPSHOT_USERS, ("user_id", "age_bucket", "gender", "activity"))
+        if not np.array_equal(u["user_id"], np.arange(len(u["user_id"]))):
+            raise BundleError(f"bundle file {SNAPSHOT_USERS!r}: user_id must be 0..n-1 in order")
+        self.users = F.UserTable(u["age_bucket"], u["gender"], u["activity"])
+        it = _read_table(bundle, SNAPSHOT_ITEMS, ("item_id", "category", "shop", "brand", "price_bucket", "price"))
+        if not np.array_equal(it["item_id"], np.arange(len(it["item_id"]))):
+            raise BundleError(f"bundle file {SNAPSHOT_ITEMS!r}: item_id must be 0..n-1 in order")
+        if not (np.all(np.isfinite(it["price"])) and np.all(it["price"] > 0)):
+            raise BundleError(f"bundle file {SNAPSHOT_ITEMS!r}: prices must be finite and > 0")
+        self.items = F.ItemTable(it["category"], it["shop"], it["brand"], it["price_bucket"], it["price"],
+                                 self.vocab.log_price_mean, self.vocab.log_price_std)
+        self.n_users, self.n_items = self.users.n, self.items.n
+        if self.n_items == 0:
+            raise BundleError(f"bundle file {SNAPSHOT_ITEMS!r}: the corpus is empty")
+        if self.n_items != self.vocab.n_items:
+            raise BundleError(f"bundle file {SNAPSHOT_ITEMS!r}: {self.n_items} items, vocab says {self.vocab.n_items}")
+        if self.n_users != self.vocab.n_users:
+            raise BundleError(f"bundle file {SNAPSHOT_USERS!r}: {self.n_users} users, vocab says {self.vocab.n_users}")
+        b = _read_table(bundle, SNAPSHOT_BEHAVIOURS, ("user_id", "seconds_ago", "item_id", "kind", "dwell"))
+        order = np.lexsort((b["seconds_ago"], b["user_id"]))  # user-major, newest first
+        self._beh_user = b["user_id"].astype(np.int64)[order]
+        if len(self._beh_user) and (self._beh_user[0] < 0 or self._beh_user[-1] >= self.n_users):
+            raise BundleError(f"bundle file {SNAPSHOT_BEHAVIOURS!r}: user_id outside [0, {self.n_users})")
+        self._beh_seconds = b["seconds_ago"].astype(np.float64)[order]
+        self._beh_item = b["item_id"].astype(np.int64)[order]
+        self._beh_kind = b["kind"].astype(np.int8)[order]
+        self._beh_dwell = b["dwell"].astype(np.float32)[order]
+        if not self.items.known(self._beh_item).all():
+            raise BundleError(f"bundle file {SNAPSHOT_BEHAVIOURS!r}: item_id outside [0, {self.n_items})")
+        self._beh_start = np.searchsorted(self._beh_user, np.arange(self.n_users + 1)).astype(np.int64)  # (U+1,)
+
+        # retrieval
+        self.retrieval_tower = _Model(bundle, RETRIEVAL_TOWER, _TOWER_INPUTS, onnx_threads)
+        try:
+            self.index = faiss.read_index(str(bundle.path(RETRIEVAL_INDEX)))
+        except RuntimeError as e:
+            raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: faiss cannot read it: {e}") from e
+        if self.index.ntotal != self.n_items:
+            raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: {self.index.ntotal} vectors for {self.n_items} items")
+        if self.index.metric_type != faiss.METRIC_INNER_PRODUCT:
+            raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: expected an inner-product index (training metric)")
+        rmeta = bundle.stage("retrieval").get("meta", {})
+        self._set_search_params(rmeta)
+        faiss.omp_set_num_threads(faiss_threads)
+
+        # coarse
+        self.coarse_tower = _Model(bundle, COARSE_TOWER, _TOWER_INPUTS, onnx_threads)
+        try:
+            vecs = np.load(bundle.path(COARSE_ITEM_VECTORS), allow_pickle=False)
+        except ValueError as e:
+            raise BundleError(f"bundle file {COARSE_ITEM_VECTORS!r}: {e}") from e
+        if vecs.ndim != 2 or vecs.shape[0] != self.n_items:
+            raise BundleError(f"bundle file {COARSE_ITEM_VECTORS!r}: shape {vecs.shape}, expected ({self.n_items}, D)")
+        self.item_vectors = np.ascontiguousarray(vecs, dtype=np.float32)  # (I, D), score scale folded in
+
+        # fine
+        self.ctr = _Model(bundle, FINE_CTR, _FINE_INPUTS, onnx_threads)
+        self.cvr = _Model(bundle, FINE_CVR, _FINE_INPUTS, onnx_threads)
+
+    def _set_search_params(self, meta: dict) -> None:
+        """Apply the exporter's search-time knobs; the retrieval config carries them whatever the
+        index type, so one that does not apply (nprobe on a flat index) is skipped."""
+        self.search_params: dict[str, int] = {}
+        space = faiss.ParameterSpace()
+        for key, faiss_name in (("nprobe", "nprobe"), ("ef_search", "efSearch")):
+            if meta.get(key):
+                try:
+                    space.set_index_parameter(self.index, faiss_name, int(meta[key]))
+                except RuntimeError:  # not a parameter of this index type
+                    continue
+                self.search_params[key] = int(meta[key])
+
+    @classmethod
+    def load(cls, path: str | Path, onnx_threads: int = 1, faiss_threads: int = 1, warm: bool = True) -> "Cascade":
+        """Open (checksums verified), load and warm up a bundle dir or artifacts root."""
+        cascade = cls(Bundle.open(path, verify=True), onnx_threads=onnx_threads, faiss_threads=faiss_threads)
+        if warm:
+            cascade.warm_up()
+        return cascade
+
+    def warm_up(self) -> None:
+        """Run the full cascade for a known and a cold-start user: first-call costs are paid
+        here, and a model whose outputs break the contract is refused before serving."""
+        r = min(1000, self.n_items)
+        c = min(200, r)
+        queries = [Query(user_id=self.n_users, num_results=min(10, c), retrieval_size=r, coarse_size=c)]
+        if self.n_users:
+            queries.append(Query(user_id=0, num_results=min(10, c), retrieval_size=r, coarse_size=c))
+        for q in queries:
+            res = self.rank(q)
+            for name, p in (("fine/ctr.onnx", res.pctr), ("fine/cvr.onnx", res.pcvr)):
+                if not (np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))):
+                    raise BundleError(f"bundle file {name!r}: outputs outside [0, 1]; expected probabilities")
+
+    # -- per request -------------------------------------------------------------------
+
+    def sequence(self, q: Query) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Snapshot behaviours merged with the request's, newest first, truncated to the sequence length.
+
+        -> seq_items (1, L, 5) int64, seq_extras (1, L, 3) float32, cold_start.
+        """
+        known = 0 <= q.user_id < self.n_users
+        if known:
+            s, e = self._beh_start[q.user_id], self._beh_start[q.user_id + 1]
+            e = min(e, s + self.seq_len)
+            snap = (self._beh_item[s:e], self._beh_seconds[s:e], self._beh_kind[s:e], self._beh_dwell[s:e])
+        else:
+            snap = (np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int8), np.zeros(0, np.float32))
+        # request first, so on equal times the request's behaviour counts as the newer one
+        item = np.concatenate([np.asarray(q.item_ids, np.int64), snap[0]])
+        secs = np.concatenate([np.asarray(q.seconds_ago, np.float64), snap[1]])
+        kind = np.concatenate([np.asarray(q.kinds, np.int8), snap[2]])
+        dwell = np.concatenate([np.asarray(q.dwell, np.float32), snap[3]])
+        order = np.argsort(secs, kind="stable")[: self.seq_len]
+        n, L = len(order), self.seq_len
+        pad = lambda a, fill: np.concatenate([a[order], np.full(L - n, fill, a.dtype)])[None]  # (1, L)
+        valid = np.arange(L)[None] < n
+        seq_items, seq_extras = F.sequence_tensors(
+            pad(item, -1), pad(secs, 0.0) / 3600.0, pad(dwell, 0.0), pad(kind, 0), valid, self.items
+        )
+        return seq_items, seq_extras, not known
+
+    def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None) -> Ranking:
+        """Run the cascade for one validated query; `time_remaining` (e.g. a gRPC context's)
+        is checked before each stage, raising DeadlineExceeded once it reaches 0."""
+
+        def check(stage: str) -> None:
+            left = time_remaining() if time_remaining is not None else None
+            if left is not None and left <= 0:
+                raise DeadlineExceeded(f"deadline exceeded before the {stage} stage")
+
+        t0 = time.perf_counter()
+        timings: dict[str, float] = {}
+        seq_items, seq_extras, cold = self.sequence(q)
+        user_feats = self.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
+        tower_in = {"user_feats": user_feats, "seq_items": seq_items, "seq_extras": seq_extras}
+        t1 = time.perf_counter()
+        timings["features_ms"] = (t1 - t0) * 1e3
+
+        check("retrieval")
+        user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
+        k = min(q.retrieval_size, self.n_items)
+        _, ids = self.index.search(user_emb, k)  # (1, k); -1 pads when the index finds fewer
+        cands = ids[0][ids[0] >= 0]  # (R,)
+        n_retrieved = len(cands)
+        t2 = time.perf_counter()
+        timings["retrieval_ms"] = (t2 - t1) * 1e3
+
+        check("coarse")
+        user_vec = self.coarse_tower(tower_in)[0].astype(np.float32)  # (D,), one pass for all candidates
+        coarse = self.item_vectors[cands] @ user_vec  # (R,)
+        c = min(q.coarse_size, len(cands))
+        if c < len(cands):
+            keep = np.argpartition(-coarse, c - 1)[:c]
+            cands, coarse = cands[keep], coarse[keep]
+        t3 = time.perf_counter()
+        timings["coarse_ms"] = (t3 - t2) * 1e3
+
+        check("fine")
+        m = len(cands)
+        item_feats = self.items.feats(cands)  # (M, 5)
+        fine_in = {
+            "user_feats": np.repeat(user_feats, m, axis=0),  # (M, 4)
+            "item_feats": item_feats,
+            "item_dense": self.items.dense(cands),  # (M, 1)
+            "interacted": F.interacted_features(seq_items, seq_extras, item_feats),  # (M, 7)
+        }
+        if m:
+            pctr = self.ctr(fine_in).reshape(-1).astype(np.float64)  # (M,)
+            pcvr = self.cvr(fine_in).reshape(-1).astype(np.float64)
+        else:
+            pctr = pcvr = np.zeros(0, np.float64)
+        price = self.items.price[cands].astype(np.float64)
+        score = pctr * pcvr * price
+        top = np.lexsort((cands, -score))[: q.num_results]  # score desc, item id breaks ties
+        t4 = time.perf_counter()
+        timings["fine_ms"] = (t4 - t3) * 1e3
+        timings["total_ms"] = (t4 - t0) * 1e3
+
+        return Ranking(
+            item_ids=cands[top], scores=score[top], pctr=pctr[top], pcvr=pcvr[top], price=price[top],
+            coarse_scores=coarse[top].astype(np.float64), sources=[SOURCE_ANN] * len(top), cold_start=cold,
+            timings_ms=timings,
+            counts={"retrieved": n_retrieved, "coarse": int(m), "returned": int(len(top)),
+                    "sequence_length": int((seq_items[0, :, 0] > 0).sum())},
+        )
