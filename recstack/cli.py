@@ -40,23 +40,41 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from recstack.export import export_bundle
+    from recstack.bundle import BundleError
+    from recstack.checkpoint import CheckpointError
+    from recstack.export import ExportError, export_bundle
 
-    path = export_bundle(args.runs, args.out)
+    try:
+        path = export_bundle(args.runs, args.out)
+    except (BundleError, CheckpointError, ExportError) as e:
+        print(f"recstack export: error: {e}", file=sys.stderr)
+        return 1
     print(f"bundle written: {path}")
     return 0
 
 
 def _cmd_serve(args) -> int:
+    from recstack.bundle import BundleError
     from recstack.serving.server import serve
 
-    return serve(args.artifacts, host=args.host, port=args.port, workers=args.workers) or 0
+    try:
+        serve(args.artifacts, host=args.host, port=args.port, workers=args.workers)
+    except BundleError as e:
+        print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def _cmd_rank(args) -> int:
+    import grpc
+
     from recstack.serving.client import format_table, rank
 
-    resp = rank(args.target, args.user_id, args.k, debug=True, timeout=args.timeout)
+    try:
+        resp = rank(args.target, args.user_id, args.k, debug=True, timeout=args.timeout)
+    except grpc.RpcError as e:
+        print(f"recstack rank: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
     print(format_table(resp))
     return 0
 
