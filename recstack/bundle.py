@@ -9,7 +9,14 @@
 
 The server only ever opens a bundle through `Bundle.open`, which verifies every listed file
 (size and sha256) and resolves each relative path inside the bundle: no absolute paths, no
-`..`, no symlink that leads outside. Nothing here unpickles anything.
+`..`, no symlink that leads outside. Beyond the checksums (which catch truncation and bit
+flips against an honest manifest), each file type gets a structural check that needs no trust
+in the manifest: `.npy` headers (no object dtype, size consistent with the shape) and ONNX
+external-data references (inside the bundle and listed in the manifest). Nothing here
+unpickles anything.
+
+Publishing is atomic: `publish` copies a finished bundle into a hidden staging directory,
+verifies it, renames it to its version name, and only then switches `current`.
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ SNAPSHOT_ITEMS = "features/items.parquet"  # item_id, category, shop, brand, pri
 # user_id, seconds_ago (relative to the snapshot time), item_id, kind (0 click, 1 purchase),
 # dwell; sorted by user_id then seconds_ago ascending (newest first), at most 50 per user.
 SNAPSHOT_BEHAVIOURS = "features/behaviours.parquet"
+
+MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; refuse to parse a huge one
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
@@ -148,6 +157,8 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     path = Path(bundle_dir) / MANIFEST
     if not path.is_file():
         raise BundleError(f"{path} does not exist (not a bundle directory?)")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may have")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -165,7 +176,8 @@ def read_manifest(bundle_dir: str | Path) -> dict:
 
 
 def verify_bundle(bundle_dir: str | Path) -> dict:
-    """Read the manifest and check every listed file's path, size and sha256; returns the manifest."""
+    """Read the manifest and check every listed file: path inside the bundle, a regular file,
+    size, sha256, then a structural check by type (`check_file`); returns the manifest."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
     for rel, entry in manifest["files"].items():
@@ -173,14 +185,103 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
         if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
             raise BundleError(f"bundle file {rel!r}: manifest entry needs sha256 and bytes")
         if not path.is_file():
-            raise BundleError(f"bundle file {rel!r} is missing from {bundle_dir}")
+            raise BundleError(f"bundle file {rel!r} is missing from {bundle_dir} (or is not a regular file)")
         size = path.stat().st_size
         if size != entry["bytes"]:
             raise BundleError(f"bundle file {rel!r}: size {size} bytes, manifest says {entry['bytes']}")
         digest = sha256_file(path)
         if digest != entry["sha256"]:
             raise BundleError(f"bundle file {rel!r}: sha256 mismatch (file {digest[:12]}..., manifest {str(entry['sha256'])[:12]}...)")
+    for rel in manifest["files"]:
+        check_file(bundle_dir, rel, manifest["files"])
     return manifest
+
+
+def check_file(bundle_dir: str | Path, rel: str, listed: dict | None = None) -> None:
+    """Structural checks that do not trust the manifest's checksums (a forged manifest matches
+    any content): `.npy` headers and ONNX external-data references. Raises BundleError naming `rel`."""
+    path = safe_path(bundle_dir, rel)
+    if rel.endswith(".npy"):
+        check_npy(path, rel)
+    elif rel.endswith(".onnx"):
+        check_onnx_external_data(bundle_dir, rel, listed)
+
+
+def check_npy(path: str | Path, rel: str) -> tuple[tuple[int, ...], str]:
+    """An .npy file whose header parses, whose dtype holds no Python objects (nothing to unpickle),
+    and whose size matches its shape exactly (truncated or padded files are refused)."""
+    import numpy as np
+
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            major, _ = np.lib.format.read_magic(f)
+            if major == 1:
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif major in (2, 3):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                raise ValueError(f"unsupported .npy format version {major}")
+            offset = f.tell()
+    except Exception as e:  # a damaged header fails in numpy's parser with ValueError, SyntaxError, TokenError, ...
+        raise BundleError(f"bundle file {rel!r}: not a valid .npy file: {type(e).__name__}: {str(e)[:200]}") from None
+    if dtype.hasobject:
+        raise BundleError(f"bundle file {rel!r}: dtype {dtype} holds Python objects (would need unpickling); refused")
+    expected = offset + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    size = path.stat().st_size
+    if size != expected:
+        raise BundleError(f"bundle file {rel!r}: {size} bytes, but its header ({dtype}, shape {tuple(shape)}) needs {expected}")
+    return tuple(shape), str(dtype)
+
+
+def _onnx_tensors(graph) -> Iterable:
+    """Every TensorProto in an ONNX graph, subgraphs (If/Loop/Scan bodies) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _onnx_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _onnx_tensors(g)
+
+
+def check_onnx_external_data(bundle_dir: str | Path, rel: str, listed: dict | None = None) -> list[str]:
+    """Refuse an ONNX model whose tensors point at external data outside the bundle (`..`,
+    absolute paths, symlinks out) or at a file the manifest does not list (so unverified).
+    Returns the external files it references, as bundle paths."""
+    import onnx
+
+    path = safe_path(bundle_dir, rel)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError and others on a damaged protobuf
+        raise BundleError(f"bundle file {rel!r}: not a valid ONNX model: {str(e)[:200]}") from None
+    if not model.HasField("graph") or not model.graph.node:
+        raise BundleError(f"bundle file {rel!r}: not a valid ONNX model (no graph)")
+    model_dir = PurePosixPath(rel).parent
+    refs: list[str] = []
+    for tensor in _onnx_tensors(model.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((kv.value for kv in tensor.external_data if kv.key == "location"), "")
+        try:
+            check_relpath(location)
+        except BundleError as e:
+            raise BundleError(f"bundle file {rel!r}: tensor {tensor.name!r} has external data {location!r} "
+                              f"that leaves the bundle: {e}") from None
+        ref = (model_dir / location).as_posix() if str(model_dir) != "." else location
+        safe_path(bundle_dir, ref)  # symlinks out
+        if listed is not None and ref not in listed:
+            raise BundleError(f"bundle file {rel!r}: tensor {tensor.name!r} has external data {ref!r}, "
+                              "which the manifest does not list (unverified)")
+        refs.append(ref)
+    return refs
 
 
 def read_current(artifacts_root: str | Path) -> str:
@@ -200,6 +301,38 @@ def write_current(artifacts_root: str | Path, version: str) -> Path:
         raise BundleError(f"{root / version} is not a bundle (no {MANIFEST}); refusing to point {CURRENT} at it")
     _atomic_write_text(root / CURRENT, version + "\n")
     return root / CURRENT
+
+
+def publish(bundle_dir: str | Path, artifacts_root: str | Path, version: str | None = None,
+            switch_current: bool = True) -> Path:
+    """Publish a finished bundle into `artifacts_root` atomically: copy it into a hidden staging
+    directory, verify it there, rename it to `<version>` (never over an existing one), and only
+    then point `current` at it. A crash at any step leaves `current` naming a complete bundle.
+    `version` defaults to the manifest's; a different name is refused (responses name the
+    manifest's version). Returns the published directory."""
+    import shutil
+
+    src, root = Path(bundle_dir), Path(artifacts_root)
+    manifest = verify_bundle(src)
+    version = check_version_name(version or manifest["version"])
+    if version != manifest["version"]:
+        raise BundleError(f"{src}: manifest version {manifest['version']!r} differs from the requested {version!r}")
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / version
+    if final.exists():
+        raise BundleError(f"bundle version {version!r} already exists in {root}; versions are immutable")
+    staging = root / f".staging-{version}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        shutil.copytree(src, staging, symlinks=False)
+        verify_bundle(staging)
+        os.rename(staging, final)  # atomic on one filesystem; fails if the name was taken meanwhile
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if switch_current:
+        write_current(root, version)
+    return final.resolve()
 
 
 def resolve_bundle(path: str | Path) -> Path:

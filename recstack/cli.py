@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -57,12 +58,26 @@ def _cmd_serve(args) -> int:
     from recstack.bundle import BundleError
     from recstack.serving.server import serve
 
+    token = os.environ.get("RECSTACK_ADMIN_TOKEN") or None  # never on the command line (visible in ps)
+    if args.admin_token_file:
+        token = Path(args.admin_token_file).read_text().strip() or None
+    if bool(args.tls_cert) != bool(args.tls_key):
+        print("recstack serve: --tls-cert and --tls-key go together", file=sys.stderr)
+        return 2
     try:
-        serve(args.artifacts, host=args.host, port=args.port, workers=args.workers)
+        return serve(args.artifacts, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
+                     max_queue=args.max_queue, onnx_threads=args.onnx_threads, grace_s=args.grace, admin_token=token,
+                     tls_cert=args.tls_cert, tls_key=args.tls_key, reflection=not args.no_reflection,
+                     metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes)
     except BundleError as e:
         print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)
         return 1
-    return 0
+
+
+def _cmd_loadtest(args) -> int:
+    from recstack.loadtest import main_from_args
+
+    return main_from_args(args)
 
 
 def _cmd_rank(args) -> int:
@@ -112,8 +127,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--artifacts", required=True, help="a bundle directory or an artifacts root with a `current` pointer")
     s.add_argument("--host", default="127.0.0.1", help="listen address (loopback by default)")
     s.add_argument("--port", type=int, default=50051)
-    s.add_argument("--workers", type=int, default=1)
+    s.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT), ~one per core")
+    s.add_argument("--threads", type=int, default=4, help="RPC threads per process")
+    s.add_argument("--max-queue", type=int, default=None,
+                   help="calls waiting beyond --threads before RESOURCE_EXHAUSTED (default 2 x threads)")
+    s.add_argument("--onnx-threads", type=int, default=1, help="intra-op threads per ONNX session")
+    s.add_argument("--grace", type=float, default=10.0, help="SIGTERM: seconds in-flight calls may take to finish")
+    s.add_argument("--admin-token-file", default=None,
+                   help="enables ModelService (reload, model info) for callers sending this token; "
+                        "or set RECSTACK_ADMIN_TOKEN. Without either, ModelService is off")
+    s.add_argument("--tls-cert", default=None, help="PEM server certificate chain (with --tls-key): serve TLS")
+    s.add_argument("--tls-key", default=None, help="PEM private key")
+    s.add_argument("--no-reflection", action="store_true", help="switch gRPC server reflection off")
+    s.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus /metrics on this port (worker i: port + i; 0 = any free port), same host")
+    s.add_argument("--max-message-bytes", type=int, default=64 << 10, help="largest request accepted")
     s.set_defaults(func=_cmd_serve)
+
+    from recstack.loadtest import add_arguments as loadtest_arguments
+
+    s = sub.add_parser("loadtest", help="open-loop load test of a local server (p50..p99.9, --sweep, --json, --plot)")
+    loadtest_arguments(s)
+    s.set_defaults(func=_cmd_loadtest)
 
     s = sub.add_parser("rank", help="call the ranking service and print a table")
     s.add_argument("--target", default="127.0.0.1:50051")

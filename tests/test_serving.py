@@ -40,6 +40,8 @@ VOCAB = F.Vocab(n_users=30, n_items=300, n_categories=8, n_shops=20, n_brands=12
                 n_age_buckets=4, n_genders=2, n_activity_levels=3, log_price_mean=3.0, log_price_std=1.0)
 N_SNAPSHOT_USERS = 20  # users 20..29 have a profile but no behaviours; ids >= 30 are unknown
 COLD_USER = 10_000
+ADMIN_TOKEN = "test-admin-token"
+ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 class FakeTower(nn.Module):
@@ -148,7 +150,7 @@ def artifacts(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(artifacts):
-    server, port, servicer = build_server(artifacts, max_workers=4)
+    server, port, servicer = build_server(artifacts, max_workers=4, admin_token=ADMIN_TOKEN)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     yield {"stub": pb_grpc.RankingServiceStub(channel), "admin": pb_grpc.ModelServiceStub(channel),
            "channel": channel, "servicer": servicer, "port": port}
@@ -170,7 +172,7 @@ def _assert_invariants(resp: pb.RankResponse, n: int) -> None:
     for it in resp.items:
         assert 0 < it.pctr < 1 and 0 < it.pcvr < 1 and it.price > 0
         assert it.score == pytest.approx(it.pctr * it.pcvr * it.price, rel=1e-6)
-        assert it.source == "ann"
+        assert it.source in ("ann", "i2i")  # candidate sources of the cascade
 
 
 # -- through a real gRPC channel -----------------------------------------------------------------
@@ -299,7 +301,7 @@ def test_health_and_reflection(served):
 
 
 def test_model_info(served):
-    info = served["admin"].GetModelInfo(pb.GetModelInfoRequest(), timeout=5)
+    info = served["admin"].GetModelInfo(pb.GetModelInfoRequest(), timeout=5, metadata=ADMIN_MD)
     assert info.model_version == "v20260101-000000" and info.n_items == VOCAB.n_items and info.n_users == VOCAB.n_users
     assert info.limits.retrieval_size_default == 1000 and info.limits.num_results_max == 500
     assert json.loads(info.manifest_json)["version"] == info.model_version and info.loaded_at
@@ -313,7 +315,7 @@ def test_uncaught_exception_is_internal_not_unknown(served, monkeypatch):
     with pytest.raises(grpc.RpcError) as e:
         _rank(served, user_id=1, k=5)
     assert e.value.code() == grpc.StatusCode.INTERNAL
-    assert "secret" not in e.value.details() and "ref" in e.value.details()
+    assert "secret" not in e.value.details() and "request id" in e.value.details()
 
 
 def test_reload_swaps_version_and_refuses_a_bad_bundle(artifacts, tmp_path):
@@ -329,22 +331,22 @@ def test_reload_swaps_version_and_refuses_a_bad_bundle(artifacts, tmp_path):
     with (root / "v3/coarse/item_vectors.npy").open("r+b") as f:  # corrupt v3 after its manifest was written
         f.seek(200)
         f.write(b"\x00\x01\x02\x03")
-    server, port, servicer = build_server(root, max_workers=2)
+    server, port, servicer = build_server(root, max_workers=2, admin_token=ADMIN_TOKEN)
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub, admin = pb_grpc.RankingServiceStub(ch), pb_grpc.ModelServiceStub(ch)
             assert stub.Rank(client.make_request(1, 5), timeout=10).model_version == "v1"
-            assert admin.Reload(pb.ReloadRequest(version="v2"), timeout=30).model_version == "v2"
+            assert admin.Reload(pb.ReloadRequest(version="v2"), timeout=30, metadata=ADMIN_MD).model_version == "v2"
             assert stub.Rank(client.make_request(1, 5), timeout=10).model_version == "v2"
             with pytest.raises(grpc.RpcError) as e:
-                admin.Reload(pb.ReloadRequest(version="v3"), timeout=30)
+                admin.Reload(pb.ReloadRequest(version="v3"), timeout=30, metadata=ADMIN_MD)
             assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
             assert "coarse/item_vectors.npy" in e.value.details() and "sha256" in e.value.details()
             assert stub.Rank(client.make_request(1, 5), timeout=10).model_version == "v2"  # still serving
             with pytest.raises(grpc.RpcError) as e:
-                admin.Reload(pb.ReloadRequest(version="../v1"), timeout=30)
+                admin.Reload(pb.ReloadRequest(version="../v1"), timeout=30, metadata=ADMIN_MD)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and e.value.details().startswith("version:")
-            assert admin.Reload(pb.ReloadRequest(), timeout=30).model_version == "v1"  # follows `current`
+            assert admin.Reload(pb.ReloadRequest(), timeout=30, metadata=ADMIN_MD).model_version == "v1"  # follows `current`
     finally:
         server.stop(None)
 

@@ -3,7 +3,8 @@
     resp = rank("localhost:50051", user_id=7, k=10)
     print(format_table(resp))
 
-Errors surface as grpc.RpcError (`.code()`, `.details()`).
+Errors surface as grpc.RpcError (`.code()`, `.details()`). `tls_ca` (a PEM file) switches the
+channel to TLS; `admin_token` is sent as `authorization: Bearer <token>` to ModelService.
 """
 from __future__ import annotations
 
@@ -33,17 +34,45 @@ def make_request(user_id: int, k: int | None = 10, behaviours: Iterable[pb.Behav
     return req
 
 
+def channel(target: str, tls_ca: str | None = None, server_name: str | None = None, options=None) -> grpc.Channel:
+    """A channel to `target`: plaintext, or TLS verified against the PEM file `tls_ca`
+    (`server_name` overrides the name checked against the certificate). `options`: grpc channel args."""
+    options = list(options or [])
+    if tls_ca is None:
+        return grpc.insecure_channel(target, options=options)
+    with open(tls_ca, "rb") as f:
+        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    return grpc.secure_channel(target, creds, options=options)
+
+
+def admin_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
 def rank(target: str, user_id: int, k: int | None = 10, behaviours: Iterable[pb.Behaviour | Mapping] | None = None,
-         debug: bool = True, *, retrieval_size: int = 0, coarse_size: int = 0, timeout: float = 10.0) -> pb.RankResponse:
+         debug: bool = True, *, retrieval_size: int = 0, coarse_size: int = 0, timeout: float = 10.0,
+         tls_ca: str | None = None) -> pb.RankResponse:
     """One Rank call to `target` ("host:port"); behaviours are pb.Behaviour or dicts of `behaviour`'s arguments."""
     req = make_request(user_id, k, behaviours, debug, retrieval_size, coarse_size)
-    with grpc.insecure_channel(target) as channel:
-        return pb_grpc.RankingServiceStub(channel).Rank(req, timeout=timeout)
+    with channel(target, tls_ca) as ch:
+        return pb_grpc.RankingServiceStub(ch).Rank(req, timeout=timeout)
 
 
-def model_info(target: str, timeout: float = 10.0) -> pb.ModelInfo:
-    with grpc.insecure_channel(target) as channel:
-        return pb_grpc.ModelServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
+def model_info(target: str, admin_token: str | None = None, timeout: float = 10.0, tls_ca: str | None = None) -> pb.ModelInfo:
+    with channel(target, tls_ca) as ch:
+        return pb_grpc.ModelServiceStub(ch).GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout,
+                                                         metadata=admin_metadata(admin_token))
+
+
+def reload(target: str, version: str = "", admin_token: str | None = None, timeout: float = 120.0,
+           tls_ca: str | None = None) -> pb.ModelInfo:
+    """Ask the server to load `version` ("" = follow `current`); raises grpc.RpcError
+    FAILED_PRECONDITION, with the reason, if the bundle is refused."""
+    with channel(target, tls_ca) as ch:
+        return pb_grpc.ModelServiceStub(ch).Reload(pb.ReloadRequest(version=version), timeout=timeout,
+                                                   metadata=admin_metadata(admin_token))
 
 
 def format_table(resp: pb.RankResponse) -> str:

@@ -1,41 +1,58 @@
-"""The gRPC ranking server: recstack.v1.RankingService + ModelService, health, reflection.
+"""The gRPC ranking server: recstack.v1.RankingService (+ ModelService, health, reflection, metrics).
 
-    server, port, servicer = build_server("artifacts")   # started, model loaded, health SERVING
-    serve("artifacts", port=50051, workers=2)             # blocking; SIGTERM/SIGINT drain and stop
+    server, port, servicer = build_server("artifacts")   # started, model loaded and warm, health SERVING
+    serve("artifacts", port=50051, workers=2)             # blocking; SIGTERM/SIGINT drain and exit 0
 
-Status codes: INVALID_ARGUMENT (bad request; the message names the field), UNAVAILABLE (no
-model loaded yet), RESOURCE_EXHAUSTED (more than `max_concurrent_rpcs` in flight: grpc
-refuses rather than queueing without bound), DEADLINE_EXCEEDED (checked between stages),
-FAILED_PRECONDITION (Reload of a bundle that fails its checks), INTERNAL (anything else,
-logged with a reference; never UNKNOWN).
+Status codes: INVALID_ARGUMENT (bad or unparsable request; the message names the field),
+UNAVAILABLE (no model loaded yet), RESOURCE_EXHAUSTED (more than `max_workers + max_queue`
+calls in flight: grpc refuses at once rather than queueing without bound; or a message over
+`max_message_bytes`), DEADLINE_EXCEEDED (the deadline passed before a stage: later stages are
+skipped), CANCELLED (the caller left: later stages are skipped), FAILED_PRECONDITION (Reload of
+a bundle that fails to load; the old model keeps serving), UNAUTHENTICATED / PERMISSION_DENIED
+(ModelService without / with a wrong admin token), INTERNAL (anything else, logged with the
+request id; never UNKNOWN, never a stack trace in the details).
+
+Access: the server listens on loopback unless told otherwise; ModelService (model info, reload)
+exists only when an admin token is configured and then requires `authorization: Bearer <token>`
+metadata (compared in constant time); TLS (server certificate) is optional; reflection can be
+switched off.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import hmac
 import json
 import logging
 import multiprocessing
 import os
+import re
 import signal
 import threading
+import time
 import uuid
 from concurrent import futures
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recstack import bundle as B
 from recstack.serving.cascade import Cascade, DeadlineExceeded, Ranking
+from recstack.serving.metrics import ServingMetrics
 from recstack.serving.validate import ServingLimits, ValidationError, validate_rank_request
 from recstack.v1 import ranking_pb2 as pb
-from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
 log = logging.getLogger("recstack.serving")
+access_log = logging.getLogger("recstack.access")  # one JSON line per call, with its request id
 
 RANKING_SERVICE = pb.DESCRIPTOR.services_by_name["RankingService"].full_name  # recstack.v1.RankingService
 MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+REQUEST_ID_KEY = "x-request-id"
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def _now_iso() -> str:
@@ -55,36 +72,107 @@ def response_from_ranking(r: Ranking, version: str, debug: bool) -> pb.RankRespo
     return resp
 
 
-class RankingServicer(pb_grpc.RankingServiceServicer, pb_grpc.ModelServiceServicer):
-    """Holds the serving model and implements both services; the health servicer follows it.
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server certificate chain and private key (PEM files)."""
+
+    cert_file: str
+    key_file: str
+
+    def credentials(self) -> grpc.ServerCredentials:
+        key, cert = Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes()
+        return grpc.ssl_server_credentials([(key, cert)])
+
+
+class _Abort(Exception):
+    """A status to return: raised inside a handler, turned into context.abort by `_guard`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+class _Malformed:
+    """Stands in for a request that is not parsed: the handler answers INVALID_ARGUMENT for bytes
+    that do not parse (grpc's own deserialisation failure would be INTERNAL), RESOURCE_EXHAUSTED
+    for a message over the size limit (checked before parsing)."""
+
+    def __init__(self, message_type: str, size: int = 0, limit: int = 0):
+        self.message_type, self.size, self.limit = message_type, size, limit
+
+    def abort(self):
+        if self.limit:
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"request: a {self.size}-byte message is over the server's {self.limit}-byte limit")
+        raise ValidationError("request", f"cannot parse a {self.message_type} from the message bytes")
+
+
+def _parser(message_cls, max_bytes: int):
+    def parse(data: bytes):
+        if len(data) > max_bytes:
+            return _Malformed(message_cls.DESCRIPTOR.full_name, len(data), max_bytes)
+        try:
+            return message_cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError):
+            return _Malformed(message_cls.DESCRIPTOR.full_name)
+
+    return parse
+
+
+class RankingServicer:
+    """Holds the serving model and implements RankingService and ModelService.
 
     The model is one attribute read once per request, so Reload swaps it atomically: calls in
-    flight finish on the model they started with.
+    flight finish on the model they started with, and every response names that model's version.
     """
 
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
-                 onnx_threads: int = 1):
+                 onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
+                 worker: int = 0):
         self.artifacts_root = artifacts_root
         self.limits = limits
         self.health = health_servicer
         self.onnx_threads = onnx_threads
+        self.metrics = metrics or ServingMetrics()
+        self._admin_token = admin_token.encode() if admin_token else None
+        self.worker = worker
         self.cascade: Cascade | None = None
         self.loaded_at = ""
+        self.last_load_error = ""
+        self.draining = False
         self._reload_lock = threading.Lock()  # one load at a time; serving never waits on it
 
     # -- model lifecycle --------------------------------------------------------------------
 
-    def load(self, path: str | Path) -> Cascade:
-        """Verify, load and warm the bundle at `path`, then swap it in; raises BundleError
-        (and keeps the current model) if it fails any check."""
-        with self._reload_lock:
-            cascade = Cascade.load(path, onnx_threads=self.onnx_threads)
-            previous = self.cascade.version if self.cascade else None
-            self.cascade, self.loaded_at = cascade, _now_iso()
+    def set_serving(self, serving: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", RANKING_SERVICE, MODEL_SERVICE):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving model %s from %s%s", cascade.version, cascade.bundle.root,
-                 f" (was {previous})" if previous else "")
+            self.health.set(service, status)
+
+    def load(self, path: str | Path) -> Cascade:
+        """Verify, load and warm the bundle at `path`, then swap it in. Any failure raises
+        BundleError naming the cause, and the current model keeps serving."""
+        with self._reload_lock:
+            t0 = time.perf_counter()
+            try:
+                cascade = Cascade.load(path, onnx_threads=self.onnx_threads)  # verified and warmed here
+            except Exception as e:
+                self.metrics.reloads.labels("failed").inc()
+                reason = str(e) if isinstance(e, B.BundleError) else f"{type(e).__name__}: {e}"
+                self.last_load_error = f"{path}: {reason}"[:2000]
+                log.error("refused bundle %s: %s%s", path, reason,
+                          f" (still serving {self.cascade.version})" if self.cascade else "")
+                if isinstance(e, B.BundleError):
+                    raise
+                raise B.BundleError(f"cannot load {Path(path).name}: {reason}"[:2000]) from e
+            previous = self.cascade.version if self.cascade else None
+            self.cascade, self.loaded_at, self.last_load_error = cascade, _now_iso(), ""
+        self.metrics.reloads.labels("ok").inc()
+        self.metrics.set_version(cascade.version)
+        if not self.draining:
+            self.set_serving(True)
+        log.info("serving model %s from %s in %.2fs%s", cascade.version, cascade.bundle.root,
+                 time.perf_counter() - t0, f" (was {previous})" if previous else "")
         return cascade
 
     def reload(self, version: str = "") -> Cascade:
@@ -95,13 +183,16 @@ class RankingServicer(pb_grpc.RankingServiceServicer, pb_grpc.ModelServiceServic
             except B.BundleError as e:
                 raise ValidationError("version", str(e)) from None
             path = B.safe_path(self.artifacts_root, version)
+            if not path.is_dir():
+                raise _Abort(grpc.StatusCode.NOT_FOUND, f"version: no bundle {version!r} under the artifacts root")
         else:
             path = B.resolve_bundle(self.artifacts_root)
         return self.load(path)
 
     def model_info(self) -> pb.ModelInfo:
         c = self.cascade
-        info = pb.ModelInfo(limits=pb.StageLimits(**self.limits.to_dict()))
+        info = pb.ModelInfo(limits=pb.StageLimits(**self.limits.to_dict()), pid=os.getpid(), worker=self.worker,
+                            last_load_error=self.last_load_error)
         if c is not None:
             info.model_version = c.version
             info.bundle_path = str(c.bundle.root)
@@ -111,50 +202,168 @@ class RankingServicer(pb_grpc.RankingServiceServicer, pb_grpc.ModelServiceServic
             info.manifest_json = json.dumps(c.bundle.manifest, sort_keys=True)
         return info
 
-    # -- RPCs -----------------------------------------------------------------------------
+    # -- RPC plumbing ------------------------------------------------------------------------
 
     def _guard(self, context, method: str, fn):
-        """Run `fn`, mapping every exception to a status code: never UNKNOWN."""
+        """Run `fn` with a request id, metrics and an access log line, mapping every exception to
+        a status code: never UNKNOWN, never a stack trace in the details."""
+        t0 = time.perf_counter()
+        rid = dict(context.invocation_metadata()).get(REQUEST_ID_KEY, "")
+        rid = rid if isinstance(rid, str) and _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
+        context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
+        extra: dict = {}
+        gauge = self.metrics.in_flight.labels(method)
+        gauge.inc()
+        code, message = grpc.StatusCode.OK, ""
         try:
-            return fn()
+            return fn(extra)
         except ValidationError as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except DeadlineExceeded as e:
-            code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+            left = context.time_remaining()
+            if context.is_active() or (left is not None and left <= 0):
+                code, message = grpc.StatusCode.DEADLINE_EXCEEDED, str(e)
+            else:  # the caller cancelled: nobody reads this answer, but the metrics and log tell it apart
+                code, message = grpc.StatusCode.CANCELLED, str(e).replace("deadline exceeded", "call cancelled")
         except B.BundleError as e:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused, still serving the previous model: {e}"
-        except _Unavailable as e:
-            code, message = grpc.StatusCode.UNAVAILABLE, str(e)
+        except _Abort as e:
+            code, message = e.code, str(e)
         except Exception:
-            ref = uuid.uuid4().hex[:12]
-            log.exception("%s failed (ref %s)", method, ref)
-            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method} (ref {ref}; see the server log)"
-        context.abort(code, message)  # raises: outside the try so it is not caught above
+            code, message = grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}; see the server log)"
+            log.exception("%s failed (request id %s)", method, rid)
+        finally:
+            gauge.dec()
+            seconds = time.perf_counter() - t0
+            self.metrics.count(method, code.name, seconds)
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(json.dumps({"request_id": rid, "method": method, "code": code.name,
+                                            "ms": round(seconds * 1e3, 3), "worker": self.worker, **extra}))
+        context.abort(code, message[:1000])  # raises: outside the try so it is not caught above
+
+    def _check_admin(self, context) -> None:
+        token = dict(context.invocation_metadata()).get("authorization", "")
+        if not token:
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "ModelService needs `authorization: Bearer <admin token>` metadata")
+        given = token[7:] if token.startswith("Bearer ") else token
+        if not hmac.compare_digest(given.encode(errors="replace"), self._admin_token or b"\0"):
+            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
+
+    # -- RPCs -----------------------------------------------------------------------------
 
     def Rank(self, request, context):
-        def run():
+        def run(extra):
+            if isinstance(request, _Malformed):
+                request.abort()
             cascade = self.cascade  # one read: a concurrent Reload cannot change the model mid-request
             if cascade is None:
-                raise _Unavailable("no model loaded yet")
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
+            # never work for a caller who left or whose deadline passed while the call was queued
+            remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
+            left = remaining()
+            if left is not None and left <= 0:
+                raise DeadlineExceeded("deadline exceeded before the call started")
             query = validate_rank_request(request, self.limits, cascade.n_items)
-            ranking = cascade.rank(query, time_remaining=context.time_remaining)
+            extra.update(user_id=query.user_id, version=cascade.version)
+            ranking = cascade.rank(query, time_remaining=remaining)
+            self.metrics.observe_stages(ranking.timings_ms)
+            extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids))
             return response_from_ranking(ranking, cascade.version, request.debug)
 
         return self._guard(context, "Rank", run)
 
     def GetModelInfo(self, request, context):
-        return self._guard(context, "GetModelInfo", self.model_info)
+        def run(extra):
+            self._check_admin(context)
+            if isinstance(request, _Malformed):
+                request.abort()
+            return self.model_info()
+
+        return self._guard(context, "GetModelInfo", run)
 
     def Reload(self, request, context):
-        def run():
+        def run(extra):
+            self._check_admin(context)
+            if isinstance(request, _Malformed):
+                request.abort()
+            extra["requested"] = request.version
             self.reload(request.version)
+            extra["version"] = self.cascade.version
             return self.model_info()
 
         return self._guard(context, "Reload", run)
 
 
-class _Unavailable(RuntimeError):
-    pass
+def _handlers(servicer: RankingServicer, admin: bool, max_bytes: int) -> list[grpc.GenericRpcHandler]:
+    """Method handlers with our own deserialisers (malformed -> INVALID_ARGUMENT, too large -> RESOURCE_EXHAUSTED)."""
+    h = grpc.unary_unary_rpc_method_handler
+    out = [grpc.method_handlers_generic_handler(RANKING_SERVICE, {
+        "Rank": h(servicer.Rank, request_deserializer=_parser(pb.RankRequest, max_bytes),
+                  response_serializer=pb.RankResponse.SerializeToString)})]
+    if admin:
+        out.append(grpc.method_handlers_generic_handler(MODEL_SERVICE, {
+            "GetModelInfo": h(servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest, max_bytes),
+                              response_serializer=pb.ModelInfo.SerializeToString),
+            "Reload": h(servicer.Reload, request_deserializer=_parser(pb.ReloadRequest, max_bytes),
+                        response_serializer=pb.ModelInfo.SerializeToString)}))
+    return out
+
+
+def create_server(
+    artifacts: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_workers: int = 4,
+    *,
+    max_queue: int | None = None,
+    max_concurrent_rpcs: int | None = None,
+    limits: ServingLimits | None = None,
+    onnx_threads: int = 1,
+    reuse_port: bool = False,
+    admin_token: str | None = None,
+    tls: TLSConfig | None = None,
+    reflection_enabled: bool = True,
+    max_message_bytes: int = 64 << 10,
+    metrics: ServingMetrics | None = None,
+    worker: int = 0,
+) -> tuple[grpc.Server, int, RankingServicer]:
+    """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
+    `servicer.load(...)` has verified and warmed one. See `build_server` for the arguments."""
+    artifacts = Path(artifacts)
+    root = artifacts if (artifacts / B.CURRENT).is_file() else artifacts.resolve().parent
+    limits = limits or ServingLimits()
+    if max_concurrent_rpcs is None:  # the bound on the queue: beyond it grpc answers RESOURCE_EXHAUSTED at once
+        max_concurrent_rpcs = max_workers + (max_queue if max_queue is not None else 2 * max_workers)
+    options = [
+        ("grpc.so_reuseport", 1 if reuse_port else 0),  # off: a taken port is an error, not a silent share
+        # a request over max_message_bytes is refused by our deserialiser (RESOURCE_EXHAUSTED, at once); grpc's
+        # own limit, 16x higher, bounds what is buffered at all (it answers the same code, but drops the connection)
+        ("grpc.max_receive_message_length", 16 * max_message_bytes),
+    ]
+    executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="recstack-rpc")
+    server = grpc.server(executor, options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    metrics = metrics or ServingMetrics()
+    servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
+                               admin_token=admin_token, worker=worker)
+    queue = getattr(executor, "_work_queue", None)  # CPython's ThreadPoolExecutor: the calls waiting for a thread
+    if queue is not None:
+        metrics.track_queue(queue.qsize)
+    servicer.set_serving(False)
+    server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if reflection_enabled:
+        names = [RANKING_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME] + ([MODEL_SERVICE] if admin_token else [])
+        reflection.enable_server_reflection(names, server)
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError as e:
+        raise OSError(f"cannot listen on {address}: {e}") from e
+    if not bound:
+        raise OSError(f"cannot listen on {address}")
+    server.start()
+    return server, bound, servicer
 
 
 def build_server(
@@ -162,11 +371,7 @@ def build_server(
     host: str = "127.0.0.1",
     port: int = 0,
     max_workers: int = 4,
-    *,
-    limits: ServingLimits | None = None,
-    onnx_threads: int = 1,
-    max_concurrent_rpcs: int | None = None,
-    reuse_port: bool = False,
+    **kwargs,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Start a server on host:port (0 = any free port), then load + warm the bundle.
 
@@ -174,36 +379,14 @@ def build_server(
     reports NOT_SERVING until the model is loaded and warm, then SERVING. A bundle that fails
     its checks raises BundleError (and the server is stopped). Returns (started server, bound
     port, servicer).
+
+    Keyword arguments (all optional): `max_queue` calls waiting beyond the `max_workers`
+    running ones (default 2 x max_workers; `max_concurrent_rpcs` sets the total directly),
+    `limits` (ServingLimits), `onnx_threads` (intra-op threads per ONNX session), `reuse_port`,
+    `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
+    `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`.
     """
-    bundle_path = Path(bundle_path)
-    root = bundle_path if (bundle_path / B.CURRENT).is_file() else bundle_path.resolve().parent
-    limits = limits or ServingLimits()
-    options = [("grpc.so_reuseport", 1 if reuse_port else 0)]  # off: a taken port is an error, not a silent share
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="recstack-rpc"),
-        options=options,
-        maximum_concurrent_rpcs=max_concurrent_rpcs or 4 * max_workers,
-    )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads)
-    for service in ("", RANKING_SERVICE, MODEL_SERVICE):
-        health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    pb_grpc.add_RankingServiceServicer_to_server(servicer, server)
-    pb_grpc.add_ModelServiceServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (RANKING_SERVICE, MODEL_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME),
-        server,
-    )
-    address = f"{host}:{port}"
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as e:
-        raise OSError(f"cannot listen on {address}: {e}") from e
-    if not bound:
-        raise OSError(f"cannot listen on {address}")
-    server.start()
+    server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:
         servicer.load(bundle_path)
     except BaseException:
@@ -212,62 +395,118 @@ def build_server(
     return server, bound, servicer
 
 
-def _serve_one(artifacts: str, host: str, port: int, threads: int, reuse_port: bool, grace_s: float) -> None:
+@dataclass(frozen=True)
+class ServeOptions:
+    """Per-process settings of `serve` (picklable: handed to each spawned worker)."""
+
+    threads: int = 4  # RPC threads per process
+    max_queue: int | None = None  # calls waiting beyond `threads`; None = 2 x threads
+    onnx_threads: int = 1  # intra-op threads per ONNX session (bounded: workers x threads x this <= cores is sane)
+    grace_s: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
+    admin_token: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    reflection: bool = True
+    metrics_port: int | None = None  # worker i serves /metrics on metrics_port + i (on the same host)
+    max_message_bytes: int = 64 << 10
+
+
+def _configure_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+
+
+def _limit_threads(n: int) -> None:
+    """Bound the math libraries' thread pools before they start (one process per core)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(n))
+
+
+def _serve_one(artifacts: str, host: str, port: int, opts: ServeOptions, reuse_port: bool, worker: int = 0) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    server, bound, servicer = build_server(artifacts, host, port, max_workers=threads, reuse_port=reuse_port)
-    log.info("pid %d listening on %s:%d (model %s)", os.getpid(), host, bound, servicer.cascade.version)
+    tls = TLSConfig(opts.tls_cert, opts.tls_key) if opts.tls_cert else None
+    metrics = ServingMetrics()
+    if opts.metrics_port is not None:
+        _, mport = metrics.start_http(host, opts.metrics_port + worker if opts.metrics_port else 0)
+        log.info("pid %d metrics on http://%s:%d/metrics", os.getpid(), host, mport)
+    server, bound, servicer = create_server(
+        artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
+        reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
+        max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker)
+    try:
+        if not stop.is_set():
+            servicer.load(artifacts)
+    except BaseException:
+        server.stop(None)
+        raise
+    log.info("pid %d worker %d listening on %s:%d (model %s)", os.getpid(), worker, host, bound,
+             servicer.cascade.version if servicer.cascade else "-")
     stop.wait()
-    log.info("pid %d draining (up to %.0f s)", os.getpid(), grace_s)
-    servicer.health.enter_graceful_shutdown()  # load balancers stop routing here first
-    server.stop(grace_s).wait()
+    # health goes NOT_SERVING at once (watchers are told), then in-flight calls get up to grace_s
+    servicer.draining = True
+    servicer.health.enter_graceful_shutdown()
+    log.info("pid %d draining (up to %.1f s)", os.getpid(), opts.grace_s)
+    server.stop(opts.grace_s).wait()
     log.info("pid %d stopped", os.getpid())
+    return 0
 
 
-def _child_main(artifacts: str, host: str, port: int, threads: int, grace_s: float) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    _serve_one(artifacts, host, port, threads, True, grace_s)
+def _child_main(artifacts: str, host: str, port: int, opts: ServeOptions, worker: int) -> None:
+    _configure_logging()
+    try:
+        code = _serve_one(artifacts, host, port, opts, True, worker)
+    except B.BundleError as e:
+        log.error("pid %d: refusing the bundle: %s", os.getpid(), e)
+        code = 2
+    raise SystemExit(code)
 
 
-def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 50051, workers: int = 1, *,
-          threads: int = 4, grace_s: float = 10.0) -> None:
-    """Serve until SIGTERM/SIGINT, then drain in-flight calls for up to `grace_s` and stop.
+def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 50051, workers: int = 1,
+          options: ServeOptions | None = None, **kwargs) -> int:
+    """Serve until SIGTERM/SIGINT, then drain in-flight calls for up to `grace_s` and return 0.
 
     `workers` > 1 runs that many processes sharing the port (SO_REUSEPORT; the kernel spreads
-    connections), since one Python process is bound to about one core. Each process has
-    `threads` RPC threads.
+    connections), since one Python process is bound to about one core. They are spawned (fresh
+    interpreters) before the parent creates any gRPC object, each loads its own sessions, and
+    each bounds its math-library threads to `onnx_threads`. `kwargs` are ServeOptions fields.
+    Returns the exit code (0 after a clean drain; 1 if a worker died or refused the bundle).
+    With one process, a bundle that fails its checks raises BundleError.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    opts = options or ServeOptions(**kwargs)
+    _configure_logging()
+    _limit_threads(opts.onnx_threads)
     artifacts = str(artifacts)
     B.resolve_bundle(artifacts)  # fail fast, in the parent, on a path that is not a bundle
     if workers <= 1:
-        _serve_one(artifacts, host, port, threads, False, grace_s)
-        return
+        return _serve_one(artifacts, host, port, opts, False)
     if port == 0:
         raise ValueError("--workers > 1 needs a fixed port (processes share it)")
-    ctx = multiprocessing.get_context("spawn")  # grpc must not be forked after it started threads
-    procs = [ctx.Process(target=_child_main, args=(artifacts, host, port, threads, grace_s), daemon=False)
-             for _ in range(workers)]
+    ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no gRPC state crosses a fork
+    procs = [ctx.Process(target=_child_main, args=(artifacts, host, port, opts, i), daemon=False)
+             for i in range(workers)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     for p in procs:
         p.start()
     log.info("started %d serving processes on %s:%d", workers, host, port)
-    while not stop.wait(0.5):
+    failed = False
+    while not stop.wait(0.2):
         dead = [p for p in procs if not p.is_alive()]
         if dead:
             log.error("serving process %d exited with %s; stopping the others", dead[0].pid, dead[0].exitcode)
+            failed = True
             break
     for p in procs:
         if p.is_alive():
             os.kill(p.pid, signal.SIGTERM)
     for p in procs:
-        p.join(grace_s + 5)
+        p.join(opts.grace_s + 5)
         if p.is_alive():
             p.kill()
             p.join()
-    if any(p.exitcode not in (0, -signal.SIGTERM) for p in procs):
-        raise SystemExit(1)
+    if failed or any(p.exitcode != 0 for p in procs):
+        return 1
+    return 0

@@ -32,6 +32,8 @@ class ServingLimits:
     coarse_size_default: int = 200  # survivors of the coarse ranker, fine-ranked
     coarse_size_max: int = 2_000  # bounds the fine stage's batch (its cost dominates)
     behaviours_max: int = 50  # request behaviours; the models see at most the 50 newest anyway
+    seconds_ago_max: float = 10 * 365 * 86400.0  # older than the world's history is a client bug; also keeps float32 finite
+    dwell_seconds_max: float = 86400.0  # a day on one item page is not a dwell; bounds log1p(dwell) for the models
 
     def __post_init__(self):
         for name in ("num_results", "retrieval_size", "coarse_size"):
@@ -42,6 +44,8 @@ class ServingLimits:
             raise ValueError("ServingLimits: need num_results_default <= coarse_size_default <= retrieval_size_default")
         if self.behaviours_max < 0:
             raise ValueError("ServingLimits: behaviours_max must be >= 0")
+        if not (self.seconds_ago_max > 0 and self.dwell_seconds_max > 0):
+            raise ValueError("ServingLimits: seconds_ago_max and dwell_seconds_max must be > 0")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -96,9 +100,11 @@ def validate_rank_request(request, limits: ServingLimits, n_items: int) -> Query
         ("item_id", items >= n_items, lambda v: f"unknown item {v} (the corpus has items 0..{n_items - 1})"),
         ("seconds_ago", ~np.isfinite(seconds), lambda v: f"must be finite, got {v}"),
         ("seconds_ago", seconds < 0, lambda v: f"must be >= 0, got {v}"),
+        ("seconds_ago", seconds > limits.seconds_ago_max, lambda v: f"must be <= {limits.seconds_ago_max:g}, got {v}"),
         ("kind", ~np.isin(kinds, KINDS), lambda v: f"unknown BehaviourKind {v} (0 = CLICK, 1 = PURCHASE)"),
         ("dwell_seconds", ~np.isfinite(dwell), lambda v: f"must be finite, got {v}"),
         ("dwell_seconds", dwell < 0, lambda v: f"must be >= 0, got {v}"),
+        ("dwell_seconds", dwell > limits.dwell_seconds_max, lambda v: f"must be <= {limits.dwell_seconds_max:g}, got {v}"),
     )
     values = {"item_id": items, "seconds_ago": seconds, "kind": kinds, "dwell_seconds": dwell}
     for name, bad, message in checks:

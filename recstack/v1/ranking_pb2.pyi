@@ -105,7 +105,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StageLimits(_message.Message):
-    __slots__ = ("num_results_default", "num_results_max", "retrieval_size_default", "retrieval_size_max", "coarse_size_default", "coarse_size_max", "behaviours_max")
+    __slots__ = ("num_results_default", "num_results_max", "retrieval_size_default", "retrieval_size_max", "coarse_size_default", "coarse_size_max", "behaviours_max", "seconds_ago_max", "dwell_seconds_max")
     NUM_RESULTS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     NUM_RESULTS_MAX_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_SIZE_DEFAULT_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class StageLimits(_message.Message):
     COARSE_SIZE_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     COARSE_SIZE_MAX_FIELD_NUMBER: _ClassVar[int]
     BEHAVIOURS_MAX_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_AGO_MAX_FIELD_NUMBER: _ClassVar[int]
+    DWELL_SECONDS_MAX_FIELD_NUMBER: _ClassVar[int]
     num_results_default: int
     num_results_max: int
     retrieval_size_default: int
@@ -120,10 +122,12 @@ class StageLimits(_message.Message):
     coarse_size_default: int
     coarse_size_max: int
     behaviours_max: int
-    def __init__(self, num_results_default: _Optional[int] = ..., num_results_max: _Optional[int] = ..., retrieval_size_default: _Optional[int] = ..., retrieval_size_max: _Optional[int] = ..., coarse_size_default: _Optional[int] = ..., coarse_size_max: _Optional[int] = ..., behaviours_max: _Optional[int] = ...) -> None: ...
+    seconds_ago_max: float
+    dwell_seconds_max: float
+    def __init__(self, num_results_default: _Optional[int] = ..., num_results_max: _Optional[int] = ..., retrieval_size_default: _Optional[int] = ..., retrieval_size_max: _Optional[int] = ..., coarse_size_default: _Optional[int] = ..., coarse_size_max: _Optional[int] = ..., behaviours_max: _Optional[int] = ..., seconds_ago_max: _Optional[float] = ..., dwell_seconds_max: _Optional[float] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_version", "bundle_path", "created", "loaded_at", "n_items", "n_users", "limits", "manifest_json")
+    __slots__ = ("model_version", "bundle_path", "created", "loaded_at", "n_items", "n_users", "limits", "manifest_json", "pid", "worker", "last_load_error")
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_PATH_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +136,9 @@ class ModelInfo(_message.Message):
     N_USERS_FIELD_NUMBER: _ClassVar[int]
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FIELD_NUMBER: _ClassVar[int]
+    LAST_LOAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     model_version: str
     bundle_path: str
     created: str
@@ -140,7 +147,10 @@ class ModelInfo(_message.Message):
     n_users: int
     limits: StageLimits
     manifest_json: str
-    def __init__(self, model_version: _Optional[str] = ..., bundle_path: _Optional[str] = ..., created: _Optional[str] = ..., loaded_at: _Optional[str] = ..., n_items: _Optional[int] = ..., n_users: _Optional[int] = ..., limits: _Optional[_Union[StageLimits, _Mapping]] = ..., manifest_json: _Optional[str] = ...) -> None: ...
+    pid: int
+    worker: int
+    last_load_error: str
+    def __init__(self, model_version: _Optional[str] = ..., bundle_path: _Optional[str] = ..., created: _Optional[str] = ..., loaded_at: _Optional[str] = ..., n_items: _Optional[int] = ..., n_users: _Optional[int] = ..., limits: _Optional[_Union[StageLimits, _Mapping]] = ..., manifest_json: _Optional[str] = ..., pid: _Optional[int] = ..., worker: _Optional[int] = ..., last_load_error: _Optional[str] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
     __slots__ = ("version",)

@@ -102,7 +102,9 @@ class RankingService:
 
 
 class ModelServiceStub:
-    """Admin service: which model is serving, and switching to another bundle version.
+    """Admin service: which model is serving, and switching to another bundle version. Only
+    present when the server has an admin token; calls need `authorization: Bearer <token>`
+    metadata (UNAUTHENTICATED without, PERMISSION_DENIED with a wrong one).
     """
 
     def __init__(self, channel):
@@ -124,7 +126,9 @@ class ModelServiceStub:
 
 
 class ModelServiceServicer:
-    """Admin service: which model is serving, and switching to another bundle version.
+    """Admin service: which model is serving, and switching to another bundle version. Only
+    present when the server has an admin token; calls need `authorization: Bearer <token>`
+    metadata (UNAUTHENTICATED without, PERMISSION_DENIED with a wrong one).
     """
 
     def GetModelInfo(self, request, context):
@@ -136,7 +140,8 @@ class ModelServiceServicer:
     def Reload(self, request, context):
         """Load, verify (checksums) and warm a bundle version, then swap it in atomically; in-flight
         calls finish on the old one. A bundle that fails its checks is refused with
-        FAILED_PRECONDITION and the current one keeps serving.
+        FAILED_PRECONDITION (the message says why) and the current one keeps serving; an unknown
+        version is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,7 +169,9 @@ def add_ModelServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ModelService:
-    """Admin service: which model is serving, and switching to another bundle version.
+    """Admin service: which model is serving, and switching to another bundle version. Only
+    present when the server has an admin token; calls need `authorization: Bearer <token>`
+    metadata (UNAUTHENTICATED without, PERMISSION_DENIED with a wrong one).
     """
 
     @staticmethod
