@@ -46,7 +46,7 @@ def test_tiny_end_to_end(tiny_data, tmp_path):
     data = load(tiny_data)
     n_items, n_users = data.items.n, data.users.n
     busiest = int(np.argmax(np.diff(data.behaviours.start)))  # the user with the longest history
-    server, port, servicer = build_server(artifacts, max_workers=2)
+    server, port, servicer = build_server(artifacts, max_workers=2, admin_token="e2e-token")
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.RankingServiceStub(channel)
@@ -67,7 +67,8 @@ def test_tiny_end_to_end(tiny_data, tmp_path):
             with pytest.raises(grpc.RpcError) as e:
                 stub.Rank(client.make_request(0, 5, behaviours=[{"item_id": n_items}]), timeout=30)
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "recent_behaviours[0].item_id" in e.value.details()
-            info = pb_grpc.ModelServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            info = pb_grpc.ModelServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest(), timeout=10,
+                                                                      metadata=client.admin_metadata("e2e-token"))
             assert info.model_version == bundle_dir.name and info.n_items == n_items
     finally:
         server.stop(None)
