@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from recstack import features as F
+from recstack import sead
 
 N_ITEM_DENSE = 1  # columns of `item_dense`
 N_INTERACTED = len(F.INTERACTED_FIELDS)
@@ -138,3 +139,101 @@ class Ranker(nn.Module):
         """user_feats (B, 4) int64, item_feats (B, 5) int64, item_dense (B, 1) float32,
         interacted (B, 7) float32 -> probability (B,) in (0, 1) (the exported serving output)."""
         return torch.sigmoid(self.logits(user_feats, item_feats, item_dense, interacted))
+
+
+# ------------------------------------------------------------------ distillation variants
+#
+# The serving model is always a plain `Ranker` (the student); the variants below wrap or sit
+# beside it at training time only, so export and the bundle contract do not change.
+
+N_POST_EVENT = 4  # columns of `post_event`: log dwell, log comments, chatted, cart
+
+
+class Teacher(nn.Module):
+    """A CVR teacher (PFD Table 4) that may see the post-event (privileged) features.
+
+    regular=True  shares the student's `FeatureEmbeddings` (PFD's Share&Sync) and reads the
+                  regular inputs; regular=False reads the post-event features alone (LUPI).
+    n_privileged  post-event columns appended to the bottom input (0: SD control and MD).
+    hidden        the student's widths for SD / PFD / LUPI, wider and deeper for MD / PFD+MD.
+    """
+
+    def __init__(self, embeddings: FeatureEmbeddings | None, n_privileged: int, hidden: Sequence[int]):
+        super().__init__()
+        if embeddings is None and n_privileged == 0:
+            raise ValueError("a teacher needs regular or privileged inputs")
+        self.embeddings = embeddings
+        self.n_privileged = n_privileged
+        regular = embeddings.out_dim + N_ITEM_DENSE + N_INTERACTED if embeddings is not None else 0
+        self.bottom = SharedBottom(regular + n_privileged, hidden)
+        self.head = Head(self.bottom.out_dim)
+
+    def logits(self, user_feats, item_feats, item_dense, interacted, post_event) -> torch.Tensor:
+        """Serving tensors as in `Ranker` + post_event (B, 4) float32 -> logits (B,)."""
+        parts = []
+        if self.embeddings is not None:
+            parts += [self.embeddings(user_feats, item_feats), item_dense, interacted]
+        if self.n_privileged:
+            parts.append(post_event)
+        return self.head(self.bottom(torch.cat(parts, dim=-1)))
+
+
+def build_teacher(kind: str, student: Ranker, hidden: Sequence[int], md_hidden: Sequence[int]) -> Teacher:
+    """kind: sd (same as the student, no privileged input), md (wider/deeper, no privileged),
+    lupi (post-event only), pfd (regular + post-event), pfd_md (PFD with the MD widths)."""
+    emb = student.embeddings
+    table = {
+        "sd": (emb, 0, hidden),
+        "md": (emb, 0, md_hidden),
+        "lupi": (None, N_POST_EVENT, hidden),
+        "pfd": (emb, N_POST_EVENT, hidden),
+        "pfd_md": (emb, N_POST_EVENT, md_hidden),
+    }
+    if kind not in table:
+        raise ValueError(f"unknown teacher {kind!r}; choose one of {sorted(table)}")
+    return Teacher(*table[kind])
+
+
+class MTLRanker(nn.Module):
+    """The MTL baseline of PFD §5.3: hard parameter sharing of the first hidden layer.
+
+    The main task is the student's own path (its first bottom block is the shared layer, the
+    rest of its bottom and its head are the main tower), and each privileged feature gets a
+    tower of `aux_hidden` widths on the shared layer's output. The student stays a plain
+    `Ranker`, so the exported model is the same graph as the baseline's.
+    """
+
+    def __init__(self, student: Ranker, n_aux: int = N_POST_EVENT, aux_hidden: Sequence[int] = (256, 128)):
+        super().__init__()
+        self.student = student
+        shared_width = student.bottom.layers[0].out_features
+        self.towers = nn.ModuleList(
+            nn.Sequential(SharedBottom(shared_width, aux_hidden), Head(aux_hidden[-1])) for _ in range(n_aux)
+        )
+
+    def both(self, user_feats, item_feats, item_dense, interacted) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> main logits (B,), auxiliary outputs (B, n_aux) (logits or regression values)."""
+        layers = self.student.bottom.layers
+        shared = layers[:3](self.student.inputs(user_feats, item_feats, item_dense, interacted))  # (B, hidden[0])
+        main = self.student.head(layers[3:](shared))
+        aux = torch.stack([tower(shared) for tower in self.towers], dim=-1)
+        return main, aux
+
+
+class SelfAuxiliary(nn.Module):
+    """SEAD: a `Ranker` (main head = teacher and serving head) plus an auxiliary head on its
+    shared bottom (`Ranker.hidden`)."""
+
+    def __init__(self, ranker: Ranker):
+        super().__init__()
+        self.main = ranker
+        self.aux = Head(ranker.bottom.out_dim)
+
+    def both(self, user_feats, item_feats, item_dense, interacted, stop_aux_gradient: bool = False):
+        """-> (main logits (B,), aux logits (B,)); `stop_aux_gradient` is SEAD's SGA ablation."""
+        h = self.main.hidden(user_feats, item_feats, item_dense, interacted)  # (B, hidden[-1])
+        return self.main.head(h), self.aux(sead.aux_input(h, stop_aux_gradient))
+
+    def forward(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
+        """The serving output: the main head's probability (B,)."""
+        return self.main(user_feats, item_feats, item_dense, interacted)

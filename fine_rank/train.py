@@ -9,6 +9,18 @@ both with the log-loss. Held-out metrics on the test day sit next to the ceiling
 simulator's ground truth reaches on the same rows, and include calibration (mean
 prediction / mean label), because the service multiplies pCTR x pCVR x price and so needs
 calibrated probabilities, not just a good ordering.
+
+The training method is chosen in `Config` (`fit_task` dispatches):
+
+    cvr_teacher = sd | md | lupi | pfd | pfd_md   PFD Table 4: a `Teacher` trained synchronously
+                                                  (Eq. 5, Algorithm 1), sharing the embeddings
+    cvr_teacher = mtl                             the MTL baseline (one tower per post-event feature)
+    ctr_sead / cvr_sead = max | min | curriculum | ogl | dtl | positives_only   SEAD's aux head
+    cvr_teacher = signal_loss (+ cvr_label=purchase_observed, cvr_calibrate=aggregates)
+                                                  SEAD's signal-loss variant
+
+Whatever the method, the model that is checkpointed and exported is the plain student
+`Ranker` (no privileged inputs), so the bundle contract does not change.
 """
 from __future__ import annotations
 
@@ -19,14 +31,18 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import pyarrow.parquet as pq
 import torch
+import torch.nn.functional as TF
+from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from recstack import checkpoint, metrics as M
+from recstack import checkpoint, metrics as M, sead
 from recstack.config import ConfigError, to_dict
 from recstack.data import Examples, SimData, load
+from recstack.distill import LambdaSchedule, sync_loss
 
-from fine_rank.model import Ranker
+from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, Teacher, build_teacher
 
 STAGE = "fine"
 TASKS = ("ctr", "cvr")
@@ -39,6 +55,12 @@ TABLE_COLUMNS = MODEL_INPUTS + (
 OPTIMIZERS = ("adam", "adagrad")
 CVR_LABELS = ("purchase", "purchase_observed")
 SPLITS = ("test", "valid")
+# CVR training methods (PFD Table 4, SEAD Table 2): "none" is the plain student; sd, md,
+# lupi, pfd, pfd_md train a `Teacher` synchronously (Eq. 5); mtl predicts each post-event
+# feature from a shared first layer; signal_loss is SEAD's consent-limited variant
+CVR_TEACHERS = ("none", "sd", "md", "lupi", "pfd", "pfd_md", "mtl", "signal_loss")
+SEAD_MODES = ("none",) + sead.SELECTORS
+CALIBRATIONS = ("none", "labels", "aggregates")
 
 
 @dataclass
@@ -70,6 +92,32 @@ class Config:
     cvr_epochs: int = 2  # passes over the clicked impressions
     cvr_max_steps: int = 0  # cap on optimizer steps; 0 = no cap
     cvr_lr_decay: bool = True  # as ctr_lr_decay
+    # --- distillation (PFD, CVR) -------------------------------------------------------
+    cvr_teacher: str = "none"  # one of CVR_TEACHERS; the exported model is always the student
+    cvr_md_hidden: tuple[int, ...] = (1024, 512, 512, 256, 128)  # MD / PFD+MD teacher (paper: 8192..128, 7 layers; CPU-sized)
+    distill_lambda: float = 0.5  # λ of Eq. 5 (PFD's default)
+    distill_warmup: float = 0.1  # fraction of steps with λ = 0 (Algorithm 1's swap step k)
+    mtl_weight: float = 0.1  # weight of each auxiliary MTL loss (PFD picks from 0.01..2, "balanced")
+    mtl_hidden: tuple[int, ...] = (256, 128)  # each MTL task tower on the shared first layer (paper: 2 layers)
+    # --- SEAD (CTR and CVR) ---------------------------------------------------------------
+    ctr_sead: str = "none"  # one of SEAD_MODES: the auxiliary head's label selector (none = no aux head)
+    cvr_sead: str = "none"  # as ctr_sead
+    sead_weight: float = 1.0  # weight of the auxiliary loss
+    sead_sga: bool = False  # SGA ablation: the aux loss does not update the shared bottom / embeddings
+    sead_pos_weight: float = 3.0  # curriculum: positives' initial weight, decaying to 1 ...
+    sead_curriculum_until: float = 0.5  # ... at this fraction of training
+    # --- calibration ------------------------------------------------------------------------
+    # A global shift of the exported head's bias after training, fitted on the training rows
+    # (the ordering, hence AUC, is unchanged). "labels": mean prediction = the training label
+    # mean (a short run, or a distilled student learning from a teacher's soft labels, ends a
+    # few % off). "aggregates" (CVR only): = the aggregated conversion rate of the training
+    # days (signal loss: the per-example labels undercount conversions, the daily
+    # per-category counts do not)
+    ctr_calibrate: str = "none"
+    # measured on `small`, validation day, seeds 1-3, lr 2e-3 (mean prediction / mean true
+    # pCVR): baseline 0.99-1.01 without, 1.005-1.01 with; PFD student 1.10-1.18 without,
+    # 1.003-1.008 with (its teacher's soft labels run high on the training rows)
+    cvr_calibrate: str = "labels"
 
     def validate(self) -> None:
         if self.split not in SPLITS:
@@ -80,6 +128,26 @@ class Config:
             raise ConfigError("eval_batch_size must be >= 1")
         for task in TASKS:
             self.settings(task).validate(task)
+        if self.cvr_teacher not in CVR_TEACHERS:
+            raise ConfigError(f"cvr_teacher must be one of {CVR_TEACHERS}, got {self.cvr_teacher!r}")
+        for task in TASKS:
+            if getattr(self, f"{task}_sead") not in SEAD_MODES:
+                raise ConfigError(f"{task}_sead must be one of {SEAD_MODES}, got {getattr(self, f'{task}_sead')!r}")
+        if self.cvr_teacher != "none" and self.cvr_sead != "none":
+            raise ConfigError("cvr_teacher and cvr_sead are separate methods; set one of them")
+        if self.cvr_teacher == "signal_loss" and (self.cvr_label != "purchase_observed" or self.cvr_calibrate == "labels"):
+            raise ConfigError("cvr_teacher=signal_loss learns from the consent-limited stream and is calibrated to the "
+                              "aggregates: set cvr_label=purchase_observed and cvr_calibrate=aggregates (or none)")
+        if self.cvr_calibrate not in CALIBRATIONS:
+            raise ConfigError(f"cvr_calibrate must be one of {CALIBRATIONS}, got {self.cvr_calibrate!r}")
+        if self.ctr_calibrate not in CALIBRATIONS[:2]:
+            raise ConfigError(f"ctr_calibrate must be one of {CALIBRATIONS[:2]}, got {self.ctr_calibrate!r}")
+        if not 0 <= self.distill_lambda <= 1 or not 0 <= self.distill_warmup < 1:
+            raise ConfigError("distill_lambda must be in [0, 1] and distill_warmup in [0, 1)")
+        if self.mtl_weight < 0 or self.sead_weight < 0 or not self.cvr_md_hidden or not self.mtl_hidden:
+            raise ConfigError("mtl_weight, sead_weight >= 0 and non-empty cvr_md_hidden, mtl_hidden required")
+        if self.sead_pos_weight < 1 or not 0 < self.sead_curriculum_until <= 1:
+            raise ConfigError("sead_pos_weight >= 1 and 0 < sead_curriculum_until <= 1 required")
 
     def settings(self, task: str) -> "ModelSettings":
         """The `ctr_*` or `cvr_*` fields as one object."""
@@ -88,8 +156,8 @@ class Config:
         return ModelSettings(**{f: getattr(self, f"{task}_{f}") for f in ModelSettings.__dataclass_fields__})
 
     def __post_init__(self) -> None:
-        self.ctr_hidden = tuple(self.ctr_hidden)
-        self.cvr_hidden = tuple(self.cvr_hidden)
+        for name in ("ctr_hidden", "cvr_hidden", "cvr_md_hidden", "mtl_hidden"):
+            setattr(self, name, tuple(getattr(self, name)))
         self.validate()
 
 
@@ -162,6 +230,7 @@ def split_days(data: SimData, split: str) -> tuple[list[int], int]:
 
 
 def make_optimizer(model: torch.nn.Module, s: ModelSettings) -> torch.optim.Optimizer:
+    # model.parameters() de-duplicates shared tensors (a teacher sharing the student's embeddings)
     if s.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     if s.optimizer == "adagrad":
@@ -174,20 +243,25 @@ def build_model(vocab, s: ModelSettings, seed: int) -> Ranker:
     return Ranker.build(vocab, s.emb_dim, s.hidden)
 
 
-def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int, bar=None) -> dict:
-    """Minimise the log-loss of `model.logits` against `table[label]`; returns training stats."""
-    inputs = {k: torch.from_numpy(table[k]) for k in MODEL_INPUTS}
-    y = torch.from_numpy(table[label].astype(np.float32))
-    n = len(y)
+StepLoss = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, dict]"]
+
+
+def optimise(model: torch.nn.Module, n: int, step_loss: StepLoss, forward: Callable[[torch.Tensor], object],
+             s: ModelSettings, seed: int, bar=None) -> dict:
+    """The training loop shared by every method: shuffled mini-batches, linear LR decay, then
+    precise BatchNorm statistics.
+
+    `model` holds every trained module (student, teacher, extra heads); `step_loss(idx, step,
+    total)` returns the loss of the rows `idx` and detached parts for logging; `forward(idx)`
+    runs every BatchNorm-carrying module on rows `idx` (for the BN refresh).
+    """
     if n < 2:
-        raise ValueError(f"need at least 2 training rows for {label!r}, got {n}")
-    model.head.set_prior(float(y.mean()))
+        raise ValueError(f"need at least 2 training rows, got {n}")
     opt = make_optimizer(model, s)
     total = s.steps(n)
     # decay to 0: the last iterates stop jittering the output bias (which would show up as
     # a calibration error of several %) and BatchNorm statistics catch up with the weights
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total) if s.lr_decay else 1.0)
-    loss_fn = torch.nn.BCEWithLogitsLoss()
     gen = torch.Generator().manual_seed(seed)
     step, recent = 0, []
     model.train()
@@ -198,8 +272,7 @@ def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSetting
             idx = perm[start : start + s.batch_size]
             if len(idx) < 2:  # BatchNorm cannot normalise a single row
                 continue
-            logits = model.logits(*(inputs[k][idx] for k in MODEL_INPUTS))
-            loss = loss_fn(logits, y[idx])
+            loss, _ = step_loss(idx, step, total)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -212,9 +285,137 @@ def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSetting
                     bar.set_postfix(loss=f"{np.mean(recent):.4f}")
             if step >= total:
                 break
-    refresh_batchnorm(model, lambda idx: model.logits(*(inputs[k][idx] for k in MODEL_INPUTS)), n, s.batch_size, gen)
-    return {"n_train": int(n), "train_positive_rate": float(y.mean()), "steps": step,
-            "train_loss_last50": float(np.mean(recent)), "train_seconds": time.perf_counter() - t0}
+    refresh_batchnorm(model, forward, n, s.batch_size, gen)
+    return {"n_train": int(n), "steps": step, "train_loss_last50": float(np.mean(recent)),
+            "train_seconds": time.perf_counter() - t0}
+
+
+def _tensors(table: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {k: torch.from_numpy(np.ascontiguousarray(table[k])) for k in MODEL_INPUTS + ("post_event",)}
+
+
+def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int, bar=None) -> dict:
+    """Minimise the log-loss of `model.logits` against `table[label]`; returns training stats."""
+    x = _tensors(table)
+    y = torch.from_numpy(table[label].astype(np.float32))
+    model.head.set_prior(float(y.mean()))
+
+    def fwd(idx):
+        return model.logits(*(x[k][idx] for k in MODEL_INPUTS))
+
+    def step_loss(idx, step, total):
+        loss = TF.binary_cross_entropy_with_logits(fwd(idx), y[idx])
+        return loss, {"loss": loss.detach()}
+
+    stats = optimise(model, len(y), step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": float(y.mean())}
+
+
+def fit_distilled(student: Ranker, teacher: Teacher, table: dict[str, np.ndarray], label: str, s: ModelSettings,
+                  seed: int, lam: float, warmup: float, bar=None) -> dict:
+    """PFD Eq. 5 / Algorithm 1, synchronous: the student learns from (1-λ)·y + λ·teacher, the
+    teacher from y alone (its soft label is detached in L_d); λ = 0 for the first `warmup`
+    fraction of steps."""
+    x = _tensors(table)
+    y = torch.from_numpy(table[label].astype(np.float32))
+    for m in (student, teacher):
+        m.head.set_prior(float(y.mean()))
+    schedule = LambdaSchedule(lam, swap_step=int(warmup * s.steps(len(y))))
+    both = torch.nn.ModuleDict({"student": student, "teacher": teacher})
+
+    def fwd(idx):
+        xs = [x[k][idx] for k in MODEL_INPUTS]
+        return student.logits(*xs), teacher.logits(*xs, x["post_event"][idx])
+
+    def step_loss(idx, step, total):
+        s_logits, t_logits = fwd(idx)
+        return sync_loss(s_logits, t_logits, y[idx], schedule(step))
+
+    stats = optimise(both, len(y), step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": float(y.mean()), "swap_step": schedule.swap_step}
+
+
+def fit_mtl(mtl: MTLRanker, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int,
+            weight: float, bar=None) -> dict:
+    """PFD's MTL baseline: main log-loss + weight x (MSE on the standardised continuous
+    post-event columns, log-loss on the binary ones)."""
+    x = _tensors(table)
+    y = torch.from_numpy(table[label].astype(np.float32))
+    post = x["post_event"]
+    continuous, binary = [0, 1], [2, 3]  # log dwell, log comments | chatted, cart
+    mu, sd = post[:, continuous].mean(0), post[:, continuous].std(0).clamp_min(1e-6)
+    mtl.student.head.set_prior(float(y.mean()))
+    for j in binary:
+        mtl.towers[j][1].set_prior(float(post[:, j].mean()))
+
+    def fwd(idx):
+        return mtl.both(*(x[k][idx] for k in MODEL_INPUTS))
+
+    def step_loss(idx, step, total):
+        main, aux = fwd(idx)
+        p = post[idx]
+        l_main = TF.binary_cross_entropy_with_logits(main, y[idx])
+        l_reg = TF.mse_loss(aux[:, continuous], (p[:, continuous] - mu) / sd, reduction="none").mean(0).sum()
+        l_bin = TF.binary_cross_entropy_with_logits(aux[:, binary], p[:, binary], reduction="none").mean(0).sum()
+        return l_main + weight * (l_reg + l_bin), {"main": l_main.detach()}
+
+    stats = optimise(mtl, len(y), step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": float(y.mean())}
+
+
+def fit_sead(model: SelfAuxiliary, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int,
+             selector: str, cfg: "Config", bar=None) -> dict:
+    """SEAD: main head on y (serving, calibrated), aux head on f(y, y') (recstack.sead)."""
+    x = _tensors(table)
+    y = torch.from_numpy(table[label].astype(np.float32))
+    model.main.head.set_prior(float(y.mean()))
+    model.aux.set_prior(float(y.mean()))
+
+    def fwd(idx):
+        return model.both(*(x[k][idx] for k in MODEL_INPUTS), stop_aux_gradient=cfg.sead_sga)
+
+    def step_loss(idx, step, total):
+        main, aux = fwd(idx)
+        return sead.sead_loss(main, aux, y[idx], selector, progress=step / total, aux_weight=cfg.sead_weight,
+                              pos_weight=cfg.sead_pos_weight, until=cfg.sead_curriculum_until)
+
+    stats = optimise(model, len(y), step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": float(y.mean())}
+
+
+def fit_signal_loss(student: Ranker, teacher: SelfAuxiliary, table: dict[str, np.ndarray], label: str,
+                    s: ModelSettings, seed: int, warmup: float, bar=None) -> dict:
+    """SEAD's signal-loss variant (Table 2). Teacher: main head on the consented (unbiased)
+    rows, aux head on every row of the biased stream `label`; student: max(y, y') with y'
+    the teacher main head's soft label (detached), after `warmup` of the steps (y before).
+    The student shares the teacher's embeddings."""
+    x = _tensors(table)
+    y = torch.from_numpy(table[label].astype(np.float32))
+    consent = torch.from_numpy(table["consent"].astype(np.float32))
+    if consent.sum() < 1:
+        raise ValueError("signal_loss needs consented users in the training rows")
+    unbiased_rate = float((y * consent).sum() / consent.sum())
+    teacher.main.head.set_prior(unbiased_rate)
+    teacher.aux.set_prior(float(y.mean()))
+    student.head.set_prior(unbiased_rate)
+    swap = int(warmup * s.steps(len(y)))
+    both = torch.nn.ModuleDict({"student": student, "teacher": teacher})
+
+    def fwd(idx):
+        xs = [x[k][idx] for k in MODEL_INPUTS]
+        return (*teacher.both(*xs), student.logits(*xs))
+
+    def step_loss(idx, step, total):
+        t_main, t_aux, s_logits = fwd(idx)
+        yb, c = y[idx], consent[idx]
+        l_main = sead.weighted_bce(t_main, yb, c)  # consented rows only
+        l_aux = TF.binary_cross_entropy_with_logits(t_aux, yb)
+        target = sead.select("max", yb, torch.sigmoid(t_main)) if step >= swap else yb
+        l_student = TF.binary_cross_entropy_with_logits(s_logits, target)
+        return l_main + l_aux + l_student, {"teacher_main": l_main.detach(), "student": l_student.detach()}
+
+    stats = optimise(both, len(y), step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": float(y.mean()), "consented_positive_rate": unbiased_rate, "swap_step": swap}
 
 
 @torch.no_grad()
@@ -260,6 +461,148 @@ def predict(model: Ranker, table: dict[str, np.ndarray], batch_size: int = 8192)
     return out
 
 
+@torch.no_grad()
+def predict_with(fn: Callable[..., torch.Tensor], table: dict[str, np.ndarray], batch_size: int = 8192,
+                 privileged: bool = False) -> np.ndarray:
+    """-> (N,) probabilities of sigmoid(fn(*serving inputs[, post_event])) (models in eval mode)."""
+    keys = MODEL_INPUTS + (("post_event",) if privileged else ())
+    n = len(table["click"])
+    out = np.empty(n, dtype=np.float32)
+    for s in range(0, n, batch_size):
+        out[s : s + batch_size] = torch.sigmoid(fn(*(torch.from_numpy(table[k][s : s + batch_size]) for k in keys))).numpy()
+    return out
+
+
+# ---------------------------------------------------------------- aggregated conversions
+
+
+def aggregates(data: SimData, days: list[int] | int) -> dict[str, np.ndarray]:
+    """The daily per-category conversion counts (SKAdNetwork-like) of `days`:
+    columns day, category, clicks, conversions (all users, consent or not)."""
+    days = [days] if isinstance(days, int) else list(days)
+    t = pq.read_table(data.root / "aggregates.parquet").to_pydict()
+    keep = np.isin(np.asarray(t["day"]), days)
+    return {k: np.asarray(t[k])[keep] for k in ("day", "category", "clicks", "conversions")}
+
+
+def aggregate_rate(agg: dict[str, np.ndarray]) -> float:
+    """Aggregated conversions / clicks."""
+    return float(agg["conversions"].sum() / max(agg["clicks"].sum(), 1))
+
+
+def calibrate_to_rate(model: Ranker, table: dict[str, np.ndarray], rate: float, batch_size: int = 8192) -> float:
+    """Shift the head bias so that the mean prediction on `table` equals `rate`; -> the shift.
+
+    A global logit shift keeps the ordering (AUC) and is part of the exported graph.
+    """
+    model.eval()
+    z = np.log(predict(model, table, batch_size).astype(np.float64))
+    z = z - np.log1p(-np.exp(z))  # logit
+    lo, hi = -20.0, 20.0
+    for _ in range(80):  # mean(sigmoid(z + b)) is increasing in b
+        mid = (lo + hi) / 2
+        if np.mean(1 / (1 + np.exp(-(z + mid)))) < rate:
+            lo = mid
+        else:
+            hi = mid
+    shift = (lo + hi) / 2
+    with torch.no_grad():
+        model.head.linear.bias += shift
+    return float(shift)
+
+
+def aggregate_metrics(table: dict[str, np.ndarray], probs: np.ndarray, agg: dict[str, np.ndarray]) -> dict:
+    """Scores against the aggregated labels of the same day(s).
+
+    auc: the per-(day, category) mean prediction scored against the aggregated counts (each
+    aggregate = `conversions` positives and `clicks - conversions` negatives, all with the
+    cell's score); calibration: mean prediction / aggregated conversion rate.
+    """
+    cat = table["item_feats"][:, 1] - 1  # model ids are raw + 1
+    # one cell per (day, category); rows carry no day column, so `agg` must hold one day
+    if len(np.unique(agg["day"])) != 1:
+        raise ValueError("aggregate_metrics scores one day at a time")
+    n_cat = int(max(cat.max(), agg["category"].max())) + 1
+    sums = np.bincount(cat, weights=probs, minlength=n_cat)
+    counts = np.bincount(cat, minlength=n_cat)
+    clicks = np.zeros(n_cat)
+    conv = np.zeros(n_cat)
+    clicks[agg["category"]] = agg["clicks"]
+    conv[agg["category"]] = agg["conversions"]
+    cells = (counts > 0) & (clicks > 0)
+    score = sums[cells] / counts[cells]
+    pos, neg = conv[cells], clicks[cells] - conv[cells]
+    labels = np.r_[np.ones(cells.sum()), np.zeros(cells.sum())]
+    auc = float(roc_auc_score(labels, np.r_[score, score], sample_weight=np.r_[pos, neg])) if pos.sum() and neg.sum() else float("nan")
+    return {"auc_aggregated": auc, "calibration_aggregated": float(np.mean(probs) / max(aggregate_rate(agg), 1e-12)),
+            "aggregated_rate": aggregate_rate(agg)}
+
+
+# -------------------------------------------------------------------------- methods
+
+
+@dataclass
+class TaskResult:
+    """A trained task: the serving student, its training stats, and the extra heads that
+    the reports score (teacher, auxiliary head) as functions of a table -> (N,) probs."""
+
+    model: Ranker
+    stats: dict
+    extras: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]]
+
+
+def label_for(task: str, cfg: Config) -> str:
+    return "click" if task == "ctr" else cfg.cvr_label
+
+
+def fit_task(task: str, cfg: Config, vocab, table: dict[str, np.ndarray], seed: int, *, bar=None,
+             aggregate_rate: float | None = None) -> TaskResult:
+    """Train `task` ("ctr" or "cvr") with the method `cfg` selects on `table` (the task's
+    population); -> the eval-mode student and its extras. `aggregate_rate` is required
+    when cfg.cvr_calibrate == "aggregates" (CVR)."""
+    s = cfg.settings(task)
+    label = label_for(task, cfg)
+    student = build_model(vocab, s, seed)  # the same initial student for every method of a seed
+    extras: dict[str, Callable] = {}
+    bs = cfg.eval_batch_size
+    method = cfg.cvr_teacher if task == "cvr" else "none"
+    selector = getattr(cfg, f"{task}_sead")
+    if method in ("sd", "md", "lupi", "pfd", "pfd_md"):
+        teacher = build_teacher(method, student, s.hidden, cfg.cvr_md_hidden)
+        stats = fit_distilled(student, teacher, table, label, s, seed, cfg.distill_lambda, cfg.distill_warmup, bar)
+        teacher.eval()
+        extras["teacher"] = lambda t, m=teacher: predict_with(m.logits, t, bs, privileged=True)
+    elif method == "mtl":
+        mtl = MTLRanker(student, aux_hidden=cfg.mtl_hidden)
+        stats = fit_mtl(mtl, table, label, s, seed, cfg.mtl_weight, bar)
+    elif method == "signal_loss":
+        teacher = SelfAuxiliary(Ranker(student.embeddings, s.hidden))
+        stats = fit_signal_loss(student, teacher, table, label, s, seed, cfg.distill_warmup, bar)
+        teacher.eval()
+        extras["teacher"] = lambda t, m=teacher: predict_with(m.main.logits, t, bs)
+        extras["teacher_aux"] = lambda t, m=teacher: predict_with(lambda *xs: m.both(*xs)[1], t, bs)
+    elif selector != "none":
+        wrapped = SelfAuxiliary(student)
+        stats = fit_sead(wrapped, table, label, s, seed, selector, cfg, bar)
+        wrapped.eval()
+        extras["aux"] = lambda t, m=wrapped: predict_with(lambda *xs: m.both(*xs)[1], t, bs)
+    else:
+        stats = fit(student, table, label, s, seed, bar)
+    student.eval()
+    calibrate = getattr(cfg, f"{task}_calibrate")
+    if calibrate != "none":
+        if calibrate == "aggregates":
+            if aggregate_rate is None:
+                raise ValueError("cvr_calibrate=aggregates needs the training days' aggregated conversion rate")
+            target = aggregate_rate
+        else:
+            target = float(np.mean(table[label]))
+        stats["calibration_shift"] = calibrate_to_rate(student, table, target, bs)
+        stats["calibrated_to"] = target
+    stats["method"] = method if method != "none" else (f"sead_{selector}" if selector != "none" else "baseline")
+    return TaskResult(student, stats, extras)
+
+
 def evaluate(labels: np.ndarray, probs: np.ndarray, truth: np.ndarray) -> dict:
     """Held-out metrics of `probs`, each next to the ground truth's value on the same rows."""
     labels = np.asarray(labels, dtype=np.float64)
@@ -289,8 +632,14 @@ def format_metrics(m: dict) -> str:
             f"log-loss {e['logloss']:.4f} (truth {e['logloss_truth']:.4f})  "
             f"calibration {e['calibration']:.3f} (truth {e['calibration_truth']:.3f}; "
             f"vs truth {e['calibration_vs_truth']:.3f})  "
-            f"[{e['train']['steps']} steps, {e['train']['train_seconds']:.1f}s]"
+            f"[{e['train']['method']}, {e['train']['steps']} steps, {e['train']['train_seconds']:.1f}s]"
         )
+        for extra in ("teacher", "teacher_aux", "aux"):
+            if extra in e:
+                lines.append(f"    {extra}: AUC {e[extra]['auc']:.4f}  calibration {e[extra]['calibration']:.3f}")
+        if "vs_aggregates" in e:
+            a = e["vs_aggregates"]
+            lines.append(f"    vs aggregates: AUC {a['auc_aggregated']:.4f}  calibration {a['calibration_aggregated']:.3f}")
     return "\n".join(lines)
 
 
@@ -303,12 +652,13 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     train_table = materialise(data.examples(fit_days))
     eval_table = materialise(data.examples(eval_day))
     tables = {"ctr": (train_table, eval_table), "cvr": (clicked(train_table), clicked(eval_table))}
-    labels = {"ctr": "click", "cvr": cfg.cvr_label}
+    labels = {task: label_for(task, cfg) for task in TASKS}
     truths = {"ctr": "true_pctr", "cvr": "true_pcvr"}
     settings = {task: cfg.settings(task) for task in TASKS}
     seeds = {"ctr": cfg.seed, "cvr": cfg.seed + 1}
     t_data = time.perf_counter() - t_start
 
+    agg_rate = aggregate_rate(aggregates(data, fit_days))
     total_steps = sum(settings[t].steps(len(tables[t][0]["click"])) for t in TASKS)
     models: dict[str, Ranker] = {}
     metrics: dict = {"eval_day": eval_day, "train_days": list(fit_days), "split": cfg.split, "data_seconds": t_data}
@@ -316,20 +666,23 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
         for task in TASKS:
             fit_rows, eval_rows = tables[task]
             bar.set_description(f"fine {task}")
-            model = build_model(data.vocab, settings[task], seeds[task])
-            stats = fit(model, fit_rows, labels[task], settings[task], seeds[task], bar)
-            probs = predict(model, eval_rows, cfg.eval_batch_size)
+            result = fit_task(task, cfg, data.vocab, fit_rows, seeds[task], bar=bar, aggregate_rate=agg_rate)
+            probs = predict(result.model, eval_rows, cfg.eval_batch_size)
             # CVR is always scored against real purchases: under signal loss the training
             # label undercounts them, and the service needs the true conversion probability
             eval_label = "click" if task == "ctr" else "purchase"
             m = evaluate(eval_rows[eval_label], probs, eval_rows[truths[task]])
             m["label"] = eval_label
             m["train_label"] = labels[task]
-            m["train"] = stats
+            m["train"] = result.stats
             if labels[task] != eval_label:
                 m["vs_train_label"] = evaluate(eval_rows[labels[task]], probs, eval_rows[truths[task]])
+            if task == "cvr":
+                m["vs_aggregates"] = aggregate_metrics(eval_rows, probs, aggregates(data, eval_day))
+            for name, extra in result.extras.items():
+                m[name] = evaluate(eval_rows[eval_label], extra(eval_rows), eval_rows[truths[task]])
             metrics[task] = m
-            models[task] = model
+            models[task] = result.model
     metrics["wall_seconds"] = time.perf_counter() - t_start
     if progress:
         print(format_metrics(metrics))

@@ -40,6 +40,25 @@ def _cmd_train(args) -> int:
     return 0
 
 
+EXPERIMENTS = {  # name -> the package whose experiment.run(name, ...) writes the report
+    "coarse": "coarse_rank", "lambda": "coarse_rank", "manner": "coarse_rank",
+    "cvr": "fine_rank", "sead": "fine_rank", "signal-loss": "fine_rank",
+}
+
+
+def _cmd_experiment(args) -> int:
+    try:
+        seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+    if not seeds:
+        raise ValueError("--seeds: at least one seed")
+    mod = importlib.import_module(f"{EXPERIMENTS[args.name]}.experiment")
+    mod.run(args.name, args.data, args.out, seeds=seeds, quick=args.quick, overrides=tuple(args.set))
+    print(f"wrote {Path(args.out) / 'report.md'}, results.json and plots")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from recstack.bundle import BundleError
     from recstack.checkpoint import CheckpointError
@@ -117,6 +136,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="runs directory; the checkpoint goes to OUT/STAGE/checkpoint.pt")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
     s.set_defaults(func=_cmd_train)
+
+    s = sub.add_parser("experiment", help="run a paper table on a simulated world: report.md, results.json, plots")
+    s.add_argument("name", choices=list(EXPERIMENTS))
+    s.add_argument("--data", required=True, help="a `recstack simulate` output directory")
+    s.add_argument("--out", required=True)
+    s.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (>= 3 for confidence intervals)")
+    s.add_argument("--quick", action="store_true", help="tiny models and sweeps: checks the pipeline, numbers mean nothing")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
+    s.set_defaults(func=_cmd_experiment)
 
     s = sub.add_parser("export", help="write a versioned artifact bundle from trained checkpoints")
     s.add_argument("--runs", required=True)

@@ -247,3 +247,174 @@ def test_export_refuses_a_graph_that_disagrees(tiny_run, tmp_path, monkeypatch):
     with pytest.raises(fexport.ExportError, match="differs from PyTorch"):
         fexport.export(tiny_run["out"] / "checkpoint.pt", tmp_path)
     assert not (tmp_path / "ctr.onnx").exists()
+
+
+# ------------------------------------------------- distillation variants (PFD, MTL, SEAD)
+
+from fine_rank.model import MTLRanker, SelfAuxiliary, Teacher, build_teacher  # noqa: E402
+
+
+def test_teachers_inputs_and_shared_embeddings():
+    student = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
+    x = random_inputs(32)
+    post = torch.randn(32, 4)
+    for kind, widths in (("sd", [16, 8]), ("md", [64, 32, 16]), ("pfd", [16, 8]), ("pfd_md", [64, 32, 16]), ("lupi", [16, 8])):
+        t = build_teacher(kind, student, (16, 8), (64, 32, 16))
+        with torch.no_grad():
+            t.head.linear.weight.normal_()  # heads start at zero weights: give the output a slope
+        assert [m.out_features for m in t.bottom.layers if isinstance(m, torch.nn.Linear)] == widths
+        regular = 9 * 4 + 1 + 7
+        assert t.bottom.layers[0].in_features == {"sd": regular, "md": regular, "pfd": regular + 4,
+                                                  "pfd_md": regular + 4, "lupi": 4}[kind]
+        # PFD Share&Sync: the teacher reads the student's own embedding tables
+        assert (t.embeddings is student.embeddings) == (kind != "lupi")
+        t.eval()
+        with torch.no_grad():
+            out = t.logits(**x, post_event=post)
+            other = dict(x, user_feats=torch.zeros_like(x["user_feats"]))
+            changed = not torch.allclose(out, t.logits(**other, post_event=post))
+            moved = not torch.allclose(out, t.logits(**x, post_event=post + 1))
+        assert out.shape == (32,)
+        assert changed == (kind != "lupi")  # LUPI sees the post-event features only
+        assert moved == (kind in ("pfd", "pfd_md", "lupi"))
+    with pytest.raises(ValueError):
+        build_teacher("oracle", student, (16, 8), (32,))
+
+
+def test_mtl_main_path_is_the_student():
+    student = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8, 4))
+    mtl = MTLRanker(student, aux_hidden=(6, 3)).eval()
+    x = random_inputs(10)
+    with torch.no_grad():
+        main, aux = mtl.both(**x)
+        torch.testing.assert_close(main, student.logits(**x))
+    assert aux.shape == (10, 4)
+    # the towers sit on the shared first layer (width 16)
+    assert all(t[0].layers[0].in_features == 16 for t in mtl.towers)
+
+
+def test_self_auxiliary_serves_the_main_head_and_sga_stops_gradient():
+    ranker = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
+    sa = SelfAuxiliary(ranker)
+    x = random_inputs(16)
+    sa.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sa(**x), ranker(**x))
+    with torch.no_grad():
+        sa.aux.linear.weight.normal_()  # a zero-initialised head passes no gradient down
+    sa.train()
+    for stop in (True, False):
+        sa.zero_grad()
+        _, aux = sa.both(**x, stop_aux_gradient=stop)
+        aux.sum().backward()
+        bottom_grad = ranker.bottom.layers[0].weight.grad
+        assert torch.count_nonzero(sa.aux.linear.weight.grad) > 0
+        assert (bottom_grad is None or torch.count_nonzero(bottom_grad) == 0) == stop
+
+
+def test_method_config_validation():
+    with pytest.raises(ConfigError, match="cvr_teacher"):
+        ftrain.Config(cvr_teacher="oracle")
+    with pytest.raises(ConfigError, match="ctr_sead"):
+        ftrain.Config(ctr_sead="mean")
+    with pytest.raises(ConfigError, match="separate methods"):
+        ftrain.Config(cvr_teacher="pfd", cvr_sead="max")
+    with pytest.raises(ConfigError, match="purchase_observed"):
+        ftrain.Config(cvr_teacher="signal_loss")
+    with pytest.raises(ConfigError, match="aggregates"):
+        ftrain.Config(cvr_teacher="signal_loss", cvr_label="purchase_observed")  # the default calibrates to the biased labels
+    assert ftrain.Config(cvr_teacher="signal_loss", cvr_label="purchase_observed", cvr_calibrate="aggregates")
+    with pytest.raises(ConfigError, match="cvr_calibrate"):
+        ftrain.Config(cvr_calibrate="isotonic")
+    cfg = apply_overrides(ftrain.Config(), ["cvr_teacher=pfd_md", "cvr_md_hidden=64,32,16", "distill_lambda=0.3", "ctr_sead=curriculum"])
+    assert cfg.cvr_md_hidden == (64, 32, 16) and cfg.distill_lambda == 0.3
+
+
+def test_calibrate_to_rate_shifts_the_exported_bias():
+    torch.manual_seed(0)
+    model = Ranker.build(VOCAB, emb_dim=4, hidden=(8,)).eval()
+    x = {k: v.numpy() for k, v in random_inputs(500).items()}
+    table = dict(x, click=np.zeros(500, np.float32))
+    with torch.no_grad():
+        model.head.linear.weight.normal_(0, 1.0)
+    shift = ftrain.calibrate_to_rate(model, table, 0.07)
+    assert np.mean(ftrain.predict(model, table)) == pytest.approx(0.07, rel=1e-4)
+    assert shift != 0.0
+
+
+def test_aggregate_metrics_on_known_cells():
+    # category 0: 1 of 4 converted; category 1: 3 of 4 (model ids are raw + 1)
+    item_feats = np.zeros((8, 5), np.int64)
+    item_feats[:4, 1], item_feats[4:, 1] = 1, 2
+    rows = {"item_feats": item_feats}
+    agg = {"day": np.array([3, 3]), "category": np.array([0, 1]), "clicks": np.array([4, 4]), "conversions": np.array([1, 3])}
+    good = np.r_[np.full(4, 0.25), np.full(4, 0.75)].astype(np.float32)
+    m = ftrain.aggregate_metrics(rows, good, agg)
+    assert m["aggregated_rate"] == pytest.approx(0.5) and m["calibration_aggregated"] == pytest.approx(1.0)
+    # weighted AUC over cells: 3 positives scored 0.75 vs 3 negatives at 0.25 etc -> 0.75
+    assert m["auc_aggregated"] == pytest.approx(0.75)
+    assert ftrain.aggregate_metrics(rows, good[::-1].copy(), agg)["auc_aggregated"] == pytest.approx(0.25)
+
+
+def test_sga_leaves_the_serving_head_identical_to_the_baseline(tiny_data):
+    data = load(tiny_data)
+    rows = ftrain.clicked(ftrain.materialise(data.examples(data.train_days)))
+    cfg = ftrain.Config(cvr_hidden=(32, 16), cvr_emb_dim=4, cvr_batch_size=128)
+    base = ftrain.fit_task("cvr", cfg, data.vocab, rows, seed=3)
+    sga = ftrain.fit_task("cvr", apply_overrides(cfg, ["cvr_sead=max", "sead_sga=true"]), data.vocab, rows, seed=3)
+    sead_max = ftrain.fit_task("cvr", apply_overrides(cfg, ["cvr_sead=max"]), data.vocab, rows, seed=3)
+    a, b, c = (r.model.state_dict() for r in (base, sga, sead_max))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # without SGA the aux loss shapes the bottom
+    assert set(sead_max.extras) == {"aux"} and sead_max.stats["method"] == "sead_max"
+
+
+@pytest.fixture(scope="module")
+def consent_data(tmp_path_factory) -> str:
+    from recstack.world import preset, simulate
+
+    out = tmp_path_factory.mktemp("tiny_consent_fine")
+    simulate(apply_overrides(preset("tiny"), ["consent_rate=0.5"]), seed=0, out=out, preset="tiny", progress=False)
+    return str(out)
+
+
+@pytest.mark.parametrize("method", [
+    ["cvr_teacher=pfd", "ctr_sead=max"],
+    ["cvr_teacher=signal_loss", "cvr_label=purchase_observed", "cvr_calibrate=aggregates"],
+])
+def test_distilled_students_train_export_and_match_onnx(method, tiny_data, consent_data, tmp_path):
+    """`recstack train fine --set cvr_teacher=...` checkpoints plain students: the export is
+    the serving contract (no privileged inputs), parity-checked at 1e-5."""
+    signal = "cvr_teacher=signal_loss" in method
+    data_dir = consent_data if signal else tiny_data
+    cfg = apply_overrides(ftrain.Config(**TINY_CFG), method)
+    metrics = ftrain.train(cfg, data_dir, tmp_path, progress=False)
+    assert "teacher" in metrics["cvr"]
+    if signal:
+        assert {"teacher_aux", "vs_train_label"} <= set(metrics["cvr"])
+        # calibrated to the aggregated rate of the training days, on the training clicks
+        data = load(data_dir)
+        rows = ftrain.clicked(ftrain.materialise(data.examples(data.train_days)))
+        _, models = fexport.load_models(checkpoint.load(tmp_path / "checkpoint.pt"))
+        rate = ftrain.aggregate_rate(ftrain.aggregates(data, data.train_days))
+        assert np.mean(ftrain.predict(models["cvr"], rows)) == pytest.approx(rate, rel=1e-3)
+        # and the biased labels' rate is well below it (about the consent rate)
+        assert rows["purchase_observed"].mean() < 0.8 * rate
+    else:
+        assert "aux" in metrics["ctr"] and metrics["ctr"]["train"]["method"] == "sead_max"
+    result = fexport.export(tmp_path / "checkpoint.pt", tmp_path / "bundle")
+    for task in ("ctr", "cvr"):
+        sess = onnx_session(tmp_path / "bundle" / f"{task}.onnx")
+        assert [i.name for i in sess.get_inputs()] == list(ftrain.MODEL_INPUTS)
+        assert max(result["meta"][task]["parity_max_abs_diff"].values()) <= 1e-5
+
+
+def test_default_cvr_model_is_recalibrated_to_the_training_labels(tiny_run):
+    """cvr_calibrate=labels (the default): a global bias shift, fitted on the training clicks,
+    makes the exported CVR model's mean prediction there equal the purchase rate."""
+    data = load(tiny_run["data"])
+    rows = ftrain.clicked(ftrain.materialise(data.examples(data.train_days)))
+    _, models = fexport.load_models(checkpoint.load(tiny_run["out"] / "checkpoint.pt"))
+    assert np.mean(ftrain.predict(models["cvr"], rows)) == pytest.approx(rows["purchase"].mean(), rel=1e-3)
+    assert "calibration_shift" in tiny_run["metrics"]["cvr"]["train"]
+    assert "calibration_shift" not in tiny_run["metrics"]["ctr"]["train"]  # CTR default: none
