@@ -59,6 +59,30 @@ def _cmd_experiment(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    import json
+
+    if args.what == "retrieval":
+        if not args.checkpoint:
+            raise ValueError("bench retrieval: --checkpoint RUNS/retrieval/checkpoint.pt is required")
+        import torch
+
+        from retrieval.bench import run_both
+
+        torch.set_num_threads(1)  # ms per query single-threaded, as the targets are stated
+        res = run_both(args.out or "docs/results/retrieval", args.checkpoint, data_dir=args.data,
+                       n_queries=args.queries, n_timed=args.timed, k=args.k, cache=args.cache)
+        print(json.dumps({"serving_default": res["serving_default"], "targets": res.get("targets")}, indent=2, default=str))
+    else:
+        if not (args.artifacts and args.data):
+            raise ValueError("bench cascade: --artifacts (bundle, artifacts root or runs dir) and --data are required")
+        from retrieval.cascade_eval import run
+
+        run(args.artifacts, args.data, args.out or "docs/results/cascade", n_users=args.users)
+        print(f"wrote {Path(args.out or 'docs/results/cascade') / 'report.md'}")
+    return 0
+
+
 def _cmd_export(args) -> int:
     from recstack.bundle import BundleError
     from recstack.checkpoint import CheckpointError
@@ -145,6 +169,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="tiny models and sweeps: checks the pipeline, numbers mean nothing")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
     s.set_defaults(func=_cmd_experiment)
+
+    s = sub.add_parser("bench", help="retrieval index sweep (recall@1000 vs latency) / cascade recall against the truth")
+    s.add_argument("what", choices=["retrieval", "cascade"])
+    s.add_argument("--checkpoint", help="retrieval: RUNS/retrieval/checkpoint.pt")
+    s.add_argument("--artifacts", help="cascade: a bundle, artifacts root or runs dir")
+    s.add_argument("--data", help="the world (retrieval default: the checkpoint's)")
+    s.add_argument("--out", default=None, help="report directory (default docs/results/<what>)")
+    s.add_argument("--queries", type=int, default=500)
+    s.add_argument("--timed", type=int, default=200)
+    s.add_argument("-k", type=int, default=1000)
+    s.add_argument("--cache", default=None, help="scratch .npz for the embeddings")
+    s.add_argument("--users", type=int, default=300)
+    s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("export", help="write a versioned artifact bundle from trained checkpoints")
     s.add_argument("--runs", required=True)

@@ -26,6 +26,8 @@ from recstack.config import from_dict
 from recstack.data import SimData, load
 from recstack.features import Vocab
 from recstack.onnx_export import export_onnx, onnx_session, parity
+from retrieval import index as index_lib
+from retrieval.index import search_params, set_search_params  # noqa: F401  (re-exported)
 from retrieval.train import STAGE, USER_INPUTS, Config, build_model, embed_items, materialise, top_k_inner_product
 
 PARITY_TOLERANCE = 1e-5
@@ -36,54 +38,12 @@ class ExportError(RuntimeError):
     """The export cannot be trusted (parity failure, data that does not match the checkpoint)."""
 
 
-def set_search_params(index: faiss.Index, nprobe: int | None = None, ef_search: int | None = None) -> dict:
-    """Set the search-time knobs the index has (IVF nprobe, HNSW efSearch); returns those applied.
-
-    faiss serialises both with the index, so the server reading index.faiss gets them too.
-    """
-    applied: dict = {}
-    if nprobe is not None:
-        ivf = faiss.try_extract_index_ivf(index)
-        if ivf is not None:
-            ivf.nprobe = int(min(nprobe, ivf.nlist))
-            applied["nprobe"] = int(ivf.nprobe)
-    if ef_search is not None:
-        try:
-            faiss.ParameterSpace().set_index_parameter(index, "efSearch", int(ef_search))
-            applied["ef_search"] = int(ef_search)
-        except RuntimeError:  # not an HNSW index: the parameter does not exist
-            pass
-    return applied
-
-
-def search_params(index: faiss.Index) -> dict:
-    """The search-time knobs an index actually holds: {"nprobe": int | None, "ef_search": int | None}."""
-    ivf = faiss.try_extract_index_ivf(index)
-    inner = faiss.downcast_index(index)
-    hnsw = getattr(inner, "hnsw", None)
-    return {"nprobe": int(ivf.nprobe) if ivf is not None else None, "ef_search": int(hnsw.efSearch) if hnsw is not None else None}
-
-
-def build_index(emb: np.ndarray, factory: str = "Flat", nprobe: int = 32, ef_search: int | None = None) -> faiss.Index:
+def build_index(emb: np.ndarray, factory: str = "Flat", nprobe: int | None = None, ef_search: int | None = None) -> faiss.Index:
     """(n, D) embeddings -> a trained METRIC_INNER_PRODUCT index holding them with ids 0..n-1.
 
-    Rows are added in order, so FAISS id == row == item_id. Indexes that need training
-    (IVF, PQ) are trained on the embeddings themselves: the corpus is the distribution.
+    Rows are added in order, so FAISS id == row == item_id. See retrieval.index.build.
     """
-    emb = np.ascontiguousarray(emb, dtype=np.float32)
-    if emb.ndim != 2 or emb.shape[0] == 0:
-        raise ValueError(f"expected a non-empty (n, D) matrix, got shape {emb.shape}")
-    if not np.isfinite(emb).all():
-        raise ValueError("embeddings contain NaN or inf")
-    try:
-        index = faiss.index_factory(emb.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        raise ValueError(f"bad faiss index factory string {factory!r}: {str(e).splitlines()[-1]}") from None
-    if not index.is_trained:
-        index.train(emb)
-    index.add(emb)
-    set_search_params(index, nprobe, ef_search)
-    return index
+    return index_lib.build(emb, factory, nprobe=nprobe, ef_search=ef_search)
 
 
 def ann_recall(index: faiss.Index, corpus: np.ndarray, queries: np.ndarray, ks: list[int]) -> dict:
@@ -137,14 +97,14 @@ def export(
 ) -> dict:
     """Write user_tower.onnx, item_emb.npy and index.faiss under out_dir.
 
-    index_factory / nprobe / ef_search default to the checkpoint's config. Raises
+    index_factory / nprobe / ef_search default to the checkpoint's config ("auto": by corpus
+    size, retrieval.index.default_spec). Raises
     ExportError if the ONNX tower differs from PyTorch by more than 1e-5 (nothing is left
     behind then). Returns {"files": [relative paths], "meta": {...}} (JSON types).
     """
     ckpt = checkpoint.load(checkpoint_path, stage=STAGE)
     cfg = from_dict(Config, ckpt["config"])
     vocab = Vocab.from_dict(ckpt["vocab"])
-    factory = index_factory or cfg.index_factory
     nprobe = cfg.nprobe if nprobe is None else nprobe
     ef_search = cfg.ef_search if ef_search is None else ef_search
 
@@ -168,7 +128,13 @@ def export(
 
     item_emb = embed_items(model, data.items)
     np.save(out / "item_emb.npy", item_emb, allow_pickle=False)
-    faiss.write_index(build_index(item_emb, factory, nprobe, ef_search), str(out / "index.faiss"))
+    # "auto" (the default) picks the index by corpus size (retrieval/index.py, from the bench)
+    spec = index_lib.resolve(index_factory or cfg.index_factory, len(item_emb), nprobe, ef_search)
+    factory = spec["factory"]
+    t_build = time.perf_counter()
+    built = build_index(item_emb, factory, spec["nprobe"], spec["ef_search"])
+    t_build = time.perf_counter() - t_build
+    faiss.write_index(built, str(out / "index.faiss"))
 
     # Measure what serving will run: the index as read back, queried with ONNX user vectors.
     index = faiss.read_index(str(out / "index.faiss"))
@@ -185,6 +151,8 @@ def export(
         "normalized": True,
         "n_items": int(len(item_emb)),
         **search_params(index),
+        "index_build_seconds": float(t_build),
+        "index_bytes": int((out / "index.faiss").stat().st_size),
         "onnx_inputs": list(USER_INPUTS),
         "onnx_output": "user_emb",
         "parity_max_abs_diff": float(diff),

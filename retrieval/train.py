@@ -71,9 +71,12 @@ class Config:
     # --- evaluation and index ------------------------------------------------------
     eval_k: tuple[int, ...] = (50, 100, 500)  # recall@K cut-offs; Ks larger than the corpus are skipped
     eval_batch_size: int = 2048  # requests per forward pass in evaluation / export
-    index_factory: str = "Flat"  # faiss.index_factory string (exact); e.g. "IVF1024,Flat", "HNSW32", "IVF1024,PQ16"
-    nprobe: int = 32  # IVF lists probed per query (ignored by non-IVF indexes)
-    ef_search: int = 128  # HNSW search breadth (ignored by non-HNSW indexes)
+    # faiss.index_factory string, e.g. "Flat" (exact), "IVF4096,Flat", "IVF4096,PQ32", "HNSW32";
+    # "auto" = by corpus size (retrieval/index.py: exact up to 2e5 items, IVF-Flat above,
+    # at the point of the large-corpus recall/latency curve with recall@1000 >= 0.95)
+    index_factory: str = "auto"
+    nprobe: Optional[int] = None  # IVF lists probed per query (None = the default for the index; ignored by non-IVF)
+    ef_search: Optional[int] = None  # HNSW search breadth, >= k (None = the default; ignored by non-HNSW)
     ann_eval_queries: int = 1000  # test-day requests used to measure the index's recall vs exact search at export
 
     def validate(self) -> None:
@@ -86,7 +89,7 @@ class Config:
         if len(self.item_dims) != 5:
             raise ConfigError(f"item_dims needs 5 entries (item, category, shop, brand, price_bucket), got {self.item_dims}")
         for name in ("seq_heads", "dim", "batch_size", "epochs", "eval_batch_size", "nprobe", "ef_search", "ann_eval_queries"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.batch_size < 2:
             raise ConfigError("batch_size must be >= 2 (in-batch negatives)")

@@ -7,6 +7,11 @@ Imports numpy, faiss, onnxruntime, pyarrow and the bundle / feature contracts on
 server never imports torch or training code. Every feature tensor is built by
 recstack.features, the same functions the trainers use, so training and serving cannot drift.
 
+Retrieval has two sources, merged and deduplicated with per-source quotas (`retrieve`): the
+ANN search with the user vector, and item-to-item — the index's nearest neighbours of the
+item vectors of the user's most recent behaviours (request first, then the snapshot).
+Each returned item says which source found it ("ann" or "i2i"; an item both found is "ann").
+
 The feature-store snapshot's `seconds_ago` is relative to the snapshot time, and a request's
 behaviours are relative to the request; the cascade treats both clocks as the same "now"
 (the simulated world has no wall clock to advance the snapshot by).
@@ -26,10 +31,13 @@ import pyarrow.parquet as pq
 from recstack import features as F
 from recstack.bundle import SNAPSHOT_BEHAVIOURS, SNAPSHOT_ITEMS, SNAPSHOT_USERS, Bundle, BundleError
 
-SOURCE_ANN = "ann"
+SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
+SOURCE_I2I = "i2i"  # nearest neighbours (same index) of the user's most recent behaviours
+SOURCES = (SOURCE_ANN, SOURCE_I2I)  # a candidate's source code is its position here
 
 RETRIEVAL_TOWER = "retrieval/user_tower.onnx"
 RETRIEVAL_INDEX = "retrieval/index.faiss"
+RETRIEVAL_ITEM_EMB = "retrieval/item_emb.npy"
 COARSE_TOWER = "coarse/user_tower.onnx"
 COARSE_ITEM_VECTORS = "coarse/item_vectors.npy"
 FINE_CTR = "fine/ctr.onnx"
@@ -119,7 +127,16 @@ def _read_table(bundle: Bundle, relpath: str, columns: tuple[str, ...]) -> dict[
 class Cascade:
     """A loaded bundle and the per-request pipeline. Thread-safe: `rank` only reads shared state."""
 
-    def __init__(self, bundle: Bundle, onnx_threads: int = 1, faiss_threads: int = 1):
+    def __init__(self, bundle: Bundle, onnx_threads: int = 1, faiss_threads: int = 1,
+                 i2i_share: float = 0.3, i2i_seeds: int = 5):
+        if not 0.0 <= i2i_share <= 1.0:
+            raise ValueError(f"i2i_share must be in [0, 1], got {i2i_share}")
+        if i2i_seeds < 0:
+            raise ValueError(f"i2i_seeds must be >= 0, got {i2i_seeds}")
+        # share of retrieval_size reserved for the item-to-item source (what it does not fill,
+        # ANN fills), and how many of the most recent distinct behaviours seed it
+        self.i2i_share = float(i2i_share)
+        self.i2i_seeds = int(i2i_seeds)
         self.bundle = bundle
         self.version = bundle.version
         m = bundle.manifest
@@ -170,6 +187,19 @@ class Cascade:
             raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: {self.index.ntotal} vectors for {self.n_items} items")
         if self.index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: expected an inner-product index (training metric)")
+        # Item vectors for the item-to-item source, memory-mapped: a request reads only its
+        # seeds' rows (1e6 x 64 floats stay on disk / in the page cache). Bundles without
+        # the file serve ANN only.
+        self.item_emb: np.ndarray | None = None
+        if RETRIEVAL_ITEM_EMB in m.get("files", {}):
+            try:
+                emb = np.load(bundle.path(RETRIEVAL_ITEM_EMB), mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise BundleError(f"bundle file {RETRIEVAL_ITEM_EMB!r}: {e}") from e
+            if emb.ndim != 2 or emb.shape != (self.n_items, self.index.d) or emb.dtype != np.float32:
+                raise BundleError(f"bundle file {RETRIEVAL_ITEM_EMB!r}: {emb.dtype} {emb.shape}, expected float32 "
+                                  f"({self.n_items}, {self.index.d})")
+            self.item_emb = emb
         rmeta = bundle.stage("retrieval").get("meta", {})
         self._set_search_params(rmeta)
         faiss.omp_set_num_threads(faiss_threads)
@@ -202,9 +232,12 @@ class Cascade:
                 self.search_params[key] = int(meta[key])
 
     @classmethod
-    def load(cls, path: str | Path, onnx_threads: int = 1, faiss_threads: int = 1, warm: bool = True) -> "Cascade":
-        """Open (checksums verified), load and warm up a bundle dir or artifacts root."""
-        cascade = cls(Bundle.open(path, verify=True), onnx_threads=onnx_threads, faiss_threads=faiss_threads)
+    def load(cls, path: str | Path, onnx_threads: int = 1, faiss_threads: int = 1, warm: bool = True,
+             **options) -> "Cascade":
+        """Open (checksums verified), load and warm up a bundle dir or artifacts root.
+
+        options: i2i_share, i2i_seeds (see __init__)."""
+        cascade = cls(Bundle.open(path, verify=True), onnx_threads=onnx_threads, faiss_threads=faiss_threads, **options)
         if warm:
             cascade.warm_up()
         return cascade
@@ -251,29 +284,95 @@ class Cascade:
         )
         return seq_items, seq_extras, not known
 
+    def recent_items(self, seq_items: np.ndarray) -> np.ndarray:
+        """The i2i seeds: the sequence's (1, L, 5) distinct items, newest first, at most i2i_seeds. -> (S,) raw ids."""
+        ids = seq_items[0, :, 0]
+        ids = ids[ids > 0] - 1  # model ids are raw + 1; 0 = empty slot
+        _, first = np.unique(ids, return_index=True)
+        return ids[np.sort(first)][: self.i2i_seeds].astype(np.int64)
+
+    def _i2i(self, seeds: np.ndarray, n: int) -> np.ndarray:
+        """Up to n distinct neighbours of the seeds, in rank-major order across seeds (each seed's
+        best, newest seed first, then each seed's second best, ...); seeds themselves excluded.
+        One batched search of ceil(n / S) + 1 neighbours per seed (+1: a seed finds itself)."""
+        per_seed = min(self.n_items, -(-n // len(seeds)) + 1)
+        vecs = np.ascontiguousarray(self.item_emb[seeds], dtype=np.float32)  # (S, D)
+        _, ids = self.index.search(vecs, per_seed)  # (S, per_seed), -1 pads
+        flat = ids.T.ravel()
+        flat = flat[(flat >= 0) & (flat < self.n_items) & ~np.isin(flat, seeds)]
+        _, first = np.unique(flat, return_index=True)
+        return flat[np.sort(first)][:n]
+
+    def retrieve(self, user_emb: np.ndarray, seeds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Both sources merged: user_emb (1, D), seeds (S,) -> (item ids (R,) int64, source codes (R,) int8), R <= k.
+
+        Quotas: i2i gets round(i2i_share * k) slots, ANN the rest; either source's unused
+        slots go to the other (ANN is asked for k so it can backfill). Items are distinct, in
+        [0, n_items) (FAISS -1 padding is dropped), ANN's first, each source in its own order.
+        """
+        k = min(k, self.n_items)
+        use_i2i = self.item_emb is not None and len(seeds) > 0 and self.i2i_share > 0
+        n_i2i = min(k, int(round(self.i2i_share * k))) if use_i2i else 0
+        _, ids = self.index.search(user_emb, k)  # (1, k); -1 pads when the index finds fewer
+        ann = ids[0][(ids[0] >= 0) & (ids[0] < self.n_items)]
+        _, first = np.unique(ann, return_index=True)
+        ann = ann[np.sort(first)]
+        head = ann[: k - n_i2i]
+        # ask for 2x the quota: the seeds' neighbour lists overlap each other and ANN's share
+        i2i = self._i2i(seeds, min(self.n_items, 2 * n_i2i)) if n_i2i else np.zeros(0, np.int64)
+        i2i = i2i[~np.isin(i2i, head)][:n_i2i]
+        tail = ann[k - n_i2i :]
+        tail = tail[~np.isin(tail, i2i)]
+        cands = np.concatenate([head, i2i, tail])[:k].astype(np.int64)
+        src = np.concatenate([np.zeros(len(head), np.int8), np.ones(len(i2i), np.int8), np.zeros(len(tail), np.int8)])[:k]
+        return cands, src
+
     def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None) -> Ranking:
         """Run the cascade for one validated query; `time_remaining` (e.g. a gRPC context's)
         is checked before each stage, raising DeadlineExceeded once it reaches 0."""
+        t0 = time.perf_counter()
+        seq_items, seq_extras, cold = self.sequence(q)
+        user_feats = self.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
+        return self.rank_features(q, user_feats, seq_items, seq_extras, cold_start=cold,
+                                  time_remaining=time_remaining, t0=t0)
+
+    def rank_features(
+        self,
+        q: Query,
+        user_feats: np.ndarray,
+        seq_items: np.ndarray,
+        seq_extras: np.ndarray,
+        *,
+        cold_start: bool = False,
+        time_remaining: Callable[[], float | None] | None = None,
+        trace: dict | None = None,
+        t0: float | None = None,
+    ) -> Ranking:
+        """The cascade on given features: user_feats (1, 4), seq_items (1, L, 5), seq_extras (1, L, 3).
+
+        `rank` calls it with the feature store's features; offline evaluation calls it with
+        the features a logged request had (retrieval/cascade_eval.py). `trace`, when given,
+        receives each stage's surviving ids: "retrieved", "retrieved_sources", "coarse".
+        q's behaviour arrays are not read here (they are in the sequence already).
+        """
 
         def check(stage: str) -> None:
             left = time_remaining() if time_remaining is not None else None
             if left is not None and left <= 0:
                 raise DeadlineExceeded(f"deadline exceeded before the {stage} stage")
 
-        t0 = time.perf_counter()
+        t0 = time.perf_counter() if t0 is None else t0
         timings: dict[str, float] = {}
-        seq_items, seq_extras, cold = self.sequence(q)
-        user_feats = self.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
         tower_in = {"user_feats": user_feats, "seq_items": seq_items, "seq_extras": seq_extras}
         t1 = time.perf_counter()
         timings["features_ms"] = (t1 - t0) * 1e3
 
         check("retrieval")
         user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
-        k = min(q.retrieval_size, self.n_items)
-        _, ids = self.index.search(user_emb, k)  # (1, k); -1 pads when the index finds fewer
-        cands = ids[0][ids[0] >= 0]  # (R,)
+        cands, src = self.retrieve(user_emb, self.recent_items(seq_items), q.retrieval_size)  # (R,), (R,)
         n_retrieved = len(cands)
+        if trace is not None:
+            trace["retrieved"], trace["retrieved_sources"] = cands.copy(), src.copy()
         t2 = time.perf_counter()
         timings["retrieval_ms"] = (t2 - t1) * 1e3
 
@@ -283,7 +382,9 @@ class Cascade:
         c = min(q.coarse_size, len(cands))
         if c < len(cands):
             keep = np.argpartition(-coarse, c - 1)[:c]
-            cands, coarse = cands[keep], coarse[keep]
+            cands, coarse, src = cands[keep], coarse[keep], src[keep]
+        if trace is not None:
+            trace["coarse"] = cands.copy()
         t3 = time.perf_counter()
         timings["coarse_ms"] = (t3 - t2) * 1e3
 
@@ -310,7 +411,7 @@ class Cascade:
 
         return Ranking(
             item_ids=cands[top], scores=score[top], pctr=pctr[top], pcvr=pcvr[top], price=price[top],
-            coarse_scores=coarse[top].astype(np.float64), sources=[SOURCE_ANN] * len(top), cold_start=cold,
+            coarse_scores=coarse[top].astype(np.float64), sources=[SOURCES[i] for i in src[top]], cold_start=cold_start,
             timings_ms=timings,
             counts={"retrieved": n_retrieved, "coarse": int(m), "returned": int(len(top)),
                     "sequence_length": int((seq_items[0, :, 0] > 0).sum())},
