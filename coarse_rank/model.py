@@ -182,6 +182,24 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
 
 
+def encode_sequence(embeddings: "FeatureEmbeddings", sequence: "BehaviourEncoder", seq_items: torch.Tensor,
+                    seq_extras: torch.Tensor, length_buckets: int = 1) -> torch.Tensor:
+    """seq_items (B, L, 5) int64, seq_extras (B, L, 3) float32 -> (B, d_model); see
+    `UserTower.encode_sequence` (shared by the towers and the DNN teachers)."""
+    valid = seq_items[..., 0] > 0  # (B, L); an empty slot has item id 0
+    if length_buckets <= 1:
+        return sequence(embeddings.item(seq_items), seq_extras, valid)
+    slot = torch.arange(1, valid.shape[1] + 1, device=valid.device)
+    used = (valid * slot).amax(dim=1)  # (B,) slots up to and including the last valid one
+    order = torch.argsort(used)
+    parts = []
+    for rows in order.tensor_split(min(length_buckets, len(order))):
+        n = max(int(used[rows].max()), 1) if len(rows) else 1
+        si, se = seq_items[rows, :n], seq_extras[rows, :n]
+        parts.append(sequence(embeddings.item(si), se, valid[rows, :n]))
+    return torch.cat(parts).index_select(0, torch.argsort(order))  # back to the input row order
+
+
 class UserTower(nn.Module):
     """Phi_u: user features + behaviour sequence -> unit vector (PFD Eq. 3, user side).
 
@@ -207,18 +225,7 @@ class UserTower(nn.Module):
         Exact, because empty slots do not change a row's output and the encoder has no
         cross-row operation. Export traces the default (one bucket).
         """
-        valid = seq_items[..., 0] > 0  # (B, L); an empty slot has item id 0
-        if length_buckets <= 1:
-            return self.sequence(self.embeddings.item(seq_items), seq_extras, valid)
-        slot = torch.arange(1, valid.shape[1] + 1, device=valid.device)
-        used = (valid * slot).amax(dim=1)  # (B,) slots up to and including the last valid one
-        order = torch.argsort(used)
-        parts = []
-        for rows in order.tensor_split(min(length_buckets, len(order))):
-            n = max(int(used[rows].max()), 1) if len(rows) else 1
-            si, se = seq_items[rows, :n], seq_extras[rows, :n]
-            parts.append(self.sequence(self.embeddings.item(si), se, valid[rows, :n]))
-        return torch.cat(parts).index_select(0, torch.argsort(order))  # back to the input row order
+        return encode_sequence(self.embeddings, self.sequence, seq_items, seq_extras, length_buckets)
 
     def head(self, user_feats: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
         """user_feats (B, 4) int64, pooled (B, d_model) -> user_vec (B, out_dim), l2-normalised."""
@@ -289,3 +296,101 @@ class InnerProductStudent(nn.Module):
         u = self.user_tower(user_feats, seq_items, seq_extras, length_buckets)  # (R, out_dim)
         v = self.item_tower(item_feats, item_dense)  # (B, out_dim)
         return self.scale * (u.index_select(0, request_index) * v).sum(dim=-1)
+
+
+# --- distillation teachers (PFD §3-§4, Table 2) ---------------------------------------------
+#
+# Every teacher scores the same B impressions as the student and takes the student's request
+# layout (user rows R, `request_index` (B,) into them) plus the impressions' interacted
+# features (B, 7). A teacher built on the student's `FeatureEmbeddings` / `BehaviourEncoder`
+# instances shares them (Share&Sync); `pooled` then lets the trainer run the costly sequence
+# encoder once for both models. Teachers never reach serving: only the student is exported.
+
+
+class PrivilegedUserTower(UserTower):
+    """PFD's teacher user side: the student's user tower with the interacted (user x item)
+    features appended to the MLP input. The user vector then depends on the candidate, so it
+    is computed per impression (B rows), which is exactly why it cannot be served at the
+    coarse stage's cost."""
+
+    def __init__(self, embeddings: FeatureEmbeddings, sequence: BehaviourEncoder, n_interacted: int,
+                 hidden: Sequence[int] = (512, 256), out_dim: int = 128):
+        super().__init__(embeddings, sequence, hidden, out_dim, extra_dim=n_interacted)
+
+    def head_privileged(self, user_feats: torch.Tensor, pooled: torch.Tensor, interacted: torch.Tensor) -> torch.Tensor:
+        """user_feats (B, 4), pooled (B, d_model), interacted (B, X) -> (B, out_dim), l2-normalised."""
+        x = torch.cat([self.embeddings.user(user_feats), pooled, interacted], dim=-1)
+        return F.normalize(self.mlp(x), dim=-1)
+
+
+class InnerProductTeacher(nn.Module):
+    """SD (n_interacted = 0: the student's architecture, no privileged features) and PFD
+    (n_interacted > 0: the interacted features at the user side) teachers:
+    logit = scale * <Phi_u(X_u, X*), Phi_i(X_i)>."""
+
+    def __init__(self, embeddings: FeatureEmbeddings, sequence: BehaviourEncoder, n_interacted: int = 0, *,
+                 hidden: Sequence[int] = (512, 256), out_dim: int = 128, scale: float = 5.0, n_item_dense: int = 1):
+        super().__init__()
+        self.scale = float(scale)
+        self.n_interacted = n_interacted
+        self.user_tower = PrivilegedUserTower(embeddings, sequence, n_interacted, hidden, out_dim)
+        self.item_tower = ItemTower(embeddings, n_item_dense, hidden, out_dim)
+
+    def forward(self, user_feats: torch.Tensor, seq_items: torch.Tensor, seq_extras: torch.Tensor,
+                request_index: torch.Tensor, item_feats: torch.Tensor, item_dense: torch.Tensor,
+                interacted: torch.Tensor, pooled: torch.Tensor | None = None, length_buckets: int = 1) -> torch.Tensor:
+        """Request layout as `InnerProductStudent.score_requests` plus interacted (B, X) and an
+        optional precomputed pooled sequence (R, d_model) -> logits (B,)."""
+        if pooled is None:
+            pooled = self.user_tower.encode_sequence(seq_items, seq_extras, length_buckets)  # (R, d_model)
+        v = self.item_tower(item_feats, item_dense)  # (B, out_dim)
+        if self.n_interacted == 0:  # as the student: one user row per request
+            u = self.user_tower.head(user_feats, pooled).index_select(0, request_index)
+        else:  # candidate-dependent user vector: one row per impression
+            u = self.user_tower.head_privileged(user_feats.index_select(0, request_index),
+                                                pooled.index_select(0, request_index), interacted)
+        return self.scale * (u * v).sum(dim=-1)
+
+
+class DNNTeacher(nn.Module):
+    """MD (n_interacted = 0) and PFD+MD (n_interacted > 0) teachers: a 3-layer DNN
+    (512-256-128, BN before LeakyReLU) over the concatenated user, sequence and item
+    representations (and the interacted features), so user and item interact from the first
+    layer on, which an inner product cannot do."""
+
+    def __init__(self, embeddings: FeatureEmbeddings, sequence: BehaviourEncoder, n_interacted: int = 0, *,
+                 hidden: Sequence[int] = (512, 256, 128), n_item_dense: int = 1):
+        super().__init__()
+        self.embeddings = embeddings
+        self.sequence = sequence
+        self.n_interacted = n_interacted
+        in_dim = embeddings.user_dim + sequence.d_model + embeddings.item_dim + n_item_dense + n_interacted
+        self.mlp = MLP(in_dim, hidden, 1)
+
+    def forward(self, user_feats: torch.Tensor, seq_items: torch.Tensor, seq_extras: torch.Tensor,
+                request_index: torch.Tensor, item_feats: torch.Tensor, item_dense: torch.Tensor,
+                interacted: torch.Tensor, pooled: torch.Tensor | None = None, length_buckets: int = 1) -> torch.Tensor:
+        """Same inputs as `InnerProductTeacher.forward` -> logits (B,)."""
+        if pooled is None:
+            pooled = encode_sequence(self.embeddings, self.sequence, seq_items, seq_extras, length_buckets)  # (R, d_model)
+        user = torch.cat([self.embeddings.user(user_feats), pooled], dim=-1).index_select(0, request_index)  # (B, .)
+        parts = [user, self.embeddings.item(item_feats), item_dense]
+        if self.n_interacted:
+            parts.append(interacted)
+        return self.mlp(torch.cat(parts, dim=-1)).squeeze(-1)
+
+
+class LUPITeacher(nn.Module):
+    """LUPI (Lopez-Paz et al.): a teacher that sees the privileged (interacted) features only,
+    through the same 3-layer DNN. It knows the user's recent clicks on this item's category /
+    shop / brand but not who the user or the item is."""
+
+    def __init__(self, n_interacted: int, *, hidden: Sequence[int] = (512, 256, 128)):
+        super().__init__()
+        self.mlp = MLP(n_interacted, hidden, 1)
+
+    def forward(self, user_feats: torch.Tensor, seq_items: torch.Tensor, seq_extras: torch.Tensor,
+                request_index: torch.Tensor, item_feats: torch.Tensor, item_dense: torch.Tensor,
+                interacted: torch.Tensor, pooled: torch.Tensor | None = None, length_buckets: int = 1) -> torch.Tensor:
+        """Same inputs as `InnerProductTeacher.forward` (only `interacted` (B, X) is used) -> logits (B,)."""
+        return self.mlp(interacted).squeeze(-1)

@@ -1,7 +1,16 @@
-"""Train the coarse ranker's inner-product student on clicks (log-loss over impressions).
+"""Train the coarse ranker's inner-product student on clicks, optionally distilled from a
+teacher that sees the privileged (interacted) features (PFD Eq. 5, Algorithm 1).
 
     from coarse_rank.train import Config, train
-    metrics = train(Config(max_steps=200), "data/small", "runs/coarse")
+    metrics = train(Config(max_steps=200, teacher="pfd_md"), "data/small", "runs/coarse")
+
+Teachers (`Config.teacher`): baseline (none), sd (the student's architecture, no privileged
+features: soft labels alone), lupi (privileged features only), md (3-layer DNN on the regular
+features), pfd (inner product with the interacted features at the user side), pfd_md (DNN
+on regular + interacted features). Training manners (`Config.manner`, PFD Table 7):
+ind_async (teacher trained first, then the student), ind_sync, share_sync (the teacher
+uses the student's embeddings and behaviour encoder), share_star_sync (all shared but the
+user id embedding). Only the student is saved and exported.
 
 Held-out evaluation is next-day: fit on the days before the evaluation day, report AUC on
 the evaluation day beside the ground-truth ceiling (the simulator's true pCTR scored
@@ -17,16 +26,23 @@ from typing import Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from recstack import checkpoint, metrics
 from recstack.config import ConfigError, to_dict
-from recstack.data import Examples, load, to_torch
+from recstack.data import Examples, SimData, load, to_torch
 from recstack.features import Vocab
 
-from coarse_rank.model import InnerProductStudent
+from recstack.distill import LambdaSchedule, student_loss, sync_loss
+from recstack.features import INTERACTED_FIELDS
+
+from coarse_rank.model import (BehaviourEncoder, DNNTeacher, FeatureEmbeddings, InnerProductStudent,
+                               InnerProductTeacher, LUPITeacher)
 
 STAGE = "coarse"
+TEACHERS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md")
+MANNERS = ("ind_async", "ind_sync", "share_sync", "share_star_sync")
 MODEL_INPUTS = ("user_feats", "seq_items", "seq_extras", "item_feats", "item_dense")
 OPTIMIZERS = ("adagrad", "adam")
 SPLITS = ("test", "valid")
@@ -52,6 +68,13 @@ class Config:
     max_steps: int = 500  # cap on optimizer steps (0 = no cap): ~1 epoch of `small` (~463 steps), keeps larger worlds at ~1-2 min
     seed: int = 0  # seeds parameter init and the shuffling order
     length_buckets: int = 4  # speed-up only (exact): encode sequences in groups of similar length, see UserTower.encode_sequence
+    # --- distillation (PFD Eq. 5, Algorithm 1) ---
+    teacher: str = "pfd_md"  # one of TEACHERS ("baseline" = none); pfd_md beat the baseline on the validation day (docs/results/coarse)
+    manner: str = "share_sync"  # one of MANNERS (PFD Table 7); the paper's main runs share common input components
+    lam: float = 0.5  # λ of Eq. 5: student loss = (1-λ) L_s + λ L_d (paper: 0.5)
+    swap_step: int = 100  # λ = 0 before this step (the teacher's soft labels are noise early); ~20% of one `small` epoch (paper: 1e6 of ~1e6+ steps)
+    teacher_hidden: tuple[int, ...] = (512, 256, 128)  # MD / PFD+MD / LUPI teacher DNN widths (paper: 3 layers 512-256-128)
+    train_fraction: float = 1.0  # share of training sessions used (seeded); the sample-efficiency curve sets it below 1
     # --- data / evaluation ---
     split: str = "test"  # "test": fit days 1..D-1, evaluate day D; "valid": fit 1..D-2, evaluate D-1 (LR sweeps)
     eval_max_rows: int = 50_000  # evaluate on at most this many impressions of the evaluation day (seeded sample)
@@ -60,6 +83,18 @@ class Config:
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.teacher not in TEACHERS:
+            raise ConfigError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        if self.manner not in MANNERS:
+            raise ConfigError(f"manner must be one of {MANNERS}, got {self.manner!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"lam must be in [0, 1], got {self.lam}")
+        if self.swap_step < 0:
+            raise ConfigError(f"swap_step must be >= 0, got {self.swap_step}")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if any(w <= 0 for w in self.teacher_hidden):
+            raise ConfigError(f"teacher_hidden widths must be positive, got {self.teacher_hidden}")
         if self.split not in SPLITS:
             raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.d_model % self.n_heads:
@@ -84,6 +119,33 @@ def build_student(cfg: Config, vocab: Vocab) -> InnerProductStudent:
         vocab, embed_dim=cfg.embed_dim, d_model=cfg.d_model, n_heads=cfg.n_heads, ff_dim=cfg.ff_dim,
         hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale,
     )
+
+
+def build_teacher(cfg: Config, vocab: Vocab, student: InnerProductStudent) -> nn.Module | None:
+    """The teacher `cfg.teacher` describes, wired to the student per `cfg.manner`:
+    share_* manners hand it the student's embedding tables and behaviour encoder (the same
+    Parameters; share_star_sync gives it a fresh user id table), ind_* manners fresh ones."""
+    if cfg.teacher == "baseline":
+        return None
+    n_x = len(INTERACTED_FIELDS)
+    if cfg.teacher == "lupi":
+        return LUPITeacher(n_x, hidden=tuple(cfg.teacher_hidden))
+    if cfg.manner == "share_sync":
+        emb, seq = student.embeddings, student.sequence
+    elif cfg.manner == "share_star_sync":
+        emb, seq = student.embeddings.sharing(except_user_fields=(0,), vocab=vocab), student.sequence
+    else:
+        emb = FeatureEmbeddings(vocab, cfg.embed_dim)
+        seq = BehaviourEncoder(emb.item_dim, 3, cfg.d_model, cfg.n_heads, cfg.ff_dim)
+    privileged = n_x if cfg.teacher in ("pfd", "pfd_md") else 0
+    if cfg.teacher in ("sd", "pfd"):
+        return InnerProductTeacher(emb, seq, privileged, hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale)
+    return DNNTeacher(emb, seq, privileged, hidden=tuple(cfg.teacher_hidden))
+
+
+def shares_sequence(cfg: Config) -> bool:
+    """Whether the teacher reuses the student's pooled behaviour sequence (computed once per step)."""
+    return cfg.teacher not in ("baseline", "lupi") and cfg.manner in ("share_sync", "share_star_sync")
 
 
 def make_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -146,23 +208,27 @@ def request_batches(examples: Examples, batch_size: int, *, shuffle: bool = Fals
 
 
 @torch.no_grad()
-def predict(model: InnerProductStudent, examples: Examples, batch_size: int = 2048, length_buckets: int = 4) -> dict[str, np.ndarray]:
-    """Logits (N,) for every row of `examples` with the rows' click and true_pctr (same row order
-    as `examples`)."""
+def predict(model: nn.Module, examples: Examples, batch_size: int = 2048, length_buckets: int = 4) -> dict[str, np.ndarray]:
+    """Logits (N,) for every row of `examples` with the rows' click, true_pctr, user_id and
+    item_id (same row order as `examples`). `model` is the student or a teacher (teachers
+    also get the interacted features)."""
     was_training = model.training
     model.eval()
-    out = {"logit": [], "click": [], "true_pctr": []}
+    out = {"logit": [], "click": [], "true_pctr": [], "user_id": [], "item_id": []}
     for batch, inputs in request_batches(examples, batch_size):
-        out["logit"].append(model.score_requests(**inputs, length_buckets=length_buckets).numpy())
-        out["click"].append(batch["click"])
-        out["true_pctr"].append(batch["true_pctr"])
+        if isinstance(model, InnerProductStudent):
+            logit = model.score_requests(**inputs, length_buckets=length_buckets)
+        else:
+            logit = model(**inputs, interacted=torch.from_numpy(batch["interacted"]), length_buckets=length_buckets)
+        out["logit"].append(logit.numpy())
+        for k in ("click", "true_pctr", "user_id", "item_id"):
+            out[k].append(batch[k])
     model.train(was_training)
     return {k: np.concatenate(v) if v else np.zeros(0, np.float32) for k, v in out.items()}
 
-def evaluate(model: InnerProductStudent, examples: Examples, batch_size: int = 2048, length_buckets: int = 4) -> dict[str, float]:
-    """Student AUC / log-loss / calibration on `examples`, and the ground-truth ceiling AUC
-    (the simulator's true pCTR scored against the same clicks)."""
-    p = predict(model, examples, batch_size, length_buckets)
+
+def scores(p: dict[str, np.ndarray]) -> dict[str, float]:
+    """AUC / log-loss / calibration of `predict`'s output, beside the ground-truth ceiling."""
     prob = 1.0 / (1.0 + np.exp(-p["logit"].astype(np.float64)))
     return {
         "auc": metrics.auc(p["click"], p["logit"]),
@@ -173,6 +239,11 @@ def evaluate(model: InnerProductStudent, examples: Examples, batch_size: int = 2
         "n_eval": int(len(p["click"])),
     }
 
+def evaluate(model: InnerProductStudent, examples: Examples, batch_size: int = 2048, length_buckets: int = 4) -> dict[str, float]:
+    """Student AUC / log-loss / calibration on `examples`, and the ground-truth ceiling AUC
+    (the simulator's true pCTR scored against the same clicks)."""
+    return scores(predict(model, examples, batch_size, length_buckets))
+
 
 def _sample_rows(n: int, k: int, seed: int) -> np.ndarray:
     if n <= k:
@@ -180,36 +251,73 @@ def _sample_rows(n: int, k: int, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 
 
-def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Fit the student on clicks, evaluate next-day, save `out_dir/checkpoint.pt`; returns the metrics."""
-    cfg.validate()
-    torch.manual_seed(cfg.seed)
-    data = load(data_dir)
-    fit_days, eval_day = (data.train_days, data.test_day) if cfg.split == "test" else (data.fit_days, data.valid_day)
-    if not fit_days:
-        raise ConfigError(f"split={cfg.split!r} leaves no training days in a {data.n_days}-day world")
-    train_ex = data.examples(fit_days)
-    eval_ex = data.examples(eval_day)
-    eval_ex = eval_ex.subset(_sample_rows(len(eval_ex), cfg.eval_max_rows, cfg.seed))
+def sample_sessions(examples: Examples, fraction: float, seed: int) -> Examples:
+    """A seeded share of the sessions of `examples` (whole sessions, so requests stay intact)."""
+    if fraction >= 1.0:
+        return examples
+    sessions = np.unique(examples.imps["session_id"])
+    keep = np.random.default_rng(10_007 + seed).random(len(sessions)) < fraction
+    return examples.subset(np.flatnonzero(np.isin(examples.imps["session_id"], sessions[keep])))
 
-    model = build_student(cfg, data.vocab)
-    opt, sched = make_optimizer(cfg, model.parameters())
-    per_epoch = len(train_ex) // cfg.batch_size + (len(train_ex) % cfg.batch_size >= 2)
+
+@dataclass
+class Fitted:
+    """What `fit` returns: the trained models, their held-out predictions and metrics."""
+
+    student: InnerProductStudent
+    teacher: nn.Module | None
+    result: dict
+    student_pred: dict
+    teacher_pred: dict | None
+    train_ids: dict  # user_id / item_id of every training impression (for id-frequency buckets)
+
+
+def _steps(cfg: Config, n_rows: int) -> int:
+    per_epoch = n_rows // cfg.batch_size + (n_rows % cfg.batch_size >= 2)
     total = cfg.epochs * per_epoch
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    return min(total, cfg.max_steps) if cfg.max_steps else total
 
-    model.train()
-    step, loss_ema, t0 = 0, None, time.perf_counter()
-    bar = tqdm(total=total, desc="coarse", unit="step", disable=not progress, leave=False)
+
+def _loop(cfg: Config, train_ex: Examples, student: InnerProductStudent | None, teacher: nn.Module | None,
+          params, schedule: LambdaSchedule, desc: str, progress: bool) -> tuple[int, float]:
+    """One training run over `train_ex`. student only: L_s. teacher only: L_t. Both: Eq. 5
+    (a teacher not in train mode is a fixed, already trained one: no L_t, no gradient).
+    Returns (steps, smoothed loss)."""
+    opt, sched = make_optimizer(cfg, params)
+    total = _steps(cfg, len(train_ex))
+    share = student is not None and teacher is not None and shares_sequence(cfg)
+    step, loss_ema = 0, None
+    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
     for epoch in range(cfg.epochs):
         if step >= total:
             break
         for batch, inputs in request_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed * 1009 + epoch):
             if len(inputs["user_feats"]) < 2:  # BatchNorm cannot normalise a single row
                 continue
-            logits = model.score_requests(**inputs, length_buckets=cfg.length_buckets)
-            loss = F.binary_cross_entropy_with_logits(logits, torch.from_numpy(batch["click"]))
+            y = torch.from_numpy(batch["click"])
+            pooled = None
+            if student is not None:
+                tower = student.user_tower
+                pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], cfg.length_buckets)  # (R, d_model)
+                u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
+                v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
+                s_logit = student.scale * (u * v).sum(dim=-1)
+            if teacher is not None:
+                t_in = dict(inputs, interacted=torch.from_numpy(batch["interacted"]), pooled=pooled if share else None,
+                            length_buckets=cfg.length_buckets)
+                if teacher.training:
+                    t_logit = teacher(**t_in)
+                else:
+                    with torch.no_grad():
+                        t_logit = teacher(**t_in)
+            if student is None:
+                loss = F.binary_cross_entropy_with_logits(t_logit, y)
+            elif teacher is None:
+                loss = F.binary_cross_entropy_with_logits(s_logit, y)
+            elif teacher.training:
+                loss, _ = sync_loss(s_logit, t_logit, y, schedule(step))
+            else:
+                loss, _ = student_loss(s_logit, y, t_logit, schedule(step))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -221,27 +329,86 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
             if step >= total:
                 break
     bar.close()
-    train_seconds = time.perf_counter() - t0
+    return step, float(loss_ema) if loss_ema is not None else float("nan")
 
-    result = evaluate(model, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
+
+def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progress: bool = False,
+        eval_teacher: bool = True) -> Fitted:
+    """Train student (and teacher) on `fit_days` (a `cfg.train_fraction` share of their
+    sessions), evaluate on `eval_day`. `result["train_seconds"]` is the wall time of all
+    training (teacher and student, both phases for ind_async), without evaluation."""
+    cfg.validate()
+    torch.manual_seed(cfg.seed)
+    if not fit_days:
+        raise ConfigError("no training days")
+    train_ex = sample_sessions(data.examples(fit_days), cfg.train_fraction, cfg.seed)
+    eval_ex = data.examples(eval_day)
+    eval_ex = eval_ex.subset(_sample_rows(len(eval_ex), cfg.eval_max_rows, cfg.seed))
+
+    student = build_student(cfg, data.vocab)
+    teacher = build_teacher(cfg, data.vocab, student)
+    t0, c0 = time.perf_counter(), time.process_time()
+    if teacher is not None and cfg.manner == "ind_async":
+        # Ind&Async: the teacher is trained to completion first, then frozen; the student
+        # learns from it from step 0 (its soft labels are no longer noise, so no warm-up swap).
+        teacher.train()
+        _loop(cfg, train_ex, None, teacher, teacher.parameters(), LambdaSchedule(cfg.lam, 0), "coarse teacher", progress)
+        teacher.eval()
+        student.train()
+        step, loss = _loop(cfg, train_ex, student, teacher, student.parameters(), LambdaSchedule(cfg.lam, 0),
+                           "coarse student", progress)
+    else:
+        both = nn.ModuleList([student] + ([teacher] if teacher is not None else []))
+        both.train()
+        # parameters() of the list yields a Parameter shared by student and teacher once
+        step, loss = _loop(cfg, train_ex, student, teacher, both.parameters(), LambdaSchedule(cfg.lam, cfg.swap_step),
+                           f"coarse {cfg.teacher}", progress)
+    train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+
+    s_pred = predict(student, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
+    result = scores(s_pred)
+    t_pred = None
+    if teacher is not None and eval_teacher:
+        t_pred = predict(teacher, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
+        t_scores = scores(t_pred)
+        result.update({"teacher_auc": t_scores["auc"], "teacher_logloss": t_scores["logloss"],
+                       "teacher_calibration": t_scores["calibration"]})
     result.update({
+        "teacher": cfg.teacher,
+        "manner": cfg.manner,
         "steps": step,
         "train_examples": len(train_ex),
         "train_seconds": round(train_seconds, 2),
-        "final_train_loss": float(loss_ema) if loss_ema is not None else float("nan"),
+        "train_cpu_seconds": round(train_cpu_seconds, 2),  # CPU time: robust to other processes on a shared machine
+        "final_train_loss": loss,  # smoothed backpropagated loss: Eq. 5 (student + teacher terms) when distilling
         "eval_day": int(eval_day),
         "fit_days": [int(d) for d in fit_days],
     })
+    ids = {"user_id": train_ex.imps["user_id"], "item_id": train_ex.imps["item_id"]}
+    return Fitted(student, teacher, result, s_pred, t_pred, ids)
+
+
+def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict:
+    """Fit the student (distilled from `cfg.teacher` if set), evaluate next-day, save
+    `out_dir/checkpoint.pt` (student only: the serving model); returns the metrics."""
+    cfg.validate()
+    data = load(data_dir)
+    fit_days, eval_day = (data.train_days, data.test_day) if cfg.split == "test" else (data.fit_days, data.valid_day)
+    if not fit_days:
+        raise ConfigError(f"split={cfg.split!r} leaves no training days in a {data.n_days}-day world")
+    fitted = fit(cfg, data, fit_days, eval_day, progress=progress)
+    result = fitted.result
+    teacher_note = f"  teacher {cfg.teacher} AUC {result['teacher_auc']:.4f}" if "teacher_auc" in result else ""
     print(
         f"coarse student  day {eval_day}: AUC {result['auc']:.4f}  (ground-truth ceiling {result['ceiling_auc']:.4f})  "
-        f"logloss {result['logloss']:.4f}  calibration {result['calibration']:.3f}  "
-        f"[{step} steps, {train_seconds:.1f}s, {result['n_eval']} eval rows]"
+        f"logloss {result['logloss']:.4f}  calibration {result['calibration']:.3f}{teacher_note}  "
+        f"[{result['steps']} steps, {result['train_seconds']:.1f}s, {result['n_eval']} eval rows]"
     )
     out_dir = Path(out_dir)
     checkpoint.save(out_dir / "checkpoint.pt", {
         "stage": STAGE,
         "config": to_dict(cfg),
-        "model": model.state_dict(),
+        "model": fitted.student.state_dict(),
         "metrics": result,
         "data_dir": str(Path(data_dir).resolve()),
         "vocab": data.vocab.to_dict(),

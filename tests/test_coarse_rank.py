@@ -24,7 +24,7 @@ VOCAB = Vocab(n_users=30, n_items=60, n_categories=7, n_shops=9, n_brands=8, n_p
 
 # small enough to train on `tiny` in seconds, big enough to learn something
 FAST = dict(embed_dim=8, d_model=32, n_heads=4, ff_dim=64, hidden=(64,), out_dim=32, batch_size=256,
-            epochs=4, lr=0.003, optimizer="adam", warmup_steps=10)
+            epochs=4, lr=0.003, optimizer="adam", warmup_steps=10, teacher="baseline")
 
 
 def random_inputs(b: int, seed: int = 0, lengths=None) -> dict[str, np.ndarray]:
@@ -245,3 +245,118 @@ def test_config_defaults_are_documented():
     for f in dataclasses.fields(Config):
         line = next(l for l in src.splitlines() if l.strip().startswith(f"{f.name}:"))
         assert "#" in line, f"Config.{f.name} has no comment"
+
+
+# --- distillation teachers and the synchronous objective (PFD Eq. 5, Algorithm 1) ----------
+
+from coarse_rank.model import DNNTeacher, InnerProductTeacher, LUPITeacher  # noqa: E402
+from coarse_rank.train import MANNERS, TEACHERS, build_student, build_teacher, fit  # noqa: E402
+from recstack.distill import student_loss  # noqa: E402
+
+SMALL_MODEL = dict(embed_dim=8, d_model=32, n_heads=4, ff_dim=64, hidden=(64,), out_dim=32, teacher_hidden=(64, 32))
+
+
+def request_batch(b: int = 12, r: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:
+    x = random_inputs(r, seed=seed)
+    items = random_inputs(b, seed=seed + 1)
+    rng = np.random.default_rng(seed)
+    out = t(x, *USER)
+    out.update(t(items, "item_feats", "item_dense"))
+    out["request_index"] = torch.from_numpy(np.sort(rng.integers(0, r, b)).astype(np.int64))
+    out["interacted"] = torch.from_numpy(np.log1p(rng.integers(0, 5, (b, 7))).astype(np.float32))
+    return out
+
+
+@pytest.mark.parametrize("teacher", [t_ for t_ in TEACHERS if t_ != "baseline"])
+@pytest.mark.parametrize("manner", MANNERS)
+def test_teachers_score_the_students_batch(teacher, manner):
+    cfg = Config(**SMALL_MODEL, teacher=teacher, manner=manner)
+    student = build_student(cfg, VOCAB)
+    model = build_teacher(cfg, VOCAB, student)
+    expected = {"sd": InnerProductTeacher, "pfd": InnerProductTeacher, "md": DNNTeacher, "pfd_md": DNNTeacher,
+                "lupi": LUPITeacher}[teacher]
+    assert isinstance(model, expected)
+    logits = model(**request_batch())
+    assert logits.shape == (12,) and torch.isfinite(logits).all()
+    # sharing per manner: Share shares every table, Share* all but the user id table, Ind none
+    if teacher == "lupi":
+        return
+    s_emb, t_emb = student.embeddings, (model.embeddings if hasattr(model, "embeddings") else model.user_tower.embeddings)
+    same = [a is b for a, b in zip([*s_emb.user_tables, *s_emb.item_tables], [*t_emb.user_tables, *t_emb.item_tables])]
+    if manner == "share_sync":
+        assert all(same)
+    elif manner == "share_star_sync":
+        assert not same[0] and all(same[1:])
+    else:
+        assert not any(same)
+
+
+def test_privileged_teachers_use_the_interacted_features_and_lupi_only_them():
+    torch.manual_seed(0)
+    batch = request_batch()
+    moved = dict(batch, interacted=batch["interacted"] + 1.0)
+    other_user = dict(batch, user_feats=batch["user_feats"].flip(0))
+    for teacher in ("pfd", "pfd_md", "lupi", "sd", "md"):
+        cfg = Config(**SMALL_MODEL, teacher=teacher)
+        model = build_teacher(cfg, VOCAB, build_student(cfg, VOCAB)).eval()
+        with torch.no_grad():
+            ref, x_moved, u_moved = model(**batch), model(**moved), model(**other_user)
+        uses_x = not torch.allclose(ref, x_moved)
+        assert uses_x == (teacher in ("pfd", "pfd_md", "lupi")), teacher
+        assert torch.allclose(ref, u_moved) == (teacher == "lupi"), teacher
+
+
+def test_distillation_loss_gives_the_teacher_no_gradient():
+    cfg = Config(**SMALL_MODEL, teacher="pfd_md", manner="share_sync")
+    student = build_student(cfg, VOCAB)
+    teacher = build_teacher(cfg, VOCAB, student)
+    batch = request_batch()
+    s_logit = student.score_requests(**{k: v for k, v in batch.items() if k != "interacted"})
+    loss, _ = student_loss(s_logit, torch.zeros(12), teacher(**batch), lam=1.0)  # L_d only
+    loss.backward()
+    own = [p for n, p in teacher.named_parameters() if n.startswith("mlp.")]
+    assert own and all(p.grad is None or not p.grad.any() for p in own)
+    assert student.user_tower.mlp[0].weight.grad.abs().sum() > 0
+
+
+def test_before_the_swap_step_the_student_is_the_baseline(tiny_data):
+    """λ = 0 before k: with independent inputs (Ind&Sync) and k past the last step, the
+    student must be bit-for-bit the baseline (the teacher trains beside it without touching it)."""
+    data = load(tiny_data)
+    kw = dict(SMALL_MODEL, batch_size=256, max_steps=4, eval_max_rows=100, warmup_steps=2)
+    base = fit(Config(**kw, teacher="baseline"), data, data.fit_days, data.valid_day)
+    late = fit(Config(**kw, teacher="pfd_md", manner="ind_sync", swap_step=10**6), data, data.fit_days, data.valid_day)
+    early = fit(Config(**kw, teacher="pfd_md", manner="ind_sync", swap_step=0), data, data.fit_days, data.valid_day)
+    a, b, c = (f.student.state_dict() for f in (base, late, early))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    assert "teacher_auc" in late.result and "teacher_auc" not in base.result
+
+
+def test_distilled_student_checkpoint_exports_like_the_baseline(tiny_data, tmp_path):
+    """Only the student is saved: same state keys as the baseline, same export and serving path."""
+    cfg = Config(**dict(FAST, epochs=1, max_steps=8, eval_max_rows=300, teacher="pfd_md"), teacher_hidden=(32, 16))
+    metrics = train(cfg, tiny_data, tmp_path / "run", progress=False)
+    assert np.isfinite(metrics["teacher_auc"])
+    ckpt = checkpoint.load(tmp_path / "run" / "checkpoint.pt", stage="coarse")
+    assert set(ckpt["model"]) == set(build_student(cfg, load(tiny_data).vocab).state_dict())
+    result = coarse_export.export(tmp_path / "run" / "checkpoint.pt", tmp_path / "export")
+    assert result["files"] == ["user_tower.onnx", "item_vectors.npy"]
+    assert result["meta"]["logit_max_abs_diff"] <= 1e-4 and result["meta"]["config"]["teacher"] == "pfd_md"
+
+
+def test_default_teacher_is_pfd_md():
+    assert Config().teacher == "pfd_md"  # chosen on the validation day (docs/results/coarse/report.md)
+
+
+def test_cli_train_coarse_with_a_teacher(tiny_data, tmp_path):
+    from recstack.cli import main
+
+    rc = main(["train", "coarse", "--data", tiny_data, "--out", str(tmp_path), "--set", "teacher=pfd_md",
+               "--set", "embed_dim=8", "--set", "d_model=32", "--set", "ff_dim=64", "--set", "hidden=64",
+               "--set", "out_dim=32", "--set", "teacher_hidden=32,16", "--set", "max_steps=4", "--set", "eval_max_rows=300"])
+    assert rc == 0 and (tmp_path / "coarse" / "checkpoint.pt").exists()
+    with pytest.raises(ConfigError, match="teacher"):
+        apply_overrides(Config(), ["teacher=oracle"])
+    with pytest.raises(ConfigError, match="manner"):
+        apply_overrides(Config(), ["manner=async"])

@@ -1,0 +1,55 @@
+"""Coarse distillation experiments: the protocol's day windows and a quick run of each table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recstack.config import ConfigError
+from recstack.data import load
+
+from coarse_rank.experiment import run, windows
+
+
+class _Days:
+    def __init__(self, n):
+        self.n_days = n
+
+
+def test_windows_never_train_on_the_evaluation_day():
+    w = windows(_Days(7), 3)
+    assert w == {"fit": [3, 4, 5], "valid": 6, "train": [4, 5, 6], "test": 7, "double": [1, 2, 3, 4, 5, 6]}
+    w = windows(_Days(4), 3)
+    assert w["fit"] == [1, 2] and w["train"] == [1, 2, 3] and w["double"] is None
+    for n in (3, 4, 5, 7, 9):
+        w = windows(_Days(n), 3)
+        assert w["valid"] not in w["fit"] and w["test"] not in w["train"] + w["fit"] + (w["double"] or [])
+
+
+@pytest.mark.parametrize("name", ["coarse", "lambda", "manner"])
+def test_quick_experiment_writes_the_report_files(name, tiny_data, tmp_path):
+    res = run(name, tiny_data, tmp_path, seeds=(1, 2), quick=True)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "report.md").read_text().startswith("# Coarse ranker")
+    assert list(tmp_path.glob("*.png"))
+    assert set(on_disk["methods"]) == set(res["methods"]) and "baseline" in on_disk["methods"]
+    for m in on_disk["methods"].values():
+        assert set(m["student_auc"]) >= {"mean", "std"} and set(m["teacher_auc"]) >= {"mean", "std"}
+        assert set(m["delta_vs_baseline"]) >= {"mean", "ci95"} and len(m["delta_vs_baseline"]["ci95"]) == 2
+        assert m["wall_s"] > 0 and len(m["per_seed"]) == 2
+    if name == "coarse":
+        assert set(on_disk["methods"]) == {"baseline", "sd", "lupi", "md", "pfd", "pfd_md"}
+        assert on_disk["methods"]["pfd_md"]["teacher_auc"]["mean"] is not None
+        assert on_disk["buckets"]["user_id"]["pfd"]["tail"]["delta"]["ci95"]
+        assert on_disk["methods"]["baseline"]["delta_vs_baseline"]["mean"] == 0.0
+    if name == "manner":
+        assert {"pfd_md_ind_async", "pfd_md_share_star_sync"} <= set(on_disk["methods"])
+
+
+def test_unknown_experiment_and_keys_are_errors(tiny_data, tmp_path):
+    with pytest.raises(ConfigError):
+        run("table9", tiny_data, tmp_path, quick=True)
+    with pytest.raises(ConfigError):
+        run("coarse", tiny_data, tmp_path, quick=True, overrides=["methods=oracle"])
+    with pytest.raises(ConfigError, match="valid keys"):
+        run("coarse", tiny_data, tmp_path, quick=True, overrides=["learning_rate=1"])
