@@ -56,3 +56,16 @@ def test_serving_never_imports_training_code():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, f"serving imported: {r.stdout} {r.stderr[-500:]}"
+
+
+def test_experiment_command_writes_the_report(tiny_data, tmp_path):
+    out = tmp_path / "cvr"
+    assert main(["experiment", "cvr", "--data", tiny_data, "--out", str(out), "--seeds", "1,2", "--quick"]) == 0
+    assert (out / "report.md").exists() and (out / "results.json").exists() and list(out.glob("*.png"))
+
+
+def test_experiment_and_bench_argument_errors(tiny_data, tmp_path, capsys):
+    assert main(["experiment", "cvr", "--data", tiny_data, "--out", str(tmp_path), "--seeds", "a,b"]) == 2
+    assert "--seeds" in capsys.readouterr().err
+    assert main(["bench", "retrieval"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
