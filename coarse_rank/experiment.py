@@ -36,7 +36,6 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-import pickle
 import time
 from pathlib import Path
 from typing import Sequence
@@ -128,24 +127,39 @@ def _job_key(data_dir: str, cfg: Config, days: list[int], eval_day: int) -> str:
 _DATA: dict[str, SimData] = {}
 
 
+def _save_fitted(path: Path, f: Fitted) -> None:
+    """Cache a fit's metrics and predictions as .npz (no pickle): arrays under s/, t/, i/ and the
+    metrics as one JSON string."""
+    arrays = {f"s/{k}": v for k, v in f.student_pred.items()}
+    arrays.update({f"t/{k}": v for k, v in (f.teacher_pred or {}).items()})
+    arrays.update({f"i/{k}": v for k, v in f.train_ids.items()})
+    arrays["result_json"] = np.array(json.dumps(f.result, default=float))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _load_fitted(path: Path) -> Fitted:
+    with np.load(path, allow_pickle=False) as z:
+        part = lambda prefix: {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}
+        teacher = part("t/")
+        return Fitted(None, None, json.loads(str(z["result_json"])), part("s/"), teacher or None, part("i/"))
+
+
 def _fit_job(job: tuple) -> Fitted:
     """One fit, models dropped (process-pool worker); cached on disk when `cache_dir` is set."""
     data_dir, cfg, days, eval_day, cache_dir = job
-    path = Path(cache_dir) / f"{_job_key(data_dir, cfg, days, eval_day)}.pkl" if cache_dir else None
+    path = Path(cache_dir) / f"{_job_key(data_dir, cfg, days, eval_day)}.npz" if cache_dir else None
     if path is not None and path.exists():
-        with open(path, "rb") as fh:
-            return pickle.load(fh)
+        return _load_fitted(path)
     torch.set_num_threads(1)
     if data_dir not in _DATA:
         _DATA[data_dir] = load(data_dir)
     f = fit(cfg, _DATA[data_dir], days, eval_day)
     light = Fitted(None, None, f.result, f.student_pred, f.teacher_pred, f.train_ids)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            pickle.dump(light, fh)
-        os.replace(tmp, path)
+        _save_fitted(path, light)
     return light
 
 

@@ -53,3 +53,18 @@ def test_unknown_experiment_and_keys_are_errors(tiny_data, tmp_path):
         run("coarse", tiny_data, tmp_path, quick=True, overrides=["methods=oracle"])
     with pytest.raises(ConfigError, match="valid keys"):
         run("coarse", tiny_data, tmp_path, quick=True, overrides=["learning_rate=1"])
+
+
+def test_fit_cache_round_trips_without_pickle(tmp_path):
+    import numpy as np
+
+    from coarse_rank.experiment import _load_fitted, _save_fitted
+    from coarse_rank.train import Fitted
+
+    f = Fitted(None, None, {"auc": 0.61, "fit_days": [1, 2]}, {"prob": np.arange(4, dtype=np.float32)}, None,
+               {"user_id": np.array([3, 1]), "item_id": np.array([7, 9])})
+    _save_fitted(tmp_path / "x.npz", f)
+    g = _load_fitted(tmp_path / "x.npz")
+    assert g.result == f.result and g.teacher_pred is None
+    np.testing.assert_array_equal(g.student_pred["prob"], f.student_pred["prob"])
+    np.testing.assert_array_equal(g.train_ids["item_id"], f.train_ids["item_id"])
