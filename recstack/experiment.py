@@ -120,6 +120,20 @@ def _plt():
     return plt
 
 
+def _finish(fig, ax, path, title: str, xlabel: str | None = None, ylabel: str | None = None, legend: bool = False) -> Path:
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    if legend:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    _plt().close(fig)
+    return Path(path)
+
+
 def plot_bars_with_ci(path: str | Path, names: Sequence[str], deltas: Sequence[dict], title: str, ylabel: str = "AUC − baseline") -> Path:
     """Paired differences to the baseline with their 95 % CIs, one bar per method."""
     plt = _plt()
@@ -129,12 +143,7 @@ def plot_bars_with_ci(path: str | Path, names: Sequence[str], deltas: Sequence[d
     ax.bar(range(len(names)), means, yerr=np.nan_to_num(err), capsize=4, color=["tab:green" if d["ci95"][0] > 0 else "tab:gray" for d in deltas])
     ax.axhline(0, color="black", lw=0.8)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path, title, ylabel=ylabel)
 
 
 def plot_reliability(path: str | Path, curves: dict[str, dict], title: str) -> Path:
@@ -146,14 +155,7 @@ def plot_reliability(path: str | Path, curves: dict[str, dict], title: str) -> P
         ax.plot(c["mean_pred"], c["mean_label"], marker="o", ms=3, label=name)
         hi = max(hi, max(c["mean_pred"] + c["mean_label"]))
     ax.plot([0, hi], [0, hi], color="black", lw=0.8, ls="--", label="perfect")
-    ax.set_xlabel("mean prediction")
-    ax.set_ylabel("observed rate")
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path, title, "mean prediction", "observed rate", legend=True)
 
 
 def plot_curves(path: str | Path, xs: Sequence[float], series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str, logx: bool = False) -> Path:
@@ -163,11 +165,4 @@ def plot_curves(path: str | Path, xs: Sequence[float], series: dict[str, Sequenc
         ax.plot(xs, ys, marker="o", ms=3, label=name)
     if logx:
         ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return Path(path)
+    return _finish(fig, ax, path, title, xlabel, ylabel, legend=True)
