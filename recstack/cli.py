@@ -62,7 +62,14 @@ def _cmd_experiment(args) -> int:
 def _cmd_bench(args) -> int:
     import json
 
-    if args.what == "retrieval":
+    if args.what == "models":
+        from recstack.bench import run
+
+        res = run(args.out or "docs/results/bench", data_dir=args.data, runs=args.runs, quick=args.quick,
+                  command="recstack " + " ".join(sys.argv[1:]))
+        print(json.dumps(res["targets"], indent=2))
+        print(f"wrote {Path(args.out or 'docs/results/bench') / 'report.md'}, results.json and bench.png")
+    elif args.what == "retrieval":
         if not args.checkpoint:
             raise ValueError("bench retrieval: --checkpoint RUNS/retrieval/checkpoint.pt is required")
         import torch
@@ -170,11 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
     s.set_defaults(func=_cmd_experiment)
 
-    s = sub.add_parser("bench", help="retrieval index sweep (recall@1000 vs latency) / cascade recall against the truth")
-    s.add_argument("what", choices=["retrieval", "cascade"])
+    s = sub.add_parser("bench", help="retrieval index sweep (recall@1000 vs latency) / cascade recall against the truth"
+                                     " / coarse and fine model costs")
+    s.add_argument("what", choices=["retrieval", "cascade", "models"])
+    s.add_argument("--runs", default=None, help="models: runs dir with coarse/ and fine/checkpoint.pt (default: fresh models)")
+    s.add_argument("--quick", action="store_true", help="models: small sizes, seconds (a smoke test, not a report)")
     s.add_argument("--checkpoint", help="retrieval: RUNS/retrieval/checkpoint.pt")
     s.add_argument("--artifacts", help="cascade: a bundle, artifacts root or runs dir")
-    s.add_argument("--data", help="the world (retrieval default: the checkpoint's)")
+    s.add_argument("--data", help="the world (retrieval default: the checkpoint's; models: sizes the vocabulary and corpus)")
     s.add_argument("--out", default=None, help="report directory (default docs/results/<what>)")
     s.add_argument("--queries", type=int, default=500)
     s.add_argument("--timed", type=int, default=200)
