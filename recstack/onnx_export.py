@@ -31,7 +31,7 @@ def export_onnx(module: torch.nn.Module, inputs: dict[str, np.ndarray], path: st
 
     with torch.no_grad():
         torch.onnx.export(
-            _Positional(module), args, str(path), input_names=names, output_names=output_names,
+            _Positional(module).eval(), args, str(path), input_names=names, output_names=output_names,
             dynamic_axes=dynamic, opset_version=17, dynamo=False,
         )
     return path
