@@ -98,7 +98,8 @@ def _user_pool(users, n_users: int) -> tuple[np.ndarray | None, str]:
 
 def run_once(target: str, qps: float, duration_s: float, concurrency: int, users=None, max_requests: int | None = None,
              *, k: int = 10, timeout_s: float = 2.0, debug: bool = True, n_users: int = 1000, seed: int = 0,
-             tls_ca: str | None = None, keep_samples: bool = False, connections: int = 4) -> dict:
+             tls_ca: str | None = None, keep_samples: bool = False, connections: int = 4,
+             retrieval_size: int = 0, coarse_size: int = 0) -> dict:
     """One open-loop run at `qps`; see the module docstring. Returns the figures as a dict."""
     import grpc
 
@@ -132,7 +133,8 @@ def run_once(target: str, qps: float, duration_s: float, concurrency: int, users
             stack.enter_context(ch)
             grpc.channel_ready_future(ch).result(timeout=10)
         stubs = [pb_grpc.RankingServiceStub(ch) for ch in channels]
-        reqs = [pb.RankRequest(user_id=int(u), num_results=k, debug=debug) for u in user_ids]
+        reqs = [pb.RankRequest(user_id=int(u), num_results=k, debug=debug, retrieval_size=retrieval_size,
+                               coarse_size=coarse_size) for u in user_ids]
         t0 = time.perf_counter() + 0.05
         stop_at = t0 + duration_s
 
@@ -318,6 +320,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None, help="simulated data dir: draw users from its test day (default: uniform ids)")
     p.add_argument("--n-users", type=int, default=1000, help="uniform ids in [0, N) when --data is not given")
     p.add_argument("-k", type=int, default=10, help="num_results per request")
+    p.add_argument("--retrieval-size", type=int, default=0, help="retrieval_size per request (0 = server default)")
+    p.add_argument("--coarse-size", type=int, default=0, help="coarse_size per request (0 = server default)")
     p.add_argument("--timeout", type=float, default=2.0, help="per-call deadline (s)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--plot", default=None, help="write a PNG latency plot here")
@@ -332,6 +336,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     try:
         res = run(args.target, args.qps, args.duration, args.concurrency, users=args.data, max_requests=args.max_requests,
                   json_out=args.json, plot=args.plot, sweep=args.sweep, p99_bound_ms=args.p99_bound_ms, k=args.k,
+                  retrieval_size=args.retrieval_size, coarse_size=args.coarse_size,
                   timeout_s=args.timeout, n_users=args.n_users, seed=args.seed, tls_ca=args.tls_ca,
                   connections=args.connections)
     except LoadTestError as e:

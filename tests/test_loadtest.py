@@ -96,3 +96,14 @@ def test_accepts_loopback_targets():
     assert L.check_loopback("127.0.0.1:1") == ("127.0.0.1", 1)
     assert L.check_loopback("localhost:2")[1] == 2
     assert L.main(["--target", "8.8.8.8:1", "--duration", "0.1"]) == 2
+
+
+def test_stage_sizes_reach_the_server(target):
+    addr, _ = target
+    ok = L.run(addr, qps=40, duration_s=1.0, concurrency=4, max_requests=8, n_users=40, k=5,
+               retrieval_size=50, coarse_size=20)
+    assert ok["status"] == {"OK": 8}
+    # coarse_size > retrieval_size is refused: proof that the sizes travel in every request
+    bad = L.run(addr, qps=40, duration_s=1.0, concurrency=4, max_requests=8, n_users=40, k=5,
+                retrieval_size=10, coarse_size=20)
+    assert bad["status"] == {"INVALID_ARGUMENT": 8}
