@@ -4,6 +4,7 @@ stages; SIGTERM -> NOT_SERVING at once, in-flight calls complete, exit 0; N work
 share one port."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -118,7 +119,9 @@ def test_bounded_queue_answers_resource_exhausted_in_milliseconds(artifacts):
         server.stop(None)
 
 
-def test_deadline_passed_in_a_stage_skips_the_later_stages(artifacts):
+@contextlib.contextmanager
+def _gated_retrieval(artifacts):
+    """A server whose retrieval stage blocks until `gate.release` (coarse passes, counting calls)."""
     server, port, servicer = build_server(artifacts, max_workers=2)
     cascade = servicer.cascade
     gate, coarse = _Gate(cascade.retrieval_tower), _Gate(cascade.coarse_tower)
@@ -126,39 +129,33 @@ def test_deadline_passed_in_a_stage_skips_the_later_stages(artifacts):
     cascade.retrieval_tower, cascade.coarse_tower = gate, coarse
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = pb_grpc.RankingServiceStub(ch)
-            fut = stub.Rank.future(client.make_request(1, 5), timeout=0.3)
-            assert gate.entered.wait(10)
-            with pytest.raises(grpc.RpcError) as e:
-                fut.result()
-            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            gate.release.set()  # the retrieval stage finishes after the caller's deadline...
-            _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
-            assert coarse.calls == 0  # ...and the coarse and fine stages never run
+            yield pb_grpc.RankingServiceStub(ch), servicer, gate, coarse
     finally:
         gate.release.set()
         server.stop(None)
+
+
+def test_deadline_passed_in_a_stage_skips_the_later_stages(artifacts):
+    with _gated_retrieval(artifacts) as (stub, servicer, gate, coarse):
+        fut = stub.Rank.future(client.make_request(1, 5), timeout=0.3)
+        assert gate.entered.wait(10)
+        with pytest.raises(grpc.RpcError) as e:
+            fut.result()
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.release.set()  # the retrieval stage finishes after the caller's deadline...
+        _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
+        assert coarse.calls == 0  # ...and the coarse and fine stages never run
 
 
 def test_cancelled_call_stops(artifacts):
-    server, port, servicer = build_server(artifacts, max_workers=2)
-    cascade = servicer.cascade
-    gate, coarse = _Gate(cascade.retrieval_tower), _Gate(cascade.coarse_tower)
-    coarse.release.set()
-    cascade.retrieval_tower, cascade.coarse_tower = gate, coarse
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = pb_grpc.RankingServiceStub(ch)
-            fut = stub.Rank.future(client.make_request(1, 5), timeout=30)
-            assert gate.entered.wait(10)
-            assert fut.cancel()
-            time.sleep(0.1)  # let the server see the cancellation
-            gate.release.set()
-            _wait_for(lambda: _count(servicer, "CANCELLED") == 1)
-            assert coarse.calls == 0
-    finally:
+    with _gated_retrieval(artifacts) as (stub, servicer, gate, coarse):
+        fut = stub.Rank.future(client.make_request(1, 5), timeout=30)
+        assert gate.entered.wait(10)
+        assert fut.cancel()
+        time.sleep(0.1)  # let the server see the cancellation
         gate.release.set()
-        server.stop(None)
+        _wait_for(lambda: _count(servicer, "CANCELLED") == 1)
+        assert coarse.calls == 0
 
 
 def _count(servicer, code: str) -> float:
