@@ -21,6 +21,7 @@ The protocol is the same for every method, the baseline included (DESIGN §6):
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,7 @@ from recstack.data import load
 from fine_rank import train as T
 
 EXPERIMENTS = ("cvr", "sead", "signal-loss")
-LRS = (5e-4, 1e-3, 2e-3)  # the sweep every method gets (Adam; the default 1e-3 in the middle)
+LRS = (5e-4, 1e-3, 2e-3, 4e-3)  # the sweep every method gets (Adam; on small most methods chose 2e-3, so the grid goes one step past it)
 QUICK_LRS = (1e-3, 2e-3)
 FRACTIONS = (0.25, 0.5, 1.0)  # baseline data sizes for the data-equivalent multiplier
 LAMBDAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # PFD Table 6
@@ -266,23 +267,46 @@ def train_eval(method: Method, base: T.Config, split: Split, vocab, lr: float, s
             "extras": {k: f(score) for k, f in res.extras.items()}}
 
 
+_TABLES: "Tables | None" = None  # the tables of the running experiment; forked workers read them copy-on-write
+
+
+def _job(args: tuple) -> dict:
+    """One train_eval in a worker (or inline): (method, base, phase, lr, seed, frac, extra)."""
+    method, base, phase, lr, seed, frac, extra = args
+    torch.set_num_threads(1)
+    return train_eval(method, base, getattr(_TABLES, phase), _TABLES.vocab, lr, seed, frac, extra)
+
+
+def _map(jobs: list[tuple], workers: int) -> list[dict]:
+    """Run independent fits, in `workers` forked processes when > 1 (each fit seeds itself, so
+    the results equal a serial run's)."""
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            return pool.map(_job, jobs, chunksize=1)
+    return [_job(j) for j in jobs]
+
+
 def run_table(kind: str, methods: Sequence[Method], tables: Tables, base: T.Config, seeds: Sequence[int],
-              lrs: Sequence[float], fractions: Sequence[float], log: Callable[[str], None]) -> dict:
+              lrs: Sequence[float], fractions: Sequence[float], log: Callable[[str], None], workers: int = 1) -> dict:
     """The protocol for one task's methods; -> {"methods": {...}, "multiplier_curve": ..., ...}."""
+    global _TABLES
+    _TABLES = tables
     task = methods[0].task
     chosen: dict[str, float] = {}
     chosen_extra: dict[str, tuple[str, ...]] = {m.name: () for m in methods}
     sweeps: dict[str, dict] = {}
     grid_scores: dict[str, dict] = {}
+    # 1. the validation sweep: every (method, setting, LR), trained on the fit days, first seed
+    slots = [(m, extra, lr) for m in methods if not m.lr_times_baseline for extra in m.grid for lr in lrs]
+    outs = _map([(m, base, "valid", lr, seeds[0], 1.0, extra) for m, extra, lr in slots], workers)
+    valid_auc = {(m.name, extra, float(lr)): validation_score(kind, task, tables.valid.score[task], o["probs"])
+                 for (m, extra, lr), o in zip(slots, outs)}
     for m in methods:
         if m.lr_times_baseline:
             continue
         best = None
         for extra in m.grid:
-            def score(lr, m=m, extra=extra):
-                out = train_eval(m, base, tables.valid, tables.vocab, lr, seeds[0], extra_changes=extra)
-                return validation_score(kind, task, tables.valid.score[task], out["probs"])
-            lr, sweep = X.select_lr(score, lrs)
+            lr, sweep = X.select_lr(lambda lr, m=m, extra=extra: valid_auc[(m.name, extra, float(lr))], lrs)
             if len(m.grid) > 1:
                 grid_scores.setdefault(m.name, {})[",".join(extra)] = sweep
             if best is None or sweep[lr] > best[0]:
@@ -297,27 +321,27 @@ def run_table(kind: str, methods: Sequence[Method], tables: Tables, base: T.Conf
     buckets = X.frequency_buckets(tables.test.fit[task]["item_id"], test_rows["item_id"])
     per_seed: dict[str, list[dict]] = {m.name: [] for m in methods}
     reliability_probs: dict[str, np.ndarray] = {}
-    for seed in seeds:
-        for m in methods:
-            out = train_eval(m, base, tables.test, tables.vocab, chosen[m.name], seed, extra_changes=chosen_extra[m.name])
-            r = score_run(kind, task, test_rows, out["probs"], out["extras"], buckets, tables.test.score_agg)
-            r["wall_s"] = out["wall_s"]
-            per_seed[m.name].append(r)
-            if seed == seeds[0]:
-                reliability_probs[m.name] = out["probs"]
-            log(f"  [{task}] seed {seed} {m.name}: AUC {r['student_auc']:.4f} cal {r['calibration']:.3f} ({out['wall_s']:.1f}s)")
-
-    # baseline on less data, for the data-equivalent multiplier (its chosen LR)
-    curve = {}
+    # 2. the test runs (every seed x method at its chosen LR) and the baseline on less data
     base_m = next(m for m in methods if m.name == "baseline")
+    test_slots = [(seed, m) for seed in seeds for m in methods]
+    frac_slots = [(frac, seed) for frac in fractions if frac < 1.0 for seed in seeds]
+    jobs = [(m, base, "test", chosen[m.name], seed, 1.0, chosen_extra[m.name]) for seed, m in test_slots]
+    jobs += [(base_m, base, "test", chosen["baseline"], seed, frac, ()) for frac, seed in frac_slots]
+    outs = _map(jobs, workers)
+    for (seed, m), out in zip(test_slots, outs):
+        r = score_run(kind, task, test_rows, out["probs"], out["extras"], buckets, tables.test.score_agg)
+        r["wall_s"] = out["wall_s"]
+        per_seed[m.name].append(r)
+        if seed == seeds[0]:
+            reliability_probs[m.name] = out["probs"]
+        log(f"  [{task}] seed {seed} {m.name}: AUC {r['student_auc']:.4f} cal {r['calibration']:.3f} ({out['wall_s']:.1f}s)")
+    curve = {}
+    frac_outs = dict(zip(frac_slots, outs[len(test_slots):]))
     for frac in fractions:
         if frac >= 1.0:
             curve[frac] = [r["student_auc"] for r in per_seed["baseline"]]
             continue
-        curve[frac] = []
-        for seed in seeds:
-            out = train_eval(base_m, base, tables.test, tables.vocab, chosen["baseline"], seed, frac=frac)
-            curve[frac].append(M.auc(test_rows[eval_label(task)], out["probs"]))
+        curve[frac] = [M.auc(test_rows[eval_label(task)], frac_outs[(frac, seed)]["probs"]) for seed in seeds]
         log(f"  [{task}] baseline at {frac:.0%} of the rows: AUC {np.mean(curve[frac]):.4f}")
     fr = sorted(curve)
     curve_means = [float(np.mean(curve[f])) for f in fr]
@@ -371,20 +395,20 @@ def run_table(kind: str, methods: Sequence[Method], tables: Tables, base: T.Conf
 
 
 def lambda_sweep(methods: Sequence[Method], chosen: dict, tables: Tables, base: T.Config, seeds: Sequence[int],
-                 lambdas: Sequence[float], main: dict, log) -> dict:
+                 lambdas: Sequence[float], main: dict, log, workers: int = 1) -> dict:
     """PFD Table 6: students' test AUC at each λ (each method at its chosen LR; λ = 0.5 reused)."""
-    out = {}
+    global _TABLES
+    _TABLES = tables
     base_auc = main["baseline"]["student_auc_per_seed"]
+    reuse = lambda lam: abs(lam - 0.5) < 1e-9 and base.distill_lambda == 0.5
+    slots = [(m, lam, seed) for m in methods for lam in lambdas if not reuse(lam) for seed in seeds]
+    outs = _map([(m, base, "test", chosen[m.name], seed, 1.0, (f"distill_lambda={lam}",)) for m, lam, seed in slots], workers)
+    got = {(m.name, lam, seed): M.auc(tables.test.score["cvr"]["purchase"], o["probs"]) for (m, lam, seed), o in zip(slots, outs)}
+    out = {}
     for m in methods:
         out[m.name] = {}
         for lam in lambdas:
-            if abs(lam - 0.5) < 1e-9 and base.distill_lambda == 0.5:
-                aucs = main[m.name]["student_auc_per_seed"]
-            else:
-                aucs = []
-                for seed in seeds:
-                    r = train_eval(m, base, tables.test, tables.vocab, chosen[m.name], seed, extra_changes=(f"distill_lambda={lam}",))
-                    aucs.append(M.auc(tables.test.score["cvr"]["purchase"], r["probs"]))
+            aucs = main[m.name]["student_auc_per_seed"] if reuse(lam) else [got[(m.name, lam, seed)] for seed in seeds]
             out[m.name][str(lam)] = {"student_auc": X.mean_std(aucs), "delta_vs_baseline": X.paired_diff(aucs, base_auc)}
             log(f"  [cvr] λ={lam} {m.name}: AUC {np.mean(aucs):.4f}")
     return out
@@ -485,13 +509,14 @@ def _strip(table: dict) -> dict:
 
 
 def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: bool = False,
-        overrides: Sequence[str] = (), log: Callable[[str], None] | None = None) -> dict:
+        overrides: Sequence[str] = (), log: Callable[[str], None] | None = None, workers: int = 1) -> dict:
     """Run experiment `name` ("cvr", "sead" or "signal-loss") on a simulated data dir and
     write report.md, results.json and PNG plots to `out_dir`; -> the results dict.
 
     quick=True shrinks the models, steps, LR sweep and λ list so that a test runs it on
     `tiny` in seconds (the numbers then mean nothing). `overrides` are fine `Config`
-    key=value pairs applied to every method.
+    key=value pairs applied to every method. `workers` > 1 runs independent fits in that
+    many forked processes (one thread each); the numbers equal a serial run's.
     """
     if name not in EXPERIMENTS:
         raise ValueError(f"unknown experiment {name!r}; choose one of {EXPERIMENTS}")
@@ -516,10 +541,10 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
     sections: list[str] = []
 
     if name == "cvr":
-        table = run_table("cvr", CVR_METHODS, tables, base, seeds, lrs, fractions, log)
+        table = run_table("cvr", CVR_METHODS, tables, base, seeds, lrs, fractions, log, workers)
         lam_methods = [m for m in CVR_METHODS if m.name in ("lupi", "pfd")]
         lambdas = (0.1, 0.5) if quick else LAMBDAS
-        lam = lambda_sweep(lam_methods, table["_chosen"], tables, base, seeds, lambdas, table["methods"], log)
+        lam = lambda_sweep(lam_methods, table["_chosen"], tables, base, seeds, lambdas, table["methods"], log, workers)
         results.update(_strip(table))
         results["lambda"] = lam
         e = table["methods"]
@@ -556,7 +581,7 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
     elif name == "sead":
         tabs = {}
         for task in ("ctr", "cvr"):
-            tabs[task] = run_table("sead", _sead_methods(task), tables, base, seeds, lrs, fractions, log)
+            tabs[task] = run_table("sead", _sead_methods(task), tables, base, seeds, lrs, fractions, log, workers)
         results["methods"] = tabs["ctr"]["methods"]
         results["methods_cvr"] = tabs["cvr"]["methods"]
         results["tasks"] = {t: _strip(v) for t, v in tabs.items()}
@@ -583,7 +608,7 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
             ]
 
     else:  # signal-loss
-        table = run_table("signal-loss", SIGNAL_METHODS, tables, base, seeds, lrs, fractions, log)
+        table = run_table("signal-loss", SIGNAL_METHODS, tables, base, seeds, lrs, fractions, log, workers)
         results.update(_strip(table))
         e = table["methods"]
         files = _plots(out, "signal_loss", table, "Signal loss (SEAD Table 2)")

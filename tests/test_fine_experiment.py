@@ -105,3 +105,15 @@ def test_unknown_experiment_and_single_seed_are_refused(tiny_data, tmp_path):
         FX.run("coarse", tiny_data, tmp_path)
     with pytest.raises(ValueError, match="seeds"):
         FX.run("cvr", tiny_data, tmp_path, seeds=(1,), quick=True)
+
+
+def test_workers_give_the_serial_numbers(consent_world, tmp_path):
+    # the fits are independent and seed themselves: a process pool must not change a number
+    serial = FX.run("signal-loss", consent_world, tmp_path / "serial", seeds=(1, 2), quick=True, log=lambda s: None)
+    pooled = FX.run("signal-loss", consent_world, tmp_path / "pooled", seeds=(1, 2), quick=True, log=lambda s: None,
+                    workers=2)
+    for name, e in serial["methods"].items():
+        p = pooled["methods"][name]
+        assert p["lr"] == e["lr"] and p["validation_sweep"] == e["validation_sweep"], name
+        assert p["student_auc_per_seed"] == e["student_auc_per_seed"], name
+        assert p["calibration_aggregated"] == e["calibration_aggregated"], name
