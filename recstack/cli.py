@@ -16,7 +16,7 @@ def _cmd_simulate(args) -> int:
     from recstack.world import preset, simulate
 
     cfg = apply_overrides(preset(args.preset), args.set)
-    meta = simulate(cfg, args.seed, args.out, preset=args.preset)
+    meta = simulate(cfg, args.seed, args.out, preset=args.preset, shard_rows=args.shard_rows)
     days = meta["days"]
     print(f"wrote {args.out}: {cfg.n_users} users, {cfg.n_items} items, {len(days)} days, "
           f"{sum(d['impressions'] for d in days)} impressions, {meta['n_events']} behaviours "
@@ -27,13 +27,27 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    from recstack import distributed
+    from recstack.checkpoint import CheckpointError
     from recstack.config import apply_overrides
 
+    if args.checkpoint_every < 0:
+        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     mod = importlib.import_module(f"{STAGES[args.stage]}.train")
     cfg = apply_overrides(mod.Config(), args.set)
     out = Path(args.out) / args.stage
-    metrics = mod.train(cfg, args.data, out)
-    print(f"{args.stage}: checkpoint {out / 'checkpoint.pt'}")
+    # under torchrun (WORLD_SIZE > 1) join the process group; otherwise nothing changes
+    world = distributed.init()
+    try:
+        metrics = mod.train(cfg, args.data, out, resume=args.resume, checkpoint_every=args.checkpoint_every)
+    except CheckpointError as e:
+        print(f"recstack train: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        distributed.destroy()
+    if world.rank != 0:
+        return 0
+    print(f"{args.stage}: checkpoint {out / 'checkpoint.pt'}" + (f" ({world.size} processes)" if world.distributed else ""))
     for k, v in metrics.items():
         if isinstance(v, (int, float)):
             print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
@@ -54,7 +68,9 @@ def _cmd_experiment(args) -> int:
     if not seeds:
         raise ValueError("--seeds: at least one seed")
     mod = importlib.import_module(f"{EXPERIMENTS[args.name]}.experiment")
-    mod.run(args.name, args.data, args.out, seeds=seeds, quick=args.quick, overrides=tuple(args.set))
+    if args.workers < 1:
+        raise ValueError(f"--workers: must be >= 1, got {args.workers}")
+    mod.run(args.name, args.data, args.out, seeds=seeds, quick=args.quick, overrides=tuple(args.set), workers=args.workers)
     print(f"wrote {Path(args.out) / 'report.md'}, results.json and plots")
     return 0
 
@@ -159,13 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", required=True)
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a WorldConfig field")
+    s.add_argument("--shard-rows", type=int, default=None, metavar="N",
+                   help="write each day's impressions as impressions/day=NN/part-*.parquet of N rows (e.g. 250000 "
+                        "for large; training can then stream them, recstack.shards); default: one file per day")
     s.set_defaults(func=_cmd_simulate)
 
-    s = sub.add_parser("train", help="train one stage from the logs")
+    s = sub.add_parser("train", help="train one stage from the logs (under torchrun: DDP over the processes)")
     s.add_argument("stage", choices=list(STAGES))
     s.add_argument("--data", required=True, help="a `recstack simulate` output directory")
     s.add_argument("--out", required=True, help="runs directory; the checkpoint goes to OUT/STAGE/checkpoint.pt")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
+    s.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="write the training state to OUT/STAGE/train_state.pt every N optimiser steps (0: never)")
+    s.add_argument("--resume", action="store_true",
+                   help="continue from OUT/STAGE/train_state.pt if it exists (same --set overrides; else start afresh)")
     s.set_defaults(func=_cmd_train)
 
     s = sub.add_parser("experiment", help="run a paper table on a simulated world: report.md, results.json, plots")
@@ -174,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True)
     s.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (>= 3 for confidence intervals)")
     s.add_argument("--quick", action="store_true", help="tiny models and sweeps: checks the pipeline, numbers mean nothing")
+    s.add_argument("--workers", type=int, default=1,
+                   help="run independent fits in this many processes, one thread each (results equal a serial run's)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
     s.set_defaults(func=_cmd_experiment)
 
@@ -183,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runs", default=None, help="models: runs dir with coarse/ and fine/checkpoint.pt (default: fresh models)")
     s.add_argument("--quick", action="store_true", help="models: small sizes, seconds (a smoke test, not a report)")
     s.add_argument("--checkpoint", help="retrieval: RUNS/retrieval/checkpoint.pt")
-    s.add_argument("--artifacts", help="cascade: a bundle, artifacts root or runs dir")
+    s.add_argument("--artifacts", help="cascade / all: a bundle, artifacts root (or, cascade, a runs dir)")
     s.add_argument("--data", help="the world (retrieval default: the checkpoint's; models: sizes the vocabulary and corpus)")
     s.add_argument("--out", default=None, help="report directory (default docs/results/<what>)")
     s.add_argument("--queries", type=int, default=500)

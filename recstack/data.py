@@ -4,17 +4,20 @@
     train = data.examples(data.train_days)          # impressions of days 1..D-2
     for batch in train.iterate(1024, shuffle=True):  # dict of numpy arrays, names as in ARCHITECTURE.md
         ...
+
+Days beyond memory (a sharded world, DDP): recstack.shards streams them a chunk at a time.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from recstack import features as F
+from recstack.world.schema import DAY_FILE, SHARD_DIR, SHARD_FILE
 
 IMPRESSION_COLUMNS = (
     "day", "ts", "user_id", "session_id", "position", "item_id", "click", "purchase", "purchase_observed",
@@ -31,6 +34,41 @@ def _read(path: Path, columns=None) -> dict[str, np.ndarray]:
         raise DataError(f"missing {path} (is this a `recstack simulate` output directory?)")
     table = pq.read_table(path, columns=columns)
     return {name: table.column(name).to_numpy() for name in table.column_names}
+
+
+class Shard(NamedTuple):
+    """One Parquet file of impressions: a whole day (impressions/day=NN.parquet) or one part
+    of a sharded day (impressions/day=NN/part-PPPPP.parquet)."""
+
+    day: int
+    path: Path
+    rows: int
+
+
+def read_shard(shard: Shard) -> dict[str, np.ndarray]:
+    """A shard's impression columns (IMPRESSION_COLUMNS), checked against its listed row count."""
+    try:
+        table = pq.read_table(shard.path, columns=list(IMPRESSION_COLUMNS))
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise DataError(f"{shard.path}: cannot read impressions: {e}") from e
+    if table.num_rows != shard.rows:
+        raise DataError(f"{shard.path}: {table.num_rows} rows, expected {shard.rows}")
+    return {name: table.column(name).to_numpy() for name in IMPRESSION_COLUMNS}
+
+
+def _check_shard(path: Path, day: int, rows: int | None) -> Shard:
+    """Open a shard's footer: a readable Parquet file with the impression columns (and the
+    row count world.json lists, when it lists one)."""
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception as e:  # noqa: BLE001
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+    missing = [c for c in IMPRESSION_COLUMNS if c not in meta.schema.names]
+    if missing:
+        raise DataError(f"{path}: missing impression columns {missing}")
+    if rows is not None and meta.num_rows != rows:
+        raise DataError(f"{path}: {meta.num_rows} rows, world.json lists {rows}")
+    return Shard(day, path, meta.num_rows)
 
 
 class SimData:
@@ -77,10 +115,56 @@ class SimData:
 
     def impressions(self, days: list[int] | int) -> dict[str, np.ndarray]:
         days = [days] if isinstance(days, int) else list(days)
-        parts = [_read(self.root / "impressions" / f"day={d:02d}.parquet") for d in days]
+        parts = [_read(self.root / DAY_FILE.format(day=d)) if self._one_file(d) else self._read_day_shards(d) for d in days]
         if not parts:
             raise DataError("no days selected")
         return {k: np.concatenate([p[k] for p in parts]) for k in IMPRESSION_COLUMNS}
+
+    def _one_file(self, day: int) -> bool:
+        # the one-file layout is read as it always was; anything else goes through the shard checks
+        return not (self.root / SHARD_DIR.format(day=day)).exists()
+
+    def _read_day_shards(self, day: int) -> dict[str, np.ndarray]:
+        parts = [read_shard(s) for s in self.impression_shards(day)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in IMPRESSION_COLUMNS}
+
+    def impression_shards(self, days: list[int] | int) -> list[Shard]:
+        """The impression files of `days`, in day then part order, each checked: present,
+        readable, with the impression columns, and (sharded layout) exactly the parts and row
+        counts world.json's `impression_shards` lists. A one-file day is one shard."""
+        days = [days] if isinstance(days, int) else list(days)
+        if not days:
+            raise DataError("no days selected")
+        out: list[Shard] = []
+        for d in days:
+            one, parts = self.root / DAY_FILE.format(day=d), self.root / SHARD_DIR.format(day=d)
+            if one.exists() and parts.exists():
+                raise DataError(f"day {d} is in both layouts: {one} and {parts}/ (remove one)")
+            if one.exists():
+                out.append(_check_shard(one, d, None))
+            elif parts.exists():
+                out.extend(self._day_shards(d, parts))
+            else:
+                raise DataError(f"missing {one} (is this a `recstack simulate` output directory?)")
+        return out
+
+    def _day_shards(self, day: int, folder: Path) -> list[Shard]:
+        manifest = self.world.get("impression_shards")
+        rows = manifest.get("rows") if isinstance(manifest, dict) else None
+        listed = rows.get(str(day)) if isinstance(rows, dict) else None
+        if not isinstance(listed, list) or not listed:
+            raise DataError(f"{folder}: a sharded day, but world.json's impression_shards lists no parts for day {day}")
+        if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in listed):
+            raise DataError(f"world.json: impression_shards.rows[{str(day)!r}] must be row counts (ints >= 0), got {listed!r}")
+        expected = [self.root / SHARD_FILE.format(day=day, part=i) for i in range(len(listed))]
+        found = set(folder.glob("part-*.parquet"))
+        for path in expected:
+            if path not in found:
+                raise DataError(f"missing shard {path} (world.json lists {len(listed)} parts for day {day})")
+        extra = sorted(found - set(expected))
+        if extra:
+            raise DataError(f"unexpected shard {extra[0]} (world.json lists {len(listed)} parts for day {day})")
+        return [_check_shard(path, day, int(rows)) for path, rows in zip(expected, listed)]
 
     def examples(self, days: list[int] | int, clicked_only: bool = False) -> "Examples":
         imps = self.impressions(days)

@@ -62,6 +62,8 @@ def test_day_users(data_dir: str | Path) -> np.ndarray:
     world = json.loads((data_dir / "world.json").read_text())
     n_days = int(world.get("n_days") or world.get("config", {}).get("n_days"))
     path = data_dir / "impressions" / f"day={n_days:02d}.parquet"
+    if not path.exists() and (data_dir / "impressions" / f"day={n_days:02d}").is_dir():
+        path = data_dir / "impressions" / f"day={n_days:02d}"  # sharded layout: pyarrow reads the folder's parts
     if not path.exists():
         days = sorted((data_dir / "impressions").glob("day=*.parquet"))
         if not days:

@@ -3,7 +3,18 @@
 `SCHEMA[file][column] = description`. tests/test_world.py checks the files against it.
 Times (`ts`) are seconds since the start of the first history day; day d >= 1 spans
 [(history_days + d - 1) * 86400, (history_days + d) * 86400). Ids are 0-based.
+
+A day's impressions are in one of two layouts (the same rows either way, in the same order):
+`impressions/day=NN.parquet` (the default), or, from `simulate(..., shard_rows=N)`,
+`impressions/day=NN/part-PPPPP.parquet` shards of N rows each (the day's last one fewer),
+with every shard's row count listed in world.json's `impression_shards`. The shards of a
+day, read in part order and concatenated, are the one-file layout's day.
 """
+
+# file names, relative to the data directory (str.format with day=, part=)
+DAY_FILE = "impressions/day={day:02d}.parquet"
+SHARD_DIR = "impressions/day={day:02d}"
+SHARD_FILE = "impressions/day={day:02d}/part-{part:05d}.parquet"
 
 SCHEMA: dict[str, dict[str, str]] = {
     "users.parquet": {
@@ -88,5 +99,6 @@ WORLD_JSON = {
     "vocab": "cardinalities + log-price standardisation (recstack.features.Vocab)",
     "days": "per-day impressions, CTR, CVR, observed CVR",
     "n_events": "int",
+    "impression_shards": "only in the sharded layout: {shard_rows: int, rows: {day (str): [rows of part 0, 1, ...]}}",
     "timings_s": "simulation wall time",
 }

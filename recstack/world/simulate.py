@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -18,9 +19,26 @@ import pyarrow.parquet as pq
 
 from recstack.config import to_dict
 from recstack.world.config import WorldConfig
+from recstack.world.schema import DAY_FILE, SHARD_FILE
 
 DAY = 86_400.0
 FORMAT_VERSION = 1
+# Sessions generated (and written) at a time: bounds the simulator's working memory. Part of
+# the world's definition too: the random draws are interleaved chunk by chunk, so another
+# value gives another world for the same seed.
+SESSION_CHUNK = 20_000
+IMPRESSION_ORDER = ("day", "ts", "user_id", "session_id", "position", "item_id", "click", "purchase", "purchase_observed",
+                    "dwell", "comments", "chatted", "cart", "true_pctr", "true_pcvr")
+# the types numpy's arrays had when each day was written in one piece; fixed, so that every
+# shard (an empty one too) has the same schema
+IMPRESSION_ARROW_SCHEMA = pa.schema([
+    ("day", pa.int16()), ("ts", pa.float64()), ("user_id", pa.int64()), ("session_id", pa.int64()),
+    ("position", pa.int64()), ("item_id", pa.int64()), ("click", pa.bool_()), ("purchase", pa.bool_()),
+    ("purchase_observed", pa.bool_()), ("dwell", pa.float32()), ("comments", pa.int16()), ("chatted", pa.int16()),
+    ("cart", pa.int16()), ("true_pctr", pa.float32()), ("true_pcvr", pa.float32()),
+])
+EVENT_ORDER = ("user_id", "ts", "item_id", "kind", "dwell")
+INTENT_BLOCK = 1024  # users per block of the daily intent draw (was 4096: 300 MB of temporaries at 3,000 categories)
 ACTIVITY_RATE = np.array([0.4, 0.8, 1.5, 3.0])  # session-rate multiplier per activity level
 ACTIVITY_SHARE = np.array([0.3, 0.35, 0.25, 0.1])
 
@@ -107,10 +125,12 @@ class World:
         k = min(self.cfg.intent_categories, self.cfg.n_categories)
         out = np.empty((len(users), k), dtype=np.int64)
         log_pop = np.log(self.cat_pop)
-        for s in range(0, len(users), 4096):
-            u = users[s : s + 4096]
+        # blocks of INTENT_BLOCK users bound the (block, C) temporaries; the Gumbel draws are
+        # one stream and each row's score its own, so the block size does not change the world
+        for s in range(0, len(users), INTENT_BLOCK):
+            u = users[s : s + INTENT_BLOCK]
             score = 2.0 * self.taste[u] @ self.cat_latent.T + log_pop + rng.gumbel(size=(len(u), len(log_pop)))
-            out[s : s + 4096] = np.argpartition(-score, k - 1, axis=1)[:, :k]
+            out[s : s + INTENT_BLOCK] = np.argpartition(-score, k - 1, axis=1)[:, :k]
         return out
 
 
@@ -164,8 +184,12 @@ def _dedupe_rows(cand: np.ndarray) -> np.ndarray:
     return first
 
 
-def simulate_day(world: World, day: int, rng, items_by_cat, cat_start) -> tuple[dict, dict]:
-    """One day of traffic. Returns (impression columns, behaviour-event columns)."""
+def simulate_day(world: World, day: int, rng, items_by_cat, cat_start) -> tuple[np.ndarray, Iterator[dict]]:
+    """One day of traffic. Returns (today's intent categories (U, k), a generator of impression
+    chunks): each chunk is a dict of the impression columns (IMPRESSION_ORDER) for up to
+    20,000 sessions (x impressions_per_session rows), in session-time order. The chunks draw
+    from `rng` as they are generated, so the day's log is the same whatever the consumer does
+    with them, provided it consumes them all before the next day and draws nothing in between."""
     cfg = world.cfg
     U = cfg.n_users
     n_sess = rng.poisson(cfg.sessions_per_day * ACTIVITY_RATE[world.activity])
@@ -174,13 +198,27 @@ def simulate_day(world: World, day: int, rng, items_by_cat, cat_start) -> tuple[
     order = np.argsort(s_ts, kind="stable")
     s_user, s_ts = s_user[order], s_ts[order]
     intent_u = world.intents(np.arange(U), rng)  # (U, k) today's intent per user
+    return intent_u, _day_chunks(world, day, rng, items_by_cat, cat_start, s_user, s_ts, intent_u)
+
+
+def _affinity(world: World, users: np.ndarray, pool: np.ndarray, rows: int = 2048) -> np.ndarray:
+    """taste . item latent for (N,) users and their (N, P) pools -> (N, P), a block of rows at a
+    time: the (N, P, d) gather was the simulator's largest temporary (256 MB for a chunk).
+    Each row's sums do not depend on the blocking: the small and medium worlds came out
+    bit-identical to those of one einsum over the chunk."""
+    out = np.empty(pool.shape)
+    for s in range(0, len(users), rows):
+        out[s : s + rows] = np.einsum("nd,npd->np", world.taste[users[s : s + rows]], world.item_latent[pool[s : s + rows]])
+    return out
+
+
+def _day_chunks(world: World, day: int, rng, items_by_cat, cat_start, s_user, s_ts, intent_u) -> Iterator[dict]:
+    cfg = world.cfg
     K = cfg.impressions_per_session
     cum_pop = np.cumsum(world.item_pop)
-    imp_cols: dict[str, list] = {k: [] for k in ("user_id", "ts", "session_id", "position", "item_id", "click", "purchase",
-                                                 "dwell", "comments", "chatted", "cart", "true_pctr", "true_pcvr")}
     session_base = (day + cfg.history_days) * 10_000_000
-    for s0 in range(0, len(s_user), 20_000):
-        su, sts = s_user[s0 : s0 + 20_000], s_ts[s0 : s0 + 20_000]
+    for s0 in range(0, len(s_user), SESSION_CHUNK):
+        su, sts = s_user[s0 : s0 + SESSION_CHUNK], s_ts[s0 : s0 + SESSION_CHUNK]
         n = len(su)
         intent = intent_u[su]
         # the logging policy: a pool of popular items and items of the intent categories...
@@ -191,7 +229,7 @@ def simulate_day(world: World, day: int, rng, items_by_cat, cat_start) -> tuple[
         int_c = np.where(cnt > 0, int_c, pop_c[:, : ic.shape[1]] if cfg.policy_pool_popular >= ic.shape[1] else int_c)
         pool = np.concatenate([pop_c, int_c], axis=1)  # (n, P)
         # ...scored by popularity plus a noisy affinity; the top K are shown, in score order
-        aff = np.einsum("nd,npd->np", world.taste[su], world.item_latent[pool])
+        aff = _affinity(world, su, pool)
         score = (cfg.policy_popularity_weight * np.log(world.item_pop[pool]) + cfg.policy_affinity_weight * aff
                  + cfg.policy_noise * rng.normal(size=pool.shape))
         score = np.where(_dedupe_rows(pool), score, -np.inf)
@@ -210,34 +248,139 @@ def simulate_day(world: World, day: int, rng, items_by_cat, cat_start) -> tuple[
         comments = rng.poisson(np.exp(-0.7 + 0.2 * lp + st * 1.2 * purchase))
         chatted = rng.random(shown.shape) < _sigmoid(-3.0 + 0.4 * lp + st * 2.0 * purchase)
         cart = rng.random(shown.shape) < _sigmoid(-2.5 + st * 3.0 * purchase)
+        imps = {
+            "day": np.full(n * K, day, dtype=np.int16),
+            "ts": np.repeat(sts, K),
+            "user_id": np.repeat(su, K),
+            "session_id": np.repeat(session_base + s0 + np.arange(n), K),
+            "position": np.tile(np.arange(K), n),
+            "item_id": shown.ravel(),
+            "click": click.ravel(),
+            "purchase": purchase.ravel(),
+        }
+        imps["purchase_observed"] = imps["purchase"] & world.consent[imps["user_id"]]
         for name, val in (("dwell", dwell), ("comments", comments), ("chatted", chatted), ("cart", cart)):
-            imp_cols[name].append(np.where(click, val, 0).astype(np.float32 if name == "dwell" else np.int16))
-        imp_cols["user_id"].append(np.repeat(su, K))
-        imp_cols["ts"].append(np.repeat(sts, K))
-        imp_cols["session_id"].append(np.repeat(session_base + s0 + np.arange(n), K))
-        imp_cols["position"].append(np.tile(np.arange(K), n))
-        imp_cols["item_id"].append(shown.ravel())
-        imp_cols["click"].append(click.ravel())
-        imp_cols["purchase"].append(purchase.ravel())
-        imp_cols["true_pctr"].append(pctr.ravel().astype(np.float32))
-        imp_cols["true_pcvr"].append(pcvr.ravel().astype(np.float32))
-    imps = {k: np.concatenate(v) if v else np.zeros(0) for k, v in imp_cols.items()}
-    for k in ("dwell", "comments", "chatted", "cart"):
-        imps[k] = imps[k].ravel()
-    imps["day"] = np.full(len(imps["user_id"]), day, dtype=np.int16)
-    imps["purchase_observed"] = imps["purchase"] & world.consent[imps["user_id"]]
-    # behaviour log: a click lands a few seconds after the impression, a purchase after the dwell
-    c = imps["click"]
-    click_ts = imps["ts"][c] + 5.0 + 3.0 * imps["position"][c]
-    p = imps["purchase"][c]
-    events = {
-        "user_id": np.concatenate([imps["user_id"][c], imps["user_id"][c][p]]),
-        "ts": np.concatenate([click_ts, click_ts[p] + imps["dwell"][c][p]]),
-        "item_id": np.concatenate([imps["item_id"][c], imps["item_id"][c][p]]),
-        "kind": np.concatenate([np.zeros(c.sum(), np.int8), np.ones(p.sum(), np.int8)]),
-        "dwell": np.concatenate([imps["dwell"][c], np.zeros(p.sum(), np.float32)]),
-    }
-    return imps, events, intent_u
+            imps[name] = np.where(click, val, 0).astype(np.float32 if name == "dwell" else np.int16).ravel()
+        imps["true_pctr"] = pctr.ravel().astype(np.float32)
+        imps["true_pcvr"] = pcvr.ravel().astype(np.float32)
+        yield {k: imps[k] for k in IMPRESSION_ORDER}
+
+
+class _DayLog:
+    """What one day's impression chunks leave behind besides the impressions themselves:
+    the behaviour events and the per-day statistics, accumulated chunk by chunk. The events
+    keep the order of the one-day-at-a-time simulator (the day's clicks, then its purchases),
+    so the global (user_id, ts) sort and everything after it are unchanged."""
+
+    def __init__(self, world: World):
+        self.world = world
+        self.clicks: list[dict] = []
+        self.purchases: list[dict] = []
+        C = world.cfg.n_categories
+        self.n = self.n_clicks = self.n_purchases = self.n_observed = 0
+        self.cat_clicks = np.zeros(C, np.int64)
+        self.cat_conv = np.zeros(C)
+        self.cat_conv_obs = np.zeros(C)
+
+    def add(self, imps: dict) -> None:
+        # behaviour log: a click lands a few seconds after the impression, a purchase after the dwell
+        c = imps["click"]
+        click_ts = imps["ts"][c] + 5.0 + 3.0 * imps["position"][c]
+        p = imps["purchase"][c]
+        self.clicks.append({"user_id": imps["user_id"][c], "ts": click_ts, "item_id": imps["item_id"][c],
+                            "kind": np.zeros(int(c.sum()), np.int8), "dwell": imps["dwell"][c]})
+        self.purchases.append({"user_id": imps["user_id"][c][p], "ts": click_ts[p] + imps["dwell"][c][p],
+                               "item_id": imps["item_id"][c][p], "kind": np.ones(int(p.sum()), np.int8),
+                               "dwell": np.zeros(int(p.sum()), np.float32)})
+        cat = self.world.item_cat[imps["item_id"][c]]
+        C = self.world.cfg.n_categories
+        self.cat_clicks += np.bincount(cat, minlength=C)
+        # 0/1 weights: the float sums are exact, as in one bincount over the whole day
+        self.cat_conv += np.bincount(cat, weights=imps["purchase"][c], minlength=C)
+        self.cat_conv_obs += np.bincount(cat, weights=imps["purchase_observed"][c], minlength=C)
+        self.n += len(c)
+        self.n_clicks += int(c.sum())
+        self.n_purchases += int(imps["purchase"][c].sum())
+        self.n_observed += int(imps["purchase_observed"][c].sum())
+
+    def events(self) -> dict:
+        parts = self.clicks + self.purchases
+        return {k: np.concatenate([e[k] for e in parts]) for k in EVENT_ORDER}
+
+    def aggregates(self, day: int) -> dict:
+        C = self.world.cfg.n_categories
+        return {"day": np.full(C, day, np.int16), "category": np.arange(C), "clicks": self.cat_clicks.copy(),
+                "conversions": self.cat_conv.astype(np.int64), "conversions_observed": self.cat_conv_obs.astype(np.int64)}
+
+    def stats(self, day: int) -> dict:
+        # count / n is bit-identical to the mean of the 0/1 array (exact sum, one rounding)
+        return {"day": day, "impressions": self.n, "ctr": self.n_clicks / self.n if self.n else 0.0,
+                "cvr": self.n_purchases / self.n_clicks if self.n_clicks else 0.0,
+                "observed_cvr": self.n_observed / self.n_clicks if self.n_clicks else 0.0}
+
+
+class _ImpressionWriter:
+    """Writes one day's impressions as they are generated, chunk by chunk: to
+    impressions/day=DD.parquet (shard_rows None), or to impressions/day=DD/part-NNNNN.parquet
+    files of exactly shard_rows rows each (the day's last one fewer). Peak memory is one chunk
+    plus the Parquet writer's buffers, whatever the size of the day."""
+
+    def __init__(self, out: Path, day: int, shard_rows: int | None):
+        self.out, self.day, self.shard_rows = out, day, shard_rows
+        self.rows: list[int] = []  # rows of each file written, in part order
+        self._writer: pq.ParquetWriter | None = None
+
+    def _open(self) -> None:
+        name = DAY_FILE if self.shard_rows is None else SHARD_FILE
+        path = self.out / name.format(day=self.day, part=len(self.rows))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._writer = pq.ParquetWriter(path, IMPRESSION_ARROW_SCHEMA, compression="zstd")
+        self.rows.append(0)
+
+    def write(self, imps: dict) -> None:
+        table = pa.table({k: imps[k] for k in IMPRESSION_ORDER}, schema=IMPRESSION_ARROW_SCHEMA)
+        while table.num_rows:
+            if self._writer is None:
+                self._open()
+            room = table.num_rows if self.shard_rows is None else self.shard_rows - self.rows[-1]
+            part = table.slice(0, room)
+            self._writer.write_table(part)
+            self.rows[-1] += part.num_rows
+            table = table.slice(part.num_rows)
+            if self.shard_rows is not None and self.rows[-1] == self.shard_rows:
+                self._writer.close()
+                self._writer = None
+
+    def close(self) -> list[int]:
+        if not self.rows:  # a day without impressions still has its (empty) file
+            self._open()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.rows
+
+
+def _clear_impressions(out: Path) -> None:
+    """Remove the impression files of an earlier run in `out` (either layout), so a day is
+    never found in both layouts or with stale extra shards."""
+    imp = out / "impressions"
+    if not imp.is_dir():
+        return
+    for f in imp.glob("day=*.parquet"):
+        f.unlink()
+    for d in imp.glob("day=*"):
+        if d.is_dir():
+            for f in d.glob("part-*.parquet"):
+                f.unlink()
+            if not any(d.iterdir()):
+                d.rmdir()
+
+
+def _list_column(mat: np.ndarray) -> pa.ListArray:
+    """(N, d) -> a list<item> column of N rows: the type pyarrow infers from a list of N row
+    arrays, built without N Python objects (1e6 of them for the large corpus)."""
+    offsets = np.arange(0, mat.size + 1, mat.shape[1], dtype=np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.ascontiguousarray(mat).ravel()))
 
 
 def _write(path: Path, cols: dict) -> None:
@@ -245,41 +388,52 @@ def _write(path: Path, cols: dict) -> None:
     pq.write_table(pa.table({k: np.asarray(v) for k, v in cols.items()}), path, compression="zstd")
 
 
-def simulate(cfg: WorldConfig, seed: int, out: str | Path, preset: str | None = None, progress: bool = True) -> dict:
-    """Simulate `cfg.n_days` days and write the logs to `out`. Returns world.json's content."""
+def simulate(cfg: WorldConfig, seed: int, out: str | Path, preset: str | None = None, progress: bool = True,
+             shard_rows: int | None = None) -> dict:
+    """Simulate `cfg.n_days` days and write the logs to `out`. Returns world.json's content.
+
+    shard_rows: None writes impressions/day=DD.parquet, one file per day; an int writes each
+    day as impressions/day=DD/part-NNNNN.parquet files of at most that many rows, listed in
+    world.json's `impression_shards`. Either way the impressions are generated and written a
+    chunk of sessions at a time, and the rows (their content and order) are the same for a
+    seed: the layouts differ only in how the rows are split into files.
+    """
     from tqdm import tqdm
 
     cfg.validate()
+    if shard_rows is not None and (isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1):
+        raise ValueError(f"shard_rows must be a positive int or None, got {shard_rows!r}")
     t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # world.json is written last: a directory whose simulation did not finish is refused by the loader
+    (out / "world.json").unlink(missing_ok=True)
+    _clear_impressions(out)
     rng = np.random.default_rng(seed)
     world = build_world(cfg, rng)
     items_by_cat = np.argsort(world.item_cat, kind="stable")
     cat_start = np.searchsorted(world.item_cat[items_by_cat], np.arange(cfg.n_categories + 1))
     t_build = time.perf_counter() - t0
-    all_events, day_stats, aggs, intents = [], [], [], []
+    all_events, day_stats, aggs, intents, shards = [], [], [], [], {}
     for day in tqdm(range(1 - cfg.history_days, cfg.n_days + 1), desc="simulate", unit="day", disable=not progress):
-        imps, events, intent_u = simulate_day(world, day, rng, items_by_cat, cat_start)
-        all_events.append(events)
-        if day < 1:  # history: behaviours only
+        intent_u, chunks = simulate_day(world, day, rng, items_by_cat, cat_start)
+        log = _DayLog(world)
+        writer = _ImpressionWriter(out, day, shard_rows) if day >= 1 else None  # history: behaviours only
+        for imps in chunks:
+            log.add(imps)
+            if writer is not None:
+                writer.write(imps)
+            del imps
+        all_events.append(log.events())
+        if writer is None:
             continue
-        order = ["day", "ts", "user_id", "session_id", "position", "item_id", "click", "purchase", "purchase_observed",
-                 "dwell", "comments", "chatted", "cart", "true_pctr", "true_pcvr"]
-        _write(out / "impressions" / f"day={day:02d}.parquet", {k: imps[k] for k in order})
+        rows = writer.close()
+        if shard_rows is not None:
+            shards[str(day)] = rows
         intents.append({"user_id": np.repeat(np.arange(cfg.n_users), intent_u.shape[1]), "day": np.full(intent_u.size, day, np.int16),
                         "category": intent_u.ravel()})
-        clicked = imps["click"]
-        cat = world.item_cat[imps["item_id"][clicked]]
-        aggs.append({
-            "day": np.full(cfg.n_categories, day, np.int16), "category": np.arange(cfg.n_categories),
-            "clicks": np.bincount(cat, minlength=cfg.n_categories),
-            "conversions": np.bincount(cat, weights=imps["purchase"][clicked], minlength=cfg.n_categories).astype(np.int64),
-            "conversions_observed": np.bincount(cat, weights=imps["purchase_observed"][clicked], minlength=cfg.n_categories).astype(np.int64),
-        })
-        day_stats.append({"day": day, "impressions": int(len(imps["item_id"])), "ctr": float(imps["click"].mean()),
-                          "cvr": float(imps["purchase"][clicked].mean()) if clicked.any() else 0.0,
-                          "observed_cvr": float(imps["purchase_observed"][clicked].mean()) if clicked.any() else 0.0})
+        aggs.append(log.aggregates(day))
+        day_stats.append(log.stats(day))
     events = {k: np.concatenate([e[k] for e in all_events]) for k in all_events[0]}
     order = np.lexsort((events["ts"], events["user_id"]))
     _write(out / "events.parquet", {k: v[order] for k, v in events.items()})
@@ -291,10 +445,11 @@ def simulate(cfg: WorldConfig, seed: int, out: str | Path, preset: str | None = 
                                    "price_bucket": world.item_price_bucket})
     # the hidden truth, for oracle evaluation only (never a model input)
     truth_u = {"user_id": np.arange(cfg.n_users), "price_sensitivity": world.price_sens,
-               "favourite_shops": list(world.fav_shops), "favourite_brands": list(world.fav_brands), "taste": list(world.taste.astype(np.float32))}
+               "favourite_shops": _list_column(world.fav_shops), "favourite_brands": _list_column(world.fav_brands),
+               "taste": _list_column(world.taste.astype(np.float32))}
     pq.write_table(pa.table(truth_u), out / "truth_users.parquet", compression="zstd")
     truth_i = {"item_id": np.arange(cfg.n_items), "quality": world.item_quality, "popularity": world.item_pop,
-               "latent": list(world.item_latent.astype(np.float32))}
+               "latent": _list_column(world.item_latent.astype(np.float32))}
     pq.write_table(pa.table(truth_i), out / "truth_items.parquet", compression="zstd")
     _write(out / "truth_intents.parquet", {k: np.concatenate([x[k] for x in intents]) for k in intents[0]})
     _write(out / "truth_categories.parquet", {"category": np.arange(cfg.n_categories), "popularity": world.cat_pop})
@@ -318,6 +473,7 @@ def simulate(cfg: WorldConfig, seed: int, out: str | Path, preset: str | None = 
         },
         "days": day_stats,
         "n_events": int(len(events["ts"])),
+        **({"impression_shards": {"shard_rows": shard_rows, "rows": shards}} if shard_rows is not None else {}),
         "timings_s": {"build": round(t_build, 3), "total": round(time.perf_counter() - t0, 3)},
     }
     (out / "world.json").write_text(json.dumps(meta, indent=2))
