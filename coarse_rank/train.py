@@ -21,7 +21,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from recstack import checkpoint, metrics
+from recstack import checkpoint, distributed as D, metrics
 from recstack.config import ConfigError, to_dict
 from recstack.data import Examples, SimData, load, to_torch
 from recstack.features import Vocab
+from recstack.shards import ShardStream, position as shard_position, train_chunks
 
 from recstack.distill import LambdaSchedule, student_loss, sync_loss
 from recstack.features import INTERACTED_FIELDS
@@ -79,6 +80,10 @@ class Config:
     split: str = "test"  # "test": fit days 1..D-1, evaluate day D; "valid": fit 1..D-2, evaluate D-1 (LR sweeps)
     eval_max_rows: int = 50_000  # evaluate on at most this many impressions of the evaluation day (seeded sample)
     eval_batch_size: int = 2048  # rows per forward pass at evaluation
+    # 0: the training days are loaded in memory (and DDP splits each global batch across
+    # ranks); N > 0: they are streamed from their Parquet shards, N rows per chunk per rank
+    # (recstack.shards.ShardStream, sessions kept together), each rank reading only its slice
+    stream_chunk_rows: int = 0
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -111,6 +116,11 @@ class Config:
             raise ConfigError("lr and scale must be positive")
         if self.warmup_steps < 0 or self.max_steps < 0 or self.weight_decay < 0:
             raise ConfigError("warmup_steps, max_steps and weight_decay must be >= 0")
+        if self.stream_chunk_rows < 0:
+            raise ConfigError(f"stream_chunk_rows must be >= 0 (0: in memory), got {self.stream_chunk_rows}")
+        if self.stream_chunk_rows and self.train_fraction < 1.0:
+            raise ConfigError("train_fraction < 1 samples sessions of the in-memory training days; it is not available "
+                              "with stream_chunk_rows > 0")
 
 
 def build_student(cfg: Config, vocab: Vocab) -> InnerProductStudent:
@@ -188,21 +198,25 @@ def request_inputs(batch: dict[str, np.ndarray], ts: np.ndarray) -> dict[str, to
     })
 
 
-def request_batches(examples: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0
-                    ) -> Iterator[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]]:
+def request_batches(examples: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0, start: int = 0,
+                    shard: bool = False) -> Iterator[tuple[dict[str, np.ndarray], dict[str, torch.Tensor]]]:
     """Yield (per-row batch, `score_requests` inputs) with the impressions of a session kept
     together, so each user-tower row is shared by as many impressions as possible.
 
     With `shuffle`, sessions (not impressions) are visited in a seeded random order; without,
     rows come in their stored order (a session's impressions are stored together).
+    `start` skips the first batches (a resumed epoch); `shard` keeps this rank's contiguous
+    share of every batch under torchrun (recstack.distributed.shard; sessions stay together).
     """
     order = np.arange(len(examples))
     if shuffle and len(order):
         _, inv = np.unique(examples.imps["session_id"], return_inverse=True)
         rank = np.random.default_rng(seed).permutation(inv.max() + 1)[inv]
         order = np.argsort(rank, kind="stable")
-    for s in range(0, len(order), batch_size):
+    for s in range(start * batch_size, len(order), batch_size):
         rows = order[s : s + batch_size]
+        if shard:
+            rows = D.shard(rows, contiguous=True)
         batch = examples.batch(rows)
         yield batch, request_inputs(batch, examples.imps["ts"][rows])
 
@@ -269,67 +283,149 @@ class Fitted:
     result: dict
     student_pred: dict
     teacher_pred: dict | None
-    train_ids: dict  # user_id / item_id of every training impression (for id-frequency buckets)
+    train_ids: dict  # user_id / item_id of every training impression (for id-frequency buckets); {} when streamed
 
 
-def _steps(cfg: Config, n_rows: int) -> int:
-    per_epoch = n_rows // cfg.batch_size + (n_rows % cfg.batch_size >= 2)
+def _steps(cfg: Config, n_rows: int, per_epoch: int | None = None) -> int:
+    if per_epoch is None:
+        per_epoch = n_rows // cfg.batch_size + (n_rows % cfg.batch_size >= 2)
     total = cfg.epochs * per_epoch
     return min(total, cfg.max_steps) if cfg.max_steps else total
 
 
-def _loop(cfg: Config, train_ex: Examples, student: InnerProductStudent | None, teacher: nn.Module | None,
+def stream_source(cfg: Config, data: SimData, fit_days: list[int]) -> ShardStream:
+    """The streamed training rows of `fit` (cfg.stream_chunk_rows > 0): this rank's slice of
+    the shards of `fit_days`, whole sessions shuffled (a request's impressions stay together,
+    so they share a user-tower row), `stream_chunk_rows` rows per chunk."""
+    w = D.world()
+    return ShardStream(data, fit_days, chunk_rows=cfg.stream_chunk_rows, seed=cfg.seed, rank=w.rank, world_size=w.size,
+                       sessions=True)
+
+
+def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductStudent | None, teacher: nn.Module | None,
           params, schedule: LambdaSchedule, desc: str, progress: bool) -> tuple[int, float]:
     """One training run over `train_ex`. student only: L_s. teacher only: L_t. Both: Eq. 5
     (a teacher not in train mode is a fixed, already trained one: no L_t, no gradient).
-    Returns (steps, smoothed loss)."""
+    Returns (steps, smoothed loss).
+
+    Under torchrun each rank trains on a contiguous share of every (global) batch, through
+    DDP over the trained modules (student and/or teacher in one wrapper, so the Parameters a
+    Share&Sync teacher shares with the student are reduced once). Inside `train()` the loop
+    is a resumable phase (recstack.checkpoint.TrainingState).
+
+    `train_ex` a ShardStream (cfg.stream_chunk_rows > 0): each rank trains on batches of
+    batch_size // world_size rows of its own streamed slice (so a step still sees a global
+    batch of batch_size rows), chunk after chunk; a snapshot stores the chunk's cursor and
+    the batches of the chunk done.
+    """
+    streamed = isinstance(train_ex, ShardStream)
+    n_rows = train_ex.total_rows if streamed else len(train_ex)
+    trained = nn.ModuleDict({k: m for k, m in (("student", student), ("teacher", teacher)) if m is not None})
+    ph = checkpoint.phase(f"coarse:{desc}", n_rows)
+    if ph.done is not None:  # finished before the interruption
+        trained.load_state_dict(ph.done["model"])
+        return int(ph.done["stats"]["steps"]), float(ph.done["stats"]["loss"])
+    world = D.world()
     opt, sched = make_optimizer(cfg, params)
-    total = _steps(cfg, len(train_ex))
+    local_batch = cfg.batch_size // world.size
+    total = _steps(cfg, n_rows, train_ex.batches_per_epoch(local_batch, min_rows=2) if streamed else None)
     share = student is not None and teacher is not None and shares_sequence(cfg)
-    step, loss_ema = 0, None
-    bar = tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
-    for epoch in range(cfg.epochs):
-        if step >= total:
-            break
-        for batch, inputs in request_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed * 1009 + epoch):
-            if len(inputs["user_feats"]) < 2:  # BatchNorm cannot normalise a single row
-                continue
-            y = torch.from_numpy(batch["click"])
-            pooled = None
-            if student is not None:
-                tower = student.user_tower
-                pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], cfg.length_buckets)  # (R, d_model)
-                u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
-                v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
-                s_logit = student.scale * (u * v).sum(dim=-1)
-            if teacher is not None:
-                t_in = dict(inputs, interacted=torch.from_numpy(batch["interacted"]), pooled=pooled if share else None,
-                            length_buckets=cfg.length_buckets)
-                if teacher.training:
-                    t_logit = teacher(**t_in)
-                else:
-                    with torch.no_grad():
-                        t_logit = teacher(**t_in)
-            if student is None:
-                loss = F.binary_cross_entropy_with_logits(t_logit, y)
-            elif teacher is None:
-                loss = F.binary_cross_entropy_with_logits(s_logit, y)
-            elif teacher.training:
-                loss, _ = sync_loss(s_logit, t_logit, y, schedule(step))
+    step, loss_ema, epoch0, pos = 0, None, 0, 0  # pos: batches of the epoch consumed (skipped ones too)
+    if ph.resume is not None:
+        r = ph.resume
+        trained.load_state_dict(r["model"])
+        opt.load_state_dict(r["optimizer"])
+        sched.load_state_dict(r["scheduler"])
+        step, loss_ema, epoch0, pos = r["step"], r["loss_ema"], r["epoch"], r["pos"]
+        if streamed != ("stream" in r):
+            raise checkpoint.CheckpointError(f"coarse:{desc}: the snapshot was written by a "
+                                             f"{'streamed' if 'stream' in r else 'in-memory'} run, this one is "
+                                             f"{'streamed' if streamed else 'in memory'}")
+
+    def step_loss(inputs: dict, batch: dict, step: int) -> torch.Tensor:
+        y = torch.from_numpy(batch["click"])
+        pooled = None
+        if student is not None:
+            tower = student.user_tower
+            pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], cfg.length_buckets)  # (R, d_model)
+            u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
+            v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
+            s_logit = student.scale * (u * v).sum(dim=-1)
+        if teacher is not None:
+            t_in = dict(inputs, interacted=torch.from_numpy(batch["interacted"]), pooled=pooled if share else None,
+                        length_buckets=cfg.length_buckets)
+            if teacher.training:
+                t_logit = teacher(**t_in)
             else:
-                loss, _ = student_loss(s_logit, y, t_logit, schedule(step))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+                with torch.no_grad():
+                    t_logit = teacher(**t_in)
+        if student is None:
+            return F.binary_cross_entropy_with_logits(t_logit, y)
+        if teacher is None:
+            return F.binary_cross_entropy_with_logits(s_logit, y)
+        if teacher.training:
+            return sync_loss(s_logit, t_logit, y, schedule(step))[0]
+        return student_loss(s_logit, y, t_logit, schedule(step))[0]
+
+    # only the modules that learn here (a frozen Ind&Async teacher is not wrapped)
+    step_fn = D.wrap(nn.ModuleList([m for m in trained.values() if m.training]), step_loss)
+    bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not (progress and D.is_main()), leave=False)
+
+    def train_step(batch: dict, inputs: dict, snapshot_extra: Callable[[], dict]) -> None:
+        nonlocal step, loss_ema
+        loss = step_fn(inputs, batch, step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
+        ph.after_step(step, lambda: {"model": trained.state_dict(), "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict(), "loss_ema": loss_ema, **snapshot_extra()})
+
+    if streamed:
+        if step < total:
+            for epoch, cursor, chunk, skip in train_chunks(train_ex, cfg.epochs, ph.resume["stream"] if ph.resume else None):
+                for k, (batch, inputs) in enumerate(request_batches(chunk, local_batch, start=skip), skip + 1):
+                    if D.any_true(len(inputs["user_feats"]) < 2):  # BatchNorm cannot normalise a single row
+                        continue
+                    train_step(batch, inputs, lambda: {"epoch": epoch, "pos": 0, "stream": shard_position(cursor, k)})
+                    if step >= total:
+                        break
+                if step >= total:
+                    break
+    else:
+        for epoch in range(epoch0, cfg.epochs):
             if step >= total:
                 break
+            start = pos if epoch == epoch0 else 0
+            batches = request_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed * 1009 + epoch, start=start,
+                                      shard=world.distributed)
+            for pos, (batch, inputs) in enumerate(batches, start + 1):
+                if D.any_true(len(inputs["user_feats"]) < 2):  # BatchNorm cannot normalise a single row
+                    continue
+                train_step(batch, inputs, lambda: {"epoch": epoch, "pos": pos})
+                if step >= total:
+                    break
     bar.close()
-    return step, float(loss_ema) if loss_ema is not None else float("nan")
+    D.broadcast_state(trained)  # BatchNorm statistics are per rank: serve rank 0's everywhere
+    D.check_in_sync(trained, f"coarse {desc}")
+    loss_out = float(loss_ema) if loss_ema is not None else float("nan")
+    ph.finish(trained.state_dict(), {"steps": step, "loss": loss_out})
+    return step, loss_out
+
+
+def _predict_all(model: nn.Module, examples: Examples, batch_size: int, length_buckets: int) -> dict[str, np.ndarray]:
+    """`predict` on every row; under torchrun each rank scores a contiguous share of the rows
+    (whole requests stay on one rank) and the shares are gathered in order."""
+    if not D.is_distributed():
+        return predict(model, examples, batch_size, length_buckets)
+    lo, hi = D.shard_bounds(len(examples))
+    if D.rank() == D.world_size() - 1:
+        hi = len(examples)  # the last rank also takes the remainder
+    return D.gather_rows(predict(model, examples.subset(np.arange(lo, hi)), batch_size, length_buckets))
 
 
 def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progress: bool = False,
@@ -341,7 +437,11 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
     torch.manual_seed(cfg.seed)
     if not fit_days:
         raise ConfigError("no training days")
-    train_ex = sample_sessions(data.examples(fit_days), cfg.train_fraction, cfg.seed)
+    # the evaluation day stays in memory (a seeded sample of eval_max_rows rows of it)
+    if cfg.stream_chunk_rows:
+        train_ex = stream_source(cfg, data, fit_days)
+    else:
+        train_ex = sample_sessions(data.examples(fit_days), cfg.train_fraction, cfg.seed)
     eval_ex = data.examples(eval_day)
     eval_ex = eval_ex.subset(_sample_rows(len(eval_ex), cfg.eval_max_rows, cfg.seed))
 
@@ -365,11 +465,11 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
                            f"coarse {cfg.teacher}", progress)
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
 
-    s_pred = predict(student, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
+    s_pred = _predict_all(student, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
     result = scores(s_pred)
     t_pred = None
     if teacher is not None and eval_teacher:
-        t_pred = predict(teacher, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
+        t_pred = _predict_all(teacher, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
         t_scores = scores(t_pred)
         result.update({"teacher_auc": t_scores["auc"], "teacher_logloss": t_scores["logloss"],
                        "teacher_calibration": t_scores["calibration"]})
@@ -377,42 +477,64 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
         "teacher": cfg.teacher,
         "manner": cfg.manner,
         "steps": step,
-        "train_examples": len(train_ex),
+        "train_examples": train_ex.total_rows if cfg.stream_chunk_rows else len(train_ex),
         "train_seconds": round(train_seconds, 2),
         "train_cpu_seconds": round(train_cpu_seconds, 2),  # CPU time: robust to other processes on a shared machine
         "final_train_loss": loss,  # smoothed backpropagated loss: Eq. 5 (student + teacher terms) when distilling
         "eval_day": int(eval_day),
         "fit_days": [int(d) for d in fit_days],
     })
-    ids = {"user_id": train_ex.imps["user_id"], "item_id": train_ex.imps["item_id"]}
+    if cfg.stream_chunk_rows:
+        result["stream_chunk_rows"] = cfg.stream_chunk_rows
+        ids = {}  # one id per training impression would not fit in memory at the scale streaming is for
+    else:
+        ids = {"user_id": train_ex.imps["user_id"], "item_id": train_ex.imps["item_id"]}
     return Fitted(student, teacher, result, s_pred, t_pred, ids)
 
 
-def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict:
+def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
+          checkpoint_every: int = 0) -> dict:
     """Fit the student (distilled from `cfg.teacher` if set), evaluate next-day, save
-    `out_dir/checkpoint.pt` (student only: the serving model); returns the metrics."""
+    `out_dir/checkpoint.pt` (student only: the serving model); returns the metrics.
+
+    checkpoint_every: write the training state to `out_dir/train_state.pt` every that many
+    optimiser steps (0: never); resume: continue from that file when it exists. Under
+    torchrun every rank trains and scores a share of the evaluation rows; rank 0 prints and
+    writes.
+    """
     cfg.validate()
     data = load(data_dir)
     fit_days, eval_day = (data.train_days, data.test_day) if cfg.split == "test" else (data.fit_days, data.valid_day)
     if not fit_days:
         raise ConfigError(f"split={cfg.split!r} leaves no training days in a {data.n_days}-day world")
-    fitted = fit(cfg, data, fit_days, eval_day, progress=progress)
+    D.check_divisible(batch_size=cfg.batch_size)
+    main = D.is_main()
+    state = checkpoint.TrainingState(Path(out_dir) / checkpoint.STATE_FILE, STAGE, to_dict(cfg), checkpoint_every,
+                                     resume, write=main)
+    with state:
+        fitted = fit(cfg, data, fit_days, eval_day, progress=progress)
     result = fitted.result
-    teacher_note = f"  teacher {cfg.teacher} AUC {result['teacher_auc']:.4f}" if "teacher_auc" in result else ""
-    print(
-        f"coarse student  day {eval_day}: AUC {result['auc']:.4f}  (ground-truth ceiling {result['ceiling_auc']:.4f})  "
-        f"logloss {result['logloss']:.4f}  calibration {result['calibration']:.3f}{teacher_note}  "
-        f"[{result['steps']} steps, {result['train_seconds']:.1f}s, {result['n_eval']} eval rows]"
-    )
-    out_dir = Path(out_dir)
-    checkpoint.save(out_dir / "checkpoint.pt", {
-        "stage": STAGE,
-        "config": to_dict(cfg),
-        "model": fitted.student.state_dict(),
-        "metrics": result,
-        "data_dir": str(Path(data_dir).resolve()),
-        "vocab": data.vocab.to_dict(),
-    })
+    if state.resumed:
+        result["resumed"] = True
+    if D.is_distributed():
+        result["world_size"] = D.world_size()
+    if main:
+        teacher_note = f"  teacher {cfg.teacher} AUC {result['teacher_auc']:.4f}" if "teacher_auc" in result else ""
+        print(
+            f"coarse student  day {eval_day}: AUC {result['auc']:.4f}  (ground-truth ceiling {result['ceiling_auc']:.4f})  "
+            f"logloss {result['logloss']:.4f}  calibration {result['calibration']:.3f}{teacher_note}  "
+            f"[{result['steps']} steps, {result['train_seconds']:.1f}s, {result['n_eval']} eval rows]"
+        )
+        out_dir = Path(out_dir)
+        checkpoint.save(out_dir / "checkpoint.pt", {
+            "stage": STAGE,
+            "config": to_dict(cfg),
+            "model": fitted.student.state_dict(),
+            "metrics": result,
+            "data_dir": str(Path(data_dir).resolve()),
+            "vocab": data.vocab.to_dict(),
+        })
+    D.barrier()
     return result
 
 

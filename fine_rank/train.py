@@ -37,7 +37,7 @@ import torch.nn.functional as TF
 from sklearn.metrics import roc_auc_score
 from tqdm.auto import tqdm
 
-from recstack import checkpoint, metrics as M, sead
+from recstack import checkpoint, distributed as D, metrics as M, sead
 from recstack.config import ConfigError, to_dict
 from recstack.data import Examples, SimData, load
 from recstack.distill import LambdaSchedule, sync_loss
@@ -254,9 +254,22 @@ def optimise(model: torch.nn.Module, n: int, step_loss: StepLoss, forward: Calla
     `model` holds every trained module (student, teacher, extra heads); `step_loss(idx, step,
     total)` returns the loss of the rows `idx` and detached parts for logging; `forward(idx)`
     runs every BatchNorm-carrying module on rows `idx` (for the BN refresh).
+
+    Under torchrun each rank trains on an interleaved share of every (global) batch through
+    DDP (recstack.distributed). Inside `train()` the loop is one resumable phase of the run
+    (recstack.checkpoint.TrainingState): snapshots every `checkpoint_every` steps, and a
+    resumed phase continues from its snapshot (or is skipped when it had finished).
     """
     if n < 2:
         raise ValueError(f"need at least 2 training rows, got {n}")
+    ph = checkpoint.phase(f"fine:{type(model).__name__}(seed={seed})", n)
+    if ph.done is not None:  # finished before the interruption: its final (BN-refreshed) state
+        model.load_state_dict(ph.done["model"])
+        model.eval()
+        if bar is not None:
+            bar.update(int(ph.done["stats"]["steps"]))
+        return dict(ph.done["stats"])
+    world = D.world()
     opt = make_optimizer(model, s)
     total = s.steps(n)
     # decay to 0: the last iterates stop jittering the output bias (which would show up as
@@ -264,15 +277,27 @@ def optimise(model: torch.nn.Module, n: int, step_loss: StepLoss, forward: Calla
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total) if s.lr_decay else 1.0)
     gen = torch.Generator().manual_seed(seed)
     step, recent = 0, []
+    perm, first = None, 0  # the epoch's batch order and the next batch's offset in it
+    if ph.resume is not None:
+        r = ph.resume
+        model.load_state_dict(r["model"])
+        opt.load_state_dict(r["optimizer"])
+        sched.load_state_dict(r["scheduler"])
+        gen.set_state(r["generator"])
+        step, recent, perm, first = r["step"], list(r["recent"]), r["perm"], r["next"]
+        if bar is not None:
+            bar.update(step)
+    step_fn = D.wrap(model, step_loss)
     model.train()
     t0 = time.perf_counter()
     while step < total:
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, s.batch_size):
+        if perm is None:
+            perm, first = torch.randperm(n, generator=gen), 0
+        for start in range(first, n, s.batch_size):
             idx = perm[start : start + s.batch_size]
-            if len(idx) < 2:  # BatchNorm cannot normalise a single row
+            if len(idx) // world.size < 2:  # BatchNorm cannot normalise a single row (decided alike on every rank)
                 continue
-            loss, _ = step_loss(idx, step, total)
+            loss, _ = step_fn(D.shard(idx, w=world), step, total)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -283,11 +308,20 @@ def optimise(model: torch.nn.Module, n: int, step_loss: StepLoss, forward: Calla
                 bar.update(1)
                 if step % 10 == 0:
                     bar.set_postfix(loss=f"{np.mean(recent):.4f}")
+            ph.after_step(step, lambda: {
+                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                "generator": gen.get_state(), "perm": perm, "next": start + s.batch_size, "recent": list(recent)})
             if step >= total:
                 break
+        perm = None
     refresh_batchnorm(model, forward, n, s.batch_size, gen)
-    return {"n_train": int(n), "steps": step, "train_loss_last50": float(np.mean(recent)),
-            "train_seconds": time.perf_counter() - t0}
+    D.check_in_sync(model, f"fine {type(model).__name__}")
+    stats = {"n_train": int(n), "steps": step, "train_loss_last50": D.all_reduce(float(np.mean(recent)), "mean"),
+             "train_seconds": time.perf_counter() - t0}
+    if world.distributed:
+        stats["world_size"] = world.size
+    ph.finish(model.state_dict(), stats)
+    return stats
 
 
 def _tensors(table: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
@@ -643,10 +677,19 @@ def format_metrics(m: dict) -> str:
     return "\n".join(lines)
 
 
-def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Fit CTR and CVR, score them on the held-out day, save `out_dir/checkpoint.pt`; -> metrics."""
+def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
+          checkpoint_every: int = 0) -> dict:
+    """Fit CTR and CVR, score them on the held-out day, save `out_dir/checkpoint.pt`; -> metrics.
+
+    checkpoint_every: write the training state to `out_dir/train_state.pt` every that many
+    optimiser steps (0: never); resume: continue from that file when it exists (a run that
+    ends bit-identical to an uninterrupted one). Under torchrun every rank trains, rank 0
+    scores the held-out day, prints and writes; the other ranks return the training stats.
+    """
     cfg.validate()
+    D.check_divisible(ctr_batch_size=cfg.ctr_batch_size, cvr_batch_size=cfg.cvr_batch_size)
     t_start = time.perf_counter()
+    main = D.is_main()
     data = load(data_dir)
     fit_days, eval_day = split_days(data, cfg.split)
     train_table = materialise(data.examples(fit_days))
@@ -662,11 +705,17 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     total_steps = sum(settings[t].steps(len(tables[t][0]["click"])) for t in TASKS)
     models: dict[str, Ranker] = {}
     metrics: dict = {"eval_day": eval_day, "train_days": list(fit_days), "split": cfg.split, "data_seconds": t_data}
-    with tqdm(total=total_steps, desc="fine", disable=not progress, unit="step") as bar:
+    state = checkpoint.TrainingState(Path(out_dir) / checkpoint.STATE_FILE, STAGE, to_dict(cfg), checkpoint_every,
+                                     resume, write=main)
+    with state, tqdm(total=total_steps, desc="fine", disable=not (progress and main), unit="step") as bar:
         for task in TASKS:
             fit_rows, eval_rows = tables[task]
             bar.set_description(f"fine {task}")
             result = fit_task(task, cfg, data.vocab, fit_rows, seeds[task], bar=bar, aggregate_rate=agg_rate)
+            models[task] = result.model
+            if not main:
+                metrics[task] = {"train": result.stats}
+                continue
             probs = predict(result.model, eval_rows, cfg.eval_batch_size)
             # CVR is always scored against real purchases: under signal loss the training
             # label undercounts them, and the service needs the true conversion probability
@@ -682,20 +731,22 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
             for name, extra in result.extras.items():
                 m[name] = evaluate(eval_rows[eval_label], extra(eval_rows), eval_rows[truths[task]])
             metrics[task] = m
-            models[task] = result.model
     metrics["wall_seconds"] = time.perf_counter() - t_start
-    if progress:
-        print(format_metrics(metrics))
-
-    checkpoint.save(
-        Path(out_dir) / "checkpoint.pt",
-        {
-            "stage": STAGE,
-            "config": to_dict(cfg),
-            "model": {task: models[task].state_dict() for task in TASKS},
-            "metrics": metrics,
-            "data_dir": str(Path(data_dir).resolve()),
-            "vocab": data.vocab.to_dict(),
-        },
-    )
+    if state.resumed:
+        metrics["resumed"] = True
+    if main:
+        if progress:
+            print(format_metrics(metrics))
+        checkpoint.save(
+            Path(out_dir) / "checkpoint.pt",
+            {
+                "stage": STAGE,
+                "config": to_dict(cfg),
+                "model": {task: models[task].state_dict() for task in TASKS},
+                "metrics": metrics,
+                "data_dir": str(Path(data_dir).resolve()),
+                "vocab": data.vocab.to_dict(),
+            },
+        )
+    D.barrier()
     return metrics

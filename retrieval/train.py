@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from recstack import checkpoint
+from recstack import checkpoint, distributed as D
 from recstack.config import ConfigError, to_dict
 from recstack.data import Examples, SimData, load
 from recstack.features import ItemTable, Vocab
@@ -122,6 +122,7 @@ def sampled_softmax_loss(
     cand_ids: torch.Tensor,
     cand_log_q: torch.Tensor,
     temperature: torch.Tensor | float,
+    offset: int = 0,
 ) -> torch.Tensor:
     """Sampled softmax over in-batch (+ extra) candidates with logQ correction.
 
@@ -132,13 +133,17 @@ def sampled_softmax_loss(
 
     A candidate that is the same item as row i's positive, other than column i itself,
     is masked: it is not a negative for that row (accidental hit).
+
+    offset: the user rows are rows offset..offset+B-1 of a larger batch whose positives
+    all lead the candidates (row i's positive is candidate offset + i): one rank's share
+    under DDP, scored against every rank's candidates.
     """
     b = user_emb.shape[0]
     logits = user_emb @ cand_emb.T / temperature - cand_log_q[None, :]  # (B, M)
     same = cand_ids[None, :] == pos_ids[:, None]  # (B, M)
-    same[:, :b] &= ~torch.eye(b, dtype=torch.bool, device=same.device)
+    same[:, offset : offset + b] &= ~torch.eye(b, dtype=torch.bool, device=same.device)
     logits = logits.masked_fill(same, float("-inf"))
-    return F.cross_entropy(logits, torch.arange(b, device=logits.device))
+    return F.cross_entropy(logits, torch.arange(offset, offset + b, device=logits.device))
 
 
 class SampledSoftmaxLoss(nn.Module):
@@ -156,9 +161,9 @@ class SampledSoftmaxLoss(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(0.01, 1.0)
 
-    def forward(self, user_emb, cand_emb, pos_ids, cand_ids, cand_log_q) -> torch.Tensor:
+    def forward(self, user_emb, cand_emb, pos_ids, cand_ids, cand_log_q, offset: int = 0) -> torch.Tensor:
         """Shapes as `sampled_softmax_loss`; returns a scalar."""
-        return sampled_softmax_loss(user_emb, cand_emb, pos_ids, cand_ids, cand_log_q, self.temperature)
+        return sampled_softmax_loss(user_emb, cand_emb, pos_ids, cand_ids, cand_log_q, self.temperature, offset)
 
 
 def sampling_log_q(click_counts: np.ndarray, batch_size: int, num_uniform: int, smoothing: float) -> np.ndarray:
@@ -272,11 +277,23 @@ def evaluate(
 # --- training --------------------------------------------------------------------------
 
 
-def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Fit on clicks of data.train_days, evaluate on the test day, save out_dir/checkpoint.pt."""
+def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True,
+          resume: bool = False, checkpoint_every: int = 0) -> dict:
+    """Fit on clicks of data.train_days, evaluate on the test day, save out_dir/checkpoint.pt.
+
+    checkpoint_every: write the training state to `out_dir/train_state.pt` every that many
+    optimiser steps (0: never); resume: continue from that file when it exists.
+
+    Under torchrun each rank takes a contiguous share of every batch's positives and uniform
+    negatives, and the candidate embeddings are all-gathered (with gradients): every user
+    row is scored against the whole global batch's candidates, so the loss, its logQ
+    correction and the step count are those of one process. Rank 0 evaluates and writes;
+    the other ranks return the training stats.
+    """
     cfg = cfg or Config()
     cfg.validate()
     t0 = time.perf_counter()
+    world = D.world()
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
 
@@ -291,6 +308,7 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
     counts = np.bincount(train_in["item_id"], minlength=n_items)
 
     batch_size = min(cfg.batch_size, n)
+    D.check_divisible(batch_size=batch_size, num_uniform_negatives=cfg.num_uniform_negatives)
     log_q_items = torch.from_numpy(
         sampling_log_q(counts, batch_size, cfg.num_uniform_negatives, cfg.logq_smoothing)
         if cfg.logq_correction else np.zeros(n_items, dtype=np.float32)
@@ -300,6 +318,7 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
     model = build_model(cfg, vocab)
     loss_fn = SampledSoftmaxLoss(cfg.temperature, cfg.learn_temperature)
     opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = nn.ModuleDict({"model": model, "loss": loss_fn})
 
     # Full batches only: a ragged last batch would have fewer negatives than the logQ
     # estimate (which assumes batch_size candidates) accounts for.
@@ -308,43 +327,99 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
 
-    model.train()
-    step, running = 0, float("nan")
-    bar = tqdm(total=total_steps, desc="retrieval", unit="step", disable=not progress, leave=False)
-    while step < total_steps:
-        order = rng.permutation(n)
-        for s in range(steps_per_epoch):
-            if step >= total_steps:
-                break
-            rows = order[s * batch_size : (s + 1) * batch_size]
-            pos_ids = train_in["item_id"][rows]
-            user_emb = model.user_tower(*(torch.from_numpy(train_in[k][rows]) for k in USER_INPUTS))
-            cand_ids = pos_ids
-            item_feats, item_dense = train_in["item_feats"][rows], train_in["item_dense"][rows]
-            if cfg.num_uniform_negatives:
-                neg = rng.integers(0, n_items, size=cfg.num_uniform_negatives)
-                cand_ids = np.concatenate([pos_ids, neg])
-                item_feats = np.concatenate([item_feats, corpus["item_feats"][neg]])
-                item_dense = np.concatenate([item_dense, corpus["item_dense"][neg]])
-            cand_emb = model.item_tower(torch.from_numpy(item_feats), torch.from_numpy(item_dense))
-            cand_ids_t = torch.from_numpy(cand_ids)
-            loss = loss_fn(user_emb, cand_emb, torch.from_numpy(pos_ids), cand_ids_t, log_q_items[cand_ids_t])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
-            step += 1
-            bar.update(1)
-            if step % 10 == 0 or step == total_steps:
-                bar.set_postfix(loss=f"{running:.3f}")
-    bar.close()
+    def local_step(rows: np.ndarray, neg: np.ndarray | None) -> torch.Tensor:
+        pos_ids = train_in["item_id"][rows]
+        user_emb = model.user_tower(*(torch.from_numpy(train_in[k][rows]) for k in USER_INPUTS))
+        cand_ids = pos_ids
+        item_feats, item_dense = train_in["item_feats"][rows], train_in["item_dense"][rows]
+        if neg is not None:
+            cand_ids = np.concatenate([pos_ids, neg])
+            item_feats = np.concatenate([item_feats, corpus["item_feats"][neg]])
+            item_dense = np.concatenate([item_dense, corpus["item_dense"][neg]])
+        cand_emb = model.item_tower(torch.from_numpy(item_feats), torch.from_numpy(item_dense))
+        cand_ids_t = torch.from_numpy(cand_ids)
+        return loss_fn(user_emb, cand_emb, torch.from_numpy(pos_ids), cand_ids_t, log_q_items[cand_ids_t])
+
+    def shared_step(rows: np.ndarray, neg: np.ndarray | None) -> torch.Tensor:
+        """This rank's share of the user rows against the global batch's candidates, in the
+        single-process order (positives, then uniform negatives)."""
+        lo, hi = D.shard_bounds(len(rows), world)
+        mine = rows[lo:hi]
+        user_emb = model.user_tower(*(torch.from_numpy(train_in[k][mine]) for k in USER_INPUTS))  # (B/W, D)
+        item_feats, item_dense = train_in["item_feats"][mine], train_in["item_dense"][mine]
+        if neg is not None:
+            nlo, nhi = D.shard_bounds(len(neg), world)
+            item_feats = np.concatenate([item_feats, corpus["item_feats"][neg[nlo:nhi]]])
+            item_dense = np.concatenate([item_dense, corpus["item_dense"][neg[nlo:nhi]]])
+        emb = model.item_tower(torch.from_numpy(item_feats), torch.from_numpy(item_dense))  # (B/W + K/W, D)
+        cand_emb = D.all_gather_with_grad(emb[: hi - lo])  # (B, D)
+        pos_ids = train_in["item_id"][rows]
+        cand_ids = pos_ids
+        if neg is not None:
+            cand_emb = torch.cat([cand_emb, D.all_gather_with_grad(emb[hi - lo :])])  # (B + K, D)
+            cand_ids = np.concatenate([pos_ids, neg])
+        cand_ids_t = torch.from_numpy(cand_ids)
+        return loss_fn(user_emb, cand_emb, torch.from_numpy(pos_ids[lo:hi]), cand_ids_t, log_q_items[cand_ids_t], lo)
+
+    step_fn = D.wrap(trained, shared_step) if world.distributed else local_step
+    main = D.is_main()
+    state = checkpoint.TrainingState(Path(out_dir) / checkpoint.STATE_FILE, STAGE, to_dict(cfg), checkpoint_every,
+                                     resume, write=main)
+    with state:
+        ph = checkpoint.phase("retrieval", n)
+        if ph.done is not None:
+            trained.load_state_dict(ph.done["model"])
+            step, running = int(ph.done["stats"]["steps"]), float(ph.done["stats"]["loss"])
+        else:
+            step, running, order, first = 0, float("nan"), None, 0
+            if ph.resume is not None:
+                r = ph.resume
+                trained.load_state_dict(r["model"])
+                opt.load_state_dict(r["optimizer"])
+                rng.bit_generator.state = r["generator"]
+                step, running, order, first = r["step"], r["running"], r["order"].numpy(), r["next"]
+            model.train()
+            bar = tqdm(total=total_steps, initial=step, desc="retrieval", unit="step", disable=not (progress and main),
+                       leave=False)
+            while step < total_steps:
+                if order is None:
+                    order, first = rng.permutation(n), 0
+                for s in range(first, steps_per_epoch):
+                    if step >= total_steps:
+                        break
+                    rows = order[s * batch_size : (s + 1) * batch_size]
+                    neg = rng.integers(0, n_items, size=cfg.num_uniform_negatives) if cfg.num_uniform_negatives else None
+                    loss = step_fn(rows, neg)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+                    running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
+                    step += 1
+                    bar.update(1)
+                    if step % 10 == 0 or step == total_steps:
+                        bar.set_postfix(loss=f"{running:.3f}")
+                    ph.after_step(step, lambda: {"model": trained.state_dict(), "optimizer": opt.state_dict(),
+                                                 "generator": rng.bit_generator.state, "order": torch.from_numpy(order),
+                                                 "next": s + 1, "running": running})
+                order = None
+            bar.close()
+            D.check_in_sync(trained, "retrieval")
+            ph.finish(trained.state_dict(), {"steps": step, "loss": running})
     train_seconds = time.perf_counter() - t0
 
+    if not main:
+        D.barrier()
+        return {"train_clicks": float(n), "steps": float(step), "train_loss": float(running),
+                "train_seconds": float(train_seconds)}
     metrics = evaluate(model, data, data.test_day, cfg.eval_k, counts, cfg.eval_batch_size)
     metrics.update(
         train_clicks=float(n), steps=float(step), train_loss=float(running),
         temperature=float(loss_fn.temperature.item()), train_seconds=float(train_seconds),
     )
+    if world.distributed:
+        metrics["world_size"] = float(world.size)
+    if state.resumed:
+        metrics["resumed"] = 1.0
     _print_metrics(metrics, data.test_day)
 
     checkpoint.save(Path(out_dir) / "checkpoint.pt", {
@@ -355,6 +430,7 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         "data_dir": str(Path(data_dir).resolve()),
         "vocab": vocab.to_dict(),
     })
+    D.barrier()
     return metrics
 
 
