@@ -526,10 +526,24 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = T.Config(**QUICK) if quick else T.Config()
+    # `lrs=a,b,c` sets the sweep (every method gets the same); everything else is a Config field
+    lrs = QUICK_LRS if quick else LRS
+    rest = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() == "lrs":
+            try:
+                lrs = tuple(float(v) for v in value.split(",") if v.strip())
+            except ValueError:
+                raise ValueError(f"lrs: expected comma-separated learning rates, got {value!r}") from None
+            if not lrs or min(lrs) <= 0:
+                raise ValueError(f"lrs: need at least one positive learning rate, got {value!r}")
+        else:
+            rest.append(item)
+    overrides = tuple(rest)
     # every method says what it trains: start from no teacher and no aux head, whatever the
     # default config exports (calibration keeps the default unless a method sets it)
     base = apply_overrides(base, ["cvr_teacher=none", "ctr_sead=none", "cvr_sead=none"] + list(overrides))
-    lrs = QUICK_LRS if quick else LRS
     fractions = (0.5, 1.0) if quick else FRACTIONS
     seeds = tuple(seeds)
     if len(seeds) < 2:

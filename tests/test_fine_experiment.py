@@ -109,11 +109,24 @@ def test_unknown_experiment_and_single_seed_are_refused(tiny_data, tmp_path):
 
 def test_workers_give_the_serial_numbers(consent_world, tmp_path):
     # the fits are independent and seed themselves: a process pool must not change a number
-    serial = FX.run("signal-loss", consent_world, tmp_path / "serial", seeds=(1, 2), quick=True, log=lambda s: None)
+    lrs = ("lrs=0.001,0.003",)  # the sweep is settable; every method gets it
+    serial = FX.run("signal-loss", consent_world, tmp_path / "serial", seeds=(1, 2), quick=True, log=lambda s: None,
+                    overrides=lrs)
     pooled = FX.run("signal-loss", consent_world, tmp_path / "pooled", seeds=(1, 2), quick=True, log=lambda s: None,
-                    workers=2)
+                    workers=2, overrides=lrs)
+    assert serial["lrs"] == [0.001, 0.003]
+    for name, e in serial["methods"].items():
+        if not e.get("validation_sweep"):
+            continue
+        assert set(map(float, e["validation_sweep"])) == {0.001, 0.003}, name
     for name, e in serial["methods"].items():
         p = pooled["methods"][name]
         assert p["lr"] == e["lr"] and p["validation_sweep"] == e["validation_sweep"], name
         assert p["student_auc_per_seed"] == e["student_auc_per_seed"], name
         assert p["calibration_aggregated"] == e["calibration_aggregated"], name
+
+
+@pytest.mark.parametrize("value", ["abc", "", "0,-1"])
+def test_bad_lr_sweep_is_refused(tiny_data, tmp_path, value):
+    with pytest.raises(ValueError, match="lrs"):
+        FX.run("cvr", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=(f"lrs={value}",), log=lambda s: None)
