@@ -18,6 +18,7 @@ behaviours are relative to the request; the cascade treats both clocks as the sa
 """
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,8 +125,78 @@ def _read_table(bundle: Bundle, relpath: str, columns: tuple[str, ...]) -> dict[
     return {c: table.column(c).to_numpy() for c in columns}
 
 
+class _IdScratch:
+    """Per-thread scratch arrays over the item-id space, so deduplication and membership tests
+    over a request's candidates cost O(candidates) instead of a sort (np.unique / np.isin).
+
+    `pos` (int32) holds, after `first_occurrences`, the first position of each id just written;
+    `stamp` (int32) marks the ids of one set with a per-thread counter that only grows, so a
+    stale mark from an earlier request never matches. Every slot read in a call was written in
+    the same call (or holds an older, smaller stamp), so the arrays are never cleared."""
+
+    def __init__(self, n_items: int):
+        self.n_items = n_items
+        self.pos = np.zeros(n_items, np.int32)  # lazily zero-filled pages: 8 bytes per item per thread in all
+        self.stamp = np.zeros(n_items, np.int32)
+        self.counter = 0
+
+    def first_occurrences(self, ids: np.ndarray) -> np.ndarray:
+        """-> ids without repeats, each kept at its first position (= np.unique's first indices, sorted)."""
+        n = len(ids)
+        if n < 2:
+            return ids
+        ar = np.arange(n, dtype=np.int32)
+        self.pos[ids] = n
+        np.minimum.at(self.pos, ids, ar)  # the smallest position per id, whatever the write order
+        return ids[self.pos[ids] == ar]
+
+    def member(self, ids: np.ndarray, of: np.ndarray) -> np.ndarray:
+        """-> bool mask (len(ids),): whether each id is in `of` (= np.isin(ids, of))."""
+        if len(of) == 0 or len(ids) == 0:
+            return np.zeros(len(ids), bool)
+        if self.counter >= np.iinfo(np.int32).max - 1:  # after ~2e9 calls on this thread
+            self.stamp.fill(0)
+            self.counter = 0
+        self.counter += 1
+        self.stamp[of] = self.counter
+        return self.stamp[ids] == self.counter
+
+
+class _Scratch:
+    """One `_IdScratch` per thread, created on the thread's first request."""
+
+    def __init__(self, n_items: int):
+        self.n_items = n_items
+        self._local = threading.local()
+
+    def get(self) -> _IdScratch:
+        s = getattr(self._local, "s", None)
+        if s is None:
+            s = self._local.s = _IdScratch(self.n_items)
+        return s
+
+
+def inner_products_by_idx(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """vectors (I, D) float32 C-contiguous, ids (N,) int64 in [0, I), query (D,) float32 ->
+    (N,) float32 vectors[ids] @ query, fused: FAISS reads each row once in place, with no
+    gathered (N, D) copy and no BLAS call (whose thread pool oversubscribes the cores when
+    several requests run at once). The caller guarantees the bounds: FAISS does not check them."""
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or not vectors.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"vectors must be a C-contiguous float32 (I, D) array, got {vectors.dtype} {vectors.shape}")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    if query.shape != (vectors.shape[1],):
+        raise ValueError(f"query shape {query.shape}, expected ({vectors.shape[1]},)")
+    out = np.empty(len(ids), np.float32)
+    if len(ids):
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(vectors),
+                                         faiss.swig_ptr(ids), vectors.shape[1], 1, len(ids))
+    return out
+
+
 class Cascade:
-    """A loaded bundle and the per-request pipeline. Thread-safe: `rank` only reads shared state."""
+    """A loaded bundle and the per-request pipeline. Thread-safe: `rank` only reads shared state
+    (besides each thread's own id scratch, `_IdScratch`)."""
 
     def __init__(self, bundle: Bundle, onnx_threads: int = 1, faiss_threads: int = 1,
                  i2i_share: float = 0.3, i2i_seeds: int = 5):
@@ -213,6 +284,7 @@ class Cascade:
         if vecs.ndim != 2 or vecs.shape[0] != self.n_items:
             raise BundleError(f"bundle file {COARSE_ITEM_VECTORS!r}: shape {vecs.shape}, expected ({self.n_items}, D)")
         self.item_vectors = np.ascontiguousarray(vecs, dtype=np.float32)  # (I, D), score scale folded in
+        self._scratch = _Scratch(self.n_items)
 
         # fine
         self.ctr = _Model(bundle, FINE_CTR, _FINE_INPUTS, onnx_threads)
@@ -299,9 +371,10 @@ class Cascade:
         vecs = np.ascontiguousarray(self.item_emb[seeds], dtype=np.float32)  # (S, D)
         _, ids = self.index.search(vecs, per_seed)  # (S, per_seed), -1 pads
         flat = ids.T.ravel()
-        flat = flat[(flat >= 0) & (flat < self.n_items) & ~np.isin(flat, seeds)]
-        _, first = np.unique(flat, return_index=True)
-        return flat[np.sort(first)][:n]
+        flat = flat[(flat >= 0) & (flat < self.n_items)]
+        scratch = self._scratch.get()
+        flat = flat[~scratch.member(flat, seeds)]
+        return scratch.first_occurrences(flat)[:n]
 
     def retrieve(self, user_emb: np.ndarray, seeds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Both sources merged: user_emb (1, D), seeds (S,) -> (item ids (R,) int64, source codes (R,) int8), R <= k.
@@ -315,17 +388,27 @@ class Cascade:
         n_i2i = min(k, int(round(self.i2i_share * k))) if use_i2i else 0
         _, ids = self.index.search(user_emb, k)  # (1, k); -1 pads when the index finds fewer
         ann = ids[0][(ids[0] >= 0) & (ids[0] < self.n_items)]
-        _, first = np.unique(ann, return_index=True)
-        ann = ann[np.sort(first)]
+        scratch = self._scratch.get()
+        ann = scratch.first_occurrences(ann)
         head = ann[: k - n_i2i]
         # ask for 2x the quota: the seeds' neighbour lists overlap each other and ANN's share
         i2i = self._i2i(seeds, min(self.n_items, 2 * n_i2i)) if n_i2i else np.zeros(0, np.int64)
-        i2i = i2i[~np.isin(i2i, head)][:n_i2i]
+        i2i = i2i[~scratch.member(i2i, head)][:n_i2i]
         tail = ann[k - n_i2i :]
-        tail = tail[~np.isin(tail, i2i)]
+        tail = tail[~scratch.member(tail, i2i)]
         cands = np.concatenate([head, i2i, tail])[:k].astype(np.int64)
         src = np.concatenate([np.zeros(len(head), np.int8), np.ones(len(i2i), np.int8), np.zeros(len(tail), np.int8)])[:k]
         return cands, src
+
+    def score_coarse(self, tower_in: dict[str, np.ndarray], cands: np.ndarray) -> np.ndarray:
+        """The coarse stage's logits of the candidates (R,) int64 -> (R,) float32: one user-tower
+        pass for all of them, then the fused inner product with the precomputed item vectors
+        (= item_vectors[cands] @ user_vec). tower_in: user_feats (1, 4), seq_items (1, L, 5),
+        seq_extras (1, L, 3). The benchmark's teacher-as-coarse peer overrides this method."""
+        user_vec = self.coarse_tower(tower_in)[0]  # (D,)
+        if len(cands) and (cands.min() < 0 or cands.max() >= self.n_items):  # the fused kernel does not check
+            raise ValueError(f"candidate ids outside [0, {self.n_items})")
+        return inner_products_by_idx(self.item_vectors, cands, user_vec)
 
     def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None) -> Ranking:
         """Run the cascade for one validated query; `time_remaining` (e.g. a gRPC context's)
@@ -377,8 +460,7 @@ class Cascade:
         timings["retrieval_ms"] = (t2 - t1) * 1e3
 
         check("coarse")
-        user_vec = self.coarse_tower(tower_in)[0].astype(np.float32)  # (D,), one pass for all candidates
-        coarse = self.item_vectors[cands] @ user_vec  # (R,)
+        coarse = self.score_coarse(tower_in, cands)  # (R,)
         c = min(q.coarse_size, len(cands))
         if c < len(cands):
             keep = np.argpartition(-coarse, c - 1)[:c]
