@@ -119,6 +119,54 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     return {"files": ["user_tower.onnx", "item_vectors.npy"], "meta": meta}
 
 
+TEACHER_INPUTS = ("user_feats", "seq_items", "seq_extras", "item_feats", "item_dense", "interacted")
+TEACHER_OUTPUT = "logit"
+
+
+class _OneRequestTeacher(torch.nn.Module):
+    """A DNN teacher scoring the candidates of ONE request: user inputs (1, ...), candidate
+    inputs (B, ...); the behaviour sequence is encoded once and broadcast to every candidate."""
+
+    def __init__(self, teacher: torch.nn.Module):
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, user_feats, seq_items, seq_extras, item_feats, item_dense, interacted):
+        request_index = torch.zeros_like(item_feats[:, 0])  # (B,) int64: every candidate is request 0
+        return self.teacher(user_feats, seq_items, seq_extras, request_index, item_feats, item_dense, interacted)
+
+
+def export_teacher(teacher: torch.nn.Module, inputs: dict[str, np.ndarray], path: str | Path) -> dict:
+    """Export a DNN teacher (e.g. PFD+MD `DNNTeacher`) as a coarse scorer for ONE request:
+    inputs `TEACHER_INPUTS` (user ones with 1 row, candidate ones with B rows) -> `logit` (B,).
+
+    Not part of a serving bundle: the benchmark's teacher-as-coarse peer uses it. `inputs` is
+    one request's example (B >= 2); raises ExportError when ONNX Runtime differs from PyTorch by
+    more than 1e-5 on them. -> {"path", "parity_max_abs_diff"}.
+    """
+    missing = [k for k in TEACHER_INPUTS if k not in inputs]
+    if missing:
+        raise ExportError(f"export_teacher: inputs lack {missing}")
+    if len(inputs["user_feats"]) != 1:
+        raise ExportError(f"export_teacher: user inputs must have 1 row (one request), got {len(inputs['user_feats'])}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = _OneRequestTeacher(teacher.eval()).eval()
+    args = tuple(torch.from_numpy(np.ascontiguousarray(inputs[k])) for k in TEACHER_INPUTS)
+    dynamic = {k: {0: "requests" if k in USER_INPUTS else "candidates"} for k in TEACHER_INPUTS}
+    dynamic[TEACHER_OUTPUT] = {0: "candidates"}
+    with torch.no_grad():
+        torch.onnx.export(module, args, str(path), input_names=list(TEACHER_INPUTS), output_names=[TEACHER_OUTPUT],
+                          dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        ref = module(*args).numpy()
+    teacher.eval()  # the exporter restores the wrapper's mode: keep the teacher in eval mode
+    got = onnx_export.onnx_session(path).run([TEACHER_OUTPUT], {k: np.ascontiguousarray(inputs[k]) for k in TEACHER_INPUTS})[0]
+    parity = float(np.max(np.abs(ref - got)))
+    if not parity <= PARITY_TOL:
+        raise ExportError(f"coarse teacher: ONNX vs PyTorch max abs diff {parity:.3g} > {PARITY_TOL}")
+    return {"path": str(path), "parity_max_abs_diff": parity}
+
+
 if __name__ == "__main__":
     import argparse
     import json

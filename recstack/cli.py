@@ -85,6 +85,17 @@ def _cmd_bench(args) -> int:
                   command="recstack " + " ".join(sys.argv[1:]))
         print(json.dumps(res["targets"], indent=2))
         print(f"wrote {Path(args.out or 'docs/results/bench') / 'report.md'}, results.json and bench.png")
+    elif args.what == "all":
+        if not (args.artifacts and args.data):
+            raise ValueError("bench all: --artifacts (the served bundle or artifacts root) and --data (its world) are required")
+        from recstack.bench import run_all
+
+        res = run_all(args.out or "docs/results/bench", data_dir=args.data, artifacts=args.artifacts,
+                      scratch=args.scratch or "/tmp/recstack-bench", teacher=args.teacher, teacher_steps=args.teacher_steps,
+                      runs=args.runs, gmv_users=args.gmv_users, configs=args.configs, quick=args.quick,
+                      command="recstack " + " ".join(sys.argv[1:]))
+        print(json.dumps({"targets": res["targets"], "e2e_targets": res["e2e"]["targets"]}, indent=2))
+        print(f"wrote {Path(args.out or 'docs/results/bench') / 'report.md'}, results.json and plots")
     elif args.what == "retrieval":
         if not args.checkpoint:
             raise ValueError("bench retrieval: --checkpoint RUNS/retrieval/checkpoint.pt is required")
@@ -202,11 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
     s.set_defaults(func=_cmd_experiment)
 
-    s = sub.add_parser("bench", help="retrieval index sweep (recall@1000 vs latency) / cascade recall against the truth"
-                                     " / coarse and fine model costs")
-    s.add_argument("what", choices=["retrieval", "cascade", "models"])
+    s = sub.add_parser("bench", help="every benchmark section in one run (all) / retrieval index sweep (recall@1000 vs"
+                                     " latency) / cascade recall against the truth / coarse and fine model costs")
+    s.add_argument("what", choices=["all", "retrieval", "cascade", "models"],
+                   help="all: every section in one run (models, retrieval point, serving path, end to end with peers)")
+    s.add_argument("--teacher", default=None, help="all: PFD+MD teacher file (trained into --scratch when missing)")
+    s.add_argument("--teacher-steps", type=int, default=600, help="all: training steps when the teacher is trained")
+    s.add_argument("--scratch", default=None, help="all: scratch dir (teacher, ONNX, server logs; default /tmp/recstack-bench)")
+    s.add_argument("--gmv-users", type=int, default=100, help="all: users for GMV@50 against the truth")
+    s.add_argument("--configs", default=None, help="all: end-to-end server configs (default cascade_w1,single_stage_w1,"
+                                                   "teacher_coarse_w1; also cascade_w2)")
     s.add_argument("--runs", default=None, help="models: runs dir with coarse/ and fine/checkpoint.pt (default: fresh models)")
-    s.add_argument("--quick", action="store_true", help="models: small sizes, seconds (a smoke test, not a report)")
+    s.add_argument("--quick", action="store_true", help="models / all: small sizes and short load runs (a smoke test, "
+                                                         "not a report)")
     s.add_argument("--checkpoint", help="retrieval: RUNS/retrieval/checkpoint.pt")
     s.add_argument("--artifacts", help="cascade / all: a bundle, artifacts root (or, cascade, a runs dir)")
     s.add_argument("--data", help="the world (retrieval default: the checkpoint's; models: sizes the vocabulary and corpus)")

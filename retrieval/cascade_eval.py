@@ -80,12 +80,15 @@ def run(
     exhaustive: bool = True,
     seed: int = 0,
     plot: bool = True,
+    cascade: Cascade | None = None,
 ) -> dict:
     """Evaluate the bundle's cascade against the oracle; write results.json (+ PNG) to out_dir.
 
     The grid: every retrieval size at `default_coarse`, every coarse size at
     `default_retrieval` (coarse <= retrieval), each with every i2i share. Returns the results
     dict (JSON types); `configs` holds one row per (retrieval, coarse, i2i share).
+    `cascade`: an already loaded Cascade (or subclass, e.g. the benchmark's teacher-as-coarse
+    peer) to evaluate instead of opening `bundle_or_runs`.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
@@ -93,8 +96,9 @@ def run(
     data = load(data_dir)
     truth = Truth.load(data_dir)
     day = data.test_day if day is None else int(day)
-    with tempfile.TemporaryDirectory(prefix="cascade_eval_") as tmp:
-        cascade = _open(bundle_or_runs, Path(tmp))
+    if cascade is None:
+        with tempfile.TemporaryDirectory(prefix="cascade_eval_") as tmp:
+            cascade = _open(bundle_or_runs, Path(tmp))
     if cascade.n_items != truth.n_items or cascade.n_users != truth.n_users:
         raise ValueError(f"bundle ({cascade.n_users} users, {cascade.n_items} items) is not of this world "
                          f"({truth.n_users} users, {truth.n_items} items)")
