@@ -120,7 +120,10 @@ def windows(data: SimData, base_days: int) -> dict:
 
 
 def _job_key(data_dir: str, cfg: Config, days: list[int], eval_day: int) -> str:
-    blob = json.dumps([str(Path(data_dir).resolve()), dataclasses.asdict(cfg), list(days), int(eval_day)], sort_keys=True)
+    fields = dataclasses.asdict(cfg)
+    if not fields.get("stream_chunk_rows"):
+        fields.pop("stream_chunk_rows", None)  # in-memory fits keep the keys of caches written before the field
+    blob = json.dumps([str(Path(data_dir).resolve()), fields, list(days), int(eval_day)], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
 

@@ -15,6 +15,15 @@ user id embedding). Only the student is saved and exported.
 Held-out evaluation is next-day: fit on the days before the evaluation day, report AUC on
 the evaluation day beside the ground-truth ceiling (the simulator's true pCTR scored
 against the same clicks), which no model can beat in expectation.
+
+Streaming (`Config.stream_chunk_rows` = N > 0, for worlds whose training days do not fit in
+memory; written with `recstack simulate --shard-rows`): the training days are read from
+their Parquet shards N rows per chunk per rank (recstack.shards.ShardStream, whole sessions
+shuffled), each rank reading only its slice and training on batch_size // world_size rows
+per step, so a step still sees a global batch of batch_size rows; a batch never spans two
+chunks (with N a multiple of batch_size // world_size the step count equals the in-memory
+one). The evaluation day stays in memory; `train_fraction` < 1 and the per-impression
+`Fitted.train_ids` are in-memory only. N = 0 (default) is the in-memory path, unchanged.
 """
 from __future__ import annotations
 
@@ -80,10 +89,9 @@ class Config:
     split: str = "test"  # "test": fit days 1..D-1, evaluate day D; "valid": fit 1..D-2, evaluate D-1 (LR sweeps)
     eval_max_rows: int = 50_000  # evaluate on at most this many impressions of the evaluation day (seeded sample)
     eval_batch_size: int = 2048  # rows per forward pass at evaluation
-    # 0: the training days are loaded in memory (and DDP splits each global batch across
-    # ranks); N > 0: they are streamed from their Parquet shards, N rows per chunk per rank
-    # (recstack.shards.ShardStream, sessions kept together), each rank reading only its slice
-    stream_chunk_rows: int = 0
+    # N > 0: the training days are streamed from their Parquet shards, N rows per chunk per
+    # rank (recstack.shards.ShardStream, sessions kept together), each rank reading only its slice
+    stream_chunk_rows: int = 0  # 0: loaded in memory (DDP splits each global batch across ranks)
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:

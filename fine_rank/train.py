@@ -21,6 +21,14 @@ The training method is chosen in `Config` (`fit_task` dispatches):
 
 Whatever the method, the model that is checkpointed and exported is the plain student
 `Ranker` (no privileged inputs), so the bundle contract does not change.
+
+Streaming (`Config.stream_chunk_rows` = N > 0; shards from `recstack simulate --shard-rows`):
+CTR and CVR read the training days chunk by chunk (`StreamRows`, recstack.shards), each rank
+its own slice, batch_size // world_size rows per rank per step, every method as in memory.
+What needs every row is done without holding them: label means, consent totals and the
+post-event moments (MTL) in one pass over those columns; BatchNorm re-estimation and the
+label calibration use a bounded sample (STREAM_SAMPLE_ROWS rows of a seeded shuffled pass).
+The held-out day stays in memory. N = 0 (default) is the in-memory path, unchanged.
 """
 from __future__ import annotations
 
@@ -40,6 +48,8 @@ from tqdm.auto import tqdm
 from recstack import checkpoint, distributed as D, metrics as M, sead
 from recstack.config import ConfigError, to_dict
 from recstack.data import Examples, SimData, load
+from recstack.features import post_event_features
+from recstack.shards import ShardStream, position as shard_position, train_chunks
 from recstack.distill import LambdaSchedule, sync_loss
 
 from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, Teacher, build_teacher
@@ -71,6 +81,9 @@ class Config:
     split: str = "test"  # "test": fit days 1..D-1, score day D; "valid": fit 1..D-2, score D-1 (LR sweeps)
     cvr_label: str = "purchase"  # "purchase_observed": only consented users' purchases (signal loss)
     eval_batch_size: int = 8192  # inference batch for held-out scoring (memory only)
+    # N > 0: CTR and CVR stream the training days from their Parquet shards, N rows per chunk
+    # per rank (recstack.shards), each rank reading only its slice; see `StreamRows`
+    stream_chunk_rows: int = 0  # 0: materialised in memory (DDP splits each global batch across ranks)
     # CTR: ~237k training impressions on `small`. The id embeddings overfit fast: on
     # `small` one epoch scores a better next-day AUC and log-loss than two
     ctr_emb_dim: int = 16  # per categorical column; 9 columns -> 144 + 8 dense inputs
@@ -126,6 +139,8 @@ class Config:
             raise ConfigError(f"cvr_label must be one of {CVR_LABELS}, got {self.cvr_label!r}")
         if self.eval_batch_size < 1:
             raise ConfigError("eval_batch_size must be >= 1")
+        if self.stream_chunk_rows < 0:
+            raise ConfigError(f"stream_chunk_rows must be >= 0 (0: in memory), got {self.stream_chunk_rows}")
         for task in TASKS:
             self.settings(task).validate(task)
         if self.cvr_teacher not in CVR_TEACHERS:
@@ -226,6 +241,138 @@ def split_days(data: SimData, split: str) -> tuple[list[int], int]:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
 
 
+# ---------------------------------------------------------------- streamed training rows
+
+# rows of the bounded sample a streamed fit uses where the in-memory one reads every row:
+# BatchNorm re-estimation (refresh_batchnorm uses at most this many rows anyway) and the
+# label calibration's predictions
+STREAM_SAMPLE_ROWS = 65536
+
+
+class StreamRows:
+    """A task's training population streamed from the Parquet shards of `days` (cfg.stream_chunk_rows
+    > 0) instead of a materialised table: CTR every impression, CVR (clicked_only) the clicked ones.
+
+    What stays global, computed without holding the rows: the row count and the label /
+    consent / post-event statistics a method needs (one pass over a few columns, `scan`),
+    and a bounded sample (`sample_table`: the first STREAM_SAMPLE_ROWS rows of a seeded,
+    shuffled pass, the same on every rank; shards and their rows are shuffled, but the rows
+    come from the first shard(s) of that order) for BatchNorm re-estimation and calibration.
+    """
+
+    def __init__(self, data: SimData, days: list[int], chunk_rows: int, clicked_only: bool = False):
+        self.data, self.days, self.chunk_rows, self.clicked_only = data, list(days), int(chunk_rows), clicked_only
+        self._streams: dict[tuple, ShardStream] = {}
+        self._sample: dict[int, dict[str, np.ndarray]] = {}
+        self._sums: dict[str, dict] = {}
+
+    def stream(self, seed: int, rank: int | None = None, world_size: int | None = None) -> ShardStream:
+        """This rank's training stream (or another rank's / world size's, for the sample)."""
+        w = D.world()
+        key = (seed, w.rank if rank is None else rank, w.size if world_size is None else world_size)
+        if key not in self._streams:
+            self._streams[key] = ShardStream(self.data, self.days, chunk_rows=self.chunk_rows, seed=seed, rank=key[1],
+                                             world_size=key[2], clicked_only=self.clicked_only)
+        return self._streams[key]
+
+    def _any(self) -> ShardStream:
+        """A stream of these rows built already (row counts and `scan` do not depend on the seed)."""
+        return next(iter(self._streams.values())) if self._streams else self.stream(0)
+
+    def __len__(self) -> int:
+        return self._any().total_rows
+
+    def steps(self, s: "ModelSettings", seed: int) -> int:
+        """Optimiser steps of a streamed fit: every batch of batch_size // world_size rows (a
+        batch never spans two chunks) with at least 2 rows, for s.epochs, capped at s.max_steps."""
+        total = s.epochs * self.stream(seed).batches_per_epoch(s.batch_size // D.world_size(), min_rows=2)
+        return min(total, s.max_steps) if s.max_steps else total
+
+    def sums(self, label: str) -> dict:
+        """One pass over the label / consent / post-event columns: row count, label sum,
+        consented rows and their label sum, and the first two moments of the post-event features."""
+        if label not in self._sums:
+            n = y = c = yc = 0.0
+            pe, pe2 = np.zeros(4), np.zeros(4)
+            for cols in self._any().scan([label, "user_id", "dwell", "comments", "chatted", "cart"]):
+                lab = cols[label].astype(np.float64)
+                cons = self.data.consent[cols["user_id"]].astype(np.float64)
+                post = post_event_features(cols["dwell"], cols["comments"], cols["chatted"], cols["cart"]).astype(np.float64)
+                n, y, c, yc = n + len(lab), y + lab.sum(), c + cons.sum(), yc + (lab * cons).sum()
+                pe, pe2 = pe + post.sum(0), pe2 + (post ** 2).sum(0)
+            self._sums[label] = {"n": n, "label": y, "consent": c, "label_consent": yc, "post": pe, "post2": pe2}
+        return self._sums[label]
+
+    def mean(self, label: str) -> float:
+        t = self.sums(label)
+        return float(t["label"] / max(t["n"], 1.0))
+
+    def sample_table(self, seed: int) -> dict[str, np.ndarray]:
+        """The bounded sample, materialised (the same rows on every rank)."""
+        if seed not in self._sample:
+            st = ShardStream(self.data, self.days, chunk_rows=min(STREAM_SAMPLE_ROWS, self.chunk_rows), seed=seed,
+                             clicked_only=self.clicked_only)
+            parts, got = [], 0
+            for _, ex in st.epoch(0):
+                parts.append(materialise(ex))
+                got += len(ex)
+                if got >= STREAM_SAMPLE_ROWS:
+                    break
+            self._sample[seed] = {k: np.concatenate([p[k] for p in parts])[:STREAM_SAMPLE_ROWS] for k in TABLE_COLUMNS}
+        return self._sample[seed]
+
+
+class Source:
+    """The rows a fit function trains on, as the tensors its closures index: `x` holds the
+    serving inputs, post_event, "y" (the label) and "consent". In memory (a table) `x`
+    holds every row; streamed (a `StreamRows`) `optimise` swaps each chunk's rows into the
+    same dict, so the closures that index `x[k][idx]` need not know which."""
+
+    def __init__(self, table: "dict[str, np.ndarray] | StreamRows", label: str):
+        self.label, self.rows = label, table if isinstance(table, StreamRows) else None
+        self.x: dict[str, torch.Tensor] = {}
+        if self.rows is None:
+            self.load(table)
+            self.n = len(self.x["y"])
+        else:
+            self.n = len(self.rows)
+
+    def load(self, table: dict[str, np.ndarray]) -> None:
+        self.x.clear()
+        self.x.update(_tensors(table))
+        self.x["y"] = torch.from_numpy(table[self.label].astype(np.float32))
+        self.x["consent"] = torch.from_numpy(table["consent"].astype(np.float32))
+
+    def steps(self, s: "ModelSettings", seed: int) -> int:
+        return s.steps(self.n) if self.rows is None else self.rows.steps(s, seed)
+
+    def label_mean(self) -> float:
+        return float(self.x["y"].mean()) if self.rows is None else self.rows.mean(self.label)
+
+    def post_moments(self, columns: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and (unbiased) standard deviation of post_event's `columns` over every training row."""
+        if self.rows is None:
+            post = self.x["post_event"]
+            return post[:, columns].mean(0), post[:, columns].std(0)
+        t = self.rows.sums(self.label)
+        n = t["n"]
+        mu = t["post"][columns] / n
+        var = (t["post2"][columns] - n * mu ** 2) / max(n - 1, 1.0)
+        return torch.tensor(mu, dtype=torch.float32), torch.tensor(np.sqrt(np.maximum(var, 0.0)), dtype=torch.float32)
+
+    def consented_rate(self) -> float:
+        """The label mean over the consented users' training rows (ValueError without any)."""
+        if self.rows is None:
+            y, consent = self.x["y"], self.x["consent"]
+            if consent.sum() < 1:
+                raise ValueError("signal_loss needs consented users in the training rows")
+            return float((y * consent).sum() / consent.sum())
+        t = self.rows.sums(self.label)
+        if t["consent"] < 1:
+            raise ValueError("signal_loss needs consented users in the training rows")
+        return float(t["label_consent"] / t["consent"])
+
+
 # ------------------------------------------------------------------------- training
 
 
@@ -246,7 +393,7 @@ def build_model(vocab, s: ModelSettings, seed: int) -> Ranker:
 StepLoss = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, dict]"]
 
 
-def optimise(model: torch.nn.Module, n: int, step_loss: StepLoss, forward: Callable[[torch.Tensor], object],
+def optimise(model: torch.nn.Module, src: "Source", step_loss: StepLoss, forward: Callable[[torch.Tensor], object],
              s: ModelSettings, seed: int, bar=None) -> dict:
     """The training loop shared by every method: shuffled mini-batches, linear LR decay, then
     precise BatchNorm statistics.
@@ -259,7 +406,14 @@ def optimise(model: torch.nn.Module, n: int, step_loss: StepLoss, forward: Calla
     DDP (recstack.distributed). Inside `train()` the loop is one resumable phase of the run
     (recstack.checkpoint.TrainingState): snapshots every `checkpoint_every` steps, and a
     resumed phase continues from its snapshot (or is skipped when it had finished).
+
+    Streamed (`src.rows`, cfg.stream_chunk_rows > 0): the rank's slice of the shards, chunk
+    after chunk loaded into `src.x`; `idx` indexes the chunk, in batches of batch_size //
+    world_size rows (the chunk's rows are already shuffled), so a step still sees a global
+    batch of batch_size rows; a snapshot stores the chunk's cursor and the batches done in
+    it. BatchNorm is re-estimated on the bounded sample (`StreamRows.sample_table`).
     """
+    n = src.n
     if n < 2:
         raise ValueError(f"need at least 2 training rows, got {n}")
     ph = checkpoint.phase(f"fine:{type(model).__name__}(seed={seed})", n)
@@ -271,7 +425,7 @@ def optimise(model: torch.nn.Module, n: int, step_loss: StepLoss, forward: Calla
         return dict(ph.done["stats"])
     world = D.world()
     opt = make_optimizer(model, s)
-    total = s.steps(n)
+    total = src.steps(s, seed)
     # decay to 0: the last iterates stop jittering the output bias (which would show up as
     # a calibration error of several %) and BatchNorm statistics catch up with the weights
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total) if s.lr_decay else 1.0)
@@ -285,41 +439,73 @@ def optimise(model: torch.nn.Module, n: int, step_loss: StepLoss, forward: Calla
         sched.load_state_dict(r["scheduler"])
         gen.set_state(r["generator"])
         step, recent, perm, first = r["step"], list(r["recent"]), r["perm"], r["next"]
+        if (src.rows is not None) != ("stream" in r):
+            raise checkpoint.CheckpointError(f"{ph.name}: the snapshot was written by a "
+                                             f"{'streamed' if 'stream' in r else 'in-memory'} run, this one is "
+                                             f"{'streamed' if src.rows is not None else 'in memory'}")
         if bar is not None:
             bar.update(step)
     step_fn = D.wrap(model, step_loss)
     model.train()
     t0 = time.perf_counter()
-    while step < total:
+
+    def train_step(idx: torch.Tensor, snapshot_extra: Callable[[], dict]) -> None:
+        nonlocal step, recent
+        loss, _ = step_fn(idx, step, total)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        step += 1
+        recent = (recent + [loss.item()])[-50:]
+        if bar is not None:
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{np.mean(recent):.4f}")
+        ph.after_step(step, lambda: {
+            "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "generator": gen.get_state(), "recent": list(recent), **snapshot_extra()})
+
+    if src.rows is not None:
+        local = s.batch_size // world.size
+        resume_at = ph.resume["stream"] if ph.resume is not None else None
+        if step < total:
+            for _, cursor, chunk, skip in train_chunks(src.rows.stream(seed), None, resume_at):
+                src.load(materialise(chunk))
+                m = len(src.x["y"])
+                for k, lo in enumerate(range(skip * local, m, local), skip + 1):
+                    idx = torch.arange(lo, min(lo + local, m))
+                    if len(idx) < 2:  # BatchNorm cannot normalise a single row (every rank's chunks are alike)
+                        continue
+                    train_step(idx, lambda: {"perm": None, "next": 0, "stream": shard_position(cursor, k)})
+                    if step >= total:
+                        break
+                if step >= total:
+                    break
+        sample = src.rows.sample_table(seed)
+        src.load(sample)  # the same rows on every rank: identical BatchNorm statistics
+        refresh_batchnorm(model, forward, len(sample["click"]), s.batch_size, gen)
+        src.x.clear()
+    while src.rows is None and step < total:
         if perm is None:
             perm, first = torch.randperm(n, generator=gen), 0
         for start in range(first, n, s.batch_size):
             idx = perm[start : start + s.batch_size]
             if len(idx) // world.size < 2:  # BatchNorm cannot normalise a single row (decided alike on every rank)
                 continue
-            loss, _ = step_fn(D.shard(idx, w=world), step, total)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            step += 1
-            recent = (recent + [loss.item()])[-50:]
-            if bar is not None:
-                bar.update(1)
-                if step % 10 == 0:
-                    bar.set_postfix(loss=f"{np.mean(recent):.4f}")
-            ph.after_step(step, lambda: {
-                "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                "generator": gen.get_state(), "perm": perm, "next": start + s.batch_size, "recent": list(recent)})
+            train_step(D.shard(idx, w=world), lambda: {"perm": perm, "next": start + s.batch_size})
             if step >= total:
                 break
         perm = None
-    refresh_batchnorm(model, forward, n, s.batch_size, gen)
+    if src.rows is None:
+        refresh_batchnorm(model, forward, n, s.batch_size, gen)
     D.check_in_sync(model, f"fine {type(model).__name__}")
     stats = {"n_train": int(n), "steps": step, "train_loss_last50": D.all_reduce(float(np.mean(recent)), "mean"),
              "train_seconds": time.perf_counter() - t0}
     if world.distributed:
         stats["world_size"] = world.size
+    if src.rows is not None:
+        stats["stream_chunk_rows"] = src.rows.chunk_rows
     ph.finish(model.state_dict(), stats)
     return stats
 
@@ -329,20 +515,22 @@ def _tensors(table: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int, bar=None) -> dict:
-    """Minimise the log-loss of `model.logits` against `table[label]`; returns training stats."""
-    x = _tensors(table)
-    y = torch.from_numpy(table[label].astype(np.float32))
-    model.head.set_prior(float(y.mean()))
+    """Minimise the log-loss of `model.logits` against `table[label]`; returns training stats.
+    (`table`: a materialised table or a `StreamRows`, here and in every fit_* below.)"""
+    src = Source(table, label)
+    x = src.x
+    y_mean = src.label_mean()
+    model.head.set_prior(y_mean)
 
     def fwd(idx):
         return model.logits(*(x[k][idx] for k in MODEL_INPUTS))
 
     def step_loss(idx, step, total):
-        loss = TF.binary_cross_entropy_with_logits(fwd(idx), y[idx])
+        loss = TF.binary_cross_entropy_with_logits(fwd(idx), x["y"][idx])
         return loss, {"loss": loss.detach()}
 
-    stats = optimise(model, len(y), step_loss, fwd, s, seed, bar)
-    return {**stats, "train_positive_rate": float(y.mean())}
+    stats = optimise(model, src, step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": y_mean}
 
 
 def fit_distilled(student: Ranker, teacher: Teacher, table: dict[str, np.ndarray], label: str, s: ModelSettings,
@@ -350,11 +538,12 @@ def fit_distilled(student: Ranker, teacher: Teacher, table: dict[str, np.ndarray
     """PFD Eq. 5 / Algorithm 1, synchronous: the student learns from (1-λ)·y + λ·teacher, the
     teacher from y alone (its soft label is detached in L_d); λ = 0 for the first `warmup`
     fraction of steps."""
-    x = _tensors(table)
-    y = torch.from_numpy(table[label].astype(np.float32))
+    src = Source(table, label)
+    x = src.x
+    y_mean = src.label_mean()
     for m in (student, teacher):
-        m.head.set_prior(float(y.mean()))
-    schedule = LambdaSchedule(lam, swap_step=int(warmup * s.steps(len(y))))
+        m.head.set_prior(y_mean)
+    schedule = LambdaSchedule(lam, swap_step=int(warmup * src.steps(s, seed)))
     both = torch.nn.ModuleDict({"student": student, "teacher": teacher})
 
     def fwd(idx):
@@ -363,58 +552,61 @@ def fit_distilled(student: Ranker, teacher: Teacher, table: dict[str, np.ndarray
 
     def step_loss(idx, step, total):
         s_logits, t_logits = fwd(idx)
-        return sync_loss(s_logits, t_logits, y[idx], schedule(step))
+        return sync_loss(s_logits, t_logits, x["y"][idx], schedule(step))
 
-    stats = optimise(both, len(y), step_loss, fwd, s, seed, bar)
-    return {**stats, "train_positive_rate": float(y.mean()), "swap_step": schedule.swap_step}
+    stats = optimise(both, src, step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": y_mean, "swap_step": schedule.swap_step}
 
 
 def fit_mtl(mtl: MTLRanker, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int,
             weight: float, bar=None) -> dict:
     """PFD's MTL baseline: main log-loss + weight x (MSE on the standardised continuous
     post-event columns, log-loss on the binary ones)."""
-    x = _tensors(table)
-    y = torch.from_numpy(table[label].astype(np.float32))
-    post = x["post_event"]
+    src = Source(table, label)
+    x = src.x
+    y_mean = src.label_mean()
     continuous, binary = [0, 1], [2, 3]  # log dwell, log comments | chatted, cart
-    mu, sd = post[:, continuous].mean(0), post[:, continuous].std(0).clamp_min(1e-6)
-    mtl.student.head.set_prior(float(y.mean()))
-    for j in binary:
-        mtl.towers[j][1].set_prior(float(post[:, j].mean()))
+    mu, sd = src.post_moments(continuous)
+    sd = sd.clamp_min(1e-6)
+    mtl.student.head.set_prior(y_mean)
+    binary_means = src.post_moments(binary)[0]
+    for i, j in enumerate(binary):
+        mtl.towers[j][1].set_prior(float(x["post_event"][:, j].mean()) if src.rows is None else float(binary_means[i]))
 
     def fwd(idx):
         return mtl.both(*(x[k][idx] for k in MODEL_INPUTS))
 
     def step_loss(idx, step, total):
         main, aux = fwd(idx)
-        p = post[idx]
-        l_main = TF.binary_cross_entropy_with_logits(main, y[idx])
+        p = x["post_event"][idx]
+        l_main = TF.binary_cross_entropy_with_logits(main, x["y"][idx])
         l_reg = TF.mse_loss(aux[:, continuous], (p[:, continuous] - mu) / sd, reduction="none").mean(0).sum()
         l_bin = TF.binary_cross_entropy_with_logits(aux[:, binary], p[:, binary], reduction="none").mean(0).sum()
         return l_main + weight * (l_reg + l_bin), {"main": l_main.detach()}
 
-    stats = optimise(mtl, len(y), step_loss, fwd, s, seed, bar)
-    return {**stats, "train_positive_rate": float(y.mean())}
+    stats = optimise(mtl, src, step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": y_mean}
 
 
 def fit_sead(model: SelfAuxiliary, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int,
              selector: str, cfg: "Config", bar=None) -> dict:
     """SEAD: main head on y (serving, calibrated), aux head on f(y, y') (recstack.sead)."""
-    x = _tensors(table)
-    y = torch.from_numpy(table[label].astype(np.float32))
-    model.main.head.set_prior(float(y.mean()))
-    model.aux.set_prior(float(y.mean()))
+    src = Source(table, label)
+    x = src.x
+    y_mean = src.label_mean()
+    model.main.head.set_prior(y_mean)
+    model.aux.set_prior(y_mean)
 
     def fwd(idx):
         return model.both(*(x[k][idx] for k in MODEL_INPUTS), stop_aux_gradient=cfg.sead_sga)
 
     def step_loss(idx, step, total):
         main, aux = fwd(idx)
-        return sead.sead_loss(main, aux, y[idx], selector, progress=step / total, aux_weight=cfg.sead_weight,
+        return sead.sead_loss(main, aux, x["y"][idx], selector, progress=step / total, aux_weight=cfg.sead_weight,
                               pos_weight=cfg.sead_pos_weight, until=cfg.sead_curriculum_until)
 
-    stats = optimise(model, len(y), step_loss, fwd, s, seed, bar)
-    return {**stats, "train_positive_rate": float(y.mean())}
+    stats = optimise(model, src, step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": y_mean}
 
 
 def fit_signal_loss(student: Ranker, teacher: SelfAuxiliary, table: dict[str, np.ndarray], label: str,
@@ -423,16 +615,14 @@ def fit_signal_loss(student: Ranker, teacher: SelfAuxiliary, table: dict[str, np
     rows, aux head on every row of the biased stream `label`; student: max(y, y') with y'
     the teacher main head's soft label (detached), after `warmup` of the steps (y before).
     The student shares the teacher's embeddings."""
-    x = _tensors(table)
-    y = torch.from_numpy(table[label].astype(np.float32))
-    consent = torch.from_numpy(table["consent"].astype(np.float32))
-    if consent.sum() < 1:
-        raise ValueError("signal_loss needs consented users in the training rows")
-    unbiased_rate = float((y * consent).sum() / consent.sum())
+    src = Source(table, label)
+    x = src.x
+    y_mean = src.label_mean()
+    unbiased_rate = src.consented_rate()
     teacher.main.head.set_prior(unbiased_rate)
-    teacher.aux.set_prior(float(y.mean()))
+    teacher.aux.set_prior(y_mean)
     student.head.set_prior(unbiased_rate)
-    swap = int(warmup * s.steps(len(y)))
+    swap = int(warmup * src.steps(s, seed))
     both = torch.nn.ModuleDict({"student": student, "teacher": teacher})
 
     def fwd(idx):
@@ -441,15 +631,15 @@ def fit_signal_loss(student: Ranker, teacher: SelfAuxiliary, table: dict[str, np
 
     def step_loss(idx, step, total):
         t_main, t_aux, s_logits = fwd(idx)
-        yb, c = y[idx], consent[idx]
+        yb, c = x["y"][idx], x["consent"][idx]
         l_main = sead.weighted_bce(t_main, yb, c)  # consented rows only
         l_aux = TF.binary_cross_entropy_with_logits(t_aux, yb)
         target = sead.select("max", yb, torch.sigmoid(t_main)) if step >= swap else yb
         l_student = TF.binary_cross_entropy_with_logits(s_logits, target)
         return l_main + l_aux + l_student, {"teacher_main": l_main.detach(), "student": l_student.detach()}
 
-    stats = optimise(both, len(y), step_loss, fwd, s, seed, bar)
-    return {**stats, "train_positive_rate": float(y.mean()), "consented_positive_rate": unbiased_rate, "swap_step": swap}
+    stats = optimise(both, src, step_loss, fwd, s, seed, bar)
+    return {**stats, "train_positive_rate": y_mean, "consented_positive_rate": unbiased_rate, "swap_step": swap}
 
 
 @torch.no_grad()
@@ -589,11 +779,13 @@ def label_for(task: str, cfg: Config) -> str:
     return "click" if task == "ctr" else cfg.cvr_label
 
 
-def fit_task(task: str, cfg: Config, vocab, table: dict[str, np.ndarray], seed: int, *, bar=None,
+def fit_task(task: str, cfg: Config, vocab, table: "dict[str, np.ndarray] | StreamRows", seed: int, *, bar=None,
              aggregate_rate: float | None = None) -> TaskResult:
     """Train `task` ("ctr" or "cvr") with the method `cfg` selects on `table` (the task's
-    population); -> the eval-mode student and its extras. `aggregate_rate` is required
-    when cfg.cvr_calibrate == "aggregates" (CVR)."""
+    population: a materialised table, or a `StreamRows`); -> the eval-mode student and its
+    extras. `aggregate_rate` is required when cfg.cvr_calibrate == "aggregates" (CVR).
+    Streamed, the calibration shift is fitted on the bounded sample (StreamRows.sample_table)
+    to the label mean of every training row."""
     s = cfg.settings(task)
     label = label_for(task, cfg)
     student = build_model(vocab, s, seed)  # the same initial student for every method of a seed
@@ -630,8 +822,9 @@ def fit_task(task: str, cfg: Config, vocab, table: dict[str, np.ndarray], seed: 
                 raise ValueError("cvr_calibrate=aggregates needs the training days' aggregated conversion rate")
             target = aggregate_rate
         else:
-            target = float(np.mean(table[label]))
-        stats["calibration_shift"] = calibrate_to_rate(student, table, target, bs)
+            target = float(np.mean(table[label])) if not isinstance(table, StreamRows) else table.mean(label)
+        rows = table.sample_table(seed) if isinstance(table, StreamRows) else table
+        stats["calibration_shift"] = calibrate_to_rate(student, rows, target, bs)
         stats["calibrated_to"] = target
     stats["method"] = method if method != "none" else (f"sead_{selector}" if selector != "none" else "baseline")
     return TaskResult(student, stats, extras)
@@ -692,9 +885,13 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     main = D.is_main()
     data = load(data_dir)
     fit_days, eval_day = split_days(data, cfg.split)
-    train_table = materialise(data.examples(fit_days))
-    eval_table = materialise(data.examples(eval_day))
-    tables = {"ctr": (train_table, eval_table), "cvr": (clicked(train_table), clicked(eval_table))}
+    eval_table = materialise(data.examples(eval_day))  # the held-out day stays in memory, streamed or not
+    if cfg.stream_chunk_rows:
+        tables = {"ctr": (StreamRows(data, fit_days, cfg.stream_chunk_rows), eval_table),
+                  "cvr": (StreamRows(data, fit_days, cfg.stream_chunk_rows, clicked_only=True), clicked(eval_table))}
+    else:
+        train_table = materialise(data.examples(fit_days))
+        tables = {"ctr": (train_table, eval_table), "cvr": (clicked(train_table), clicked(eval_table))}
     labels = {task: label_for(task, cfg) for task in TASKS}
     truths = {"ctr": "true_pctr", "cvr": "true_pcvr"}
     settings = {task: cfg.settings(task) for task in TASKS}
@@ -702,7 +899,8 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     t_data = time.perf_counter() - t_start
 
     agg_rate = aggregate_rate(aggregates(data, fit_days))
-    total_steps = sum(settings[t].steps(len(tables[t][0]["click"])) for t in TASKS)
+    total_steps = sum(settings[t].steps(len(tables[t][0]["click"])) if not cfg.stream_chunk_rows
+                      else tables[t][0].steps(settings[t], seeds[t]) for t in TASKS)
     models: dict[str, Ranker] = {}
     metrics: dict = {"eval_day": eval_day, "train_days": list(fit_days), "split": cfg.split, "data_seconds": t_data}
     state = checkpoint.TrainingState(Path(out_dir) / checkpoint.STATE_FILE, STAGE, to_dict(cfg), checkpoint_every,

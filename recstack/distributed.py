@@ -276,3 +276,14 @@ def all_gather_with_grad(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.nn.functional import all_gather
 
     return torch.cat(all_gather(t), dim=0)
+
+
+def all_gather_tensor(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate every rank's (N, ...) tensor along dim 0 in rank order, without
+    gradients (e.g. the item ids of every rank's share of a batch; N must be the same on
+    every rank); `t` itself in one process."""
+    if not is_distributed():
+        return t
+    parts = [torch.empty_like(t) for _ in range(world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts, dim=0)

@@ -40,6 +40,10 @@ A resumed run reads the checkpoint's chunk again (same rows, same order) and ski
 batches it had done, so it goes on exactly where the interrupted one stopped (the cursor
 must come from the same stream: same days, files, seed, chunk_rows and world_size).
 `st.batches_per_epoch(batch_size)` is every rank's step count per epoch, for a schedule.
+`train_chunks(st, epochs, resume)` is that loop's chunk iteration (with `position(cursor, k)`
+the snapshot's stream position), as the trainers use it with `stream_chunk_rows > 0`;
+`st.scan(columns)` reads a few columns of every streamed row, shard by shard, for global
+statistics (label means, click counts).
 """
 from __future__ import annotations
 

@@ -12,6 +12,13 @@ popular items down.
 
 Held-out metric: recall@K on test-day clicks, retrieving over the whole corpus by inner
 product, printed beside a popularity baseline and chance (K / n_items).
+
+Streaming (`Config.stream_chunk_rows` = N > 0; shards from `recstack simulate --shard-rows`):
+the clicked training rows are read N per chunk per rank (recstack.shards), each rank its own
+slice and batch_size // world_size positives per step, scored against every rank's
+positives (all-gathered) and the uniform negatives; full batches only, within a chunk. The
+logQ click counts are exact (one pass over the item_id column, O(n_items) memory); the
+test day stays in memory. N = 0 (default) is the in-memory path, unchanged.
 """
 from __future__ import annotations
 
@@ -31,6 +38,7 @@ from recstack import checkpoint, distributed as D
 from recstack.config import ConfigError, to_dict
 from recstack.data import Examples, SimData, load
 from recstack.features import ItemTable, Vocab
+from recstack.shards import ShardStream, position as shard_position, train_chunks
 from retrieval.model import TwoTower
 
 STAGE = "retrieval"
@@ -78,6 +86,10 @@ class Config:
     nprobe: Optional[int] = None  # IVF lists probed per query (None = the default for the index; ignored by non-IVF)
     ef_search: Optional[int] = None  # HNSW search breadth, >= k (None = the default; ignored by non-HNSW)
     ann_eval_queries: int = 1000  # test-day requests used to measure the index's recall vs exact search at export
+    # N > 0: the training clicks are streamed from the Parquet shards, N clicked rows per chunk
+    # per rank (recstack.shards), each rank reading only its slice; logQ's click counts come
+    # from one exact counting pass over the item_id column
+    stream_chunk_rows: int = 0  # 0: materialised in memory (DDP splits each global batch across ranks)
 
     def validate(self) -> None:
         if min(self.user_dims + self.item_dims) < 0:
@@ -103,6 +115,8 @@ class Config:
             raise ConfigError("max_steps must be >= 1 or None")
         if not self.eval_k or min(self.eval_k) < 1:
             raise ConfigError(f"eval_k must be a non-empty list of positive ints, got {self.eval_k}")
+        if self.stream_chunk_rows < 0:
+            raise ConfigError(f"stream_chunk_rows must be >= 0 (0: in memory), got {self.stream_chunk_rows}")
 
 
 def build_model(cfg: Config, vocab: Vocab) -> TwoTower:
@@ -300,15 +314,28 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
     data = load(data_dir)
     vocab = data.vocab
     n_items = data.items.n
-    clicks = data.examples(data.train_days, clicked_only=True)
-    if len(clicks) < 2:
-        raise RuntimeError(f"{data_dir}: {len(clicks)} training clicks; need at least 2")
-    train_in = materialise(clicks, USER_INPUTS + ITEM_INPUTS + ("item_id",))
-    n = len(clicks)
-    counts = np.bincount(train_in["item_id"], minlength=n_items)
+    streamed = cfg.stream_chunk_rows > 0
+    keys = USER_INPUTS + ITEM_INPUTS + ("item_id",)
+    if streamed:
+        st = ShardStream(data, data.train_days, chunk_rows=cfg.stream_chunk_rows, seed=cfg.seed, rank=world.rank,
+                         world_size=world.size, clicked_only=True)
+        n = st.total_rows
+        counts = np.zeros(n_items, dtype=np.int64)  # exact click counts: one pass over the item_id column
+        for cols in st.scan(["item_id"]):
+            counts += np.bincount(cols["item_id"], minlength=n_items)
+        train_in: dict[str, np.ndarray] = {}  # the current chunk's rows (streamed)
+    else:
+        clicks = data.examples(data.train_days, clicked_only=True)
+        n = len(clicks)
+    if n < 2:
+        raise RuntimeError(f"{data_dir}: {n} training clicks; need at least 2")
+    if not streamed:
+        train_in = materialise(clicks, keys)
+        counts = np.bincount(train_in["item_id"], minlength=n_items)
 
     batch_size = min(cfg.batch_size, n)
     D.check_divisible(batch_size=batch_size, num_uniform_negatives=cfg.num_uniform_negatives)
+    local_batch = batch_size // world.size
     log_q_items = torch.from_numpy(
         sampling_log_q(counts, batch_size, cfg.num_uniform_negatives, cfg.logq_smoothing)
         if cfg.logq_correction else np.zeros(n_items, dtype=np.float32)
@@ -323,6 +350,12 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
     # Full batches only: a ragged last batch would have fewer negatives than the logQ
     # estimate (which assumes batch_size candidates) accounts for.
     steps_per_epoch = n // batch_size
+    if streamed:  # full batches of local_batch rows within each chunk of this rank's slice
+        full, last = divmod(st.rows_per_rank, st.chunk_rows)
+        steps_per_epoch = full * (st.chunk_rows // local_batch) + last // local_batch
+        if steps_per_epoch == 0:
+            raise ConfigError(f"stream_chunk_rows={cfg.stream_chunk_rows}: no chunk holds a full batch of {local_batch} "
+                              f"rows per rank ({st.rows_per_rank} clicked rows per rank)")
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
@@ -361,7 +394,29 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         cand_ids_t = torch.from_numpy(cand_ids)
         return loss_fn(user_emb, cand_emb, torch.from_numpy(pos_ids[lo:hi]), cand_ids_t, log_q_items[cand_ids_t], lo)
 
-    step_fn = D.wrap(trained, shared_step) if world.distributed else local_step
+    def streamed_step(rows: np.ndarray, neg: np.ndarray | None) -> torch.Tensor:
+        """Streamed under DDP: this rank's own rows (a share of the global batch) against every
+        rank's positives (all-gathered in rank order) and the shared uniform negatives."""
+        b = len(rows)
+        user_emb = model.user_tower(*(torch.from_numpy(train_in[k][rows]) for k in USER_INPUTS))  # (B/W, D)
+        item_feats, item_dense = train_in["item_feats"][rows], train_in["item_dense"][rows]
+        if neg is not None:
+            nlo, nhi = D.shard_bounds(len(neg), world)
+            item_feats = np.concatenate([item_feats, corpus["item_feats"][neg[nlo:nhi]]])
+            item_dense = np.concatenate([item_dense, corpus["item_dense"][neg[nlo:nhi]]])
+        emb = model.item_tower(torch.from_numpy(item_feats), torch.from_numpy(item_dense))
+        pos_ids = torch.from_numpy(np.ascontiguousarray(train_in["item_id"][rows]))
+        cand_emb = D.all_gather_with_grad(emb[:b])  # (B, D)
+        cand_ids_t = D.all_gather_tensor(pos_ids)
+        if neg is not None:
+            cand_emb = torch.cat([cand_emb, D.all_gather_with_grad(emb[b:])])  # (B + K, D)
+            cand_ids_t = torch.cat([cand_ids_t, torch.from_numpy(neg)])
+        return loss_fn(user_emb, cand_emb, pos_ids, cand_ids_t, log_q_items[cand_ids_t], world.rank * b)
+
+    if world.distributed:
+        step_fn = D.wrap(trained, streamed_step if streamed else shared_step)
+    else:
+        step_fn = local_step
     main = D.is_main()
     state = checkpoint.TrainingState(Path(out_dir) / checkpoint.STATE_FILE, STAGE, to_dict(cfg), checkpoint_every,
                                      resume, write=main)
@@ -374,33 +429,57 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
             step, running, order, first = 0, float("nan"), None, 0
             if ph.resume is not None:
                 r = ph.resume
+                if streamed != ("stream" in r):
+                    raise checkpoint.CheckpointError(
+                        f"retrieval: the snapshot was written by a {'streamed' if 'stream' in r else 'in-memory'} run, "
+                        f"this one is {'streamed' if streamed else 'in memory'}")
                 trained.load_state_dict(r["model"])
                 opt.load_state_dict(r["optimizer"])
                 rng.bit_generator.state = r["generator"]
-                step, running, order, first = r["step"], r["running"], r["order"].numpy(), r["next"]
+                step, running, first = r["step"], r["running"], r["next"]
+                order = r["order"].numpy() if not streamed else None
             model.train()
             bar = tqdm(total=total_steps, initial=step, desc="retrieval", unit="step", disable=not (progress and main),
                        leave=False)
-            while step < total_steps:
+
+            def train_step(rows: np.ndarray, snapshot_extra) -> None:
+                nonlocal step, running
+                neg = rng.integers(0, n_items, size=cfg.num_uniform_negatives) if cfg.num_uniform_negatives else None
+                loss = step_fn(rows, neg)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
+                step += 1
+                bar.update(1)
+                if step % 10 == 0 or step == total_steps:
+                    bar.set_postfix(loss=f"{running:.3f}")
+                ph.after_step(step, lambda: {"model": trained.state_dict(), "optimizer": opt.state_dict(),
+                                             "generator": rng.bit_generator.state, "running": running,
+                                             **snapshot_extra()})
+
+            if streamed and step < total_steps:
+                resume_at = ph.resume["stream"] if ph.resume is not None else None
+                for _, cursor, chunk, skip in train_chunks(st, cfg.epochs, resume_at):
+                    train_in.clear()
+                    train_in.update(materialise(chunk, keys))
+                    # full batches only, as in memory: the chunk's last rows (fewer than a batch) are left out
+                    for k in range(skip, len(chunk) // local_batch):
+                        train_step(np.arange(k * local_batch, (k + 1) * local_batch),
+                                   lambda: {"order": None, "next": 0, "stream": shard_position(cursor, k + 1)})
+                        if step >= total_steps:
+                            break
+                    if step >= total_steps:
+                        break
+                train_in.clear()
+            while not streamed and step < total_steps:
                 if order is None:
                     order, first = rng.permutation(n), 0
                 for s in range(first, steps_per_epoch):
                     if step >= total_steps:
                         break
                     rows = order[s * batch_size : (s + 1) * batch_size]
-                    neg = rng.integers(0, n_items, size=cfg.num_uniform_negatives) if cfg.num_uniform_negatives else None
-                    loss = step_fn(rows, neg)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    running = loss.item() if math.isnan(running) else 0.95 * running + 0.05 * loss.item()
-                    step += 1
-                    bar.update(1)
-                    if step % 10 == 0 or step == total_steps:
-                        bar.set_postfix(loss=f"{running:.3f}")
-                    ph.after_step(step, lambda: {"model": trained.state_dict(), "optimizer": opt.state_dict(),
-                                                 "generator": rng.bit_generator.state, "order": torch.from_numpy(order),
-                                                 "next": s + 1, "running": running})
+                    train_step(rows, lambda: {"order": torch.from_numpy(order), "next": s + 1})
                 order = None
             bar.close()
             D.check_in_sync(trained, "retrieval")
@@ -416,6 +495,8 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         train_clicks=float(n), steps=float(step), train_loss=float(running),
         temperature=float(loss_fn.temperature.item()), train_seconds=float(train_seconds),
     )
+    if streamed:
+        metrics["stream_chunk_rows"] = float(cfg.stream_chunk_rows)
     if world.distributed:
         metrics["world_size"] = float(world.size)
     if state.resumed:
