@@ -508,6 +508,20 @@ def plot(path: Path, res: dict) -> Path:
 def _fmt_ms(x: float) -> str:
     return f"{x:.3f}" if x < 10 else f"{x:.1f}"
 
+def _coarse_tables(c: dict) -> list[str]:
+    """The coarse section's timing and ratio tables (shared by `bench models` and `bench all`)."""
+    return [
+        E.markdown_table(["path", "median ms", "p10 ms", "p90 ms", "repeats"],
+                         [[LABELS.get(k, k), _fmt_ms(v["median"]), _fmt_ms(v["p10"]), _fmt_ms(v["p90"]), v["repeats"]]
+                          for k, v in c["timings_ms"].items()]),
+        "",
+        E.markdown_table(["ratio", "value"], [[k, f"{v:.3g}"] for k, v in c["ratios"].items()]),
+        "",
+        f"Memory scan bandwidth (np.sum, 1 thread): {c['scan_gb_per_s']:.1f} GB/s. The PFD paper reports the inner "
+        "product ~830x faster than its DNN teacher.",
+    ]
+
+
 
 def bounds_text(res: dict) -> list[str]:
     """Numbers-only explanation of the bounds (every figure comes from `res`)."""
@@ -596,14 +610,7 @@ def write_report(out: Path, res: dict) -> Path:
         "candidates in one batch; the user's inputs are broadcast (the behaviour sequence is encoded once per request) "
         "and the interacted features are handed in precomputed (the teacher is not charged for computing them).",
         "",
-        E.markdown_table(["path", "median ms", "p10 ms", "p90 ms", "repeats"],
-                         [[LABELS[k], _fmt_ms(v["median"]), _fmt_ms(v["p10"]), _fmt_ms(v["p90"]), v["repeats"]]
-                          for k, v in c["timings_ms"].items()]),
-        "",
-        E.markdown_table(["ratio", "value"], [[k, f"{v:.3g}"] for k, v in c["ratios"].items()]),
-        "",
-        f"Memory scan bandwidth (np.sum, 1 thread): {c['scan_gb_per_s']:.1f} GB/s. The PFD paper reports the inner "
-        "product ~830x faster than its DNN teacher.",
+        *_coarse_tables(c),
         "",
         f"## Fine: CTR ranker on {f['n_candidates']} candidates of one request",
         "",
@@ -1114,14 +1121,7 @@ def write_report_all(out: Path, res: dict) -> Path:
         "behaviour sequence encoded once) and the interacted features handed in precomputed; in torch eager "
         "(`torch.no_grad()`) and exported to ONNX Runtime (serving session options).",
         "",
-        E.markdown_table(["path", "median ms", "p10 ms", "p90 ms", "repeats"],
-                         [[LABELS.get(k, k), _fmt_ms(v["median"]), _fmt_ms(v["p10"]), _fmt_ms(v["p90"]), v["repeats"]]
-                          for k, v in c["timings_ms"].items()]),
-        "",
-        E.markdown_table(["ratio", "value"], [[k, f"{v:.3g}"] for k, v in c["ratios"].items()]),
-        "",
-        f"Memory scan bandwidth (np.sum, 1 thread): {c['scan_gb_per_s']:.1f} GB/s. The PFD paper reports the inner "
-        "product ~830x faster than its DNN teacher.",
+        *_coarse_tables(c),
         "",
         f"## Fine: CTR ranker on {f['n_candidates']} candidates of one request",
         "",
