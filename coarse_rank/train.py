@@ -79,7 +79,7 @@ class Config:
     seed: int = 0  # seeds parameter init and the shuffling order
     length_buckets: int = 4  # speed-up only (exact): encode sequences in groups of similar length, see UserTower.encode_sequence
     # --- distillation (PFD Eq. 5, Algorithm 1) ---
-    teacher: str = "pfd_md"  # one of TEACHERS ("baseline" = none); pfd_md beat the baseline on the validation day (docs/results/coarse)
+    teacher: str = "pfd_md"  # one of TEACHERS ("baseline" = none); pfd_md is the default: it beats the baseline on medium's validation day, within noise of md/sd (docs/results/coarse)
     manner: str = "share_sync"  # one of MANNERS (PFD Table 7); the paper's main runs share common input components
     lam: float = 0.5  # λ of Eq. 5: student loss = (1-λ) L_s + λ L_d (paper: 0.5)
     swap_step: int = 100  # λ = 0 before this step (the teacher's soft labels are noise early); ~20% of one `small` epoch (paper: 1e6 of ~1e6+ steps)
