@@ -17,3 +17,14 @@ def tiny_data(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("tiny_world")
     simulate(preset("tiny"), seed=0, out=out, preset="tiny", progress=False)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for the module's tests (restored after)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

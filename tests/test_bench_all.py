@@ -6,26 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from recstack import bench as B
 from recstack import bench_e2e as E2E
-from recstack import features as F
-from recstack.data import load
-from test_cascade_sources import make_bundle
+from test_cascade_sources import tiny_world_bundle
 
 
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
-    data = load(tiny_data)
-    items = pq.read_table(Path(tiny_data) / "items.parquet").to_pydict()
-    item_cols = {k: np.asarray(items[k]) for k in ("category", "shop", "brand", "price_bucket", "price")}
-    snap = {"user_id": np.zeros(0, np.int64), "seconds_ago": np.zeros(0), "item_id": np.zeros(0, np.int64),
-            "kind": np.zeros(0, np.int8), "dwell": np.zeros(0, np.float32)}
-    vocab = F.Vocab.from_dict(data.world["vocab"])
-    return make_bundle(tmp_path_factory.mktemp("bench_all_bundle"), vocab=vocab, snapshot=snap, items=item_cols)
+    return tiny_world_bundle(tiny_data, tmp_path_factory.mktemp("bench_all_bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
-from recstack import features as F
 from recstack.data import load
 from recstack.world.truth import Truth, expected_sigmoid
 from retrieval import cascade_eval
-from test_cascade_sources import make_bundle
+from test_cascade_sources import tiny_world_bundle
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +69,7 @@ def test_requests_use_only_behaviours_before_the_request(tiny_data):
 @pytest.fixture(scope="module")
 def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
     """A fake bundle (random models) over the tiny world's corpus and vocabulary."""
-    data = load(tiny_data)
-    items = pq.read_table(Path(tiny_data) / "items.parquet").to_pydict()
-    item_cols = {k: np.asarray(items[k]) for k in ("category", "shop", "brand", "price_bucket", "price")}
-    snap = {"user_id": np.zeros(0, np.int64), "seconds_ago": np.zeros(0), "item_id": np.zeros(0, np.int64),
-            "kind": np.zeros(0, np.int8), "dwell": np.zeros(0, np.float32)}
-    vocab = F.Vocab.from_dict(data.world["vocab"])
-    return make_bundle(tmp_path_factory.mktemp("tiny_bundle"), vocab=vocab, snapshot=snap, items=item_cols)
+    return tiny_world_bundle(tiny_data, tmp_path_factory.mktemp("tiny_bundle"))
 
 
 def test_cascade_eval_invariants(tiny_data, tiny_bundle, tmp_path):

@@ -119,6 +119,21 @@ def make_bundle(root: Path, *, vocab: F.Vocab = VOCAB, factory: str = "Flat", np
     B.write_current(root, version)
     return bdir
 
+def tiny_world_bundle(tiny_data: str, out: Path) -> Path:
+    """A fake bundle (random models) over a simulated world's corpus and vocabulary."""
+    import pyarrow.parquet as pq
+
+    from recstack.data import load
+
+    data = load(tiny_data)
+    items = pq.read_table(Path(tiny_data) / "items.parquet").to_pydict()
+    item_cols = {k: np.asarray(items[k]) for k in ("category", "shop", "brand", "price_bucket", "price")}
+    snap = {"user_id": np.zeros(0, np.int64), "seconds_ago": np.zeros(0), "item_id": np.zeros(0, np.int64),
+            "kind": np.zeros(0, np.int8), "dwell": np.zeros(0, np.float32)}
+    vocab = F.Vocab.from_dict(data.world["vocab"])
+    return make_bundle(out, vocab=vocab, snapshot=snap, items=item_cols)
+
+
 
 @pytest.fixture(scope="module")
 def flat_bundle(tmp_path_factory) -> Path:

@@ -58,14 +58,6 @@ def final_model(out: Path, stage: str) -> dict:
     return checkpoint.load(out / "checkpoint.pt", stage=stage)["model"]
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("stage,mod,cfg,phase,step,every", [
     # fine: killed in the CVR phase (PFD teacher + student) after the CTR phase finished
     ("fine", FT, FT.Config(**FINE), 1, 3, 2),

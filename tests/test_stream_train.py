@@ -52,14 +52,6 @@ def sharded(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _coarse(data_dir: str, chunk: int) -> dict:
     from recstack.data import load
 
