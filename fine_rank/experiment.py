@@ -529,9 +529,32 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
     # `lrs=a,b,c` sets the sweep (every method gets the same); everything else is a Config field
     lrs = QUICK_LRS if quick else LRS
     rest = []
+    # `ctr_methods=` / `cvr_methods=` (or `methods=` for both) keep only these rows of a SEAD
+    # table (the baseline always runs: every delta is to it); `fractions=` sets the data curve
+    subset: dict[str, tuple[str, ...]] = {}
+    fractions_set: tuple[float, ...] | None = None
     for item in overrides:
         key, _, value = item.partition("=")
-        if key.strip() == "lrs":
+        key = key.strip()
+        if key in ("methods", "ctr_methods", "cvr_methods"):
+            if name != "sead":
+                raise ValueError(f"{key}: only the sead experiment runs a subset of its methods")
+            names = tuple(v.strip() for v in value.split(",") if v.strip())
+            for task in (("ctr", "cvr") if key == "methods" else (key.split("_")[0],)):
+                known = [m.name for m in _sead_methods(task)]
+                bad = [n for n in names if n not in known]
+                if bad or not names:
+                    raise ValueError(f"{key}: unknown method(s) {bad or value!r}; choose from {known}")
+                subset[task] = tuple(n for n in known if n == "baseline" or n in names)
+        elif key == "fractions":
+            try:
+                fr = sorted({float(v) for v in value.split(",") if v.strip()} | {1.0})
+            except ValueError:
+                raise ValueError(f"fractions: expected comma-separated fractions in (0, 1], got {value!r}") from None
+            if min(fr) <= 0 or max(fr) > 1:
+                raise ValueError(f"fractions: each must be in (0, 1], got {value!r}")
+            fractions_set = tuple(fr)
+        elif key == "lrs":
             try:
                 lrs = tuple(float(v) for v in value.split(",") if v.strip())
             except ValueError:
@@ -545,11 +568,14 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
     # default config exports (calibration keeps the default unless a method sets it)
     base = apply_overrides(base, ["cvr_teacher=none", "ctr_sead=none", "cvr_sead=none"] + list(overrides))
     fractions = (0.5, 1.0) if quick else FRACTIONS
+    if fractions_set is not None:
+        fractions = fractions_set
     seeds = tuple(seeds)
     if len(seeds) < 2:
         raise ValueError("the protocol needs >= 2 seeds for paired intervals (3 or more for a report)")
     tables = load_tables(data_dir)
     results: dict = {"experiment": name, "quick": quick, "seeds": list(seeds), "lrs": list(lrs), "overrides": list(overrides),
+                     "fractions": list(fractions), "method_subsets": {t: list(v) for t, v in subset.items()},
                      "world": {k: v for k, v in tables.world.items() if k != "config"},
                      "world_config": tables.world["config"]}
     sections: list[str] = []
@@ -595,7 +621,8 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
     elif name == "sead":
         tabs = {}
         for task in ("ctr", "cvr"):
-            tabs[task] = run_table("sead", _sead_methods(task), tables, base, seeds, lrs, fractions, log, workers)
+            methods = tuple(m for m in _sead_methods(task) if m.name in subset.get(task, (m.name,)))
+            tabs[task] = run_table("sead", methods, tables, base, seeds, lrs, fractions, log, workers)
         results["methods"] = tabs["ctr"]["methods"]
         results["methods_cvr"] = tabs["cvr"]["methods"]
         results["tasks"] = {t: _strip(v) for t, v in tabs.items()}
@@ -603,6 +630,23 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
             tab = tabs[task]
             e = tab["methods"]
             files = _plots(out, f"sead_{task}", tab, f"SEAD {title}")
+            cut = [m.name for m in _sead_methods(task) if m.name not in e]
+            targets = []
+            if "sead_max" in e:
+                targets += [
+                    f"- SEAD (max) ≥ baseline: Δ {X.fmt_ci(e['sead_max']['delta_vs_baseline'])}.",
+                    f"- main head's mean prediction / mean label on the test day: {e['sead_max']['calibration']:.4f} "
+                    f"(target within 1 %; the baseline's {e['baseline']['calibration']:.4f}; vs the true probabilities "
+                    f"{e['sead_max']['calibration_vs_truth']:.4f}).",
+                ]
+            if "sead_max" in e and "sead_min" in e:
+                targets.append(f"- SEAD (max) > SEAD (min): {e['sead_max']['student_auc']['mean']:.4f} vs "
+                               f"{e['sead_min']['student_auc']['mean']:.4f} (paired Δ max − min "
+                               f"{X.fmt_ci(X.paired_diff(e['sead_max']['student_auc_per_seed'], e['sead_min']['student_auc_per_seed']))}).")
+            if "sga" in e:
+                targets.append(f"- SGA no better than SEAD: SGA Δ {X.fmt_ci(e['sga']['delta_vs_baseline'])}.")
+            if cut:
+                targets.append(f"- not run in this table (`{task}_methods=`, a CPU cut): {', '.join(cut)}.")
             sections += [
                 f"## SEAD — {title} model (SEAD Table 1)\n",
                 f"{tab['n_train']} training rows, {tab['n_test']} test rows, test positive rate "
@@ -611,12 +655,7 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
                 _methods_table(e, "sead"), "",
                 "Gains by item frequency:\n", _buckets_table(e, tab["bucket_rows"]), "",
                 "Against the issue's targets:\n",
-                f"- SEAD (max) ≥ baseline: Δ {X.fmt_ci(e['sead_max']['delta_vs_baseline'])}.",
-                f"- SEAD (max) > SEAD (min): {e['sead_max']['student_auc']['mean']:.4f} vs {e['sead_min']['student_auc']['mean']:.4f}.",
-                f"- main head's mean prediction / mean label on the test day: {e['sead_max']['calibration']:.4f} "
-                f"(target within 1 %; the baseline's {e['baseline']['calibration']:.4f}; vs the true probabilities "
-                f"{e['sead_max']['calibration_vs_truth']:.4f}).",
-                f"- SGA no better than SEAD: SGA Δ {X.fmt_ci(e['sga']['delta_vs_baseline'])}.",
+                *targets,
                 f"- Best method on the validation day: {max(e, key=lambda n: e[n]['validation_auc'] or -1)}.",
                 "", "Plots: " + ", ".join(f"`{f}`" for f in files), "",
             ]

@@ -130,3 +130,26 @@ def test_workers_give_the_serial_numbers(consent_world, tmp_path):
 def test_bad_lr_sweep_is_refused(tiny_data, tmp_path, value):
     with pytest.raises(ValueError, match="lrs"):
         FX.run("cvr", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=(f"lrs={value}",), log=lambda s: None)
+
+
+def test_sead_method_subset_and_fractions(tiny_data, tmp_path):
+    # a CPU cut for big worlds: CTR runs only the target rows, CVR all of them; the report
+    # names what was cut and the data curve uses the given fractions (1.0 always added)
+    res = FX.run("sead", tiny_data, tmp_path, seeds=(1, 2), quick=True, log=lambda s: None,
+                 overrides=("ctr_methods=sead_max,sead_min,sga", "fractions=0.5"))
+    assert set(res["methods"]) == {"baseline", "sead_max", "sead_min", "sga"}
+    assert set(res["methods_cvr"]) == {m.name for m in FX._sead_methods("cvr")}
+    assert res["fractions"] == [0.5, 1.0] and res["tasks"]["ctr"]["multiplier_curve"]["fractions"] == [0.5, 1.0]
+    report = (tmp_path / "report.md").read_text()
+    assert "not run in this table" in report and "lr2x" in report and "SEAD (max) > SEAD (min)" in report
+
+
+@pytest.mark.parametrize("item,match", [("ctr_methods=sead_mox", "ctr_methods: unknown"),
+                                        ("methods=", "methods: unknown"),
+                                        ("fractions=0,0.5", "fractions"), ("fractions=x", "fractions")])
+def test_bad_method_subset_or_fractions_is_refused(tiny_data, tmp_path, item, match):
+    with pytest.raises(ValueError, match=match):
+        FX.run("sead", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=(item,), log=lambda s: None)
+    if item.startswith("ctr_methods"):
+        with pytest.raises(ValueError, match="only the sead experiment"):
+            FX.run("cvr", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=(item,), log=lambda s: None)
