@@ -96,6 +96,17 @@ def _cmd_bench(args) -> int:
                       command="recstack " + " ".join(sys.argv[1:]))
         print(json.dumps({"targets": res["targets"], "e2e_targets": res["e2e"]["targets"]}, indent=2))
         print(f"wrote {Path(args.out or 'docs/results/bench') / 'report.md'}, results.json and plots")
+    elif args.what == "train":
+        if not args.data:
+            raise ValueError("bench train: --data (a `recstack simulate` world) is required")
+        from coarse_rank.bench import ROWS
+        from coarse_rank.bench import run as run_train
+
+        rows = tuple(r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip())
+        res = run_train(args.data, args.out or "docs/results/coarse/cost", rows=rows, manner=args.manner,
+                        steps=args.steps, repeats=args.repeats, command="recstack " + " ".join(sys.argv[1:]))
+        print(json.dumps({r: v["cpu_ratio_vs_baseline"] for r, v in res["rows"].items()}, indent=2))
+        print(f"wrote {Path(args.out or 'docs/results/coarse/cost') / 'report.md'}")
     elif args.what == "retrieval":
         if not args.checkpoint:
             raise ValueError("bench retrieval: --checkpoint RUNS/retrieval/checkpoint.pt is required")
@@ -214,8 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_experiment)
 
     s = sub.add_parser("bench", help="every benchmark section in one run (all) / retrieval index sweep (recall@1000 vs"
-                                     " latency) / cascade recall against the truth / coarse and fine model costs")
-    s.add_argument("what", choices=["all", "retrieval", "cascade", "models"],
+                                     " latency) / cascade recall against the truth / coarse and fine model costs"
+                                     " / coarse training cost per teacher (train)")
+    s.add_argument("what", choices=["all", "retrieval", "cascade", "models", "train"],
                    help="all: every section in one run (models, retrieval point, serving path, end to end with peers)")
     s.add_argument("--teacher", default=None, help="all: PFD+MD teacher file (trained into --scratch when missing)")
     s.add_argument("--teacher-steps", type=int, default=600, help="all: training steps when the teacher is trained")
@@ -235,6 +247,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-k", type=int, default=1000)
     s.add_argument("--cache", default=None, help="scratch .npz for the embeddings")
     s.add_argument("--users", type=int, default=300)
+    s.add_argument("--steps", type=int, default=200, help="train: optimiser steps per timed fit")
+    s.add_argument("--repeats", type=int, default=3, help="train: interleaved repeats of every row")
+    s.add_argument("--rows", default=None, help="train: comma-separated teachers (default all; baseline required)")
+    s.add_argument("--manner", default="share_sync", help="train: training manner of the teachers")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("export", help="write a versioned artifact bundle from trained checkpoints")

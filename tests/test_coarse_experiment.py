@@ -68,3 +68,29 @@ def test_fit_cache_round_trips_without_pickle(tmp_path):
     assert g.result == f.result and g.teacher_pred is None
     np.testing.assert_array_equal(g.student_pred["prob"], f.student_pred["prob"])
     np.testing.assert_array_equal(g.train_ids["item_id"], f.train_ids["item_id"])
+
+
+def test_bench_train_cost_rows_and_refusals(tiny_data, tmp_path):
+    # `recstack bench train`: every row timed the same number of steps, ratios to the baseline
+    import json
+
+    from coarse_rank import bench as CB
+    from recstack.cli import main
+
+    assert main(["bench", "train", "--data", tiny_data, "--out", str(tmp_path), "--steps", "10", "--repeats", "2",
+                 "--rows", "baseline,pfd,pfd_md"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["rows"]) == {"baseline", "pfd", "pfd_md"} and res["steps"] == 10
+    b = res["rows"]["baseline"]
+    assert b["cpu_ratio_vs_baseline"]["median"] == pytest.approx(1.0)
+    for r in res["rows"].values():
+        assert len(r["cpu_s_per_step"]) == 2 and all(x > 0 for x in r["cpu_s_per_step"])
+    assert (tmp_path / "train_cost.png").exists() and "pfd_md" in (tmp_path / "report.md").read_text()
+    data = load(tiny_data)
+    with pytest.raises(ConfigError, match="baseline"):
+        CB.measure(data, ("pfd",), steps=10)
+    with pytest.raises(ConfigError, match="unknown"):
+        CB.measure(data, ("baseline", "pdf"), steps=10)
+    with pytest.raises(ConfigError, match="manner"):
+        CB.measure(data, ("baseline",), manner="async", steps=10)
+    assert main(["bench", "train", "--out", str(tmp_path)]) == 2  # --data missing: a clear error, not a traceback
