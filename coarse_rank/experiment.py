@@ -456,6 +456,14 @@ def _manner(r: _Runner, plan: Plan, seeds, out: Path) -> dict:
 # --- report ------------------------------------------------------------------------------
 
 
+def _lr_text(plan: dict) -> str:
+    given = plan.get("selected_lrs") or {}
+    text = f"LR sweep {list(plan['lrs'])} on the first seed"
+    if given:  # rates chosen by an earlier sweep (in the report that ran it) are not re-swept here
+        text += f", except the rates given by `selected_lrs` {given}, chosen earlier on the same validation window"
+    return text
+
+
 def _report(name: str, res: dict) -> str:
     w = res["windows"]
     world = res.get("world") or {}
@@ -465,7 +473,7 @@ def _report(name: str, res: dict) -> str:
         "",
         f"World: `{res['preset']}` preset, {res['data_dir']} "
         f"(n_days={world.get('n_days')}, privileged_strength={world.get('privileged_strength')}). "
-        f"Seeds {res['seeds']}. LR sweep {list(res['plan']['lrs'])} on the first seed: fit days {w['fit']} → "
+        f"Seeds {res['seeds']}. {_lr_text(res['plan'])}: fit days {w['fit']} → "
         f"validation day {w['valid']}; test: train days {w['train']} → test day {w['test']} (touched once per run). "
         f"Total {res['total_seconds'] / 60:.1f} min wall ({res.get('workers', 1)} worker process(es), one thread each, "
         f"on a machine shared with other jobs: compare costs by CPU seconds, not wall seconds; fits found in "
