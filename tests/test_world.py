@@ -82,6 +82,26 @@ def test_consent_hides_conversions_but_aggregates_count_them(tmp_path):
     assert sum(agg["conversions_observed"]) == im["purchase_observed"].sum() < im["purchase"].sum()
 
 
+def test_consent_age_slope_moves_only_who_consents(tmp_path):
+    # ATT-like signal loss: consent follows an observed attribute (the age bucket); the true
+    # world (clicks, purchases) is the same world, only the per-example labels change
+    base = apply_overrides(preset("tiny"), ["consent_rate=0.5", "history_days=1"])
+    sloped = apply_overrides(base, ["consent_age_slope=1.5"])
+    simulate(base, 3, tmp_path / "flat", progress=False)
+    simulate(sloped, 3, tmp_path / "sloped", progress=False)
+    a, b = D.load(tmp_path / "flat"), D.load(tmp_path / "sloped")
+    ia, ib = a.impressions([1, 2, 3]), b.impressions([1, 2, 3])
+    for k in ("item_id", "click", "purchase", "true_pcvr"):
+        assert (ia[k] == ib[k]).all(), k
+    age = b.users.feats(np.arange(len(b.consent)))[:, 1]
+    young, old = b.consent[age == age.min()].mean(), b.consent[age == age.max()].mean()
+    assert old > young + 0.5, (young, old)
+    assert abs(b.consent.mean() - 0.5) < 0.1 and abs(a.consent[age == age.min()].mean() - 0.5) < 0.15
+    assert not ib["purchase_observed"][~b.consent[ib["user_id"]]].any()
+    with pytest.raises(ValueError, match="consent_age_slope"):
+        apply_overrides(preset("tiny"), ["consent_age_slope=1.0"])  # consent_rate 1: nothing to vary
+
+
 def test_privileged_strength_zero_removes_the_signal(tmp_path):
     """With privileged_strength=0 the interacted features say nothing beyond long-term taste:
     the truth no longer depends on the daily intent or favourite shops."""

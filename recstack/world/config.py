@@ -72,6 +72,12 @@ class WorldConfig:
     # Consent (signal loss): users without consent show every conversion as 0 in the
     # per-example stream; only daily per-category aggregates count them.
     consent_rate: float = 1.0
+    # How far consent follows an observed user attribute (0: independent of everything).
+    # Under App Tracking Transparency consent splits by platform, a feature every model sees,
+    # so a model on the biased stream can learn "this group never converts". Here the
+    # attribute is the age bucket: consent logit = logit(consent_rate) + this x the user's
+    # standardised age bucket (age does not change the true conversion probability).
+    consent_age_slope: float = 0.0
 
     def validate(self) -> None:
         for name in ("n_users", "n_items", "n_categories", "n_shops", "n_brands", "latent_dim", "impressions_per_session"):
@@ -83,6 +89,8 @@ class WorldConfig:
             raise ValueError(f"history_days must be >= 0, got {self.history_days}")
         if not 0.0 <= self.consent_rate <= 1.0:
             raise ValueError(f"consent_rate must be in [0, 1], got {self.consent_rate}")
+        if self.consent_age_slope != 0.0 and not 0.0 < self.consent_rate < 1.0:
+            raise ValueError("consent_age_slope needs 0 < consent_rate < 1 (the mean around which consent varies)")
         if self.policy_pool_popular + self.policy_pool_intent < self.impressions_per_session:
             raise ValueError("policy_pool_popular + policy_pool_intent must be >= impressions_per_session")
         if self.n_price_buckets < 2:

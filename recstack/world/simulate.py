@@ -158,18 +158,25 @@ def build_world(cfg: WorldConfig, rng) -> World:
     taste = 1.5 * cat_latent[taste_cats].mean(1) + 0.5 * rng.normal(size=(U, d)) / np.sqrt(d)
     shop_pop = np.bincount(item_shop, weights=item_pop, minlength=S) + 1e-12
     brand_pop = np.bincount(item_brand, weights=item_pop, minlength=B) + 1e-12
+    age = rng.integers(0, cfg.n_age_buckets, U)
+    gender = rng.integers(0, cfg.n_genders, U)
+    activity = rng.choice(len(ACTIVITY_RATE), size=U, p=ACTIVITY_SHARE) % cfg.n_activity_levels
+    price_sens = cfg.price_sensitivity * rng.lognormal(0.0, 0.3, U)
+    fav_shops = rng.choice(S, size=(U, cfg.favourite_shops), p=shop_pop / shop_pop.sum())
+    fav_brands = rng.choice(B, size=(U, cfg.favourite_brands), p=brand_pop / brand_pop.sum())
+    u_consent = rng.random(U)
+    if cfg.consent_age_slope:
+        z = (age - age.mean()) / max(float(age.std()), 1e-9)
+        p_consent = _sigmoid(np.log(cfg.consent_rate / (1 - cfg.consent_rate)) + cfg.consent_age_slope * z)
+    else:
+        p_consent = cfg.consent_rate  # the independent case, as before the knob existed
     return World(
         cfg=cfg, cat_latent=cat_latent, cat_pop=cat_pop,
         item_cat=item_cat, item_shop=item_shop, item_brand=item_brand, item_latent=item_latent,
         item_quality=item_quality, item_log_price=item_log_price, item_price=item_price,
         item_price_bucket=item_price_bucket, item_pop=item_pop,
-        age=rng.integers(0, cfg.n_age_buckets, U), gender=rng.integers(0, cfg.n_genders, U),
-        activity=rng.choice(len(ACTIVITY_RATE), size=U, p=ACTIVITY_SHARE) % cfg.n_activity_levels,
-        taste=taste,
-        price_sens=cfg.price_sensitivity * rng.lognormal(0.0, 0.3, U),
-        fav_shops=rng.choice(S, size=(U, cfg.favourite_shops), p=shop_pop / shop_pop.sum()),
-        fav_brands=rng.choice(B, size=(U, cfg.favourite_brands), p=brand_pop / brand_pop.sum()),
-        consent=rng.random(U) < cfg.consent_rate,
+        age=age, gender=gender, activity=activity, taste=taste, price_sens=price_sens,
+        fav_shops=fav_shops, fav_brands=fav_brands, consent=u_consent < p_consent,
     )
 
 
