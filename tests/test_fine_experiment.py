@@ -53,6 +53,12 @@ def test_cvr_experiment(tiny_data, tmp_path):
     # post-event features nearly reveal the purchase: the PFD teacher beats its student
     assert e["pfd"]["teacher_auc"]["mean"] > e["pfd"]["student_auc"]["mean"]
     assert set(res["lambda"]) == {"lupi", "pfd"} and set(res["lambda"]["pfd"]) == {"0.1", "0.5"}
+    # pfd_lam chose λ on the validation day, from its grid, jointly with the LR
+    lam = e["pfd_lam"]
+    assert len(lam["chosen_settings"]) == 1 and lam["chosen_settings"][0].startswith("distill_lambda=")
+    assert set(lam["validation_grid"]) == {f"distill_lambda={x}" for x in (0.1, 0.3, 0.5, 0.7, 0.9)}
+    best = max(lam["validation_grid"].values(), key=lambda sweep: max(sweep.values()))
+    assert lam["validation_auc"] == pytest.approx(max(best.values()))
     # every method had the same LR sweep; lr chosen from it
     for name, m in e.items():
         assert set(map(float, m["validation_sweep"])) == set(FX.QUICK_LRS) and m["lr"] in FX.QUICK_LRS
@@ -151,5 +157,19 @@ def test_bad_method_subset_or_fractions_is_refused(tiny_data, tmp_path, item, ma
     with pytest.raises(ValueError, match=match):
         FX.run("sead", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=(item,), log=lambda s: None)
     if item.startswith("ctr_methods"):
-        with pytest.raises(ValueError, match="only the sead experiment"):
+        with pytest.raises(ValueError, match="only the sead and cvr experiments"):
             FX.run("cvr", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=(item,), log=lambda s: None)
+        with pytest.raises(ValueError, match="only the sead and cvr experiments"):
+            FX.run("signal-loss", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=("methods=oracle",),
+                   log=lambda s: None)
+
+
+def test_cvr_method_subset(tiny_data, tmp_path):
+    res = FX.run("cvr", tiny_data, tmp_path, seeds=(1, 2), quick=True, log=lambda s: None,
+                 overrides=("methods=pfd,pfd_lam", "fractions=0.5"))
+    assert set(res["methods"]) == {"baseline", "pfd", "pfd_lam"} and set(res["lambda"]) == {"pfd"}
+    report = (tmp_path / "report.md").read_text()
+    assert "not run in this table" in report and "mtl" in report and "λ chosen on the validation day" in report
+    with pytest.raises(ValueError, match="methods: unknown"):
+        FX.run("cvr", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=("methods=pfd,sead_max",),
+               log=lambda s: None)
