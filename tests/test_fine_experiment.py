@@ -173,3 +173,11 @@ def test_cvr_method_subset(tiny_data, tmp_path):
     with pytest.raises(ValueError, match="methods: unknown"):
         FX.run("cvr", tiny_data, tmp_path, seeds=(1, 2), quick=True, overrides=("methods=pfd,sead_max",),
                log=lambda s: None)
+
+
+def test_signal_loss_notes_follow_how_the_world_draws_consent():
+    flat = FX._notes("signal-loss", {"config": {"consent_rate": 0.5}})
+    sloped = FX._notes("signal-loss", {"config": {"consent_rate": 0.5, "consent_age_slope": 1.5}})
+    assert "independently of everything else" in flat[0]
+    assert "consent_age_slope` = 1.5" in sloped[0] and "independently" not in sloped[0]
+    assert flat[1:] == sloped[1:] and FX._notes("cvr", {"config": {"consent_age_slope": 1.5}}) == FX.NOTES["cvr"]
