@@ -470,6 +470,25 @@ def _excludes_zero(d: dict) -> str:
     return "yes (above 0)" if lo > 0 else ("yes (below 0)" if hi < 0 else "no")
 
 
+def _method_subset(name: str, key: str, value: str) -> dict[str, tuple[str, ...]]:
+    """`methods=a,b` (or `ctr_methods=` / `cvr_methods=`) -> {task: row names kept, baseline first}."""
+    if name == "signal-loss" or (name == "cvr" and key == "ctr_methods"):
+        raise ValueError(f"{key}: only the sead and cvr experiments run a subset of their methods")
+    if name == "cvr":
+        tasks = ("cvr",)
+    else:
+        tasks = ("ctr", "cvr") if key == "methods" else (key.split("_")[0],)
+    names = tuple(v.strip() for v in value.split(",") if v.strip())
+    out = {}
+    for task in tasks:
+        known = [m.name for m in (_sead_methods(task) if name == "sead" else CVR_METHODS)]
+        bad = [n for n in names if n not in known]
+        if bad or not names:
+            raise ValueError(f"{key}: unknown method(s) {bad or value!r}; choose from {known}")
+        out[task] = tuple(n for n in known if n == "baseline" or n in names)
+    return out
+
+
 def _cvr_targets(e: dict) -> list[str]:
     """The CVR target lines for the rows present (`methods=` may run a subset)."""
     lines = []
@@ -571,24 +590,15 @@ def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: b
     # `lrs=a,b,c` sets the sweep (every method gets the same); everything else is a Config field
     lrs = QUICK_LRS if quick else LRS
     rest = []
-    # `ctr_methods=` / `cvr_methods=` (or `methods=` for both) keep only these rows of a SEAD
-    # table (the baseline always runs: every delta is to it); `fractions=` sets the data curve
+    # `methods=` (sead: both tables; `ctr_methods=` / `cvr_methods=` one) keeps only these rows,
+    # the baseline always (every delta is to it); `fractions=` sets the data curve
     subset: dict[str, tuple[str, ...]] = {}
     fractions_set: tuple[float, ...] | None = None
     for item in overrides:
         key, _, value = item.partition("=")
         key = key.strip()
         if key in ("methods", "ctr_methods", "cvr_methods"):
-            if name == "signal-loss" or (name == "cvr" and key == "ctr_methods"):
-                raise ValueError(f"{key}: only the sead and cvr experiments run a subset of their methods")
-            names = tuple(v.strip() for v in value.split(",") if v.strip())
-            for task in (("ctr", "cvr") if key == "methods" and name == "sead" else ("cvr",) if name == "cvr"
-                         else (key.split("_")[0],)):
-                known = [m.name for m in (_sead_methods(task) if name == "sead" else CVR_METHODS)]
-                bad = [n for n in names if n not in known]
-                if bad or not names:
-                    raise ValueError(f"{key}: unknown method(s) {bad or value!r}; choose from {known}")
-                subset[task] = tuple(n for n in known if n == "baseline" or n in names)
+            subset.update(_method_subset(name, key, value))
         elif key == "fractions":
             try:
                 fr = sorted({float(v) for v in value.split(",") if v.strip()} | {1.0})
