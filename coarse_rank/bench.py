@@ -12,6 +12,7 @@ absolute seconds belong to this machine only.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -124,8 +125,6 @@ def run(data_dir: str | Path, out_dir: str | Path, *, rows: Sequence[str] = ROWS
 
 def _loadavg() -> tuple[float, float, float]:
     try:
-        import os
-
         return os.getloadavg()
     except OSError:  # not on every platform
         return (float("nan"),) * 3
