@@ -373,18 +373,22 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         cand_ids_t = torch.from_numpy(cand_ids)
         return loss_fn(user_emb, cand_emb, torch.from_numpy(pos_ids), cand_ids_t, log_q_items[cand_ids_t])
 
-    def shared_step(rows: np.ndarray, neg: np.ndarray | None) -> torch.Tensor:
-        """This rank's share of the user rows against the global batch's candidates, in the
-        single-process order (positives, then uniform negatives)."""
-        lo, hi = D.shard_bounds(len(rows), world)
-        mine = rows[lo:hi]
-        user_emb = model.user_tower(*(torch.from_numpy(train_in[k][mine]) for k in USER_INPUTS))  # (B/W, D)
+    def embed_own(mine: np.ndarray, neg: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """User embeddings of this rank's rows, and item embeddings of their positives followed
+        by this rank's share of the uniform negatives."""
+        user_emb = model.user_tower(*(torch.from_numpy(train_in[k][mine]) for k in USER_INPUTS))
         item_feats, item_dense = train_in["item_feats"][mine], train_in["item_dense"][mine]
         if neg is not None:
             nlo, nhi = D.shard_bounds(len(neg), world)
             item_feats = np.concatenate([item_feats, corpus["item_feats"][neg[nlo:nhi]]])
             item_dense = np.concatenate([item_dense, corpus["item_dense"][neg[nlo:nhi]]])
-        emb = model.item_tower(torch.from_numpy(item_feats), torch.from_numpy(item_dense))  # (B/W + K/W, D)
+        return user_emb, model.item_tower(torch.from_numpy(item_feats), torch.from_numpy(item_dense))
+
+    def shared_step(rows: np.ndarray, neg: np.ndarray | None) -> torch.Tensor:
+        """This rank's share of the user rows against the global batch's candidates, in the
+        single-process order (positives, then uniform negatives)."""
+        lo, hi = D.shard_bounds(len(rows), world)
+        user_emb, emb = embed_own(rows[lo:hi], neg)  # (B/W, D), (B/W + K/W, D)
         cand_emb = D.all_gather_with_grad(emb[: hi - lo])  # (B, D)
         pos_ids = train_in["item_id"][rows]
         cand_ids = pos_ids
@@ -398,13 +402,7 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         """Streamed under DDP: this rank's own rows (a share of the global batch) against every
         rank's positives (all-gathered in rank order) and the shared uniform negatives."""
         b = len(rows)
-        user_emb = model.user_tower(*(torch.from_numpy(train_in[k][rows]) for k in USER_INPUTS))  # (B/W, D)
-        item_feats, item_dense = train_in["item_feats"][rows], train_in["item_dense"][rows]
-        if neg is not None:
-            nlo, nhi = D.shard_bounds(len(neg), world)
-            item_feats = np.concatenate([item_feats, corpus["item_feats"][neg[nlo:nhi]]])
-            item_dense = np.concatenate([item_dense, corpus["item_dense"][neg[nlo:nhi]]])
-        emb = model.item_tower(torch.from_numpy(item_feats), torch.from_numpy(item_dense))
+        user_emb, emb = embed_own(rows, neg)
         pos_ids = torch.from_numpy(np.ascontiguousarray(train_in["item_id"][rows]))
         cand_emb = D.all_gather_with_grad(emb[:b])  # (B, D)
         cand_ids_t = D.all_gather_tensor(pos_ids)
