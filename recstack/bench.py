@@ -567,6 +567,15 @@ def _int8_text(f: dict) -> str:
             + ("an option" if q <= 1e-5 else "reported as an option, not served"))
 
 
+def _write_report(out: Path, lines: list[str], res: dict, bounds_heading: str, notes=()) -> Path:
+    """lines + the bounds section (and notes) + the model-cost plot -> out/report.md."""
+    lines = lines + [bounds_heading, "", *bounds_text(res), *[f"- {n}" for n in notes], "",
+                     "![model costs](bench.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
 def write_report(out: Path, res: dict) -> Path:
     mach, c, f = res["machine"], res["coarse"], res["fine"]
     lines = [
@@ -625,16 +634,8 @@ def write_report(out: Path, res: dict) -> Path:
         f"ONNX Runtime / eager speed-up: {f['ratios']['fine_ort_speedup_vs_eager']:.2f}x; parity (max abs diff of the "
         f"probabilities): {f['parity_max_abs_diff']:.2e}.",
         "",
-        "## What bounds the measured ratios",
-        "",
-        *bounds_text(res),
-        "",
-        "![model costs](bench.png)",
-        "",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return _write_report(out, lines, res, "## What bounds the measured ratios")
 
 
 # ------------------------------------------------------------------ teacher for the teacher-as-coarse peer
@@ -1156,17 +1157,8 @@ def write_report_all(out: Path, res: dict) -> Path:
         "Plots: `bench.png` (model costs), `<config>_fixed.png` and `<config>_sweep.png` (latency over time at the "
         "fixed QPS; the sweep).",
         "",
-        "## What bounds the measured figures",
-        "",
-        *bounds_text(res),
-        *[f"- {n}" for n in res.get("notes", [])],
-        "",
-        "![model costs](bench.png)",
-        "",
     ]
-    path = out / "report.md"
-    path.write_text("\n".join(lines))
-    return path
+    return _write_report(out, lines, res, "## What bounds the measured figures", res.get("notes", []))
 
 
 # ------------------------------------------------------------------ entry point
