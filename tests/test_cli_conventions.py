@@ -286,3 +286,30 @@ def test_loadtest_sweep_shows_progress_and_says_where_files_went(stand_in, tmp_p
     assert len(steps) == len(runs) >= 1 and steps[0].startswith(f"sweep 1/{len(steps)}: offered 20 QPS")
     assert f"wrote results: {js}" in captured.out and f"wrote plot: {png}" in captured.out
     assert png.read_bytes()[:4] == b"\x89PNG" and sorted(p.name for p in tmp_path.iterdir()) == ["sweep.json", "sweep.png"]
+
+
+def test_readme_cli_section_matches_the_parsers():
+    """Each command line of the README's CLI section names exactly the options its parser has."""
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("\n## CLI\n", 1)[1].split("```")[1]
+    documented: dict[str, set[str]] = {}
+    command = None
+    for line in block.splitlines():
+        m = re.match(r"recstack (\S+)(?: +(all|retrieval|cascade|models|train)\b)?", line)
+        if m:
+            command = "recstack" if m.group(1).startswith("-") else " ".join(
+                ["recstack", m.group(1)] + ([m.group(2)] if m.group(1) == "bench" else []))
+        elif not line.startswith(" "):
+            command = None  # e.g. the torchrun line: not a parser of its own
+        if command:
+            documented.setdefault(command, set()).update(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-k)(?![\w-])",
+                                                                    line.split("#")[0]))
+    parsers = dict(_parsers(cli.build_parser()))
+    del parsers["recstack bench"]  # only its benchmarks are commands
+    for prog, p in parsers.items():
+        if any(isinstance(a, argparse._SubParsersAction) for a in p._actions) and prog != "recstack":
+            continue
+        options = {s for a in p._actions for s in a.option_strings if s not in ("-h", "--help")}
+        assert documented.get(prog) == options, prog
