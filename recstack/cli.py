@@ -4,53 +4,134 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
+import time
 from pathlib import Path
 
 STAGES = {"retrieval": "retrieval", "coarse": "coarse_rank", "fine": "fine_rank"}
 
+# The project's own errors for bad input or a failed precondition, by module: each is looked
+# up only if its module is loaded (an error of a module never imported cannot have been
+# raised), so that `recstack serve` and `rank` do not import training code to catch them.
+USER_ERRORS = {
+    "recstack.data": "DataError", "recstack.checkpoint": "CheckpointError", "recstack.bundle": "BundleError",
+    "recstack.export": "ExportError", "retrieval.export": "ExportError", "coarse_rank.export": "ExportError",
+    "fine_rank.export": "ExportError", "recstack.distributed": "DistributedError",
+}
+TRACEBACK_ENV = "RECSTACK_TRACEBACK"  # set to 1: errors raise with their traceback (for bug reports)
+
+
+class UsageError(ValueError):
+    """A bad command line: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors raised (main prints them as one line) instead of exiting."""
+
+    def error(self, message: str):
+        err = UsageError(f"{message} (see `{self.prog} --help`)")
+        err.prog = self.prog
+        raise err
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none to show (None, off, empty)."""
+
+    def _get_help_string(self, action):
+        d = action.default
+        if d is None or d is False or d == [] or action.required:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _required(args, *names: str) -> None:
+    missing = ["--" + n.replace("_", "-") for n in names if getattr(args, n) in (None, "")]
+    if missing:
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}")
+
+
+def _write_json(path: Path, obj) -> None:
+    """Whole or not at all: written beside, then renamed over `path`."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(_plain(obj), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _plain(obj):
+    """JSON types only: numpy scalars and arrays unwrapped, non-finite floats as null."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # numpy scalar or array
+        return _plain(obj.tolist())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
 
 def _cmd_simulate(args) -> int:
-    from recstack.config import apply_overrides
+    import shutil
+
+    from recstack.config import apply_overrides, format_settings
     from recstack.world import preset, simulate
 
     cfg = apply_overrides(preset(args.preset), args.set)
-    meta = simulate(cfg, args.seed, args.out, preset=args.preset, shard_rows=args.shard_rows)
+    if args.list_settings:
+        print(format_settings(cfg, f"WorldConfig, --preset {args.preset} (recstack simulate --set KEY=VALUE):"))
+        return 0
+    _required(args, "out")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not args.force:
+            raise UsageError(f"--out {out}: the folder is not empty; pass --force to overwrite it")
+        if (out / "world.json").exists() and (out / "impressions").is_dir():
+            # a previous world: its impressions may be laid out differently (days, shards)
+            shutil.rmtree(out / "impressions")
+    meta = simulate(cfg, args.seed, out, preset=args.preset, shard_rows=args.shard_rows)
     days = meta["days"]
-    print(f"wrote {args.out}: {cfg.n_users} users, {cfg.n_items} items, {len(days)} days, "
+    print(f"wrote {out}/: {cfg.n_users} users, {cfg.n_items} items, {len(days)} days, "
           f"{sum(d['impressions'] for d in days)} impressions, {meta['n_events']} behaviours "
           f"in {meta['timings_s']['total']:.1f}s")
     for d in days:
         print(f"  day {d['day']}: {d['impressions']} impressions, CTR {d['ctr']:.4f}, CVR {d['cvr']:.4f}")
+    print(f"  files: {', '.join(sorted(p.name + ('/' if p.is_dir() else '') for p in out.iterdir()))}")
     return 0
 
 
 def _cmd_train(args) -> int:
     from recstack import distributed
-    from recstack.checkpoint import CheckpointError
-    from recstack.config import apply_overrides
+    from recstack.config import apply_overrides, format_settings
 
-    if args.checkpoint_every < 0:
-        raise ValueError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     mod = importlib.import_module(f"{STAGES[args.stage]}.train")
     cfg = apply_overrides(mod.Config(), args.set)
+    if args.list_settings:
+        print(format_settings(cfg, f"{STAGES[args.stage]}.train.Config (recstack train {args.stage} --set KEY=VALUE):"))
+        return 0
+    _required(args, "data", "out")
+    if args.checkpoint_every < 0:
+        raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     out = Path(args.out) / args.stage
     # under torchrun (WORLD_SIZE > 1) join the process group; otherwise nothing changes
     world = distributed.init()
     try:
         metrics = mod.train(cfg, args.data, out, resume=args.resume, checkpoint_every=args.checkpoint_every)
-    except CheckpointError as e:
-        print(f"recstack train: error: {e}", file=sys.stderr)
-        return 1
     finally:
         distributed.destroy()
     if world.rank != 0:
         return 0
-    print(f"{args.stage}: checkpoint {out / 'checkpoint.pt'}" + (f" ({world.size} processes)" if world.distributed else ""))
-    for k, v in metrics.items():
-        if isinstance(v, (int, float)):
-            print(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+    # the stage printed its metrics; here they are kept, machine-readable, beside the checkpoint
+    _write_json(out / "metrics.json", metrics)
+    print(f"{args.stage}: wrote {out / 'checkpoint.pt'} and {out / 'metrics.json'}"
+          + (f" ({world.size} processes)" if world.distributed else ""))
     return 0
 
 
@@ -61,83 +142,29 @@ EXPERIMENTS = {  # name -> the package whose experiment.run(name, ...) writes th
 
 
 def _cmd_experiment(args) -> int:
+    from recstack.cli_bench import print_written
+
     try:
         seeds = tuple(int(x) for x in args.seeds.split(",") if x.strip())
     except ValueError:
-        raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
+        raise UsageError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
     if not seeds:
-        raise ValueError("--seeds: at least one seed")
-    mod = importlib.import_module(f"{EXPERIMENTS[args.name]}.experiment")
+        raise UsageError("--seeds: at least one seed")
     if args.workers < 1:
-        raise ValueError(f"--workers: must be >= 1, got {args.workers}")
+        raise UsageError(f"--workers: must be >= 1, got {args.workers}")
+    if not (Path(args.data) / "world.json").is_file():  # before the report folder is made
+        raise UsageError(f"--data {args.data}: no world.json (is this a `recstack simulate` output folder?)")
+    mod = importlib.import_module(f"{EXPERIMENTS[args.name]}.experiment")
+    since = time.time()
     mod.run(args.name, args.data, args.out, seeds=seeds, quick=args.quick, overrides=tuple(args.set), workers=args.workers)
-    print(f"wrote {Path(args.out) / 'report.md'}, results.json and plots")
-    return 0
-
-
-def _cmd_bench(args) -> int:
-    import json
-
-    if args.what == "models":
-        from recstack.bench import run
-
-        res = run(args.out or "docs/results/bench", data_dir=args.data, runs=args.runs, quick=args.quick,
-                  command="recstack " + " ".join(sys.argv[1:]))
-        print(json.dumps(res["targets"], indent=2))
-        print(f"wrote {Path(args.out or 'docs/results/bench') / 'report.md'}, results.json and bench.png")
-    elif args.what == "all":
-        if not (args.artifacts and args.data):
-            raise ValueError("bench all: --artifacts (the served bundle or artifacts root) and --data (its world) are required")
-        from recstack.bench import run_all
-
-        res = run_all(args.out or "docs/results/bench", data_dir=args.data, artifacts=args.artifacts,
-                      scratch=args.scratch or "/tmp/recstack-bench", teacher=args.teacher, teacher_steps=args.teacher_steps,
-                      runs=args.runs, gmv_users=args.gmv_users, configs=args.configs, quick=args.quick,
-                      command="recstack " + " ".join(sys.argv[1:]))
-        print(json.dumps({"targets": res["targets"], "e2e_targets": res["e2e"]["targets"]}, indent=2))
-        print(f"wrote {Path(args.out or 'docs/results/bench') / 'report.md'}, results.json and plots")
-    elif args.what == "train":
-        if not args.data:
-            raise ValueError("bench train: --data (a `recstack simulate` world) is required")
-        from coarse_rank.bench import ROWS
-        from coarse_rank.bench import run as run_train
-
-        rows = tuple(r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip())
-        res = run_train(args.data, args.out or "docs/results/coarse/cost", rows=rows, manner=args.manner,
-                        steps=args.steps, repeats=args.repeats, command="recstack " + " ".join(sys.argv[1:]))
-        print(json.dumps({r: v["cpu_ratio_vs_baseline"] for r, v in res["rows"].items()}, indent=2))
-        print(f"wrote {Path(args.out or 'docs/results/coarse/cost') / 'report.md'}")
-    elif args.what == "retrieval":
-        if not args.checkpoint:
-            raise ValueError("bench retrieval: --checkpoint RUNS/retrieval/checkpoint.pt is required")
-        import torch
-
-        from retrieval.bench import run_both
-
-        torch.set_num_threads(1)  # ms per query single-threaded, as the targets are stated
-        res = run_both(args.out or "docs/results/retrieval", args.checkpoint, data_dir=args.data,
-                       n_queries=args.queries, n_timed=args.timed, k=args.k, cache=args.cache)
-        print(json.dumps({"serving_default": res["serving_default"], "targets": res.get("targets")}, indent=2, default=str))
-    else:
-        if not (args.artifacts and args.data):
-            raise ValueError("bench cascade: --artifacts (bundle, artifacts root or runs dir) and --data are required")
-        from retrieval.cascade_eval import run
-
-        run(args.artifacts, args.data, args.out or "docs/results/cascade", n_users=args.users)
-        print(f"wrote {Path(args.out or 'docs/results/cascade') / 'report.md'}")
+    print_written(Path(args.out), since)
     return 0
 
 
 def _cmd_export(args) -> int:
-    from recstack.bundle import BundleError
-    from recstack.checkpoint import CheckpointError
-    from recstack.export import ExportError, export_bundle
+    from recstack.export import export_bundle
 
-    try:
-        path = export_bundle(args.runs, args.out)
-    except (BundleError, CheckpointError, ExportError) as e:
-        print(f"recstack export: error: {e}", file=sys.stderr)
-        return 1
+    path = export_bundle(args.runs, args.out)
     print(f"bundle written: {path}")
     return 0
 
@@ -168,100 +195,90 @@ def _cmd_loadtest(args) -> int:
     return main_from_args(args)
 
 
-def _cmd_rank(args) -> int:
-    import grpc
-
-    from recstack.serving.client import format_table, rank
-
-    try:
-        resp = rank(args.target, args.user_id, args.k, debug=True, timeout=args.timeout)
-    except grpc.RpcError as e:
-        print(f"recstack rank: {e.code().name}: {e.details()}", file=sys.stderr)
-        return 1
-    print(format_table(resp))
-    return 0
-
-
 def _cmd_quickstart(args) -> int:
     from recstack.quickstart import quickstart
 
     return quickstart(workdir=args.workdir, preset=args.preset, seed=args.seed)
 
 
+def _add(sub, name: str, help: str, func) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help, description=help, formatter_class=_Help)
+    p.set_defaults(func=func)
+    return p
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recstack", description=__doc__)
+    from recstack import cli_bench, cli_rpc
+
+    p = _Parser(prog="recstack", description=__doc__, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"recstack {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    s = sub.add_parser("simulate", help="simulate a world and write its Parquet logs")
-    s.add_argument("--preset", default="small", choices=["tiny", "small", "medium", "large"])
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", required=True)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a WorldConfig field")
+    s = _add(sub, "simulate", "simulate a world and write its Parquet logs", _cmd_simulate)
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "medium", "large"], help="world size")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the world and its traffic")
+    s.add_argument("--out", default=None, metavar="DIR", help="output folder (required unless --list-settings)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a WorldConfig field (repeatable; --list-settings shows them)")
     s.add_argument("--shard-rows", type=int, default=None, metavar="N",
                    help="write each day's impressions as impressions/day=NN/part-*.parquet of N rows (e.g. 250000 "
                         "for large; training can then stream them, recstack.shards); default: one file per day")
-    s.set_defaults(func=_cmd_simulate)
+    s.add_argument("--force", action="store_true", help="write into a non-empty --out folder (a previous world there is replaced)")
+    s.add_argument("--list-settings", action="store_true",
+                   help="print every --set key with its type, value for --preset and comment, then exit")
 
-    s = sub.add_parser("train", help="train one stage from the logs (under torchrun: DDP over the processes)")
-    s.add_argument("stage", choices=list(STAGES))
-    s.add_argument("--data", required=True, help="a `recstack simulate` output directory")
-    s.add_argument("--out", required=True, help="runs directory; the checkpoint goes to OUT/STAGE/checkpoint.pt")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
+    s = _add(sub, "train", "train one stage from the logs (under torchrun: DDP over the processes)", _cmd_train)
+    s.add_argument("stage", choices=list(STAGES), help="the stage to train")
+    s.add_argument("--data", default=None, metavar="DIR",
+                   help="a `recstack simulate` output folder (required unless --list-settings)")
+    s.add_argument("--out", default=None, metavar="RUNS",
+                   help="runs folder: writes OUT/STAGE/checkpoint.pt and metrics.json (required unless --list-settings)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field of the stage's Config (repeatable; --list-settings shows them)")
     s.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
                    help="write the training state to OUT/STAGE/train_state.pt every N optimiser steps (0: never)")
     s.add_argument("--resume", action="store_true",
                    help="continue from OUT/STAGE/train_state.pt if it exists (same --set overrides; else start afresh)")
-    s.set_defaults(func=_cmd_train)
+    s.add_argument("--list-settings", action="store_true",
+                   help="print every --set key of the stage with its type, default and comment, then exit")
 
-    s = sub.add_parser("experiment", help="run a paper table on a simulated world: report.md, results.json, plots")
-    s.add_argument("name", choices=list(EXPERIMENTS))
-    s.add_argument("--data", required=True, help="a `recstack simulate` output directory")
-    s.add_argument("--out", required=True)
+    s = _add(sub, "experiment", "run a paper table on a simulated world: report.md, results.json, plots", _cmd_experiment)
+    s.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
+    s.add_argument("--data", required=True, metavar="DIR", help="a `recstack simulate` output folder")
+    s.add_argument("--out", required=True, metavar="DIR", help="report folder")
     s.add_argument("--seeds", default="1,2,3", help="comma-separated training seeds (>= 3 for confidence intervals)")
     s.add_argument("--quick", action="store_true", help="tiny models and sweeps: checks the pipeline, numbers mean nothing")
     s.add_argument("--workers", type=int, default=1,
                    help="run independent fits in this many processes, one thread each (results equal a serial run's)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
-    s.set_defaults(func=_cmd_experiment)
 
-    s = sub.add_parser("bench", help="every benchmark section in one run (all) / retrieval index sweep (recall@1000 vs"
-                                     " latency) / cascade recall against the truth / coarse and fine model costs"
-                                     " / coarse training cost per teacher (train)")
-    s.add_argument("what", choices=["all", "retrieval", "cascade", "models", "train"],
-                   help="all: every section in one run (models, retrieval point, serving path, end to end with peers)")
-    s.add_argument("--teacher", default=None, help="all: PFD+MD teacher file (trained into --scratch when missing)")
-    s.add_argument("--teacher-steps", type=int, default=600, help="all: training steps when the teacher is trained")
-    s.add_argument("--scratch", default=None, help="all: scratch dir (teacher, ONNX, server logs; default /tmp/recstack-bench)")
-    s.add_argument("--gmv-users", type=int, default=100, help="all: users for GMV@50 against the truth")
-    s.add_argument("--configs", default=None, help="all: end-to-end server configs (default cascade_w1,single_stage_w1,"
-                                                   "teacher_coarse_w1; also cascade_w2)")
-    s.add_argument("--runs", default=None, help="models: runs dir with coarse/ and fine/checkpoint.pt (default: fresh models)")
-    s.add_argument("--quick", action="store_true", help="models / all: small sizes and short load runs (a smoke test, "
-                                                         "not a report)")
-    s.add_argument("--checkpoint", help="retrieval: RUNS/retrieval/checkpoint.pt")
-    s.add_argument("--artifacts", help="cascade / all: a bundle, artifacts root (or, cascade, a runs dir)")
-    s.add_argument("--data", help="the world (retrieval default: the checkpoint's; models: sizes the vocabulary and corpus)")
-    s.add_argument("--out", default=None, help="report directory (default docs/results/<what>)")
-    s.add_argument("--queries", type=int, default=500)
-    s.add_argument("--timed", type=int, default=200)
-    s.add_argument("-k", type=int, default=1000)
-    s.add_argument("--cache", default=None, help="scratch .npz for the embeddings")
-    s.add_argument("--users", type=int, default=300)
-    s.add_argument("--steps", type=int, default=200, help="train: optimiser steps per timed fit")
-    s.add_argument("--repeats", type=int, default=3, help="train: interleaved repeats of every row")
-    s.add_argument("--rows", default=None, help="train: comma-separated teachers (default all; baseline required)")
-    s.add_argument("--manner", default="share_sync", help="train: training manner of the teachers")
-    s.set_defaults(func=_cmd_bench)
+    cli_bench.add_parser(sub, _Help)
 
-    s = sub.add_parser("export", help="write a versioned artifact bundle from trained checkpoints")
-    s.add_argument("--runs", required=True)
+    s = _add(sub, "export", "write a versioned artifact bundle from trained checkpoints", _cmd_export)
+    s.add_argument("--runs", required=True, help="runs folder of `recstack train` (RUNS/{retrieval,coarse,fine}/)")
     s.add_argument("--out", required=True, help="artifacts root: OUT/<version>/ plus the OUT/current pointer")
-    s.set_defaults(func=_cmd_export)
 
-    s = sub.add_parser("serve", help="serve a bundle over gRPC")
+    s = _add(sub, "serve", "serve a bundle over gRPC", _cmd_serve)
+    _serve_arguments(s)
+
+    from recstack.loadtest import add_arguments as loadtest_arguments
+
+    s = _add(sub, "loadtest", "open-loop load test of a local server (p50..p99.9, --sweep, --json, --plot)", _cmd_loadtest)
+    loadtest_arguments(s)
+
+    cli_rpc.add_parsers(sub, _add)
+
+    s = _add(sub, "quickstart", "simulate small -> train -> export -> serve -> rank, on this machine", _cmd_quickstart)
+    s.add_argument("--workdir", default="runs/quickstart", help="everything is written under this folder")
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"], help="world size")
+    s.add_argument("--seed", type=int, default=0, help="random seed of the world")
+    return p
+
+
+def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--artifacts", required=True, help="a bundle directory or an artifacts root with a `current` pointer")
     s.add_argument("--host", default="127.0.0.1", help="listen address (loopback by default)")
-    s.add_argument("--port", type=int, default=50051)
+    s.add_argument("--port", type=int, default=50051, help="listen port")
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT), ~one per core")
     s.add_argument("--threads", type=int, default=4, help="RPC threads per process")
     s.add_argument("--max-queue", type=int, default=None,
@@ -277,38 +294,66 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--metrics-port", type=int, default=None,
                    help="Prometheus /metrics on this port (worker i: port + i; 0 = any free port), same host")
     s.add_argument("--max-message-bytes", type=int, default=64 << 10, help="largest request accepted")
-    s.set_defaults(func=_cmd_serve)
 
-    from recstack.loadtest import add_arguments as loadtest_arguments
 
-    s = sub.add_parser("loadtest", help="open-loop load test of a local server (p50..p99.9, --sweep, --json, --plot)")
-    loadtest_arguments(s)
-    s.set_defaults(func=_cmd_loadtest)
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-    s = sub.add_parser("rank", help="call the ranking service and print a table")
-    s.add_argument("--target", default="127.0.0.1:50051")
-    s.add_argument("--user-id", type=int, required=True)
-    s.add_argument("-k", type=int, default=10)
-    s.add_argument("--timeout", type=float, default=5.0, help="deadline in seconds")
-    s.set_defaults(func=_cmd_rank)
+    try:
+        return version("recstack")
+    except PackageNotFoundError:  # run from a checkout without installing
+        from recstack import __version__
 
-    s = sub.add_parser("quickstart", help="simulate small -> train -> export -> serve -> rank, on this machine")
-    s.add_argument("--workdir", default="runs/quickstart")
-    s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"])
-    s.add_argument("--seed", type=int, default=0)
-    s.set_defaults(func=_cmd_quickstart)
-    return p
+        return __version__
+
+
+def _error_status(e: BaseException) -> int | None:
+    """The exit status for an error a user can cause (bad input, a missing or unreadable file, a
+    refused precondition, a failed call); None for anything else: a bug, raised with its traceback."""
+    if isinstance(e, ValueError):  # the project's type for bad input (ConfigError, UsageError, LoadTestError, ...)
+        return 2
+    if isinstance(e, OSError) and (e.filename is not None or isinstance(e, (ConnectionError, TimeoutError))):
+        return 1
+    for module, name in USER_ERRORS.items():
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None and isinstance(e, cls):
+            return 1
+    grpc = sys.modules.get("grpc")
+    if grpc is not None and isinstance(e, grpc.RpcError):
+        return 1
+    return None
+
+
+def _message(e: BaseException) -> str:
+    grpc = sys.modules.get("grpc")
+    if grpc is not None and isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+        text = f"{e.code().name}: {e.details()}"
+    elif isinstance(e, OSError) and e.filename is not None:
+        text = f"{e.filename}: {e.strerror or e}"
+    else:
+        text = str(e) or type(e).__name__
+    return "; ".join(line.strip() for line in text.splitlines() if line.strip())  # one line, always
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recstack.config import ConfigError
-
-    args = build_parser().parse_args(argv)
+    """Run one command; an error a user can cause is one line on stderr and a non-zero status."""
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"{getattr(e, 'prog', 'recstack')}: error: {e}", file=sys.stderr)
+        return 2
+    prog = " ".join(["recstack", args.command] + ([args.what] if args.command == "bench" else []))
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        print(f"recstack {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - sorted by _error_status; anything else is re-raised
+        status = _error_status(e)
+        if status is None or os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
+            raise
+        print(f"{prog}: error: {_message(e)}", file=sys.stderr)
+        return status
 
 
 if __name__ == "__main__":

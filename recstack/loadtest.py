@@ -19,12 +19,13 @@ import contextlib
 import ipaddress
 import json
 import math
+import os
 import socket
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -49,8 +50,37 @@ def check_loopback(target: str) -> tuple[str, int]:
         raise LoadTestError(f"target {target!r}: cannot resolve {host!r}: {e}") from None
     bad = sorted(a for a in addrs if not ipaddress.ip_address(a.split("%")[0]).is_loopback)
     if not addrs or bad:
-        raise LoadTestError(f"target {target!r}: the load tester only targets loopback addresses, {host!r} is {bad}")
+        where = f"{host!r} resolves to {', '.join(bad)}" if bad != [host] else f"{host} is not a loopback address"
+        raise LoadTestError(f"target {target}: {where}; the load tester only sends to this machine (127.0.0.0/8, ::1) "
+                            "so that it cannot flood a shared server by mistake. To load a server you may load, run "
+                            f"`recstack loadtest --target 127.0.0.1:{port}` on that server's machine")
     return host, int(port)
+
+
+def check_reachable(target: str, timeout_s: float = 5.0) -> None:
+    """Fail fast, naming the target, when nothing accepts a TCP connection there."""
+    host, port = check_loopback(target)
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            pass
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise LoadTestError(f"target {target}: cannot connect ({reason}); is `recstack serve` running on port {port}?") from None
+
+
+def check_writable(path: str | Path | None, flag: str) -> None:
+    """Before a run: `path` can be written (its folder exists, it is not a folder itself), so
+    that the results are not lost at the end of the run."""
+    if path is None:
+        return
+    path = Path(path)
+    parent = path.parent
+    if path.is_dir():
+        raise LoadTestError(f"{flag} {path}: is a folder, expected a file name")
+    if not parent.is_dir():
+        raise LoadTestError(f"{flag} {path}: the folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise LoadTestError(f"{flag} {path}: the folder {parent} is not writable")
 
 
 def test_day_users(data_dir: str | Path) -> np.ndarray:
@@ -59,6 +89,8 @@ def test_day_users(data_dir: str | Path) -> np.ndarray:
     import pyarrow.parquet as pq
 
     data_dir = Path(data_dir)
+    if not (data_dir / "world.json").is_file():
+        raise LoadTestError(f"--data {data_dir}: no world.json (is this a `recstack simulate` output folder?)")
     world = json.loads((data_dir / "world.json").read_text())
     n_days = int(world.get("n_days") or world.get("config", {}).get("n_days"))
     path = data_dir / "impressions" / f"day={n_days:02d}.parquet"
@@ -109,10 +141,14 @@ def run_once(target: str, qps: float, duration_s: float, concurrency: int, users
     from recstack.v1 import ranking_pb2 as pb
     from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
-    check_loopback(target)
-    if not (qps > 0 and duration_s > 0 and concurrency >= 1):
-        raise LoadTestError("need qps > 0, duration_s > 0, concurrency >= 1")
+    if not (qps > 0 and duration_s > 0 and concurrency >= 1 and connections >= 1 and timeout_s > 0):
+        raise LoadTestError(f"need qps > 0, duration > 0, concurrency >= 1, connections >= 1 and timeout > 0; got qps "
+                            f"{qps}, duration {duration_s}, concurrency {concurrency}, connections {connections}, "
+                            f"timeout {timeout_s}")
+    if max_requests is not None and max_requests < 1:
+        raise LoadTestError(f"max_requests must be >= 1, got {max_requests}")
     pool, pool_desc = _user_pool(users, n_users)
+    check_reachable(target)
     n = int(math.ceil(qps * duration_s))
     if max_requests is not None:
         n = min(n, int(max_requests))
@@ -133,7 +169,11 @@ def run_once(target: str, qps: float, duration_s: float, concurrency: int, users
     with contextlib.ExitStack() as stack:
         for ch in channels:
             stack.enter_context(ch)
-            grpc.channel_ready_future(ch).result(timeout=10)
+            try:
+                grpc.channel_ready_future(ch).result(timeout=10)
+            except grpc.FutureTimeoutError:
+                raise LoadTestError(f"target {target}: the port accepts connections but no gRPC server answered "
+                                    "within 10 s (TLS mismatch? try --tls-ca, or check the port)") from None
         stubs = [pb_grpc.RankingServiceStub(ch) for ch in channels]
         reqs = [pb.RankRequest(user_id=int(u), num_results=k, debug=debug, retrieval_size=retrieval_size,
                                coarse_size=coarse_size) for u in user_ids]
@@ -207,9 +247,11 @@ def run_once(target: str, qps: float, duration_s: float, concurrency: int, users
 
 
 def sweep_qps(target: str, p99_bound_ms: float, start_qps: float, duration_s: float, concurrency: int, users=None,
-              *, max_error_rate: float = 0.001, steps: int = 8, max_requests: int | None = None, **kw) -> dict:
+              *, max_error_rate: float = 0.001, steps: int = 8, max_requests: int | None = None,
+              progress: Callable[[int, int, dict], None] | None = None, **kw) -> dict:
     """Find the highest offered QPS whose p99 <= `p99_bound_ms` (and error rate <= max_error_rate):
-    double from `start_qps` until a run fails, then bisect; at most `steps` runs."""
+    double from `start_qps` until a run fails, then bisect; at most `steps` runs.
+    `progress(i, steps, run)` is called after each run (i from 1)."""
     runs: list[dict] = []
     good, bad = 0.0, math.inf
     qps = float(start_qps)
@@ -218,6 +260,8 @@ def sweep_qps(target: str, p99_bound_ms: float, start_qps: float, duration_s: fl
         p99 = r["latency_ms"]["p99"]
         r["passed"] = p99 is not None and p99 <= p99_bound_ms and r["error_rate"] <= max_error_rate
         runs.append(r)
+        if progress is not None:
+            progress(len(runs), steps, r)
         if r["passed"]:
             good = max(good, qps)
         else:
@@ -266,27 +310,36 @@ def plot_result(res: dict, path: str | Path) -> Path:
         a2.set_ylabel("latency (ms)")
         a2.set_title(f"{res['offered_qps']:.0f} QPS offered, {res['achieved_qps']:.0f} achieved")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")  # same suffix: it picks the format
+    fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.replace(tmp, path)
     return path
 
 
 def run(target: str, qps: float, duration_s: float = 10.0, concurrency: int = 64, users=None,
         max_requests: int | None = None, json_out: str | Path | None = None, plot: str | Path | None = None,
-        sweep: bool = False, p99_bound_ms: float = 50.0, **kw) -> dict:
+        sweep: bool = False, p99_bound_ms: float = 50.0, progress: Callable[[int, int, dict], None] | None = None,
+        **kw) -> dict:
     """An open-loop run at `qps` (or, with `sweep`, the search for the highest QPS with p99 <=
     `p99_bound_ms`, starting at `qps`). `users`: a simulated data dir (its test day's users),
-    a sequence of ids, or None (uniform over `n_users`). Writes `json_out` / `plot` (PNG) when given.
+    a sequence of ids, or None (uniform over `n_users`). Writes `json_out` / `plot` (PNG) when given,
+    checked writable before the run, each whole or not at all. `progress`: see `sweep_qps`.
     Other keywords: k, timeout_s, debug, n_users, seed, tls_ca, connections (see `run_once`)."""
+    check_writable(json_out, "--json")
+    check_writable(plot, "--plot")
     if sweep:
-        res = sweep_qps(target, p99_bound_ms, qps, duration_s, concurrency, users, max_requests=max_requests, **kw)
+        res = sweep_qps(target, p99_bound_ms, qps, duration_s, concurrency, users, max_requests=max_requests,
+                        progress=progress, **kw)
     else:
         res = run_once(target, qps, duration_s, concurrency, users, max_requests, keep_samples=plot is not None, **kw)
     if plot:
         plot_result(res, plot)
     res.pop("samples", None)
     if json_out:
-        Path(json_out).write_text(json.dumps(res, indent=2) + "\n")
+        tmp = Path(json_out).with_name(f".{Path(json_out).name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2) + "\n")
+        os.replace(tmp, json_out)
     return res
 
 
@@ -325,13 +378,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retrieval-size", type=int, default=0, help="retrieval_size per request (0 = server default)")
     p.add_argument("--coarse-size", type=int, default=0, help="coarse_size per request (0 = server default)")
     p.add_argument("--timeout", type=float, default=2.0, help="per-call deadline (s)")
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--plot", default=None, help="write a PNG latency plot here")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the results here (JSON)")
+    p.add_argument("--plot", default=None, metavar="FILE", help="write a PNG latency plot here")
     p.add_argument("--sweep", action="store_true", help="find the highest QPS with p99 <= --p99-bound-ms")
-    p.add_argument("--p99-bound-ms", type=float, default=50.0)
+    p.add_argument("--p99-bound-ms", type=float, default=50.0, help="the sweep's latency bound on p99")
     p.add_argument("--tls-ca", default=None, help="PEM file: use TLS and verify the server against it")
     p.add_argument("--connections", type=int, default=4, help="TCP connections, round robin (workers share by connection)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the draw of user ids")
+
+
+def _print_step(i: int, steps: int, r: dict) -> None:
+    """One stderr line per sweep run, as it finishes."""
+    p99 = r["latency_ms"]["p99"]
+    print(f"sweep {i}/{steps}: offered {r['offered_qps']:.0f} QPS, achieved {r['achieved_qps']:.1f}, p99 "
+          f"{'-' if p99 is None else f'{p99:.2f} ms'}, errors {r['error_rate']:.2%}: {'pass' if r['passed'] else 'fail'}",
+          file=sys.stderr, flush=True)
 
 
 def main_from_args(args: argparse.Namespace) -> int:
@@ -340,11 +401,14 @@ def main_from_args(args: argparse.Namespace) -> int:
                   json_out=args.json, plot=args.plot, sweep=args.sweep, p99_bound_ms=args.p99_bound_ms, k=args.k,
                   retrieval_size=args.retrieval_size, coarse_size=args.coarse_size,
                   timeout_s=args.timeout, n_users=args.n_users, seed=args.seed, tls_ca=args.tls_ca,
-                  connections=args.connections)
+                  connections=args.connections, progress=_print_step if args.sweep else None)
     except LoadTestError as e:
-        print(f"recstack loadtest: {e}", file=sys.stderr)
+        print(f"recstack loadtest: error: {e}", file=sys.stderr)
         return 2
     print(format_result(res))
+    for flag, path in (("results", args.json), ("plot", args.plot)):
+        if path:
+            print(f"wrote {flag}: {path}")
     return 0
 
 

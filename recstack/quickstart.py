@@ -128,5 +128,6 @@ def quickstart(workdir: str | Path = "runs/quickstart", preset: str = "small", s
     for line in _quality_lines(metrics):
         print(line)
     print(f"timings: {summary['timings_s']}")
+    print(f"wrote {data_dir}/ (the world), {runs_dir}/ (checkpoints), {bundle}/ (the bundle), {work / 'summary.json'}")
     print(f"quickstart finished in {total:.0f}s; summary in {work / 'summary.json'}")
     return 0 if code == 0 else 1

@@ -198,6 +198,46 @@ def run(
     return results
 
 
+def write_report(results: dict, out_dir: str | Path, *, default_retrieval: int = 1000, default_coarse: int = 200) -> Path:
+    """`out_dir/report.md` from `run`'s results: the protocol in brief, one table row per stage
+    sizes and i2i share, the references. Numbers only; what they mean is for a person to write."""
+    out = Path(out_dir)
+    k, cfg, ref = results["k"], results["configs"], results["references"]
+    plot = (out / "cascade_recall.png").exists()
+    lines = [
+        "# Cascade recall against the truth",
+        "",
+        f"{results['n_users']} users active on day {results['day']} (their first session, features strictly before it), "
+        f"{results['n_items']} items, bundle `{results['bundle_version']}`, world `{results['data_dir']}`.",
+        f"Oracle: {results['oracle']}. Served by the serving code (`Cascade.rank_features`).",
+        "",
+        *([f"![stage recall and GMV@{k} share per stage size](cascade_recall.png)", ""] if plot else []),
+        f"| i2i share | retrieval | coarse | oracle@{k} kept: retrieval | coarse | served | GMV@{k} share "
+        "| ± (95 % CI) | paired diff vs no i2i | ms/request |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in sorted(cfg, key=lambda c: (c["i2i_share"], c["retrieval_size"], c["coarse_size"])):
+        default = c["retrieval_size"] == min(default_retrieval, results["n_items"]) and c["coarse_size"] == default_coarse
+        cell = (lambda v: f"**{v}**") if default else (lambda v: str(v))
+        diff = (f"{c['gmv_share_diff_vs_no_i2i']:+.4f} ± {1.96 * c['gmv_share_diff_se']:.4f}"
+                if "gmv_share_diff_vs_no_i2i" in c else "—")
+        lines.append("| " + " | ".join(cell(v) for v in (
+            f"{c['i2i_share']:.2f}", c["retrieval_size"], c["coarse_size"], f"{c['recall_retrieval']:.3f}",
+            f"{c['recall_coarse']:.3f}", f"{c['recall_served']:.3f}", f"{c['gmv_share']:.3f}",
+            f"{1.96 * c['gmv_share_se']:.3f}", diff, f"{c['ms']:.1f}")) + " |")
+    lines += ["", f"Bold: the serving default sizes ({default_retrieval} / {default_coarse}). "
+                  "ms/request is the offline loop's time with tracing, not a serving latency.", "",
+              "References (same users):", ""]
+    names = {"fine_over_whole_corpus": "the fine ranker over the whole corpus (no retrieval, no coarse)",
+             "popularity_top_k": f"the logging policy's popularity top {k}", "random_k": f"{k} random items"}
+    for name, r in ref.items():
+        lines.append(f"- {names.get(name, name)}: GMV@{k} share {r['gmv_share']:.3f}, oracle@{k} recall {r['recall']:.3f}")
+    lines += ["", f"Full figures: results.json ({results['wall_seconds']} s)."]
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def _plot(results: dict, path: Path, default_retrieval: int, default_coarse: int) -> None:
     import matplotlib
 

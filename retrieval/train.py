@@ -269,7 +269,7 @@ def evaluate(
     if not ks:
         raise ValueError(f"every eval_k {eval_k} exceeds the corpus size {n_items}")
     clicks = data.examples(day, clicked_only=True)
-    metrics: dict[str, float] = {"test_clicks": float(len(clicks))}
+    metrics: dict[str, float] = {"test_clicks": int(len(clicks))}  # counts stay ints (metrics.json)
     if len(clicks) == 0:
         return metrics
     inputs = materialise(clicks, USER_INPUTS + ("item_id",))
@@ -486,19 +486,19 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
 
     if not main:
         D.barrier()
-        return {"train_clicks": float(n), "steps": float(step), "train_loss": float(running),
+        return {"train_clicks": int(n), "steps": int(step), "train_loss": float(running),
                 "train_seconds": float(train_seconds)}
     metrics = evaluate(model, data, data.test_day, cfg.eval_k, counts, cfg.eval_batch_size)
     metrics.update(
-        train_clicks=float(n), steps=float(step), train_loss=float(running),
+        train_clicks=int(n), steps=int(step), train_loss=float(running),
         temperature=float(loss_fn.temperature.item()), train_seconds=float(train_seconds),
     )
     if streamed:
-        metrics["stream_chunk_rows"] = float(cfg.stream_chunk_rows)
+        metrics["stream_chunk_rows"] = int(cfg.stream_chunk_rows)
     if world.distributed:
-        metrics["world_size"] = float(world.size)
+        metrics["world_size"] = int(world.size)
     if state.resumed:
-        metrics["resumed"] = 1.0
+        metrics["resumed"] = True
     _print_metrics(metrics, data.test_day)
 
     checkpoint.save(Path(out_dir) / "checkpoint.pt", {

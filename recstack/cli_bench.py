@@ -1,0 +1,160 @@
+"""`recstack bench {all,retrieval,cascade,models,train}`: one sub-parser per benchmark, so that
+`recstack bench X --help` shows only X's options. Reports go to `--out`, by default a fresh
+`./runs/bench-<what>-<timestamp>/` (never into a checkout's committed `docs/results/`)."""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+
+def fresh_dir(what: str, root: str | Path = "runs") -> Path:
+    """`root/bench-<what>-<YYYYmmdd-HHMMSS>`, suffixed -2, -3, ... if that name is taken."""
+    base = Path(root) / f"bench-{what}-{time.strftime('%Y%m%d-%H%M%S')}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def written_since(folder: Path, since: float) -> list[Path]:
+    """Files under `folder` modified at or after `since` (time.time()), sorted."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.stat().st_mtime >= since - 1.0)
+
+
+def print_written(folder: Path, since: float) -> None:
+    files = written_since(folder, since)
+    print(f"wrote {folder}/: " + (", ".join(str(p.relative_to(folder)) for p in files) if files else "(nothing)"))
+
+
+def _command() -> str:
+    return "recstack " + " ".join(sys.argv[1:])
+
+
+def _all(args, out: Path) -> None:
+    from recstack.bench import run_all
+
+    res = run_all(out, data_dir=args.data, artifacts=args.artifacts, scratch=args.scratch or "/tmp/recstack-bench",
+                  teacher=args.teacher, teacher_steps=args.teacher_steps, runs=args.runs, gmv_users=args.gmv_users,
+                  configs=args.configs, quick=args.quick, command=_command())
+    print(json.dumps({"targets": res["targets"], "e2e_targets": res["e2e"]["targets"]}, indent=2))
+
+
+def _models(args, out: Path) -> None:
+    from recstack.bench import run
+
+    res = run(out, data_dir=args.data, runs=args.runs, quick=args.quick, command=_command())
+    print(json.dumps(res["targets"], indent=2))
+
+
+def _train(args, out: Path) -> None:
+    from coarse_rank.bench import ROWS
+    from coarse_rank.bench import run as run_train
+
+    rows = tuple(r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip())
+    res = run_train(args.data, out, rows=rows, manner=args.manner, steps=args.steps, repeats=args.repeats,
+                    command=_command())
+    print(json.dumps({r: v["cpu_ratio_vs_baseline"] for r, v in res["rows"].items()}, indent=2))
+
+
+def _retrieval(args, out: Path) -> None:
+    import torch
+
+    from retrieval.bench import run_both
+
+    torch.set_num_threads(1)  # ms per query single-threaded, as the targets are stated
+    res = run_both(out, args.checkpoint, data_dir=args.data, n_queries=args.queries, n_timed=args.timed, k=args.k,
+                   cache=args.cache)
+    print(json.dumps({"serving_default": res["serving_default"], "targets": res.get("targets")}, indent=2, default=str))
+
+
+def _cascade(args, out: Path) -> None:
+    from retrieval.cascade_eval import run, write_report
+
+    results = run(args.artifacts, args.data, out, n_users=args.users)
+    write_report(results, out)
+
+
+RUNNERS = {"all": _all, "retrieval": _retrieval, "cascade": _cascade, "models": _models, "train": _train}
+
+
+def cmd_bench(args) -> int:
+    for name in ("queries", "timed", "k", "users", "steps", "repeats", "teacher_steps", "gmv_users"):
+        if getattr(args, name, 1) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    out = args.out or args.bench_out
+    out = Path(out) if out else fresh_dir(args.what)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    since = time.time()
+    made = [d for d in (out.parent, out) if not d.exists()]
+    try:
+        RUNNERS[args.what](args, out)
+    except BaseException:
+        for d in reversed(made):  # folders this run created and left without a file: leave nothing behind
+            if d.is_dir() and not any(p.is_file() for p in d.rglob("*")):
+                shutil.rmtree(d)
+        raise
+    print_written(out, since)
+    return 0
+
+
+def add_parser(sub, formatter) -> None:
+    """`bench` and its five sub-parsers, on the `recstack` sub-parsers action `sub`."""
+    b = sub.add_parser("bench", formatter_class=formatter,
+                       help="benchmarks: all / retrieval / cascade / models / train (`recstack bench X --help`)",
+                       description=__doc__)
+    # also accepted before the benchmark's name (`recstack bench --out DIR models`)
+    b.add_argument("--out", dest="bench_out", default=None, metavar="DIR", help="same as `recstack bench X --out DIR`")
+    bs = b.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
+
+    def new(name: str, help: str) -> argparse.ArgumentParser:
+        p = bs.add_parser(name, help=help, description=help, formatter_class=formatter)
+        p.add_argument("--out", default=None, metavar="DIR",
+                       help=f"report folder (default: a fresh ./runs/bench-{name}-<timestamp>/)")
+        p.set_defaults(func=cmd_bench)
+        return p
+
+    p = new("all", "every section in one run: model costs, the retrieval point, the serving path, end to end "
+                   "through gRPC with the single-stage and teacher-as-coarse peers, GMV@50 against the truth")
+    p.add_argument("--artifacts", required=True, help="the served bundle or an artifacts root")
+    p.add_argument("--data", required=True, help="the bundle's world (a `recstack simulate` folder)")
+    p.add_argument("--teacher", default=None, help="PFD+MD teacher file (trained into --scratch when missing)")
+    p.add_argument("--teacher-steps", type=int, default=600, help="training steps when the teacher is trained")
+    p.add_argument("--scratch", default=None, help="scratch folder (teacher, ONNX, server logs; default /tmp/recstack-bench)")
+    p.add_argument("--gmv-users", type=int, default=100, help="users for GMV@50 against the truth")
+    p.add_argument("--configs", default=None, help="end-to-end server configs (default cascade_w1,single_stage_w1,"
+                                                   "teacher_coarse_w1; also cascade_w2)")
+    p.add_argument("--runs", default=None, help="runs folder with coarse/ and fine/checkpoint.pt (default: fresh models)")
+    p.add_argument("--quick", action="store_true", help="small sizes and short load runs (a smoke test, not a report)")
+
+    p = new("retrieval", "retrieval index sweep: recall@K vs latency of the index factories")
+    p.add_argument("--checkpoint", required=True, help="RUNS/retrieval/checkpoint.pt")
+    p.add_argument("--data", default=None, help="the world (default: the checkpoint's)")
+    p.add_argument("--queries", type=int, default=500, help="test-day queries for recall")
+    p.add_argument("--timed", type=int, default=200, help="queries timed for latency")
+    p.add_argument("-k", type=int, default=1000, help="K of recall@K")
+    p.add_argument("--cache", default=None, help="scratch .npz for the embeddings")
+
+    p = new("cascade", "cascade recall and GMV@50 share against the simulator's truth, per stage size")
+    p.add_argument("--artifacts", required=True, help="a bundle, an artifacts root or a runs folder")
+    p.add_argument("--data", required=True, help="the bundle's world (a `recstack simulate` folder)")
+    p.add_argument("--users", type=int, default=300, help="test-day users sampled")
+
+    p = new("models", "coarse and fine model costs: inner product vs teacher DNN vs memory scan; ORT vs eager")
+    p.add_argument("--runs", default=None, help="runs folder with coarse/ and fine/checkpoint.pt (default: fresh models)")
+    p.add_argument("--data", default=None, help="a world: sizes the vocabulary and corpus")
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not a report)")
+
+    p = new("train", "coarse training cost per teacher, relative to the student alone")
+    p.add_argument("--data", required=True, help="a `recstack simulate` folder")
+    p.add_argument("--steps", type=int, default=200, help="optimiser steps per timed fit")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of every row")
+    p.add_argument("--rows", default=None, help="comma-separated teachers (default: all; baseline required)")
+    p.add_argument("--manner", default="share_sync", help="training manner of the teachers")
