@@ -156,3 +156,17 @@ def test_streamed_batches_resume_inside_a_chunk(tiny_data, tmp_path):
     assert len(rest) == len(full) - at
     assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(full[at:], rest))
     assert full[0][1]["epoch"] == 0 and full[-1][1]["epoch"] == 1
+
+
+@pytest.mark.parametrize("stage", ["retrieval", "coarse_rank", "fine_rank"])
+def test_export_imports_no_training_code(stage):
+    """A stage's export rebuilds its model from config and model modules: importing it loads
+    neither the stage's train.py nor the training loop."""
+    import subprocess
+    import sys
+
+    code = (f"import sys, {stage}.export; "
+            f"print(sorted(m for m in sys.modules if m in ('{stage}.train', '{stage}.tasks') "
+            f"or m.startswith('recstack.training')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
