@@ -14,18 +14,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recstack import onnx_export
+from recstack import bundle_files, onnx_export
 from recstack.data import SimData, load
 from recstack.features import SEQ_LEN
 
 from coarse_rank.model import InnerProductStudent
-from coarse_rank.train import load_student, model_inputs
+from coarse_rank.inputs import STAGE, load_student, model_inputs
 
 USER_INPUTS = ("user_feats", "seq_items", "seq_extras")
 USER_OUTPUT = "user_vec"
 PARITY_TOL = 1e-5  # user tower, ONNX Runtime vs PyTorch (unit vectors)
 LOGIT_TOL = 1e-4  # serving logit (ONNX user_vec . precomputed item vector) vs the torch student
 PARITY_ROWS = 256  # real test-day rows used for the checks
+NAMES = bundle_files.FILES[STAGE]
 
 
 class ExportError(RuntimeError):
@@ -80,11 +81,11 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     vecs = item_vectors(model, data)
-    np.save(out_dir / "item_vectors.npy", vecs, allow_pickle=False)
+    np.save(out_dir / NAMES["item_vectors"], vecs, allow_pickle=False)
 
     rows = _check_rows(data, PARITY_ROWS)
     user_in = {k: rows[k] for k in USER_INPUTS}
-    onnx_path = onnx_export.export_onnx(model.user_tower, user_in, out_dir / "user_tower.onnx", [USER_OUTPUT])
+    onnx_path = onnx_export.export_onnx(model.user_tower, user_in, out_dir / NAMES["user_tower"], [USER_OUTPUT])
     # the full batch, and single rows (batch 1 exercises the dynamic batch axis)
     parity = onnx_export.parity(model.user_tower, onnx_path, user_in)
     for r in (0, len(rows["user_feats"]) - 1):
@@ -116,7 +117,7 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
         "config": ckpt["config"],
         "metrics": ckpt.get("metrics", {}),
     }
-    return {"files": ["user_tower.onnx", "item_vectors.npy"], "meta": meta}
+    return {"files": list(NAMES.values()), "meta": meta}
 
 
 TEACHER_INPUTS = ("user_feats", "seq_items", "seq_extras", "item_feats", "item_dense", "interacted")

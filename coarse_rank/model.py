@@ -19,13 +19,16 @@ Pure modules: no I/O, no training code. Input names and layouts follow docs/ARCH
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recstack.features import Vocab
+from recstack.features import INTERACTED_FIELDS, Vocab
+
+if TYPE_CHECKING:
+    from coarse_rank.config import Config
 
 # A finite stand-in for -inf in attention scores: a row whose keys were all masked would
 # become softmax(-inf, ..., -inf) = NaN with -inf; with a finite value it stays finite. The
@@ -419,3 +422,36 @@ class LUPITeacher(nn.Module):
                 interacted: torch.Tensor, pooled: torch.Tensor | None = None, length_buckets: int = 1) -> torch.Tensor:
         """Same inputs as `InnerProductTeacher.forward` (only `interacted` (B, X) is used) -> logits (B,)."""
         return self.mlp(interacted).squeeze(-1)
+
+
+# --- built from a config (training, and export rebuilding a checkpoint) ---------------------
+
+
+def build_student(cfg: "Config", vocab: Vocab) -> InnerProductStudent:
+    """The student as `cfg` describes it (also used by export to rebuild from a checkpoint)."""
+    return InnerProductStudent(
+        vocab, embed_dim=cfg.embed_dim, d_model=cfg.d_model, n_heads=cfg.n_heads, ff_dim=cfg.ff_dim,
+        hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale,
+    )
+
+
+def build_teacher(cfg: "Config", vocab: Vocab, student: InnerProductStudent) -> nn.Module | None:
+    """The teacher `cfg.teacher` describes, wired to the student per `cfg.manner`:
+    share_* manners hand it the student's embedding tables and behaviour encoder (the same
+    Parameters; share_star_sync gives it a fresh user id table), ind_* manners fresh ones."""
+    if cfg.teacher == "baseline":
+        return None
+    n_x = len(INTERACTED_FIELDS)
+    if cfg.teacher == "lupi":
+        return LUPITeacher(n_x, hidden=tuple(cfg.teacher_hidden))
+    if cfg.manner == "share_sync":
+        emb, seq = student.embeddings, student.sequence
+    elif cfg.manner == "share_star_sync":
+        emb, seq = student.embeddings.sharing(except_user_fields=(0,), vocab=vocab), student.sequence
+    else:
+        emb = FeatureEmbeddings(vocab, cfg.embed_dim)
+        seq = BehaviourEncoder(emb.item_dim, 3, cfg.d_model, cfg.n_heads, cfg.ff_dim)
+    privileged = n_x if cfg.teacher in ("pfd", "pfd_md") else 0
+    if cfg.teacher in ("sd", "pfd"):
+        return InnerProductTeacher(emb, seq, privileged, hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale)
+    return DNNTeacher(emb, seq, privileged, hidden=tuple(cfg.teacher_hidden))

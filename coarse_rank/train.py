@@ -30,180 +30,23 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
-from recstack import checkpoint, distributed as D, metrics
-from recstack.config import ConfigError, to_dict
-from recstack.data import Examples, SimData, load, to_torch
-from recstack.features import Vocab
-from recstack.shards import ShardStream, position as shard_position, train_chunks
+from recstack import distributed as D, metrics
+from recstack.config import ConfigError
+from recstack.data import Examples, SimData, load
+from recstack.distill import LambdaSchedule
+from recstack.shards import ShardStream
+from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batches, training_state
 
-from recstack.distill import LambdaSchedule, student_loss, sync_loss
-from recstack.features import INTERACTED_FIELDS
-
-from coarse_rank.model import (BehaviourEncoder, DNNTeacher, FeatureEmbeddings, InnerProductStudent,
-                               InnerProductTeacher, LUPITeacher)
-
-STAGE = "coarse"
-TEACHERS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md")
-MANNERS = ("ind_async", "ind_sync", "share_sync", "share_star_sync")
-MODEL_INPUTS = ("user_feats", "seq_items", "seq_extras", "item_feats", "item_dense")
-OPTIMIZERS = ("adagrad", "adam")
-SPLITS = ("test", "valid")
-
-
-@dataclass
-class Config:
-    # --- model (PFD §5) ---
-    embed_dim: int = 16  # per categorical field; 9 fields, so the towers see 64 (user) / 80 (item) embedding dims
-    d_model: int = 128  # attention width: 4 heads x subspace 32, as in the paper
-    n_heads: int = 4  # attention heads (paper: 4)
-    ff_dim: int = 256  # hidden width of the attention layer's feed-forward network
-    hidden: tuple[int, ...] = (512, 256)  # tower MLP widths before the output layer (paper: 512 -> 256 -> 128)
-    out_dim: int = 128  # user / item vector size (paper: 128); the serving contract assumes 128
-    scale: float = 5.0  # logit = scale * <u, v>; compensates for l2 normalisation (paper: 5)
-    # --- optimisation ---
-    optimizer: str = "adagrad"  # "adagrad" (paper) or "adam"
-    lr: float = 0.05  # peak learning rate after warm-up; the paper's 0.01 is for 1e9 examples, ours are ~1e5
-    warmup_steps: int = 50  # linear LR warm-up from ~0 to lr over these steps (paper: 1e6 of its steps)
-    weight_decay: float = 0.0  # L2 penalty passed to the optimizer (0: none, as in the paper)
-    batch_size: int = 512  # impressions per step (paper: 1024; smaller = more updates on a CPU budget)
-    epochs: int = 1  # passes over the training days (paper: 1)
-    max_steps: int = 500  # cap on optimizer steps (0 = no cap): ~1 epoch of `small` (~463 steps), keeps larger worlds at ~1-2 min
-    seed: int = 0  # seeds parameter init and the shuffling order
-    length_buckets: int = 4  # speed-up only (exact): encode sequences in groups of similar length, see UserTower.encode_sequence
-    # --- distillation (PFD Eq. 5, Algorithm 1) ---
-    teacher: str = "pfd_md"  # one of TEACHERS ("baseline" = none); pfd_md is the issue's default: it beats the baseline on medium's validation day, within noise of md/sd (docs/results/coarse)
-    manner: str = "share_sync"  # one of MANNERS (PFD Table 7); the paper's main runs share common input components
-    lam: float = 0.5  # λ of Eq. 5: student loss = (1-λ) L_s + λ L_d (paper: 0.5)
-    swap_step: int = 100  # λ = 0 before this step (the teacher's soft labels are noise early); ~20% of one `small` epoch (paper: 1e6 of ~1e6+ steps)
-    teacher_hidden: tuple[int, ...] = (512, 256, 128)  # MD / PFD+MD / LUPI teacher DNN widths (paper: 3 layers 512-256-128)
-    train_fraction: float = 1.0  # share of training sessions used (seeded); the sample-efficiency curve sets it below 1
-    # --- data / evaluation ---
-    split: str = "test"  # "test": fit days 1..D-1, evaluate day D; "valid": fit 1..D-2, evaluate D-1 (LR sweeps)
-    eval_max_rows: int = 50_000  # evaluate on at most this many impressions of the evaluation day (seeded sample)
-    eval_batch_size: int = 2048  # rows per forward pass at evaluation
-    # N > 0: the training days are streamed from their Parquet shards, N rows per chunk per
-    # rank (recstack.shards.ShardStream, sessions kept together), each rank reading only its slice
-    stream_chunk_rows: int = 0  # 0: loaded in memory (DDP splits each global batch across ranks)
-
-    def validate(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.teacher not in TEACHERS:
-            raise ConfigError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
-        if self.manner not in MANNERS:
-            raise ConfigError(f"manner must be one of {MANNERS}, got {self.manner!r}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ConfigError(f"lam must be in [0, 1], got {self.lam}")
-        if self.swap_step < 0:
-            raise ConfigError(f"swap_step must be >= 0, got {self.swap_step}")
-        if not 0.0 < self.train_fraction <= 1.0:
-            raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
-        if any(w <= 0 for w in self.teacher_hidden):
-            raise ConfigError(f"teacher_hidden widths must be positive, got {self.teacher_hidden}")
-        if self.split not in SPLITS:
-            raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}")
-        if self.d_model % self.n_heads:
-            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("embed_dim", "d_model", "n_heads", "ff_dim", "out_dim", "batch_size", "epochs", "eval_max_rows",
-                     "eval_batch_size", "length_buckets"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.batch_size < 2:
-            raise ConfigError("batch_size must be >= 2 (BatchNorm needs two rows to normalise over)")
-        if any(w <= 0 for w in self.hidden):
-            raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
-        if self.lr <= 0 or self.scale <= 0:
-            raise ConfigError("lr and scale must be positive")
-        if self.warmup_steps < 0 or self.max_steps < 0 or self.weight_decay < 0:
-            raise ConfigError("warmup_steps, max_steps and weight_decay must be >= 0")
-        if self.stream_chunk_rows < 0:
-            raise ConfigError(f"stream_chunk_rows must be >= 0 (0: in memory), got {self.stream_chunk_rows}")
-        if self.stream_chunk_rows and self.train_fraction < 1.0:
-            raise ConfigError("train_fraction < 1 samples sessions of the in-memory training days; it is not available "
-                              "with stream_chunk_rows > 0")
-
-
-def build_student(cfg: Config, vocab: Vocab) -> InnerProductStudent:
-    """The student as `cfg` describes it (also used by export to rebuild from a checkpoint)."""
-    return InnerProductStudent(
-        vocab, embed_dim=cfg.embed_dim, d_model=cfg.d_model, n_heads=cfg.n_heads, ff_dim=cfg.ff_dim,
-        hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale,
-    )
-
-
-def build_teacher(cfg: Config, vocab: Vocab, student: InnerProductStudent) -> nn.Module | None:
-    """The teacher `cfg.teacher` describes, wired to the student per `cfg.manner`:
-    share_* manners hand it the student's embedding tables and behaviour encoder (the same
-    Parameters; share_star_sync gives it a fresh user id table), ind_* manners fresh ones."""
-    if cfg.teacher == "baseline":
-        return None
-    n_x = len(INTERACTED_FIELDS)
-    if cfg.teacher == "lupi":
-        return LUPITeacher(n_x, hidden=tuple(cfg.teacher_hidden))
-    if cfg.manner == "share_sync":
-        emb, seq = student.embeddings, student.sequence
-    elif cfg.manner == "share_star_sync":
-        emb, seq = student.embeddings.sharing(except_user_fields=(0,), vocab=vocab), student.sequence
-    else:
-        emb = FeatureEmbeddings(vocab, cfg.embed_dim)
-        seq = BehaviourEncoder(emb.item_dim, 3, cfg.d_model, cfg.n_heads, cfg.ff_dim)
-    privileged = n_x if cfg.teacher in ("pfd", "pfd_md") else 0
-    if cfg.teacher in ("sd", "pfd"):
-        return InnerProductTeacher(emb, seq, privileged, hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale)
-    return DNNTeacher(emb, seq, privileged, hidden=tuple(cfg.teacher_hidden))
-
-
-def shares_sequence(cfg: Config) -> bool:
-    """Whether the teacher reuses the student's pooled behaviour sequence (computed once per step)."""
-    return cfg.teacher not in ("baseline", "lupi") and cfg.manner in ("share_sync", "share_star_sync")
-
-
-def make_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Optimizer plus the paper's schedule: LR rises linearly over `warmup_steps`, then stays fixed."""
-    params = list(params)
-    if cfg.optimizer == "adagrad":
-        opt = torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    else:
-        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(cfg.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
-    return opt, sched
-
-
-def model_inputs(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    """The student's per-row inputs (for `forward`) from a `recstack.data` batch."""
-    return to_torch({k: batch[k] for k in MODEL_INPUTS})
-
-
-def request_inputs(batch: dict[str, np.ndarray], ts: np.ndarray) -> dict[str, torch.Tensor]:
-    """The inputs of `InnerProductStudent.score_requests` from a per-row batch.
-
-    Impressions of one request (same user, same time) have identical user-side inputs, so
-    they share one user-tower row: with ~10 impressions per request this cuts the dominant
-    cost (the attention layer) ~10x. Sequences are cut after the last slot any row uses;
-    empty slots do not change the output, so this is exact.
-    """
-    key = np.stack([batch["user_id"], np.ascontiguousarray(ts, dtype=np.float64).view(np.int64)], axis=1)
-    _, first, index = np.unique(key, axis=0, return_index=True, return_inverse=True)
-    seq_items = batch["seq_items"][first]  # (R, L, 5)
-    used = np.flatnonzero((seq_items[..., 0] > 0).any(axis=0))
-    length = int(used[-1]) + 1 if len(used) else 1
-    return to_torch({
-        "user_feats": batch["user_feats"][first],
-        "seq_items": seq_items[:, :length],
-        "seq_extras": batch["seq_extras"][first, :length],
-        "request_index": index.reshape(-1).astype(np.int64),
-        "item_feats": batch["item_feats"],
-        "item_dense": batch["item_dense"],
-    })
+from coarse_rank.config import MANNERS, OPTIMIZERS, SPLITS, TEACHERS, Config  # noqa: F401  (re-exported)
+from coarse_rank.inputs import MODEL_INPUTS, STAGE, load_student, model_inputs, request_inputs  # noqa: F401
+from coarse_rank.model import InnerProductStudent, build_student, build_teacher  # noqa: F401
+from coarse_rank.tasks import DistillationStep, make_optimizer, shares_sequence  # noqa: F401
 
 
 def request_batches(examples: Examples, batch_size: int, *, shuffle: bool = False, seed: int = 0, start: int = 0,
@@ -310,119 +153,60 @@ def stream_source(cfg: Config, data: SimData, fit_days: list[int]) -> ShardStrea
                        sessions=True)
 
 
+def training_batches(cfg: Config, train_ex: Examples | ShardStream, local_batch: int) -> Batches:
+    """The loop's request batches (`request_batches`), steps with a single row left out
+    (BatchNorm cannot normalise it; decided alike on every rank). In memory, each epoch the
+    sessions in a seeded order, every rank a contiguous share of each global batch; streamed,
+    batches of `local_batch` rows of this rank's chunks."""
+    if isinstance(train_ex, ShardStream):
+        def chunk_batches(chunk: Examples, skip: int):
+            for k, (batch, inputs) in enumerate(request_batches(chunk, local_batch, start=skip), skip + 1):
+                if D.any_true(len(inputs["user_feats"]) < 2):
+                    continue
+                yield k, (batch, inputs)
+
+        return lambda resume: streamed_batches(train_ex, cfg.epochs, resume, chunk_batches,
+                                               lambda epoch: {"epoch": epoch, "pos": 0})
+    distributed = D.world().distributed
+
+    def epochs(resume: Optional[dict]):
+        epoch0, pos0 = (resume["epoch"], resume["pos"]) if resume is not None else (0, 0)
+        for epoch in range(epoch0, cfg.epochs):
+            start = pos0 if epoch == epoch0 else 0
+            batches = request_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed * 1009 + epoch, start=start,
+                                      shard=distributed)
+            for pos, (batch, inputs) in enumerate(batches, start + 1):  # pos: batches of the epoch consumed
+                if D.any_true(len(inputs["user_feats"]) < 2):
+                    continue
+                yield (batch, inputs), lambda: {"epoch": epoch, "pos": pos}
+
+    return epochs
+
+
 def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductStudent | None, teacher: nn.Module | None,
           params, schedule: LambdaSchedule, desc: str, progress: bool) -> tuple[int, float]:
-    """One training run over `train_ex`. student only: L_s. teacher only: L_t. Both: Eq. 5
-    (a teacher not in train mode is a fixed, already trained one: no L_t, no gradient).
-    Returns (steps, smoothed loss).
+    """One training run over `train_ex` (`DistillationStep`: L_s, L_t or Eq. 5) on the shared
+    loop; returns (steps, smoothed loss).
 
     Under torchrun each rank trains on a contiguous share of every (global) batch, through
     DDP over the trained modules (student and/or teacher in one wrapper, so the Parameters a
-    Share&Sync teacher shares with the student are reduced once). Inside `train()` the loop
-    is a resumable phase (recstack.checkpoint.TrainingState).
-
-    `train_ex` a ShardStream (cfg.stream_chunk_rows > 0): each rank trains on batches of
-    batch_size // world_size rows of its own streamed slice (so a step still sees a global
-    batch of batch_size rows), chunk after chunk; a snapshot stores the chunk's cursor and
-    the batches of the chunk done.
+    Share&Sync teacher shares with the student are reduced once; a frozen Ind&Async teacher
+    is not wrapped). Inside `train()` the loop is a resumable phase
+    (recstack.checkpoint.TrainingState). `train_ex` a ShardStream (cfg.stream_chunk_rows > 0):
+    each rank trains on batches of batch_size // world_size rows of its own streamed slice.
     """
     streamed = isinstance(train_ex, ShardStream)
     n_rows = train_ex.total_rows if streamed else len(train_ex)
     trained = nn.ModuleDict({k: m for k, m in (("student", student), ("teacher", teacher)) if m is not None})
-    ph = checkpoint.phase(f"coarse:{desc}", n_rows)
-    if ph.done is not None:  # finished before the interruption
-        trained.load_state_dict(ph.done["model"])
-        return int(ph.done["stats"]["steps"]), float(ph.done["stats"]["loss"])
-    world = D.world()
+    local_batch = cfg.batch_size // D.world_size()
     opt, sched = make_optimizer(cfg, params)
-    local_batch = cfg.batch_size // world.size
     total = _steps(cfg, n_rows, train_ex.batches_per_epoch(local_batch, min_rows=2) if streamed else None)
-    share = student is not None and teacher is not None and shares_sequence(cfg)
-    step, loss_ema, epoch0, pos = 0, None, 0, 0  # pos: batches of the epoch consumed (skipped ones too)
-    if ph.resume is not None:
-        r = ph.resume
-        trained.load_state_dict(r["model"])
-        opt.load_state_dict(r["optimizer"])
-        sched.load_state_dict(r["scheduler"])
-        step, loss_ema, epoch0, pos = r["step"], r["loss_ema"], r["epoch"], r["pos"]
-        if streamed != ("stream" in r):
-            raise checkpoint.CheckpointError(f"coarse:{desc}: the snapshot was written by a "
-                                             f"{'streamed' if 'stream' in r else 'in-memory'} run, this one is "
-                                             f"{'streamed' if streamed else 'in memory'}")
-
-    def step_loss(inputs: dict, batch: dict, step: int) -> torch.Tensor:
-        y = torch.from_numpy(batch["click"])
-        pooled = None
-        if student is not None:
-            tower = student.user_tower
-            pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], cfg.length_buckets)  # (R, d_model)
-            u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
-            v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
-            s_logit = student.scale * (u * v).sum(dim=-1)
-        if teacher is not None:
-            t_in = dict(inputs, interacted=torch.from_numpy(batch["interacted"]), pooled=pooled if share else None,
-                        length_buckets=cfg.length_buckets)
-            if teacher.training:
-                t_logit = teacher(**t_in)
-            else:
-                with torch.no_grad():
-                    t_logit = teacher(**t_in)
-        if student is None:
-            return F.binary_cross_entropy_with_logits(t_logit, y)
-        if teacher is None:
-            return F.binary_cross_entropy_with_logits(s_logit, y)
-        if teacher.training:
-            return sync_loss(s_logit, t_logit, y, schedule(step))[0]
-        return student_loss(s_logit, y, t_logit, schedule(step))[0]
-
-    # only the modules that learn here (a frozen Ind&Async teacher is not wrapped)
-    step_fn = D.wrap(nn.ModuleList([m for m in trained.values() if m.training]), step_loss)
-    bar = tqdm(total=total, initial=step, desc=desc, unit="step", disable=not (progress and D.is_main()), leave=False)
-
-    def train_step(batch: dict, inputs: dict, snapshot_extra: Callable[[], dict]) -> None:
-        nonlocal step, loss_ema
-        loss = step_fn(inputs, batch, step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        step += 1
-        loss_ema = loss.item() if loss_ema is None else 0.98 * loss_ema + 0.02 * loss.item()
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_ema:.4f}", lr=f"{sched.get_last_lr()[0]:.3g}")
-        ph.after_step(step, lambda: {"model": trained.state_dict(), "optimizer": opt.state_dict(),
-                                     "scheduler": sched.state_dict(), "loss_ema": loss_ema, **snapshot_extra()})
-
-    if streamed:
-        if step < total:
-            for epoch, cursor, chunk, skip in train_chunks(train_ex, cfg.epochs, ph.resume["stream"] if ph.resume else None):
-                for k, (batch, inputs) in enumerate(request_batches(chunk, local_batch, start=skip), skip + 1):
-                    if D.any_true(len(inputs["user_feats"]) < 2):  # BatchNorm cannot normalise a single row
-                        continue
-                    train_step(batch, inputs, lambda: {"epoch": epoch, "pos": 0, "stream": shard_position(cursor, k)})
-                    if step >= total:
-                        break
-                if step >= total:
-                    break
-    else:
-        for epoch in range(epoch0, cfg.epochs):
-            if step >= total:
-                break
-            start = pos if epoch == epoch0 else 0
-            batches = request_batches(train_ex, cfg.batch_size, shuffle=True, seed=cfg.seed * 1009 + epoch, start=start,
-                                      shard=world.distributed)
-            for pos, (batch, inputs) in enumerate(batches, start + 1):
-                if D.any_true(len(inputs["user_feats"]) < 2):  # BatchNorm cannot normalise a single row
-                    continue
-                train_step(batch, inputs, lambda: {"epoch": epoch, "pos": pos})
-                if step >= total:
-                    break
-    bar.close()
-    D.broadcast_state(trained)  # BatchNorm statistics are per rank: serve rank 0's everywhere
-    D.check_in_sync(trained, f"coarse {desc}")
-    loss_out = float(loss_ema) if loss_ema is not None else float("nan")
-    ph.finish(trained.state_dict(), {"steps": step, "loss": loss_out})
-    return step, loss_out
+    loop = Loop(f"coarse:{desc}", n_rows, trained, opt, total, Ema("loss_ema", 0.98, 0.02), scheduler=sched,
+                streamed=streamed, ddp_modules=nn.ModuleList([m for m in trained.values() if m.training]),
+                # BatchNorm statistics are per rank: serve rank 0's everywhere
+                before_finish=lambda: D.broadcast_state(trained), desc=desc, show=progress)
+    stats = loop.run(DistillationStep(cfg, student, teacher, schedule), training_batches(cfg, train_ex, local_batch))
+    return int(stats["steps"]), float(stats["loss"])
 
 
 def _predict_all(model: nn.Module, examples: Examples, batch_size: int, length_buckets: int) -> dict[str, np.ndarray]:
@@ -516,45 +300,23 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     if not fit_days:
         raise ConfigError(f"split={cfg.split!r} leaves no training days in a {data.n_days}-day world")
     D.check_divisible(batch_size=cfg.batch_size)
-    main = D.is_main()
-    state = checkpoint.TrainingState(Path(out_dir) / checkpoint.STATE_FILE, STAGE, to_dict(cfg), checkpoint_every,
-                                     resume, write=main)
-    with state:
+    with training_state(out_dir, STAGE, cfg, checkpoint_every, resume) as state:
         fitted = fit(cfg, data, fit_days, eval_day, progress=progress)
     result = fitted.result
     if state.resumed:
         result["resumed"] = True
     if D.is_distributed():
         result["world_size"] = D.world_size()
-    if main:
+    if D.is_main():
         teacher_note = f"  teacher {cfg.teacher} AUC {result['teacher_auc']:.4f}" if "teacher_auc" in result else ""
         print(
             f"coarse student  day {eval_day}: AUC {result['auc']:.4f}  (ground-truth ceiling {result['ceiling_auc']:.4f})  "
             f"logloss {result['logloss']:.4f}  calibration {result['calibration']:.3f}{teacher_note}  "
             f"[{result['steps']} steps, {result['train_seconds']:.1f}s, {result['n_eval']} eval rows]"
         )
-        out_dir = Path(out_dir)
-        checkpoint.save(out_dir / "checkpoint.pt", {
-            "stage": STAGE,
-            "config": to_dict(cfg),
-            "model": fitted.student.state_dict(),
-            "metrics": result,
-            "data_dir": str(Path(data_dir).resolve()),
-            "vocab": data.vocab.to_dict(),
-        })
+        save_model(out_dir, STAGE, cfg, fitted.student.state_dict(), result, data_dir, data.vocab)
     D.barrier()
     return result
-
-
-def load_student(path: str | Path) -> tuple[InnerProductStudent, Config, dict]:
-    """Rebuild the trained student (eval mode) from a coarse checkpoint: (model, config, checkpoint)."""
-    from recstack.config import from_dict
-
-    ckpt = checkpoint.load(path, stage=STAGE)
-    cfg = from_dict(Config, ckpt["config"])
-    model = build_student(cfg, Vocab.from_dict(ckpt["vocab"]))
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg, ckpt
 
 
 if __name__ == "__main__":  # thin CLI for local runs; `recstack train coarse` is the real entry point

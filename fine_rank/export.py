@@ -14,14 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from recstack import checkpoint, metrics as M
+from recstack import bundle_files, checkpoint, metrics as M
 from recstack.config import from_dict
 from recstack.data import load
 from recstack.features import Vocab
 from recstack.onnx_export import export_onnx, onnx_session, parity
 
 from fine_rank.model import Ranker
-from fine_rank.train import MODEL_INPUTS, STAGE, TASKS, Config, clicked, materialise, split_days
+from fine_rank.config import STAGE, TASKS, Config
+from fine_rank.inputs import MODEL_INPUTS, clicked, materialise, split_days
 
 PARITY_TOL = 1e-5
 PARITY_BATCHES = (1, 500)  # one candidate; a typical fine-ranking request
@@ -80,7 +81,7 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     files, meta = [], {"eval_day": eval_day, "parity_tol": PARITY_TOL, "inputs": list(MODEL_INPUTS), "output": OUTPUT_NAME}
     for task in TASKS:
         model, rows = models[task], populations[task]
-        path = out_dir / f"{task}.onnx"
+        path = out_dir / bundle_files.FILES[STAGE][task]
         export_onnx(model, _rows(rows, PARITY_BATCHES[-1], rng), path, [OUTPUT_NAME])
         diffs = {str(b): parity(model, path, _rows(rows, b, rng)) for b in PARITY_BATCHES}
         worst = max(diffs.values())

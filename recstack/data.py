@@ -236,3 +236,18 @@ def to_torch(batch: dict[str, np.ndarray]):
     import torch
 
     return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in batch.items()}
+
+
+def materialise(examples: Examples, keys: tuple[str, ...], chunk: int = 8192) -> dict[str, np.ndarray]:
+    """Every row of `examples` as `Examples.batch` columns (only `keys`), built `chunk` rows at a
+    time, so that the per-row features are computed once rather than once per epoch.
+    ValueError when there are no rows."""
+    n = len(examples)
+    if n == 0:
+        raise ValueError("no examples to materialise")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    for s in range(0, n, chunk):
+        batch = examples.batch(np.arange(s, min(s + chunk, n)))
+        for k in keys:
+            parts[k].append(batch[k])
+    return {k: np.ascontiguousarray(np.concatenate(v)) for k, v in parts.items()}

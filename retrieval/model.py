@@ -8,13 +8,16 @@ Inputs follow docs/ARCHITECTURE.md: ids are raw id + 1 and 0 means padding / unk
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from recstack.features import Vocab
+
+if TYPE_CHECKING:
+    from retrieval.config import Config
 
 # Masked-out behaviour slots get this score before the softmax. Finite (not -inf) so an
 # all-empty sequence yields a uniform softmax that the mask then zeroes, never NaN.
@@ -174,3 +177,11 @@ class TwoTower(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """User side (B, 4), (B, L, 5), (B, L, 3); item side (M, 5), (M, 1) -> (user_emb (B, D), item_emb (M, D))."""
         return self.user_tower(user_feats, seq_items, seq_extras), self.item_tower(item_feats, item_dense)
+
+
+def build_model(cfg: "Config", vocab: Vocab) -> TwoTower:
+    """The two towers as `cfg` describes them (training, and export rebuilding a checkpoint)."""
+    return TwoTower(
+        vocab, user_dims=cfg.user_dims, item_dims=cfg.item_dims, seq_heads=cfg.seq_heads,
+        user_hidden=cfg.user_hidden, item_hidden=cfg.item_hidden, dim=cfg.dim,
+    )

@@ -1,0 +1,84 @@
+"""The coarse stage's settings: one dataclass, every field settable with `--set key=value`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from recstack.config import ConfigError
+
+TEACHERS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md")
+MANNERS = ("ind_async", "ind_sync", "share_sync", "share_star_sync")
+OPTIMIZERS = ("adagrad", "adam")
+SPLITS = ("test", "valid")
+
+
+@dataclass
+class Config:
+    # --- model (PFD §5) ---
+    embed_dim: int = 16  # per categorical field; 9 fields, so the towers see 64 (user) / 80 (item) embedding dims
+    d_model: int = 128  # attention width: 4 heads x subspace 32, as in the paper
+    n_heads: int = 4  # attention heads (paper: 4)
+    ff_dim: int = 256  # hidden width of the attention layer's feed-forward network
+    hidden: tuple[int, ...] = (512, 256)  # tower MLP widths before the output layer (paper: 512 -> 256 -> 128)
+    out_dim: int = 128  # user / item vector size (paper: 128); the serving contract assumes 128
+    scale: float = 5.0  # logit = scale * <u, v>; compensates for l2 normalisation (paper: 5)
+    # --- optimisation ---
+    optimizer: str = "adagrad"  # "adagrad" (paper) or "adam"
+    lr: float = 0.05  # peak learning rate after warm-up; the paper's 0.01 is for 1e9 examples, ours are ~1e5
+    warmup_steps: int = 50  # linear LR warm-up from ~0 to lr over these steps (paper: 1e6 of its steps)
+    weight_decay: float = 0.0  # L2 penalty passed to the optimizer (0: none, as in the paper)
+    batch_size: int = 512  # impressions per step (paper: 1024; smaller = more updates on a CPU budget)
+    epochs: int = 1  # passes over the training days (paper: 1)
+    max_steps: int = 500  # cap on optimizer steps (0 = no cap): ~1 epoch of `small` (~463 steps), keeps larger worlds at ~1-2 min
+    seed: int = 0  # seeds parameter init and the shuffling order
+    length_buckets: int = 4  # speed-up only (exact): encode sequences in groups of similar length, see UserTower.encode_sequence
+    # --- distillation (PFD Eq. 5, Algorithm 1) ---
+    teacher: str = "pfd_md"  # one of TEACHERS ("baseline" = none); pfd_md is the issue's default: it beats the baseline on medium's validation day, within noise of md/sd (docs/results/coarse)
+    manner: str = "share_sync"  # one of MANNERS (PFD Table 7); the paper's main runs share common input components
+    lam: float = 0.5  # λ of Eq. 5: student loss = (1-λ) L_s + λ L_d (paper: 0.5)
+    swap_step: int = 100  # λ = 0 before this step (the teacher's soft labels are noise early); ~20% of one `small` epoch (paper: 1e6 of ~1e6+ steps)
+    teacher_hidden: tuple[int, ...] = (512, 256, 128)  # MD / PFD+MD / LUPI teacher DNN widths (paper: 3 layers 512-256-128)
+    train_fraction: float = 1.0  # share of training sessions used (seeded); the sample-efficiency curve sets it below 1
+    # --- data / evaluation ---
+    split: str = "test"  # "test": fit days 1..D-1, evaluate day D; "valid": fit 1..D-2, evaluate D-1 (LR sweeps)
+    eval_max_rows: int = 50_000  # evaluate on at most this many impressions of the evaluation day (seeded sample)
+    eval_batch_size: int = 2048  # rows per forward pass at evaluation
+    # N > 0: the training days are streamed from their Parquet shards, N rows per chunk per
+    # rank (recstack.shards.ShardStream, sessions kept together), each rank reading only its slice
+    stream_chunk_rows: int = 0  # 0: loaded in memory (DDP splits each global batch across ranks)
+
+    def validate(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.teacher not in TEACHERS:
+            raise ConfigError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
+        if self.manner not in MANNERS:
+            raise ConfigError(f"manner must be one of {MANNERS}, got {self.manner!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ConfigError(f"lam must be in [0, 1], got {self.lam}")
+        if self.swap_step < 0:
+            raise ConfigError(f"swap_step must be >= 0, got {self.swap_step}")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
+        if any(w <= 0 for w in self.teacher_hidden):
+            raise ConfigError(f"teacher_hidden widths must be positive, got {self.teacher_hidden}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}")
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
+        for name in ("embed_dim", "d_model", "n_heads", "ff_dim", "out_dim", "batch_size", "epochs", "eval_max_rows",
+                     "eval_batch_size", "length_buckets"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.batch_size < 2:
+            raise ConfigError("batch_size must be >= 2 (BatchNorm needs two rows to normalise over)")
+        if any(w <= 0 for w in self.hidden):
+            raise ConfigError(f"hidden widths must be positive, got {self.hidden}")
+        if self.lr <= 0 or self.scale <= 0:
+            raise ConfigError("lr and scale must be positive")
+        if self.warmup_steps < 0 or self.max_steps < 0 or self.weight_decay < 0:
+            raise ConfigError("warmup_steps, max_steps and weight_decay must be >= 0")
+        if self.stream_chunk_rows < 0:
+            raise ConfigError(f"stream_chunk_rows must be >= 0 (0: in memory), got {self.stream_chunk_rows}")
+        if self.stream_chunk_rows and self.train_fraction < 1.0:
+            raise ConfigError("train_fraction < 1 samples sessions of the in-memory training days; it is not available "
+                              "with stream_chunk_rows > 0")

@@ -1,0 +1,72 @@
+"""The coarse objective: the student's log-loss, distilled from a teacher per PFD Eq. 5 /
+Algorithm 1, and the optimiser with the paper's LR warm-up."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recstack.distill import LambdaSchedule, student_loss, sync_loss
+
+from coarse_rank.config import Config
+from coarse_rank.model import InnerProductStudent
+
+
+def shares_sequence(cfg: Config) -> bool:
+    """Whether the teacher reuses the student's pooled behaviour sequence (computed once per step)."""
+    return cfg.teacher not in ("baseline", "lupi") and cfg.manner in ("share_sync", "share_star_sync")
+
+
+def make_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Optimizer plus the paper's schedule: LR rises linearly over `warmup_steps`, then stays fixed."""
+    params = list(params)
+    if cfg.optimizer == "adagrad":
+        opt = torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    else:
+        opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(cfg.warmup_steps, 1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+    return opt, sched
+
+
+
+class DistillationStep:
+    """The loss of one step on a request batch `(batch, inputs)` (see `train.request_batches`).
+
+    student only: L_s. teacher only: L_t. Both: Eq. 5 with λ = schedule(step), the teacher
+    trained alongside (sync_loss) or, when it is not in train mode, a fixed, already trained
+    one (student_loss: no L_t, no gradient into it). A teacher sharing the student's behaviour
+    encoder reuses the student's pooled sequence (computed once per step).
+    """
+
+    def __init__(self, cfg: Config, student: InnerProductStudent | None, teacher: nn.Module | None,
+                 schedule: LambdaSchedule):
+        self.cfg, self.student, self.teacher, self.schedule = cfg, student, teacher, schedule
+        self.share = student is not None and teacher is not None and shares_sequence(cfg)
+
+    def __call__(self, batch: tuple[dict, dict], step: int, total: int) -> torch.Tensor:
+        batch, inputs = batch
+        student, teacher, schedule, cfg = self.student, self.teacher, self.schedule, self.cfg
+        y = torch.from_numpy(batch["click"])
+        pooled = None
+        if student is not None:
+            tower = student.user_tower
+            pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], cfg.length_buckets)  # (R, d_model)
+            u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
+            v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
+            s_logit = student.scale * (u * v).sum(dim=-1)
+        if teacher is not None:
+            t_in = dict(inputs, interacted=torch.from_numpy(batch["interacted"]), pooled=pooled if self.share else None,
+                        length_buckets=cfg.length_buckets)
+            if teacher.training:
+                t_logit = teacher(**t_in)
+            else:
+                with torch.no_grad():
+                    t_logit = teacher(**t_in)
+        if student is None:
+            return F.binary_cross_entropy_with_logits(t_logit, y)
+        if teacher is None:
+            return F.binary_cross_entropy_with_logits(s_logit, y)
+        if teacher.training:
+            return sync_loss(s_logit, t_logit, y, schedule(step))[0]
+        return student_loss(s_logit, y, t_logit, schedule(step))[0]

@@ -1,0 +1,106 @@
+"""Predictions of the fine rankers and their calibration: serving-forward probabilities, the
+aggregated (per day and category) conversion counts of signal loss, and the head-bias shift
+that calibrates a model to a target rate."""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from sklearn.metrics import roc_auc_score
+
+from recstack.data import SimData
+
+from fine_rank.inputs import MODEL_INPUTS
+from fine_rank.model import Ranker
+
+
+@torch.no_grad()
+def predict(model: Ranker, table: dict[str, np.ndarray], batch_size: int = 8192) -> np.ndarray:
+    """-> (N,) float32 probabilities from the serving forward (eval mode)."""
+    model.eval()
+    n = len(table["click"])
+    out = np.empty(n, dtype=np.float32)
+    for s in range(0, n, batch_size):
+        sl = slice(s, s + batch_size)
+        out[sl] = model(*(torch.from_numpy(table[k][sl]) for k in MODEL_INPUTS)).numpy()
+    return out
+
+
+@torch.no_grad()
+def predict_with(fn: Callable[..., torch.Tensor], table: dict[str, np.ndarray], batch_size: int = 8192,
+                 privileged: bool = False) -> np.ndarray:
+    """-> (N,) probabilities of sigmoid(fn(*serving inputs[, post_event])) (models in eval mode)."""
+    keys = MODEL_INPUTS + (("post_event",) if privileged else ())
+    n = len(table["click"])
+    out = np.empty(n, dtype=np.float32)
+    for s in range(0, n, batch_size):
+        out[s : s + batch_size] = torch.sigmoid(fn(*(torch.from_numpy(table[k][s : s + batch_size]) for k in keys))).numpy()
+    return out
+
+
+# ---------------------------------------------------------------- aggregated conversions
+
+
+def aggregates(data: SimData, days: list[int] | int) -> dict[str, np.ndarray]:
+    """The daily per-category conversion counts (SKAdNetwork-like) of `days`:
+    columns day, category, clicks, conversions (all users, consent or not)."""
+    days = [days] if isinstance(days, int) else list(days)
+    t = pq.read_table(data.root / "aggregates.parquet").to_pydict()
+    keep = np.isin(np.asarray(t["day"]), days)
+    return {k: np.asarray(t[k])[keep] for k in ("day", "category", "clicks", "conversions")}
+
+
+def aggregate_rate(agg: dict[str, np.ndarray]) -> float:
+    """Aggregated conversions / clicks."""
+    return float(agg["conversions"].sum() / max(agg["clicks"].sum(), 1))
+
+
+def calibrate_to_rate(model: Ranker, table: dict[str, np.ndarray], rate: float, batch_size: int = 8192) -> float:
+    """Shift the head bias so that the mean prediction on `table` equals `rate`; -> the shift.
+
+    A global logit shift keeps the ordering (AUC) and is part of the exported graph.
+    """
+    model.eval()
+    z = np.log(predict(model, table, batch_size).astype(np.float64))
+    z = z - np.log1p(-np.exp(z))  # logit
+    lo, hi = -20.0, 20.0
+    for _ in range(80):  # mean(sigmoid(z + b)) is increasing in b
+        mid = (lo + hi) / 2
+        if np.mean(1 / (1 + np.exp(-(z + mid)))) < rate:
+            lo = mid
+        else:
+            hi = mid
+    shift = (lo + hi) / 2
+    with torch.no_grad():
+        model.head.linear.bias += shift
+    return float(shift)
+
+
+def aggregate_metrics(table: dict[str, np.ndarray], probs: np.ndarray, agg: dict[str, np.ndarray]) -> dict:
+    """Scores against the aggregated labels of the same day(s).
+
+    auc: the per-(day, category) mean prediction scored against the aggregated counts (each
+    aggregate = `conversions` positives and `clicks - conversions` negatives, all with the
+    cell's score); calibration: mean prediction / aggregated conversion rate.
+    """
+    cat = table["item_feats"][:, 1] - 1  # model ids are raw + 1
+    # one cell per (day, category); rows carry no day column, so `agg` must hold one day
+    if len(np.unique(agg["day"])) != 1:
+        raise ValueError("aggregate_metrics scores one day at a time")
+    n_cat = int(max(cat.max(), agg["category"].max())) + 1
+    sums = np.bincount(cat, weights=probs, minlength=n_cat)
+    counts = np.bincount(cat, minlength=n_cat)
+    clicks = np.zeros(n_cat)
+    conv = np.zeros(n_cat)
+    clicks[agg["category"]] = agg["clicks"]
+    conv[agg["category"]] = agg["conversions"]
+    cells = (counts > 0) & (clicks > 0)
+    score = sums[cells] / counts[cells]
+    pos, neg = conv[cells], clicks[cells] - conv[cells]
+    labels = np.r_[np.ones(cells.sum()), np.zeros(cells.sum())]
+    auc = float(roc_auc_score(labels, np.r_[score, score], sample_weight=np.r_[pos, neg])) if pos.sum() and neg.sum() else float("nan")
+    return {"auc_aggregated": auc, "calibration_aggregated": float(np.mean(probs) / max(aggregate_rate(agg), 1e-12)),
+            "aggregated_rate": aggregate_rate(agg)}
+

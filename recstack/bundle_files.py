@@ -1,0 +1,28 @@
+"""The bundle's model files: one table of their names, per stage directory.
+
+The stage exporters write these files and the server reads them; both take the names from
+here, so a renamed file cannot leave one side behind. Paths in a bundle are
+"<stage>/<file>" (`path`). Names only: this module imports nothing.
+"""
+from __future__ import annotations
+
+# stage directory -> {role: file name}; the order is the order the exporter lists them in
+FILES: dict[str, dict[str, str]] = {
+    "retrieval": {"user_tower": "user_tower.onnx", "item_emb": "item_emb.npy", "index": "index.faiss"},
+    "coarse": {"user_tower": "user_tower.onnx", "item_vectors": "item_vectors.npy"},
+    "fine": {"ctr": "ctr.onnx", "cvr": "cvr.onnx"},
+}
+
+
+def path(stage: str, role: str) -> str:
+    """The file's path relative to the bundle root, e.g. path("coarse", "user_tower")."""
+    return f"{stage}/{FILES[stage][role]}"
+
+
+RETRIEVAL_TOWER = path("retrieval", "user_tower")
+RETRIEVAL_ITEM_EMB = path("retrieval", "item_emb")
+RETRIEVAL_INDEX = path("retrieval", "index")
+COARSE_TOWER = path("coarse", "user_tower")
+COARSE_ITEM_VECTORS = path("coarse", "item_vectors")
+FINE_CTR = path("fine", "ctr")
+FINE_CVR = path("fine", "cvr")

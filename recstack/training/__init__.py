@@ -1,0 +1,1 @@
+"""Training support shared by the stages: the one resumable loop (`loop`)."""
