@@ -43,7 +43,7 @@ class Config:
     eval_max_rows: int = 50_000  # evaluate on at most this many impressions of the evaluation day (seeded sample)
     eval_batch_size: int = 2048  # rows per forward pass at evaluation
     # N > 0: the training days are streamed from their Parquet shards, N rows per chunk per
-    # rank (recstack.shards.ShardStream, sessions kept together), each rank reading only its slice
+    # rank (recstack.data.shards.ShardStream, sessions kept together), each rank reading only its slice
     stream_chunk_rows: int = 0  # 0: loaded in memory (DDP splits each global batch across ranks)
 
     def validate(self) -> None:

@@ -13,7 +13,7 @@ Protocol (DESIGN §6), the same for every method, the baseline included:
 2. Test: each method retrains with its LR on the train window (the `base_days` days before
    the test day D) for every seed and is scored once on day D.
 3. Paired differences to the baseline over seeds (same seed = same init and data order)
-   with 95 % t-intervals (recstack.experiment.paired_diff).
+   with 95 % t-intervals (recstack.evaluation.protocol.paired_diff).
 4. Sample efficiency (coarse only): the baseline at 0.25x / 0.5x (seeded share of the train
    window's sessions), 1x, and 2x (the 2 * base_days days before the test day: more days of
    the same world, so the test day and its users are unchanged; needs D >= 2 * base_days + 1
@@ -43,8 +43,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from recstack import experiment as X
-from recstack import metrics
+from recstack.evaluation import protocol as X
+from recstack.evaluation import metrics
 from recstack.config import ConfigError, apply_overrides
 from recstack.data import SimData, load
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recstack import bundle_files, onnx_export
+from recstack import bundle_files
+from recstack.training import onnx as onnx_export
 from recstack.data import SimData, load
 from recstack.features import SEQ_LEN
 

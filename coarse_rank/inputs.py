@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from recstack import checkpoint
+from recstack.training import checkpoint
 from recstack.config import from_dict
 from recstack.data import to_torch
 from recstack.features import Vocab

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recstack.distill import LambdaSchedule, student_loss, sync_loss
+from recstack.training.distill import LambdaSchedule, student_loss, sync_loss
 
 from coarse_rank.config import Config
 from coarse_rank.model import InnerProductStudent

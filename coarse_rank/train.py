@@ -18,7 +18,7 @@ against the same clicks), which no model can beat in expectation.
 
 Streaming (`Config.stream_chunk_rows` = N > 0, for worlds whose training days do not fit in
 memory; written with `recstack simulate --shard-rows`): the training days are read from
-their Parquet shards N rows per chunk per rank (recstack.shards.ShardStream, whole sessions
+their Parquet shards N rows per chunk per rank (recstack.data.shards.ShardStream, whole sessions
 shuffled), each rank reading only its slice and training on batch_size // world_size rows
 per step, so a step still sees a global batch of batch_size rows; a batch never spans two
 chunks (with N a multiple of batch_size // world_size the step count equals the in-memory
@@ -36,11 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from recstack import distributed as D, metrics
+from recstack.training import distributed as D
+from recstack.evaluation import metrics
 from recstack.config import ConfigError
 from recstack.data import Examples, SimData, load
-from recstack.distill import LambdaSchedule
-from recstack.shards import ShardStream
+from recstack.training.distill import LambdaSchedule
+from recstack.data.shards import ShardStream
 from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batches, training_state
 
 from coarse_rank.config import MANNERS, OPTIMIZERS, SPLITS, TEACHERS, Config  # noqa: F401  (re-exported)
@@ -57,7 +58,7 @@ def request_batches(examples: Examples, batch_size: int, *, shuffle: bool = Fals
     With `shuffle`, sessions (not impressions) are visited in a seeded random order; without,
     rows come in their stored order (a session's impressions are stored together).
     `start` skips the first batches (a resumed epoch); `shard` keeps this rank's contiguous
-    share of every batch under torchrun (recstack.distributed.shard; sessions stay together).
+    share of every batch under torchrun (recstack.training.distributed.shard; sessions stay together).
     """
     order = np.arange(len(examples))
     if shuffle and len(order):
@@ -192,7 +193,7 @@ def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductSt
     DDP over the trained modules (student and/or teacher in one wrapper, so the Parameters a
     Share&Sync teacher shares with the student are reduced once; a frozen Ind&Async teacher
     is not wrapped). Inside `train()` the loop is a resumable phase
-    (recstack.checkpoint.TrainingState). `train_ex` a ShardStream (cfg.stream_chunk_rows > 0):
+    (recstack.training.checkpoint.TrainingState). `train_ex` a ShardStream (cfg.stream_chunk_rows > 0):
     each rank trains on batches of batch_size // world_size rows of its own streamed slice.
     """
     streamed = isinstance(train_ex, ShardStream)

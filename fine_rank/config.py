@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from recstack import sead
+from recstack.training import sead
 from recstack.config import ConfigError
 
 STAGE = "fine"
@@ -30,7 +30,7 @@ class Config:
     cvr_label: str = "purchase"  # "purchase_observed": only consented users' purchases (signal loss)
     eval_batch_size: int = 8192  # inference batch for held-out scoring (memory only)
     # N > 0: CTR and CVR stream the training days from their Parquet shards, N rows per chunk
-    # per rank (recstack.shards), each rank reading only its slice; see `StreamRows`
+    # per rank (recstack.data.shards), each rank reading only its slice; see `StreamRows`
     stream_chunk_rows: int = 0  # 0: materialised in memory (DDP splits each global batch across ranks)
     # CTR: ~237k training impressions on `small`. The id embeddings overfit fast: on
     # `small` one epoch scores a better next-day AUC and log-loss than two

@@ -7,10 +7,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from recstack import distributed as D
+from recstack.training import distributed as D
 from recstack.data import SimData
 from recstack.features import post_event_features
-from recstack.shards import ShardStream
+from recstack.data.shards import ShardStream
 
 from fine_rank.inputs import MODEL_INPUTS, TABLE_COLUMNS, materialise
 

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-from recstack import experiment as X
-from recstack import metrics as M
+from recstack.evaluation import protocol as X
+from recstack.evaluation import metrics as M
 from recstack.config import apply_overrides
 from recstack.data import load
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
-from recstack import bundle_files, checkpoint, metrics as M
+from recstack import bundle_files
+from recstack.training import checkpoint
+from recstack.evaluation import metrics as M
 from recstack.config import from_dict
 from recstack.data import load
 from recstack.features import Vocab
-from recstack.onnx_export import export_onnx, onnx_session, parity
+from recstack.training.onnx import export_onnx, onnx_session, parity
 
 from fine_rank.model import Ranker
 from fine_rank.config import STAGE, TASKS, Config

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from recstack import features as F
-from recstack import sead
+from recstack.training import sead
 
 N_ITEM_DENSE = 1  # columns of `item_dense`
 N_INTERACTED = len(F.INTERACTED_FIELDS)

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
-from recstack import distributed as D, sead
-from recstack.distill import LambdaSchedule, sync_loss
+from recstack.training import distributed as D, sead
+from recstack.training.distill import LambdaSchedule, sync_loss
 from recstack.training.loop import Batches, Loop, Recent, streamed_batches
 
 from fine_rank.config import Config, ModelSettings
@@ -48,8 +48,8 @@ def optimise(model: torch.nn.Module, src: Source, step_loss: StepLoss, forward: 
     runs every BatchNorm-carrying module on rows `idx` (for the BN refresh).
 
     Under torchrun each rank trains on an interleaved share of every (global) batch through
-    DDP (recstack.distributed). Inside `train()` the loop is one resumable phase of the run
-    (recstack.checkpoint.TrainingState).
+    DDP (recstack.training.distributed). Inside `train()` the loop is one resumable phase of the run
+    (recstack.training.checkpoint.TrainingState).
 
     Streamed (`src.rows`, cfg.stream_chunk_rows > 0): the rank's slice of the shards, chunk
     after chunk loaded into `src.x`; `idx` indexes the chunk, in batches of batch_size //
@@ -207,7 +207,7 @@ def fit_mtl(mtl: MTLRanker, table: dict[str, np.ndarray], label: str, s: ModelSe
 
 def fit_sead(model: SelfAuxiliary, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int,
              selector: str, cfg: "Config", bar=None) -> dict:
-    """SEAD: main head on y (serving, calibrated), aux head on f(y, y') (recstack.sead)."""
+    """SEAD: main head on y (serving, calibrated), aux head on f(y, y') (recstack.training.sead)."""
     src = Source(table, label)
     x = src.x
     y_mean = src.label_mean()

@@ -23,7 +23,7 @@ Whatever the method, the model that is checkpointed and exported is the plain st
 `Ranker` (no privileged inputs), so the bundle contract does not change.
 
 Streaming (`Config.stream_chunk_rows` = N > 0; shards from `recstack simulate --shard-rows`):
-CTR and CVR read the training days chunk by chunk (`StreamRows`, recstack.shards), each rank
+CTR and CVR read the training days chunk by chunk (`StreamRows`, recstack.data.shards), each rank
 its own slice, batch_size // world_size rows per rank per step, every method as in memory.
 What needs every row is done without holding them: label means, consent totals and the
 post-event moments (MTL) in one pass over those columns; BatchNorm re-estimation and the
@@ -41,7 +41,8 @@ from typing import Callable
 import numpy as np
 from tqdm.auto import tqdm
 
-from recstack import distributed as D, metrics as M
+from recstack.training import distributed as D
+from recstack.evaluation import metrics as M
 from recstack.data import load
 from recstack.training.loop import save_model, training_state
 

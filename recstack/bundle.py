@@ -33,7 +33,7 @@ MANIFEST = "manifest.json"
 CURRENT = "current"
 REQUIRED_KEYS = ("format_version", "version", "created", "configs", "feature_schema", "vocab", "files", "stages")
 
-# The feature-store snapshot (written by recstack.export, read by recstack.serving.cascade).
+# The feature-store snapshot (written by recstack.pipeline.export, read by recstack.serving.cascade).
 # Raw 0-based ids; `user_id` / `item_id` columns are dense 0..n-1 in order.
 SNAPSHOT_USERS = "features/users.parquet"  # user_id, age_bucket, gender, activity
 SNAPSHOT_ITEMS = "features/items.parquet"  # item_id, category, shop, brand, price_bucket, price

@@ -16,9 +16,9 @@ STAGES = {"retrieval": "retrieval", "coarse": "coarse_rank", "fine": "fine_rank"
 # up only if its module is loaded (an error of a module never imported cannot have been
 # raised), so that `recstack serve` and `rank` do not import training code to catch them.
 USER_ERRORS = {
-    "recstack.data": "DataError", "recstack.checkpoint": "CheckpointError", "recstack.bundle": "BundleError",
-    "recstack.export": "ExportError", "retrieval.export": "ExportError", "coarse_rank.export": "ExportError",
-    "fine_rank.export": "ExportError", "recstack.distributed": "DistributedError",
+    "recstack.data": "DataError", "recstack.training.checkpoint": "CheckpointError", "recstack.bundle": "BundleError",
+    "recstack.pipeline.export": "ExportError", "retrieval.export": "ExportError", "coarse_rank.export": "ExportError",
+    "fine_rank.export": "ExportError", "recstack.training.distributed": "DistributedError",
 }
 TRACEBACK_ENV = "RECSTACK_TRACEBACK"  # set to 1: errors raise with their traceback (for bug reports)
 
@@ -108,7 +108,7 @@ def _cmd_simulate(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from recstack import distributed
+    from recstack.training import distributed
     from recstack.config import apply_overrides, format_settings
 
     mod = importlib.import_module(f"{STAGES[args.stage]}.train")
@@ -162,7 +162,7 @@ def _cmd_experiment(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from recstack.export import export_bundle
+    from recstack.pipeline.export import export_bundle
 
     path = export_bundle(args.runs, args.out)
     print(f"bundle written: {path}")
@@ -190,13 +190,13 @@ def _cmd_serve(args) -> int:
 
 
 def _cmd_loadtest(args) -> int:
-    from recstack.loadtest import main_from_args
+    from recstack.bench.loadtest import main_from_args
 
     return main_from_args(args)
 
 
 def _cmd_quickstart(args) -> int:
-    from recstack.quickstart import quickstart
+    from recstack.pipeline.quickstart import quickstart
 
     return quickstart(workdir=args.workdir, preset=args.preset, seed=args.seed)
 
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a WorldConfig field (repeatable; --list-settings shows them)")
     s.add_argument("--shard-rows", type=int, default=None, metavar="N",
                    help="write each day's impressions as impressions/day=NN/part-*.parquet of N rows (e.g. 250000 "
-                        "for large; training can then stream them, recstack.shards); default: one file per day")
+                        "for large; training can then stream them, recstack.data.shards); default: one file per day")
     s.add_argument("--force", action="store_true", help="write into a non-empty --out folder (a previous world there is replaced)")
     s.add_argument("--list-settings", action="store_true",
                    help="print every --set key with its type, value for --preset and comment, then exit")
@@ -261,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = _add(sub, "serve", "serve a bundle over gRPC", _cmd_serve)
     _serve_arguments(s)
 
-    from recstack.loadtest import add_arguments as loadtest_arguments
+    from recstack.bench.loadtest import add_arguments as loadtest_arguments
 
     s = _add(sub, "loadtest", "open-loop load test of a local server (p50..p99.9, --sweep, --json, --plot)", _cmd_loadtest)
     loadtest_arguments(s)

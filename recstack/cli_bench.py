@@ -38,7 +38,7 @@ def _command() -> str:
 
 
 def _all(args, out: Path) -> None:
-    from recstack.bench import run_all
+    from recstack.bench.suite import run_all
 
     res = run_all(out, data_dir=args.data, artifacts=args.artifacts, scratch=args.scratch or "/tmp/recstack-bench",
                   teacher=args.teacher, teacher_steps=args.teacher_steps, runs=args.runs, gmv_users=args.gmv_users,
@@ -47,15 +47,15 @@ def _all(args, out: Path) -> None:
 
 
 def _models(args, out: Path) -> None:
-    from recstack.bench import run
+    from recstack.bench.suite import run
 
     res = run(out, data_dir=args.data, runs=args.runs, quick=args.quick, command=_command())
     print(json.dumps(res["targets"], indent=2))
 
 
 def _train(args, out: Path) -> None:
-    from coarse_rank.bench import ROWS
-    from coarse_rank.bench import run as run_train
+    from recstack.bench.train_cost import ROWS
+    from recstack.bench.train_cost import run as run_train
 
     rows = tuple(r.strip() for r in (args.rows or ",".join(ROWS)).split(",") if r.strip())
     res = run_train(args.data, out, rows=rows, manner=args.manner, steps=args.steps, repeats=args.repeats,
@@ -66,7 +66,7 @@ def _train(args, out: Path) -> None:
 def _retrieval(args, out: Path) -> None:
     import torch
 
-    from retrieval.bench import run_both
+    from recstack.bench.index_sweep import run_both
 
     torch.set_num_threads(1)  # ms per query single-threaded, as the targets are stated
     res = run_both(out, args.checkpoint, data_dir=args.data, n_queries=args.queries, n_timed=args.timed, k=args.k,
@@ -75,7 +75,7 @@ def _retrieval(args, out: Path) -> None:
 
 
 def _cascade(args, out: Path) -> None:
-    from retrieval.cascade_eval import run, write_report
+    from recstack.evaluation.cascade import run, write_report
 
     results = run(args.artifacts, args.data, out, n_users=args.users)
     write_report(results, out)

@@ -48,7 +48,7 @@ class Config:
     ef_search: Optional[int] = None  # HNSW search breadth, >= k (None = the default; ignored by non-HNSW)
     ann_eval_queries: int = 1000  # test-day requests used to measure the index's recall vs exact search at export
     # N > 0: the training clicks are streamed from the Parquet shards, N clicked rows per chunk
-    # per rank (recstack.shards), each rank reading only its slice; logQ's click counts come
+    # per rank (recstack.data.shards), each rank reading only its slice; logQ's click counts come
     # from one exact counting pass over the item_id column
     stream_chunk_rows: int = 0  # 0: materialised in memory (DDP splits each global batch across ranks)
 

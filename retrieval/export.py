@@ -21,11 +21,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from recstack import bundle_files, checkpoint
+from recstack import bundle_files
+from recstack.training import checkpoint
 from recstack.config import from_dict
 from recstack.data import SimData, load
 from recstack.features import Vocab
-from recstack.onnx_export import export_onnx, onnx_session, parity
+from recstack.training.onnx import export_onnx, onnx_session, parity
 from retrieval import index as index_lib
 from retrieval.index import search_params, set_search_params  # noqa: F401  (re-exported)
 from retrieval.config import Config

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recstack import distributed as D
+from recstack.training import distributed as D
 
 from retrieval.inputs import USER_INPUTS
 from retrieval.model import TwoTower

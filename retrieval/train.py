@@ -14,7 +14,7 @@ Held-out metric: recall@K on test-day clicks, retrieving over the whole corpus b
 product, printed beside a popularity baseline and chance (K / n_items).
 
 Streaming (`Config.stream_chunk_rows` = N > 0; shards from `recstack simulate --shard-rows`):
-the clicked training rows are read N per chunk per rank (recstack.shards), each rank its own
+the clicked training rows are read N per chunk per rank (recstack.data.shards), each rank its own
 slice and batch_size // world_size positives per step, scored against every rank's
 positives (all-gathered) and the uniform negatives; full batches only, within a chunk. The
 logQ click counts are exact (one pass over the item_id column, O(n_items) memory); the
@@ -32,10 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from recstack import distributed as D
+from recstack.training import distributed as D
 from recstack.config import ConfigError
 from recstack.data import SimData, load
-from recstack.shards import ShardStream
+from recstack.data.shards import ShardStream
 from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batches, training_state
 
 from retrieval.config import Config

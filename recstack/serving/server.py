@@ -41,7 +41,7 @@ from grpc_reflection.v1alpha import reflection
 
 from recstack import bundle as B
 from recstack.serving.cascade import Cascade, DeadlineExceeded, Ranking
-from recstack.serving.metrics import ServingMetrics
+from recstack.serving.prometheus import ServingMetrics
 from recstack.serving.validate import ServingLimits, ValidationError, validate_rank_request
 from recstack.v1 import ranking_pb2 as pb
 

@@ -10,13 +10,13 @@ and a batch source:
 
 `step_loss(batch, step, total)` returns the batch's loss (or a tuple whose first item is the
 loss); under torchrun it runs inside DistributedDataParallel over `Loop.ddp_modules`, so the
-gradients are averaged over the ranks (recstack.distributed.wrap). `batches(resume)` yields
+gradients are averaged over the ranks (recstack.training.distributed.wrap). `batches(resume)` yields
 `(batch, position)` pairs from the start, or from where the snapshot `resume` stopped;
 `position()` is the part of a snapshot that says where the next batch is. Streamed sources
-are built with `streamed_batches` (recstack.shards); in-memory ones are the stage's own
+are built with `streamed_batches` (recstack.data.shards); in-memory ones are the stage's own
 shuffled epochs. The loop stops after `total` steps.
 
-A phase is one entry of the run's training state (recstack.checkpoint.TrainingState): a
+A phase is one entry of the run's training state (recstack.training.checkpoint.TrainingState): a
 phase that had finished before an interruption is not trained again (its final state is
 loaded), a running one continues from its last snapshot, so a resumed run ends bit-identical
 to an uninterrupted one.
@@ -33,9 +33,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from recstack import checkpoint, distributed as D
+from recstack.training import checkpoint, distributed as D
 from recstack.config import to_dict
-from recstack.shards import ShardStream, position as shard_position, train_chunks
+from recstack.data.shards import ShardStream, position as shard_position, train_chunks
 
 Batches = Callable[[Optional[dict]], Iterator[tuple[Any, Callable[[], dict]]]]
 

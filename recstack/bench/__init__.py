@@ -1,0 +1,1 @@
+"""Benchmarks and the load tester. Each takes checkpoints or bundles as input; none trains a model."""

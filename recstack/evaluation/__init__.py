@@ -1,0 +1,1 @@
+"""Evaluation: metrics, the experiment protocol and reports, and the cascade measured against the simulator's truth."""

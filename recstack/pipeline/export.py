@@ -1,0 +1,169 @@
+"""Assemble a serving bundle from trained checkpoints (`recstack export --runs RUNS --out ARTIFACTS`).
+
+    RUNS/{retrieval,coarse,fine}/checkpoint.pt
+      -> ARTIFACTS/<version>/{retrieval,coarse,fine}/...   (each stage's export.export)
+         ARTIFACTS/<version>/features/...                 (feature-store snapshot)
+         ARTIFACTS/<version>/manifest.json                 (checksums of all of the above)
+      -> ARTIFACTS/current                                 (switched last, atomically)
+
+The bundle is built in a hidden staging directory and renamed into place only once its
+manifest is written, so a crash never leaves a half bundle under a version name, and
+`current` never points at one.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from recstack import bundle as B
+from recstack import features as F
+
+# stage name (runs dir and bundle dir) -> module whose `export(checkpoint_path, out_dir)` builds it
+STAGES = {"retrieval": "retrieval.export", "coarse": "coarse_rank.export", "fine": "fine_rank.export"}
+
+
+class ExportError(RuntimeError):
+    """Checkpoints that cannot make one consistent bundle."""
+
+
+def write_feature_snapshot(bundle_dir: str | Path, users: dict, items: dict, behaviours: dict) -> list[str]:
+    """Write the feature-store snapshot tables (columns as in recstack.bundle.SNAPSHOT_*).
+
+    users: age_bucket, gender, activity (U,); items: category, shop, brand, price_bucket, price (I,);
+    behaviours: user_id, seconds_ago, item_id, kind, dwell (N,). Raw 0-based ids. Returns the
+    relative paths written.
+    """
+    bundle_dir = Path(bundle_dir)
+    (bundle_dir / "features").mkdir(parents=True, exist_ok=True)
+    n_users, n_items = len(users["age_bucket"]), len(items["price"])
+    user_table = pa.table({
+        "user_id": np.arange(n_users, dtype=np.int64),
+        **{k: np.asarray(users[k], dtype=np.int64) for k in ("age_bucket", "gender", "activity")},
+    })
+    item_table = pa.table({
+        "item_id": np.arange(n_items, dtype=np.int64),
+        **{k: np.asarray(items[k], dtype=np.int64) for k in ("category", "shop", "brand", "price_bucket")},
+        "price": np.asarray(items["price"], dtype=np.float32),
+    })
+    user_id = np.asarray(behaviours["user_id"], dtype=np.int64)
+    seconds_ago = np.asarray(behaviours["seconds_ago"], dtype=np.float64)
+    order = np.lexsort((seconds_ago, user_id))  # user-major, newest first
+    beh_table = pa.table({
+        "user_id": user_id[order],
+        "seconds_ago": seconds_ago[order],
+        "item_id": np.asarray(behaviours["item_id"], dtype=np.int64)[order],
+        "kind": np.asarray(behaviours["kind"], dtype=np.int8)[order],
+        "dwell": np.asarray(behaviours["dwell"], dtype=np.float32)[order],
+    })
+    for rel, table in ((B.SNAPSHOT_USERS, user_table), (B.SNAPSHOT_ITEMS, item_table), (B.SNAPSHOT_BEHAVIOURS, beh_table)):
+        pq.write_table(table, bundle_dir / rel)
+    return [B.SNAPSHOT_USERS, B.SNAPSHOT_ITEMS, B.SNAPSHOT_BEHAVIOURS]
+
+
+def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = F.SEQ_LEN) -> tuple[list[str], dict]:
+    """Snapshot a simulated world as of the end of its logs (world.json `now`).
+
+    Keeps each user's last `seq_len` behaviours, the most the models can see. Returns the
+    relative paths written and the snapshot's manifest entry.
+    """
+    if "now" in data.world:
+        now = float(data.world["now"])
+    else:  # day d spans [(history_days + d - 1), (history_days + d)) x 86400 s
+        now = float((data.world.get("history_days", 0) + data.n_days) * data.world.get("day_seconds", 86400))
+    users = np.arange(data.users.n, dtype=np.int64)
+    idx = data.behaviours.last_indices(users, np.full(len(users), now), seq_len)  # (U, L), -1 = empty
+    rows = idx[idx >= 0]
+    beh = data.behaviours
+    files = write_feature_snapshot(
+        bundle_dir,
+        users={"age_bucket": data.users.cols[:, 0] - 1, "gender": data.users.cols[:, 1] - 1, "activity": data.users.cols[:, 2] - 1},
+        items={
+            "category": data.items.cols[:, 0] - 1, "shop": data.items.cols[:, 1] - 1, "brand": data.items.cols[:, 2] - 1,
+            "price_bucket": data.items.cols[:, 3] - 1, "price": data.items.price,
+        },
+        behaviours={
+            "user_id": beh.user[rows], "seconds_ago": now - beh.ts[rows], "item_id": beh.item[rows],
+            "kind": beh.kind[rows], "dwell": beh.dwell[rows],
+        },
+    )
+    meta = {"time": now, "n_users": int(data.users.n), "n_items": int(data.items.n), "n_behaviours": int(len(rows)),
+            "seq_len": seq_len, "data_dir": str(data.root)}
+    return files, meta
+
+
+def _staging_dir(out_dir: Path, version: str | None) -> tuple[str, Path]:
+    """A version name free under `out_dir` and an empty hidden directory to build it in.
+
+    An explicit version must be free; a generated one (timestamp) gets -1, -2, ... on a clash.
+    """
+    if version:
+        B.check_version_name(version)
+        if (out_dir / version).exists():
+            raise ExportError(f"bundle version {version!r} already exists in {out_dir}")
+        name = version
+    else:
+        base = B.new_version()
+        name = next((n for n in (base, *(f"{base}-{i}" for i in range(1, 1000))) if not (out_dir / n).exists()), None)
+        if name is None:
+            raise ExportError(f"cannot find a free version name for {base!r} in {out_dir}")
+    staging = out_dir / f".staging-{name}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return name, staging
+
+
+def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None = None) -> Path:
+    """Export the three trained stages + a feature snapshot as one verified bundle; returns its directory.
+
+    `out_dir` is the artifacts root; the new bundle becomes `out_dir/<version>` and `current`
+    points at it once it is complete and verified.
+    """
+    import importlib
+
+    from recstack.training import checkpoint as C
+    from recstack import data as D
+
+    runs_dir, out_dir = Path(runs_dir), Path(out_dir)
+    ckpt_paths = {stage: runs_dir / stage / "checkpoint.pt" for stage in STAGES}
+    missing = [str(p) for p in ckpt_paths.values() if not p.exists()]
+    if missing:
+        raise ExportError(f"missing checkpoints: {', '.join(missing)} (run `recstack train STAGE --out {runs_dir}`)")
+    ckpts = {stage: C.load(path, stage=stage) for stage, path in ckpt_paths.items()}
+    vocabs = {stage: ck["vocab"] for stage, ck in ckpts.items()}
+    if any(v != vocabs["retrieval"] for v in vocabs.values()):
+        raise ExportError("the checkpoints were trained on different worlds (vocab differs): "
+                          + ", ".join(f"{s}: {v.get('n_users')} users / {v.get('n_items')} items" for s, v in vocabs.items()))
+    data_dir = ckpts["retrieval"]["data_dir"]
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    version, staging = _staging_dir(out_dir, version)
+    try:
+        files: list[str] = []
+        stages: dict[str, dict] = {}
+        for stage, module in STAGES.items():
+            result = importlib.import_module(module).export(ckpt_paths[stage], staging / stage)
+            stage_files = [f"{stage}/{Path(f).as_posix()}" for f in result["files"]]
+            files += stage_files
+            stages[stage] = {"dir": stage, "files": stage_files, "meta": result.get("meta", {}),
+                             "metrics": ckpts[stage].get("metrics", {}), "checkpoint": str(ckpt_paths[stage])}
+        snap_files, snapshot = snapshot_from_data(D.load(data_dir), staging)
+        files += snap_files
+        B.write_manifest(
+            staging, version=version, files=files,
+            configs={stage: ck["config"] for stage, ck in ckpts.items()},
+            feature_schema=F.feature_schema(), vocab=vocabs["retrieval"], stages=stages,
+            extra={"snapshot": snapshot},
+        )
+        B.verify_bundle(staging)
+        final = out_dir / version
+        os.rename(staging, final)  # fails rather than overwrite if the name was taken meanwhile
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    B.write_current(out_dir, version)
+    return final.resolve()

@@ -1,0 +1,133 @@
+"""The embedded default, end to end on one machine:
+simulate `small` -> train retrieval, coarse, fine -> export a bundle -> serve it on a free
+local port (a real `recstack serve` process) -> rank a few users -> shut the server down.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STAGE_ORDER = (("retrieval", "retrieval"), ("coarse", "coarse_rank"), ("fine", "fine_rank"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_serving(target: str, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"the server exited with code {proc.returncode} before serving")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"the server at {target} did not report SERVING within {timeout:.0f}s")
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} " + "=" * max(0, 70 - len(text)), flush=True)
+
+
+def _quality_lines(metrics: dict) -> list[str]:
+    """Held-out quality of each stage next to what the truth (or popularity) achieves."""
+    r, c, f = metrics.get("retrieval", {}), metrics.get("coarse", {}), metrics.get("fine", {})
+    lines = ["held-out test day        model    reference"]
+    for k in (50, 100, 500):
+        if f"recall@{k}" in r:
+            lines.append(f"retrieval recall@{k:<6d} {r[f'recall@{k}']:.4f}   {r[f'pop_recall@{k}']:.4f} (popularity)")
+    if "auc" in c:
+        lines.append(f"coarse AUC (click)       {c['auc']:.4f}   {c['ceiling_auc']:.4f} (true pCTR)")
+    for head, label in (("ctr", "click"), ("cvr", "purchase")):
+        if head in f:
+            m = f[head]
+            lines.append(f"{'fine ' + head.upper() + ' AUC (' + label + ')':24s} {m['auc']:.4f}   {m['auc_truth']:.4f} (true p{head.upper()}); "
+                         f"calibration {m['calibration']:.3f}")
+    return lines
+
+
+def quickstart(workdir: str | Path = "runs/quickstart", preset: str = "small", seed: int = 0) -> int:
+    import importlib
+
+    from recstack.world import preset as world_preset
+    from recstack.world import simulate
+
+    t0 = time.perf_counter()
+    work = Path(workdir)
+    data_dir, runs_dir, art_dir = work / "data", work / "runs", work / "artifacts"
+    timings: dict[str, float] = {}
+
+    _banner(f"1/5 simulate the `{preset}` world (seed {seed}) -> {data_dir}")
+    t = time.perf_counter()
+    meta = simulate(world_preset(preset), seed, data_dir, preset=preset)
+    timings["simulate"] = time.perf_counter() - t
+    n_imp = sum(d["impressions"] for d in meta["days"])
+    print(f"{n_imp} impressions over {meta['n_days']} days, {meta['n_events']} behaviours, in {timings['simulate']:.1f}s")
+
+    metrics = {}
+    for i, (stage, pkg) in enumerate(STAGE_ORDER, start=2):
+        _banner(f"{i}/5 train {stage}" if stage != "fine" else f"{i}/5 train fine (CTR + CVR)")
+        mod = importlib.import_module(f"{pkg}.train")
+        t = time.perf_counter()
+        metrics[stage] = mod.train(mod.Config(), data_dir, runs_dir / stage)
+        timings[f"train_{stage}"] = time.perf_counter() - t
+
+    _banner(f"export the bundle -> {art_dir}")
+    from recstack.pipeline.export import export_bundle
+
+    t = time.perf_counter()
+    bundle = export_bundle(runs_dir, art_dir)
+    timings["export"] = time.perf_counter() - t
+    print(f"bundle {bundle}")
+
+    _banner("5/5 serve and rank")
+    from recstack.serving.client import format_table, rank
+
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "recstack.cli", "serve", "--artifacts", str(art_dir), "--port", str(port)])
+    try:
+        _wait_serving(target, proc)
+        timings["server_start"] = time.perf_counter() - t
+        print(f"serving on {target} after {timings['server_start']:.1f}s")
+        n_users = meta["vocab"]["n_users"]
+        for user in (0, 1, n_users // 2, n_users + 12345):  # the last one is unknown: a cold start
+            resp = rank(target, user, 10, debug=True, timeout=5.0)
+            print(f"\nuser {user}{' (unknown: cold start)' if resp.cold_start else ''}")
+            print(format_table(resp))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    print(f"\nserver stopped (exit code {code})")
+
+    _banner("summary")
+    total = time.perf_counter() - t0
+    summary = {"preset": preset, "seed": seed, "wall_s": round(total, 1), "timings_s": {k: round(v, 1) for k, v in timings.items()},
+               "metrics": metrics, "bundle": str(bundle), "server_exit_code": code}
+    (work / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    for line in _quality_lines(metrics):
+        print(line)
+    print(f"timings: {summary['timings_s']}")
+    print(f"wrote {data_dir}/ (the world), {runs_dir}/ (checkpoints), {bundle}/ (the bundle), {work / 'summary.json'}")
+    print(f"quickstart finished in {total:.0f}s; summary in {work / 'summary.json'}")
+    return 0 if code == 0 else 1

@@ -1,0 +1,96 @@
+"""Coarse distillation experiments: the protocol's day windows and a quick run of each table."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from recstack.config import ConfigError
+from recstack.data import load
+
+from coarse_rank.experiment import run, windows
+
+
+class _Days:
+    def __init__(self, n):
+        self.n_days = n
+
+
+def test_windows_never_train_on_the_evaluation_day():
+    w = windows(_Days(7), 3)
+    assert w == {"fit": [3, 4, 5], "valid": 6, "train": [4, 5, 6], "test": 7, "double": [1, 2, 3, 4, 5, 6]}
+    w = windows(_Days(4), 3)
+    assert w["fit"] == [1, 2] and w["train"] == [1, 2, 3] and w["double"] is None
+    for n in (3, 4, 5, 7, 9):
+        w = windows(_Days(n), 3)
+        assert w["valid"] not in w["fit"] and w["test"] not in w["train"] + w["fit"] + (w["double"] or [])
+
+
+@pytest.mark.parametrize("name", ["coarse", "lambda", "manner"])
+def test_quick_experiment_writes_the_report_files(name, tiny_data, tmp_path):
+    res = run(name, tiny_data, tmp_path, seeds=(1, 2), quick=True)
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    assert (tmp_path / "report.md").read_text().startswith("# Coarse ranker")
+    assert list(tmp_path.glob("*.png"))
+    assert set(on_disk["methods"]) == set(res["methods"]) and "baseline" in on_disk["methods"]
+    for m in on_disk["methods"].values():
+        assert set(m["student_auc"]) >= {"mean", "std"} and set(m["teacher_auc"]) >= {"mean", "std"}
+        assert set(m["delta_vs_baseline"]) >= {"mean", "ci95"} and len(m["delta_vs_baseline"]["ci95"]) == 2
+        assert m["wall_s"] > 0 and len(m["per_seed"]) == 2
+    if name == "coarse":
+        assert set(on_disk["methods"]) == {"baseline", "sd", "lupi", "md", "pfd", "pfd_md"}
+        assert on_disk["methods"]["pfd_md"]["teacher_auc"]["mean"] is not None
+        assert on_disk["buckets"]["user_id"]["pfd"]["tail"]["delta"]["ci95"]
+        assert on_disk["methods"]["baseline"]["delta_vs_baseline"]["mean"] == 0.0
+    if name == "manner":
+        assert {"pfd_md_ind_async", "pfd_md_share_star_sync"} <= set(on_disk["methods"])
+
+
+def test_unknown_experiment_and_keys_are_errors(tiny_data, tmp_path):
+    with pytest.raises(ConfigError):
+        run("table9", tiny_data, tmp_path, quick=True)
+    with pytest.raises(ConfigError):
+        run("coarse", tiny_data, tmp_path, quick=True, overrides=["methods=oracle"])
+    with pytest.raises(ConfigError, match="valid keys"):
+        run("coarse", tiny_data, tmp_path, quick=True, overrides=["learning_rate=1"])
+
+
+def test_fit_cache_round_trips_without_pickle(tmp_path):
+    import numpy as np
+
+    from coarse_rank.experiment import _load_fitted, _save_fitted
+    from coarse_rank.train import Fitted
+
+    f = Fitted(None, None, {"auc": 0.61, "fit_days": [1, 2]}, {"prob": np.arange(4, dtype=np.float32)}, None,
+               {"user_id": np.array([3, 1]), "item_id": np.array([7, 9])})
+    _save_fitted(tmp_path / "x.npz", f)
+    g = _load_fitted(tmp_path / "x.npz")
+    assert g.result == f.result and g.teacher_pred is None
+    np.testing.assert_array_equal(g.student_pred["prob"], f.student_pred["prob"])
+    np.testing.assert_array_equal(g.train_ids["item_id"], f.train_ids["item_id"])
+
+
+def test_bench_train_cost_rows_and_refusals(tiny_data, tmp_path):
+    # `recstack bench train`: every row timed the same number of steps, ratios to the baseline
+    import json
+
+    from recstack.bench import train_cost as CB
+    from recstack.cli import main
+
+    assert main(["bench", "train", "--data", tiny_data, "--out", str(tmp_path), "--steps", "10", "--repeats", "2",
+                 "--rows", "baseline,pfd,pfd_md"]) == 0
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert set(res["rows"]) == {"baseline", "pfd", "pfd_md"} and res["steps"] == 10
+    b = res["rows"]["baseline"]
+    assert b["cpu_ratio_vs_baseline"]["median"] == pytest.approx(1.0)
+    for r in res["rows"].values():
+        assert len(r["cpu_s_per_step"]) == 2 and all(x > 0 for x in r["cpu_s_per_step"])
+    assert (tmp_path / "train_cost.png").exists() and "pfd_md" in (tmp_path / "report.md").read_text()
+    data = load(tiny_data)
+    with pytest.raises(ConfigError, match="baseline"):
+        CB.measure(data, ("pfd",), steps=10)
+    with pytest.raises(ConfigError, match="unknown"):
+        CB.measure(data, ("baseline", "pdf"), steps=10)
+    with pytest.raises(ConfigError, match="manner"):
+        CB.measure(data, ("baseline",), manner="async", steps=10)
+    assert main(["bench", "train", "--out", str(tmp_path)]) == 2  # --data missing: a clear error, not a traceback

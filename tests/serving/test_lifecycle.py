@@ -1,0 +1,258 @@
+"""Lifecycle, overload and deadlines: NOT_SERVING until loaded and warm; a bounded queue answered
+with RESOURCE_EXHAUSTED in milliseconds; deadlines and cancellations stop the cascade between
+stages; SIGTERM -> NOT_SERVING at once, in-flight calls complete, exit 0; N worker processes
+share one port."""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from test_serving import make_fake_bundle
+
+from recstack.serving import client
+from recstack.serving.cascade import Cascade
+from recstack.serving.server import build_server, create_server
+from recstack.v1 import ranking_pb2 as pb
+from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+REPO = Path(__file__).resolve().parents[2]
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("life")
+    make_fake_bundle(root)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Gate:
+    """Wraps a cascade stage model so a test can hold a call inside it."""
+
+    def __init__(self, model):
+        self.model, self.entered, self.release, self.calls = model, threading.Event(), threading.Event(), 0
+
+    def __call__(self, feeds):
+        self.calls += 1
+        self.entered.set()
+        assert self.release.wait(20)
+        return self.model(feeds)
+
+
+def test_not_serving_until_loaded_and_warm(artifacts, monkeypatch):
+    warming, release = threading.Event(), threading.Event()
+    real_warm = Cascade.warm_up
+
+    def slow_warm(self):
+        warming.set()
+        assert release.wait(20)
+        real_warm(self)
+
+    monkeypatch.setattr(Cascade, "warm_up", slow_warm)
+    server, port, servicer = create_server(artifacts, max_workers=2)
+    loader = threading.Thread(target=servicer.load, args=(artifacts,))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            health = health_pb2_grpc.HealthStub(ch)
+            stub = pb_grpc.RankingServiceStub(ch)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == NOT_SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Rank(client.make_request(1, 5), timeout=5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            loader.start()
+            assert warming.wait(20)  # loaded, not yet warm: still NOT_SERVING
+            for service in ("", "recstack.v1.RankingService"):
+                assert health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status == NOT_SERVING
+            release.set()
+            loader.join(30)
+            assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+            assert stub.Rank(client.make_request(1, 5), timeout=5).model_version
+    finally:
+        release.set()
+        server.stop(None)
+
+
+def test_bounded_queue_answers_resource_exhausted_in_milliseconds(artifacts):
+    server, port, servicer = build_server(artifacts, max_workers=1, max_queue=2)
+    gate = _Gate(servicer.cascade.retrieval_tower)
+    servicer.cascade.retrieval_tower = gate
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.RankingServiceStub(ch)
+            held = [stub.Rank.future(client.make_request(1, 5), timeout=30)]
+            assert gate.entered.wait(10)  # 1 running
+            held += [stub.Rank.future(client.make_request(2, 5), timeout=30) for _ in range(2)]  # 2 queued
+            deadline = time.monotonic() + 5
+            while servicer.metrics.value("recstack_queue_depth") < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert servicer.metrics.value("recstack_queue_depth") == 2
+            waits = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                with pytest.raises(grpc.RpcError) as e:
+                    stub.Rank(client.make_request(3, 5), timeout=5)
+                waits.append(time.perf_counter() - t0)
+                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            waits.sort()
+            assert waits[len(waits) // 2] < 0.05, waits  # median: refused in milliseconds, never queued
+            gate.release.set()
+            for f in held:
+                assert len(f.result().items) == 5  # the accepted calls all complete
+    finally:
+        gate.release.set()
+        server.stop(None)
+
+
+@contextlib.contextmanager
+def _gated_retrieval(artifacts):
+    """A server whose retrieval stage blocks until `gate.release` (coarse passes, counting calls)."""
+    server, port, servicer = build_server(artifacts, max_workers=2)
+    cascade = servicer.cascade
+    gate, coarse = _Gate(cascade.retrieval_tower), _Gate(cascade.coarse_tower)
+    coarse.release.set()
+    cascade.retrieval_tower, cascade.coarse_tower = gate, coarse
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            yield pb_grpc.RankingServiceStub(ch), servicer, gate, coarse
+    finally:
+        gate.release.set()
+        server.stop(None)
+
+
+def test_deadline_passed_in_a_stage_skips_the_later_stages(artifacts):
+    with _gated_retrieval(artifacts) as (stub, servicer, gate, coarse):
+        fut = stub.Rank.future(client.make_request(1, 5), timeout=0.3)
+        assert gate.entered.wait(10)
+        with pytest.raises(grpc.RpcError) as e:
+            fut.result()
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        gate.release.set()  # the retrieval stage finishes after the caller's deadline...
+        _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
+        assert coarse.calls == 0  # ...and the coarse and fine stages never run
+
+
+def test_cancelled_call_stops(artifacts):
+    with _gated_retrieval(artifacts) as (stub, servicer, gate, coarse):
+        fut = stub.Rank.future(client.make_request(1, 5), timeout=30)
+        assert gate.entered.wait(10)
+        assert fut.cancel()
+        time.sleep(0.1)  # let the server see the cancellation
+        gate.release.set()
+        _wait_for(lambda: _count(servicer, "CANCELLED") == 1)
+        assert coarse.calls == 0
+
+
+def _count(servicer, code: str) -> float:
+    return servicer.metrics.value("recstack_requests_total", method="Rank", code=code) or 0.0
+
+
+def _wait_for(cond, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
+# -- processes: SIGTERM and workers ---------------------------------------------------------------
+
+_SLOW_SERVER = r"""
+import sys, time
+from recstack.serving import server
+from recstack.serving.cascade import Cascade
+
+real_rank = Cascade.rank
+def rank(self, q, time_remaining=None):
+    if q.user_id == 7:  # the test's slow call
+        time.sleep(1.5)
+    return real_rank(self, q, time_remaining)
+Cascade.rank = rank
+sys.exit(server.serve(sys.argv[1], port=int(sys.argv[2]), workers=int(sys.argv[3]), grace_s=float(sys.argv[4]),
+                      admin_token="life-token"))
+"""
+
+
+def _start(artifacts, port, workers, grace_s):
+    return subprocess.Popen([sys.executable, "-c", _SLOW_SERVER, str(artifacts), str(port), str(workers), str(grace_s)],
+                            cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_serving(target, proc, timeout=60):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        try:
+            with grpc.insecure_channel(target) as ch:
+                if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == SERVING:
+                    return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("server did not become SERVING")
+
+
+def test_sigterm_not_serving_at_once_then_drains_and_exits_0(artifacts):
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    proc = _start(artifacts, port, 1, 5.0)
+    try:
+        _wait_serving(target, proc)
+        with grpc.insecure_channel(target) as ch:
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
+            assert next(watch).status == SERVING
+            slow = pb_grpc.RankingServiceStub(ch).Rank.future(client.make_request(7, 5), timeout=30)
+            time.sleep(0.5)  # the slow call is in flight
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert next(watch).status == NOT_SERVING  # watchers are told at once
+            told = time.monotonic() - t0
+            watch.cancel()
+            resp = slow.result()  # the in-flight call completes within the grace period
+            assert len(resp.items) == 5
+        code = proc.wait(15)
+        assert code == 0, proc.stderr.read()[-3000:]
+        assert told < 0.5 and time.monotonic() - t0 < 5.0 + 2.0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_workers_share_one_port_and_exit_0(artifacts):
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    proc = _start(artifacts, port, 2, 5.0)
+    try:
+        _wait_serving(target, proc)
+        pids, deadline = set(), time.monotonic() + 60
+        while len(pids) < 2 and time.monotonic() < deadline:
+            # a fresh channel is a fresh connection: the kernel spreads them over the processes
+            with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as ch:
+                try:
+                    info = pb_grpc.ModelServiceStub(ch).GetModelInfo(
+                        pb.GetModelInfoRequest(), timeout=5, metadata=(("authorization", "Bearer life-token"),))
+                    pids.add(info.pid)
+                except grpc.RpcError as e:  # the second worker may still be loading
+                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+        assert len(pids) == 2 and proc.pid not in pids and os.getpid() not in pids
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0, proc.stderr.read()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
