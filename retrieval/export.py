@@ -25,10 +25,11 @@ from recstack import checkpoint
 from recstack.config import from_dict
 from recstack.data import SimData, load
 from recstack.features import Vocab
+from recstack.metrics import recall_vs_exact
 from recstack.onnx_export import export_onnx, onnx_session, parity
 from retrieval import index as index_lib
 from retrieval.index import search_params, set_search_params  # noqa: F401  (re-exported)
-from retrieval.train import STAGE, USER_INPUTS, Config, build_model, embed_items, materialise, top_k_inner_product
+from retrieval.train import STAGE, USER_INPUTS, Config, build_model, embed_items, materialise
 
 PARITY_TOLERANCE = 1e-5
 FILES = ("user_tower.onnx", "item_emb.npy", "index.faiss")
@@ -49,19 +50,17 @@ def build_index(emb: np.ndarray, factory: str = "Flat", nprobe: int | None = Non
 def ann_recall(index: faiss.Index, corpus: np.ndarray, queries: np.ndarray, ks: list[int]) -> dict:
     """Recall@K of `index` against exact inner-product search over `corpus`, per K.
 
-    |ANN top-K ∩ exact top-K| / K averaged over queries; FAISS -1 padding counts as a miss.
+    recstack.metrics.recall_vs_exact averaged over the queries: a returned item is a hit when
+    its exact score reaches the exact K-th best (ties count); FAISS -1 padding is a miss.
     Also the index's search time per query (one batched call, this process's threads).
     """
     ks = sorted({min(k, len(corpus)) for k in ks})
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    exact = top_k_inner_product(queries, corpus, ks[-1])  # (Q, K)
     t0 = time.perf_counter()
     _, found = index.search(queries, ks[-1])  # (Q, K)
     ms = (time.perf_counter() - t0) * 1e3 / max(len(queries), 1)
-    out = {}
-    for k in ks:
-        hits = [len(np.intersect1d(f[:k][f[:k] >= 0], e[:k], assume_unique=True)) for f, e in zip(found, exact)]
-        out[f"ann_recall@{k}"] = float(np.mean(hits) / k)
+    recall = recall_vs_exact(found, queries, corpus, ks)
+    out = {f"ann_recall@{k}": float(recall[k].mean()) for k in ks}
     out["ann_search_ms_per_query"] = float(ms)
     return out
 
