@@ -9,7 +9,6 @@ import time
 
 import grpc
 import pytest
-from test_serving import ADMIN_MD, ADMIN_TOKEN, make_fake_bundle
 
 from recstack import bundle as B
 from recstack.serving import client
@@ -17,6 +16,9 @@ from recstack.serving.cascade import Cascade
 from recstack.serving.server import build_server
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+ADMIN_TOKEN = "test-admin-token"  # the token these tests start their servers with
+ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 def _resign(bdir, version):
@@ -27,7 +29,7 @@ def _resign(bdir, version):
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory):
+def versions(tmp_path_factory, make_fake_bundle):
     """An artifacts root with v1 (current) and v2 (different weights), published with B.publish."""
     work = tmp_path_factory.mktemp("reload")
     make_fake_bundle(work / "build1", version="v1", seed=0)
