@@ -31,6 +31,17 @@ REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 240  # a hung collective fails the test instead of the CI job
 
 
+# --- test order ------------------------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """A shuffled run (`make test-shuffled`, or `-p randomly`) names its seed even under -q,
+    so that a failure in one order can be replayed: `-p randomly --randomly-seed=SEED`."""
+    if config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"test order shuffled by pytest-randomly, seed {config.getoption('randomly_seed')}"
+                                    f" (replay: -p randomly --randomly-seed={config.getoption('randomly_seed')})")
+
+
 # --- process-wide state: every test starts and ends with the same ---------------------------
 
 
