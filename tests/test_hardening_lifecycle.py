@@ -1,5 +1,5 @@
 """Lifecycle, overload and deadlines: NOT_SERVING until loaded and warm; a bounded queue answered
-with RESOURCE_EXHAUSTED in milliseconds; deadlines and cancellations stop the cascade between
+with RESOURCE_EXHAUSTED at once; deadlines and cancellations stop the cascade between
 stages; SIGTERM -> NOT_SERVING at once, in-flight calls complete, exit 0; N worker processes
 share one port."""
 from __future__ import annotations
