@@ -10,8 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-# keep the suite polite on a shared 2-core machine (before torch, numpy or faiss start a pool)
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One math-library thread unless the caller says otherwise (set before torch, numpy or faiss
+# start a pool): the suite's models are tiny, and on a shared 2-core machine a second thread
+# mostly spins against the other processes (a tiny coarse training: 11 s of CPU with one
+# thread, 70 s with two). `OMP_NUM_THREADS=2 make test` runs the suite with two.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import faiss  # noqa: E402
 import numpy as np  # noqa: E402
