@@ -1,6 +1,7 @@
 # Two commands do all the set-up on a fresh machine:
 #   make quickstart   # venv + install + simulate small -> train -> export -> serve -> rank
 #   make test         # venv + install + the test suite
+#   make test-shuffled  # the same in a random order (pytest-randomly; the seed is printed)
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -8,7 +9,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: quickstart test venv protos clean
+.PHONY: quickstart test test-shuffled venv protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,10 @@ quickstart: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+# pyproject's addopts keep the file order (-p no:randomly); -p randomly here turns the shuffle on
+test-shuffled: venv
+	$(BIN)/python -m pytest -q -p randomly
 
 protos: venv
 	$(BIN)/python tools/gen_protos.py

@@ -21,21 +21,18 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from recstack import bundle_files
 from recstack.training import checkpoint
 from recstack.config import from_dict
 from recstack.data import SimData, load
 from recstack.features import Vocab
+from recstack.evaluation.metrics import recall_vs_exact
 from recstack.training.onnx import export_onnx, onnx_session, parity
 from retrieval import index as index_lib
 from retrieval.index import search_params, set_search_params  # noqa: F401  (re-exported)
-from retrieval.config import Config
-from retrieval.inputs import STAGE, USER_INPUTS, embed_items, materialise, top_k_inner_product
-from retrieval.model import build_model
+from retrieval.train import STAGE, USER_INPUTS, Config, build_model, embed_items, materialise
 
 PARITY_TOLERANCE = 1e-5
-NAMES = bundle_files.FILES[STAGE]
-FILES = tuple(NAMES.values())
+FILES = ("user_tower.onnx", "item_emb.npy", "index.faiss")
 
 
 class ExportError(RuntimeError):
@@ -53,19 +50,17 @@ def build_index(emb: np.ndarray, factory: str = "Flat", nprobe: int | None = Non
 def ann_recall(index: faiss.Index, corpus: np.ndarray, queries: np.ndarray, ks: list[int]) -> dict:
     """Recall@K of `index` against exact inner-product search over `corpus`, per K.
 
-    |ANN top-K ∩ exact top-K| / K averaged over queries; FAISS -1 padding counts as a miss.
+    recstack.evaluation.metrics.recall_vs_exact averaged over the queries: a returned item is a hit when
+    its exact score reaches the exact K-th best (ties count); FAISS -1 padding is a miss.
     Also the index's search time per query (one batched call, this process's threads).
     """
     ks = sorted({min(k, len(corpus)) for k in ks})
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    exact = top_k_inner_product(queries, corpus, ks[-1])  # (Q, K)
     t0 = time.perf_counter()
     _, found = index.search(queries, ks[-1])  # (Q, K)
     ms = (time.perf_counter() - t0) * 1e3 / max(len(queries), 1)
-    out = {}
-    for k in ks:
-        hits = [len(np.intersect1d(f[:k][f[:k] >= 0], e[:k], assume_unique=True)) for f, e in zip(found, exact)]
-        out[f"ann_recall@{k}"] = float(np.mean(hits) / k)
+    recall = recall_vs_exact(found, queries, corpus, ks)
+    out = {f"ann_recall@{k}": float(recall[k].mean()) for k in ks}
     out["ann_search_ms_per_query"] = float(ms)
     return out
 
@@ -123,7 +118,7 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     requests = request_sample(data, cfg.ann_eval_queries, cfg.seed)
 
-    onnx_path = out / NAMES["user_tower"]
+    onnx_path = out / "user_tower.onnx"
     export_onnx(model.user_tower, requests, onnx_path, ["user_emb"])
     diff = parity(model.user_tower, onnx_path, requests)
     if not diff <= PARITY_TOLERANCE:  # also catches NaN
@@ -131,17 +126,17 @@ def export(
         raise ExportError(f"user tower ONNX/PyTorch max abs diff {diff:.3g} > {PARITY_TOLERANCE:g}; refusing to export")
 
     item_emb = embed_items(model, data.items)
-    np.save(out / NAMES["item_emb"], item_emb, allow_pickle=False)
+    np.save(out / "item_emb.npy", item_emb, allow_pickle=False)
     # "auto" (the default) picks the index by corpus size (retrieval/index.py, from the bench)
     spec = index_lib.resolve(index_factory or cfg.index_factory, len(item_emb), nprobe, ef_search)
     factory = spec["factory"]
     t_build = time.perf_counter()
     built = build_index(item_emb, factory, spec["nprobe"], spec["ef_search"])
     t_build = time.perf_counter() - t_build
-    faiss.write_index(built, str(out / NAMES["index"]))
+    faiss.write_index(built, str(out / "index.faiss"))
 
     # Measure what serving will run: the index as read back, queried with ONNX user vectors.
-    index = faiss.read_index(str(out / NAMES["index"]))
+    index = faiss.read_index(str(out / "index.faiss"))
     if index.ntotal != len(item_emb) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ExportError(f"index.faiss holds {index.ntotal} vectors with metric {index.metric_type}; expected "
                           f"{len(item_emb)} with inner product")
@@ -156,7 +151,7 @@ def export(
         "n_items": int(len(item_emb)),
         **search_params(index),
         "index_build_seconds": float(t_build),
-        "index_bytes": int((out / NAMES["index"]).stat().st_size),
+        "index_bytes": int((out / "index.faiss").stat().st_size),
         "onnx_inputs": list(USER_INPUTS),
         "onnx_output": "user_emb",
         "parity_max_abs_diff": float(diff),

@@ -1,12 +1,100 @@
-"""Shared fixtures: one `tiny` world per test session."""
+"""Shared fixtures: one `tiny` world per session, fake bundles, thread and state hygiene.
+
+Test modules never import each other: what two modules share lives here, as fixtures (a
+helper is a fixture that returns the callable).
+"""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
-import pytest
+# One math-library thread unless the caller says otherwise (set before torch, numpy or faiss
+# start a pool): the suite's models are tiny, and on a shared 2-core machine a second thread
+# mostly spins against the other processes (a tiny coarse training: 11 s of CPU with one
+# thread, 70 s with two). `OMP_NUM_THREADS=2 make test` runs the suite with two.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# keep the suite polite on a shared 2-core machine
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+import faiss  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from recstack import bundle as B  # noqa: E402
+from recstack.training import checkpoint  # noqa: E402
+from recstack import features as F  # noqa: E402
+from recstack.training.checkpoint import TrainingState  # noqa: E402
+from recstack.pipeline.export import write_feature_snapshot  # noqa: E402
+from recstack.training.onnx import export_onnx  # noqa: E402
+from retrieval import index as index_lib  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TIMEOUT_S = 240  # a hung collective fails the test instead of the CI job
+
+
+# --- test order ------------------------------------------------------------------------------
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """A shuffled run (`make test-shuffled`, or `-p randomly`) names its seed even under -q,
+    so that a failure in one order can be replayed: `-p randomly --randomly-seed=SEED`."""
+    if config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"test order shuffled by pytest-randomly, seed {config.getoption('randomly_seed')}"
+                                    f" (replay: -p randomly --randomly-seed={config.getoption('randomly_seed')})")
+
+
+# --- process-wide state: every test starts and ends with the same ---------------------------
+
+
+def _global_state() -> dict:
+    return {"torch_threads": torch.get_num_threads(), "faiss_threads": faiss.omp_get_max_threads(),
+            "cwd": os.getcwd(), "env": dict(os.environ)}
+
+
+def _restore(before: dict) -> None:
+    """Put back what library code may have changed for the whole process: torch's and FAISS's
+    thread counts (the trainers, benches and the serving cascade set them), the working
+    directory and the environment. Leaked, they make a test's numbers depend on which tests
+    ran before it."""
+    if torch.get_num_threads() != before["torch_threads"]:
+        torch.set_num_threads(before["torch_threads"])
+    if faiss.omp_get_max_threads() != before["faiss_threads"]:
+        faiss.omp_set_num_threads(before["faiss_threads"])
+    if os.getcwd() != before["cwd"]:
+        os.chdir(before["cwd"])
+    if dict(os.environ) != before["env"]:
+        os.environ.clear()
+        os.environ.update(before["env"])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _module_state():
+    """What a module's fixtures change is given back when the module ends."""
+    before = _global_state()
+    yield
+    _restore(before)
+
+
+@pytest.fixture(autouse=True)
+def _test_state():
+    """What a test changes is given back when it ends (its module's settings stay in force)."""
+    before = _global_state()
+    yield
+    _restore(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch intra-op thread for the module's tests (restored after)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --- data ----------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="session")
@@ -19,12 +107,327 @@ def tiny_data(tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def one_thread():
-    """One torch intra-op thread for the module's tests (restored after)."""
-    import torch
+# --- a fake serving bundle: tiny random ONNX models over a 300-item corpus -------------------
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+FAKE_VOCAB = F.Vocab(n_users=30, n_items=300, n_categories=8, n_shops=20, n_brands=12, n_price_buckets=5,
+                     n_age_buckets=4, n_genders=2, n_activity_levels=3, log_price_mean=3.0, log_price_std=1.0)
+N_SNAPSHOT_USERS = 20  # users 20..29 have a profile but no behaviours; ids >= 30 are unknown
+
+
+class FakeTower(nn.Module):
+    """user_feats (B, 4), seq_items (B, L, 5), seq_extras (B, L, 3) -> (B, D)."""
+
+    def __init__(self, dim: int, normalise: bool):
+        super().__init__()
+        self.user = nn.ModuleList(nn.Embedding(n, 8) for n in FAKE_VOCAB.user_sizes())
+        self.item = nn.ModuleList(nn.Embedding(n, 8) for n in FAKE_VOCAB.item_sizes())
+        self.extras = nn.Linear(3, 8)
+        self.out = nn.Linear(16, dim)
+        self.normalise = normalise
+
+    def forward(self, user_feats, seq_items, seq_extras):
+        u = sum(e(user_feats[:, i]) for i, e in enumerate(self.user))  # (B, 8)
+        s = sum(e(seq_items[..., i]) for i, e in enumerate(self.item)) + self.extras(seq_extras)  # (B, L, 8)
+        mask = (seq_items[..., :1] > 0).float()  # (B, L, 1)
+        s = (s * mask).sum(1) / mask.sum(1).clamp(min=1.0)  # (B, 8)
+        out = self.out(torch.cat([u, s], dim=1))
+        return nn.functional.normalize(out, dim=1) if self.normalise else out
+
+
+class FakeFine(nn.Module):
+    """user_feats (B, 4), item_feats (B, 5), item_dense (B, 1), interacted (B, 7) -> prob (B,)."""
+
+    def __init__(self):
+        super().__init__()
+        self.user = nn.ModuleList(nn.Embedding(n, 4) for n in FAKE_VOCAB.user_sizes())
+        self.item = nn.ModuleList(nn.Embedding(n, 4) for n in FAKE_VOCAB.item_sizes())
+        self.head = nn.Linear(4 + 4 + 1 + 7, 1)
+
+    def forward(self, user_feats, item_feats, item_dense, interacted):
+        u = sum(e(user_feats[:, i]) for i, e in enumerate(self.user))
+        it = sum(e(item_feats[:, i]) for i, e in enumerate(self.item))
+        return torch.sigmoid(self.head(torch.cat([u, it, item_dense, interacted], dim=1))).squeeze(1)
+
+
+def _fake_inputs(rng, b=3):
+    items = np.stack([rng.integers(1, n, (b, F.SEQ_LEN)) for n in FAKE_VOCAB.item_sizes()], -1).astype(np.int64)
+    return {
+        "user_feats": np.stack([rng.integers(0, n, b) for n in FAKE_VOCAB.user_sizes()], 1).astype(np.int64),
+        "seq_items": items,
+        "seq_extras": rng.random((b, F.SEQ_LEN, 3)).astype(np.float32),
+        "item_feats": items[:, 0],
+        "item_dense": rng.standard_normal((b, 1)).astype(np.float32),
+        "interacted": rng.random((b, 7)).astype(np.float32),
+    }
+
+
+def _make_fake_bundle(root: Path, version: str = "v20260101-000000", seed: int = 0) -> Path:
+    """Write a complete bundle (ONNX models, FAISS index, vectors, snapshot, manifest) + `current`."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    bdir = root / version
+    x = _fake_inputs(rng)
+    tower_in = {k: x[k] for k in ("user_feats", "seq_items", "seq_extras")}
+    fine_in = {k: x[k] for k in ("user_feats", "item_feats", "item_dense", "interacted")}
+    export_onnx(FakeTower(16, False), tower_in, bdir / "retrieval/user_tower.onnx", ["user_emb"])
+    export_onnx(FakeTower(128, True), tower_in, bdir / "coarse/user_tower.onnx", ["user_vec"])
+    export_onnx(FakeFine(), fine_in, bdir / "fine/ctr.onnx", ["prob"])
+    export_onnx(FakeFine(), fine_in, bdir / "fine/cvr.onnx", ["prob"])
+    item_emb = rng.standard_normal((FAKE_VOCAB.n_items, 16)).astype(np.float32)
+    np.save(bdir / "retrieval/item_emb.npy", item_emb)
+    index = faiss.IndexFlatIP(16)
+    index.add(item_emb)
+    faiss.write_index(index, str(bdir / "retrieval/index.faiss"))
+    vecs = rng.standard_normal((FAKE_VOCAB.n_items, 128)).astype(np.float32)
+    np.save(bdir / "coarse/item_vectors.npy", 5.0 * vecs / np.linalg.norm(vecs, axis=1, keepdims=True))
+
+    n_beh = rng.integers(0, 70, N_SNAPSHOT_USERS)  # some users above the 50-slot sequence
+    n_beh[0] = 60
+    user = np.repeat(np.arange(N_SNAPSHOT_USERS), n_beh)
+    snap_files = write_feature_snapshot(
+        bdir,
+        users={"age_bucket": rng.integers(0, FAKE_VOCAB.n_age_buckets, FAKE_VOCAB.n_users),
+               "gender": rng.integers(0, FAKE_VOCAB.n_genders, FAKE_VOCAB.n_users),
+               "activity": rng.integers(0, FAKE_VOCAB.n_activity_levels, FAKE_VOCAB.n_users)},
+        items={"category": rng.integers(0, FAKE_VOCAB.n_categories, FAKE_VOCAB.n_items),
+               "shop": rng.integers(0, FAKE_VOCAB.n_shops, FAKE_VOCAB.n_items),
+               "brand": rng.integers(0, FAKE_VOCAB.n_brands, FAKE_VOCAB.n_items),
+               "price_bucket": rng.integers(0, FAKE_VOCAB.n_price_buckets, FAKE_VOCAB.n_items),
+               "price": np.exp(rng.normal(3.0, 1.0, FAKE_VOCAB.n_items))},
+        behaviours={"user_id": user, "seconds_ago": rng.uniform(0, 8 * 86400, len(user)),
+                    "item_id": rng.integers(0, 40, len(user)),  # a small pool, so interacted counts are non-zero
+                    "kind": (rng.random(len(user)) < 0.2).astype(np.int8),
+                    "dwell": rng.exponential(30.0, len(user))},
+    )
+    files = ["retrieval/user_tower.onnx", "retrieval/index.faiss", "retrieval/item_emb.npy", "coarse/user_tower.onnx",
+             "coarse/item_vectors.npy", "fine/ctr.onnx", "fine/cvr.onnx", *snap_files]
+    B.write_manifest(
+        bdir, version=version, files=files, configs={"retrieval": {}, "coarse": {}, "fine": {}},
+        feature_schema=F.feature_schema(), vocab=FAKE_VOCAB.to_dict(),
+        stages={"retrieval": {"meta": {"dim": 16}}, "coarse": {"meta": {"dim": 128}}, "fine": {"meta": {}}},
+        extra={"snapshot": {"time": 8 * 86400.0}},
+    )
+    B.write_current(root, version)
+    return bdir
+
+
+@pytest.fixture(scope="session")
+def fake_vocab() -> F.Vocab:
+    """The vocabulary of `make_fake_bundle`'s bundles."""
+    return FAKE_VOCAB
+
+
+@pytest.fixture(scope="session")
+def make_fake_bundle():
+    """Callable (root, version="v20260101-000000", seed=0) -> bundle dir: a complete bundle with
+    random models under root/version, and root/current pointing at it. Users 0..19 have
+    behaviours (user 0: 60), 20..29 a profile only; the index is an exact IndexFlatIP."""
+    return _make_fake_bundle
+
+
+# --- a fake cascade bundle: clustered item embeddings (i2i neighbours are cluster mates) ------
+
+CASCADE_VOCAB = F.Vocab(n_users=20, n_items=400, n_categories=8, n_shops=20, n_brands=12, n_price_buckets=5,
+                        n_age_buckets=4, n_genders=2, n_activity_levels=3, log_price_mean=3.0, log_price_std=1.0)
+CASCADE_DIM = 16
+
+
+class MeanTower(nn.Module):
+    """user_feats (B, 4), seq_items (B, L, 5), seq_extras (B, L, 3) -> (B, D): a mean of behaviour embeddings."""
+
+    def __init__(self, vocab: F.Vocab, dim: int, normalise: bool):
+        super().__init__()
+        self.user = nn.ModuleList(nn.Embedding(n, 8) for n in vocab.user_sizes())
+        self.item = nn.ModuleList(nn.Embedding(n, 8) for n in vocab.item_sizes())
+        self.out = nn.Linear(16 + 3, dim)
+        self.normalise = normalise
+
+    def forward(self, user_feats, seq_items, seq_extras):
+        u = sum(e(user_feats[:, i]) for i, e in enumerate(self.user))  # (B, 8)
+        mask = (seq_items[..., :1] > 0).float()  # (B, L, 1)
+        s = sum(e(seq_items[..., i]) for i, e in enumerate(self.item))  # (B, L, 8)
+        s = (s * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        x = (seq_extras * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        out = self.out(torch.cat([u, s, x], dim=1))
+        return nn.functional.normalize(out, dim=1) if self.normalise else out
+
+
+class ItemFine(nn.Module):
+    """user_feats (B, 4), item_feats (B, 5), item_dense (B, 1), interacted (B, 7) -> prob (B,)."""
+
+    def __init__(self, vocab: F.Vocab):
+        super().__init__()
+        self.item = nn.ModuleList(nn.Embedding(n, 4) for n in vocab.item_sizes())
+        self.head = nn.Linear(4 + 1 + 7, 1)
+
+    def forward(self, user_feats, item_feats, item_dense, interacted):
+        it = sum(e(item_feats[:, i]) for i, e in enumerate(self.item))
+        return torch.sigmoid(self.head(torch.cat([it, item_dense, interacted], dim=1)) + 0 * user_feats[:, :1]).squeeze(1)
+
+
+def clustered_embeddings(n: int, dim: int, rng, clusters: int = 20) -> np.ndarray:
+    """Unit vectors in tight clusters: an item's nearest neighbours are its cluster mates."""
+    centres = rng.standard_normal((clusters, dim))
+    emb = centres[rng.integers(0, clusters, n)] + 0.3 * rng.standard_normal((n, dim))
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _make_cascade_bundle(root: Path, *, vocab: F.Vocab = CASCADE_VOCAB, factory: str = "Flat", nprobe: int | None = None,
+                snapshot: dict | None = None, items: dict | None = None, seed: int = 0, version: str = "v1") -> Path:
+    """A complete bundle with random models; `snapshot`/`items` default to random behaviours / items."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    bdir = root / version
+    b = 2
+    tower_in = {"user_feats": np.ones((b, 4), np.int64), "seq_items": np.ones((b, F.SEQ_LEN, 5), np.int64),
+                "seq_extras": np.zeros((b, F.SEQ_LEN, 3), np.float32)}
+    fine_in = {"user_feats": np.ones((b, 4), np.int64), "item_feats": np.ones((b, 5), np.int64),
+               "item_dense": np.zeros((b, 1), np.float32), "interacted": np.zeros((b, 7), np.float32)}
+    export_onnx(MeanTower(vocab, CASCADE_DIM, True), tower_in, bdir / "retrieval/user_tower.onnx", ["user_emb"])
+    export_onnx(MeanTower(vocab, 32, True), tower_in, bdir / "coarse/user_tower.onnx", ["user_vec"])
+    export_onnx(ItemFine(vocab), fine_in, bdir / "fine/ctr.onnx", ["prob"])
+    export_onnx(ItemFine(vocab), fine_in, bdir / "fine/cvr.onnx", ["prob"])
+    item_emb = clustered_embeddings(vocab.n_items, CASCADE_DIM, rng)
+    np.save(bdir / "retrieval/item_emb.npy", item_emb)
+    index = index_lib.build(item_emb, factory, nprobe=nprobe)
+    faiss.write_index(index, str(bdir / "retrieval/index.faiss"))
+    np.save(bdir / "coarse/item_vectors.npy", 5.0 * clustered_embeddings(vocab.n_items, 32, rng))
+    if snapshot is None:
+        n_beh = rng.integers(0, 30, vocab.n_users)
+        n_beh[0] = 20
+        n_beh[1] = 0  # a known user without behaviours
+        user = np.repeat(np.arange(vocab.n_users), n_beh)
+        snapshot = {"user_id": user, "seconds_ago": rng.uniform(0, 8 * 86400, len(user)),
+                    "item_id": rng.integers(0, vocab.n_items, len(user)), "kind": np.zeros(len(user), np.int8),
+                    "dwell": rng.exponential(30.0, len(user))}
+    if items is None:
+        items = {"category": rng.integers(0, vocab.n_categories, vocab.n_items), "shop": rng.integers(0, vocab.n_shops, vocab.n_items),
+                 "brand": rng.integers(0, vocab.n_brands, vocab.n_items),
+                 "price_bucket": rng.integers(0, vocab.n_price_buckets, vocab.n_items),
+                 "price": np.exp(rng.normal(3.0, 1.0, vocab.n_items))}
+    snap_files = write_feature_snapshot(
+        bdir,
+        users={"age_bucket": rng.integers(0, vocab.n_age_buckets, vocab.n_users), "gender": rng.integers(0, vocab.n_genders, vocab.n_users),
+               "activity": rng.integers(0, vocab.n_activity_levels, vocab.n_users)},
+        items=items, behaviours=snapshot,
+    )
+    files = ["retrieval/user_tower.onnx", "retrieval/index.faiss", "retrieval/item_emb.npy", "coarse/user_tower.onnx",
+             "coarse/item_vectors.npy", "fine/ctr.onnx", "fine/cvr.onnx", *snap_files]
+    B.write_manifest(
+        bdir, version=version, files=files, configs={"retrieval": {}, "coarse": {}, "fine": {}},
+        feature_schema=F.feature_schema(), vocab=vocab.to_dict(),
+        stages={"retrieval": {"meta": {"dim": CASCADE_DIM, **index_lib.search_params(index)}}, "coarse": {"meta": {"dim": 32}},
+                "fine": {"meta": {}}},
+        extra={"snapshot": {"time": 8 * 86400.0}},
+    )
+    B.write_current(root, version)
+    return bdir
+
+
+@pytest.fixture(scope="session")
+def cascade_vocab() -> F.Vocab:
+    """The default vocabulary of `make_cascade_bundle`'s bundles."""
+    return CASCADE_VOCAB
+
+
+@pytest.fixture(scope="session")
+def make_cascade_bundle():
+    """Callable (root, *, vocab, factory="Flat", nprobe, snapshot, items, seed=0, version="v1") ->
+    bundle dir: random models, clustered item embeddings in a `factory` index."""
+    return _make_cascade_bundle
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
+    """A fake bundle (random models) over the `tiny` world's corpus and vocabulary (read-only)."""
+    import pyarrow.parquet as pq
+
+    from recstack.data import load
+
+    data = load(tiny_data)
+    items = pq.read_table(Path(tiny_data) / "items.parquet").to_pydict()
+    item_cols = {k: np.asarray(items[k]) for k in ("category", "shop", "brand", "price_bucket", "price")}
+    snap = {"user_id": np.zeros(0, np.int64), "seconds_ago": np.zeros(0), "item_id": np.zeros(0, np.int64),
+            "kind": np.zeros(0, np.int8), "dwell": np.zeros(0, np.float32)}
+    vocab = F.Vocab.from_dict(data.world["vocab"])
+    return _make_cascade_bundle(tmp_path_factory.mktemp("tiny_bundle"), vocab=vocab, snapshot=snap, items=item_cols)
+
+
+# --- subprocesses and training -------------------------------------------------------------
+
+
+def _launch(args: list[str], tmp_path: Path, n: int = 2, timeout: float = TIMEOUT_S) -> list[str]:
+    """Run `python ARGS` as n ranks (torchrun's environment, file:// rendezvous); -> outputs.
+    Fails the test if a rank fails or the job outlives `timeout`."""
+    rdzv = tmp_path / f"rendezvous-{os.getpid()}-{len(list(tmp_path.iterdir()))}"
+    env = dict(os.environ, WORLD_SIZE=str(n), RECSTACK_DIST_INIT_METHOD=f"file://{rdzv}", GLOO_SOCKET_IFNAME="lo",
+               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop("MASTER_ADDR", None)
+    env.pop("MASTER_PORT", None)
+    procs = [subprocess.Popen([sys.executable, *args], cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=timeout)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, out) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{out[-4000:]}"
+    return outs
+
+
+@pytest.fixture(scope="session")
+def launch():
+    """Callable (args, tmp_path, n=2, timeout=TIMEOUT_S) -> outputs: `python ARGS` as n DDP ranks."""
+    return _launch
+
+
+class Killed(Exception):
+    """A training run stopped by the `kill_at` fixture, as if the process had been killed."""
+
+
+def _same_tensors(a: dict, b: dict) -> bool:
+    flat = lambda d: {f"{k}/{kk}": vv for k, v in d.items() for kk, vv in v.items()} if isinstance(
+        next(iter(d.values())), dict) else d
+    a, b = flat(a), flat(b)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _final_model(out: Path, stage: str) -> dict:
+    return checkpoint.load(out / "checkpoint.pt", stage=stage)["model"]
+
+
+@pytest.fixture
+def kill_at(monkeypatch):
+    """Callable (phase, step) -> the (phase, step) log: training raises `kill_at.Killed` right
+    after optimiser step `step` of phase `phase` (no snapshot is written there, as in a real kill)."""
+
+    def at(phase: int, step: int) -> list:
+        seen = []
+
+        def hook(ph, s):
+            seen.append((ph.index, s))
+            if (ph.index, s) == (phase, step):
+                raise Killed
+
+        monkeypatch.setattr(TrainingState, "on_step", hook)
+        return seen
+
+    at.Killed = Killed
+    return at
+
+
+@pytest.fixture(scope="session")
+def same_tensors():
+    """Callable (a, b) -> True when two state dicts (or dicts of them) hold bit-identical tensors."""
+    return _same_tensors
+
+
+@pytest.fixture(scope="session")
+def final_model():
+    """Callable (run_dir, stage) -> the model state dict of run_dir/checkpoint.pt."""
+    return _final_model

@@ -8,7 +8,9 @@ Queries are real: the trained user tower on test-day requests of the checkpoint'
 the corpus is that model's item embeddings (1e6 items on `large`). For every index type
 (factory string) and every value of its search knob (IVF nprobe, HNSW efSearch) it measures
 
-- recall@K: |ANN top-K ∩ exact top-K| / K, averaged over the queries (FAISS -1 = a miss);
+- recall@K against exact search, averaged over the queries: a returned item is a hit when its
+  exact score reaches the exact K-th best, ties counted (recstack.evaluation.metrics.recall_vs_exact;
+  FAISS -1 = a miss);
 - ms per query, single-threaded, one query per call (as the server searches), p50 and p99,
   and the same for exact search *in the same run*, so the speed-up is a ratio of two
   numbers measured under the same load (the machine is shared);
@@ -28,6 +30,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from recstack.evaluation.metrics import exact_kth_scores, recall_vs_exact
 from retrieval import index as index_lib
 
 # (factory, search knob, values swept). Sized for 1e6 items, D = 64, K = 1000.
@@ -38,11 +41,6 @@ DEFAULT_SWEEP: tuple[tuple[str, str, tuple[int, ...]], ...] = (
     ("IVF4096,PQ32x4fs,RFlat", "nprobe", (32, 64, 128)),  # the same, re-ranked exactly (keeps the vectors)
     ("HNSW32", "ef_search", (1000, 2000)),  # efSearch >= k; the build is the slowest of all
 )
-
-
-def _recall(found: np.ndarray, exact: np.ndarray, k: int) -> np.ndarray:
-    """(Q, >=k), (Q, >=k) ids -> (Q,) recall@k of `found` against `exact`; -1 never counts."""
-    return np.array([len(np.intersect1d(f[:k][f[:k] >= 0], e[:k])) / k for f, e in zip(found, exact)])
 
 
 def _latency_ms(index: faiss.Index, queries: np.ndarray, k: int, repeats: int = 1) -> np.ndarray:
@@ -129,47 +127,53 @@ def run(
     k = min(k, len(item_emb))
     timed = queries[: min(n_timed, len(queries))]
 
-    # exact reference (same run, same thread count as every ANN point)
-    t0 = time.perf_counter()
-    faiss.omp_set_num_threads(build_threads)
-    exact_index = index_lib.build(item_emb, "Flat")
-    exact_build = time.perf_counter() - t0
-    faiss.omp_set_num_threads(1)
-    _, exact_ids = exact_index.search(queries, k)
-    exact_ms = _latency_ms(exact_index, timed, k)
-    exact = {"factory": "Flat", "build_seconds": exact_build, "memory_bytes": index_lib.memory_bytes(exact_index),
-             "p50_ms": float(np.median(exact_ms)), "p99_ms": float(np.percentile(exact_ms, 99)), "recall": 1.0}
-    del exact_index
-    print(f"exact: p50 {exact['p50_ms']:.2f} ms/query, {exact['memory_bytes'] / 2**20:.0f} MiB", flush=True)
-
-    points = []
-    for factory, knob, values in sweep:
-        faiss.omp_set_num_threads(build_threads)
+    # FAISS's thread count is process-wide: the sweep sets it per phase and gives it back after
+    threads_before = faiss.omp_get_max_threads()
+    try:
+        # exact reference: each query's K-th best exact score, which every ANN point's recall is
+        # measured against; and exact search's latency (same run, same thread count as every ANN point)
+        kth = exact_kth_scores(queries, item_emb, [k])
         t0 = time.perf_counter()
-        try:
-            index = index_lib.build(item_emb, factory, seed=seed)
-        except ValueError as e:
-            print(f"{factory}: skipped ({e})", flush=True)
-            continue
-        build_s = time.perf_counter() - t0
-        mem = index_lib.memory_bytes(index)
+        faiss.omp_set_num_threads(build_threads)
+        exact_index = index_lib.build(item_emb, "Flat")
+        exact_build = time.perf_counter() - t0
         faiss.omp_set_num_threads(1)
-        for v in values:
-            applied = index_lib.set_search_params(index, **{knob: v})
-            _, found = index.search(queries, k)
-            rec = _recall(found, exact_ids, k)
-            ms = _latency_ms(index, timed, k)
-            # interleave an exact-search sample so every point has its own same-load reference
-            ref = _latency_ms_exact(item_emb, timed[:20], k)
-            p = {"factory": factory, "knob": knob, "value": int(v), "applied": applied, "build_seconds": build_s,
-                 "memory_bytes": mem, f"recall@{k}": float(rec.mean()), "recall_p10": float(np.percentile(rec, 10)),
-                 "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-                 "exact_p50_ms_same_time": float(np.median(ref))}
-            p["speedup_vs_exact"] = exact["p50_ms"] / p["p50_ms"]
-            points.append(p)
-            print(f"{factory:>14s} {knob}={v:<5d} recall@{k} {p[f'recall@{k}']:.4f}  p50 {p['p50_ms']:.3f} ms"
-                  f"  x{p['speedup_vs_exact']:.1f} vs exact  build {build_s:.0f}s  {mem / 2**20:.0f} MiB", flush=True)
-        del index
+        exact_ms = _latency_ms(exact_index, timed, k)
+        exact = {"factory": "Flat", "build_seconds": exact_build, "memory_bytes": index_lib.memory_bytes(exact_index),
+                 "p50_ms": float(np.median(exact_ms)), "p99_ms": float(np.percentile(exact_ms, 99)), "recall": 1.0}
+        del exact_index
+        print(f"exact: p50 {exact['p50_ms']:.2f} ms/query, {exact['memory_bytes'] / 2**20:.0f} MiB", flush=True)
+
+        points = []
+        for factory, knob, values in sweep:
+            faiss.omp_set_num_threads(build_threads)
+            t0 = time.perf_counter()
+            try:
+                index = index_lib.build(item_emb, factory, seed=seed)
+            except ValueError as e:
+                print(f"{factory}: skipped ({e})", flush=True)
+                continue
+            build_s = time.perf_counter() - t0
+            mem = index_lib.memory_bytes(index)
+            faiss.omp_set_num_threads(1)
+            for v in values:
+                applied = index_lib.set_search_params(index, **{knob: v})
+                _, found = index.search(queries, k)
+                rec = recall_vs_exact(found, queries, item_emb, [k], kth=kth)[k]
+                ms = _latency_ms(index, timed, k)
+                # interleave an exact-search sample so every point has its own same-load reference
+                ref = _latency_ms_exact(item_emb, timed[:20], k)
+                p = {"factory": factory, "knob": knob, "value": int(v), "applied": applied, "build_seconds": build_s,
+                     "memory_bytes": mem, f"recall@{k}": float(rec.mean()), "recall_p10": float(np.percentile(rec, 10)),
+                     "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+                     "exact_p50_ms_same_time": float(np.median(ref))}
+                p["speedup_vs_exact"] = exact["p50_ms"] / p["p50_ms"]
+                points.append(p)
+                print(f"{factory:>14s} {knob}={v:<5d} recall@{k} {p[f'recall@{k}']:.4f}  p50 {p['p50_ms']:.3f} ms"
+                      f"  x{p['speedup_vs_exact']:.1f} vs exact  build {build_s:.0f}s  {mem / 2**20:.0f} MiB", flush=True)
+            del index
+    finally:
+        faiss.omp_set_num_threads(threads_before)
 
     ok = [p for p in points if p[f"recall@{k}"] >= target_recall]
     chosen = min(ok, key=lambda p: p["p50_ms"]) if ok else None

@@ -716,6 +716,7 @@ def bench_retrieval_point(cascade, data_dir: str | Path, n_queries: int = 200, k
     import faiss
 
     from recstack.data import load
+    from recstack.evaluation.metrics import recall_vs_exact
     from recstack.evaluation.cascade import requests
 
     if cascade.item_emb is None:
@@ -733,17 +734,17 @@ def bench_retrieval_point(cascade, data_dir: str | Path, n_queries: int = 200, k
            "n_items": int(cascade.n_items), "dim": int(q.shape[1]), "n_queries": int(len(q)), "points": []}
     for k in ks:
         k = min(k, cascade.n_items)
-        t_ann, t_ex, rec = [], [], []
+        t_ann, t_ex, found = [], [], []
         for i in range(len(q)):
             t0 = time.perf_counter()
             _, a = cascade.index.search(q[i:i + 1], k)
             t1 = time.perf_counter()
-            _, e = exact.search(q[i:i + 1], k)
+            exact.search(q[i:i + 1], k)
             t2 = time.perf_counter()
             t_ann.append((t1 - t0) * 1e3)
             t_ex.append((t2 - t1) * 1e3)
-            a = a[0][a[0] >= 0]
-            rec.append(len(np.intersect1d(a, e[0])) / k)
+            found.append(a[0])
+        rec = recall_vs_exact(np.stack(found), q, cascade.item_emb, [k])[k]  # ties with the k-th count
         out["points"].append({
             "k": k, "recall": float(np.mean(rec)), "recall_min": float(np.min(rec)),
             "ann_ms_p50": float(np.median(t_ann)), "ann_ms_p99": float(np.percentile(t_ann, 99)),

@@ -10,12 +10,6 @@ import pytest
 
 from recstack.bench import suite as B
 from recstack.bench import e2e as E2E
-from test_cascade_sources import tiny_world_bundle
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
-    return tiny_world_bundle(tiny_data, tmp_path_factory.mktemp("bench_all_bundle"))
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import time
 
 import numpy as np
 import pytest
-from test_serving import make_fake_bundle
 
 from recstack.bench import loadtest as L
 from recstack.serving.server import build_server
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
+def target(tmp_path_factory, make_fake_bundle):
     root = tmp_path_factory.mktemp("lt")
     make_fake_bundle(root)
     server, port, servicer = build_server(root, max_workers=2)

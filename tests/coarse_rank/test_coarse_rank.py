@@ -18,8 +18,6 @@ import coarse_rank.export as coarse_export
 from coarse_rank.model import FeatureEmbeddings, InnerProductStudent
 from coarse_rank.train import Config, load_student, model_inputs, request_inputs, train
 
-torch.set_num_threads(2)
-
 VOCAB = Vocab(n_users=30, n_items=60, n_categories=7, n_shops=9, n_brands=8, n_price_buckets=5,
               n_age_buckets=6, n_genders=2, n_activity_levels=3, log_price_mean=3.0, log_price_std=1.0)
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ import pytest
 from recstack.data import load
 from recstack.world.truth import Truth, expected_sigmoid
 from recstack.evaluation import cascade as cascade_eval
-from test_cascade_sources import tiny_world_bundle
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +62,6 @@ def test_requests_use_only_behaviours_before_the_request(tiny_data):
     assert valid.any()
     assert (req["seq_extras"][..., 0][valid] > 0).all()  # log1p(hours since) > 0: strictly earlier
     assert len(np.unique(req["user_id"])) == len(req["user_id"]) == 40
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
-    """A fake bundle (random models) over the tiny world's corpus and vocabulary."""
-    return tiny_world_bundle(tiny_data, tmp_path_factory.mktemp("tiny_bundle"))
 
 
 def test_cascade_eval_invariants(tiny_data, tiny_bundle, tmp_path):

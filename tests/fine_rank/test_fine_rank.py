@@ -16,8 +16,6 @@ from recstack.data import load
 from recstack.features import Vocab
 from recstack.training.onnx import onnx_session
 
-torch.set_num_threads(2)
-
 VOCAB = Vocab(n_users=50, n_items=80, n_categories=6, n_shops=9, n_brands=7, n_price_buckets=5,
               n_age_buckets=4, n_genders=2, n_activity_levels=3, log_price_mean=3.0, log_price_std=1.0)
 # enough steps on tiny for a converged, calibrated model, still ~2 s

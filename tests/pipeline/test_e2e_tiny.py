@@ -4,7 +4,6 @@ from __future__ import annotations
 import grpc
 import numpy as np
 import pytest
-import torch
 
 import coarse_rank.train
 import fine_rank.train
@@ -16,8 +15,6 @@ from recstack.serving import client
 from recstack.serving.server import build_server
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
-
-torch.set_num_threads(2)
 
 
 def test_tiny_end_to_end(tiny_data, tmp_path):

@@ -24,13 +24,8 @@ VOCAB = Vocab(n_users=50, n_items=200, n_categories=10, n_shops=20, n_brands=15,
 TINY = dict(batch_size=128, epochs=8)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # shared 2-core machine: one intra-op thread is also the fastest for these small ops
-    prev = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(prev)
+# shared 2-core machine: one intra-op thread is also the fastest for these small ops
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def random_requests(b: int, rng: np.random.Generator, empty_from: int | None = None) -> dict[str, np.ndarray]:
@@ -150,14 +145,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 @pytest.fixture(scope="module")
 def trained(tiny_data, tmp_path_factory):
-    prev = torch.get_num_threads()  # module fixtures run before the autouse one
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("retrieval_run")
-    try:
-        metrics = train(Config(**TINY), tiny_data, out, progress=False)
-    finally:
-        torch.set_num_threads(prev)
-    return out / "checkpoint.pt", metrics
+    return out / "checkpoint.pt", train(Config(**TINY), tiny_data, out, progress=False)
 
 
 def test_training_on_tiny_beats_chance_and_nears_popularity(trained):

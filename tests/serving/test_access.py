@@ -11,7 +11,6 @@ import subprocess
 import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from test_serving import make_fake_bundle
 
 from recstack.serving import client, server as S
 from recstack.serving.server import TLSConfig, build_server
@@ -22,7 +21,7 @@ TOKEN = "s3cret-admin-token"
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tmp_path_factory, make_fake_bundle):
     root = tmp_path_factory.mktemp("access")
     make_fake_bundle(root)
     return root

@@ -11,7 +11,6 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from test_serving import ADMIN_MD, ADMIN_TOKEN, make_fake_bundle
 
 from recstack import bundle as B
 from recstack.serving.cascade import Cascade
@@ -19,12 +18,15 @@ from recstack.serving.server import build_server
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
+ADMIN_TOKEN = "test-admin-token"  # the token these tests start their servers with
+ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
+
 FILES = ["retrieval/user_tower.onnx", "fine/ctr.onnx", "retrieval/index.faiss", "coarse/item_vectors.npy",
          "retrieval/item_emb.npy", "features/items.parquet"]
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory):
+def good(tmp_path_factory, make_fake_bundle):
     root = tmp_path_factory.mktemp("good")
     return make_fake_bundle(root, version="vgood")
 

@@ -20,12 +20,11 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_serving import VOCAB, make_fake_bundle
 
 from recstack.v1 import ranking_pb2 as pb
 
 N_REQUESTS = int(os.environ.get("RECSTACK_FUZZ_REQUESTS", "5000"))
-N_ITEMS, N_USERS = VOCAB.n_items, VOCAB.n_users
+N_ITEMS, N_USERS = 300, 30  # the fake bundle's corpus and users (checked against it in `raw_rank`)
 MAX_MESSAGE = 16 << 10
 INT32 = st.integers(-(2**31), 2**31 - 1)
 INT64 = st.integers(-(2**63), 2**63 - 1)
@@ -86,7 +85,8 @@ server.stop(None)
 
 
 @pytest.fixture(scope="module")
-def raw_rank(tmp_path_factory):
+def raw_rank(tmp_path_factory, make_fake_bundle, fake_vocab):
+    assert (fake_vocab.n_items, fake_vocab.n_users) == (N_ITEMS, N_USERS)
     root = tmp_path_factory.mktemp("fuzz")
     make_fake_bundle(root)
     proc = subprocess.Popen([sys.executable, "-c", _SERVER, str(root), str(MAX_MESSAGE)], stdin=subprocess.PIPE,

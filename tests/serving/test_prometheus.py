@@ -9,7 +9,6 @@ import urllib.request
 
 import grpc
 import pytest
-from test_serving import make_fake_bundle
 
 from recstack.serving import client
 from recstack.serving.prometheus import ServingMetrics
@@ -18,7 +17,7 @@ from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
 
 @pytest.fixture(scope="module")
-def artifacts(tmp_path_factory):
+def artifacts(tmp_path_factory, make_fake_bundle):
     root = tmp_path_factory.mktemp("metrics")
     make_fake_bundle(root, version="vmetrics")
     return root

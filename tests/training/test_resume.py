@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 import coarse_rank.train as C
 import fine_rank.train as FT
@@ -29,35 +28,6 @@ RETRIEVAL = dict(epochs=3, batch_size=128, num_uniform_negatives=32, user_hidden
                  eval_k=(50,))
 
 
-class Killed(Exception):
-    pass
-
-
-def kill_at(monkeypatch, phase: int, step: int) -> list:
-    """Make training raise right after optimiser step `step` of phase `phase` (no snapshot
-    is written at that point, as in a real kill); -> the (phase, step) log."""
-    seen = []
-
-    def hook(ph, s):
-        seen.append((ph.index, s))
-        if (ph.index, s) == (phase, step):
-            raise Killed
-
-    monkeypatch.setattr(TrainingState, "on_step", hook)
-    return seen
-
-
-def same_tensors(a: dict, b: dict) -> bool:
-    flat = lambda d: {f"{k}/{kk}": vv for k, v in d.items() for kk, vv in v.items()} if isinstance(
-        next(iter(d.values())), dict) else d
-    a, b = flat(a), flat(b)
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def final_model(out: Path, stage: str) -> dict:
-    return checkpoint.load(out / "checkpoint.pt", stage=stage)["model"]
-
-
 @pytest.mark.parametrize("stage,mod,cfg,phase,step,every", [
     # fine: killed in the CVR phase (PFD teacher + student) after the CTR phase finished
     ("fine", FT, FT.Config(**FINE), 1, 3, 2),
@@ -69,10 +39,11 @@ def final_model(out: Path, stage: str) -> dict:
     ("retrieval", R, R.Config(**RETRIEVAL), 0, 17, 5),
 ])
 def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_ends(stage, mod, cfg, phase, step, every, tiny_data,
-                                                                     tmp_path, monkeypatch, one_thread):
+                                                                     tmp_path, monkeypatch, one_thread, kill_at,
+                                                                     same_tensors, final_model):
     plain = mod.train(cfg, tiny_data, tmp_path / "plain", progress=False)
-    seen = kill_at(monkeypatch, phase, step)
-    with pytest.raises(Killed):
+    seen = kill_at(phase, step)
+    with pytest.raises(kill_at.Killed):
         mod.train(cfg, tiny_data, tmp_path / "run", progress=False, checkpoint_every=every)
     state = checkpoint.load(tmp_path / "run" / checkpoint.STATE_FILE, stage=stage)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
@@ -88,10 +59,10 @@ def test_killed_and_resumed_run_ends_where_an_uninterrupted_one_ends(stage, mod,
     assert key(resumed) == key(plain)
 
 
-def test_resume_refuses_another_config_and_names_the_field(tiny_data, tmp_path, monkeypatch, one_thread):
+def test_resume_refuses_another_config_and_names_the_field(tiny_data, tmp_path, monkeypatch, one_thread, kill_at):
     cfg = FT.Config(**dict(FINE, cvr_teacher="none"))
-    kill_at(monkeypatch, 0, 5)
-    with pytest.raises(Killed):
+    kill_at(0, 5)
+    with pytest.raises(kill_at.Killed):
         FT.train(cfg, tiny_data, tmp_path, progress=False, checkpoint_every=4)
     monkeypatch.setattr(TrainingState, "on_step", None)
     other = FT.Config(**dict(FINE, cvr_teacher="none", ctr_lr=2e-3))
@@ -104,10 +75,10 @@ def test_resume_refuses_another_config_and_names_the_field(tiny_data, tmp_path, 
     FT.train(cfg, tiny_data, tmp_path, progress=False, checkpoint_every=7, resume=True)
 
 
-def test_a_truncated_training_state_is_refused(tiny_data, tmp_path, monkeypatch, one_thread):
+def test_a_truncated_training_state_is_refused(tiny_data, tmp_path, monkeypatch, one_thread, kill_at):
     cfg = FT.Config(**dict(FINE, cvr_teacher="none"))
-    kill_at(monkeypatch, 0, 3)
-    with pytest.raises(Killed):
+    kill_at(0, 3)
+    with pytest.raises(kill_at.Killed):
         FT.train(cfg, tiny_data, tmp_path, progress=False, checkpoint_every=2)
     path = tmp_path / checkpoint.STATE_FILE
     path.write_bytes(path.read_bytes()[:1000])
@@ -116,7 +87,7 @@ def test_a_truncated_training_state_is_refused(tiny_data, tmp_path, monkeypatch,
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_sigkill_then_cli_resume(tiny_data, tmp_path, one_thread):
+def test_sigkill_then_cli_resume(tiny_data, tmp_path, one_thread, same_tensors, final_model):
     """A real kill: `recstack train fine --checkpoint-every 5` gets SIGKILL once a snapshot is
     on disk; `--resume` finishes it, bit-identical to an uninterrupted run."""
     sets = ["ctr_hidden=(32,16)", "cvr_hidden=(32,16)", "ctr_batch_size=256", "ctr_epochs=2", "cvr_batch_size=128"]

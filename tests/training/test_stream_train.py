@@ -11,10 +11,8 @@ from __future__ import annotations
 import json
 import runpy
 import textwrap
-from pathlib import Path
 
 import pytest
-import torch
 
 import coarse_rank.train as C
 import fine_rank.train as FT
@@ -23,8 +21,6 @@ from recstack.training import checkpoint
 from recstack.training.checkpoint import CheckpointError, TrainingState
 from recstack.config import ConfigError
 from recstack.world import preset, simulate
-from test_distributed import launch
-from test_resume import Killed, final_model, kill_at, same_tensors
 
 SHARD_ROWS = 1000  # ~7 shards per `tiny` day; the 1024-row chunks below cut across them
 CHUNK = 1024  # a multiple of every batch size below (per rank too), so the step counts equal the in-memory ones
@@ -126,7 +122,7 @@ WORKER = textwrap.dedent('''
 ''')
 
 
-def test_two_streamed_ranks_hold_identical_parameters(sharded, tmp_path, one_thread):
+def test_two_streamed_ranks_hold_identical_parameters(sharded, tmp_path, one_thread, launch):
     worker = tmp_path / "worker.py"
     worker.write_text(WORKER)
     small = dict(d_model=16, n_heads=2, ff_dim=32, hidden=(32,), out_dim=16, teacher_hidden=(32,))
@@ -157,10 +153,10 @@ def test_two_streamed_ranks_hold_identical_parameters(sharded, tmp_path, one_thr
     ("retrieval", R, R.Config(**RETRIEVAL, stream_chunk_rows=CHUNK), 0, 12, 5),
 ])
 def test_killed_streamed_run_resumes_bit_identical(stage, mod, cfg, phase, step, every, sharded, tmp_path, monkeypatch,
-                                                    one_thread):
+                                                    one_thread, kill_at, same_tensors, final_model):
     plain = mod.train(cfg, sharded, tmp_path / "plain", progress=False)
-    seen = kill_at(monkeypatch, phase, step)
-    with pytest.raises(Killed):
+    seen = kill_at(phase, step)
+    with pytest.raises(kill_at.Killed):
         mod.train(cfg, sharded, tmp_path / "run", progress=False, checkpoint_every=every)
     state = checkpoint.load(tmp_path / "run" / checkpoint.STATE_FILE, stage=stage)
     cur = state["current"]
@@ -174,10 +170,10 @@ def test_killed_streamed_run_resumes_bit_identical(stage, mod, cfg, phase, step,
     assert key(resumed) == key(plain)
 
 
-def test_a_streamed_checkpoint_is_refused_by_another_chunking(sharded, tmp_path, monkeypatch, one_thread):
+def test_a_streamed_checkpoint_is_refused_by_another_chunking(sharded, tmp_path, monkeypatch, one_thread, kill_at):
     cfg = FT.Config(**dict(FINE, cvr_teacher="none"), stream_chunk_rows=CHUNK)
-    kill_at(monkeypatch, 0, 5)
-    with pytest.raises(Killed):
+    kill_at(0, 5)
+    with pytest.raises(kill_at.Killed):
         FT.train(cfg, sharded, tmp_path, progress=False, checkpoint_every=4)
     monkeypatch.setattr(TrainingState, "on_step", None)
     for other in (512, 0):  # another chunking, or the in-memory path
