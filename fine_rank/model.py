@@ -19,11 +19,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from recstack import features as F
+from recstack import features as FE
 from recstack.training import sead
 
 N_ITEM_DENSE = 1  # columns of `item_dense`
-N_INTERACTED = len(F.INTERACTED_FIELDS)
+N_INTERACTED = len(FE.INTERACTED_FIELDS)
 # small initial id vectors: with N(0, 1) (the nn.Embedding default) an unseen or rarely
 # seen id starts as a large random signal that the MLP fits, and the model overfits ids
 EMBEDDING_INIT_STD = 0.05
@@ -37,11 +37,11 @@ class FeatureEmbeddings(nn.Module):
 
     def __init__(self, user_sizes: Sequence[int], item_sizes: Sequence[int], dim: int):
         super().__init__()
-        if len(user_sizes) != len(F.USER_FIELDS) or len(item_sizes) != len(F.ITEM_FIELDS):
-            raise ValueError(f"expected {len(F.USER_FIELDS)} user and {len(F.ITEM_FIELDS)} item table sizes")
+        if len(user_sizes) != len(FE.USER_FIELDS) or len(item_sizes) != len(FE.ITEM_FIELDS):
+            raise ValueError(f"expected {len(FE.USER_FIELDS)} user and {len(FE.ITEM_FIELDS)} item table sizes")
         self.dim = dim
-        self.user = nn.ModuleDict({name: nn.Embedding(n, dim, padding_idx=0) for name, n in zip(F.USER_FIELDS, user_sizes)})
-        self.item = nn.ModuleDict({name: nn.Embedding(n, dim, padding_idx=0) for name, n in zip(F.ITEM_FIELDS, item_sizes)})
+        self.user = nn.ModuleDict({name: nn.Embedding(n, dim, padding_idx=0) for name, n in zip(FE.USER_FIELDS, user_sizes)})
+        self.item = nn.ModuleDict({name: nn.Embedding(n, dim, padding_idx=0) for name, n in zip(FE.ITEM_FIELDS, item_sizes)})
         for table in (*self.user.values(), *self.item.values()):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
             with torch.no_grad():
@@ -119,7 +119,7 @@ class Ranker(nn.Module):
         self.head = Head(self.bottom.out_dim)
 
     @classmethod
-    def build(cls, vocab: F.Vocab, emb_dim: int = 16, hidden: Sequence[int] = (512, 256, 128)) -> "Ranker":
+    def build(cls, vocab: FE.Vocab, emb_dim: int = 16, hidden: Sequence[int] = (512, 256, 128)) -> "Ranker":
         return cls(FeatureEmbeddings(vocab.user_sizes(), vocab.item_sizes(), emb_dim), hidden)
 
     def inputs(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:

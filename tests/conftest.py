@@ -24,7 +24,7 @@ from torch import nn  # noqa: E402
 
 from recstack import bundle as B  # noqa: E402
 from recstack.training import checkpoint  # noqa: E402
-from recstack import features as F  # noqa: E402
+from recstack import features as FE  # noqa: E402
 from recstack.training.checkpoint import TrainingState  # noqa: E402
 from recstack.pipeline.export import write_feature_snapshot  # noqa: E402
 from recstack.training.onnx import export_onnx  # noqa: E402
@@ -109,7 +109,7 @@ def tiny_data(tmp_path_factory) -> str:
 
 # --- a fake serving bundle: tiny random ONNX models over a 300-item corpus -------------------
 
-FAKE_VOCAB = F.Vocab(n_users=30, n_items=300, n_categories=8, n_shops=20, n_brands=12, n_price_buckets=5,
+FAKE_VOCAB = FE.Vocab(n_users=30, n_items=300, n_categories=8, n_shops=20, n_brands=12, n_price_buckets=5,
                      n_age_buckets=4, n_genders=2, n_activity_levels=3, log_price_mean=3.0, log_price_std=1.0)
 N_SNAPSHOT_USERS = 20  # users 20..29 have a profile but no behaviours; ids >= 30 are unknown
 
@@ -150,11 +150,11 @@ class FakeFine(nn.Module):
 
 
 def _fake_inputs(rng, b=3):
-    items = np.stack([rng.integers(1, n, (b, F.SEQ_LEN)) for n in FAKE_VOCAB.item_sizes()], -1).astype(np.int64)
+    items = np.stack([rng.integers(1, n, (b, FE.SEQ_LEN)) for n in FAKE_VOCAB.item_sizes()], -1).astype(np.int64)
     return {
         "user_feats": np.stack([rng.integers(0, n, b) for n in FAKE_VOCAB.user_sizes()], 1).astype(np.int64),
         "seq_items": items,
-        "seq_extras": rng.random((b, F.SEQ_LEN, 3)).astype(np.float32),
+        "seq_extras": rng.random((b, FE.SEQ_LEN, 3)).astype(np.float32),
         "item_feats": items[:, 0],
         "item_dense": rng.standard_normal((b, 1)).astype(np.float32),
         "interacted": rng.random((b, 7)).astype(np.float32),
@@ -203,7 +203,7 @@ def _make_fake_bundle(root: Path, version: str = "v20260101-000000", seed: int =
              "coarse/item_vectors.npy", "fine/ctr.onnx", "fine/cvr.onnx", *snap_files]
     B.write_manifest(
         bdir, version=version, files=files, configs={"retrieval": {}, "coarse": {}, "fine": {}},
-        feature_schema=F.feature_schema(), vocab=FAKE_VOCAB.to_dict(),
+        feature_schema=FE.feature_schema(), vocab=FAKE_VOCAB.to_dict(),
         stages={"retrieval": {"meta": {"dim": 16}}, "coarse": {"meta": {"dim": 128}}, "fine": {"meta": {}}},
         extra={"snapshot": {"time": 8 * 86400.0}},
     )
@@ -212,7 +212,7 @@ def _make_fake_bundle(root: Path, version: str = "v20260101-000000", seed: int =
 
 
 @pytest.fixture(scope="session")
-def fake_vocab() -> F.Vocab:
+def fake_vocab() -> FE.Vocab:
     """The vocabulary of `make_fake_bundle`'s bundles."""
     return FAKE_VOCAB
 
@@ -227,7 +227,7 @@ def make_fake_bundle():
 
 # --- a fake cascade bundle: clustered item embeddings (i2i neighbours are cluster mates) ------
 
-CASCADE_VOCAB = F.Vocab(n_users=20, n_items=400, n_categories=8, n_shops=20, n_brands=12, n_price_buckets=5,
+CASCADE_VOCAB = FE.Vocab(n_users=20, n_items=400, n_categories=8, n_shops=20, n_brands=12, n_price_buckets=5,
                         n_age_buckets=4, n_genders=2, n_activity_levels=3, log_price_mean=3.0, log_price_std=1.0)
 CASCADE_DIM = 16
 
@@ -235,7 +235,7 @@ CASCADE_DIM = 16
 class MeanTower(nn.Module):
     """user_feats (B, 4), seq_items (B, L, 5), seq_extras (B, L, 3) -> (B, D): a mean of behaviour embeddings."""
 
-    def __init__(self, vocab: F.Vocab, dim: int, normalise: bool):
+    def __init__(self, vocab: FE.Vocab, dim: int, normalise: bool):
         super().__init__()
         self.user = nn.ModuleList(nn.Embedding(n, 8) for n in vocab.user_sizes())
         self.item = nn.ModuleList(nn.Embedding(n, 8) for n in vocab.item_sizes())
@@ -255,7 +255,7 @@ class MeanTower(nn.Module):
 class ItemFine(nn.Module):
     """user_feats (B, 4), item_feats (B, 5), item_dense (B, 1), interacted (B, 7) -> prob (B,)."""
 
-    def __init__(self, vocab: F.Vocab):
+    def __init__(self, vocab: FE.Vocab):
         super().__init__()
         self.item = nn.ModuleList(nn.Embedding(n, 4) for n in vocab.item_sizes())
         self.head = nn.Linear(4 + 1 + 7, 1)
@@ -272,15 +272,15 @@ def clustered_embeddings(n: int, dim: int, rng, clusters: int = 20) -> np.ndarra
     return (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _make_cascade_bundle(root: Path, *, vocab: F.Vocab = CASCADE_VOCAB, factory: str = "Flat", nprobe: int | None = None,
+def _make_cascade_bundle(root: Path, *, vocab: FE.Vocab = CASCADE_VOCAB, factory: str = "Flat", nprobe: int | None = None,
                 snapshot: dict | None = None, items: dict | None = None, seed: int = 0, version: str = "v1") -> Path:
     """A complete bundle with random models; `snapshot`/`items` default to random behaviours / items."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     bdir = root / version
     b = 2
-    tower_in = {"user_feats": np.ones((b, 4), np.int64), "seq_items": np.ones((b, F.SEQ_LEN, 5), np.int64),
-                "seq_extras": np.zeros((b, F.SEQ_LEN, 3), np.float32)}
+    tower_in = {"user_feats": np.ones((b, 4), np.int64), "seq_items": np.ones((b, FE.SEQ_LEN, 5), np.int64),
+                "seq_extras": np.zeros((b, FE.SEQ_LEN, 3), np.float32)}
     fine_in = {"user_feats": np.ones((b, 4), np.int64), "item_feats": np.ones((b, 5), np.int64),
                "item_dense": np.zeros((b, 1), np.float32), "interacted": np.zeros((b, 7), np.float32)}
     export_onnx(MeanTower(vocab, CASCADE_DIM, True), tower_in, bdir / "retrieval/user_tower.onnx", ["user_emb"])
@@ -315,7 +315,7 @@ def _make_cascade_bundle(root: Path, *, vocab: F.Vocab = CASCADE_VOCAB, factory:
              "coarse/item_vectors.npy", "fine/ctr.onnx", "fine/cvr.onnx", *snap_files]
     B.write_manifest(
         bdir, version=version, files=files, configs={"retrieval": {}, "coarse": {}, "fine": {}},
-        feature_schema=F.feature_schema(), vocab=vocab.to_dict(),
+        feature_schema=FE.feature_schema(), vocab=vocab.to_dict(),
         stages={"retrieval": {"meta": {"dim": CASCADE_DIM, **index_lib.search_params(index)}}, "coarse": {"meta": {"dim": 32}},
                 "fine": {"meta": {}}},
         extra={"snapshot": {"time": 8 * 86400.0}},
@@ -325,7 +325,7 @@ def _make_cascade_bundle(root: Path, *, vocab: F.Vocab = CASCADE_VOCAB, factory:
 
 
 @pytest.fixture(scope="session")
-def cascade_vocab() -> F.Vocab:
+def cascade_vocab() -> FE.Vocab:
     """The default vocabulary of `make_cascade_bundle`'s bundles."""
     return CASCADE_VOCAB
 
@@ -349,7 +349,7 @@ def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
     item_cols = {k: np.asarray(items[k]) for k in ("category", "shop", "brand", "price_bucket", "price")}
     snap = {"user_id": np.zeros(0, np.int64), "seconds_ago": np.zeros(0), "item_id": np.zeros(0, np.int64),
             "kind": np.zeros(0, np.int8), "dwell": np.zeros(0, np.float32)}
-    vocab = F.Vocab.from_dict(data.world["vocab"])
+    vocab = FE.Vocab.from_dict(data.world["vocab"])
     return _make_cascade_bundle(tmp_path_factory.mktemp("tiny_bundle"), vocab=vocab, snapshot=snap, items=item_cols)
 
 

@@ -1,19 +1,19 @@
 import numpy as np
 
 from recstack import data as D
-from recstack import features as F
+from recstack import features as FE
 
 
 def _items():
     # 6 items: categories 0,0,1,1,2,2; shops 0..5; brands 0,1,0,1,0,1
-    return F.ItemTable(
+    return FE.ItemTable(
         category=np.array([0, 0, 1, 1, 2, 2]), shop=np.arange(6), brand=np.array([0, 1, 0, 1, 0, 1]),
         price_bucket=np.zeros(6, int), price=np.full(6, 10.0), log_price_mean=np.log(10.0), log_price_std=1.0,
     )
 
 
 def test_sequence_is_strictly_before_and_newest_first():
-    beh = F.Behaviours(
+    beh = FE.Behaviours(
         user=np.array([0, 0, 0, 1]), ts=np.array([10.0, 30.0, 20.0, 5.0]), item=np.array([1, 3, 2, 4]),
         kind=np.array([0, 0, 1, 0]), dwell=np.array([5.0, 6.0, 0.0, 1.0]), n_users=3,
     )
@@ -40,7 +40,7 @@ def test_interacted_features_count_clicks_in_windows():
     extras[0, :3, 0] = np.log1p([1.0, 30.0, 1.0])
     extras[0, 2, 2] = 1.0
     cand = items.feats(np.array([0, 1, 3, 5]))
-    got = np.expm1(F.interacted_features(seq, extras, cand)).round(4)
+    got = np.expm1(FE.interacted_features(seq, extras, cand)).round(4)
     # columns: cat24, shop24, brand24, cat7d, shop7d, brand7d, item7d
     assert got[0].tolist() == [1, 1, 1, 2, 1, 1, 1]  # item 0: cat 0, shop 0, brand 0
     assert got[1].tolist() == [1, 0, 0, 2, 1, 1, 1]  # item 1: brand 1 clicked 30 h ago
@@ -55,8 +55,8 @@ def test_serving_broadcast_equals_training_rows(tiny_data):
     b = ex.batch(np.arange(len(ex)))
     row = int(np.argmax((b["seq_items"][:, :, 0] > 0).sum(1)))
     cands = d.items.feats(np.arange(300))
-    one = F.interacted_features(b["seq_items"][row : row + 1], b["seq_extras"][row : row + 1], cands)
-    rep = F.interacted_features(np.repeat(b["seq_items"][row : row + 1], 300, 0), np.repeat(b["seq_extras"][row : row + 1], 300, 0), cands)
+    one = FE.interacted_features(b["seq_items"][row : row + 1], b["seq_extras"][row : row + 1], cands)
+    rep = FE.interacted_features(np.repeat(b["seq_items"][row : row + 1], 300, 0), np.repeat(b["seq_extras"][row : row + 1], 300, 0), cands)
     np.testing.assert_array_equal(one, rep)
     assert one.max() > 0
 
@@ -70,7 +70,7 @@ def test_request_behaviours_match_logged_sequence(tiny_data):
     seq_a, ext_a = beh.sequence(idx, ts, d.items)
     valid = idx >= 0
     safe = np.where(valid, idx, 0)
-    seq_b, ext_b = F.sequence_tensors(beh.item[safe], (ts[:, None] - beh.ts[safe]) / 3600.0, beh.dwell[safe], beh.kind[safe], valid, d.items)
+    seq_b, ext_b = FE.sequence_tensors(beh.item[safe], (ts[:, None] - beh.ts[safe]) / 3600.0, beh.dwell[safe], beh.kind[safe], valid, d.items)
     np.testing.assert_array_equal(seq_a, seq_b)
     np.testing.assert_allclose(ext_a, ext_b)
 
@@ -78,5 +78,5 @@ def test_request_behaviours_match_logged_sequence(tiny_data):
 def test_unknown_ids_map_to_padding():
     items = _items()
     assert items.feats(np.array([-1, 99])).tolist() == [[0] * 5, [0] * 5]
-    users = F.UserTable(np.array([1, 2]), np.array([0, 1]), np.array([3, 0]))
+    users = FE.UserTable(np.array([1, 2]), np.array([0, 1]), np.array([3, 0]))
     assert users.feats(np.array([1, 5, -3])).tolist() == [[2, 3, 2, 1], [0] * 4, [0] * 4]

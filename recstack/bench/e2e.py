@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recstack import features as F
+from recstack import features as FE
 from recstack.serving.cascade import Cascade, onnx_session
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +75,7 @@ class TeacherCoarseCascade(Cascade):
     def score_coarse(self, tower_in: dict[str, np.ndarray], cands: np.ndarray) -> np.ndarray:
         item_feats = self.items.feats(cands)  # (R, 5)
         feeds = {**tower_in, "item_feats": item_feats, "item_dense": self.items.dense(cands),
-                 "interacted": F.interacted_features(tower_in["seq_items"], tower_in["seq_extras"], item_feats)}
+                 "interacted": FE.interacted_features(tower_in["seq_items"], tower_in["seq_extras"], item_feats)}
         return self.teacher.run(None, feeds)[0].reshape(-1)
 
 

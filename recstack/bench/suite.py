@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from recstack.evaluation import protocol as E
-from recstack import features as F
+from recstack import features as FE
 
 SCHEMA = "recstack.bench.models/1"
 OUT_DIM = 128  # the serving contract's coarse vector size
@@ -180,20 +180,20 @@ def _single_threaded(stack: ExitStack) -> dict:
 # ------------------------------------------------------------------ models
 
 
-def _vocab(data_dir: str | Path | None) -> tuple[F.Vocab, str]:
+def _vocab(data_dir: str | Path | None) -> tuple[FE.Vocab, str]:
     if data_dir is not None:
         world = json.loads((Path(data_dir) / "world.json").read_text())
-        return F.Vocab.from_dict(world["vocab"]), f"vocab of {Path(data_dir).resolve()}"
+        return FE.Vocab.from_dict(world["vocab"]), f"vocab of {Path(data_dir).resolve()}"
     from recstack.world.config import preset
 
     w = preset("small")
-    vocab = F.Vocab(n_users=w.n_users, n_items=w.n_items, n_categories=w.n_categories, n_shops=w.n_shops,
+    vocab = FE.Vocab(n_users=w.n_users, n_items=w.n_items, n_categories=w.n_categories, n_shops=w.n_shops,
                     n_brands=w.n_brands, n_price_buckets=w.n_price_buckets, n_age_buckets=w.n_age_buckets,
                     n_genders=w.n_genders, n_activity_levels=w.n_activity_levels, log_price_mean=0.0, log_price_std=1.0)
     return vocab, "`small` preset sizes"
 
 
-def coarse_models(vocab: F.Vocab, runs: str | Path | None, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+def coarse_models(vocab: FE.Vocab, runs: str | Path | None, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module, dict]:
     """-> (student, PFD+MD teacher, provenance), both in eval mode.
 
     The coarse checkpoint holds the student only: with one, the student's weights are loaded
@@ -210,7 +210,7 @@ def coarse_models(vocab: F.Vocab, runs: str | Path | None, seed: int = 0) -> tup
 
         ckpt = checkpoint.load(ckpt_path, stage="coarse")
         cfg = from_dict(Config, ckpt["config"])
-        vocab = F.Vocab.from_dict(ckpt["vocab"])
+        vocab = FE.Vocab.from_dict(ckpt["vocab"])
         cfg.teacher = "pfd_md"
         student = build_student(cfg, vocab)
         student.load_state_dict(ckpt["model"])
@@ -225,7 +225,7 @@ def coarse_models(vocab: F.Vocab, runs: str | Path | None, seed: int = 0) -> tup
                                             "manner": cfg.manner}
 
 
-def fine_model(vocab: F.Vocab, runs: str | Path | None, seed: int = 0) -> tuple[torch.nn.Module, dict]:
+def fine_model(vocab: FE.Vocab, runs: str | Path | None, seed: int = 0) -> tuple[torch.nn.Module, dict]:
     """-> (CTR Ranker in eval mode, provenance)."""
     from fine_rank.model import Ranker
     from fine_rank.train import Config
@@ -238,7 +238,7 @@ def fine_model(vocab: F.Vocab, runs: str | Path | None, seed: int = 0) -> tuple[
         cfg, models = load_models(checkpoint.load(ckpt_path, stage="fine"))
         return models["ctr"].eval(), {"source": f"checkpoint {ckpt_path.resolve()} (CTR model)",
                                       "hidden": list(cfg.ctr_hidden), "emb_dim": cfg.ctr_emb_dim,
-                                      "vocab": F.Vocab.from_dict(checkpoint.load(ckpt_path)["vocab"])}
+                                      "vocab": FE.Vocab.from_dict(checkpoint.load(ckpt_path)["vocab"])}
     cfg = Config()
     torch.manual_seed(seed)
     model = Ranker.build(vocab, cfg.ctr_emb_dim, cfg.ctr_hidden)
@@ -285,7 +285,7 @@ def _ids(rng: np.random.Generator, sizes, n: int) -> np.ndarray:
 # ------------------------------------------------------------------ coarse
 
 
-def bench_coarse(student, teacher, vocab: F.Vocab, n_candidates: int, repeats: dict, seed: int = 0,
+def bench_coarse(student, teacher, vocab: FE.Vocab, n_candidates: int, repeats: dict, seed: int = 0,
                  extra: Callable[[int, np.ndarray], dict] | None = None) -> dict:
     """`extra(n_candidates, cands)` -> more paths {name: (fn, repeats)} timed in the same rounds."""
     rng = np.random.default_rng(seed)
@@ -323,7 +323,7 @@ def bench_coarse(student, teacher, vocab: F.Vocab, n_candidates: int, repeats: d
         "item_feats": torch.from_numpy(np.concatenate(
             [cands[:, None] % (vocab.n_items) + 1, _ids(rng, vocab.item_sizes()[1:], n_candidates)], axis=1)),
         "item_dense": torch.from_numpy(rng.standard_normal((n_candidates, 1)).astype(np.float32)),
-        "interacted": torch.from_numpy(rng.random((n_candidates, len(F.INTERACTED_FIELDS))).astype(np.float32)),
+        "interacted": torch.from_numpy(rng.random((n_candidates, len(FE.INTERACTED_FIELDS))).astype(np.float32)),
     }
 
     def run_teacher():
@@ -368,7 +368,7 @@ def bench_coarse(student, teacher, vocab: F.Vocab, n_candidates: int, repeats: d
 # ------------------------------------------------------------------ fine
 
 
-def bench_fine(model, vocab: F.Vocab, n: int, repeats: dict, seed: int = 0) -> dict:
+def bench_fine(model, vocab: FE.Vocab, n: int, repeats: dict, seed: int = 0) -> dict:
     from recstack.training.onnx import export_onnx, onnx_session
 
     rng = np.random.default_rng(seed + 1)
@@ -376,7 +376,7 @@ def bench_fine(model, vocab: F.Vocab, n: int, repeats: dict, seed: int = 0) -> d
         "user_feats": np.repeat(_ids(rng, vocab.user_sizes(), 1), n, axis=0),  # one request, as the cascade
         "item_feats": _ids(rng, vocab.item_sizes(), n),
         "item_dense": rng.standard_normal((n, 1)).astype(np.float32),
-        "interacted": rng.random((n, len(F.INTERACTED_FIELDS))).astype(np.float32),
+        "interacted": rng.random((n, len(FE.INTERACTED_FIELDS))).astype(np.float32),
     }
     from recstack.serving.cascade import onnx_session as serving_session
 
@@ -642,7 +642,7 @@ def write_report(out: Path, res: dict) -> Path:
 
 
 def load_or_train_teacher(data_dir: str | Path, path: str | Path, *, max_steps: int = 600, eval_max_rows: int = 20_000,
-                          seed: int = 0) -> tuple[torch.nn.Module, F.Vocab, dict]:
+                          seed: int = 0) -> tuple[torch.nn.Module, FE.Vocab, dict]:
     """The PFD+MD teacher (eval mode) of `path` (a torch file written here: config, vocab, student and
     teacher state dicts, metrics), trained first on `data_dir`'s training days if `path` does not
     exist (coarse_rank.train.fit with `max_steps` / `eval_max_rows`; its student is not served).
@@ -651,7 +651,7 @@ def load_or_train_teacher(data_dir: str | Path, path: str | Path, *, max_steps: 
     from coarse_rank.train import Config, build_student, build_teacher, fit
 
     path = Path(path)
-    world_vocab = F.Vocab.from_dict(json.loads((Path(data_dir) / "world.json").read_text())["vocab"])
+    world_vocab = FE.Vocab.from_dict(json.loads((Path(data_dir) / "world.json").read_text())["vocab"])
     if not path.exists():
         from recstack.data import load
 
@@ -671,7 +671,7 @@ def load_or_train_teacher(data_dir: str | Path, path: str | Path, *, max_steps: 
     missing = [k for k in ("config", "vocab", "student", "teacher") if k not in ckpt]
     if missing:
         raise ValueError(f"teacher file {path}: missing {missing}")
-    vocab = F.Vocab.from_dict(ckpt["vocab"])
+    vocab = FE.Vocab.from_dict(ckpt["vocab"])
     if vocab != world_vocab:
         raise ValueError(f"teacher file {path}: its vocabulary is not the one of {data_dir}")
     cfg = from_dict(Config, ckpt["config"])
@@ -686,7 +686,7 @@ def load_or_train_teacher(data_dir: str | Path, path: str | Path, *, max_steps: 
                                    "hidden": list(cfg.teacher_hidden), "manner": cfg.manner}
 
 
-def export_teacher_onnx(teacher: torch.nn.Module, vocab: F.Vocab, path: str | Path, seed: int = 0) -> dict:
+def export_teacher_onnx(teacher: torch.nn.Module, vocab: FE.Vocab, path: str | Path, seed: int = 0) -> dict:
     """The teacher as a one-request coarse scorer in ONNX (coarse_rank.export.export_teacher),
     checked against PyTorch on a random request of 64 candidates."""
     from coarse_rank.export import export_teacher
@@ -699,7 +699,7 @@ def export_teacher_onnx(teacher: torch.nn.Module, vocab: F.Vocab, path: str | Pa
         "seq_extras": rng.standard_normal((1, SEQ_LEN, 3)).astype(np.float32),
         "item_feats": _ids(rng, vocab.item_sizes(), n),
         "item_dense": rng.standard_normal((n, 1)).astype(np.float32),
-        "interacted": rng.random((n, len(F.INTERACTED_FIELDS))).astype(np.float32),
+        "interacted": rng.random((n, len(FE.INTERACTED_FIELDS))).astype(np.float32),
     }
     return export_teacher(teacher, inputs, path)
 
@@ -869,7 +869,7 @@ QUICK_LOAD = {"qps": 20.0, "duration": 2.0, "sweep_duration": 1.0, "sweep_steps"
               "warmup_duration": 0.5}
 
 
-def teacher_onnx_fn(onnx_path: str | Path, vocab: F.Vocab, n: int, seed: int = 0) -> Callable[[], object]:
+def teacher_onnx_fn(onnx_path: str | Path, vocab: FE.Vocab, n: int, seed: int = 0) -> Callable[[], object]:
     """-> a call of the exported teacher (ONNX Runtime, serving session options, 1 thread) on n
     candidates of one request (interacted features handed in, as for the eager teacher)."""
     from recstack.serving.cascade import onnx_session as serving_session
@@ -879,7 +879,7 @@ def teacher_onnx_fn(onnx_path: str | Path, vocab: F.Vocab, n: int, seed: int = 0
         "user_feats": _ids(rng, vocab.user_sizes(), 1), "seq_items": _ids(rng, vocab.item_sizes(), SEQ_LEN)[None],
         "seq_extras": rng.standard_normal((1, SEQ_LEN, 3)).astype(np.float32),
         "item_feats": _ids(rng, vocab.item_sizes(), n), "item_dense": rng.standard_normal((n, 1)).astype(np.float32),
-        "interacted": rng.random((n, len(F.INTERACTED_FIELDS))).astype(np.float32),
+        "interacted": rng.random((n, len(FE.INTERACTED_FIELDS))).astype(np.float32),
     }
     sess = serving_session(Path(onnx_path), 1)
     return lambda: sess.run(None, feeds)

@@ -16,7 +16,7 @@ from typing import Iterator, NamedTuple
 import numpy as np
 import pyarrow.parquet as pq
 
-from recstack import features as F
+from recstack import features as FE
 from recstack.world.schema import DAY_FILE, SHARD_DIR, SHARD_FILE
 
 IMPRESSION_COLUMNS = (
@@ -80,18 +80,18 @@ class SimData:
         if not meta_path.exists():
             raise DataError(f"{self.root} has no world.json (is this a `recstack simulate` output directory?)")
         self.world = json.loads(meta_path.read_text())
-        self.vocab = F.Vocab.from_dict(self.world["vocab"])
+        self.vocab = FE.Vocab.from_dict(self.world["vocab"])
         self.n_days = int(self.world["n_days"])
         u = _read(self.root / "users.parquet")
-        self.users = F.UserTable(u["age_bucket"], u["gender"], u["activity"])
+        self.users = FE.UserTable(u["age_bucket"], u["gender"], u["activity"])
         self.consent = u["consent"].astype(bool)
         it = _read(self.root / "items.parquet")
-        self.items = F.ItemTable(
+        self.items = FE.ItemTable(
             it["category"], it["shop"], it["brand"], it["price_bucket"], it["price"],
             self.vocab.log_price_mean, self.vocab.log_price_std,
         )
         ev = _read(self.root / "events.parquet")
-        self.behaviours = F.Behaviours(ev["user_id"], ev["ts"], ev["item_id"], ev["kind"], ev["dwell"], self.vocab.n_users)
+        self.behaviours = FE.Behaviours(ev["user_id"], ev["ts"], ev["item_id"], ev["kind"], ev["dwell"], self.vocab.n_users)
 
     # next-day split, as in both papers: train on days 1..D-1, test on day D; the day
     # before the test day doubles as the validation day for learning-rate selection.
@@ -196,7 +196,7 @@ class Examples:
     def _seq_idx(self, rows: np.ndarray) -> np.ndarray:
         last = self.seq_idx_last[rows]  # (B,) row of the newest behaviour before ts, or -1
         users = self.imps["user_id"][rows]
-        idx = last[:, None] - np.arange(F.SEQ_LEN)[None, :]  # (B, L)
+        idx = last[:, None] - np.arange(FE.SEQ_LEN)[None, :]  # (B, L)
         start = self.data.behaviours.start[users][:, None]
         return np.where((last[:, None] >= 0) & (idx >= start), idx, -1)
 
@@ -212,8 +212,8 @@ class Examples:
             "seq_extras": seq_extras,
             "item_feats": item_feats,
             "item_dense": d.items.dense(items),
-            "interacted": F.interacted_features(seq_items, seq_extras, item_feats),
-            "post_event": F.post_event_features(im["dwell"][rows], im["comments"][rows], im["chatted"][rows], im["cart"][rows]),
+            "interacted": FE.interacted_features(seq_items, seq_extras, item_feats),
+            "post_event": FE.post_event_features(im["dwell"][rows], im["comments"][rows], im["chatted"][rows], im["cart"][rows]),
             "click": im["click"][rows].astype(np.float32),
             "purchase": im["purchase"][rows].astype(np.float32),
             "purchase_observed": im["purchase_observed"][rows].astype(np.float32),

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recstack import bundle as B
-from recstack import features as F
+from recstack import features as FE
 
 # stage name (runs dir and bundle dir) -> module whose `export(checkpoint_path, out_dir)` builds it
 STAGES = {"retrieval": "retrieval.export", "coarse": "coarse_rank.export", "fine": "fine_rank.export"}
@@ -65,7 +65,7 @@ def write_feature_snapshot(bundle_dir: str | Path, users: dict, items: dict, beh
     return [B.SNAPSHOT_USERS, B.SNAPSHOT_ITEMS, B.SNAPSHOT_BEHAVIOURS]
 
 
-def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = F.SEQ_LEN) -> tuple[list[str], dict]:
+def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN) -> tuple[list[str], dict]:
     """Snapshot a simulated world as of the end of its logs (world.json `now`).
 
     Keeps each user's last `seq_len` behaviours, the most the models can see. Returns the
@@ -156,7 +156,7 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
         B.write_manifest(
             staging, version=version, files=files,
             configs={stage: ck["config"] for stage, ck in ckpts.items()},
-            feature_schema=F.feature_schema(), vocab=vocabs["retrieval"], stages=stages,
+            feature_schema=FE.feature_schema(), vocab=vocabs["retrieval"], stages=stages,
             extra={"snapshot": snapshot},
         )
         B.verify_bundle(staging)

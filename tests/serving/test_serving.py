@@ -22,7 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recstack import bundle as B
-from recstack import features as F
+from recstack import features as FE
 from recstack.serving import client
 from recstack.serving.cascade import Cascade, DeadlineExceeded, Query
 from recstack.serving.server import build_server
@@ -57,7 +57,7 @@ def _rank(served, **kw) -> pb.RankResponse:
     return served["stub"].Rank(client.make_request(behaviours=behaviours, **kw), timeout=10)
 
 
-def _assert_invariants(resp: pb.RankResponse, n: int, vocab: F.Vocab) -> None:
+def _assert_invariants(resp: pb.RankResponse, n: int, vocab: FE.Vocab) -> None:
     ids = [it.item_id for it in resp.items]
     assert len(ids) == n and len(set(ids)) == n
     assert all(0 <= i < vocab.n_items for i in ids)
@@ -123,18 +123,18 @@ def test_exhaustive_ranking_matches_an_independent_computation(served, artifacts
     mine = [i for i, u in enumerate(beh_tab["user_id"]) if u == 4]
     rows = [(beh_tab["seconds_ago"][i], beh_tab["item_id"][i], beh_tab["kind"][i], beh_tab["dwell"][i]) for i in mine]
     rows += [(30.0, 3, 0, 5.0), (10.0, 7, 1, 50.0)]
-    rows = sorted(rows, key=lambda r: r[0])[: F.SEQ_LEN]
-    L = F.SEQ_LEN
+    rows = sorted(rows, key=lambda r: r[0])[: FE.SEQ_LEN]
+    L = FE.SEQ_LEN
     pad = lambda col, fill: np.array([[r[col] for r in rows] + [fill] * (L - len(rows))])
-    item_table = F.ItemTable(items["category"], items["shop"], items["brand"], items["price_bucket"], items["price"],
+    item_table = FE.ItemTable(items["category"], items["shop"], items["brand"], items["price_bucket"], items["price"],
                              vocab.log_price_mean, vocab.log_price_std)
-    seq_items, seq_extras = F.sequence_tensors(pad(1, -1), pad(0, 0.0) / 3600, pad(3, 0.0), pad(2, 0),
+    seq_items, seq_extras = FE.sequence_tensors(pad(1, -1), pad(0, 0.0) / 3600, pad(3, 0.0), pad(2, 0),
                                                np.arange(L)[None] < len(rows), item_table)
     all_items = np.arange(n)
     item_feats = item_table.feats(all_items)
     user_row = np.array([[5, users["age_bucket"][4] + 1, users["gender"][4] + 1, users["activity"][4] + 1]], np.int64)
     fine_in = {"user_feats": np.repeat(user_row, n, 0), "item_feats": item_feats, "item_dense": item_table.dense(all_items),
-               "interacted": F.interacted_features(seq_items, seq_extras, item_feats)}
+               "interacted": FE.interacted_features(seq_items, seq_extras, item_feats)}
     assert fine_in["interacted"].max() > 0  # the wiring is tested with non-trivial interacted features
     pctr = ort.InferenceSession(str(bdir / "fine/ctr.onnx")).run(None, fine_in)[0].astype(np.float64)
     pcvr = ort.InferenceSession(str(bdir / "fine/cvr.onnx")).run(None, fine_in)[0].astype(np.float64)
@@ -301,7 +301,7 @@ def test_sequence_merges_newest_first_and_truncates(served):
     q = Query(user_id=0, num_results=5, retrieval_size=50, coarse_size=20, item_ids=np.array([250, 251]),
               seconds_ago=np.array([0.0, 1e9]), kinds=np.array([1, 0], np.int8), dwell=np.array([3.0, 4.0], np.float32))
     seq_items, seq_extras, cold = cascade.sequence(q)
-    assert seq_items.shape == (1, F.SEQ_LEN, 5) and seq_extras.shape == (1, F.SEQ_LEN, 3) and not cold
+    assert seq_items.shape == (1, FE.SEQ_LEN, 5) and seq_extras.shape == (1, FE.SEQ_LEN, 3) and not cold
     assert seq_items[0, 0, 0] == 251 and seq_extras[0, 0, 2] == 1.0  # item 250 (+1), a purchase, just now
     assert 252 not in seq_items[0, :, 0]  # 1e9 s ago: older than the 50 newest, truncated away
     hours = np.expm1(seq_extras[0, :, 0])
