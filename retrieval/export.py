@@ -21,6 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from recstack import bundle_files
 from recstack.training import checkpoint
 from recstack.config import from_dict
 from recstack.data import SimData, load
@@ -29,10 +30,13 @@ from recstack.evaluation.metrics import recall_vs_exact
 from recstack.training.onnx import export_onnx, onnx_session, parity
 from retrieval import index as index_lib
 from retrieval.index import search_params, set_search_params  # noqa: F401  (re-exported)
-from retrieval.train import STAGE, USER_INPUTS, Config, build_model, embed_items, materialise
+from retrieval.config import Config
+from retrieval.inputs import STAGE, USER_INPUTS, embed_items, materialise
+from retrieval.model import build_model
 
 PARITY_TOLERANCE = 1e-5
-FILES = ("user_tower.onnx", "item_emb.npy", "index.faiss")
+NAMES = bundle_files.FILES[STAGE]
+FILES = tuple(NAMES.values())
 
 
 class ExportError(RuntimeError):
@@ -118,7 +122,7 @@ def export(
     out.mkdir(parents=True, exist_ok=True)
     requests = request_sample(data, cfg.ann_eval_queries, cfg.seed)
 
-    onnx_path = out / "user_tower.onnx"
+    onnx_path = out / NAMES["user_tower"]
     export_onnx(model.user_tower, requests, onnx_path, ["user_emb"])
     diff = parity(model.user_tower, onnx_path, requests)
     if not diff <= PARITY_TOLERANCE:  # also catches NaN
@@ -126,17 +130,17 @@ def export(
         raise ExportError(f"user tower ONNX/PyTorch max abs diff {diff:.3g} > {PARITY_TOLERANCE:g}; refusing to export")
 
     item_emb = embed_items(model, data.items)
-    np.save(out / "item_emb.npy", item_emb, allow_pickle=False)
+    np.save(out / NAMES["item_emb"], item_emb, allow_pickle=False)
     # "auto" (the default) picks the index by corpus size (retrieval/index.py, from the bench)
     spec = index_lib.resolve(index_factory or cfg.index_factory, len(item_emb), nprobe, ef_search)
     factory = spec["factory"]
     t_build = time.perf_counter()
     built = build_index(item_emb, factory, spec["nprobe"], spec["ef_search"])
     t_build = time.perf_counter() - t_build
-    faiss.write_index(built, str(out / "index.faiss"))
+    faiss.write_index(built, str(out / NAMES["index"]))
 
     # Measure what serving will run: the index as read back, queried with ONNX user vectors.
-    index = faiss.read_index(str(out / "index.faiss"))
+    index = faiss.read_index(str(out / NAMES["index"]))
     if index.ntotal != len(item_emb) or index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise ExportError(f"index.faiss holds {index.ntotal} vectors with metric {index.metric_type}; expected "
                           f"{len(item_emb)} with inner product")
@@ -151,7 +155,7 @@ def export(
         "n_items": int(len(item_emb)),
         **search_params(index),
         "index_build_seconds": float(t_build),
-        "index_bytes": int((out / "index.faiss").stat().st_size),
+        "index_bytes": int((out / NAMES["index"]).stat().st_size),
         "onnx_inputs": list(USER_INPUTS),
         "onnx_output": "user_emb",
         "parity_max_abs_diff": float(diff),
