@@ -75,10 +75,20 @@ def _retrieval(args, out: Path) -> None:
 
 
 def _cascade(args, out: Path) -> None:
-    from recstack.evaluation.cascade import run, write_report
+    import tempfile
 
-    results = run(args.artifacts, args.data, out, n_users=args.users)
-    write_report(results, out)
+    from recstack.evaluation import cascade as cascade_eval
+
+    runs = Path(args.artifacts)
+    if not (runs / "retrieval" / "checkpoint.pt").exists():  # a bundle or an artifacts root
+        results = cascade_eval.run(args.artifacts, args.data, out, n_users=args.users)
+    else:  # a runs folder: exported to a bundle first
+        from recstack.pipeline.export import export_bundle
+
+        with tempfile.TemporaryDirectory(prefix="cascade_eval_") as tmp:
+            bundle = export_bundle(runs, Path(tmp) / "artifacts")
+            results = cascade_eval.run(bundle, args.data, out, n_users=args.users)
+    cascade_eval.write_report(results, out)
 
 
 RUNNERS = {"all": _all, "retrieval": _retrieval, "cascade": _cascade, "models": _models, "train": _train}

@@ -1,4 +1,4 @@
-"""recstack/world/truth.py (the oracle) and retrieval/cascade_eval.py (cascade recall against it), on `tiny`."""
+"""recstack/world/truth.py (the oracle) and recstack/evaluation/cascade.py (cascade recall against it), on `tiny`."""
 from __future__ import annotations
 
 import json
