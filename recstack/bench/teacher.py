@@ -37,7 +37,7 @@ def _read(path: Path) -> dict:
 
 
 def _run_dir(path: Path) -> Path | None:
-    """The coarse run folder `path` names (itself, its coarse/, or the folder of its training state)."""
+    """The coarse run folder `path` names: itself, or its coarse/ (a runs folder)."""
     for d in (path, path / "coarse"):
         if d.is_dir() and (d / "checkpoint.pt").exists():
             return d
