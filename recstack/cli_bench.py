@@ -7,8 +7,19 @@ import argparse
 import json
 import shutil
 import sys
+import textwrap
 import time
 from pathlib import Path
+
+
+TEACHER_CHAIN = """\
+The PFD+MD teacher is an input, trained first (a benchmark trains nothing). The coarse
+checkpoint.pt holds the student only; the training state beside it holds the teacher too:
+
+  recstack train coarse --data DATA_DIR --out TEACHER_RUNS --set teacher=pfd_md \\
+      --set max_steps=600 --set eval_max_rows=20000 --checkpoint-every 600
+  recstack bench all --artifacts ARTIFACTS --data DATA_DIR --teacher TEACHER_RUNS/coarse
+"""
 
 
 def fresh_dir(what: str, root: str | Path = "runs") -> Path:
@@ -38,16 +49,16 @@ def _command() -> str:
 
 
 def _all(args, out: Path) -> None:
-    from recstack.bench.suite import run_all
+    from recstack.bench.suite import Sizes, run_all
 
-    res = run_all(out, data_dir=args.data, artifacts=args.artifacts, scratch=args.scratch or "/tmp/recstack-bench",
-                  teacher=args.teacher, teacher_steps=args.teacher_steps, runs=args.runs, gmv_users=args.gmv_users,
+    res = run_all(out, data_dir=args.data, artifacts=args.artifacts, teacher=args.teacher,
+                  scratch=args.scratch or "/tmp/recstack-bench", runs=args.runs, sizes=Sizes(gmv_users=args.gmv_users),
                   configs=args.configs, quick=args.quick, command=_command())
     print(json.dumps({"targets": res["targets"], "e2e_targets": res["e2e"]["targets"]}, indent=2))
 
 
 def _models(args, out: Path) -> None:
-    from recstack.bench.suite import run
+    from recstack.bench.models import run
 
     res = run(out, data_dir=args.data, runs=args.runs, quick=args.quick, command=_command())
     print(json.dumps(res["targets"], indent=2))
@@ -75,17 +86,27 @@ def _retrieval(args, out: Path) -> None:
 
 
 def _cascade(args, out: Path) -> None:
-    from recstack.evaluation.cascade import run, write_report
+    import tempfile
 
-    results = run(args.artifacts, args.data, out, n_users=args.users)
-    write_report(results, out)
+    from recstack.evaluation import cascade as cascade_eval
+
+    runs = Path(args.artifacts)
+    if not (runs / "retrieval" / "checkpoint.pt").exists():  # a bundle or an artifacts root
+        results = cascade_eval.run(args.artifacts, args.data, out, n_users=args.users)
+    else:  # a runs folder: exported to a bundle first
+        from recstack.pipeline.export import export_bundle
+
+        with tempfile.TemporaryDirectory(prefix="cascade_eval_") as tmp:
+            bundle = export_bundle(runs, Path(tmp) / "artifacts")
+            results = cascade_eval.run(bundle, args.data, out, n_users=args.users)
+    cascade_eval.write_report(results, out)
 
 
 RUNNERS = {"all": _all, "retrieval": _retrieval, "cascade": _cascade, "models": _models, "train": _train}
 
 
 def cmd_bench(args) -> int:
-    for name in ("queries", "timed", "k", "users", "steps", "repeats", "teacher_steps", "gmv_users"):
+    for name in ("queries", "timed", "k", "users", "steps", "repeats", "gmv_users"):
         if getattr(args, name, 1) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = args.out or args.bench_out
@@ -123,11 +144,14 @@ def add_parser(sub, formatter) -> None:
 
     p = new("all", "every section in one run: model costs, the retrieval point, the serving path, end to end "
                    "through gRPC with the single-stage and teacher-as-coarse peers, GMV@50 against the truth")
+    p.formatter_class = type("AllHelp", (argparse.RawDescriptionHelpFormatter, formatter), {})  # the epilog as written
+    p.description, p.epilog = textwrap.fill(p.description, 79), TEACHER_CHAIN
     p.add_argument("--artifacts", required=True, help="the served bundle or an artifacts root")
     p.add_argument("--data", required=True, help="the bundle's world (a `recstack simulate` folder)")
-    p.add_argument("--teacher", default=None, help="PFD+MD teacher file (trained into --scratch when missing)")
-    p.add_argument("--teacher-steps", type=int, default=600, help="training steps when the teacher is trained")
-    p.add_argument("--scratch", default=None, help="scratch folder (teacher, ONNX, server logs; default /tmp/recstack-bench)")
+    p.add_argument("--teacher", required=True, metavar="TEACHER",
+                   help="the trained PFD+MD teacher: a coarse run trained with `recstack train coarse --set "
+                        "teacher=pfd_md --checkpoint-every N` (RUNS/coarse), or a teacher file; never trained here")
+    p.add_argument("--scratch", default=None, help="scratch folder (teacher ONNX, server logs; default /tmp/recstack-bench)")
     p.add_argument("--gmv-users", type=int, default=100, help="users for GMV@50 against the truth")
     p.add_argument("--configs", default=None, help="end-to-end server configs (default cascade_w1,single_stage_w1,"
                                                    "teacher_coarse_w1; also cascade_w2)")

@@ -1,16 +1,15 @@
-"""End-to-end gRPC benchmark of a served bundle and its peers (issue 7, item 2, the end-to-end part).
+"""End-to-end gRPC benchmark of a served bundle and its peers.
 
     from recstack.bench.e2e import run_e2e
-    res = run_e2e("/tmp/e2e-bench/artifacts", "/tmp/lead/large", scratch="/tmp/x", plots="docs/results/bench",
-                  teacher_onnx="/tmp/x/teacher.onnx")
+    res = run_e2e("ARTIFACTS", "DATA_DIR", scratch="SCRATCH_DIR", plots="OUT_DIR", teacher_onnx="TEACHER_ONNX")
 
-`recstack bench all` calls it; `tools/bench_e2e.py` is its stand-alone CLI. For each server
+`recstack bench all` calls it; `python -m recstack.bench.e2e` runs it alone. For each server
 configuration it starts a local server process (loopback, stopped by its pid), waits for health
 SERVING, and drives it with `recstack.bench.loadtest` (open loop, latency from the scheduled send, users
 drawn from the data's test day):
 
   * cascade, `recstack serve --workers 1` (and `--workers 2`): requests 10,000 -> 500 -> 50
-    (retrieval_size, coarse_size, num_results: the issue's default stage sizes);
+    (retrieval_size, coarse_size, num_results: the default stage sizes);
   * single stage (a peer), one process: requests 10,000 -> 10,000 -> 50, i.e. the fine ranker
     scores every retrieved candidate. The server's coarse_size_max (2,000) refuses that, so the peer
     is a `build_server` process with `ServingLimits(coarse_size_max=10_000)`, otherwise the same
@@ -41,9 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from recstack import features as FE
+from recstack.bench.timing import loadavg, machine_info
 from recstack.serving.cascade import Cascade, onnx_session
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # the checkout: the servers run from it
 
 CASCADE = {"retrieval_size": 10_000, "coarse_size": 500, "k": 50}
 SINGLE = {"retrieval_size": 10_000, "coarse_size": 10_000, "k": 50}
@@ -376,8 +376,6 @@ def run_e2e(artifacts: str, data: str, *, scratch: str | Path, plots: str | Path
     """Benchmark each configuration in `configs` (names of KNOWN) through gRPC, then (with
     `gmv_users`) GMV@50 against the truth. -> the results dict; `results_path` gets it after
     every configuration (a crash keeps the finished ones)."""
-    from recstack.bench import suite as RB
-
     load = {**DEFAULT_LOAD, **(load or {})}
     scratch = Path(scratch)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -389,7 +387,7 @@ def run_e2e(artifacts: str, data: str, *, scratch: str | Path, plots: str | Path
         raise ValueError(f"configs: unknown {unknown}; known {sorted(KNOWN)}")
     if "teacher_coarse_w1" in names and not teacher_onnx:
         raise ValueError("configs: teacher_coarse_w1 needs teacher_onnx")
-    res = {"machine": RB.machine_info(), "loadavg_before": RB._loadavg(), "artifacts": str(artifacts), "data": str(data),
+    res = {"machine": machine_info(), "loadavg_before": loadavg(), "artifacts": str(artifacts), "data": str(data),
            "p99_bound_ms": load["p99_bound"], "load": load, "configs": [], "teacher_onnx": teacher_onnx}
     try:
         import pyarrow.parquet as pq
@@ -407,7 +405,7 @@ def run_e2e(artifacts: str, data: str, *, scratch: str | Path, plots: str | Path
             print(f"{name}: {e!r}", file=sys.stderr)
         if results_path:
             Path(results_path).write_text(json.dumps(res, indent=2) + "\n")
-    res["loadavg_after"] = RB._loadavg()
+    res["loadavg_after"] = loadavg()
     if gmv_users:
         res["gmv"] = gmv_retained(str(artifacts), str(data), scratch, gmv_users, teacher_onnx, cascade=cascade)
     by_name = {c["name"]: c for c in res["configs"]}

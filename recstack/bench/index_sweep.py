@@ -85,6 +85,72 @@ def embeddings_from_checkpoint(checkpoint: str | Path, n_queries: int, seed: int
     return item_emb, queries, info
 
 
+def _inputs(checkpoint, cache, item_emb, queries, n_queries: int, seed: int, data_dir) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(item embeddings, queries, where they come from): the checkpoint's (through `cache` when
+    it exists), or the given arrays."""
+    if checkpoint is not None and cache is not None and Path(cache).exists():
+        with np.load(cache, allow_pickle=False) as z:
+            return z["item_emb"], z["queries"], json.loads(str(z["source"]))
+    if checkpoint is not None:
+        item_emb, queries, source = embeddings_from_checkpoint(checkpoint, n_queries, seed, data_dir)
+        if cache is not None:
+            np.savez(cache, item_emb=item_emb, queries=queries, source=json.dumps(source))
+        return item_emb, queries, source
+    if item_emb is None or queries is None:
+        raise ValueError("pass a checkpoint, or item_emb and queries")
+    return item_emb, queries, {"n_items": int(len(item_emb)), "dim": int(item_emb.shape[1]),
+                               "queries": f"{len(queries)} given query vectors"}
+
+
+def _exact_point(item_emb: np.ndarray, timed: np.ndarray, k: int, build_threads: int) -> dict:
+    """Exact search's build time, memory and single-threaded latency."""
+    t0 = time.perf_counter()
+    faiss.omp_set_num_threads(build_threads)
+    exact_index = index_lib.build(item_emb, "Flat")
+    exact_build = time.perf_counter() - t0
+    faiss.omp_set_num_threads(1)
+    exact_ms = _latency_ms(exact_index, timed, k)
+    exact = {"factory": "Flat", "build_seconds": exact_build, "memory_bytes": index_lib.memory_bytes(exact_index),
+             "p50_ms": float(np.median(exact_ms)), "p99_ms": float(np.percentile(exact_ms, 99)), "recall": 1.0}
+    del exact_index
+    print(f"exact: p50 {exact['p50_ms']:.2f} ms/query, {exact['memory_bytes'] / 2**20:.0f} MiB", flush=True)
+    return exact
+
+
+def _factory_points(item_emb, queries, timed, k: int, kth, exact: dict, factory: str, knob: str, values,
+                    build_threads: int, seed: int) -> list[dict]:
+    """One index type built once, measured at each value of its search knob (none when FAISS
+    refuses to build it on this corpus)."""
+    faiss.omp_set_num_threads(build_threads)
+    t0 = time.perf_counter()
+    try:
+        index = index_lib.build(item_emb, factory, seed=seed)
+    except ValueError as e:
+        print(f"{factory}: skipped ({e})", flush=True)
+        return []
+    build_s = time.perf_counter() - t0
+    mem = index_lib.memory_bytes(index)
+    faiss.omp_set_num_threads(1)
+    points = []
+    for v in values:
+        applied = index_lib.set_search_params(index, **{knob: v})
+        _, found = index.search(queries, k)
+        rec = recall_vs_exact(found, queries, item_emb, [k], kth=kth)[k]
+        ms = _latency_ms(index, timed, k)
+        # interleave an exact-search sample so every point has its own same-load reference
+        ref = _latency_ms_exact(item_emb, timed[:20], k)
+        p = {"factory": factory, "knob": knob, "value": int(v), "applied": applied, "build_seconds": build_s,
+             "memory_bytes": mem, f"recall@{k}": float(rec.mean()), "recall_p10": float(np.percentile(rec, 10)),
+             "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
+             "exact_p50_ms_same_time": float(np.median(ref))}
+        p["speedup_vs_exact"] = exact["p50_ms"] / p["p50_ms"]
+        points.append(p)
+        print(f"{factory:>14s} {knob}={v:<5d} recall@{k} {p[f'recall@{k}']:.4f}  p50 {p['p50_ms']:.3f} ms"
+              f"  x{p['speedup_vs_exact']:.1f} vs exact  build {build_s:.0f}s  {mem / 2**20:.0f} MiB", flush=True)
+    del index
+    return points
+
+
 def run(
     out_dir: str | Path,
     checkpoint: str | Path | None = None,
@@ -111,17 +177,7 @@ def run(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if checkpoint is not None and cache is not None and Path(cache).exists():
-        with np.load(cache, allow_pickle=False) as z:
-            item_emb, queries, source = z["item_emb"], z["queries"], json.loads(str(z["source"]))
-    elif checkpoint is not None:
-        item_emb, queries, source = embeddings_from_checkpoint(checkpoint, n_queries, seed, data_dir)
-        if cache is not None:
-            np.savez(cache, item_emb=item_emb, queries=queries, source=json.dumps(source))
-    elif item_emb is None or queries is None:
-        raise ValueError("pass a checkpoint, or item_emb and queries")
-    else:
-        source = {"n_items": int(len(item_emb)), "dim": int(item_emb.shape[1]), "queries": f"{len(queries)} given query vectors"}
+    item_emb, queries, source = _inputs(checkpoint, cache, item_emb, queries, n_queries, seed, data_dir)
     item_emb = np.ascontiguousarray(item_emb, dtype=np.float32)
     queries = np.ascontiguousarray(queries[:n_queries], dtype=np.float32)
     k = min(k, len(item_emb))
@@ -133,45 +189,10 @@ def run(
         # exact reference: each query's K-th best exact score, which every ANN point's recall is
         # measured against; and exact search's latency (same run, same thread count as every ANN point)
         kth = exact_kth_scores(queries, item_emb, [k])
-        t0 = time.perf_counter()
-        faiss.omp_set_num_threads(build_threads)
-        exact_index = index_lib.build(item_emb, "Flat")
-        exact_build = time.perf_counter() - t0
-        faiss.omp_set_num_threads(1)
-        exact_ms = _latency_ms(exact_index, timed, k)
-        exact = {"factory": "Flat", "build_seconds": exact_build, "memory_bytes": index_lib.memory_bytes(exact_index),
-                 "p50_ms": float(np.median(exact_ms)), "p99_ms": float(np.percentile(exact_ms, 99)), "recall": 1.0}
-        del exact_index
-        print(f"exact: p50 {exact['p50_ms']:.2f} ms/query, {exact['memory_bytes'] / 2**20:.0f} MiB", flush=True)
-
+        exact = _exact_point(item_emb, timed, k, build_threads)
         points = []
         for factory, knob, values in sweep:
-            faiss.omp_set_num_threads(build_threads)
-            t0 = time.perf_counter()
-            try:
-                index = index_lib.build(item_emb, factory, seed=seed)
-            except ValueError as e:
-                print(f"{factory}: skipped ({e})", flush=True)
-                continue
-            build_s = time.perf_counter() - t0
-            mem = index_lib.memory_bytes(index)
-            faiss.omp_set_num_threads(1)
-            for v in values:
-                applied = index_lib.set_search_params(index, **{knob: v})
-                _, found = index.search(queries, k)
-                rec = recall_vs_exact(found, queries, item_emb, [k], kth=kth)[k]
-                ms = _latency_ms(index, timed, k)
-                # interleave an exact-search sample so every point has its own same-load reference
-                ref = _latency_ms_exact(item_emb, timed[:20], k)
-                p = {"factory": factory, "knob": knob, "value": int(v), "applied": applied, "build_seconds": build_s,
-                     "memory_bytes": mem, f"recall@{k}": float(rec.mean()), "recall_p10": float(np.percentile(rec, 10)),
-                     "p50_ms": float(np.median(ms)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean()),
-                     "exact_p50_ms_same_time": float(np.median(ref))}
-                p["speedup_vs_exact"] = exact["p50_ms"] / p["p50_ms"]
-                points.append(p)
-                print(f"{factory:>14s} {knob}={v:<5d} recall@{k} {p[f'recall@{k}']:.4f}  p50 {p['p50_ms']:.3f} ms"
-                      f"  x{p['speedup_vs_exact']:.1f} vs exact  build {build_s:.0f}s  {mem / 2**20:.0f} MiB", flush=True)
-            del index
+            points += _factory_points(item_emb, queries, timed, k, kth, exact, factory, knob, values, build_threads, seed)
     finally:
         faiss.omp_set_num_threads(threads_before)
 

@@ -130,16 +130,104 @@ def _user_pool(users, n_users: int) -> tuple[np.ndarray | None, str]:
     return arr, f"{len(arr)} given ids"
 
 
+class _Recorder:
+    """What the answers of one run add up to: latency histograms (OK and errors), per-stage
+    server timings, status counts, model versions; and the slots bounding the calls outstanding."""
+
+    def __init__(self, concurrency: int, debug: bool, keep_samples: bool):
+        self.debug, self.keep_samples = debug, keep_samples
+        self.lat, self.err_lat, self.stage_h = _histogram(), _histogram(), {s: _histogram() for s in STAGES}
+        self.status: dict[str, int] = {}
+        self.versions: dict[str, int] = {}  # model_version of the OK responses (a reload under load shows here)
+        self.samples: list[tuple[float, float, str]] = []  # (scheduled offset s, latency ms, code)
+        self.lock = threading.Lock()
+        self.slots = threading.BoundedSemaphore(concurrency)
+        self.outstanding = 0
+        self.t0 = 0.0
+
+    def finish(self, scheduled: float, fut) -> None:
+        """A call's answer, `scheduled` its due time: latency counts from then."""
+        now = time.perf_counter()
+        code = fut.code()
+        name = code.name if code is not None else "CANCELLED"
+        ms = (now - scheduled) * 1e3
+        with self.lock:
+            self.status[name] = self.status.get(name, 0) + 1
+            if name == "OK":
+                self.lat.record_value(max(1, int(ms * 1e3)))
+                resp = fut.result()
+                self.versions[resp.model_version] = self.versions.get(resp.model_version, 0) + 1
+                if self.debug:
+                    t = resp.timings
+                    for s in STAGES:
+                        self.stage_h[s].record_value(max(1, int(getattr(t, f"{s}_ms") * 1e3)))
+            else:
+                self.err_lat.record_value(max(1, int(ms * 1e3)))
+            if self.keep_samples:
+                self.samples.append((scheduled - self.t0, ms, name))
+            self.outstanding -= 1
+        self.slots.release()
+
+
+def _stubs(target: str, tls_ca: str | None, connections: int, stack: contextlib.ExitStack) -> list:
+    """One RankingService stub per connection, each channel ready (entered on `stack`)."""
+    import grpc
+
+    from recstack.serving.client import channel as make_channel
+    from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+    # several connections, round robin: `serve --workers N` spreads connections (not calls) over its processes
+    channels = [make_channel(target, tls_ca, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)]
+    for ch in channels:
+        stack.enter_context(ch)
+        try:
+            grpc.channel_ready_future(ch).result(timeout=10)
+        except grpc.FutureTimeoutError:
+            raise LoadTestError(f"target {target}: the port accepts connections but no gRPC server answered "
+                                "within 10 s (TLS mismatch? try --tls-ca, or check the port)") from None
+    return [pb_grpc.RankingServiceStub(ch) for ch in channels]
+
+
+def _send(stubs: list, reqs: list, rec: _Recorder, qps: float, duration_s: float,
+          timeout_s: float) -> tuple[int, int, float, float]:
+    """Send `reqs` open loop (request i due at t0 + i / qps) and wait for the answers ->
+    (sent, late sends, when sending ended, elapsed s)."""
+    t0 = time.perf_counter() + 0.05
+    rec.t0 = t0
+    stop_at = t0 + duration_s
+    sent = late_sends = 0
+    for i in range(len(reqs)):
+        due = t0 + i / qps
+        if due >= stop_at:
+            break
+        delay = due - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        if not rec.slots.acquire(timeout=max(0.0, stop_at + timeout_s - time.perf_counter())):
+            break  # every slot stuck past the run's end: stop sending
+        if time.perf_counter() - due > 1e-3:
+            late_sends += 1
+        with rec.lock:
+            rec.outstanding += 1
+        fut = stubs[i % len(stubs)].Rank.future(reqs[i], timeout=timeout_s)
+        fut.add_done_callback(lambda f, due=due: rec.finish(due, f))
+        sent += 1
+    send_end = time.perf_counter()
+    deadline = send_end + timeout_s + 1.0
+    while time.perf_counter() < deadline:
+        with rec.lock:
+            if rec.outstanding == 0:
+                break
+        time.sleep(0.005)
+    return sent, late_sends, send_end - t0, max(send_end, time.perf_counter()) - t0
+
+
 def run_once(target: str, qps: float, duration_s: float, concurrency: int, users=None, max_requests: int | None = None,
              *, k: int = 10, timeout_s: float = 2.0, debug: bool = True, n_users: int = 1000, seed: int = 0,
              tls_ca: str | None = None, keep_samples: bool = False, connections: int = 4,
              retrieval_size: int = 0, coarse_size: int = 0) -> dict:
     """One open-loop run at `qps`; see the module docstring. Returns the figures as a dict."""
-    import grpc
-
-    from recstack.serving.client import channel as make_channel
     from recstack.v1 import ranking_pb2 as pb
-    from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
     if not (qps > 0 and duration_s > 0 and concurrency >= 1 and connections >= 1 and timeout_s > 0):
         raise LoadTestError(f"need qps > 0, duration > 0, concurrency >= 1, connections >= 1 and timeout > 0; got qps "
@@ -155,94 +243,29 @@ def run_once(target: str, qps: float, duration_s: float, concurrency: int, users
     rng = np.random.default_rng(seed)
     user_ids = pool[rng.integers(0, len(pool), n)] if pool is not None else rng.integers(0, n_users, n)
 
-    lat, err_lat, stage_h = _histogram(), _histogram(), {s: _histogram() for s in STAGES}
-    status: dict[str, int] = {}
-    versions: dict[str, int] = {}  # model_version of the OK responses (a reload under load shows here)
-    samples: list[tuple[float, float, str]] = []  # (scheduled offset s, latency ms, code)
-    lock = threading.Lock()
-    slots = threading.BoundedSemaphore(concurrency)
-    outstanding = [0]
-    late_sends = 0
-
-    # several connections, round robin: `serve --workers N` spreads connections (not calls) over its processes
-    channels = [make_channel(target, tls_ca, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(connections)]
+    rec = _Recorder(concurrency, debug, keep_samples)
     with contextlib.ExitStack() as stack:
-        for ch in channels:
-            stack.enter_context(ch)
-            try:
-                grpc.channel_ready_future(ch).result(timeout=10)
-            except grpc.FutureTimeoutError:
-                raise LoadTestError(f"target {target}: the port accepts connections but no gRPC server answered "
-                                    "within 10 s (TLS mismatch? try --tls-ca, or check the port)") from None
-        stubs = [pb_grpc.RankingServiceStub(ch) for ch in channels]
+        stubs = _stubs(target, tls_ca, connections, stack)
         reqs = [pb.RankRequest(user_id=int(u), num_results=k, debug=debug, retrieval_size=retrieval_size,
                                coarse_size=coarse_size) for u in user_ids]
-        t0 = time.perf_counter() + 0.05
-        stop_at = t0 + duration_s
+        sent, late_sends, send_s, elapsed = _send(stubs, reqs, rec, qps, duration_s, timeout_s)
 
-        def finish(scheduled: float, fut) -> None:
-            now = time.perf_counter()
-            code = fut.code()
-            name = code.name if code is not None else "CANCELLED"
-            ms = (now - scheduled) * 1e3
-            with lock:
-                status[name] = status.get(name, 0) + 1
-                if name == "OK":
-                    lat.record_value(max(1, int(ms * 1e3)))
-                    resp = fut.result()
-                    versions[resp.model_version] = versions.get(resp.model_version, 0) + 1
-                    if debug:
-                        t = resp.timings
-                        for s in STAGES:
-                            stage_h[s].record_value(max(1, int(getattr(t, f"{s}_ms") * 1e3)))
-                else:
-                    err_lat.record_value(max(1, int(ms * 1e3)))
-                if keep_samples:
-                    samples.append((scheduled - t0, ms, name))
-                outstanding[0] -= 1
-            slots.release()
-
-        sent = 0
-        for i in range(n):
-            due = t0 + i / qps
-            if due >= stop_at:
-                break
-            delay = due - time.perf_counter()
-            if delay > 0:
-                time.sleep(delay)
-            if not slots.acquire(timeout=max(0.0, stop_at + timeout_s - time.perf_counter())):
-                break  # every slot stuck past the run's end: stop sending
-            if time.perf_counter() - due > 1e-3:
-                late_sends += 1
-            with lock:
-                outstanding[0] += 1
-            fut = stubs[i % len(stubs)].Rank.future(reqs[i], timeout=timeout_s)
-            fut.add_done_callback(lambda f, due=due: finish(due, f))
-            sent += 1
-        send_end = time.perf_counter()
-        deadline = send_end + timeout_s + 1.0
-        while time.perf_counter() < deadline:
-            with lock:
-                if outstanding[0] == 0:
-                    break
-            time.sleep(0.005)
-        elapsed = max(send_end, time.perf_counter()) - t0
-
+    status = rec.status
     ok = status.get("OK", 0)
     completed = sum(status.values())
     res = {
         "target": target, "offered_qps": float(qps), "duration_s": float(duration_s), "concurrency": int(concurrency),
         "k": k, "users": pool_desc, "sent": sent, "completed": completed, "unanswered": sent - completed,
-        "achieved_qps": ok / elapsed if elapsed > 0 else 0.0, "send_rate": sent / max(send_end - t0, 1e-9),
+        "achieved_qps": ok / elapsed if elapsed > 0 else 0.0, "send_rate": sent / max(send_s, 1e-9),
         "late_sends": late_sends, "elapsed_s": elapsed, "status": dict(sorted(status.items())),
         "error_rate": (completed - ok) / completed if completed else 0.0,
-        "latency_ms": _summary(lat),
-        "error_latency_ms": _summary(err_lat),
-        "versions": dict(sorted(versions.items())),
-        "server_stage_ms": {s: _summary(h) for s, h in stage_h.items()} if debug else {},
+        "latency_ms": _summary(rec.lat),
+        "error_latency_ms": _summary(rec.err_lat),
+        "versions": dict(sorted(rec.versions.items())),
+        "server_stage_ms": {s: _summary(h) for s, h in rec.stage_h.items()} if debug else {},
     }
     if keep_samples:
-        res["samples"] = samples
+        res["samples"] = rec.samples
     return res
 
 

@@ -7,12 +7,11 @@ interleaved order (baseline, sd, ..., baseline, sd, ...) so that a change in the
 load hits every row alike. Ratios are taken within a repeat and then summarised; the
 absolute seconds belong to this machine only.
 
-    recstack bench train --data WORLD --out docs/results/coarse/cost --steps 200 --repeats 3
+    recstack bench train --data DATA_DIR --out OUT_DIR --steps 200 --repeats 3
 """
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -22,9 +21,10 @@ from typing import Callable, Sequence
 import torch
 
 from coarse_rank.train import MANNERS, TEACHERS, Config, fit
-from recstack.evaluation import protocol as X
+from recstack.bench.timing import loadavg
 from recstack.config import ConfigError
 from recstack.data import SimData, load
+from recstack.evaluation import protocol as X
 
 ROWS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md")
 
@@ -100,7 +100,7 @@ def write_report(out: Path, res: dict) -> Path:
         f"one thread, {res['repeats']} interleaved repeats; load average at the start {res['loadavg_start']} and at the "
         f"end {res['loadavg_end']} on {res['machine']}. Ratios are paired within a repeat.", "",
         table, "", "![cost](train_cost.png)", "",
-        "The issue's target: Share&Sync PFD ≤ 1.25× the baseline's wall time (the paper: +2.9 % to +22.5 %). "
+        "The target: Share&Sync PFD ≤ 1.25× the baseline's wall time (the paper: +2.9 % to +22.5 %). "
         "CPU time is the sturdier reading on a shared machine; both are in `results.json`.", "",
         "```bash", res["command"], "```", ""])
     (out / "report.md").write_text(text)
@@ -112,19 +112,13 @@ def run(data_dir: str | Path, out_dir: str | Path, *, rows: Sequence[str] = ROWS
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     data = load(data_dir)
-    load0 = [round(x, 2) for x in _loadavg()]
+    load0 = loadavg()
     t0 = time.perf_counter()
     res = measure(data, rows, manner=manner, steps=steps, repeats=repeats)
     res.update(world=f"{data.world.get('preset')} (seed {data.world.get('seed')})", data_dir=str(Path(data_dir).resolve()),
-               loadavg_start=load0, loadavg_end=[round(x, 2) for x in _loadavg()], machine=platform.processor() or
+               loadavg_start=load0, loadavg_end=loadavg(), machine=platform.processor() or
                platform.machine(), wall_s=time.perf_counter() - t0, command=command or "recstack bench train")
     (out / "results.json").write_text(json.dumps(res, indent=2))
     write_report(out, res)
     return res
 
-
-def _loadavg() -> tuple[float, float, float]:
-    try:
-        return os.getloadavg()
-    except OSError:  # not on every platform
-        return (float("nan"),) * 3

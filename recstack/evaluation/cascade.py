@@ -1,7 +1,7 @@
 """Cascade recall against the truth: what share of the best items survives each stage.
 
-    from recstack.evaluation.cascade import run
-    results = run("runs/small/artifacts", "data/small", "docs/results/cascade", n_users=300)
+    from recstack.evaluation.cascade import Settings, run
+    results = run("ARTIFACTS", "DATA_DIR", "OUT_DIR", Settings(n_users=300))
 
 For a sample of users active on the evaluation day (the test day by default) the oracle
 ranks the *whole corpus* by the simulator's true expected GMV of one impression,
@@ -23,8 +23,8 @@ Nothing here is a model input: the oracle is used only to score.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -32,16 +32,6 @@ import numpy as np
 from recstack.data import load
 from recstack.serving.cascade import SOURCE_I2I, SOURCES, Cascade, Query
 from recstack.world.truth import Truth
-
-
-def _open(bundle_or_runs: str | Path, scratch: Path) -> Cascade:
-    """A bundle dir / artifacts root, or a runs dir (RUNS/{retrieval,coarse,fine}) exported first."""
-    p = Path(bundle_or_runs)
-    if (p / "retrieval" / "checkpoint.pt").exists():
-        from recstack.pipeline.export import export_bundle
-
-        p = export_bundle(p, scratch / "artifacts")
-    return Cascade.load(p)
 
 
 def requests(data, day: int, n_users: int, seed: int) -> dict[str, np.ndarray]:
@@ -64,137 +54,180 @@ def _hits(a: np.ndarray, oracle: np.ndarray) -> float:
     return float(np.isin(oracle, a).sum()) / len(oracle)
 
 
-def run(
-    bundle_or_runs: str | Path,
-    data_dir: str | Path,
-    out_dir: str | Path,
-    *,
-    n_users: int = 300,
-    day: int | None = None,
-    k: int = 50,
-    retrieval_sizes: tuple[int, ...] = (100, 300, 1000, 3000),
-    coarse_sizes: tuple[int, ...] = (50, 100, 200, 500),
-    i2i_shares: tuple[float, ...] = (0.0, 0.3),
-    default_retrieval: int = 1000,
-    default_coarse: int = 200,
-    exhaustive: bool = True,
-    seed: int = 0,
-    plot: bool = True,
-    cascade: Cascade | None = None,
-) -> dict:
-    """Evaluate the bundle's cascade against the oracle; write results.json (+ PNG) to out_dir.
+@dataclass
+class Settings:
+    """What `run` evaluates: the users, the stage-size grid and the references."""
 
-    The grid: every retrieval size at `default_coarse`, every coarse size at
-    `default_retrieval` (coarse <= retrieval), each with every i2i share. Returns the results
-    dict (JSON types); `configs` holds one row per (retrieval, coarse, i2i share).
-    `cascade`: an already loaded Cascade (or subclass, e.g. the benchmark's teacher-as-coarse
-    peer) to evaluate instead of opening `bundle_or_runs`.
-    """
-    t_start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    data = load(data_dir)
-    truth = Truth.load(data_dir)
-    day = data.test_day if day is None else int(day)
-    if cascade is None:
-        with tempfile.TemporaryDirectory(prefix="cascade_eval_") as tmp:
-            cascade = _open(bundle_or_runs, Path(tmp))
-    if cascade.n_items != truth.n_items or cascade.n_users != truth.n_users:
-        raise ValueError(f"bundle ({cascade.n_users} users, {cascade.n_items} items) is not of this world "
-                         f"({truth.n_users} users, {truth.n_items} items)")
-    n_items = cascade.n_items
-    k = min(k, n_items)
-    req = requests(data, day, n_users, seed)
-    users = req["user_id"]
-    oracle_ids, oracle_gmv = truth.oracle_top_k(users, day, k)  # (N, k)
-    oracle_sum = oracle_gmv.sum(axis=1)  # (N,)
+    n_users: int = 300  # test-day users sampled (their first session)
+    day: int | None = None  # the evaluation day (None: the test day)
+    k: int = 50  # size of the served list and of the oracle's
+    retrieval_sizes: tuple[int, ...] = (100, 300, 1000, 3000)  # each at default_coarse
+    coarse_sizes: tuple[int, ...] = (50, 100, 200, 500)  # each at default_retrieval
+    i2i_shares: tuple[float, ...] = (0.0, 0.3)  # every grid point with each share of i2i candidates
+    default_retrieval: int = 1000  # the serving default sizes
+    default_coarse: int = 200
+    exhaustive: bool = True  # also the fine ranker over the whole corpus (a reference)
+    seed: int = 0  # the user sample
+    plot: bool = True  # cascade_recall.png
 
-    def gmv_share(u_row: int, items: np.ndarray) -> float:
+    def grid(self, n_items: int) -> list[tuple[int, int]]:
+        """(retrieval, coarse) sizes: every retrieval size at default_coarse, every coarse size at
+        default_retrieval (coarse <= retrieval), clamped to the corpus, without repeats."""
+        grid = sorted({(r, self.default_coarse) for r in self.retrieval_sizes} |
+                      {(self.default_retrieval, c) for c in self.coarse_sizes})
+        grid = [(min(r, n_items), min(c, r, n_items)) for r, c in grid]
+        return list(dict.fromkeys(grid))
+
+
+METRICS = ("recall_retrieval", "recall_coarse", "recall_served", "gmv_share", "i2i_in_retrieved", "i2i_in_served",
+           "oracle_via_i2i", "ms")
+WITH_SE = ("recall_retrieval", "recall_coarse", "recall_served", "gmv_share")
+
+
+class _Oracle:
+    """The sampled requests, their oracle top k and the GMV share of any list."""
+
+    def __init__(self, truth: Truth, req: dict, day: int, k: int):
+        self.truth, self.req, self.day, self.k = truth, req, day, k
+        self.users = req["user_id"]
+        self.ids, gmv = truth.oracle_top_k(self.users, day, k)  # (N, k)
+        self.gmv_sum = gmv.sum(axis=1)  # (N,)
+
+    def gmv_share(self, n: int, items: np.ndarray) -> float:
         if len(items) == 0:
             return 0.0
-        return float(truth.expected_gmv(users[u_row : u_row + 1], items[None], day).sum() / oracle_sum[u_row])
+        return float(self.truth.expected_gmv(self.users[n : n + 1], items[None], self.day).sum() / self.gmv_sum[n])
 
-    grid = sorted({(r, default_coarse) for r in retrieval_sizes} | {(default_retrieval, c) for c in coarse_sizes})
-    grid = [(min(r, n_items), min(c, r, n_items)) for r, c in grid]
-    grid = list(dict.fromkeys(grid))
+    def rank(self, cascade: Cascade, n: int, retrieval_size: int, coarse_size: int, trace: dict | None = None):
+        """The serving code's ranking of request n at these sizes."""
+        req = self.req
+        return cascade.rank_features(Query(user_id=int(self.users[n]), num_results=self.k, retrieval_size=retrieval_size,
+                                           coarse_size=coarse_size),
+                                     req["user_feats"][n : n + 1], req["seq_items"][n : n + 1],
+                                     req["seq_extras"][n : n + 1], trace=trace)
+
+
+def _measure(cascade: Cascade, oracle: _Oracle, r: int, c: int) -> dict[str, list[float]]:
+    """Every request at retrieval size r and coarse size c -> metric -> one value per user."""
+    rows: dict[str, list[float]] = {m: [] for m in METRICS}
+    for n in range(len(oracle.users)):
+        trace: dict = {}
+        t0 = time.perf_counter()
+        res = oracle.rank(cascade, n, r, c, trace)
+        rows["ms"].append((time.perf_counter() - t0) * 1e3)
+        o = oracle.ids[n]
+        rows["recall_retrieval"].append(_hits(trace["retrieved"], o))
+        rows["recall_coarse"].append(_hits(trace["coarse"], o))
+        rows["recall_served"].append(_hits(res.item_ids, o))
+        rows["gmv_share"].append(oracle.gmv_share(n, res.item_ids))
+        is_i2i = trace["retrieved_sources"] == SOURCES.index(SOURCE_I2I)
+        rows["i2i_in_retrieved"].append(float(is_i2i.mean()) if len(is_i2i) else 0.0)
+        rows["i2i_in_served"].append(float(np.mean([s == SOURCE_I2I for s in res.sources])) if res.sources else 0.0)
+        rows["oracle_via_i2i"].append(_hits(trace["retrieved"][is_i2i], o))
+    return rows
+
+
+def _summary(rows: dict[str, list[float]], r: int, c: int, share: float, base: np.ndarray | None) -> dict:
+    """One results row: the means (and standard errors) over the users; with `base` (the same
+    users' GMV shares without i2i) the paired difference."""
+    row = {"retrieval_size": r, "coarse_size": c, "i2i_share": share}
+    if share != 0.0 and base is not None:
+        # paired over the same users: the i2i source's effect on GMV share
+        d = np.asarray(rows["gmv_share"]) - base
+        row["gmv_share_diff_vs_no_i2i"] = float(d.mean())
+        row["gmv_share_diff_se"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
+    for m, v in rows.items():
+        v = np.asarray(v)
+        row[m] = float(v.mean())
+        if m in WITH_SE:
+            row[m + "_se"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+    return row
+
+
+def _grid_rows(cascade: Cascade, oracle: _Oracle, settings: Settings) -> list[dict]:
+    """One row per (i2i share, retrieval size, coarse size), share 0 first (the paired baseline)."""
     configs = []
     per_user: dict[tuple, np.ndarray] = {}
     share0 = cascade.i2i_share
-    i2i_shares = tuple(sorted(set(i2i_shares), key=lambda x: (x != 0.0, x)))  # share 0 first: the paired baseline
+    k = oracle.k
     try:
-        for share in i2i_shares:
+        for share in sorted(set(settings.i2i_shares), key=lambda x: (x != 0.0, x)):
             cascade.i2i_share = float(share)
-            for r, c in grid:
-                rows = {m: [] for m in ("recall_retrieval", "recall_coarse", "recall_served", "gmv_share", "i2i_in_retrieved",
-                                        "i2i_in_served", "oracle_via_i2i", "ms")}
-                for n, u in enumerate(users):
-                    trace: dict = {}
-                    t0 = time.perf_counter()
-                    res = cascade.rank_features(Query(user_id=int(u), num_results=k, retrieval_size=r, coarse_size=c),
-                                                req["user_feats"][n : n + 1], req["seq_items"][n : n + 1],
-                                                req["seq_extras"][n : n + 1], trace=trace)
-                    rows["ms"].append((time.perf_counter() - t0) * 1e3)
-                    o = oracle_ids[n]
-                    rows["recall_retrieval"].append(_hits(trace["retrieved"], o))
-                    rows["recall_coarse"].append(_hits(trace["coarse"], o))
-                    rows["recall_served"].append(_hits(res.item_ids, o))
-                    rows["gmv_share"].append(gmv_share(n, res.item_ids))
-                    is_i2i = trace["retrieved_sources"] == SOURCES.index(SOURCE_I2I)
-                    rows["i2i_in_retrieved"].append(float(is_i2i.mean()) if len(is_i2i) else 0.0)
-                    rows["i2i_in_served"].append(float(np.mean([s == SOURCE_I2I for s in res.sources])) if res.sources else 0.0)
-                    rows["oracle_via_i2i"].append(_hits(trace["retrieved"][is_i2i], o))
+            for r, c in settings.grid(cascade.n_items):
+                rows = _measure(cascade, oracle, r, c)
                 per_user[(r, c, float(share))] = np.asarray(rows["gmv_share"])
-                row = {"retrieval_size": r, "coarse_size": c, "i2i_share": float(share)}
-                base = per_user.get((r, c, 0.0))
-                if share != 0.0 and base is not None:
-                    # paired over the same users: the i2i source's effect on GMV share
-                    d = per_user[(r, c, float(share))] - base
-                    row["gmv_share_diff_vs_no_i2i"] = float(d.mean())
-                    row["gmv_share_diff_se"] = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else 0.0
-                for m, v in rows.items():
-                    v = np.asarray(v)
-                    row[m] = float(v.mean())
-                    if m in ("recall_retrieval", "recall_coarse", "recall_served", "gmv_share"):
-                        row[m + "_se"] = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0
+                row = _summary(rows, r, c, float(share), per_user.get((r, c, 0.0)))
                 configs.append(row)
                 print(f"i2i {share:.2f} R={r:5d} C={c:4d}: oracle@{k} kept  retrieval {row['recall_retrieval']:.3f}"
                       f"  coarse {row['recall_coarse']:.3f}  served {row['recall_served']:.3f}   GMV@{k} share {row['gmv_share']:.3f}"
                       f"  ({row['ms']:.1f} ms/request)", flush=True)
     finally:
         cascade.i2i_share = share0
+    return configs
 
+
+def _references(cascade: Cascade, oracle: _Oracle, settings: Settings) -> dict:
+    """The popularity top k, k random items and (exhaustive) the fine ranker over the whole corpus."""
+    n_users, n_items, k = len(oracle.users), cascade.n_items, oracle.k
     references = {}
-    rng = np.random.default_rng(seed + 1)
-    pop_top = np.argsort(-truth.world.item_pop, kind="stable")[:k]
-    references["popularity_top_k"] = {"gmv_share": float(np.mean([gmv_share(n, pop_top) for n in range(len(users))])),
-                                      "recall": float(np.mean([_hits(pop_top, oracle_ids[n]) for n in range(len(users))]))}
-    rand = [rng.choice(n_items, k, replace=False) for _ in users]
-    references["random_k"] = {"gmv_share": float(np.mean([gmv_share(n, rand[n]) for n in range(len(users))])),
-                              "recall": float(np.mean([_hits(rand[n], oracle_ids[n]) for n in range(len(users))]))}
-    if exhaustive:
+    rng = np.random.default_rng(settings.seed + 1)
+    pop_top = np.argsort(-oracle.truth.world.item_pop, kind="stable")[:k]
+    references["popularity_top_k"] = {"gmv_share": float(np.mean([oracle.gmv_share(n, pop_top) for n in range(n_users)])),
+                                      "recall": float(np.mean([_hits(pop_top, oracle.ids[n]) for n in range(n_users)]))}
+    rand = [rng.choice(n_items, k, replace=False) for _ in oracle.users]
+    references["random_k"] = {"gmv_share": float(np.mean([oracle.gmv_share(n, rand[n]) for n in range(n_users)])),
+                              "recall": float(np.mean([_hits(rand[n], oracle.ids[n]) for n in range(n_users)]))}
+    if settings.exhaustive:
         # the fine ranker alone over the whole corpus: the ceiling for what the early stages keep
         share_keep = cascade.i2i_share
         cascade.i2i_share = 0.0
         g, rec = [], []
-        for n, u in enumerate(users):
-            res = cascade.rank_features(Query(user_id=int(u), num_results=k, retrieval_size=n_items, coarse_size=n_items),
-                                        req["user_feats"][n : n + 1], req["seq_items"][n : n + 1], req["seq_extras"][n : n + 1])
-            g.append(gmv_share(n, res.item_ids))
-            rec.append(_hits(res.item_ids, oracle_ids[n]))
+        for n in range(n_users):
+            res = oracle.rank(cascade, n, n_items, n_items)
+            g.append(oracle.gmv_share(n, res.item_ids))
+            rec.append(_hits(res.item_ids, oracle.ids[n]))
         cascade.i2i_share = share_keep
         references["fine_over_whole_corpus"] = {"gmv_share": float(np.mean(g)), "recall": float(np.mean(rec)),
                                                 "gmv_share_se": float(np.std(g, ddof=1) / np.sqrt(len(g))) if len(g) > 1 else 0.0}
+    return references
 
+
+def run(bundle: str | Path, data_dir: str | Path, out_dir: str | Path, settings: Settings | None = None, *,
+        cascade: Cascade | None = None, **fields) -> dict:
+    """Evaluate the bundle's cascade against the oracle; write results.json (+ PNG) to out_dir.
+
+    `bundle`: a bundle folder or an artifacts root (`recstack export`'s output); `settings`
+    (or its fields given as keywords, e.g. `n_users=300`) says what is evaluated. Returns the
+    results dict (JSON types); `configs` holds one row per (retrieval, coarse, i2i share).
+    `cascade`: an already loaded Cascade (or subclass, e.g. the benchmark's teacher-as-coarse
+    peer) to evaluate instead of opening `bundle`.
+    """
+    settings = replace(settings or Settings(), **fields)
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load(data_dir)
+    truth = Truth.load(data_dir)
+    day = data.test_day if settings.day is None else int(settings.day)
+    if cascade is None:
+        cascade = Cascade.load(bundle)
+    if cascade.n_items != truth.n_items or cascade.n_users != truth.n_users:
+        raise ValueError(f"bundle ({cascade.n_users} users, {cascade.n_items} items) is not of this world "
+                         f"({truth.n_users} users, {truth.n_items} items)")
+    k = min(settings.k, cascade.n_items)
+    oracle = _Oracle(truth, requests(data, day, settings.n_users, settings.seed), day, k)
+    configs = _grid_rows(cascade, oracle, settings)
+    references = _references(cascade, oracle, settings)
     results = {
-        "k": k, "day": day, "n_users": int(len(users)), "n_items": int(n_items), "data_dir": str(Path(data_dir).resolve()),
-        "bundle_version": cascade.version, "i2i_seeds": cascade.i2i_seeds,
+        "k": k, "day": day, "n_users": int(len(oracle.users)), "n_items": int(cascade.n_items),
+        "data_dir": str(Path(data_dir).resolve()), "bundle_version": cascade.version, "i2i_seeds": cascade.i2i_seeds,
         "oracle": "top k of the whole corpus by true E[pCTR] x pCVR x price for the day's intent (recstack.world.truth)",
         "requests": "first session of each sampled user active that day; features strictly before its time",
         "configs": configs, "references": references, "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     (out / "results.json").write_text(json.dumps(results, indent=2))
-    if plot:
-        _plot(results, out / "cascade_recall.png", default_retrieval, default_coarse)
+    if settings.plot:
+        _plot(results, out / "cascade_recall.png", settings.default_retrieval, settings.default_coarse)
     return results
 
 

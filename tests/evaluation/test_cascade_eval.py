@@ -1,7 +1,8 @@
-"""recstack/world/truth.py (the oracle) and retrieval/cascade_eval.py (cascade recall against it), on `tiny`."""
+"""recstack/world/truth.py (the oracle) and recstack/evaluation/cascade.py (cascade recall against it), on `tiny`."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +86,39 @@ def test_cascade_eval_invariants(tiny_data, tiny_bundle, tmp_path):
     assert full["gmv_share"] == pytest.approx(res["references"]["fine_over_whole_corpus"]["gmv_share"])
     assert full["i2i_in_retrieved"] == 0.0 and any(r["i2i_in_retrieved"] > 0 for r in rows if r["i2i_share"] > 0)
     assert 0 <= res["references"]["random_k"]["gmv_share"] < 1
+
+
+def test_settings_fields_as_keywords_and_unknown_ones_refused(tiny_data, tiny_bundle, tmp_path):
+    s = cascade_eval.Settings(retrieval_sizes=(10, 20), coarse_sizes=(5, 30), default_retrieval=20, default_coarse=5)
+    assert s.grid(n_items=15) == [(10, 5), (15, 5), (15, 15)]  # clamped to the corpus, coarse <= retrieval, no repeats
+    with pytest.raises(TypeError, match="n_userz"):
+        cascade_eval.run(tiny_bundle, tiny_data, tmp_path / "out", n_userz=3)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bench_cascade_exports_a_runs_folder_before_evaluating(tmp_path, monkeypatch):
+    """The evaluation takes a bundle; the CLI turns a runs folder into one first."""
+    from recstack import cli
+    from recstack.pipeline import export
+
+    runs = tmp_path / "runs"
+    (runs / "retrieval").mkdir(parents=True)
+    (runs / "retrieval" / "checkpoint.pt").write_bytes(b"")
+    seen = {}
+
+    def fake_export(runs_dir, out):
+        seen["exported"] = Path(runs_dir)
+        return Path(out) / "v1"
+
+    def fake_run(bundle, data, out, n_users):
+        seen["bundle"] = Path(bundle)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        return {"k": 5, "day": 1, "n_users": n_users, "n_items": 10, "data_dir": str(data), "bundle_version": "v1",
+                "oracle": "o", "configs": [], "references": {}, "wall_seconds": 0.0}
+
+    monkeypatch.setattr(export, "export_bundle", fake_export)
+    monkeypatch.setattr(cascade_eval, "run", fake_run)
+    assert cli.main(["bench", "cascade", "--artifacts", str(runs), "--data", "d", "--users", "3",
+                     "--out", str(tmp_path / "out")]) == 0
+    assert seen["exported"] == runs and seen["bundle"].name == "v1" and seen["bundle"].parent.name == "artifacts"
+    assert (tmp_path / "out" / "report.md").exists()
