@@ -135,7 +135,7 @@ def _cmd_train(args) -> int:
     return 0
 
 
-EXPERIMENTS = {  # name -> the package whose experiment.run(name, ...) writes the report
+EXPERIMENTS = {  # name -> the package whose experiments.run(name, ...) writes the report
     "coarse": "coarse_rank", "lambda": "coarse_rank", "manner": "coarse_rank",
     "cvr": "fine_rank", "sead": "fine_rank", "signal-loss": "fine_rank",
 }
@@ -154,7 +154,7 @@ def _cmd_experiment(args) -> int:
         raise UsageError(f"--workers: must be >= 1, got {args.workers}")
     if not (Path(args.data) / "world.json").is_file():  # before the report folder is made
         raise UsageError(f"--data {args.data}: no world.json (is this a `recstack simulate` output folder?)")
-    mod = importlib.import_module(f"{EXPERIMENTS[args.name]}.experiment")
+    mod = importlib.import_module(f"{EXPERIMENTS[args.name]}.experiments")
     since = time.time()
     mod.run(args.name, args.data, args.out, seeds=seeds, quick=args.quick, overrides=tuple(args.set), workers=args.workers)
     print_written(Path(args.out), since)
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quick", action="store_true", help="tiny models and sweeps: checks the pipeline, numbers mean nothing")
     s.add_argument("--workers", type=int, default=1,
                    help="run independent fits in this many processes, one thread each (results equal a serial run's)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field of the stage's Config")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a setting of the experiment's plan (lrs=, fractions=, methods=, ...) or a field of the stage's Config")
 
     cli_bench.add_parser(sub, _Help)
 

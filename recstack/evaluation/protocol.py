@@ -1,6 +1,7 @@
-"""The experiment protocol shared by every table (DESIGN §6): seeds, paired confidence
-intervals against the baseline, data-equivalent multipliers, gains by id frequency, and the
-report files (`report.md`, `results.json`, PNG plots).
+"""The experiment protocol shared by every table (DESIGN §6): the checked plan of a run
+(`ExperimentPlan`: seeds, learning-rate sweep, methods, data fractions), paired confidence
+intervals against the baseline, data-equivalent multipliers and gains by id frequency. The
+report files (`report.md`, `results.json`, PNG plots) are written by `report`.
 
 The statistics are plain and documented: a paired t-interval over seeds (each seed trains
 every method on the same data and initial seed), and a data-equivalent multiplier read off the
@@ -8,13 +9,17 @@ baseline's AUC-vs-data curve by interpolation in log(data).
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import math
-from pathlib import Path
-from typing import Callable, Iterable, Sequence
+import typing
+from typing import Callable, ClassVar, Iterable, Optional, Sequence
 
 import numpy as np
 from scipy import stats
+
+from recstack.config import ConfigError, apply_overrides
+# the report helpers are also reachable from here, where the benchmarks import them
+from recstack.evaluation.report import _plt, fmt_ci, markdown_table, plot_bars_with_ci, plot_curves, plot_reliability, write_results  # noqa: F401
 
 
 def mean_std(xs: Sequence[float]) -> dict:
@@ -78,91 +83,107 @@ def select_lr(score: Callable[[float], float], lrs: Iterable[float]) -> tuple[fl
     return best, scores
 
 
-# --- report files ---------------------------------------------------------------------------
+# --- the plan of a run ----------------------------------------------------------------------
 
 
-def write_results(out: str | Path, results: dict) -> Path:
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=2, default=_json_default))
-    return path
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """What one experiment runs, checked before anything trains.
+
+    A stage subclasses it to set its defaults, its quick sizes and its own settings (the
+    coarse ranker's day windows, say); `from_cli` builds one from the command line's
+    `--seeds`, `--quick`, `--workers` and `--set key=value`, where a key is either a field of
+    the plan or a field of the stage's training `Config` (applied to every method).
+    """
+
+    experiment: str = ""  # the table to run: one of the stage's EXPERIMENTS
+    seeds: tuple[int, ...] = (1, 2, 3)  # training seeds; every method trains once per seed, so differences are paired
+    quick: bool = False  # tiny models and sweeps: checks the pipeline, the numbers mean nothing
+    workers: int = 1  # processes for independent fits, one thread each (the numbers equal a serial run's)
+    lrs: tuple[float, ...] = ()  # the learning-rate sweep every method gets on the validation day
+    fractions: tuple[float, ...] = ()  # shares of the training rows the baseline's data curve is trained on
+    methods: Optional[tuple[str, ...]] = None  # the table's rows to run (None: all of them)
+    overrides: tuple[str, ...] = ()  # key=value changes of the stage's Config, applied to every method
+
+    EXPERIMENTS: ClassVar[tuple[str, ...]] = ()  # the stage's experiment names
+    MIN_SEEDS: ClassVar[int] = 1
+    QUICK: ClassVar[dict] = {}  # the field values `quick` starts from
+    FLAGS: ClassVar[tuple[str, ...]] = ("experiment", "seeds", "quick", "overrides")  # set by their own arguments, never by --set
+
+    def set_keys(self) -> tuple[str, ...]:
+        """The plan fields `--set` may change in this experiment."""
+        return tuple(f.name for f in dataclasses.fields(self) if f.name not in self.FLAGS)
+
+    def choices(self) -> dict[str, tuple[str, ...]]:
+        """The valid names of each list-of-names field (methods, ...) in this experiment."""
+        return {}
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the field and its valid values."""
+        if self.EXPERIMENTS and self.experiment not in self.EXPERIMENTS:
+            raise ConfigError(f"unknown experiment {self.experiment!r}; choose one of {self.EXPERIMENTS}")
+        if len(self.seeds) < max(1, self.MIN_SEEDS):
+            need = "at least one seed" if self.MIN_SEEDS <= 1 else (
+                f"the protocol needs >= {self.MIN_SEEDS} seeds for paired intervals (3 or more for a report)")
+            raise ConfigError(f"seeds: {need}, got {list(self.seeds)}")
+        if self.workers < 1:
+            raise ConfigError(f"workers: must be >= 1, got {self.workers}")
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ConfigError(f"lrs: need at least one positive learning rate, got {list(self.lrs)}")
+        if self.fractions and (min(self.fractions) <= 0 or max(self.fractions) > 1):
+            raise ConfigError(f"fractions: each must be in (0, 1], got {list(self.fractions)}")
+        for key, valid in self.choices().items():
+            names = getattr(self, key)
+            if names is None:
+                continue
+            bad = [n for n in names if n not in valid]
+            if bad or not names:
+                raise ConfigError(f"{key}: unknown {'name(s) ' + str(bad) if bad else 'empty list'}; choose from {list(valid)}")
+
+    @classmethod
+    def from_cli(cls, experiment: str, seeds: Sequence[int], quick: bool = False, workers: int = 1,
+                 overrides: Sequence[str] = (), config: type | None = None, **fields):
+        """The plan of `experiment` from the command line; `config` is the stage's Config
+        class, whose fields are the other keys `--set` accepts (checked when applied).
+        `fields` set plan fields before the overrides (a Python caller's arguments)."""
+        plan = cls(experiment=experiment, seeds=tuple(int(s) for s in seeds), quick=bool(quick), workers=int(workers))
+        plan = dataclasses.replace(plan, **{**(cls.QUICK if quick else {}), **fields})
+        own = plan.set_keys()
+        config_keys = [f.name for f in dataclasses.fields(config)] if config is not None else []
+        hints = typing.get_type_hints(cls)
+        mine, mappings, rest = [], {}, []
+        for item in overrides:
+            key, eq, value = item.partition("=")
+            key = key.strip()
+            if not eq:
+                raise ConfigError(f"override {item!r} is not key=value")
+            if key in own and typing.get_origin(hints[key]) is dict:
+                mappings[key] = _parse_mapping(key, value)
+            elif key in own:
+                mine.append(f"{key}={value}")
+            elif key in config_keys:
+                rest.append(item)
+            else:
+                raise ConfigError(f"unknown setting {key!r} for the {experiment} experiment; valid keys: "
+                                  f"{', '.join(sorted(own))} (the plan) and {', '.join(sorted(config_keys))} "
+                                  f"(the stage's {getattr(config, '__name__', 'Config')})")
+        plan = apply_overrides(plan, mine)  # parses each value as its field's type
+        plan = dataclasses.replace(plan, overrides=tuple(rest), **mappings)
+        plan.validate()
+        return plan
 
 
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
-
-
-def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> str:
-    def fmt(x):
-        return f"{x:.4f}" if isinstance(x, float) else str(x)
-
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(x) for x in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def fmt_ci(d: dict) -> str:
-    lo, hi = d["ci95"]
-    return f"{d['mean']:+.4f} [{lo:+.4f}, {hi:+.4f}]"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _finish(fig, ax, path, title: str, xlabel: str | None = None, ylabel: str | None = None, legend: bool = False) -> Path:
-    if xlabel:
-        ax.set_xlabel(xlabel)
-    if ylabel:
-        ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if legend:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    _plt().close(fig)
-    return Path(path)
-
-
-def plot_bars_with_ci(path: str | Path, names: Sequence[str], deltas: Sequence[dict], title: str, ylabel: str = "AUC − baseline") -> Path:
-    """Paired differences to the baseline with their 95 % CIs, one bar per method."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(names) + 2), 3.5))
-    means = [d["mean"] for d in deltas]
-    err = np.array([[d["mean"] - d["ci95"][0], d["ci95"][1] - d["mean"]] for d in deltas]).T
-    ax.bar(range(len(names)), means, yerr=np.nan_to_num(err), capsize=4, color=["tab:green" if d["ci95"][0] > 0 else "tab:gray" for d in deltas])
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    return _finish(fig, ax, path, title, ylabel=ylabel)
-
-
-def plot_reliability(path: str | Path, curves: dict[str, dict], title: str) -> Path:
-    """Reliability diagrams: `curves[name] = recstack.evaluation.metrics.reliability(...)`."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
-    hi = 0.0
-    for name, c in curves.items():
-        ax.plot(c["mean_pred"], c["mean_label"], marker="o", ms=3, label=name)
-        hi = max(hi, max(c["mean_pred"] + c["mean_label"]))
-    ax.plot([0, hi], [0, hi], color="black", lw=0.8, ls="--", label="perfect")
-    return _finish(fig, ax, path, title, "mean prediction", "observed rate", legend=True)
-
-
-def plot_curves(path: str | Path, xs: Sequence[float], series: dict[str, Sequence[float]], title: str, xlabel: str, ylabel: str, logx: bool = False) -> Path:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name, ys in series.items():
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
-    if logx:
-        ax.set_xscale("log")
-    return _finish(fig, ax, path, title, xlabel, ylabel, legend=True)
+def _parse_mapping(key: str, value: str) -> dict[str, float]:
+    """`a:0.05,b:0.1` -> {"a": 0.05, "b": 0.1}."""
+    out = {}
+    for part in (p.strip() for p in value.split(",")):
+        if not part:
+            continue
+        name, colon, number = part.partition(":")
+        try:
+            out[name.strip()] = float(number)
+        except ValueError:
+            raise ConfigError(f"{key}: expected name:value pairs separated by commas, got {value!r}") from None
+        if not colon:
+            raise ConfigError(f"{key}: expected name:value pairs separated by commas, got {value!r}")
+    return out

@@ -395,6 +395,28 @@ def _write(path: Path, cols: dict) -> None:
     pq.write_table(pa.table({k: np.asarray(v) for k, v in cols.items()}), path, compression="zstd")
 
 
+def _write_tables(out: Path, cfg: WorldConfig, world: World, events: dict, aggs: list[dict], intents: list[dict]) -> None:
+    """Every Parquet file but the impressions: behaviours, aggregates, users, items and the hidden truth."""
+    order = np.lexsort((events["ts"], events["user_id"]))
+    _write(out / "events.parquet", {k: v[order] for k, v in events.items()})
+    _write(out / "aggregates.parquet", {k: np.concatenate([a[k] for a in aggs]) for k in aggs[0]})
+    _write(out / "users.parquet", {"user_id": np.arange(cfg.n_users), "age_bucket": world.age, "gender": world.gender,
+                                   "activity": world.activity, "consent": world.consent})
+    _write(out / "items.parquet", {"item_id": np.arange(cfg.n_items), "category": world.item_cat, "shop": world.item_shop,
+                                   "brand": world.item_brand, "price": world.item_price.astype(np.float32),
+                                   "price_bucket": world.item_price_bucket})
+    # the hidden truth, for oracle evaluation only (never a model input)
+    truth_u = {"user_id": np.arange(cfg.n_users), "price_sensitivity": world.price_sens,
+               "favourite_shops": _list_column(world.fav_shops), "favourite_brands": _list_column(world.fav_brands),
+               "taste": _list_column(world.taste.astype(np.float32))}
+    pq.write_table(pa.table(truth_u), out / "truth_users.parquet", compression="zstd")
+    truth_i = {"item_id": np.arange(cfg.n_items), "quality": world.item_quality, "popularity": world.item_pop,
+               "latent": _list_column(world.item_latent.astype(np.float32))}
+    pq.write_table(pa.table(truth_i), out / "truth_items.parquet", compression="zstd")
+    _write(out / "truth_intents.parquet", {k: np.concatenate([x[k] for x in intents]) for k in intents[0]})
+    _write(out / "truth_categories.parquet", {"category": np.arange(cfg.n_categories), "popularity": world.cat_pop})
+
+
 def simulate(cfg: WorldConfig, seed: int, out: str | Path, preset: str | None = None, progress: bool = True,
              shard_rows: int | None = None) -> dict:
     """Simulate `cfg.n_days` days and write the logs to `out`. Returns world.json's content.
@@ -442,24 +464,7 @@ def simulate(cfg: WorldConfig, seed: int, out: str | Path, preset: str | None = 
         aggs.append(log.aggregates(day))
         day_stats.append(log.stats(day))
     events = {k: np.concatenate([e[k] for e in all_events]) for k in all_events[0]}
-    order = np.lexsort((events["ts"], events["user_id"]))
-    _write(out / "events.parquet", {k: v[order] for k, v in events.items()})
-    _write(out / "aggregates.parquet", {k: np.concatenate([a[k] for a in aggs]) for k in aggs[0]})
-    _write(out / "users.parquet", {"user_id": np.arange(cfg.n_users), "age_bucket": world.age, "gender": world.gender,
-                                   "activity": world.activity, "consent": world.consent})
-    _write(out / "items.parquet", {"item_id": np.arange(cfg.n_items), "category": world.item_cat, "shop": world.item_shop,
-                                   "brand": world.item_brand, "price": world.item_price.astype(np.float32),
-                                   "price_bucket": world.item_price_bucket})
-    # the hidden truth, for oracle evaluation only (never a model input)
-    truth_u = {"user_id": np.arange(cfg.n_users), "price_sensitivity": world.price_sens,
-               "favourite_shops": _list_column(world.fav_shops), "favourite_brands": _list_column(world.fav_brands),
-               "taste": _list_column(world.taste.astype(np.float32))}
-    pq.write_table(pa.table(truth_u), out / "truth_users.parquet", compression="zstd")
-    truth_i = {"item_id": np.arange(cfg.n_items), "quality": world.item_quality, "popularity": world.item_pop,
-               "latent": _list_column(world.item_latent.astype(np.float32))}
-    pq.write_table(pa.table(truth_i), out / "truth_items.parquet", compression="zstd")
-    _write(out / "truth_intents.parquet", {k: np.concatenate([x[k] for x in intents]) for k in intents[0]})
-    _write(out / "truth_categories.parquet", {"category": np.arange(cfg.n_categories), "popularity": world.cat_pop})
+    _write_tables(out, cfg, world, events, aggs, intents)
     lp = np.log(world.item_price)
     meta = {
         "format_version": FORMAT_VERSION,

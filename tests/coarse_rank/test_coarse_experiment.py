@@ -8,7 +8,8 @@ import pytest
 from recstack.config import ConfigError
 from recstack.data import load
 
-from coarse_rank.experiment import run, windows
+from coarse_rank.experiments import run
+from coarse_rank.experiments.plan import windows
 
 
 class _Days:
@@ -58,13 +59,13 @@ def test_unknown_experiment_and_keys_are_errors(tiny_data, tmp_path):
 def test_fit_cache_round_trips_without_pickle(tmp_path):
     import numpy as np
 
-    from coarse_rank.experiment import _load_fitted, _save_fitted
+    from coarse_rank.experiments.runner import load_fitted, save_fitted
     from coarse_rank.train import Fitted
 
     f = Fitted(None, None, {"auc": 0.61, "fit_days": [1, 2]}, {"prob": np.arange(4, dtype=np.float32)}, None,
                {"user_id": np.array([3, 1]), "item_id": np.array([7, 9])})
-    _save_fitted(tmp_path / "x.npz", f)
-    g = _load_fitted(tmp_path / "x.npz")
+    save_fitted(tmp_path / "x.npz", f)
+    g = load_fitted(tmp_path / "x.npz")
     assert g.result == f.result and g.teacher_pred is None
     np.testing.assert_array_equal(g.student_pred["prob"], f.student_pred["prob"])
     np.testing.assert_array_equal(g.train_ids["item_id"], f.train_ids["item_id"])
@@ -94,3 +95,25 @@ def test_bench_train_cost_rows_and_refusals(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="manner"):
         CB.measure(data, ("baseline",), manner="async", steps=10)
     assert main(["bench", "train", "--out", str(tmp_path)]) == 2  # --data missing: a clear error, not a traceback
+
+
+def test_every_plan_key_parses_and_bad_values_name_the_key():
+    from coarse_rank.experiments.plan import CoarsePlan
+    from coarse_rank.train import Config
+
+    items = ["lrs=0.025,0.1", "base_days=2", "methods=baseline,pfd", "lams=0.1,0.5", "manners=ind_sync,share_sync",
+             "fractions=0.25", "double=false", "control_methods=baseline,pfd", "workers=3", "cache=/c",
+             "control_data=/w", "selected_lrs=baseline:0.05,pfd:0.1", "lr=0.2"]
+    p = CoarsePlan.from_cli("coarse", (1, 2), workers=1, overrides=items, config=Config)
+    assert p.record() == {"lrs": (0.025, 0.1), "base_days": 2, "methods": ("baseline", "pfd"), "lams": (0.1, 0.5),
+                          "manners": ("ind_sync", "share_sync"), "fractions": (0.25,), "control_data": "/w",
+                          "double": False, "control_methods": ("baseline", "pfd"), "workers": 3, "cache": "/c",
+                          "selected_lrs": {"baseline": 0.05, "pfd": 0.1}}
+    assert p.overrides == ("lr=0.2",)
+    quick = CoarsePlan.from_cli("lambda", (1,), quick=True, config=Config)
+    assert (quick.lrs, quick.lams, quick.fractions, quick.methods) == ((0.05,), (0.3, 0.7), (0.5,), CoarsePlan().methods)
+    for item, match in [("manners=sideways", "manners: unknown"), ("methods=pfd", "needs the baseline"),
+                        ("control_methods=oracle", "control_methods"), ("base_days=0", "base_days"),
+                        ("selected_lrs=pfd", "selected_lrs"), ("double=maybe", "double"), ("lrs=-1", "lrs")]:
+        with pytest.raises(ConfigError, match=match):
+            CoarsePlan.from_cli("coarse", (1, 2), overrides=[item], config=Config)

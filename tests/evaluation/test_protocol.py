@@ -1,9 +1,13 @@
+import dataclasses
 import json
+from typing import ClassVar
 
 import numpy as np
 import pytest
 
+from recstack.config import ConfigError
 from recstack.evaluation import protocol as E
+from recstack.evaluation import report as R
 
 
 def test_paired_diff_ci():
@@ -34,8 +38,57 @@ def test_frequency_buckets():
 def test_select_lr_and_report_files(tmp_path):
     best, scores = E.select_lr(lambda lr: -abs(lr - 0.01), [0.001, 0.01, 0.1])
     assert best == 0.01 and len(scores) == 3
-    E.write_results(tmp_path, {"x": np.float32(1.5), "a": np.arange(3)})
+    R.write_results(tmp_path, {"x": np.float32(1.5), "a": np.arange(3)})
     assert json.loads((tmp_path / "results.json").read_text()) == {"x": 1.5, "a": [0, 1, 2]}
-    E.plot_bars_with_ci(tmp_path / "d.png", ["a", "b"], [E.paired_diff([1, 2], [0, 1]), E.paired_diff([1, 1.1], [1, 1])], "t")
-    E.plot_reliability(tmp_path / "r.png", {"m": {"mean_pred": [0.1, 0.2], "mean_label": [0.1, 0.25]}}, "t")
-    assert (tmp_path / "d.png").stat().st_size > 1000 and (tmp_path / "r.png").stat().st_size > 1000
+    deltas = [E.paired_diff([1, 2], [0, 1]), E.paired_diff([1, 1.1], [1, 1])]
+    R.plot_bars_with_ci(tmp_path / "d.png", ["a", "b"], deltas, "t")
+    R.plot_reliability(tmp_path / "r.png", {"m": {"mean_pred": [0.1, 0.2], "mean_label": [0.1, 0.25]}}, "t")
+    R.plot_grouped_bars_with_ci(tmp_path / "g.png", ["a", "b"], {"head": deltas, "tail": deltas}, "t")
+    R.plot_bars(tmp_path / "b.png", ["a", "b"], [1.0, 2.0], "t", "s")
+    for name in ("d", "r", "g", "b"):
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000, name
+    assert R.fmt_mean_std(E.mean_std([1.0, 2.0])) == "1.5000 ± 0.7071" and R.fmt_mean_std(None) == "–"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    lr: float = 0.1  # a stage Config's field: the other keys --set accepts
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan(E.ExperimentPlan):
+    lrs: tuple[float, ...] = (0.1, 0.2)
+    EXPERIMENTS: ClassVar[tuple[str, ...]] = ("table",)
+    MIN_SEEDS: ClassVar[int] = 2
+    QUICK: ClassVar[dict] = {"lrs": (0.5,)}
+
+    def choices(self):
+        return {"methods": ("baseline", "pfd")}
+
+
+def test_plan_splits_plan_keys_from_config_keys_and_checks_both():
+    p = _Plan.from_cli("table", ["1", "2"], quick=True, workers=2, config=_Config,
+                       overrides=["methods=pfd", "lr=0.3", "fractions=0.5,1", "workers=3"])
+    assert p.seeds == (1, 2) and p.lrs == (0.5,) and p.methods == ("pfd",) and p.fractions == (0.5, 1.0)
+    assert p.workers == 3 and p.overrides == ("lr=0.3",)
+    assert _Plan.from_cli("table", (1, 2), config=_Config).lrs == (0.1, 0.2)  # not quick: the class default
+    with pytest.raises(ConfigError, match="unknown setting 'lrate'.*valid keys: fractions, lrs, methods, workers.*lr"):
+        _Plan.from_cli("table", (1, 2), overrides=["lrate=1"], config=_Config)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(experiment="other"), "unknown experiment 'other'"),
+    (dict(seeds=(1,)), "seeds: the protocol needs >= 2"),
+    (dict(overrides=["workers=0"]), "workers: must be >= 1"),
+    (dict(overrides=["lrs="]), "lrs: need at least one positive"),
+    (dict(overrides=["lrs=x"]), "lrs: expected float"),
+    (dict(overrides=["fractions=1.5"]), r"fractions: each must be in \(0, 1\]"),
+    (dict(overrides=["methods=pfd,oracle"]), r"methods: unknown name\(s\) \['oracle'\]; choose from \['baseline', 'pfd'\]"),
+    (dict(overrides=["methods="]), "methods: unknown empty list"),
+    (dict(overrides=["seeds=1,2"]), "unknown setting 'seeds'"),
+    (dict(overrides=["lrs"]), "not key=value"),
+])
+def test_plan_refusals_name_the_field_and_the_valid_values(kwargs, match):
+    args = {"experiment": "table", "seeds": (1, 2), "config": _Config, **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        _Plan.from_cli(**args)

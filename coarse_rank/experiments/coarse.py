@@ -1,0 +1,126 @@
+"""PFD Table 2 at coarse ranking: every teacher against the baseline, the baseline's data curve
+(sample efficiency), gains by id frequency and, given a control world, the same methods where
+the privileged features carry nothing."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from recstack.data import load
+from recstack.evaluation import protocol as X
+from recstack.evaluation import report as R
+
+from coarse_rank.experiments import report as CR
+from coarse_rank.experiments.plan import CoarsePlan, windows
+from coarse_rank.experiments.runner import Runner, bucket_deltas, ceiling, summary
+
+PAPER = {  # PFD Table 2 (1 day, CTR at coarse ranking), student testing AUC
+    "baseline": 0.6625, "lupi": 0.6645, "md": 0.6677, "pfd": 0.6712, "pfd_md": 0.6745,
+}
+BUCKETS = ("head", "torso", "tail")
+
+
+def _control(r: Runner, plan: CoarsePlan, seeds, lrs: dict) -> dict:
+    """The control world's test runs, at the learning rates chosen on the main world."""
+    cdata = load(plan.control_data)
+    cr = Runner(plan.control_data, cdata, r.base, windows(cdata, plan.base_days), r.log, r.workers, r.cache_dir)
+    cm = [m for m in plan.control_methods if m in lrs]
+    cfits = iter(cr.many([("test", None, dict(teacher=m, lr=lrs[m], seed=s)) for m in cm for s in seeds]))
+    cruns = {m: [next(cfits) for _ in seeds] for m in cm}
+    return {"data_dir": str(Path(plan.control_data).resolve()), "lrs": "selected on the main world",
+            "world": cdata.world.get("config", {}), "methods": summary(cruns), "ceiling_auc": ceiling(cruns)}
+
+
+def _plots(out: Path, methods: dict, fr: list, base_curve: list, buckets: dict) -> None:
+    others = [m for m in methods if m != "baseline"]
+    R.plot_curves(out / "sample_efficiency.png", fr, {"baseline": base_curve, **{
+        f"{m} (1x)": [methods[m]["student_auc"]["mean"]] * len(fr) for m in others}},
+        "Baseline AUC vs training data; lines: methods at 1x", "training data (x the train window)", "test AUC", logx=True)
+    R.plot_bars_with_ci(out / "delta_vs_baseline.png", others, [methods[m]["delta_vs_baseline"] for m in others],
+                        "Coarse student: AUC − baseline (paired, 95% CI)")
+    for field in buckets:
+        kind = field.split("_")[0]
+        R.plot_grouped_bars_with_ci(out / f"buckets_{kind}.png", others,
+                                    {b: [buckets[field][m][b]["delta"] for m in others] for b in BUCKETS},
+                                    f"Gain by {kind} frequency (paired, 95% CI)")
+
+
+def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
+    sel = r.select(plan, [(m, {"teacher": m}) for m in plan.methods], seeds[0])
+    lrs = {m: sel[m][0] for m in plan.methods}
+    # every test-day fit in one batch: methods x seeds, the baseline's data curve
+    specs = [("test", None, dict(teacher=m, lr=lrs[m], seed=s)) for m in plan.methods for s in seeds]
+    specs += [("test", None, dict(teacher="baseline", lr=lrs["baseline"], seed=s, train_fraction=f))
+              for f in plan.fractions for s in seeds]
+    notes = []
+    do_double = bool(r.win["double"]) and plan.double
+    if do_double:
+        specs += [("test", r.win["double"], dict(teacher="baseline", lr=lrs["baseline"], seed=s)) for s in seeds]
+    elif plan.double:
+        notes.append(f"2x skipped: a {r.data.n_days}-day world has no {2 * len(r.win['train'])} days before the test day")
+    fits = iter(r.many(specs))
+    runs = {m: [next(fits) for _ in seeds] for m in plan.methods}
+    curve = {1.0: [f.result["auc"] for f in runs["baseline"]]}
+    for f in plan.fractions:
+        curve[f] = [next(fits).result["auc"] for _ in seeds]
+    if do_double:
+        curve[2.0] = [next(fits).result["auc"] for _ in seeds]
+    control = _control(r, plan, seeds, lrs) if plan.control_data else None
+
+    methods = summary(runs)
+    for m in methods:
+        methods[m]["lr"] = lrs[m]
+        methods[m]["valid_auc_by_lr"] = sel[m][1]
+    fr = sorted(curve)
+    base_curve = [float(np.mean(curve[f])) for f in fr]
+    for m in methods:
+        methods[m]["data_multiplier"] = X.data_equivalent_multiplier(fr, base_curve, methods[m]["student_auc"]["mean"])
+    buckets = bucket_deltas(runs)
+    _plots(out, methods, fr, base_curve, buckets)
+    return {"methods": methods, "ceiling_auc": ceiling(runs), "sample_efficiency": {
+        "fractions": fr, "baseline_auc": {str(f): X.mean_std(curve[f]) for f in fr},
+        "how": "0.25x / 0.5x: a seeded share of the train window's sessions; 2x: the 2 * base_days days before "
+               "the test day (more days of the same world; same test day and users)", "notes": notes},
+        "buckets": buckets, "control": control}
+
+
+COLUMNS: list[CR.Column] = [
+    ("data-equiv. multiplier", lambda n, m: ("%.2fx" % m["data_multiplier"]["multiplier"])
+     + (" (extrapolated)" if m["data_multiplier"].get("extrapolated") else "")),
+    ("paper (1 day)", lambda n, m: f"{PAPER[n]:.4f}" if n in PAPER else "—"),
+]
+
+
+def _buckets_section(res: dict) -> list[str]:
+    body = ["## Gains by id frequency (paired Δ vs baseline within the bucket)", ""]
+    for field, tab in res["buckets"].items():
+        names = list(tab)
+        shares = {b: tab[names[0]][b]["share_of_test_rows"] for b in BUCKETS}
+        body += [f"{field.split('_')[0]}s (share of test rows: " + ", ".join(f"{b} {s:.2f}" for b, s in shares.items()) + ")", "",
+                 R.markdown_table(["method", "head", "torso", "tail"],
+                                  [[n] + [R.fmt_ci(tab[n][b]["delta"]) for b in BUCKETS] for n in names if n != "baseline"]),
+                 "", f"![{field}](buckets_{field.split('_')[0]}.png)", ""]
+    return body
+
+
+def body(res: dict) -> list[str]:
+    """The report below the header."""
+    methods = res["methods"]
+    se = res["sample_efficiency"]
+    out = CR.results_section(methods, COLUMNS)
+    out += ["## Sample efficiency (baseline)", "",
+            R.markdown_table(["data", "baseline AUC"], [[f"{f:g}x", R.fmt_mean_std(se["baseline_auc"][str(f)])] for f in se["fractions"]]),
+            "", *[f"- {n}" for n in se["notes"]], "",
+            "![sample efficiency](sample_efficiency.png) ![delta](delta_vs_baseline.png)", ""]
+    out += _buckets_section(res)
+    if res["control"]:
+        c = res["control"]
+        out += [f"## Control: privileged_strength = {c['world'].get('privileged_strength')} ({c['data_dir']})", "",
+                R.markdown_table(["method", "student AUC", "teacher AUC", "Δ vs baseline [95% CI]"],
+                                 [[n, R.fmt_mean_std(m["student_auc"]),
+                                   f"{m['teacher_auc']['mean']:.4f}" if m["teacher_auc"]["mean"] is not None else "—",
+                                   R.fmt_ci(m["delta_vs_baseline"]) if n != "baseline" else "—"] for n, m in c["methods"].items()]), ""]
+    out += ["## Validation sweep (student AUC on the validation day, first seed)", "",
+            R.markdown_table(["method", "AUC by LR", "chosen"], [[n, ", ".join(f"{k}: {v:.4f}" for k, v in m["valid_auc_by_lr"].items()), f"{m['lr']:g}"] for n, m in methods.items()]), ""]
+    return out

@@ -1,0 +1,158 @@
+"""The fine-ranker experiments' data and single runs: the validation and test splits per task
+population, one training run scored on a split, the test-day metrics of a run, and a pool of
+forked workers for independent runs."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from recstack.config import apply_overrides
+from recstack.data import load
+from recstack.evaluation import metrics as M
+
+from fine_rank import train as T
+from fine_rank.experiments.plan import Method
+
+
+@dataclass
+class Split:
+    """Training rows and scoring rows of one split, per task population."""
+
+    fit: dict[str, dict[str, np.ndarray]]  # task -> table
+    score: dict[str, dict[str, np.ndarray]]
+    agg_rate: float  # aggregated conversion rate of the fit days
+    score_agg: dict[str, np.ndarray]  # aggregates of the scored day
+
+
+@dataclass
+class Tables:
+    vocab: object
+    valid: Split
+    test: Split
+    world: dict = field(default_factory=dict)
+
+
+def _concat(a: dict, b: dict) -> dict:
+    return {k: np.concatenate([a[k], b[k]]) for k in a}
+
+
+def load_tables(data_dir) -> Tables:
+    data = load(data_dir)
+    fit = T.materialise(data.examples(data.fit_days))
+    valid = T.materialise(data.examples(data.valid_day))
+    test = T.materialise(data.examples(data.test_day))
+    train = _concat(fit, valid)
+
+    def pops(t):
+        return {"ctr": t, "cvr": T.clicked(t)}
+
+    return Tables(
+        vocab=data.vocab,
+        valid=Split(pops(fit), pops(valid), T.aggregate_rate(T.aggregates(data, data.fit_days)), T.aggregates(data, data.valid_day)),
+        test=Split(pops(train), pops(test), T.aggregate_rate(T.aggregates(data, data.train_days)), T.aggregates(data, data.test_day)),
+        world={"preset": data.world.get("preset"), "seed": data.world.get("seed"), "n_days": data.n_days,
+               "config": data.world.get("config", {}), "root": str(Path(data_dir).resolve())},
+    )
+
+
+# ------------------------------------------------------------------------- metrics
+
+
+def truth_auc(true_p: np.ndarray, probs: np.ndarray) -> float:
+    """AUC against the simulator's true probabilities: each row counts as a positive with
+    weight p and a negative with weight 1 - p (the label AUC's expectation, free of label noise)."""
+    p = np.asarray(true_p, dtype=np.float64)
+    n = len(p)
+    return float(roc_auc_score(np.r_[np.ones(n), np.zeros(n)], np.r_[probs, probs], sample_weight=np.r_[p, 1 - p]))
+
+
+def eval_label(task: str) -> str:
+    return "click" if task == "ctr" else "purchase"
+
+
+def score_run(kind: str, task: str, rows: dict, probs: np.ndarray, extras: dict, buckets: np.ndarray, agg: dict) -> dict:
+    """Test-day metrics of one run."""
+    lab = rows[eval_label(task)]
+    truth = rows["true_pctr" if task == "ctr" else "true_pcvr"]
+    m = {
+        "student_auc": M.auc(lab, probs),
+        "auc_vs_truth": truth_auc(truth, probs),
+        "calibration": M.calibration(lab, probs),
+        "calibration_vs_truth": float(np.mean(probs) / np.mean(truth)),
+        "logloss": M.logloss(lab, probs),
+        "buckets": {b: M.auc(lab[buckets == b], probs[buckets == b]) for b in ("head", "torso", "tail")},
+    }
+    for name, p in extras.items():
+        m[f"{name}_auc"] = M.auc(lab, p)
+        m[f"{name}_calibration"] = M.calibration(lab, p)
+    if kind == "signal-loss":
+        m["auc_observed"] = M.auc(rows["purchase_observed"], probs)
+        m["auc_full"] = m["student_auc"]
+        m.update(T.aggregate_metrics(rows, probs, agg))
+    return m
+
+
+def validation_score(kind: str, task: str, rows: dict, probs: np.ndarray) -> float:
+    """The model-selection score on the validation day. Signal loss: AUC on the consented
+    users' rows (their per-example labels are unbiased; nothing hidden is used)."""
+    if kind == "signal-loss":
+        c = rows["consent"] > 0.5
+        return M.auc(rows["purchase_observed"][c], probs[c])
+    return M.auc(rows[eval_label(task)], probs)
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def _subsample(table: dict, frac: float, seed: int) -> dict:
+    if frac >= 1.0:
+        return table
+    n = len(table["click"])
+    keep = np.sort(np.random.default_rng(1000 + seed).choice(n, size=max(2, int(round(frac * n))), replace=False))
+    return {k: v[keep] for k, v in table.items()}
+
+
+def train_eval(method: Method, base: T.Config, split: Split, vocab, lr: float, seed: int, frac: float = 1.0,
+               extra_changes: Sequence[str] = ()) -> dict:
+    """Train `method` on `split.fit` and predict `split.score`; -> probs, extras, stats, wall_s."""
+    task = method.task
+    cfg = apply_overrides(base, list(method.changes) + list(extra_changes) + [f"{task}_lr={lr}"])
+    rows = split.fit[task]
+    if method.rows == "consented":
+        rows = {k: v[rows["consent"] > 0.5] for k, v in rows.items()}
+    rows = _subsample(rows, frac, seed)
+    t0 = time.perf_counter()
+    res = T.fit_task(task, cfg, vocab, rows, seed, aggregate_rate=split.agg_rate)
+    wall = time.perf_counter() - t0
+    score = split.score[task]
+    return {"probs": T.predict(res.model, score, cfg.eval_batch_size), "wall_s": wall, "stats": res.stats,
+            "extras": {k: f(score) for k, f in res.extras.items()}}
+
+
+_TABLES: "Tables | None" = None  # the tables of the running experiment; forked workers read them copy-on-write
+
+
+def _job(args: tuple) -> dict:
+    """One train_eval in a worker (or inline): (method, base, phase, lr, seed, frac, extra)."""
+    method, base, phase, lr, seed, frac, extra = args
+    torch.set_num_threads(1)
+    return train_eval(method, base, getattr(_TABLES, phase), _TABLES.vocab, lr, seed, frac, extra)
+
+
+def run_many(tables: Tables, jobs: list[tuple], workers: int) -> list[dict]:
+    """Run independent fits of `tables`, each job (method, base, phase, lr, seed, frac, extra),
+    in `workers` forked processes when > 1 (each fit seeds itself, so the results equal a
+    serial run's)."""
+    global _TABLES
+    _TABLES = tables
+    if workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(min(workers, len(jobs))) as pool:
+            return pool.map(_job, jobs, chunksize=1)
+    return [_job(j) for j in jobs]
