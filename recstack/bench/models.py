@@ -42,7 +42,7 @@ import torch
 from recstack import features as FE
 from recstack.bench import report as R
 from recstack.bench.timing import loadavg, machine_info, single_threaded, time_interleaved
-from recstack.evaluation import protocol as E
+from recstack.evaluation import report as E
 
 SCHEMA = "recstack.bench.models/1"
 OUT_DIM = 128  # the serving contract's coarse vector size

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from recstack.bench import e2e as E2E
-from recstack.evaluation import protocol as E
+from recstack.evaluation import report as E
 
 LABELS = {
     "inner_product_serving": "coarse: inner product, serving path (fused FAISS gather-dot, fvec_inner_products_by_idx)",

@@ -24,7 +24,7 @@ from recstack.bench import report as R
 from recstack.bench import serving_path as SP
 from recstack.bench import teacher as T
 from recstack.bench.timing import loadavg, machine_info, single_threaded
-from recstack.evaluation import protocol as E
+from recstack.evaluation import report as E
 
 ALL_SCHEMA = "recstack.bench.all/1"
 QUICK_LOAD = {"qps": 20.0, "duration": 2.0, "sweep_duration": 1.0, "sweep_steps": 2, "sat_qps": 100.0, "sat_duration": 1.5,

@@ -24,7 +24,7 @@ from coarse_rank.train import MANNERS, TEACHERS, Config, fit
 from recstack.bench.timing import loadavg
 from recstack.config import ConfigError
 from recstack.data import SimData, load
-from recstack.evaluation import protocol as X
+from recstack.evaluation import report as X
 
 ROWS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md")
 

@@ -18,8 +18,6 @@ import numpy as np
 from scipy import stats
 
 from recstack.config import ConfigError, apply_overrides
-# the report helpers are also reachable from here, where the benchmarks import them
-from recstack.evaluation.report import _plt, fmt_ci, markdown_table, plot_bars_with_ci, plot_curves, plot_reliability, write_results  # noqa: F401
 
 
 def mean_std(xs: Sequence[float]) -> dict:
