@@ -196,7 +196,7 @@ class ShardedIndex:
 
     Each shard returns its own top-k with global item ids; the global top-k is among the
     union of the shards' top-k's, so with exact shards the merge equals a single exact index
-    (tests/test_retrieval_index.py). With ANN shards each shard's recall is that of its own
+    (tests/retrieval/test_retrieval_index.py). With ANN shards each shard's recall is that of its own
     index. On one machine the shards are searched in turn; across machines each shard is
     one process (see `search` for the contract a remote shard must honour).
     """

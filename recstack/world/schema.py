@@ -1,6 +1,6 @@
 """The documented schema of a `recstack simulate` output directory.
 
-`SCHEMA[file][column] = description`. tests/test_world.py checks the files against it.
+`SCHEMA[file][column] = description`. tests/world/test_world.py checks the files against it.
 Times (`ts`) are seconds since the start of the first history day; day d >= 1 spans
 [(history_days + d - 1) * 86400, (history_days + d) * 86400). Ids are 0-based.
 
