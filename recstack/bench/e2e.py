@@ -34,6 +34,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -422,8 +423,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="end-to-end gRPC benchmark of a bundle and its peers")
     p.add_argument("--artifacts", required=True)
     p.add_argument("--data", help="the world the bundle was trained on (test-day users)")
-    p.add_argument("--out", default="docs/results/bench_e2e")
-    p.add_argument("--scratch", default="/tmp/e2e-bench/load", help="server logs")
+    p.add_argument("--out", help="report folder (required unless --peer-child)")
+    p.add_argument("--scratch", default=None, help="server logs (default: a new temporary folder)")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--peer-child", default=None, choices=["single", "teacher"], help=argparse.SUPPRESS)
     p.add_argument("--teacher-onnx", default=None, help="coarse_rank.export.export_teacher output (teacher peer)")
@@ -434,12 +435,13 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.peer_child:
         return _peer_child(a.peer_child, a.artifacts, a.port, a.teacher_onnx)
-    if not a.data:
-        p.error("--data is required")
+    if not a.data or not a.out:
+        p.error("--data and --out are required")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     load = {k: getattr(a, k) for k in DEFAULT_LOAD}
-    res = run_e2e(a.artifacts, a.data, scratch=a.scratch, plots=out, configs=a.configs, teacher_onnx=a.teacher_onnx,
+    scratch = a.scratch or tempfile.mkdtemp(prefix="recstack-e2e-")
+    res = run_e2e(a.artifacts, a.data, scratch=scratch, plots=out, configs=a.configs, teacher_onnx=a.teacher_onnx,
                   gmv_users=a.gmv_users, load=load, results_path=out / "results.json")
     res["command"] = shlex.join([sys.executable, "-m", "recstack.bench.e2e", *(argv if argv is not None else sys.argv[1:])])
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n")
