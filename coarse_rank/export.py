@@ -80,6 +80,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     vecs = item_vectors(model, data)
+    if not np.isfinite(vecs).all():  # a diverged model
+        raise ExportError(f"item_vectors.npy: {int((~np.isfinite(vecs)).sum())} NaN or infinite values; refusing to export")
     np.save(out_dir / "item_vectors.npy", vecs, allow_pickle=False)
 
     rows = _check_rows(data, PARITY_ROWS)

@@ -96,6 +96,22 @@ def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = F.SEQ_LEN) -
     return files, meta
 
 
+def check_finite(bundle_dir: str | Path, files: list[str]) -> None:
+    """Refuse model files holding NaN or infinity (.npy arrays, ONNX weights, the FAISS index):
+    an honest export of a diverged model would otherwise be checksummed and served. Raises
+    ExportError naming the file."""
+    import faiss
+
+    for rel in files:
+        try:
+            if rel.endswith(".faiss"):
+                B.check_index_finite(faiss.read_index(str(B.safe_path(bundle_dir, rel))), rel)
+            else:
+                B.check_file(bundle_dir, rel)
+        except B.BundleError as e:
+            raise ExportError(f"refusing to export: {e}") from None
+
+
 def _staging_dir(out_dir: Path, version: str | None) -> tuple[str, Path]:
     """A version name free under `out_dir` and an empty hidden directory to build it in.
 
@@ -146,8 +162,13 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
         files: list[str] = []
         stages: dict[str, dict] = {}
         for stage, module in STAGES.items():
-            result = importlib.import_module(module).export(ckpt_paths[stage], staging / stage)
+            mod = importlib.import_module(module)
+            try:
+                result = mod.export(ckpt_paths[stage], staging / stage)
+            except getattr(mod, "ExportError", ExportError) as e:  # each exporter has its own class
+                raise ExportError(f"{stage}: {e}") from e
             stage_files = [f"{stage}/{Path(f).as_posix()}" for f in result["files"]]
+            check_finite(staging, stage_files)
             files += stage_files
             stages[stage] = {"dir": stage, "files": stage_files, "meta": result.get("meta", {}),
                              "metrics": ckpts[stage].get("metrics", {}), "checkpoint": str(ckpt_paths[stage])}

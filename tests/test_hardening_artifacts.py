@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 
 import grpc
@@ -212,3 +213,106 @@ def test_nothing_on_the_load_path_unpickles(good, monkeypatch):
     monkeypatch.setattr(pickle, "Unpickler", no_pickle)
     cascade = Cascade.load(good)
     assert cascade.version == "vgood"
+
+
+# -- numerical sanity: a diverged model is refused, naming its file ---------------------------------
+
+
+def _poison(bundle, rel):
+    """Put NaN into a model file the way an honest export of a diverged model would."""
+    path = bundle / rel
+    if rel.endswith(".npy"):
+        arr = np.load(path)
+        arr[len(arr) // 2] = np.nan  # one row, far from anything the warm-up probes may read
+        np.save(path, arr)
+    elif rel.endswith(".faiss"):
+        import faiss
+
+        emb = np.load(bundle / "retrieval/item_emb.npy")
+        emb[7] = np.nan
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(emb)
+        faiss.write_index(index, str(path))
+    else:
+        from onnx import numpy_helper
+
+        model = onnx.load(str(path))
+        t = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+        values = numpy_helper.to_array(t).copy()
+        values.flat[0] = np.nan
+        t.CopyFrom(numpy_helper.from_array(values, t.name))
+        onnx.save(model, str(path))
+    _resign(bundle)
+
+
+NAN_FILES = ["coarse/item_vectors.npy", "retrieval/item_emb.npy", "retrieval/index.faiss", "coarse/user_tower.onnx",
+             "retrieval/user_tower.onnx", "fine/ctr.onnx", "fine/cvr.onnx"]
+
+
+@pytest.mark.parametrize("rel", NAN_FILES)
+def test_a_model_file_with_nan_is_refused_naming_it(bundle, rel):
+    _poison(bundle, rel)
+    with pytest.raises(B.BundleError, match=rf"'{re.escape(rel)}'.*NaN or infinite"):
+        Cascade.load(bundle)
+
+
+def test_a_nan_bundle_reloaded_over_grpc_keeps_the_old_model(good, tmp_path):
+    root = tmp_path / "art"
+    B.publish(good, root)
+    shutil.copytree(good, tmp_path / "vnan")
+    m = json.loads((tmp_path / "vnan" / B.MANIFEST).read_text())
+    m["version"] = "vnan"
+    (tmp_path / "vnan" / B.MANIFEST).write_text(json.dumps(m))
+    _poison(tmp_path / "vnan", "coarse/item_vectors.npy")
+    shutil.copytree(tmp_path / "vnan", root / "vnan")
+    server, port, _ = build_server(root, max_workers=2, admin_token=ADMIN_TOKEN)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.ModelServiceStub(ch).Reload(pb.ReloadRequest(version="vnan"), timeout=30, metadata=ADMIN_MD)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "coarse/item_vectors.npy" in e.value.details() and "NaN" in e.value.details()
+            resp = pb_grpc.RankingServiceStub(ch).Rank(pb.RankRequest(user_id=1, num_results=3), timeout=10)
+            assert resp.model_version == "vgood" and all(np.isfinite(it.coarse_score) for it in resp.items)
+    finally:
+        server.stop(None)
+
+
+class _Out:
+    """Stands in for a stage model: returns `value` in the shape the real one gives."""
+
+    def __init__(self, model, value):
+        self.model, self.value = model, value
+
+    def __call__(self, feeds):
+        out = self.model(feeds)
+        return np.full_like(out, self.value)
+
+
+@pytest.mark.parametrize("attr,value,rel", [
+    ("retrieval_tower", np.nan, "retrieval/user_tower.onnx"),
+    ("coarse_tower", np.inf, "coarse/user_tower.onnx"),
+    ("ctr", np.nan, "fine/ctr.onnx"),
+    ("cvr", 1.5, "fine/cvr.onnx"),
+])
+def test_warm_up_checks_every_stage_output(good, attr, value, rel):
+    """Finite files can still give non-finite outputs (an overflow inside the graph): the
+    warm-up's probe requests check each stage's and refuse the bundle, naming the file."""
+    cascade = Cascade.load(good, warm=False)
+    setattr(cascade, attr, _Out(getattr(cascade, attr), value))
+    with pytest.raises(B.BundleError, match=rf"'{re.escape(rel)}'"):
+        cascade.warm_up()
+
+
+def test_warm_up_checks_the_retrieval_scores(good, monkeypatch):
+    cascade = Cascade.load(good, warm=False)
+    real_search = cascade.index.search
+
+    class NanScores:
+        def search(self, x, k):
+            d, i = real_search(x, k)
+            return np.full_like(d, np.nan), i
+
+    monkeypatch.setattr(cascade, "index", NanScores())
+    with pytest.raises(B.BundleError, match=r"'retrieval/index\.faiss'.*retrieval scores"):
+        cascade.warm_up()
