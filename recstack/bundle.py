@@ -372,6 +372,7 @@ def check_index_finite(index, rel: str, chunk: int = 65_536) -> bool:
     ivf = faiss.try_extract_index_ivf(index)
     try:
         if ivf is not None:
+            ivf = faiss.downcast_index(ivf)  # the concrete class (IndexIVFFlat, IndexIVFPQ, ...)
             bad = reconstructed(ivf.quantizer)
             flat = isinstance(ivf, faiss.IndexIVFFlat) and ivf.code_size == 4 * ivf.d
             for l in range(ivf.nlist) if flat else ():
