@@ -96,6 +96,17 @@ def _cmd_bench(args) -> int:
                       command="recstack " + " ".join(sys.argv[1:]))
         print(json.dumps({"targets": res["targets"], "e2e_targets": res["e2e"]["targets"]}, indent=2))
         print(f"wrote {Path(args.out or 'docs/results/bench') / 'report.md'}, results.json and plots")
+    elif args.what == "soak":
+        if not (args.artifacts and args.out):
+            raise ValueError("bench soak: --artifacts (a bundle or artifacts root) and --out (report directory) are required")
+        from recstack.soak import run as run_soak
+
+        res = run_soak(args.artifacts, args.out, minutes=args.minutes, qps=args.qps, reload_every_s=args.reload_every,
+                       restart_every_min=args.restart_every, scratch=args.scratch,
+                       command="recstack " + " ".join(sys.argv[1:]))
+        print(json.dumps({"failed_calls": res["failed_calls"], "total_calls": res["total_calls"],
+                          "max_abs_rss_drift": res["max_abs_rss_drift"]}, indent=2))
+        print(f"wrote {Path(args.out) / 'report.md'}, results.json and soak.png")
     elif args.what == "train":
         if not args.data:
             raise ValueError("bench train: --data (a `recstack simulate` world) is required")
@@ -231,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("bench", help="every benchmark section in one run (all) / retrieval index sweep (recall@1000 vs"
                                      " latency) / cascade recall against the truth / coarse and fine model costs"
                                      " / coarse training cost per teacher (train)")
-    s.add_argument("what", choices=["all", "retrieval", "cascade", "models", "train"],
+    s.add_argument("what", choices=["all", "retrieval", "cascade", "models", "train", "soak"],
                    help="all: every section in one run (models, retrieval point, serving path, end to end with peers)")
     s.add_argument("--teacher", default=None, help="all: PFD+MD teacher file (trained into --scratch when missing)")
     s.add_argument("--teacher-steps", type=int, default=600, help="all: training steps when the teacher is trained")
@@ -255,6 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--repeats", type=int, default=3, help="train: interleaved repeats of every row")
     s.add_argument("--rows", default=None, help="train: comma-separated teachers (default all; baseline required)")
     s.add_argument("--manner", default="share_sync", help="train: training manner of the teachers")
+    s.add_argument("--minutes", type=float, default=30.0, help="soak: duration")
+    s.add_argument("--qps", type=float, default=40.0, help="soak: calls per second in all")
+    s.add_argument("--reload-every", type=float, default=60.0, help="soak: seconds between Reloads of both servers")
+    s.add_argument("--restart-every", type=float, default=5.0, help="soak: minutes between SIGTERM + restart of a server")
     s.set_defaults(func=_cmd_bench)
 
     s = sub.add_parser("export", help="write a versioned artifact bundle from trained checkpoints")
