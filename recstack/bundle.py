@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -42,6 +43,8 @@ SNAPSHOT_ITEMS = "features/items.parquet"  # item_id, category, shop, brand, pri
 SNAPSHOT_BEHAVIOURS = "features/behaviours.parquet"
 
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; refuse to parse a huge one
+SIGNATURE = "signature"  # manifest key: {"alg": "hmac-sha256", "value": hex digest}
+SIGNATURE_ALG = "hmac-sha256"
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
@@ -125,8 +128,10 @@ def write_manifest(
     stages: dict[str, Any],
     extra: dict[str, Any] | None = None,
     created: str | None = None,
+    signing_key: bytes | None = None,
 ) -> dict:
-    """Checksum `files` (paths relative to `bundle_dir`) and write manifest.json atomically."""
+    """Checksum `files` (paths relative to `bundle_dir`) and write manifest.json atomically;
+    with `signing_key`, the manifest carries its HMAC (see `sign_manifest`)."""
     bundle_dir = Path(bundle_dir)
     check_version_name(version)
     entries = {}
@@ -148,6 +153,8 @@ def write_manifest(
         "stages": stages,
         **(extra or {}),
     }
+    if signing_key is not None:
+        manifest[SIGNATURE] = sign_manifest(manifest, signing_key)
     _atomic_write_text(bundle_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -182,11 +189,42 @@ def read_manifest(bundle_dir: str | Path) -> dict:
     return manifest
 
 
-def verify_bundle(bundle_dir: str | Path) -> dict:
-    """Read the manifest and check every listed file: path inside the bundle, a regular file,
-    size, sha256, then a structural check by type (`check_file`); returns the manifest."""
+def _signed_bytes(manifest: dict) -> bytes:
+    """The manifest without its signature, canonically serialised: what the HMAC covers."""
+    body = {k: v for k, v in manifest.items() if k != SIGNATURE}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sign_manifest(manifest: dict, key: bytes) -> dict:
+    """The signature entry of `manifest`: HMAC-SHA256 with `key` over everything else in it,
+    file checksums included, so the signature vouches for every file."""
+    if not key:
+        raise BundleError("the bundle signing key is empty")
+    return {"alg": SIGNATURE_ALG, "value": hmac.new(key, _signed_bytes(manifest), hashlib.sha256).hexdigest()}
+
+
+def check_signature(manifest: dict, key: bytes | None, where: str | Path) -> None:
+    """With a key configured, the manifest must carry a valid HMAC from that key: a bundle whose
+    files and checksums were both rewritten (which the checksums alone cannot catch) is refused.
+    Without a key, nothing is checked."""
+    if key is None:
+        return
+    sig = manifest.get(SIGNATURE)
+    if not isinstance(sig, dict) or sig.get("alg") != SIGNATURE_ALG or not isinstance(sig.get("value"), str):
+        raise BundleError(f"{where}: the manifest is not signed ({SIGNATURE_ALG}), and this server requires "
+                          "signed bundles")
+    if not hmac.compare_digest(sig["value"], sign_manifest(manifest, key)["value"]):
+        raise BundleError(f"{where}: the manifest's signature does not match (changed after signing, or signed "
+                          "with another key)")
+
+
+def verify_bundle(bundle_dir: str | Path, key: bytes | None = None) -> dict:
+    """Read the manifest, check its signature when a `key` is given, and check every listed
+    file: path inside the bundle, a regular file, size, sha256, then a structural check by type
+    (`check_file`); returns the manifest."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    check_signature(manifest, key, bundle_dir / MANIFEST)
     for rel, entry in manifest["files"].items():
         path = safe_path(bundle_dir, rel)
         if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
@@ -468,12 +506,13 @@ class Bundle:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, verify: bool = True, key: bytes | None = None) -> "Bundle":
         """Open the bundle at `path` (a bundle directory or an artifacts root). Its manifest's
         version must name its directory, as `publish` requires: every response carries the
-        version, and a reload by version finds the bundle by that name."""
+        version, and a reload by version finds the bundle by that name. With `key`, the
+        manifest must be signed with it (`check_signature`)."""
         root = resolve_bundle(path)
-        manifest = verify_bundle(root) if verify else read_manifest(root)
+        manifest = verify_bundle(root, key) if verify else read_manifest(root)
         if manifest["version"] != root.name:
             raise BundleError(f"{root / MANIFEST}: version {manifest['version']!r} differs from the bundle's "
                               f"directory name {root.name!r}")

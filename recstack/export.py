@@ -133,11 +133,13 @@ def _staging_dir(out_dir: Path, version: str | None) -> tuple[str, Path]:
     return name, staging
 
 
-def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None = None) -> Path:
+def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None = None,
+                  signing_key: bytes | None = None) -> Path:
     """Export the three trained stages + a feature snapshot as one verified bundle; returns its directory.
 
     `out_dir` is the artifacts root; the new bundle becomes `out_dir/<version>` and `current`
-    points at it once it is complete and verified.
+    points at it once it is complete and verified. With `signing_key`, the manifest carries
+    its HMAC (servers configured with the key refuse bundles without a valid one).
     """
     import importlib
 
@@ -178,9 +180,9 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
             staging, version=version, files=files,
             configs={stage: ck["config"] for stage, ck in ckpts.items()},
             feature_schema=F.feature_schema(), vocab=vocabs["retrieval"], stages=stages,
-            extra={"snapshot": snapshot},
+            extra={"snapshot": snapshot}, signing_key=signing_key,
         )
-        B.verify_bundle(staging)
+        B.verify_bundle(staging, signing_key)
         final = out_dir / version
         os.rename(staging, final)  # fails rather than overwrite if the name was taken meanwhile
     except BaseException:

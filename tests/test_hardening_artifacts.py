@@ -316,3 +316,71 @@ def test_warm_up_checks_the_retrieval_scores(good, monkeypatch):
     monkeypatch.setattr(cascade, "index", NanScores())
     with pytest.raises(B.BundleError, match=r"'retrieval/index\.faiss'.*retrieval scores"):
         cascade.warm_up()
+
+
+# -- optional: an HMAC-signed manifest, so a re-hashed forgery is refused too -----------------------
+
+KEY = b"bundle-signing-key"
+
+
+def _sign(bdir, key=KEY):
+    m = json.loads((bdir / B.MANIFEST).read_text())
+    files = [f for f in m["files"] if (bdir / f).exists()]
+    B.write_manifest(bdir, version=m["version"], files=files, configs=m["configs"], feature_schema=m["feature_schema"],
+                     vocab=m["vocab"], stages=m["stages"], extra={"snapshot": m.get("snapshot", {})}, signing_key=key)
+
+
+def test_a_signed_bundle_loads_with_its_key(bundle):
+    _sign(bundle)
+    assert Cascade.load(bundle, key=KEY).version == "vgood"
+    assert Cascade.load(bundle).version == "vgood"  # a server without a key does not check signatures
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "other key", "re-hashed", "signature kept"])
+def test_with_a_key_a_forged_bundle_is_refused(bundle, forgery):
+    _sign(bundle)
+    if forgery == "unsigned":
+        _resign(bundle)  # checksums only
+        why = "not signed"
+    elif forgery == "other key":
+        _sign(bundle, b"another key")
+        why = "does not match"
+    else:
+        vecs = np.load(bundle / "coarse/item_vectors.npy")
+        np.save(bundle / "coarse/item_vectors.npy", -vecs)  # a plausible, finite, malicious model
+        signature = json.loads((bundle / B.MANIFEST).read_text())[B.SIGNATURE]
+        _resign(bundle)  # the checksums now match the forged file
+        if forgery == "signature kept":
+            m = json.loads((bundle / B.MANIFEST).read_text())
+            m[B.SIGNATURE] = signature
+            (bundle / B.MANIFEST).write_text(json.dumps(m))
+            why = "does not match"
+        else:
+            why = "not signed"
+    with pytest.raises(B.BundleError, match=rf"manifest\.json.*{why}"):
+        Cascade.load(bundle, key=KEY)
+
+
+def test_reload_with_a_key_refuses_a_forged_bundle_and_keeps_serving(good, tmp_path):
+    src = tmp_path / "vsigned"
+    shutil.copytree(good, src)
+    m = json.loads((src / B.MANIFEST).read_text())
+    m["version"] = "vsigned"
+    (src / B.MANIFEST).write_text(json.dumps(m))
+    _sign(src)
+    root = tmp_path / "art"
+    B.publish(src, root)
+    shutil.copytree(root / "vsigned", root / "vforged")
+    m = json.loads((root / "vforged" / B.MANIFEST).read_text())
+    m["version"] = "vforged"  # changes the signed content: the signature no longer matches
+    (root / "vforged" / B.MANIFEST).write_text(json.dumps(m))
+    server, port, _ = build_server(root, max_workers=2, admin_token=ADMIN_TOKEN, bundle_key=KEY)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.ModelServiceStub(ch).Reload(pb.ReloadRequest(version="vforged"), timeout=30, metadata=ADMIN_MD)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "signature" in e.value.details()
+            resp = pb_grpc.RankingServiceStub(ch).Rank(pb.RankRequest(user_id=1, num_results=3), timeout=10)
+            assert resp.model_version == "vsigned"
+    finally:
+        server.stop(None)

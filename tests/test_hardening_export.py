@@ -59,3 +59,10 @@ def test_export_refuses_nan_weights_naming_the_file(runs, tmp_path, stage, selec
     assert rel in str(e.value) and ("NaN" in str(e.value) or "nan" in str(e.value)), e.value
     assert B.read_current(artifacts) == good.name  # nothing half-written, nothing switched
     assert sorted(p.name for p in artifacts.iterdir()) == sorted(["current", good.name])
+
+
+def test_export_signs_the_manifest_when_given_a_key(runs, tmp_path):
+    bundle = export_bundle(runs, tmp_path / "artifacts", signing_key=b"k1")
+    assert B.verify_bundle(bundle, b"k1")["signature"]["alg"] == "hmac-sha256"
+    with pytest.raises(B.BundleError, match="does not match"):
+        B.verify_bundle(bundle, b"k2")

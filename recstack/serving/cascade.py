@@ -307,11 +307,13 @@ class Cascade:
 
     @classmethod
     def load(cls, path: str | Path, onnx_threads: int = 1, faiss_threads: int = 1, warm: bool = True,
-             **options) -> "Cascade":
-        """Open (checksums verified), load and warm up a bundle dir or artifacts root.
+             key: bytes | None = None, **options) -> "Cascade":
+        """Open (checksums verified; the manifest's signature too when `key` is given), load and
+        warm up a bundle dir or artifacts root.
 
         options: i2i_share, i2i_seeds (see __init__)."""
-        cascade = cls(Bundle.open(path, verify=True), onnx_threads=onnx_threads, faiss_threads=faiss_threads, **options)
+        cascade = cls(Bundle.open(path, verify=True, key=key), onnx_threads=onnx_threads, faiss_threads=faiss_threads,
+                      **options)
         if warm:
             cascade.warm_up()
         return cascade

@@ -240,11 +240,12 @@ class RankingServicer:
 
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
                  onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
-                 worker: int = 0, admission: RankAdmission | None = None):
+                 worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None):
         self.artifacts_root = artifacts_root
         self.limits = limits
         self.health = health_servicer
         self.admission = admission or RankAdmission(4, 12)
+        self._bundle_key = bundle_key
         self.onnx_threads = onnx_threads
         self.metrics = metrics or ServingMetrics()
         self._admin_token = admin_token.encode() if admin_token else None
@@ -275,7 +276,7 @@ class RankingServicer:
         with self._reload_lock:
             t0 = time.perf_counter()
             try:
-                cascade = Cascade.load(path, onnx_threads=self.onnx_threads)  # verified and warmed here
+                cascade = Cascade.load(path, onnx_threads=self.onnx_threads, key=self._bundle_key)  # verified, warmed
             except Exception as e:
                 self.metrics.reloads.labels("failed").inc()
                 reason = str(e) if isinstance(e, B.BundleError) else f"{type(e).__name__}: {e}"
@@ -460,6 +461,7 @@ def create_server(
     metrics: ServingMetrics | None = None,
     worker: int = 0,
     load_first: bool = False,
+    bundle_key: bytes | None = None,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
     `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
@@ -484,7 +486,7 @@ def create_server(
     health_servicer = HealthServicer()
     metrics = metrics or ServingMetrics()
     servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
-                               admin_token=admin_token, worker=worker, admission=admission)
+                               admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key)
     metrics.track_queue(lambda: admission.waiting)
     servicer.set_serving(False)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
@@ -523,7 +525,8 @@ def build_server(
     running ones (default 2 x max_workers; `max_concurrent_rpcs` sets the total directly),
     `limits` (ServingLimits), `onnx_threads` (intra-op threads per ONNX session), `reuse_port`,
     `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
-    `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`.
+    `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,
+    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it).
     """
     server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:
@@ -548,6 +551,7 @@ class ServeOptions:
     reflection: bool = True
     metrics_port: int | None = None  # worker i serves /metrics on metrics_port + i
     metrics_host: str | None = None  # the address /metrics listens on; None = the gRPC host
+    bundle_key: str | None = None  # when set, only bundles whose manifest is HMAC-signed with it load
     max_message_bytes: int = 64 << 10
 
 
@@ -697,7 +701,8 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
         server, bound, servicer = create_server(
             artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
             reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
-            max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port)
+            max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port,
+            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None)
         try:
             if servicer.cascade is None and signals.received is None:
                 servicer.load(artifacts)
