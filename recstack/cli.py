@@ -145,7 +145,8 @@ def _cmd_export(args) -> int:
     from recstack.export import ExportError, export_bundle
 
     try:
-        path = export_bundle(args.runs, args.out)
+        key = os.environ.get("RECSTACK_BUNDLE_KEY")  # when set, the manifest is HMAC-signed with it
+        path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None)
     except (BundleError, CheckpointError, ExportError) as e:
         print(f"recstack export: error: {e}", file=sys.stderr)
         return 1
@@ -168,6 +169,7 @@ def _cmd_serve(args) -> int:
                      max_queue=args.max_queue, onnx_threads=args.onnx_threads, grace_s=args.grace, admin_token=token,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, reflection=not args.no_reflection,
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                     bundle_key=os.environ.get("RECSTACK_BUNDLE_KEY") or None,
                      max_message_bytes=args.max_message_bytes)
     except BundleError as e:
         print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)
