@@ -268,7 +268,9 @@ class RankingServicer:
         not hold the server's stop for its grace period); calls in flight carry on."""
         self.draining = True
         self.health.enter_graceful_shutdown()
-        self.health.close_watches()
+        close_watches = getattr(self.health, "close_watches", None)  # grpc's own servicer has none
+        if close_watches is not None:
+            close_watches()
 
     def load(self, path: str | Path) -> Cascade:
         """Verify, load and warm the bundle at `path`, then swap it in. Any failure raises
