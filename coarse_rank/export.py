@@ -82,6 +82,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     vecs = item_vectors(model, data)
+    if not np.isfinite(vecs).all():  # a diverged model
+        raise ExportError(f"{NAMES['item_vectors']}: {int((~np.isfinite(vecs)).sum())} NaN or infinite values; refusing to export")
     np.save(out_dir / NAMES["item_vectors"], vecs, allow_pickle=False)
 
     rows = _check_rows(data, PARITY_ROWS)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -42,6 +43,8 @@ SNAPSHOT_ITEMS = "features/items.parquet"  # item_id, category, shop, brand, pri
 SNAPSHOT_BEHAVIOURS = "features/behaviours.parquet"
 
 MAX_MANIFEST_BYTES = 16 << 20  # a manifest is a few KB; refuse to parse a huge one
+SIGNATURE = "signature"  # manifest key: {"alg": "hmac-sha256", "value": hex digest}
+SIGNATURE_ALG = "hmac-sha256"
 
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
@@ -125,8 +128,10 @@ def write_manifest(
     stages: dict[str, Any],
     extra: dict[str, Any] | None = None,
     created: str | None = None,
+    signing_key: bytes | None = None,
 ) -> dict:
-    """Checksum `files` (paths relative to `bundle_dir`) and write manifest.json atomically."""
+    """Checksum `files` (paths relative to `bundle_dir`) and write manifest.json atomically;
+    with `signing_key`, the manifest carries its HMAC (see `sign_manifest`)."""
     bundle_dir = Path(bundle_dir)
     check_version_name(version)
     entries = {}
@@ -148,6 +153,8 @@ def write_manifest(
         "stages": stages,
         **(extra or {}),
     }
+    if signing_key is not None:
+        manifest[SIGNATURE] = sign_manifest(manifest, signing_key)
     _atomic_write_text(bundle_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
@@ -172,14 +179,52 @@ def read_manifest(bundle_dir: str | Path) -> dict:
         raise BundleError(f"{path}: format_version {manifest['format_version']!r}, this code reads {FORMAT_VERSION}")
     if not isinstance(manifest["files"], dict):
         raise BundleError(f"{path}: 'files' must be an object")
+    version = manifest["version"]
+    if not isinstance(version, str) or not version:
+        raise BundleError(f"{path}: 'version' must be a non-empty string, got {version!r}")
+    try:
+        check_version_name(version)
+    except BundleError as e:
+        raise BundleError(f"{path}: {e}") from None
     return manifest
 
 
-def verify_bundle(bundle_dir: str | Path) -> dict:
-    """Read the manifest and check every listed file: path inside the bundle, a regular file,
-    size, sha256, then a structural check by type (`check_file`); returns the manifest."""
+def _signed_bytes(manifest: dict) -> bytes:
+    """The manifest without its signature, canonically serialised: what the HMAC covers."""
+    body = {k: v for k, v in manifest.items() if k != SIGNATURE}
+    return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def sign_manifest(manifest: dict, key: bytes) -> dict:
+    """The signature entry of `manifest`: HMAC-SHA256 with `key` over everything else in it,
+    file checksums included, so the signature vouches for every file."""
+    if not key:
+        raise BundleError("the bundle signing key is empty")
+    return {"alg": SIGNATURE_ALG, "value": hmac.new(key, _signed_bytes(manifest), hashlib.sha256).hexdigest()}
+
+
+def check_signature(manifest: dict, key: bytes | None, where: str | Path) -> None:
+    """With a key configured, the manifest must carry a valid HMAC from that key: a bundle whose
+    files and checksums were both rewritten (which the checksums alone cannot catch) is refused.
+    Without a key, nothing is checked."""
+    if key is None:
+        return
+    sig = manifest.get(SIGNATURE)
+    if not isinstance(sig, dict) or sig.get("alg") != SIGNATURE_ALG or not isinstance(sig.get("value"), str):
+        raise BundleError(f"{where}: the manifest is not signed ({SIGNATURE_ALG}), and this server requires "
+                          "signed bundles")
+    if not hmac.compare_digest(sig["value"], sign_manifest(manifest, key)["value"]):
+        raise BundleError(f"{where}: the manifest's signature does not match (changed after signing, or signed "
+                          "with another key)")
+
+
+def verify_bundle(bundle_dir: str | Path, key: bytes | None = None) -> dict:
+    """Read the manifest, check its signature when a `key` is given, and check every listed
+    file: path inside the bundle, a regular file, size, sha256, then a structural check by type
+    (`check_file`); returns the manifest."""
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
+    check_signature(manifest, key, bundle_dir / MANIFEST)
     for rel, entry in manifest["files"].items():
         path = safe_path(bundle_dir, rel)
         if not isinstance(entry, dict) or not {"sha256", "bytes"} <= set(entry):
@@ -199,12 +244,17 @@ def verify_bundle(bundle_dir: str | Path) -> dict:
 
 def check_file(bundle_dir: str | Path, rel: str, listed: dict | None = None) -> None:
     """Structural checks that do not trust the manifest's checksums (a forged manifest matches
-    any content): `.npy` headers and ONNX external-data references. Raises BundleError naming `rel`."""
+    any content): `.npy` headers and ONNX external-data references; then that every model
+    weight is finite (an honest export of a diverged model is NaN throughout, checksums and
+    all). Raises BundleError naming `rel`."""
     path = safe_path(bundle_dir, rel)
     if rel.endswith(".npy"):
-        check_npy(path, rel)
+        shape, _ = check_npy(path, rel)
+        check_npy_finite(path, rel, shape)
     elif rel.endswith(".onnx"):
-        check_onnx_external_data(bundle_dir, rel, listed)
+        model = _load_onnx(bundle_dir, rel)
+        _check_onnx_refs(model, bundle_dir, rel, listed)
+        check_onnx_finite(model, bundle_dir, rel)
 
 
 def check_npy(path: str | Path, rel: str) -> tuple[tuple[int, ...], str]:
@@ -234,6 +284,37 @@ def check_npy(path: str | Path, rel: str) -> tuple[tuple[int, ...], str]:
     return tuple(shape), str(dtype)
 
 
+_FINITE_CHUNK = 1 << 22  # values per pass: bounds the temporary mask, whatever the file's size
+
+
+def _count_non_finite(values) -> int:
+    import numpy as np
+
+    flat = values.reshape(-1, order="A")
+    return sum(int(np.count_nonzero(~np.isfinite(flat[s : s + _FINITE_CHUNK])))
+               for s in range(0, flat.size, _FINITE_CHUNK))
+
+
+def check_npy_finite(path: str | Path, rel: str, shape: tuple[int, ...] | None = None) -> None:
+    """Refuse a floating-point .npy holding NaN or infinity (read memory-mapped, in chunks).
+    Call after `check_npy` (which vouches for the header and the size)."""
+    import numpy as np
+
+    if shape is not None and int(np.prod(shape, dtype=np.int64)) == 0:
+        return  # nothing to read (and an empty file cannot be memory-mapped)
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # a header numpy's loader refuses although it parsed (e.g. an unknown minor version)
+        raise BundleError(f"bundle file {rel!r}: not a valid .npy file: {type(e).__name__}: {str(e)[:200]}") from None
+    if arr.dtype.kind not in "fc":
+        return
+    bad = _count_non_finite(arr)
+    del arr
+    if bad:
+        raise BundleError(f"bundle file {rel!r}: {bad} NaN or infinite values; a model file must be finite "
+                          "(did training diverge?)")
+
+
 def _onnx_tensors(graph) -> Iterable:
     """Every TensorProto in an ONNX graph, subgraphs (If/Loop/Scan bodies) included."""
     yield from graph.initializer
@@ -251,10 +332,8 @@ def _onnx_tensors(graph) -> Iterable:
                 yield from _onnx_tensors(g)
 
 
-def check_onnx_external_data(bundle_dir: str | Path, rel: str, listed: dict | None = None) -> list[str]:
-    """Refuse an ONNX model whose tensors point at external data outside the bundle (`..`,
-    absolute paths, symlinks out) or at a file the manifest does not list (so unverified).
-    Returns the external files it references, as bundle paths."""
+def _load_onnx(bundle_dir: str | Path, rel: str):
+    """Parse an ONNX file's protobuf, without its external data (not yet checked)."""
     import onnx
 
     path = safe_path(bundle_dir, rel)
@@ -264,6 +343,19 @@ def check_onnx_external_data(bundle_dir: str | Path, rel: str, listed: dict | No
         raise BundleError(f"bundle file {rel!r}: not a valid ONNX model: {str(e)[:200]}") from None
     if not model.HasField("graph") or not model.graph.node:
         raise BundleError(f"bundle file {rel!r}: not a valid ONNX model (no graph)")
+    return model
+
+
+def check_onnx_external_data(bundle_dir: str | Path, rel: str, listed: dict | None = None) -> list[str]:
+    """Refuse an ONNX model whose tensors point at external data outside the bundle (`..`,
+    absolute paths, symlinks out) or at a file the manifest does not list (so unverified).
+    Returns the external files it references, as bundle paths."""
+    return _check_onnx_refs(_load_onnx(bundle_dir, rel), bundle_dir, rel, listed)
+
+
+def _check_onnx_refs(model, bundle_dir: str | Path, rel: str, listed: dict | None) -> list[str]:
+    import onnx
+
     model_dir = PurePosixPath(rel).parent
     refs: list[str] = []
     for tensor in _onnx_tensors(model.graph):
@@ -282,6 +374,61 @@ def check_onnx_external_data(bundle_dir: str | Path, rel: str, listed: dict | No
                               "which the manifest does not list (unverified)")
         refs.append(ref)
     return refs
+
+
+def check_onnx_finite(model, bundle_dir: str | Path, rel: str) -> None:
+    """Refuse an ONNX model with a NaN or infinite weight (initializers, constants, subgraphs).
+    External data is read from inside the bundle: call after `_check_onnx_refs`."""
+    import onnx
+    from onnx import numpy_helper
+
+    floats = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
+    base = safe_path(bundle_dir, rel).parent
+    for tensor in _onnx_tensors(model.graph):
+        if tensor.data_type not in floats:
+            continue
+        try:
+            values = numpy_helper.to_array(tensor, base_dir=str(base))
+        except Exception as e:  # external data shorter than declared, a malformed tensor, ...
+            raise BundleError(f"bundle file {rel!r}: tensor {tensor.name!r} cannot be read: {str(e)[:200]}") from None
+        bad = _count_non_finite(values.astype("float32", copy=False))
+        if bad:
+            raise BundleError(f"bundle file {rel!r}: tensor {tensor.name!r} has {bad} NaN or infinite values; "
+                              "a model file must be finite (did training diverge?)")
+
+
+def check_index_finite(index, rel: str, chunk: int = 65_536) -> bool:
+    """Refuse a FAISS index holding a NaN or infinite vector (or centroid). Flat, HNSW-flat and
+    IVF-flat storage is read in full; for other encodings the float parameters (coarse and
+    PQ centroids) are. Returns False when the index type offers nothing to read (unchecked)."""
+    import faiss
+    import numpy as np
+
+    def reconstructed(ix) -> int:
+        return sum(_count_non_finite(ix.reconstruct_n(s, min(chunk, ix.ntotal - s))) for s in range(0, ix.ntotal, chunk))
+
+    ivf = faiss.try_extract_index_ivf(index)
+    try:
+        if ivf is not None:
+            ivf = faiss.downcast_index(ivf)  # the concrete class (IndexIVFFlat, IndexIVFPQ, ...)
+            bad = reconstructed(ivf.quantizer)
+            flat = isinstance(ivf, faiss.IndexIVFFlat) and ivf.code_size == 4 * ivf.d
+            for l in range(ivf.nlist) if flat else ():
+                n = ivf.invlists.list_size(l)
+                if n:
+                    codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(l), n * ivf.code_size)
+                    bad += _count_non_finite(np.frombuffer(codes, np.uint8).view(np.float32))
+            pq = getattr(ivf, "pq", None)
+            if pq is not None:
+                bad += _count_non_finite(faiss.vector_to_array(pq.centroids))
+        else:
+            bad = reconstructed(index)
+    except RuntimeError:  # this index type does not reconstruct its vectors
+        return False
+    if bad:
+        raise BundleError(f"bundle file {rel!r}: {bad} NaN or infinite values in the index; a model file must be "
+                          "finite (did training diverge?)")
+    return True
 
 
 def read_current(artifacts_root: str | Path) -> str:
@@ -359,9 +506,16 @@ class Bundle:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, path: str | Path, verify: bool = True) -> "Bundle":
+    def open(cls, path: str | Path, verify: bool = True, key: bytes | None = None) -> "Bundle":
+        """Open the bundle at `path` (a bundle directory or an artifacts root). Its manifest's
+        version must name its directory, as `publish` requires: every response carries the
+        version, and a reload by version finds the bundle by that name. With `key`, the
+        manifest must be signed with it (`check_signature`)."""
         root = resolve_bundle(path)
-        manifest = verify_bundle(root) if verify else read_manifest(root)
+        manifest = verify_bundle(root, key) if verify else read_manifest(root)
+        if manifest["version"] != root.name:
+            raise BundleError(f"{root / MANIFEST}: version {manifest['version']!r} differs from the bundle's "
+                              f"directory name {root.name!r}")
         return cls(root, manifest)
 
     @property

@@ -164,14 +164,15 @@ def _cmd_experiment(args) -> int:
 def _cmd_export(args) -> int:
     from recstack.pipeline.export import export_bundle
 
-    path = export_bundle(args.runs, args.out)
+    key = os.environ.get("RECSTACK_BUNDLE_KEY")  # when set, the manifest is HMAC-signed with it
+    path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None)
     print(f"bundle written: {path}")
     return 0
 
 
 def _cmd_serve(args) -> int:
     from recstack.bundle import BundleError
-    from recstack.serving.server import serve
+    from recstack.serving.server import ServeError, serve
 
     token = os.environ.get("RECSTACK_ADMIN_TOKEN") or None  # never on the command line (visible in ps)
     if args.admin_token_file:
@@ -183,9 +184,14 @@ def _cmd_serve(args) -> int:
         return serve(args.artifacts, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
                      max_queue=args.max_queue, onnx_threads=args.onnx_threads, grace_s=args.grace, admin_token=token,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, reflection=not args.no_reflection,
-                     metrics_port=args.metrics_port, max_message_bytes=args.max_message_bytes)
+                     metrics_port=args.metrics_port, metrics_host=args.metrics_host,
+                     bundle_key=os.environ.get("RECSTACK_BUNDLE_KEY") or None,
+                     max_message_bytes=args.max_message_bytes)
     except BundleError as e:
         print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)
+        return 1
+    except ServeError as e:
+        print(f"recstack serve: error: {e}", file=sys.stderr)
         return 1
 
 
@@ -292,7 +298,8 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--tls-key", default=None, help="PEM private key")
     s.add_argument("--no-reflection", action="store_true", help="switch gRPC server reflection off")
     s.add_argument("--metrics-port", type=int, default=None,
-                   help="Prometheus /metrics on this port (worker i: port + i; 0 = any free port), same host")
+                   help="Prometheus /metrics on this port (worker i: port + i; 0 = any free port)")
+    s.add_argument("--metrics-host", default=None, help="listen address of /metrics (default: --host)")
     s.add_argument("--max-message-bytes", type=int, default=64 << 10, help="largest request accepted")
 
 

@@ -1,4 +1,4 @@
-"""`recstack bench {all,retrieval,cascade,models,train}`: one sub-parser per benchmark, so that
+"""`recstack bench {all,retrieval,cascade,models,train,soak}`: one sub-parser per benchmark, so that
 `recstack bench X --help` shows only X's options. Reports go to `--out`, by default a fresh
 `./runs/bench-<what>-<timestamp>/` (never into a checkout's committed `docs/results/`)."""
 from __future__ import annotations
@@ -102,7 +102,16 @@ def _cascade(args, out: Path) -> None:
     cascade_eval.write_report(results, out)
 
 
-RUNNERS = {"all": _all, "retrieval": _retrieval, "cascade": _cascade, "models": _models, "train": _train}
+def _soak(args, out: Path) -> None:
+    from recstack.bench.soak import run
+
+    res = run(args.artifacts, out, minutes=args.minutes, qps=args.qps, reload_every_s=args.reload_every,
+              restart_every_min=args.restart_every, scratch=args.scratch, command=_command())
+    print(json.dumps({"failed_calls": res["failed_calls"], "total_calls": res["total_calls"],
+                      "max_abs_rss_drift": res["max_abs_rss_drift"]}, indent=2))
+
+
+RUNNERS = {"soak": _soak, "all": _all, "retrieval": _retrieval, "cascade": _cascade, "models": _models, "train": _train}
 
 
 def cmd_bench(args) -> int:
@@ -127,9 +136,9 @@ def cmd_bench(args) -> int:
 
 
 def add_parser(sub, formatter) -> None:
-    """`bench` and its five sub-parsers, on the `recstack` sub-parsers action `sub`."""
+    """`bench` and its six sub-parsers, on the `recstack` sub-parsers action `sub`."""
     b = sub.add_parser("bench", formatter_class=formatter,
-                       help="benchmarks: all / retrieval / cascade / models / train (`recstack bench X --help`)",
+                       help="benchmarks: all / retrieval / cascade / models / train / soak (`recstack bench X --help`)",
                        description=__doc__)
     # also accepted before the benchmark's name (`recstack bench --out DIR models`)
     b.add_argument("--out", dest="bench_out", default=None, metavar="DIR", help="same as `recstack bench X --out DIR`")
@@ -175,6 +184,15 @@ def add_parser(sub, formatter) -> None:
     p.add_argument("--runs", default=None, help="runs folder with coarse/ and fine/checkpoint.pt (default: fresh models)")
     p.add_argument("--data", default=None, help="a world: sizes the vocabulary and corpus")
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke test, not a report)")
+
+    p = new("soak", "the service under mixed traffic for a long run: Reload every minute, SIGTERM/restart "
+                    "cycles; failed calls, RSS drift per server life, p99 per minute")
+    p.add_argument("--artifacts", required=True, help="a bundle or an artifacts root (two versions are made from it)")
+    p.add_argument("--minutes", type=float, default=30.0, help="duration")
+    p.add_argument("--qps", type=float, default=40.0, help="calls per second in all")
+    p.add_argument("--reload-every", type=float, default=60.0, help="seconds between Reloads of both servers")
+    p.add_argument("--restart-every", type=float, default=5.0, help="minutes between SIGTERM + restart of a server")
+    p.add_argument("--scratch", default=None, help="scratch folder (bundles, server logs; default: a temporary one)")
 
     p = new("train", "coarse training cost per teacher, relative to the student alone")
     p.add_argument("--data", required=True, help="a `recstack simulate` folder")

@@ -130,6 +130,8 @@ def export(
         raise ExportError(f"user tower ONNX/PyTorch max abs diff {diff:.3g} > {PARITY_TOLERANCE:g}; refusing to export")
 
     item_emb = embed_items(model, data.items)
+    if not np.isfinite(item_emb).all():  # a diverged model: refused before an index is built from it
+        raise ExportError(f"{NAMES['item_emb']}: {int((~np.isfinite(item_emb)).sum())} NaN or infinite values; refusing to export")
     np.save(out / NAMES["item_emb"], item_emb, allow_pickle=False)
     # "auto" (the default) picks the index by corpus size (retrieval/index.py, from the bench)
     spec = index_lib.resolve(index_factory or cfg.index_factory, len(item_emb), nprobe, ef_search)

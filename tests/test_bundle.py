@@ -134,3 +134,34 @@ def test_new_version_format():
 
     v = B.new_version(dt.datetime(2026, 11, 28, 12, 15, 0, tzinfo=dt.timezone.utc))
     assert v == "v20261128-121500" and B.check_version_name(v) == v
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF8,Flat", "HNSW8"])
+def test_index_with_a_non_finite_vector_is_refused(factory):
+    import faiss
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
+    index = faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    assert B.check_index_finite(index, "retrieval/index.faiss")
+    y = x.copy()
+    y[17, 3] = np.inf  # (a NaN row would not even be filed in an inverted list)
+    index = faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(y)
+    with pytest.raises(B.BundleError, match=r"'retrieval/index\.faiss': 1 NaN or infinite"):
+        B.check_index_finite(index, "retrieval/index.faiss")
+
+
+def test_npy_with_nan_is_refused_and_an_integer_one_is_not_checked(tmp_path):
+    import numpy as np
+
+    np.save(tmp_path / "a.npy", np.array([[1.0, np.nan]], np.float32))
+    with pytest.raises(B.BundleError, match=r"'x/a\.npy': 1 NaN or infinite"):
+        B.check_npy_finite(tmp_path / "a.npy", "x/a.npy")
+    np.save(tmp_path / "b.npy", np.arange(5))
+    B.check_npy_finite(tmp_path / "b.npy", "x/b.npy")
+    np.save(tmp_path / "c.npy", np.zeros((0, 4), np.float32))
+    B.check_npy_finite(tmp_path / "c.npy", "x/c.npy", (0, 4))

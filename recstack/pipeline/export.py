@@ -96,6 +96,22 @@ def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN) 
     return files, meta
 
 
+def check_finite(bundle_dir: str | Path, files: list[str]) -> None:
+    """Refuse model files holding NaN or infinity (.npy arrays, ONNX weights, the FAISS index):
+    an honest export of a diverged model would otherwise be checksummed and served. Raises
+    ExportError naming the file."""
+    import faiss
+
+    for rel in files:
+        try:
+            if rel.endswith(".faiss"):
+                B.check_index_finite(faiss.read_index(str(B.safe_path(bundle_dir, rel))), rel)
+            else:
+                B.check_file(bundle_dir, rel)
+        except B.BundleError as e:
+            raise ExportError(f"refusing to export: {e}") from None
+
+
 def _staging_dir(out_dir: Path, version: str | None) -> tuple[str, Path]:
     """A version name free under `out_dir` and an empty hidden directory to build it in.
 
@@ -117,11 +133,13 @@ def _staging_dir(out_dir: Path, version: str | None) -> tuple[str, Path]:
     return name, staging
 
 
-def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None = None) -> Path:
+def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None = None,
+                  signing_key: bytes | None = None) -> Path:
     """Export the three trained stages + a feature snapshot as one verified bundle; returns its directory.
 
     `out_dir` is the artifacts root; the new bundle becomes `out_dir/<version>` and `current`
-    points at it once it is complete and verified.
+    points at it once it is complete and verified. With `signing_key`, the manifest carries
+    its HMAC (servers configured with the key refuse bundles without a valid one).
     """
     import importlib
 
@@ -146,8 +164,13 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
         files: list[str] = []
         stages: dict[str, dict] = {}
         for stage, module in STAGES.items():
-            result = importlib.import_module(module).export(ckpt_paths[stage], staging / stage)
+            mod = importlib.import_module(module)
+            try:
+                result = mod.export(ckpt_paths[stage], staging / stage)
+            except getattr(mod, "ExportError", ExportError) as e:  # each exporter has its own class
+                raise ExportError(f"{stage}: {e}") from e
             stage_files = [f"{stage}/{Path(f).as_posix()}" for f in result["files"]]
+            check_finite(staging, stage_files)
             files += stage_files
             stages[stage] = {"dir": stage, "files": stage_files, "meta": result.get("meta", {}),
                              "metrics": ckpts[stage].get("metrics", {}), "checkpoint": str(ckpt_paths[stage])}
@@ -157,9 +180,9 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
             staging, version=version, files=files,
             configs={stage: ck["config"] for stage, ck in ckpts.items()},
             feature_schema=FE.feature_schema(), vocab=vocabs["retrieval"], stages=stages,
-            extra={"snapshot": snapshot},
+            extra={"snapshot": snapshot}, signing_key=signing_key,
         )
-        B.verify_bundle(staging)
+        B.verify_bundle(staging, signing_key)
         final = out_dir / version
         os.rename(staging, final)  # fails rather than overwrite if the name was taken meanwhile
     except BaseException:

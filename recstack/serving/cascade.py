@@ -30,7 +30,8 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 
 from recstack import features as F
-from recstack.bundle import SNAPSHOT_BEHAVIOURS, SNAPSHOT_ITEMS, SNAPSHOT_USERS, Bundle, BundleError
+from recstack.bundle import (SNAPSHOT_BEHAVIOURS, SNAPSHOT_ITEMS, SNAPSHOT_USERS, Bundle, BundleError,
+                             check_index_finite)
 
 SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
 SOURCE_I2I = "i2i"  # nearest neighbours (same index) of the user's most recent behaviours
@@ -50,7 +51,7 @@ _FINE_INPUTS = {"user_feats", "item_feats", "item_dense", "interacted"}
 
 
 class DeadlineExceeded(RuntimeError):
-    """The caller's deadline passed before a stage started."""
+    """The caller's deadline passed (or the caller left) before a stage or a model started."""
 
 
 @dataclass(frozen=True)
@@ -258,6 +259,7 @@ class Cascade:
             raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: {self.index.ntotal} vectors for {self.n_items} items")
         if self.index.metric_type != faiss.METRIC_INNER_PRODUCT:
             raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: expected an inner-product index (training metric)")
+        check_index_finite(self.index, RETRIEVAL_INDEX)
         # Item vectors for the item-to-item source, memory-mapped: a request reads only its
         # seeds' rows (1e6 x 64 floats stay on disk / in the page cache). Bundles without
         # the file serve ANN only.
@@ -305,28 +307,66 @@ class Cascade:
 
     @classmethod
     def load(cls, path: str | Path, onnx_threads: int = 1, faiss_threads: int = 1, warm: bool = True,
-             **options) -> "Cascade":
-        """Open (checksums verified), load and warm up a bundle dir or artifacts root.
+             key: bytes | None = None, **options) -> "Cascade":
+        """Open (checksums verified; the manifest's signature too when `key` is given), load and
+        warm up a bundle dir or artifacts root.
 
         options: i2i_share, i2i_seeds (see __init__)."""
-        cascade = cls(Bundle.open(path, verify=True), onnx_threads=onnx_threads, faiss_threads=faiss_threads, **options)
+        cascade = cls(Bundle.open(path, verify=True, key=key), onnx_threads=onnx_threads, faiss_threads=faiss_threads,
+                      **options)
         if warm:
             cascade.warm_up()
         return cascade
 
-    def warm_up(self) -> None:
-        """Run the full cascade for a known and a cold-start user: first-call costs are paid
-        here, and a model whose outputs break the contract is refused before serving."""
+    def probe_queries(self) -> list[Query]:
+        """Fixed probe requests for the warm-up: a cold-start user; a cold-start user with request
+        behaviours (a click and a purchase: the item-to-item source runs); the first known user."""
         r = min(1000, self.n_items)
         c = min(200, r)
-        queries = [Query(user_id=self.n_users, num_results=min(10, c), retrieval_size=r, coarse_size=c)]
+        n = min(10, c)
+        items = np.array([0, self.n_items - 1], np.int64)
+        queries = [
+            Query(user_id=self.n_users, num_results=n, retrieval_size=r, coarse_size=c),
+            Query(user_id=self.n_users, num_results=n, retrieval_size=r, coarse_size=c, item_ids=items,
+                  seconds_ago=np.array([60.0, 3600.0]), kinds=np.array([0, 1], np.int8),
+                  dwell=np.array([12.0, 0.0], np.float32)),
+        ]
         if self.n_users:
-            queries.append(Query(user_id=0, num_results=min(10, c), retrieval_size=r, coarse_size=c))
-        for q in queries:
+            queries.append(Query(user_id=0, num_results=n, retrieval_size=r, coarse_size=c))
+        return queries
+
+    def warm_up(self) -> None:
+        """Check every stage's outputs on the probe requests, then run the full cascade on them:
+        first-call costs are paid here, and a model whose outputs break a stage's contract
+        (a non-finite embedding or score, a probability outside [0, 1]) is refused, naming its
+        file, before it serves."""
+
+        def finite(values: np.ndarray, name: str, what: str) -> None:
+            if not np.all(np.isfinite(values)):
+                raise BundleError(f"bundle file {name!r}: {what} not finite on a probe request")
+
+        for q in self.probe_queries():
+            seq_items, seq_extras, _ = self.sequence(q)
+            tower_in = {"user_feats": self.users.feats(np.array([q.user_id], dtype=np.int64)),
+                        "seq_items": seq_items, "seq_extras": seq_extras}
+            user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
+            finite(user_emb, RETRIEVAL_TOWER, "user embedding")
+            scores, ids = self.index.search(user_emb, q.retrieval_size)  # (1, R) each
+            found = ids[0] >= 0
+            if not found.any():
+                raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: the search found no item for a probe request")
+            finite(scores[0][found], RETRIEVAL_INDEX, "retrieval scores")
+            cands, _ = self.retrieve(user_emb, self.recent_items(seq_items), q.retrieval_size)
+            coarse = self.score_coarse(tower_in, cands)  # (R,)
+            if not np.all(np.isfinite(coarse)):
+                user_vec = self.coarse_tower(tower_in)
+                finite(user_vec, COARSE_TOWER, "user vector")
+                finite(coarse, COARSE_ITEM_VECTORS, "coarse scores")
             res = self.rank(q)
-            for name, p in (("fine/ctr.onnx", res.pctr), ("fine/cvr.onnx", res.pcvr)):
+            for name, p in ((FINE_CTR, res.pctr), (FINE_CVR, res.pcvr)):
                 if not (np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))):
                     raise BundleError(f"bundle file {name!r}: outputs outside [0, 1]; expected probabilities")
+            finite(res.scores, FINE_CTR, "scores (pCTR x pCVR x price)")
 
     # -- per request -------------------------------------------------------------------
 
@@ -412,7 +452,8 @@ class Cascade:
 
     def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None) -> Ranking:
         """Run the cascade for one validated query; `time_remaining` (e.g. a gRPC context's)
-        is checked before each stage, raising DeadlineExceeded once it reaches 0."""
+        is checked before each stage and between the models inside one (retrieval tower |
+        search, pCTR | pCVR), raising DeadlineExceeded once it reaches 0."""
         t0 = time.perf_counter()
         seq_items, seq_extras, cold = self.sequence(q)
         user_feats = self.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
@@ -452,6 +493,7 @@ class Cascade:
 
         check("retrieval")
         user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
+        check("retrieval search")
         cands, src = self.retrieve(user_emb, self.recent_items(seq_items), q.retrieval_size)  # (R,), (R,)
         n_retrieved = len(cands)
         if trace is not None:
@@ -481,6 +523,7 @@ class Cascade:
         }
         if m:
             pctr = self.ctr(fine_in).reshape(-1).astype(np.float64)  # (M,)
+            check("fine pCVR")
             pcvr = self.cvr(fine_in).reshape(-1).astype(np.float64)
         else:
             pctr = pcvr = np.zeros(0, np.float64)

@@ -5,12 +5,17 @@
 
 Status codes: INVALID_ARGUMENT (bad or unparsable request; the message names the field),
 UNAVAILABLE (no model loaded yet), RESOURCE_EXHAUSTED (more than `max_workers + max_queue`
-calls in flight: grpc refuses at once rather than queueing without bound; or a message over
-`max_message_bytes`), DEADLINE_EXCEEDED (the deadline passed before a stage: later stages are
-skipped), CANCELLED (the caller left: later stages are skipped), FAILED_PRECONDITION (Reload of
-a bundle that fails to load; the old model keeps serving), UNAUTHENTICATED / PERMISSION_DENIED
-(ModelService without / with a wrong admin token), INTERNAL (anything else, logged with the
-request id; never UNKNOWN, never a stack trace in the details).
+Rank calls in flight: the call is refused at once rather than queued without bound; or a
+message over `max_message_bytes`), DEADLINE_EXCEEDED (the deadline passed before a stage or a
+model: later ones are skipped), CANCELLED (the caller left: later stages are skipped),
+FAILED_PRECONDITION (Reload of a bundle that fails to load; the old model keeps serving),
+UNAUTHENTICATED / PERMISSION_DENIED (ModelService without / with a wrong admin token), INTERNAL
+(anything else, logged with the request id; never UNKNOWN, never a stack trace in the details).
+
+Only Rank is bounded: health checks and ModelService calls are served by threads of their own
+(`PROBE_THREADS`) and never shed, so a probe tells a busy server from a dead one. Every call
+that reaches the server is counted in the metrics by its final code (a call finished after
+its caller left counts as CANCELLED or DEADLINE_EXCEEDED, not OK).
 
 Access: the server listens on loopback unless told otherwise; ModelService (model info, reload)
 exists only when an admin token is configured and then requires `authorization: Bearer <token>`
@@ -20,13 +25,18 @@ switched off.
 from __future__ import annotations
 
 import datetime as _dt
+import errno
+import gc
 import hmac
 import json
 import logging
 import multiprocessing
 import os
 import re
+import select
 import signal
+import socket
+import sys
 import threading
 import time
 import uuid
@@ -53,10 +63,17 @@ MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# threads beyond the Rank bound, for health checks, ModelService calls and turning away Rank
+# calls over the bound (each of which takes microseconds)
+PROBE_THREADS = 4
 
 
-def _now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+class ServeError(OSError):
+    """The server cannot start (e.g. its port is in use); the message says why, in one line."""
+
+
+def _now_iso(timespec: str = "seconds") -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=timespec)
 
 
 def response_from_ranking(r: Ranking, version: str, debug: bool) -> pb.RankResponse:
@@ -120,6 +137,123 @@ def _parser(message_cls, max_bytes: int):
     return parse
 
 
+_malloc_trim = None
+
+
+def _return_freed_memory() -> None:
+    """Give free heap memory back to the OS after a model swap. The previous model's many
+    small allocations (ONNX sessions, parquet tables, index structures), freed from several
+    threads, leave fragmented free space in malloc's per-thread arenas; RSS keeps counting it,
+    and without a trim it creeps up reload after reload. glibc only; elsewhere nothing."""
+    global _malloc_trim
+    gc.collect()  # the previous model, unless calls in flight still hold it
+    if _malloc_trim is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", False)
+        except OSError:
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+class HealthServicer(health.HealthServicer):
+    """grpc's health servicer whose `Watch` streams can be ended by the server: at shutdown,
+    after watchers have been told NOT_SERVING, `close_watches` ends them with OK (a client
+    reconnects or gives up), so an open Watch does not hold the drain for the whole grace
+    period. Each stream is ended once, whichever of close_watches and the call ending comes first."""
+
+    def __init__(self):
+        super().__init__(experimental_non_blocking=True)
+        self._streams: set = set()
+        self._streams_lock = threading.Lock()
+        self._closing = False
+
+    def Watch(self, request, context, send_response_callback=None):
+        if send_response_callback is None:  # a server without non-blocking streams: grpc's own
+            return super().Watch(request, context)
+        stream = _OnceClosed(send_response_callback)
+        with self._streams_lock:
+            self._streams.add(stream)
+        context.add_callback(lambda: self._forget(stream))
+        super().Watch(request, context, stream)
+        if self._closing:  # opened while the server shuts down: answered, then ended at once
+            stream(None)
+        return None
+
+    def _forget(self, stream) -> None:
+        with self._streams_lock:
+            self._streams.discard(stream)
+
+    def close_watches(self) -> None:
+        self._closing = True
+        with self._streams_lock:
+            streams = list(self._streams)
+        for stream in streams:
+            stream(None)
+
+
+class _OnceClosed:
+    """A Watch stream's send callback that sends nothing once the stream is ended (None)."""
+
+    def __init__(self, send):
+        self._send, self._lock, self._closed = send, threading.Lock(), False
+
+    def __call__(self, response) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = response is None
+            self._send(response)
+
+
+class RankAdmission:
+    """The bounded queue of Rank: at most `running` calls in the cascade at once and at most
+    `limit` admitted in all (running + waiting); a call beyond the limit is refused at once.
+    A waiting call gives up when its deadline passes or its caller leaves."""
+
+    def __init__(self, running: int, limit: int):
+        if not 1 <= running <= limit:
+            raise ValueError(f"need 1 <= running ({running}) <= limit ({limit})")
+        self.running, self.limit = running, limit
+        self._slots = threading.Semaphore(running)
+        self._lock = threading.Lock()
+        self._admitted = 0
+        self.waiting = 0
+
+    def admit(self) -> bool:
+        with self._lock:
+            if self._admitted >= self.limit:
+                return False
+            self._admitted += 1
+            return True
+
+    def acquire(self, time_remaining) -> bool:
+        """Wait for a cascade slot; False when `time_remaining()` reaches 0 first (re-read at
+        least every 0.1 s, so a caller who leaves frees its place in the queue)."""
+        with self._lock:
+            self.waiting += 1
+        try:
+            while True:
+                left = time_remaining()
+                if left is not None and left <= 0:
+                    return False
+                if self._slots.acquire(timeout=0.1 if left is None else min(left, 0.1)):
+                    return True
+        finally:
+            with self._lock:
+                self.waiting -= 1
+
+    def release(self) -> None:
+        self._slots.release()
+
+    def leave(self) -> None:
+        with self._lock:
+            self._admitted -= 1
+
+
 class RankingServicer:
     """Holds the serving model and implements RankingService and ModelService.
 
@@ -129,10 +263,12 @@ class RankingServicer:
 
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
                  onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
-                 worker: int = 0):
+                 worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None):
         self.artifacts_root = artifacts_root
         self.limits = limits
         self.health = health_servicer
+        self.admission = admission or RankAdmission(4, 12)
+        self._bundle_key = bundle_key
         self.onnx_threads = onnx_threads
         self.metrics = metrics or ServingMetrics()
         self._admin_token = admin_token.encode() if admin_token else None
@@ -150,13 +286,22 @@ class RankingServicer:
         for service in ("", RANKING_SERVICE, MODEL_SERVICE):
             self.health.set(service, status)
 
+    def begin_drain(self) -> None:
+        """Health NOT_SERVING for good (watchers are told, then their streams end, so they do
+        not hold the server's stop for its grace period); calls in flight carry on."""
+        self.draining = True
+        self.health.enter_graceful_shutdown()
+        close_watches = getattr(self.health, "close_watches", None)  # grpc's own servicer has none
+        if close_watches is not None:
+            close_watches()
+
     def load(self, path: str | Path) -> Cascade:
         """Verify, load and warm the bundle at `path`, then swap it in. Any failure raises
         BundleError naming the cause, and the current model keeps serving."""
         with self._reload_lock:
             t0 = time.perf_counter()
             try:
-                cascade = Cascade.load(path, onnx_threads=self.onnx_threads)  # verified and warmed here
+                cascade = Cascade.load(path, onnx_threads=self.onnx_threads, key=self._bundle_key)  # verified, warmed
             except Exception as e:
                 self.metrics.reloads.labels("failed").inc()
                 reason = str(e) if isinstance(e, B.BundleError) else f"{type(e).__name__}: {e}"
@@ -168,6 +313,7 @@ class RankingServicer:
                 raise B.BundleError(f"cannot load {Path(path).name}: {reason}"[:2000]) from e
             previous = self.cascade.version if self.cascade else None
             self.cascade, self.loaded_at, self.last_load_error = cascade, _now_iso(), ""
+        _return_freed_memory()
         self.metrics.reloads.labels("ok").inc()
         self.metrics.set_version(cascade.version)
         if not self.draining:
@@ -217,7 +363,10 @@ class RankingServicer:
         gauge.inc()
         code, message = grpc.StatusCode.OK, ""
         try:
-            return fn(extra)
+            response = fn(extra)
+            if context.is_active():
+                return response
+            raise DeadlineExceeded("deadline exceeded before the response was sent")  # nobody reads it
         except ValidationError as e:
             code, message = grpc.StatusCode.INVALID_ARGUMENT, str(e)
         except DeadlineExceeded as e:
@@ -238,16 +387,18 @@ class RankingServicer:
             seconds = time.perf_counter() - t0
             self.metrics.count(method, code.name, seconds)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(json.dumps({"request_id": rid, "method": method, "code": code.name,
-                                            "ms": round(seconds * 1e3, 3), "worker": self.worker, **extra}))
+                access_log.info(json.dumps({"ts": _now_iso("milliseconds"), "request_id": rid, "method": method,
+                                            "code": code.name, "ms": round(seconds * 1e3, 3), "pid": os.getpid(),
+                                            "worker": self.worker, **extra}))
         context.abort(code, message[:1000])  # raises: outside the try so it is not caught above
 
     def _check_admin(self, context) -> None:
         token = dict(context.invocation_metadata()).get("authorization", "")
         if not token:
             raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "ModelService needs `authorization: Bearer <admin token>` metadata")
-        given = token[7:] if token.startswith("Bearer ") else token
-        if not hmac.compare_digest(given.encode(errors="replace"), self._admin_token or b"\0"):
+        if not isinstance(token, str) or not token.startswith("Bearer "):
+            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: expected `Bearer <admin token>`")
+        if not hmac.compare_digest(token[7:].encode(errors="replace"), self._admin_token or b"\0"):
             raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
 
     # -- RPCs -----------------------------------------------------------------------------
@@ -259,14 +410,22 @@ class RankingServicer:
             cascade = self.cascade  # one read: a concurrent Reload cannot change the model mid-request
             if cascade is None:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
-            # never work for a caller who left or whose deadline passed while the call was queued
-            remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
-            left = remaining()
-            if left is not None and left <= 0:
-                raise DeadlineExceeded("deadline exceeded before the call started")
             query = validate_rank_request(request, self.limits, cascade.n_items)
             extra.update(user_id=query.user_id, version=cascade.version)
-            ranking = cascade.rank(query, time_remaining=remaining)
+            if not self.admission.admit():
+                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                             f"overloaded: {self.admission.limit} Rank calls in flight; retry with backoff")
+            try:
+                # never work for a caller who left or whose deadline passed while the call was queued
+                remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
+                if not self.admission.acquire(remaining):
+                    raise DeadlineExceeded("deadline exceeded while the call was queued")
+                try:
+                    ranking = cascade.rank(query, time_remaining=remaining)
+                finally:
+                    self.admission.release()
+            finally:
+                self.admission.leave()
             self.metrics.observe_stages(ranking.timings_ms)
             extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids))
             return response_from_ranking(ranking, cascade.version, request.debug)
@@ -327,42 +486,49 @@ def create_server(
     max_message_bytes: int = 64 << 10,
     metrics: ServingMetrics | None = None,
     worker: int = 0,
+    load_first: bool = False,
+    bundle_key: bytes | None = None,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
-    `servicer.load(...)` has verified and warmed one. See `build_server` for the arguments."""
+    `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
+    and warmed before the port is bound, so the port never takes a call this server cannot
+    serve (worker processes sharing a port). See `build_server` for the other arguments."""
     artifacts = Path(artifacts)
     root = artifacts if (artifacts / B.CURRENT).is_file() else artifacts.resolve().parent
     limits = limits or ServingLimits()
-    if max_concurrent_rpcs is None:  # the bound on the queue: beyond it grpc answers RESOURCE_EXHAUSTED at once
+    if max_concurrent_rpcs is None:  # the bound on Rank's queue: beyond it RESOURCE_EXHAUSTED at once
         max_concurrent_rpcs = max_workers + (max_queue if max_queue is not None else 2 * max_workers)
+    admission = RankAdmission(min(max_workers, max_concurrent_rpcs), max_concurrent_rpcs)
     options = [
         ("grpc.so_reuseport", 1 if reuse_port else 0),  # off: a taken port is an error, not a silent share
         # a request over max_message_bytes is refused by our deserialiser (RESOURCE_EXHAUSTED, at once); grpc's
         # own limit, 16x higher, bounds what is buffered at all (it answers the same code, but drops the connection)
         ("grpc.max_receive_message_length", 16 * max_message_bytes),
     ]
-    executor = futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="recstack-rpc")
-    server = grpc.server(executor, options=options, maximum_concurrent_rpcs=max_concurrent_rpcs)
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    # a thread for every admitted Rank (running or waiting) and PROBE_THREADS more: health and admin
+    # calls never wait behind Rank, and grpc itself sheds nothing (no maximum_concurrent_rpcs)
+    executor = futures.ThreadPoolExecutor(max_workers=admission.limit + PROBE_THREADS, thread_name_prefix="recstack-rpc")
+    server = grpc.server(executor, options=options)
+    health_servicer = HealthServicer()
     metrics = metrics or ServingMetrics()
     servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
-                               admin_token=admin_token, worker=worker)
-    queue = getattr(executor, "_work_queue", None)  # CPython's ThreadPoolExecutor: the calls waiting for a thread
-    if queue is not None:
-        metrics.track_queue(queue.qsize)
+                               admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key)
+    metrics.track_queue(lambda: admission.waiting)
     servicer.set_serving(False)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
         names = [RANKING_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME] + ([MODEL_SERVICE] if admin_token else [])
         reflection.enable_server_reflection(names, server)
+    if load_first:
+        servicer.load(artifacts)
     address = f"{host}:{port}"
     try:
         bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     except RuntimeError as e:
-        raise OSError(f"cannot listen on {address}: {e}") from e
+        raise ServeError(f"cannot listen on {address}: {e}") from None
     if not bound:
-        raise OSError(f"cannot listen on {address}")
+        raise ServeError(f"cannot listen on {address}")
     server.start()
     return server, bound, servicer
 
@@ -385,7 +551,8 @@ def build_server(
     running ones (default 2 x max_workers; `max_concurrent_rpcs` sets the total directly),
     `limits` (ServingLimits), `onnx_threads` (intra-op threads per ONNX session), `reuse_port`,
     `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
-    `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`.
+    `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,
+    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it).
     """
     server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:
@@ -400,21 +567,38 @@ def build_server(
 class ServeOptions:
     """Per-process settings of `serve` (picklable: handed to each spawned worker)."""
 
-    threads: int = 4  # RPC threads per process
-    max_queue: int | None = None  # calls waiting beyond `threads`; None = 2 x threads
+    threads: int = 4  # Rank calls running at once per process (health and admin calls have threads of their own)
+    max_queue: int | None = None  # Rank calls waiting beyond `threads`; None = 2 x threads
     onnx_threads: int = 1  # intra-op threads per ONNX session (bounded: workers x threads x this <= cores is sane)
     grace_s: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
     admin_token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
     reflection: bool = True
-    metrics_port: int | None = None  # worker i serves /metrics on metrics_port + i (on the same host)
+    metrics_port: int | None = None  # worker i serves /metrics on metrics_port + i
+    metrics_host: str | None = None  # the address /metrics listens on; None = the gRPC host
+    bundle_key: str | None = None  # when set, only bundles whose manifest is HMAC-signed with it load
     max_message_bytes: int = 64 << 10
 
 
+class _JSONLines(logging.Formatter):
+    """The access log's lines as they are: each record's message is one JSON object."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
+
+
 def _configure_logging() -> None:
+    """Operational lines go to stderr with a time and level prefix; the access log goes to
+    stdout, one JSON object per line and nothing else (a log shipper parses every line)."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(process)d %(name)s %(levelname)s %(message)s")
+    if not access_log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(_JSONLines())
+        access_log.addHandler(handler)
+        access_log.setLevel(logging.INFO)
+        access_log.propagate = False
 
 
 def _limit_threads(n: int) -> None:
@@ -435,35 +619,135 @@ def _limit_threads(n: int) -> None:
     threadpool_limits(limits=max(1, limit), user_api="blas")
 
 
-def _serve_one(artifacts: str, host: str, port: int, opts: ServeOptions, reuse_port: bool, worker: int = 0) -> int:
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    tls = TLSConfig(opts.tls_cert, opts.tls_key) if opts.tls_cert else None
-    metrics = ServingMetrics()
-    if opts.metrics_port is not None:
-        _, mport = metrics.start_http(host, opts.metrics_port + worker if opts.metrics_port else 0)
-        log.info("pid %d metrics on http://%s:%d/metrics", os.getpid(), host, mport)
-    server, bound, servicer = create_server(
-        artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
-        reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
-        max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker)
+class StopSignals:
+    """SIGTERM / SIGINT as something the main thread can wait for without ever missing one.
+
+    The process's signal may be taken by any of its threads (gRPC's, ONNX's, BLAS's); the
+    Python handler then runs only once the main thread executes bytecode again, which a main
+    thread asleep in a lock wait without a timeout never does. So the C-level handler's wakeup
+    fd (written from whichever thread took the signal, with the signal's number) is what
+    `wait` selects on, and the Python handler only records the signal: it takes no lock, since
+    it may run while the main thread holds one. Use from the main thread; `restore` undoes it."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: int | None = None
+        self._r, self._w = socket.socketpair()
+        self._r.setblocking(False)
+        self._w.setblocking(False)
+        self._old_fd = signal.set_wakeup_fd(self._w.fileno(), warn_on_full_buffer=False)
+        self._old = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once SIGTERM or SIGINT has arrived; waits up to `timeout` seconds (None: until then)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.received is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            readable, _, _ = select.select([self._r], [], [], 1.0 if left is None else min(left, 1.0))
+            if readable:
+                try:
+                    data = self._r.recv(64)
+                except (BlockingIOError, InterruptedError):
+                    continue
+                got = [n for n in data if n in self.SIGNALS]
+                if got and self.received is None:
+                    self.received = got[0]
+        return True
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        signal.set_wakeup_fd(self._old_fd)
+        self._r.close()
+        self._w.close()
+
+
+def _split_host(host: str) -> str:
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def _probe_bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """Bind (without listening) host:port the way gRPC will, so a port in use is refused here,
+    in one line, before gRPC logs its own errors. The caller closes the socket, or keeps it to
+    reserve the port (with `reuse_port`, worker processes can still bind it)."""
     try:
-        if not stop.is_set():
-            servicer.load(artifacts)
-    except BaseException:
-        server.stop(None)
-        raise
-    log.info("pid %d worker %d listening on %s:%d (model %s)", os.getpid(), worker, host, bound,
-             servicer.cascade.version if servicer.cascade else "-")
-    stop.wait()
-    # health goes NOT_SERVING at once (watchers are told), then in-flight calls get up to grace_s
-    servicer.draining = True
-    servicer.health.enter_graceful_shutdown()
-    log.info("pid %d draining (up to %.1f s)", os.getpid(), opts.grace_s)
-    server.stop(opts.grace_s).wait()
-    log.info("pid %d stopped", os.getpid())
-    return 0
+        family, _, _, _, addr = socket.getaddrinfo(_split_host(host) or None, port, type=socket.SOCK_STREAM,
+                                                   flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as e:
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC: a port in TIME_WAIT is free
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        why = "the port is in use" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
+        raise ServeError(f"cannot listen on {host}:{port}: {why}") from None
+    return sock
+
+
+def _serve_one(artifacts: str, host: str, port: int, opts: ServeOptions, reuse_port: bool, worker: int = 0,
+               on_ready=None) -> int:
+    """Serve in this process until SIGTERM / SIGINT, then drain. A worker sharing the port
+    (`reuse_port`) loads and warms its bundle before it binds; a single process binds first
+    (a taken port fails at once) and reports NOT_SERVING while it loads. `on_ready(port)` is
+    called once the server is serving."""
+    signals = StopSignals()
+    try:
+        return _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals, on_ready)
+    finally:
+        signals.restore()
+
+
+def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals, on_ready) -> int:
+    tls = TLSConfig(opts.tls_cert, opts.tls_key) if opts.tls_cert else None
+    if port and not reuse_port:
+        _probe_bind(host, port).close()
+    metrics = ServingMetrics()
+    metrics_server = None
+    if opts.metrics_port is not None:
+        mhost = opts.metrics_host or host
+        try:
+            metrics_server, mport = metrics.start_http(mhost, opts.metrics_port + worker if opts.metrics_port else 0)
+        except OSError as e:
+            raise ServeError(f"cannot serve /metrics on {mhost}:{opts.metrics_port + worker}: {e.strerror or e}") from None
+        log.info("pid %d metrics on http://%s:%d/metrics", os.getpid(), mhost, mport)
+    try:
+        if signals.received is not None:
+            return 0
+        server, bound, servicer = create_server(
+            artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
+            reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
+            max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port,
+            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None)
+        try:
+            if servicer.cascade is None and signals.received is None:
+                servicer.load(artifacts)
+        except BaseException:
+            server.stop(None)
+            raise
+        log.info("pid %d worker %d listening on %s:%d (model %s)", os.getpid(), worker, host, bound,
+                 servicer.cascade.version if servicer.cascade else "-")
+        if on_ready is not None:
+            on_ready(bound)
+        signals.wait()
+        servicer.begin_drain()  # NOT_SERVING at once; then in-flight calls get up to grace_s
+        log.info("pid %d draining (up to %.1f s)", os.getpid(), opts.grace_s)
+        server.stop(opts.grace_s).wait()
+        log.info("pid %d stopped", os.getpid())
+        return 0
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
 
 
 def _child_main(artifacts: str, host: str, port: int, opts: ServeOptions, worker: int) -> None:
@@ -473,6 +757,9 @@ def _child_main(artifacts: str, host: str, port: int, opts: ServeOptions, worker
     except B.BundleError as e:
         log.error("pid %d: refusing the bundle: %s", os.getpid(), e)
         code = 2
+    except ServeError as e:
+        log.error("pid %d: %s", os.getpid(), e)
+        code = 1
     raise SystemExit(code)
 
 
@@ -481,11 +768,14 @@ def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 50051, wor
     """Serve until SIGTERM/SIGINT, then drain in-flight calls for up to `grace_s` and return 0.
 
     `workers` > 1 runs that many processes sharing the port (SO_REUSEPORT; the kernel spreads
-    connections), since one Python process is bound to about one core. They are spawned (fresh
-    interpreters) before the parent creates any gRPC object, each loads its own sessions, and
-    each bounds its math-library threads to `onnx_threads`. `kwargs` are ServeOptions fields.
+    connections), since one Python process is bound to about one core. The parent checks and
+    reserves the port (0 = any free one), then spawns them (fresh interpreters) before it
+    creates any gRPC object; each loads and warms its bundle before it binds the port, so
+    the port only ever hands connections to a ready worker, and each bounds its math-library
+    threads to `onnx_threads`. `kwargs` are ServeOptions fields.
     Returns the exit code (0 after a clean drain; 1 if a worker died or refused the bundle).
-    With one process, a bundle that fails its checks raises BundleError.
+    With one process, a bundle that fails its checks raises BundleError; a port that cannot
+    be bound raises ServeError.
     """
     opts = options or ServeOptions(**kwargs)
     _configure_logging()
@@ -494,19 +784,31 @@ def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 50051, wor
     B.resolve_bundle(artifacts)  # fail fast, in the parent, on a path that is not a bundle
     if workers <= 1:
         return _serve_one(artifacts, host, port, opts, False)
-    if port == 0:
-        raise ValueError("--workers > 1 needs a fixed port (processes share it)")
+    # the port must be free of anyone else: checked without SO_REUSEPORT, then held with it
+    # (not listening: the kernel hands connections only to the workers' listening sockets)
+    probe = _probe_bind(host, port)
+    port = probe.getsockname()[1]
+    probe.close()
+    reservation = _probe_bind(host, port, reuse_port=True)
     ctx = multiprocessing.get_context("spawn")  # fresh interpreters: no gRPC state crosses a fork
     procs = [ctx.Process(target=_child_main, args=(artifacts, host, port, opts, i), daemon=False)
              for i in range(workers)]
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    for p in procs:
-        p.start()
-    log.info("started %d serving processes on %s:%d", workers, host, port)
+    signals = StopSignals()
+    try:
+        for p in procs:
+            p.start()
+        log.info("started %d serving processes on %s:%d", workers, host, port)
+        return _supervise(procs, signals, opts.grace_s)
+    finally:
+        signals.restore()
+        reservation.close()
+
+
+def _supervise(procs, signals: StopSignals, grace_s: float) -> int:
+    """Wait for SIGTERM / SIGINT or a dead worker, then stop every worker (SIGTERM, then SIGKILL
+    after grace_s + 5 s). -> 0 when all of them drained cleanly, else 1."""
     failed = False
-    while not stop.wait(0.2):
+    while not signals.wait(0.2):
         dead = [p for p in procs if not p.is_alive()]
         if dead:
             log.error("serving process %d exited with %s; stopping the others", dead[0].pid, dead[0].exitcode)
@@ -516,7 +818,7 @@ def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 50051, wor
         if p.is_alive():
             os.kill(p.pid, signal.SIGTERM)
     for p in procs:
-        p.join(opts.grace_s + 5)
+        p.join(grace_s + 5)
         if p.is_alive():
             p.kill()
             p.join()

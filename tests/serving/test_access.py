@@ -128,3 +128,18 @@ def test_tls_with_a_self_signed_certificate(artifacts, tmp_path):
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(None)
+
+
+def test_a_token_without_the_bearer_scheme_is_refused(artifacts):
+    server, port, _ = build_server(artifacts, max_workers=2, admin_token=TOKEN)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            admin = pb_grpc.ModelServiceStub(ch)
+            for value in (TOKEN, f"bearer {TOKEN}", f"Basic {TOKEN}", f"Bearer{TOKEN}"):
+                with pytest.raises(grpc.RpcError) as e:
+                    admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=5, metadata=(("authorization", value),))
+                assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED, value
+                assert "Bearer" in e.value.details() and TOKEN not in e.value.details()
+            assert admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=5, metadata=client.admin_metadata(TOKEN))
+    finally:
+        server.stop(None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 
 import grpc
@@ -214,3 +215,174 @@ def test_nothing_on_the_load_path_unpickles(good, monkeypatch):
     monkeypatch.setattr(pickle, "Unpickler", no_pickle)
     cascade = Cascade.load(good)
     assert cascade.version == "vgood"
+
+
+# -- numerical sanity: a diverged model is refused, naming its file ---------------------------------
+
+
+def _poison(bundle, rel):
+    """Put NaN into a model file the way an honest export of a diverged model would."""
+    path = bundle / rel
+    if rel.endswith(".npy"):
+        arr = np.load(path)
+        arr[len(arr) // 2] = np.nan  # one row, far from anything the warm-up probes may read
+        np.save(path, arr)
+    elif rel.endswith(".faiss"):
+        import faiss
+
+        emb = np.load(bundle / "retrieval/item_emb.npy")
+        emb[7] = np.nan
+        index = faiss.IndexFlatIP(emb.shape[1])
+        index.add(emb)
+        faiss.write_index(index, str(path))
+    else:
+        from onnx import numpy_helper
+
+        model = onnx.load(str(path))
+        t = max(model.graph.initializer, key=lambda t: numpy_helper.to_array(t).size)
+        values = numpy_helper.to_array(t).copy()
+        values.flat[0] = np.nan
+        t.CopyFrom(numpy_helper.from_array(values, t.name))
+        onnx.save(model, str(path))
+    _resign(bundle)
+
+
+NAN_FILES = ["coarse/item_vectors.npy", "retrieval/item_emb.npy", "retrieval/index.faiss", "coarse/user_tower.onnx",
+             "retrieval/user_tower.onnx", "fine/ctr.onnx", "fine/cvr.onnx"]
+
+
+@pytest.mark.parametrize("rel", NAN_FILES)
+def test_a_model_file_with_nan_is_refused_naming_it(bundle, rel):
+    _poison(bundle, rel)
+    with pytest.raises(B.BundleError, match=rf"'{re.escape(rel)}'.*NaN or infinite"):
+        Cascade.load(bundle)
+
+
+def test_a_nan_bundle_reloaded_over_grpc_keeps_the_old_model(good, tmp_path):
+    root = tmp_path / "art"
+    B.publish(good, root)
+    shutil.copytree(good, tmp_path / "vnan")
+    m = json.loads((tmp_path / "vnan" / B.MANIFEST).read_text())
+    m["version"] = "vnan"
+    (tmp_path / "vnan" / B.MANIFEST).write_text(json.dumps(m))
+    _poison(tmp_path / "vnan", "coarse/item_vectors.npy")
+    shutil.copytree(tmp_path / "vnan", root / "vnan")
+    server, port, _ = build_server(root, max_workers=2, admin_token=ADMIN_TOKEN)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.ModelServiceStub(ch).Reload(pb.ReloadRequest(version="vnan"), timeout=30, metadata=ADMIN_MD)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "coarse/item_vectors.npy" in e.value.details() and "NaN" in e.value.details()
+            resp = pb_grpc.RankingServiceStub(ch).Rank(pb.RankRequest(user_id=1, num_results=3), timeout=10)
+            assert resp.model_version == "vgood" and all(np.isfinite(it.coarse_score) for it in resp.items)
+    finally:
+        server.stop(None)
+
+
+class _Out:
+    """Stands in for a stage model: returns `value` in the shape the real one gives."""
+
+    def __init__(self, model, value):
+        self.model, self.value = model, value
+
+    def __call__(self, feeds):
+        out = self.model(feeds)
+        return np.full_like(out, self.value)
+
+
+@pytest.mark.parametrize("attr,value,rel", [
+    ("retrieval_tower", np.nan, "retrieval/user_tower.onnx"),
+    ("coarse_tower", np.inf, "coarse/user_tower.onnx"),
+    ("ctr", np.nan, "fine/ctr.onnx"),
+    ("cvr", 1.5, "fine/cvr.onnx"),
+])
+def test_warm_up_checks_every_stage_output(good, attr, value, rel):
+    """Finite files can still give non-finite outputs (an overflow inside the graph): the
+    warm-up's probe requests check each stage's and refuse the bundle, naming the file."""
+    cascade = Cascade.load(good, warm=False)
+    setattr(cascade, attr, _Out(getattr(cascade, attr), value))
+    with pytest.raises(B.BundleError, match=rf"'{re.escape(rel)}'"):
+        cascade.warm_up()
+
+
+def test_warm_up_checks_the_retrieval_scores(good, monkeypatch):
+    cascade = Cascade.load(good, warm=False)
+    real_search = cascade.index.search
+
+    class NanScores:
+        def search(self, x, k):
+            d, i = real_search(x, k)
+            return np.full_like(d, np.nan), i
+
+    monkeypatch.setattr(cascade, "index", NanScores())
+    with pytest.raises(B.BundleError, match=r"'retrieval/index\.faiss'.*retrieval scores"):
+        cascade.warm_up()
+
+
+# -- optional: an HMAC-signed manifest, so a re-hashed forgery is refused too -----------------------
+
+KEY = b"bundle-signing-key"
+
+
+def _sign(bdir, key=KEY):
+    m = json.loads((bdir / B.MANIFEST).read_text())
+    files = [f for f in m["files"] if (bdir / f).exists()]
+    B.write_manifest(bdir, version=m["version"], files=files, configs=m["configs"], feature_schema=m["feature_schema"],
+                     vocab=m["vocab"], stages=m["stages"], extra={"snapshot": m.get("snapshot", {})}, signing_key=key)
+
+
+def test_a_signed_bundle_loads_with_its_key(bundle):
+    _sign(bundle)
+    assert Cascade.load(bundle, key=KEY).version == "vgood"
+    assert Cascade.load(bundle).version == "vgood"  # a server without a key does not check signatures
+
+
+@pytest.mark.parametrize("forgery", ["unsigned", "other key", "re-hashed", "signature kept"])
+def test_with_a_key_a_forged_bundle_is_refused(bundle, forgery):
+    _sign(bundle)
+    if forgery == "unsigned":
+        _resign(bundle)  # checksums only
+        why = "not signed"
+    elif forgery == "other key":
+        _sign(bundle, b"another key")
+        why = "does not match"
+    else:
+        vecs = np.load(bundle / "coarse/item_vectors.npy")
+        np.save(bundle / "coarse/item_vectors.npy", -vecs)  # a plausible, finite, malicious model
+        signature = json.loads((bundle / B.MANIFEST).read_text())[B.SIGNATURE]
+        _resign(bundle)  # the checksums now match the forged file
+        if forgery == "signature kept":
+            m = json.loads((bundle / B.MANIFEST).read_text())
+            m[B.SIGNATURE] = signature
+            (bundle / B.MANIFEST).write_text(json.dumps(m))
+            why = "does not match"
+        else:
+            why = "not signed"
+    with pytest.raises(B.BundleError, match=rf"manifest\.json.*{why}"):
+        Cascade.load(bundle, key=KEY)
+
+
+def test_reload_with_a_key_refuses_a_forged_bundle_and_keeps_serving(good, tmp_path):
+    src = tmp_path / "vsigned"
+    shutil.copytree(good, src)
+    m = json.loads((src / B.MANIFEST).read_text())
+    m["version"] = "vsigned"
+    (src / B.MANIFEST).write_text(json.dumps(m))
+    _sign(src)
+    root = tmp_path / "art"
+    B.publish(src, root)
+    shutil.copytree(root / "vsigned", root / "vforged")
+    m = json.loads((root / "vforged" / B.MANIFEST).read_text())
+    m["version"] = "vforged"  # changes the signed content: the signature no longer matches
+    (root / "vforged" / B.MANIFEST).write_text(json.dumps(m))
+    server, port, _ = build_server(root, max_workers=2, admin_token=ADMIN_TOKEN, bundle_key=KEY)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            with pytest.raises(grpc.RpcError) as e:
+                pb_grpc.ModelServiceStub(ch).Reload(pb.ReloadRequest(version="vforged"), timeout=30, metadata=ADMIN_MD)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "signature" in e.value.details()
+            resp = pb_grpc.RankingServiceStub(ch).Rank(pb.RankRequest(user_id=1, num_results=3), timeout=10)
+            assert resp.model_version == "vsigned"
+    finally:
+        server.stop(None)

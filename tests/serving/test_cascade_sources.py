@@ -124,7 +124,7 @@ def test_rank_and_rank_features_agree_and_deadlines_hold(cascade):
     assert set(a.timings_ms) == {"features_ms", "retrieval_ms", "coarse_ms", "fine_ms", "total_ms"}
     with pytest.raises(DeadlineExceeded, match="retrieval"):
         cascade.rank(q, time_remaining=lambda: 0.0)
-    calls = iter([1.0, 0.0])
+    calls = iter([1.0, 1.0, 0.0])  # before retrieval, before its search, then before coarse
     with pytest.raises(DeadlineExceeded, match="coarse"):
         cascade.rank(q, time_remaining=lambda: next(calls))
 

@@ -5,10 +5,12 @@ share one port."""
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
+import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -34,18 +36,6 @@ def artifacts(tmp_path_factory, make_fake_bundle):
     root = tmp_path_factory.mktemp("life")
     make_fake_bundle(root)
     return root
-
-
-@contextlib.contextmanager
-def _reserved_port():
-    """A port held for processes that share it with SO_REUSEPORT: a socket bound to it with the
-    option set, never listening, so the kernel hands it to no one else (and connections only to
-    the listening workers) until the block ends. Picking a "free" port and releasing it would
-    leave it to whoever binds next."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        s.bind(("127.0.0.1", 0))
-        yield s.getsockname()[1]
 
 
 def _servicer_context() -> grpc.ServicerContext | None:
@@ -107,7 +97,7 @@ def test_not_serving_until_loaded_and_warm(artifacts, monkeypatch):
         server.stop(None)
 
 
-def test_bounded_queue_answers_resource_exhausted_in_milliseconds(artifacts):
+def test_bounded_queue_answers_resource_exhausted_at_once(artifacts):
     server, port, servicer = build_server(artifacts, max_workers=1, max_queue=2)
     gate = _Gate(servicer.cascade.retrieval_tower)
     servicer.cascade.retrieval_tower = gate
@@ -209,43 +199,35 @@ sys.exit(server.serve(sys.argv[1], port=int(sys.argv[2]), workers=int(sys.argv[3
 """
 
 
-def _start(artifacts, port, workers, grace_s, gate):
-    """The slow server as a process; a thread keeps reading its stderr (a full pipe would stall
-    the server) into `proc.log`."""
-    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SERVER, str(artifacts), str(port), str(workers), str(grace_s), str(gate)],
+def _start(artifacts, workers, grace_s, gate):
+    """A server on any free port (port 0; with workers the parent reserves one) -> (process, "host:port")."""
+    proc = subprocess.Popen([sys.executable, "-c", _SLOW_SERVER, str(artifacts), "0", str(workers), str(grace_s), str(gate)],
                             cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    proc.log, proc.log_closed = [], threading.Event()
+    pattern = r"started \d+ serving processes on (\S+:\d+)" if workers > 1 else r"listening on (\S+:\d+)"
+    lines: queue.Queue = queue.Queue()
 
-    def drain():
+    def read():
         for line in proc.stderr:
-            proc.log.append(line)
-        proc.log_closed.set()
+            lines.put(line)
+        lines.put(None)
 
-    threading.Thread(target=drain, daemon=True).start()
-    return proc
-
-
-def _stderr(proc) -> str:
-    return "".join(proc.log)[-3000:]
-
-
-def _bound_port(proc, timeout=60) -> int:
-    """The port a server started with port 0 bound, from its "listening on HOST:PORT" log line."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in list(proc.log):
-            match = re.search(r" listening on \S+:(\d+)", line)
-            if match:
-                return int(match.group(1))
-        assert not proc.log_closed.is_set(), _stderr(proc)
-        time.sleep(0.05)
-    raise AssertionError("server did not report its port:\n" + _stderr(proc))
+    threading.Thread(target=read, daemon=True).start()
+    seen, deadline = [], time.monotonic() + 60
+    while True:
+        line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        assert line is not None, "".join(seen)[-3000:]
+        seen.append(line)
+        m = re.search(pattern, line)
+        if m:
+            proc.log = seen  # the rest of stderr keeps being read into `seen`, so the pipe never fills
+            threading.Thread(target=lambda: [seen.append(x) for x in iter(lines.get, None)], daemon=True).start()
+            return proc, m.group(1)
 
 
 def _wait_serving(target, proc, timeout=60):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        assert proc.poll() is None, _stderr(proc)
+        assert proc.poll() is None, "".join(proc.log)[-3000:]
         try:
             with grpc.insecure_channel(target) as ch:
                 if health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status == SERVING:
@@ -257,9 +239,8 @@ def _wait_serving(target, proc, timeout=60):
 
 
 def test_sigterm_not_serving_at_once_then_drains_and_exits_0(artifacts, tmp_path):
-    proc = _start(artifacts, 0, 1, 5.0, tmp_path)  # the server picks its port and logs it
+    proc, target = _start(artifacts, 1, 5.0, tmp_path)
     try:
-        target = f"127.0.0.1:{_bound_port(proc)}"
         _wait_serving(target, proc)
         with grpc.insecure_channel(target) as ch:
             watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(), timeout=30)
@@ -275,7 +256,7 @@ def test_sigterm_not_serving_at_once_then_drains_and_exits_0(artifacts, tmp_path
             resp = slow.result()  # the in-flight call completes within the grace period
             assert len(resp.items) == 5
         code = proc.wait(15)
-        assert code == 0, _stderr(proc)
+        assert code == 0, "".join(proc.log)[-3000:]
         assert time.monotonic() - t0 < 5.0 + 2.0
     finally:
         if proc.poll() is None:
@@ -284,13 +265,7 @@ def test_sigterm_not_serving_at_once_then_drains_and_exits_0(artifacts, tmp_path
 
 
 def test_workers_share_one_port_and_exit_0(artifacts, tmp_path):
-    with _reserved_port() as port:
-        _workers_share_one_port_and_exit_0(artifacts, port, tmp_path)
-
-
-def _workers_share_one_port_and_exit_0(artifacts, port, gate):
-    target = f"127.0.0.1:{port}"
-    proc = _start(artifacts, port, 2, 5.0, gate)
+    proc, target = _start(artifacts, 2, 5.0, tmp_path)
     try:
         _wait_serving(target, proc)
         pids, deadline = set(), time.monotonic() + 60
@@ -301,12 +276,101 @@ def _workers_share_one_port_and_exit_0(artifacts, port, gate):
                     info = pb_grpc.ModelServiceStub(ch).GetModelInfo(
                         pb.GetModelInfoRequest(), timeout=5, metadata=(("authorization", "Bearer life-token"),))
                     pids.add(info.pid)
-                except grpc.RpcError as e:  # the second worker may still be loading
-                    assert e.code() == grpc.StatusCode.UNAVAILABLE, e
+                except grpc.RpcError as e:  # a worker binds only once ready: never UNAVAILABLE
+                    raise AssertionError(e) from None
         assert len(pids) == 2 and proc.pid not in pids and os.getpid() not in pids
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0, _stderr(proc)
+        assert proc.wait(20) == 0, "".join(proc.log)[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# -- probes are never shed; every shed, cancelled and abandoned call is counted ---------------------
+
+
+def test_health_and_admin_are_never_shed_and_every_shed_is_counted(artifacts):
+    server, port, servicer = build_server(artifacts, max_workers=1, max_queue=1, admin_token="life-token")
+    gate = _Gate(servicer.cascade.retrieval_tower)
+    servicer.cascade.retrieval_tower = gate
+    admin_md = (("authorization", "Bearer life-token"),)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub, health = pb_grpc.RankingServiceStub(ch), health_pb2_grpc.HealthStub(ch)
+            admin = pb_grpc.ModelServiceStub(ch)
+            held = [stub.Rank.future(client.make_request(1, 5), timeout=30)]
+            assert gate.entered.wait(10)
+            held.append(stub.Rank.future(client.make_request(2, 5), timeout=30))  # queued: the bound is full
+            _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
+            shed = [stub.Rank.future(client.make_request(3, 5), timeout=10) for _ in range(30)]
+            probes = [health.Check.future(health_pb2.HealthCheckRequest(), timeout=10) for _ in range(30)]
+            infos = [admin.GetModelInfo.future(pb.GetModelInfoRequest(), timeout=10, metadata=admin_md) for _ in range(10)]
+            assert all(p.result().status == SERVING for p in probes)  # a busy server is alive and ready
+            assert all(i.result().model_version for i in infos)
+            codes = [f.exception().code() for f in shed]
+            assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 30
+            gate.release.set()
+            assert all(len(f.result().items) == 5 for f in held)
+        assert _count(servicer, "RESOURCE_EXHAUSTED") == 30  # counted where the client saw them
+        text = servicer.metrics.text()
+        assert 'recstack_requests_total{code="RESOURCE_EXHAUSTED",method="Rank"} 30.0' in text
+        assert 'recstack_requests_total{code="OK",method="GetModelInfo"} 10.0' in text
+    finally:
+        gate.release.set()
+        server.stop(None)
+
+
+def test_a_call_cancelled_while_queued_is_counted_and_leaves_the_queue(artifacts):
+    server, port, servicer = build_server(artifacts, max_workers=1, max_queue=1)
+    gate = _Gate(servicer.cascade.retrieval_tower)
+    servicer.cascade.retrieval_tower = gate
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.RankingServiceStub(ch)
+            running = stub.Rank.future(client.make_request(1, 5), timeout=30)
+            assert gate.entered.wait(10)
+            queued = stub.Rank.future(client.make_request(2, 5), timeout=30)
+            _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
+            assert queued.cancel()
+            _wait_for(lambda: _count(servicer, "CANCELLED") == 1)  # counted, and its place is free again
+            assert servicer.metrics.value("recstack_queue_depth") == 0
+            again = stub.Rank.future(client.make_request(3, 5), timeout=30)
+            _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
+            gate.release.set()
+            assert len(running.result().items) == 5 and len(again.result().items) == 5
+        assert gate.calls == 2  # the cancelled call never ran
+    finally:
+        gate.release.set()
+        server.stop(None)
+
+
+@pytest.mark.parametrize("held", ["ctr", "cvr"])
+def test_a_call_finished_after_its_deadline_is_not_logged_ok(artifacts, held, caplog):
+    """Held in pCTR: the check before pCVR stops it. Held in pCVR, the last model: it finishes,
+    and is still logged and counted DEADLINE_EXCEEDED, since nobody reads the answer."""
+    server, port, servicer = build_server(artifacts, max_workers=2)
+    cascade = servicer.cascade
+    gate, cvr = _Gate(getattr(cascade, held)), _Gate(cascade.cvr)
+    if held == "ctr":
+        cvr.release.set()
+        cascade.ctr, cascade.cvr = gate, cvr
+    else:
+        cascade.cvr = gate
+    try:
+        with caplog.at_level(logging.INFO, logger="recstack.access"), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            fut = pb_grpc.RankingServiceStub(ch).Rank.future(client.make_request(1, 5), timeout=0.5)
+            assert gate.entered.wait(10)
+            with pytest.raises(grpc.RpcError) as e:
+                fut.result()
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            gate.release.set()
+            _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
+        assert _count(servicer, "OK") == 0
+        if held == "ctr":
+            assert cvr.calls == 0
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "recstack.access"]
+        assert [x["code"] for x in lines] == ["DEADLINE_EXCEEDED"]
+    finally:
+        gate.release.set()
+        server.stop(None)

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
+import urllib.error
 import urllib.request
 
 import grpc
@@ -73,3 +76,48 @@ def test_structured_access_log_with_request_ids(artifacts, caplog):
     assert ok["returned"] == 4 and ok["ms"] > 0 and ok["cold_start"] is False
     bad = next(x for x in lines if x["request_id"] == generated)
     assert bad["code"] == "INVALID_ARGUMENT"
+
+
+def _get(port: int, path: str, method: str = "GET") -> tuple[int, bytes]:
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+def test_metrics_answers_only_metrics():
+    metrics = ServingMetrics()
+    metrics.count("Rank", "OK")
+    httpd, port = metrics.start_http("127.0.0.1", 0)
+    try:
+        status, body = _get(port, "/metrics")
+        assert status == 200 and b'recstack_requests_total{code="OK",method="Rank"} 1.0' in body
+        assert _get(port, "/metrics?name[]=x")[0] == 200
+        for path in ("/", "/metricsx", "/metrics/", "/favicon.ico", "/../metrics"):
+            assert _get(port, path)[0] == 404, path
+        assert _get(port, "/metrics", method="POST")[0] == 405
+        assert _get(port, "/metrics", method="HEAD") == (200, b"")
+    finally:
+        httpd.shutdown()
+
+
+def test_idle_metrics_connections_hold_no_thread():
+    metrics = ServingMetrics()
+    httpd, port = metrics.start_http("127.0.0.1", 0)
+    idle = []
+    try:
+        before = threading.active_count()
+        for _ in range(50):  # connections that never send a request (or send half of one)
+            s = socket.create_connection(("127.0.0.1", port), timeout=10)
+            s.sendall(b"GET /metr")
+            idle.append(s)
+        assert _get(port, "/metrics")[0] == 200  # still answering
+        assert threading.active_count() - before < 10  # not a thread per connection
+    finally:
+        for s in idle:
+            s.close()
+        httpd.shutdown()
+    with pytest.raises(OSError):  # stopped: nothing listens any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()

@@ -2,9 +2,12 @@
 the old model and says why, and ten reloads under sustained load fail no RPC."""
 from __future__ import annotations
 
+import gc
 import json
+import re
 import shutil
 import threading
+import weakref
 
 import grpc
 import pytest
@@ -156,3 +159,51 @@ def test_ten_reloads_under_sustained_load_fail_no_rpc(versions):
     seen = {v for _, v in results}
     assert seen <= {"v1", "v2"} and seen == {"v1", "v2"}, seen
     assert len(results) >= 40
+
+
+def _set_version(bdir, value):
+    """Write `value` as the manifest's version (by hand: write_manifest refuses a bad one)."""
+    m = json.loads((bdir / B.MANIFEST).read_text())
+    m["version"] = value
+    (bdir / B.MANIFEST).write_text(json.dumps(m))
+
+
+@pytest.mark.parametrize("value,why", [(7, "non-empty string"), ("", "non-empty string"), (None, "non-empty string"),
+                                       ("v1", "differs from the bundle's directory name"),
+                                       ("../v1", "invalid bundle version name")])
+def test_manifest_version_is_checked_on_reload_and_at_startup(versions, tmp_path, value, why):
+    root = tmp_path / "artifacts"
+    shutil.copytree(versions, root)
+    shutil.copytree(root / "v2", root / "vodd")
+    _set_version(root / "vodd", value)
+    server, port, servicer = build_server(root, max_workers=2, admin_token=ADMIN_TOKEN)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub, admin = pb_grpc.RankingServiceStub(ch), pb_grpc.ModelServiceStub(ch)
+            with pytest.raises(grpc.RpcError) as e:
+                admin.Reload(pb.ReloadRequest(version="vodd"), timeout=30, metadata=ADMIN_MD)
+            assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "manifest.json" in e.value.details() and why in e.value.details()
+            assert stub.Rank(client.make_request(1, 5), timeout=10).model_version == "v1"  # the old model serves
+            assert admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=5, metadata=ADMIN_MD).model_version == "v1"
+    finally:
+        server.stop(None)
+    B.write_current(root, "vodd")
+    with pytest.raises(B.BundleError, match=re.escape(why)):  # and a server never starts on it
+        build_server(root, max_workers=1)
+
+
+def test_a_reload_frees_the_previous_model(versions):
+    """Nothing in the server keeps the old model once its calls are done (RSS over many reloads
+    is measured by `recstack bench soak`)."""
+    server, port, servicer = build_server(versions, max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            for u in range(3):
+                pb_grpc.RankingServiceStub(ch).Rank(client.make_request(u, 5), timeout=10)
+        old = weakref.ref(servicer.cascade)
+        servicer.reload("v2")
+        gc.collect()
+        assert old() is None and servicer.cascade.version == "v2"
+    finally:
+        server.stop(None)
