@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from recstack.bench.soak_report import plot, report, summarise
+
 ADMIN_TOKEN_ENV = "RECSTACK_ADMIN_TOKEN"
 CALL_BUDGET_S = 2.0  # a call's whole time, retries included
 HEALTH_POLL_S = 0.25
@@ -325,226 +327,146 @@ def _client_call(kind: str, rng: np.random.Generator, bal: Balancer, token: str,
     return False, retried, f"no answer within {CALL_BUDGET_S} s ({why})", None
 
 
+class _Driver:
+    """One soak: two servers, client threads sending the traffic mix, a background thread
+    polling health and sampling RSS, and the main thread's schedule of Reloads and restarts."""
+
+    def __init__(self, servers: list[Server], names: list[str], token: str, versions: set[str], tally: Tally):
+        self.servers, self.names, self.token, self.versions, self.tally = servers, names, token, versions, tally
+        self.bal = Balancer(servers)
+        self.stop = threading.Event()
+        self.reloads, self.restarts = 0, 0
+
+    def traffic(self, i: int, seed: int, client_threads: int, qps: float, n_users: int, n_items: int) -> None:
+        rng = np.random.default_rng(seed * 1000 + i)
+        kinds, weights = [k for k, _ in MIX], np.array([w for _, w in MIX])
+        period = client_threads / qps
+        next_t = time.monotonic() + rng.uniform(0, period)
+        while not self.stop.is_set():
+            now = time.monotonic()
+            if now < next_t:
+                self.stop.wait(next_t - now)
+                continue
+            next_t += period
+            kind = str(rng.choice(kinds, p=weights / weights.sum()))
+            ok, retried, why, ms = _client_call(kind, rng, self.bal, self.token, n_users, n_items, self.versions)
+            self.tally.add(kind, ok, retried, why, ms if kind == "rank" else None)
+
+    def background(self) -> None:
+        last_rss = 0.0
+        while not self.stop.is_set():
+            self.bal.poll()
+            if time.monotonic() - last_rss >= RSS_EVERY_S:
+                last_rss = time.monotonic()
+                for s in self.servers:
+                    s.sample_rss()
+            self.stop.wait(HEALTH_POLL_S)
+
+    def reload_all(self) -> None:
+        """Reload both servers to the other version (a server down for a restart is skipped)."""
+        import grpc
+
+        from recstack.serving import client
+        from recstack.v1 import ranking_pb2 as pb
+        from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+        self.reloads += 1
+        version = self.names[self.reloads % 2]
+        for s in self.servers:
+            with s.lock:
+                target = s.target
+            if target is None:
+                continue
+            try:
+                with grpc.insecure_channel(target) as ch:
+                    got = pb_grpc.ModelServiceStub(ch).Reload(pb.ReloadRequest(version=version), timeout=60,
+                                                              metadata=client.admin_metadata(self.token))
+                self.tally.add("reload", got.model_version == version, False, f"now {got.model_version!r}")
+            except grpc.RpcError as e:
+                self.tally.add("reload", False, False, f"{s.name}: {e.code().name}: {e.details()}")
+        self.tally.event(f"reload {version}")
+
+    def stop_server(self, s: Server, label: str = "") -> None:
+        self.tally.event(f"SIGTERM {s.name}{label}")
+        ok = s.stop()
+        self.tally.add("sigterm", ok, False, f"{s.name} exited {s.life.exit_code} after {s.life.drain_s:.1f} s")
+
+    def restart_next(self) -> None:
+        """SIGTERM one server (they take turns), wait for its drain, start it again."""
+        s = self.servers[self.restarts % 2]
+        self.restarts += 1
+        self.stop_server(s)
+        ok = s.start()
+        self.tally.add("restart", ok, False, f"{s.name} not SERVING within 120 s")
+        self.tally.event(f"{s.name} SERVING again" if ok else f"{s.name} failed to start")
+
+    def schedule(self, t_start: float, duration_s: float, reload_every_s: float, restart_every_min: float) -> None:
+        next_reload = t_start + reload_every_s
+        next_restart = t_start + restart_every_min * 60.0 if restart_every_min > 0 else float("inf")
+        while (now := time.monotonic()) < t_start + duration_s:
+            if now >= next_reload:
+                self.reload_all()
+                next_reload += reload_every_s
+            elif now >= next_restart:
+                self.restart_next()
+                next_restart += restart_every_min * 60.0
+            else:
+                time.sleep(min(0.5, max(0.0, min(next_reload, next_restart) - now)))
+
+    def finish(self, threads: list[threading.Thread]) -> None:
+        self.stop.set()
+        for t in threads:
+            t.join(30)
+        for s in self.servers:
+            if s.proc is not None and s.proc.poll() is None:
+                self.stop_server(s, " (end)")
+        self.bal.close()
+
+
+def _start_servers(artifacts: str | Path, scratch: Path, server_threads: int, grace_s: float):
+    root, names = prepare_versions(artifacts, scratch)
+    token = os.urandom(16).hex()
+    servers = [Server(n, root, scratch, token, server_threads, grace_s) for n in ("A", "B")]
+    for s in servers:
+        if not s.start():
+            raise RuntimeError(f"server {s.name} did not start; see {scratch}/{s.name}-0.stderr")
+    return servers, names, token
+
+
 def run(artifacts: str | Path, out: str | Path, *, minutes: float = 30.0, qps: float = 40.0, client_threads: int = 4,
         reload_every_s: float = 60.0, restart_every_min: float = 5.0, server_threads: int = 4, grace_s: float = 10.0,
         scratch: str | Path | None = None, seed: int = 0, command: str = "") -> dict:
     """Run the soak; write report.md, results.json and soak.png under `out`; return the results."""
-    import grpc
-
     from recstack.serving import client
-    from recstack.v1 import ranking_pb2 as pb
-    from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(scratch) if scratch else Path(tempfile.mkdtemp(prefix="recstack-soak-"))
     scratch.mkdir(parents=True, exist_ok=True)
-    root, names = prepare_versions(artifacts, scratch)
-    token = os.urandom(16).hex()
-    servers = [Server(n, root, scratch, token, server_threads, grace_s) for n in ("A", "B")]
     tally = Tally(time.monotonic())
-    for s in servers:
-        if not s.start():
-            raise RuntimeError(f"server {s.name} did not start; see {scratch}/{s.name}-0.stderr")
+    servers, names, token = _start_servers(artifacts, scratch, server_threads, grace_s)
     info = client.model_info(servers[0].target, admin_token=token)
     n_users, n_items = int(info.n_users), int(info.n_items)
-    versions = set(names)
-    bal = Balancer(servers)
-    bal.poll()
-    stop = threading.Event()
+    drv = _Driver(servers, names, token, set(names), tally)
+    drv.bal.poll()
     duration_s = minutes * 60.0
     t_start = tally.started = time.monotonic()
-
-    def traffic(i: int) -> None:
-        rng = np.random.default_rng(seed * 1000 + i)
-        kinds, weights = [k for k, _ in MIX], np.array([w for _, w in MIX])
-        period = client_threads / qps
-        next_t = time.monotonic() + rng.uniform(0, period)
-        while not stop.is_set():
-            now = time.monotonic()
-            if now < next_t:
-                stop.wait(next_t - now)
-                continue
-            next_t += period
-            kind = str(rng.choice(kinds, p=weights / weights.sum()))
-            ok, retried, why, ms = _client_call(kind, rng, bal, token, n_users, n_items, versions)
-            tally.add(kind, ok, retried, why, ms if kind == "rank" else None)
-
-    def background() -> None:
-        last_rss = 0.0
-        while not stop.is_set():
-            bal.poll()
-            if time.monotonic() - last_rss >= RSS_EVERY_S:
-                last_rss = time.monotonic()
-                for s in servers:
-                    s.sample_rss()
-            stop.wait(HEALTH_POLL_S)
-
-    threads = [threading.Thread(target=traffic, args=(i,), daemon=True) for i in range(client_threads)]
-    threads.append(threading.Thread(target=background, daemon=True))
+    threads = [threading.Thread(target=drv.traffic, args=(i, seed, client_threads, qps, n_users, n_items), daemon=True)
+               for i in range(client_threads)]
+    threads.append(threading.Thread(target=drv.background, daemon=True))
     for t in threads:
         t.start()
-    next_reload = t_start + reload_every_s
-    next_restart = t_start + restart_every_min * 60.0 if restart_every_min > 0 else float("inf")
-    reloads, restarts = 0, 0
     try:
-        while (now := time.monotonic()) < t_start + duration_s:
-            if now >= next_reload:
-                reloads += 1
-                version = names[reloads % 2]
-                for s in servers:
-                    with s.lock:
-                        target = s.target
-                    if target is None:
-                        continue
-                    try:
-                        with grpc.insecure_channel(target) as ch:
-                            got = pb_grpc.ModelServiceStub(ch).Reload(pb.ReloadRequest(version=version), timeout=60,
-                                                                      metadata=client.admin_metadata(token))
-                        tally.add("reload", got.model_version == version, False, f"now {got.model_version!r}")
-                    except grpc.RpcError as e:
-                        tally.add("reload", False, False, f"{s.name}: {e.code().name}: {e.details()}")
-                tally.event(f"reload {version}")
-                next_reload += reload_every_s
-            elif now >= next_restart:
-                s = servers[restarts % 2]
-                restarts += 1
-                tally.event(f"SIGTERM {s.name}")
-                ok = s.stop()
-                tally.add("sigterm", ok, False, f"{s.name} exited {s.life.exit_code} after {s.life.drain_s:.1f} s")
-                ok = s.start()
-                tally.add("restart", ok, False, f"{s.name} not SERVING within 120 s")
-                tally.event(f"{s.name} SERVING again" if ok else f"{s.name} failed to start")
-                next_restart += restart_every_min * 60.0
-            else:
-                time.sleep(min(0.5, max(0.0, min(next_reload, next_restart) - now)))
+        drv.schedule(t_start, duration_s, reload_every_s, restart_every_min)
     finally:
-        stop.set()
-        for t in threads:
-            t.join(30)
-        for s in servers:
-            if s.proc is not None and s.proc.poll() is None:
-                tally.event(f"SIGTERM {s.name} (end)")
-                ok = s.stop()
-                tally.add("sigterm", ok, False, f"{s.name} exited {s.life.exit_code} after {s.life.drain_s:.1f} s")
-        bal.close()
+        drv.finish(threads)
     results = summarise(tally, servers, duration_s, dict(
         minutes=minutes, qps=qps, client_threads=client_threads, reload_every_s=reload_every_s,
         restart_every_min=restart_every_min, server_threads=server_threads, grace_s=grace_s, seed=seed,
         artifacts=str(artifacts), n_users=n_users, n_items=n_items, command=command, scratch=str(scratch)))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot(results, out / "soak.png")
-    (out / "report.md").write_text(report(results))
+    (out / "report.md").write_text(report(results, MIX, CALL_BUDGET_S))
     return results
 
 
-def summarise(tally: Tally, servers: list[Server], duration_s: float, config: dict) -> dict:
-    per_minute = []
-    lat = np.array(tally.latencies) if tally.latencies else np.zeros((0, 2))
-    for m in range(int(np.ceil(duration_s / 60.0))):
-        sel = lat[(lat[:, 0] >= 60 * m) & (lat[:, 0] < 60 * (m + 1)), 1] if len(lat) else np.zeros(0)
-        per_minute.append({"minute": m, "rank_ok": int(len(sel)),
-                           "p50_ms": float(np.percentile(sel, 50)) if len(sel) else None,
-                           "p99_ms": float(np.percentile(sel, 99)) if len(sel) else None})
-    lives = []
-    for s in servers:
-        for life in s.lives:
-            lives.append({"server": life.name, "pid": life.pid, "ready_s": life.ready_s, "exit_code": life.exit_code,
-                          "drain_s": life.drain_s, "rss_drift": life.drift(),
-                          "rss_mb": [(round(t - tally.started, 1), round(r / 2**20, 1)) for t, r in life.rss]})
-    failed = sum(c["failed"] for c in tally.calls.values())
-    total = sum(c["ok"] + c["failed"] for c in tally.calls.values())
-    drifts = [lf["rss_drift"]["drift"] for lf in lives if lf["rss_drift"]]
-    return {
-        "config": config,
-        "calls": tally.calls,
-        "total_calls": total,
-        "failed_calls": failed,
-        "failures": tally.failures,
-        "events": tally.events,
-        "per_minute": per_minute,
-        "lives": lives,
-        "max_abs_rss_drift": max((abs(d) for d in drifts), default=None),
-        "targets": {"failed_calls_0": failed == 0,
-                    "rss_drift_under_5pct": bool(drifts) and max(abs(d) for d in drifts) < 0.05},
-    }
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
-    pm = [p for p in results["per_minute"] if p["p99_ms"] is not None]
-    a1.plot([p["minute"] + 0.5 for p in pm], [p["p99_ms"] for p in pm], "o-", label="p99")
-    a1.plot([p["minute"] + 0.5 for p in pm], [p["p50_ms"] for p in pm], "s--", label="p50")
-    a1.set_ylabel("Rank latency, client side (ms)")
-    a1.legend()
-    for life in results["lives"]:
-        if life["rss_mb"]:
-            t, r = zip(*life["rss_mb"])
-            a2.plot(np.array(t) / 60.0, r, label=f"{life['server']} pid {life['pid']}")
-    a2.set_ylabel("server RSS (MiB)")
-    a2.set_xlabel("minute")
-    a2.legend(fontsize=7)
-    for t, what in results["events"]:
-        if what.startswith("SIGTERM"):
-            for ax in (a1, a2):
-                ax.axvline(t / 60.0, color="red", alpha=0.3)
-    a1.set_title("soak: p99 per minute (red: SIGTERM + restart of one server)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def report(results: dict) -> str:
-    c = results["config"]
-    lines = [
-        "# Soak: the service under reloads and restarts",
-        "",
-        f"Command: `{c['command']}`" if c["command"] else "",
-        "",
-        f"{c['minutes']:g} minutes; two `recstack serve` processes ({c['server_threads']} threads each, grace "
-        f"{c['grace_s']:g} s) on a bundle of {c['n_items']} items / {c['n_users']} users; {c['client_threads']} client "
-        f"threads at ~{c['qps']:g} calls/s in all (Rank {MIX[0][1]:.0%}, health {MIX[1][1]:.0%}, GetModelInfo "
-        f"{MIX[2][1]:.0%}, bad requests {MIX[3][1]:.0%}); Reload of both servers every {c['reload_every_s']:g} s "
-        f"alternating between two versions; SIGTERM + restart of one server every {c['restart_every_min']:g} min.",
-        "",
-        "A call **failed** when, after the client's retries (a call refused UNAVAILABLE by a server that is "
-        f"draining or down is sent to the other one, within a {CALL_BUDGET_S:g} s budget; the client routes to "
-        "servers whose last health poll said SERVING), its outcome is not the expected one: Rank OK with the "
-        "requested number of distinct items, finite scores and a known version; health answered; GetModelInfo OK; "
-        "a bad request INVALID_ARGUMENT; Reload OK; SIGTERM followed by exit 0 within grace + 10 s; a restarted "
-        "server SERVING within 120 s.",
-        "",
-        "## Calls",
-        "",
-        "| kind | ok | failed | retried on the other server |",
-        "|---|---:|---:|---:|",
-    ]
-    for kind, v in sorted(results["calls"].items()):
-        lines.append(f"| {kind} | {v['ok']} | {v['failed']} | {v['retried']} |")
-    lines += ["", f"**Failed calls: {results['failed_calls']} of {results['total_calls']}** (target 0).", ""]
-    if results["failures"]:
-        lines += ["First failures:", ""] + [f"- t={f['t_s']} s {f['kind']}: {f['why']}" for f in results["failures"][:10]]
-        lines.append("")
-    lines += ["## Server lives (RSS drift: mean of the first vs the last minute, after a 30 s warm-up)", "",
-              "| server | pid | ready after (s) | exit code | drain (s) | RSS first (MiB) | RSS last (MiB) | drift |",
-              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for lf in results["lives"]:
-        d = lf["rss_drift"]
-        lines.append(f"| {lf['server']} | {lf['pid']} | {lf['ready_s'] or 0:.1f} | {lf['exit_code']} | "
-                     f"{lf['drain_s'] or 0:.2f} | " + (f"{d['first_mb']:.1f} | {d['last_mb']:.1f} | {d['drift']:+.2%} |"
-                                                        if d else "- | - | (life too short) |"))
-    md = results["max_abs_rss_drift"]
-    lines += ["", f"Largest RSS drift: {md:+.2%} (target < 5 %)." if md is not None else
-              "No server life was long enough to measure RSS drift.", "",
-              "## Rank latency per minute (client side, OK calls)", "", "| minute | calls | p50 ms | p99 ms |",
-              "|---:|---:|---:|---:|"]
-    for p in results["per_minute"]:
-        lines.append(f"| {p['minute']} | {p['rank_ok']} | "
-                     + (f"{p['p50_ms']:.1f} | {p['p99_ms']:.1f} |" if p["p99_ms"] is not None else "- | - |"))
-    lines += ["", "![soak](soak.png)", ""]
-    return "\n".join(lines)

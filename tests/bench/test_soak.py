@@ -41,5 +41,5 @@ def test_report_counts_failed_calls(tmp_path):
                                                artifacts="a", n_users=1, n_items=1, command="", scratch=""))
     assert res["failed_calls"] == 1 and res["total_calls"] == 3 and not res["targets"]["failed_calls_0"]
     assert res["calls"]["rank"] == {"ok": 2, "failed": 0, "retried": 1}
-    text = soak.report(res)
+    text = soak.report(res, soak.MIX, soak.CALL_BUDGET_S)
     assert "**Failed calls: 1 of 3**" in text and "UNAVAILABLE: gone" in text
