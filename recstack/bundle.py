@@ -34,7 +34,7 @@ MANIFEST = "manifest.json"
 CURRENT = "current"
 REQUIRED_KEYS = ("format_version", "version", "created", "configs", "feature_schema", "vocab", "files", "stages")
 
-# The feature-store snapshot (written by recstack.pipeline.export, read by recstack.serving.cascade).
+# The feature-store snapshot (written by recstack.pipeline.export, read by recstack.serving.loading).
 # Raw 0-based ids; `user_id` / `item_id` columns are dense 0..n-1 in order.
 SNAPSHOT_USERS = "features/users.parquet"  # user_id, age_bucket, gender, activity
 SNAPSHOT_ITEMS = "features/items.parquet"  # item_id, category, shop, brand, price_bucket, price
@@ -126,9 +126,7 @@ def write_manifest(
     feature_schema: dict[str, Any],
     vocab: dict[str, Any],
     stages: dict[str, Any],
-    extra: dict[str, Any] | None = None,
-    created: str | None = None,
-    signing_key: bytes | None = None,
+    extra: dict[str, Any] | None = None, created: str | None = None, signing_key: bytes | None = None,
 ) -> dict:
     """Checksum `files` (paths relative to `bundle_dir`) and write manifest.json atomically;
     with `signing_key`, the manifest carries its HMAC (see `sign_manifest`)."""
@@ -287,7 +285,8 @@ def check_npy(path: str | Path, rel: str) -> tuple[tuple[int, ...], str]:
 _FINITE_CHUNK = 1 << 22  # values per pass: bounds the temporary mask, whatever the file's size
 
 
-def _count_non_finite(values) -> int:
+def count_non_finite(values) -> int:
+    """How many values of the array are NaN or infinite (counted in chunks)."""
     import numpy as np
 
     flat = values.reshape(-1, order="A")
@@ -308,7 +307,7 @@ def check_npy_finite(path: str | Path, rel: str, shape: tuple[int, ...] | None =
         raise BundleError(f"bundle file {rel!r}: not a valid .npy file: {type(e).__name__}: {str(e)[:200]}") from None
     if arr.dtype.kind not in "fc":
         return
-    bad = _count_non_finite(arr)
+    bad = count_non_finite(arr)
     del arr
     if bad:
         raise BundleError(f"bundle file {rel!r}: {bad} NaN or infinite values; a model file must be finite "
@@ -391,44 +390,10 @@ def check_onnx_finite(model, bundle_dir: str | Path, rel: str) -> None:
             values = numpy_helper.to_array(tensor, base_dir=str(base))
         except Exception as e:  # external data shorter than declared, a malformed tensor, ...
             raise BundleError(f"bundle file {rel!r}: tensor {tensor.name!r} cannot be read: {str(e)[:200]}") from None
-        bad = _count_non_finite(values.astype("float32", copy=False))
+        bad = count_non_finite(values.astype("float32", copy=False))
         if bad:
             raise BundleError(f"bundle file {rel!r}: tensor {tensor.name!r} has {bad} NaN or infinite values; "
                               "a model file must be finite (did training diverge?)")
-
-
-def check_index_finite(index, rel: str, chunk: int = 65_536) -> bool:
-    """Refuse a FAISS index holding a NaN or infinite vector (or centroid). Flat, HNSW-flat and
-    IVF-flat storage is read in full; for other encodings the float parameters (coarse and
-    PQ centroids) are. Returns False when the index type offers nothing to read (unchecked)."""
-    import faiss
-    import numpy as np
-
-    def reconstructed(ix) -> int:
-        return sum(_count_non_finite(ix.reconstruct_n(s, min(chunk, ix.ntotal - s))) for s in range(0, ix.ntotal, chunk))
-
-    ivf = faiss.try_extract_index_ivf(index)
-    try:
-        if ivf is not None:
-            ivf = faiss.downcast_index(ivf)  # the concrete class (IndexIVFFlat, IndexIVFPQ, ...)
-            bad = reconstructed(ivf.quantizer)
-            flat = isinstance(ivf, faiss.IndexIVFFlat) and ivf.code_size == 4 * ivf.d
-            for l in range(ivf.nlist) if flat else ():
-                n = ivf.invlists.list_size(l)
-                if n:
-                    codes = faiss.rev_swig_ptr(ivf.invlists.get_codes(l), n * ivf.code_size)
-                    bad += _count_non_finite(np.frombuffer(codes, np.uint8).view(np.float32))
-            pq = getattr(ivf, "pq", None)
-            if pq is not None:
-                bad += _count_non_finite(faiss.vector_to_array(pq.centroids))
-        else:
-            bad = reconstructed(index)
-    except RuntimeError:  # this index type does not reconstruct its vectors
-        return False
-    if bad:
-        raise BundleError(f"bundle file {rel!r}: {bad} NaN or infinite values in the index; a model file must be "
-                          "finite (did training diverge?)")
-    return True
 
 
 def read_current(artifacts_root: str | Path) -> str:

@@ -172,7 +172,7 @@ def _cmd_export(args) -> int:
 
 def _cmd_serve(args) -> int:
     from recstack.bundle import BundleError
-    from recstack.serving.server import ServeError, serve
+    from recstack.serving.process import ServeError, serve
 
     token = os.environ.get("RECSTACK_ADMIN_TOKEN") or None  # never on the command line (visible in ps)
     if args.admin_token_file:

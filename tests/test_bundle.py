@@ -141,18 +141,20 @@ def test_index_with_a_non_finite_vector_is_refused(factory):
     import faiss
     import numpy as np
 
+    from recstack.serving.loading import check_index_finite
+
     x = np.random.default_rng(0).standard_normal((500, 8)).astype(np.float32)
     index = faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
     index.train(x)
     index.add(x)
-    assert B.check_index_finite(index, "retrieval/index.faiss")
+    assert check_index_finite(index, "retrieval/index.faiss")
     y = x.copy()
     y[17, 3] = np.inf  # (a NaN row would not even be filed in an inverted list)
     index = faiss.index_factory(8, factory, faiss.METRIC_INNER_PRODUCT)
     index.train(x)
     index.add(y)
     with pytest.raises(B.BundleError, match=r"'retrieval/index\.faiss': 1 NaN or infinite"):
-        B.check_index_finite(index, "retrieval/index.faiss")
+        check_index_finite(index, "retrieval/index.faiss")
 
 
 def test_npy_with_nan_is_refused_and_an_integer_one_is_not_checked(tmp_path):

@@ -42,7 +42,8 @@ import numpy as np
 
 from recstack import features as FE
 from recstack.bench.timing import loadavg, machine_info
-from recstack.serving.cascade import Cascade, onnx_session
+from recstack.serving.cascade import Cascade
+from recstack.serving.loading import onnx_session
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: the servers run from it
 

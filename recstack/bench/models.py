@@ -282,7 +282,7 @@ def bench_coarse(student, teacher, vocab: FE.Vocab, n_candidates: int, repeats: 
 def _fine_variants(model, inputs: dict, tmp: Path) -> tuple[object, dict[str, object]]:
     """-> (the fp32 ONNX session, {variant: its session, or why it is missing}): the serving
     session (recstack.serving.cascade: sequential, no spinning) and options around it."""
-    from recstack.serving.cascade import onnx_session as serving_session
+    from recstack.serving.loading import onnx_session as serving_session
     from recstack.training.onnx import export_onnx, onnx_session
 
     path = export_onnx(model, inputs, tmp / "ctr.onnx", ["prob"])

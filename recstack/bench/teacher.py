@@ -135,7 +135,7 @@ def export_teacher_onnx(teacher: torch.nn.Module, vocab: FE.Vocab, path: str | P
 def teacher_onnx_fn(onnx_path: str | Path, vocab: FE.Vocab, n: int, seed: int = 0) -> Callable[[], object]:
     """-> a call of the exported teacher (ONNX Runtime, serving session options, 1 thread) on n
     candidates of one request (interacted features handed in, as for the eager teacher)."""
-    from recstack.serving.cascade import onnx_session as serving_session
+    from recstack.serving.loading import onnx_session as serving_session
 
     feeds = request_inputs(np.random.default_rng(seed + 2), vocab, n)
     sess = serving_session(Path(onnx_path), 1)

@@ -102,10 +102,12 @@ def check_finite(bundle_dir: str | Path, files: list[str]) -> None:
     ExportError naming the file."""
     import faiss
 
+    from recstack.serving.loading import check_index_finite
+
     for rel in files:
         try:
             if rel.endswith(".faiss"):
-                B.check_index_finite(faiss.read_index(str(B.safe_path(bundle_dir, rel))), rel)
+                check_index_finite(faiss.read_index(str(B.safe_path(bundle_dir, rel))), rel)
             else:
                 B.check_file(bundle_dir, rel)
         except B.BundleError as e:

@@ -3,8 +3,9 @@
     cascade = Cascade.load("artifacts")   # verifies checksums, loads, warms up
     result = cascade.rank(Query(user_id=7, num_results=10, retrieval_size=1000, coarse_size=200))
 
-Imports numpy, faiss, onnxruntime, pyarrow and the bundle / feature contracts only: the
-server never imports torch or training code. Every feature tensor is built by
+Imports numpy, faiss and the bundle / feature contracts; reading and checking the bundle's
+files (onnxruntime, pyarrow) is recstack.serving.loading. The server never imports torch or
+training code. Every feature tensor is built by
 recstack.features, the same functions the trainers use, so training and serving cannot drift.
 
 Retrieval has two sources, merged and deduplicated with per-source quotas (`retrieve`): the
@@ -26,24 +27,16 @@ from typing import Callable
 
 import faiss
 import numpy as np
-import onnxruntime as ort
-import pyarrow.parquet as pq
 
 from recstack import features as F
-from recstack.bundle import (SNAPSHOT_BEHAVIOURS, SNAPSHOT_ITEMS, SNAPSHOT_USERS, Bundle, BundleError,
-                             check_index_finite)
+from recstack.bundle import Bundle, BundleError
+from recstack.bundle_files import (COARSE_ITEM_VECTORS, COARSE_TOWER, FINE_CTR, FINE_CVR, RETRIEVAL_INDEX,
+                                   RETRIEVAL_TOWER)
+from recstack.serving.loading import OnnxModel, read_coarse_vectors, read_index, read_item_emb, read_snapshot
 
 SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
 SOURCE_I2I = "i2i"  # nearest neighbours (same index) of the user's most recent behaviours
 SOURCES = (SOURCE_ANN, SOURCE_I2I)  # a candidate's source code is its position here
-
-RETRIEVAL_TOWER = "retrieval/user_tower.onnx"
-RETRIEVAL_INDEX = "retrieval/index.faiss"
-RETRIEVAL_ITEM_EMB = "retrieval/item_emb.npy"
-COARSE_TOWER = "coarse/user_tower.onnx"
-COARSE_ITEM_VECTORS = "coarse/item_vectors.npy"
-FINE_CTR = "fine/ctr.onnx"
-FINE_CVR = "fine/cvr.onnx"
 
 # inputs each ONNX model may declare (docs/ARCHITECTURE.md "Feature tensors")
 _TOWER_INPUTS = {"user_feats", "seq_items", "seq_extras"}
@@ -82,48 +75,6 @@ class Ranking:
     cold_start: bool
     timings_ms: dict[str, float]
     counts: dict[str, int]
-
-
-def onnx_session(path: Path, threads: int) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    # one request's tensors are small: intra-op threads mostly add contention between
-    # concurrent requests, so the default is 1 and parallelism comes from gRPC workers
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # onnxruntime raises its own exception types for bad models
-        raise BundleError(f"bundle file {path.name!r} ({path}): onnxruntime cannot load it: {e}") from e
-
-
-class _Model:
-    """An ONNX session fed by input name from a dict of available feature tensors."""
-
-    def __init__(self, bundle: Bundle, relpath: str, allowed: set[str], threads: int):
-        self.relpath = relpath
-        self.session = onnx_session(bundle.path(relpath), threads)
-        self.inputs = [i.name for i in self.session.get_inputs()]
-        unknown = set(self.inputs) - allowed
-        if unknown:
-            raise BundleError(f"bundle file {relpath!r} declares inputs {sorted(unknown)}; serving provides {sorted(allowed)}")
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return self.session.run(None, {n: feeds[n] for n in self.inputs})[0]
-
-
-def _read_table(bundle: Bundle, relpath: str, columns: tuple[str, ...]) -> dict[str, np.ndarray]:
-    try:
-        table = pq.read_table(bundle.path(relpath))
-    except BundleError:
-        raise
-    except Exception as e:
-        raise BundleError(f"bundle file {relpath!r}: cannot read parquet: {e}") from e
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise BundleError(f"bundle file {relpath!r}: missing columns {missing}")
-    return {c: table.column(c).to_numpy() for c in columns}
 
 
 class _IdScratch:
@@ -217,80 +168,26 @@ class Cascade:
         if self.seq_len != F.SEQ_LEN:
             raise BundleError(f"manifest.json: feature_schema.seq_len {self.seq_len}, this server builds {F.SEQ_LEN}")
 
-        # feature-store snapshot
-        u = _read_table(bundle, SNAPSHOT_USERS, ("user_id", "age_bucket", "gender", "activity"))
-        if not np.array_equal(u["user_id"], np.arange(len(u["user_id"]))):
-            raise BundleError(f"bundle file {SNAPSHOT_USERS!r}: user_id must be 0..n-1 in order")
-        self.users = F.UserTable(u["age_bucket"], u["gender"], u["activity"])
-        it = _read_table(bundle, SNAPSHOT_ITEMS, ("item_id", "category", "shop", "brand", "price_bucket", "price"))
-        if not np.array_equal(it["item_id"], np.arange(len(it["item_id"]))):
-            raise BundleError(f"bundle file {SNAPSHOT_ITEMS!r}: item_id must be 0..n-1 in order")
-        if not (np.all(np.isfinite(it["price"])) and np.all(it["price"] > 0)):
-            raise BundleError(f"bundle file {SNAPSHOT_ITEMS!r}: prices must be finite and > 0")
-        self.items = F.ItemTable(it["category"], it["shop"], it["brand"], it["price_bucket"], it["price"],
-                                 self.vocab.log_price_mean, self.vocab.log_price_std)
+        self.users, self.items, beh = read_snapshot(bundle, self.vocab)
         self.n_users, self.n_items = self.users.n, self.items.n
-        if self.n_items == 0:
-            raise BundleError(f"bundle file {SNAPSHOT_ITEMS!r}: the corpus is empty")
-        if self.n_items != self.vocab.n_items:
-            raise BundleError(f"bundle file {SNAPSHOT_ITEMS!r}: {self.n_items} items, vocab says {self.vocab.n_items}")
-        if self.n_users != self.vocab.n_users:
-            raise BundleError(f"bundle file {SNAPSHOT_USERS!r}: {self.n_users} users, vocab says {self.vocab.n_users}")
-        b = _read_table(bundle, SNAPSHOT_BEHAVIOURS, ("user_id", "seconds_ago", "item_id", "kind", "dwell"))
-        order = np.lexsort((b["seconds_ago"], b["user_id"]))  # user-major, newest first
-        self._beh_user = b["user_id"].astype(np.int64)[order]
-        if len(self._beh_user) and (self._beh_user[0] < 0 or self._beh_user[-1] >= self.n_users):
-            raise BundleError(f"bundle file {SNAPSHOT_BEHAVIOURS!r}: user_id outside [0, {self.n_users})")
-        self._beh_seconds = b["seconds_ago"].astype(np.float64)[order]
-        self._beh_item = b["item_id"].astype(np.int64)[order]
-        self._beh_kind = b["kind"].astype(np.int8)[order]
-        self._beh_dwell = b["dwell"].astype(np.float32)[order]
-        if not self.items.known(self._beh_item).all():
-            raise BundleError(f"bundle file {SNAPSHOT_BEHAVIOURS!r}: item_id outside [0, {self.n_items})")
-        self._beh_start = np.searchsorted(self._beh_user, np.arange(self.n_users + 1)).astype(np.int64)  # (U+1,)
+        self._beh_user, self._beh_seconds, self._beh_item, self._beh_kind, self._beh_dwell, self._beh_start = beh
 
-        # retrieval
-        self.retrieval_tower = _Model(bundle, RETRIEVAL_TOWER, _TOWER_INPUTS, onnx_threads)
-        try:
-            self.index = faiss.read_index(str(bundle.path(RETRIEVAL_INDEX)))
-        except RuntimeError as e:
-            raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: faiss cannot read it: {e}") from e
-        if self.index.ntotal != self.n_items:
-            raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: {self.index.ntotal} vectors for {self.n_items} items")
-        if self.index.metric_type != faiss.METRIC_INNER_PRODUCT:
-            raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: expected an inner-product index (training metric)")
-        check_index_finite(self.index, RETRIEVAL_INDEX)
-        # Item vectors for the item-to-item source, memory-mapped: a request reads only its
-        # seeds' rows (1e6 x 64 floats stay on disk / in the page cache). Bundles without
-        # the file serve ANN only.
-        self.item_emb: np.ndarray | None = None
-        if RETRIEVAL_ITEM_EMB in m.get("files", {}):
-            try:
-                emb = np.load(bundle.path(RETRIEVAL_ITEM_EMB), mmap_mode="r", allow_pickle=False)
-            except ValueError as e:
-                raise BundleError(f"bundle file {RETRIEVAL_ITEM_EMB!r}: {e}") from e
-            if emb.ndim != 2 or emb.shape != (self.n_items, self.index.d) or emb.dtype != np.float32:
-                raise BundleError(f"bundle file {RETRIEVAL_ITEM_EMB!r}: {emb.dtype} {emb.shape}, expected float32 "
-                                  f"({self.n_items}, {self.index.d})")
-            self.item_emb = emb
+        # retrieval; item_emb (the item-to-item source's vectors) is None in an ANN-only bundle
+        self.retrieval_tower = OnnxModel(bundle, RETRIEVAL_TOWER, _TOWER_INPUTS, onnx_threads)
+        self.index = read_index(bundle, self.n_items)
+        self.item_emb: np.ndarray | None = read_item_emb(bundle, self.n_items, self.index.d)
         rmeta = bundle.stage("retrieval").get("meta", {})
         self._set_search_params(rmeta)
         faiss.omp_set_num_threads(faiss_threads)
 
         # coarse
-        self.coarse_tower = _Model(bundle, COARSE_TOWER, _TOWER_INPUTS, onnx_threads)
-        try:
-            vecs = np.load(bundle.path(COARSE_ITEM_VECTORS), allow_pickle=False)
-        except ValueError as e:
-            raise BundleError(f"bundle file {COARSE_ITEM_VECTORS!r}: {e}") from e
-        if vecs.ndim != 2 or vecs.shape[0] != self.n_items:
-            raise BundleError(f"bundle file {COARSE_ITEM_VECTORS!r}: shape {vecs.shape}, expected ({self.n_items}, D)")
-        self.item_vectors = np.ascontiguousarray(vecs, dtype=np.float32)  # (I, D), score scale folded in
+        self.coarse_tower = OnnxModel(bundle, COARSE_TOWER, _TOWER_INPUTS, onnx_threads)
+        self.item_vectors = read_coarse_vectors(bundle, self.n_items)  # (I, D), score scale folded in
         self._scratch = _Scratch(self.n_items)
 
         # fine
-        self.ctr = _Model(bundle, FINE_CTR, _FINE_INPUTS, onnx_threads)
-        self.cvr = _Model(bundle, FINE_CVR, _FINE_INPUTS, onnx_threads)
+        self.ctr = OnnxModel(bundle, FINE_CTR, _FINE_INPUTS, onnx_threads)
+        self.cvr = OnnxModel(bundle, FINE_CVR, _FINE_INPUTS, onnx_threads)
 
     def _set_search_params(self, meta: dict) -> None:
         """Apply the exporter's search-time knobs; the retrieval config carries them whatever the
@@ -450,6 +347,25 @@ class Cascade:
             raise ValueError(f"candidate ids outside [0, {self.n_items})")
         return inner_products_by_idx(self.item_vectors, cands, user_vec)
 
+    def _score_fine(self, user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, cands: np.ndarray,
+                    check: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+        """The fine stage's pCTR and pCVR of the candidates (M,) int64 -> (M,) float64 each;
+        `check("fine pCVR")` runs between the two models."""
+        m = len(cands)
+        item_feats = self.items.feats(cands)  # (M, 5)
+        fine_in = {
+            "user_feats": np.repeat(user_feats, m, axis=0),  # (M, 4)
+            "item_feats": item_feats,
+            "item_dense": self.items.dense(cands),  # (M, 1)
+            "interacted": F.interacted_features(seq_items, seq_extras, item_feats),  # (M, 7)
+        }
+        if not m:
+            return np.zeros(0, np.float64), np.zeros(0, np.float64)
+        pctr = self.ctr(fine_in).reshape(-1).astype(np.float64)  # (M,)
+        check("fine pCVR")
+        pcvr = self.cvr(fine_in).reshape(-1).astype(np.float64)
+        return pctr, pcvr
+
     def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None) -> Ranking:
         """Run the cascade for one validated query; `time_remaining` (e.g. a gRPC context's)
         is checked before each stage and between the models inside one (retrieval tower |
@@ -514,19 +430,7 @@ class Cascade:
 
         check("fine")
         m = len(cands)
-        item_feats = self.items.feats(cands)  # (M, 5)
-        fine_in = {
-            "user_feats": np.repeat(user_feats, m, axis=0),  # (M, 4)
-            "item_feats": item_feats,
-            "item_dense": self.items.dense(cands),  # (M, 1)
-            "interacted": F.interacted_features(seq_items, seq_extras, item_feats),  # (M, 7)
-        }
-        if m:
-            pctr = self.ctr(fine_in).reshape(-1).astype(np.float64)  # (M,)
-            check("fine pCVR")
-            pcvr = self.cvr(fine_in).reshape(-1).astype(np.float64)
-        else:
-            pctr = pcvr = np.zeros(0, np.float64)
+        pctr, pcvr = self._score_fine(user_feats, seq_items, seq_extras, cands, check)  # (M,) each
         price = self.items.price[cands].astype(np.float64)
         score = pctr * pcvr * price
         top = np.lexsort((cands, -score))[: q.num_results]  # score desc, item id breaks ties

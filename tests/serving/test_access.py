@@ -12,7 +12,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from recstack.serving import client, server as S
+from recstack.serving import client, process as P, server as S
 from recstack.serving.server import TLSConfig, build_server
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
@@ -87,7 +87,7 @@ def test_reflection_can_be_switched_off(artifacts):
 
 
 def test_listens_on_loopback_by_default(artifacts):
-    for fn in (S.build_server, S.create_server, S.serve):
+    for fn in (S.build_server, S.create_server, P.serve):
         assert inspect.signature(fn).parameters["host"].default == "127.0.0.1"
     server, port, _ = build_server(artifacts, max_workers=1)
     try:

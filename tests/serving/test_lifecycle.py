@@ -181,7 +181,7 @@ def _wait_for(cond, timeout=10.0):
 _SLOW_SERVER = r"""
 import sys, time
 from pathlib import Path
-from recstack.serving import server
+from recstack.serving import process
 from recstack.serving.cascade import Cascade
 
 gate = Path(sys.argv[5])
@@ -194,8 +194,8 @@ def rank(self, q, time_remaining=None):
             time.sleep(0.01)
     return real_rank(self, q, time_remaining)
 Cascade.rank = rank
-sys.exit(server.serve(sys.argv[1], port=int(sys.argv[2]), workers=int(sys.argv[3]), grace_s=float(sys.argv[4]),
-                      admin_token="life-token"))
+sys.exit(process.serve(sys.argv[1], port=int(sys.argv[2]), workers=int(sys.argv[3]), grace_s=float(sys.argv[4]),
+                       admin_token="life-token"))
 """
 
 

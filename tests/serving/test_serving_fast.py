@@ -94,10 +94,10 @@ def test_response_builder_matches_per_field_conversion():
 
 def test_limit_threads_bounds_an_already_loaded_blas(monkeypatch):
     threadpoolctl = pytest.importorskip("threadpoolctl")
-    from recstack.serving import server as S
+    from recstack.serving import process as P
 
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "1")
     with threadpoolctl.threadpool_limits(limits=None):  # restores the caller's limits afterwards
-        S._limit_threads(1)
+        P._limit_threads(1)
         blas = [d for d in threadpoolctl.threadpool_info() if d.get("user_api") == "blas"]
         assert blas and all(d["num_threads"] == 1 for d in blas)

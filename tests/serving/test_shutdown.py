@@ -23,6 +23,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recstack.serving import client
+from recstack.serving import process as P
 from recstack.serving import server as S
 from recstack.serving.cascade import Cascade
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
@@ -51,7 +52,7 @@ _DRIVER = r"""
 import json, logging, os, signal, sys, threading
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from recstack.serving import client, server as S
+from recstack.serving import client, process as S
 from recstack.serving.cascade import Cascade
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
@@ -135,7 +136,7 @@ def test_sigterm_with_calls_in_flight_is_never_lost(artifacts, mode):
 # is_alive / pid / exitcode / join / kill), each a small process that exits 0 on SIGTERM.
 _PARENT_DRIVER = r"""
 import json, os, signal, subprocess, sys, threading
-from recstack.serving import server as S
+from recstack.serving import process as S
 
 CHILD = ("import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
          "print('ready', flush=True); signal.pause()")
@@ -229,7 +230,7 @@ def test_a_worker_binds_the_shared_port_only_once_ready(artifacts, monkeypatch):
         real_warm(self)
 
     monkeypatch.setattr(Cascade, "warm_up", slow_warm)
-    reservation = S._probe_bind("127.0.0.1", 0, reuse_port=True)  # as the parent of --workers holds it
+    reservation = P._probe_bind("127.0.0.1", 0, reuse_port=True)  # as the parent of --workers holds it
     port = reservation.getsockname()[1]
     built = queue.Queue()
     loader = threading.Thread(target=lambda: built.put(S.create_server(
