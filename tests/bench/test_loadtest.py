@@ -17,7 +17,9 @@ from recstack.serving.server import build_server
 def target(tmp_path_factory, make_fake_bundle):
     root = tmp_path_factory.mktemp("lt")
     make_fake_bundle(root)
-    server, port, servicer = build_server(root, max_workers=2)
+    # room for every call the tests keep in flight (concurrency <= 8): a slow machine must
+    # queue them, never shed one
+    server, port, servicer = build_server(root, max_workers=2, max_queue=8)
     yield f"127.0.0.1:{port}", servicer
     server.stop(None)
 
