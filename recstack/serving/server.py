@@ -35,6 +35,7 @@ import re
 import threading
 import time
 import uuid
+import weakref
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,13 +137,12 @@ def _parser(message_cls, max_bytes: int):
 _malloc_trim = None
 
 
-def _return_freed_memory() -> None:
-    """Give free heap memory back to the OS after a model swap. The previous model's many
-    small allocations (ONNX sessions, parquet tables, index structures), freed from several
-    threads, leave fragmented free space in malloc's per-thread arenas; RSS keeps counting it,
-    and without a trim it creeps up reload after reload. glibc only; elsewhere nothing."""
+def trim_heap() -> None:
+    """Give free heap memory back to the OS. A model's many small allocations (ONNX sessions,
+    parquet tables, index structures), freed from several threads, leave fragmented free space
+    in malloc's per-thread arenas; RSS keeps counting it, and without a trim it creeps up
+    reload after reload. glibc only; elsewhere nothing."""
     global _malloc_trim
-    gc.collect()  # the previous model, unless calls in flight still hold it
     if _malloc_trim is None:
         import ctypes
         import ctypes.util
@@ -212,9 +212,15 @@ class RankingServicer:
                 if isinstance(e, B.BundleError):
                     raise
                 raise B.BundleError(f"cannot load {Path(path).name}: {reason}"[:2000]) from e
-            previous = self.cascade.version if self.cascade else None
+            old = self.cascade
             self.cascade, self.loaded_at, self.last_load_error = cascade, _now_iso(), ""
-        _return_freed_memory()
+        previous = old.version if old is not None else None
+        if old is not None:
+            # the heap is trimmed when the previous model is freed: at once, or when the last
+            # call still running on it ends
+            weakref.finalize(old, trim_heap)
+            del old
+            gc.collect()
         self.metrics.reloads.labels("ok").inc()
         self.metrics.set_version(cascade.version)
         if not self.draining:

@@ -7,6 +7,8 @@ import json
 import re
 import shutil
 import threading
+import time
+import types
 import weakref
 
 import grpc
@@ -193,17 +195,38 @@ def test_manifest_version_is_checked_on_reload_and_at_startup(versions, tmp_path
         build_server(root, max_workers=1)
 
 
-def test_a_reload_frees_the_previous_model(versions):
-    """Nothing in the server keeps the old model once its calls are done (RSS over many reloads
-    is measured by `recstack bench soak`)."""
+def test_a_reload_frees_the_previous_model_and_trims_the_heap_once_its_last_call_ends(versions, monkeypatch):
+    """Nothing in the server keeps the old model once its calls are done, and the heap is trimmed
+    right then (RSS over many reloads is measured by `recstack bench soak`)."""
+    from recstack.serving import server as S
+
+    trims = []
+    monkeypatch.setattr(S, "trim_heap", lambda: trims.append(1))
     server, port, servicer = build_server(versions, max_workers=2)
+    entered, release = threading.Event(), threading.Event()
+    old_cascade = servicer.cascade
+
+    def held_rank(self, *a, **k):
+        entered.set()
+        assert release.wait(20)
+        return Cascade.rank(self, *a, **k)
+
+    old_cascade.rank = types.MethodType(held_rank, old_cascade)  # the old model's own calls are held
     try:
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            for u in range(3):
-                pb_grpc.RankingServiceStub(ch).Rank(client.make_request(u, 5), timeout=10)
-        old = weakref.ref(servicer.cascade)
-        servicer.reload("v2")
-        gc.collect()
-        assert old() is None and servicer.cascade.version == "v2"
+            held = pb_grpc.RankingServiceStub(ch).Rank.future(client.make_request(1, 5), timeout=30)
+            assert entered.wait(10)
+            old = weakref.ref(old_cascade)
+            del old_cascade
+            servicer.reload("v2")
+            assert old() is not None and trims == []  # a call still runs on the old model
+            release.set()
+            assert held.result().model_version == "v1"
+        deadline = time.monotonic() + 10
+        while trims != [1] and time.monotonic() < deadline:
+            gc.collect()
+            time.sleep(0.01)
+        assert trims == [1] and old() is None and servicer.cascade.version == "v2"
     finally:
+        release.set()
         server.stop(None)
