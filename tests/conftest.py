@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 # One math-library thread unless the caller says otherwise (set before torch, numpy or faiss
@@ -432,22 +431,3 @@ def same_tensors():
 def final_model():
     """Callable (run_dir, stage) -> the model state dict of run_dir/checkpoint.pt."""
     return _final_model
-
-
-@pytest.fixture
-def held_warm_up(monkeypatch):
-    """Holds every `Cascade.warm_up` until the test lets it go: -> (warming, release) events;
-    `warming` is set when a warm-up starts, `release.set()` lets it finish."""
-    from recstack.serving.cascade import Cascade
-
-    warming, release = threading.Event(), threading.Event()
-    real_warm = Cascade.warm_up
-
-    def slow_warm(self):
-        warming.set()
-        assert release.wait(30)
-        real_warm(self)
-
-    monkeypatch.setattr(Cascade, "warm_up", slow_warm)
-    yield warming, release
-    release.set()

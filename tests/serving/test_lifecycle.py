@@ -64,8 +64,16 @@ class _Gate:
         return self.model(feeds)
 
 
-def test_not_serving_until_loaded_and_warm(artifacts, held_warm_up):
-    warming, release = held_warm_up
+def test_not_serving_until_loaded_and_warm(artifacts, monkeypatch):
+    warming, release = threading.Event(), threading.Event()
+    real_warm = Cascade.warm_up
+
+    def slow_warm(self):
+        warming.set()
+        assert release.wait(20)
+        real_warm(self)
+
+    monkeypatch.setattr(Cascade, "warm_up", slow_warm)
     server, port, servicer = create_server(artifacts, max_workers=2)
     loader = threading.Thread(target=servicer.load, args=(artifacts,))
     try:

@@ -220,8 +220,16 @@ def test_serve_on_a_port_in_use_is_one_line_and_non_zero(artifacts, workers):
     assert f"127.0.0.1:{port}" in lines[0] and "in use" in lines[0] and "Traceback" not in r.stderr
 
 
-def test_a_worker_binds_the_shared_port_only_once_ready(artifacts, held_warm_up):
-    warming, release = held_warm_up
+def test_a_worker_binds_the_shared_port_only_once_ready(artifacts, monkeypatch):
+    warming, release = threading.Event(), threading.Event()
+    real_warm = Cascade.warm_up
+
+    def slow_warm(self):
+        warming.set()
+        assert release.wait(30)
+        real_warm(self)
+
+    monkeypatch.setattr(Cascade, "warm_up", slow_warm)
     reservation = P._probe_bind("127.0.0.1", 0, reuse_port=True)  # as the parent of --workers holds it
     port = reservation.getsockname()[1]
     built = queue.Queue()
