@@ -149,6 +149,7 @@ def test_deadline_passed_in_a_stage_skips_the_later_stages(artifacts):
         with pytest.raises(grpc.RpcError) as e:
             fut.result()
         assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        _wait_for(lambda: gate.context.time_remaining() <= 0)  # the server's deadline passed too
         gate.release.set()  # the retrieval stage finishes after the caller's deadline...
         _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
         assert coarse.calls == 0  # ...and the coarse and fine stages never run
@@ -364,6 +365,9 @@ def test_a_call_finished_after_its_deadline_is_not_logged_ok(artifacts, held, ca
             with pytest.raises(grpc.RpcError) as e:
                 fut.result()
             assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            # the server's deadline comes from the grpc-timeout header, so it can pass a moment
+            # after the client's: release only once the server too sees it passed
+            _wait_for(lambda: gate.context.time_remaining() <= 0)
             gate.release.set()
             _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
         assert _count(servicer, "OK") == 0
