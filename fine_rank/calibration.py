@@ -43,10 +43,13 @@ def predict_with(fn: Callable[..., torch.Tensor], table: dict[str, np.ndarray], 
 # ---------------------------------------------------------------- aggregated conversions
 
 
-def aggregates(data: SimData, days: list[int] | int) -> dict[str, np.ndarray]:
+def aggregates(data: SimData, days: list[int] | int) -> dict[str, np.ndarray] | None:
     """The daily per-category conversion counts (SKAdNetwork-like) of `days`:
-    columns day, category, clicks, conversions (all users, consent or not)."""
+    columns day, category, clicks, conversions (all users, consent or not). None when the
+    folder has no aggregates.parquet (an optional file, docs/DATA.md)."""
     days = [days] if isinstance(days, int) else list(days)
+    if not (data.root / "aggregates.parquet").exists():
+        return None
     t = pq.read_table(data.root / "aggregates.parquet").to_pydict()
     keep = np.isin(np.asarray(t["day"]), days)
     return {k: np.asarray(t[k])[keep] for k in ("day", "category", "clicks", "conversions")}

@@ -118,7 +118,7 @@ def fit_task(task: str, cfg: Config, vocab, table: "dict[str, np.ndarray] | Stre
     if calibrate != "none":
         if calibrate == "aggregates":
             if aggregate_rate is None:
-                raise ValueError("cvr_calibrate=aggregates needs the training days' aggregated conversion rate")
+                raise ValueError("cvr_calibrate=aggregates needs aggregates.parquet (the training days' aggregated conversions)")
             target = aggregate_rate
         else:
             target = float(np.mean(table[label])) if not isinstance(table, StreamRows) else table.mean(label)
@@ -132,17 +132,20 @@ def fit_task(task: str, cfg: Config, vocab, table: "dict[str, np.ndarray] | Stre
 def evaluate(labels: np.ndarray, probs: np.ndarray, truth: np.ndarray) -> dict:
     """Held-out metrics of `probs`, each next to the ground truth's value on the same rows."""
     labels = np.asarray(labels, dtype=np.float64)
+    # a real log has no truth columns (docs/DATA.md): the truth metrics are then NaN, reported as skipped
+    known = bool(len(truth)) and bool(np.isfinite(truth).all())
+    nan = float("nan")
     return {
         "n": int(len(labels)),
         "auc": M.auc(labels, probs),
-        "auc_truth": M.auc(labels, truth),
+        "auc_truth": M.auc(labels, truth) if known else nan,
         "logloss": M.logloss(labels, probs),
-        "logloss_truth": M.logloss(labels, truth),
+        "logloss_truth": M.logloss(labels, truth) if known else nan,
         "calibration": M.calibration(labels, probs),
         # the truth's own ratio shows how far sampling noise alone moves the label mean
-        "calibration_truth": M.calibration(labels, truth),
+        "calibration_truth": M.calibration(labels, truth) if known else nan,
         # mean prediction / mean true probability: the model's own bias, free of label noise
-        "calibration_vs_truth": float(np.mean(probs) / max(np.mean(truth), 1e-12)),
+        "calibration_vs_truth": float(np.mean(probs) / max(np.mean(truth), 1e-12)) if known else nan,
         "mean_pred": float(np.mean(probs)),
         "mean_label": float(np.mean(labels)),
     }
@@ -152,14 +155,18 @@ def format_metrics(m: dict) -> str:
     lines = [f"fine ranker, held-out day {m['eval_day']} (fit on days {m['train_days']}):"]
     for task in TASKS:
         e = m[task]
-        lines.append(
-            f"  {task.upper()} [{e['label']}{'' if e['train_label'] == e['label'] else ', trained on ' + e['train_label']}, "
-            f"n={e['n']}]  AUC {e['auc']:.4f} (truth {e['auc_truth']:.4f})  "
-            f"log-loss {e['logloss']:.4f} (truth {e['logloss_truth']:.4f})  "
-            f"calibration {e['calibration']:.3f} (truth {e['calibration_truth']:.3f}; "
-            f"vs truth {e['calibration_vs_truth']:.3f})  "
-            f"[{e['train']['method']}, {e['train']['steps']} steps, {e['train']['train_seconds']:.1f}s]"
-        )
+        head = f"  {task.upper()} [{e['label']}{'' if e['train_label'] == e['label'] else ', trained on ' + e['train_label']}, n={e['n']}]"
+        tail = f"[{e['train']['method']}, {e['train']['steps']} steps, {e['train']['train_seconds']:.1f}s]"
+        if np.isfinite(e["auc_truth"]) or np.isfinite(e["logloss_truth"]):
+            lines.append(
+                f"{head}  AUC {e['auc']:.4f} (truth {e['auc_truth']:.4f})  "
+                f"log-loss {e['logloss']:.4f} (truth {e['logloss_truth']:.4f})  "
+                f"calibration {e['calibration']:.3f} (truth {e['calibration_truth']:.3f}; "
+                f"vs truth {e['calibration_vs_truth']:.3f})  {tail}"
+            )
+        else:
+            lines.append(f"{head}  AUC {e['auc']:.4f}  log-loss {e['logloss']:.4f}  calibration {e['calibration']:.3f}  "
+                         f"(truth metrics skipped: the data has no true_p{task})  {tail}")
         for extra in ("teacher", "teacher_aux", "aux"):
             if extra in e:
                 lines.append(f"    {extra}: AUC {e[extra]['auc']:.4f}  calibration {e[extra]['calibration']:.3f}")
@@ -197,7 +204,8 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     seeds = {"ctr": cfg.seed, "cvr": cfg.seed + 1}
     t_data = time.perf_counter() - t_start
 
-    agg_rate = aggregate_rate(aggregates(data, fit_days))
+    fit_agg = aggregates(data, fit_days)  # None without aggregates.parquet (optional, docs/DATA.md)
+    agg_rate = aggregate_rate(fit_agg) if fit_agg is not None else None
     total_steps = sum(settings[t].steps(len(tables[t][0]["click"])) if not cfg.stream_chunk_rows
                       else tables[t][0].steps(settings[t], seeds[t]) for t in TASKS)
     models: dict[str, Ranker] = {}
@@ -222,7 +230,7 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
             m["train"] = result.stats
             if labels[task] != eval_label:
                 m["vs_train_label"] = evaluate(eval_rows[labels[task]], probs, eval_rows[truths[task]])
-            if task == "cvr":
+            if task == "cvr" and fit_agg is not None:
                 m["vs_aggregates"] = aggregate_metrics(eval_rows, probs, aggregates(data, eval_day))
             for name, extra in result.extras.items():
                 m[name] = evaluate(eval_rows[eval_label], extra(eval_rows), eval_rows[truths[task]])

@@ -117,6 +117,10 @@ def _cmd_train(args) -> int:
         print(format_settings(cfg, f"{STAGES[args.stage]}.train.Config (recstack train {args.stage} --set KEY=VALUE):"))
         return 0
     _required(args, "data", "out")
+    if not args.no_validate:
+        from recstack.data.validate import require_valid
+
+        require_valid(args.data)  # a bad folder stops here, each problem on its own line
     if args.checkpoint_every < 0:
         raise UsageError(f"--checkpoint-every must be >= 0, got {args.checkpoint_every}")
     out = Path(args.out) / args.stage
@@ -165,7 +169,7 @@ def _cmd_export(args) -> int:
     from recstack.pipeline.export import export_bundle
 
     key = os.environ.get("RECSTACK_BUNDLE_KEY")  # when set, the manifest is HMAC-signed with it
-    path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None)
+    path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None, value_column=args.value_column)
     print(f"bundle written: {path}")
     return 0
 
@@ -215,6 +219,7 @@ def _add(sub, name: str, help: str, func) -> argparse.ArgumentParser:
 
 def build_parser() -> argparse.ArgumentParser:
     from recstack import cli_bench, cli_rpc
+    from recstack.data import commands as data_commands
 
     p = _Parser(prog="recstack", description=__doc__, formatter_class=_Help)
     p.add_argument("--version", action="version", version=f"recstack {_version()}")
@@ -247,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue from OUT/STAGE/train_state.pt if it exists (same --set overrides; else start afresh)")
     s.add_argument("--list-settings", action="store_true",
                    help="print every --set key of the stage with its type, default and comment, then exit")
+    s.add_argument("--no-validate", action="store_true", help="skip the data check (`recstack validate`) before training")
 
     s = _add(sub, "experiment", "run a paper table on a simulated world: report.md, results.json, plots", _cmd_experiment)
     s.add_argument("name", choices=list(EXPERIMENTS), help="the experiment")
@@ -263,6 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = _add(sub, "export", "write a versioned artifact bundle from trained checkpoints", _cmd_export)
     s.add_argument("--runs", required=True, help="runs folder of `recstack train` (RUNS/{retrieval,coarse,fine}/)")
     s.add_argument("--out", required=True, help="artifacts root: OUT/<version>/ plus the OUT/current pointer")
+    s.add_argument("--value-column", default=None, choices=["price", "value", "one"],
+                   help="the objective pCTR x pCVR x VALUE: the items' price, their `value` column (margin, ...) or 1 "
+                        "(default: the data folder's world.json objective_value, else price)")
 
     s = _add(sub, "serve", "serve a bundle over gRPC", _cmd_serve)
     _serve_arguments(s)
@@ -273,6 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     loadtest_arguments(s)
 
     cli_rpc.add_parsers(sub, _add)
+    data_commands.add_parsers(sub, _add)
 
     s = _add(sub, "quickstart", "simulate small -> train -> export -> serve -> rank, on this machine", _cmd_quickstart)
     s.add_argument("--workdir", default="runs/quickstart", help="everything is written under this folder")

@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from recstack import features as FE
+from recstack.data import contract as K
 from recstack.world.schema import DAY_FILE, SHARD_DIR, SHARD_FILE
 
 IMPRESSION_COLUMNS = (
@@ -29,11 +30,22 @@ class DataError(RuntimeError):
     """A data directory that is missing files or columns."""
 
 
-def _read(path: Path, columns=None) -> dict[str, np.ndarray]:
+def _read(path: Path, table: K.Table) -> dict[str, np.ndarray]:
+    """A contract table's columns: the required ones (DataError naming any missing) and the
+    optional ones, absent ones filled with their defaults (recstack.data.contract)."""
     if not path.exists():
-        raise DataError(f"missing {path} (is this a `recstack simulate` output directory?)")
-    table = pq.read_table(path, columns=columns)
-    return {name: table.column(name).to_numpy() for name in table.column_names}
+        raise DataError(f"missing {path} (see docs/DATA.md; `recstack validate DIR` checks a folder)")
+    try:
+        pf = pq.ParquetFile(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
+        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
+    present = set(pf.schema_arrow.names)
+    missing = [c for c in table.required_columns if c not in present]
+    if missing:
+        raise DataError(f"{path}: missing required columns {missing} (see docs/DATA.md)")
+    wanted = [c.name for c in table.columns if c.name in present and c.kind != "id"]
+    t = pf.read(columns=wanted)
+    return K.fill_defaults(table, {name: t.column(name).to_numpy() for name in wanted}, t.num_rows)
 
 
 class Shard(NamedTuple):
@@ -47,13 +59,11 @@ class Shard(NamedTuple):
 
 def read_shard(shard: Shard) -> dict[str, np.ndarray]:
     """A shard's impression columns (IMPRESSION_COLUMNS), checked against its listed row count."""
-    try:
-        table = pq.read_table(shard.path, columns=list(IMPRESSION_COLUMNS))
-    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        raise DataError(f"{shard.path}: cannot read impressions: {e}") from e
-    if table.num_rows != shard.rows:
-        raise DataError(f"{shard.path}: {table.num_rows} rows, expected {shard.rows}")
-    return {name: table.column(name).to_numpy() for name in IMPRESSION_COLUMNS}
+    cols = _read(shard.path, K.IMPRESSIONS)
+    n = len(cols["item_id"])
+    if n != shard.rows:
+        raise DataError(f"{shard.path}: {n} rows, expected {shard.rows}")
+    return {name: cols[name] for name in IMPRESSION_COLUMNS}
 
 
 def _check_shard(path: Path, day: int, rows: int | None) -> Shard:
@@ -63,9 +73,9 @@ def _check_shard(path: Path, day: int, rows: int | None) -> Shard:
         meta = pq.ParquetFile(path).metadata
     except Exception as e:  # noqa: BLE001
         raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-    missing = [c for c in IMPRESSION_COLUMNS if c not in meta.schema.names]
+    missing = [c for c in K.IMPRESSIONS.required_columns if c not in meta.schema.names]
     if missing:
-        raise DataError(f"{path}: missing impression columns {missing}")
+        raise DataError(f"{path}: missing required impression columns {missing}")
     if rows is not None and meta.num_rows != rows:
         raise DataError(f"{path}: {meta.num_rows} rows, world.json lists {rows}")
     return Shard(day, path, meta.num_rows)
@@ -82,15 +92,16 @@ class SimData:
         self.world = json.loads(meta_path.read_text())
         self.vocab = FE.Vocab.from_dict(self.world["vocab"])
         self.n_days = int(self.world["n_days"])
-        u = _read(self.root / "users.parquet")
+        u = _read(self.root / K.USERS.file, K.USERS)
         self.users = FE.UserTable(u["age_bucket"], u["gender"], u["activity"])
         self.consent = u["consent"].astype(bool)
-        it = _read(self.root / "items.parquet")
+        it = _read(self.root / K.ITEMS.file, K.ITEMS)
+        self.item_value = it["value"]  # (I,) float32, NaN without a value column (see docs/DATA.md)
         self.items = FE.ItemTable(
             it["category"], it["shop"], it["brand"], it["price_bucket"], it["price"],
             self.vocab.log_price_mean, self.vocab.log_price_std,
         )
-        ev = _read(self.root / "events.parquet")
+        ev = _read(self.root / K.EVENTS.file, K.EVENTS)
         self.behaviours = FE.Behaviours(ev["user_id"], ev["ts"], ev["item_id"], ev["kind"], ev["dwell"], self.vocab.n_users)
 
     # next-day split, as in both papers: train on days 1..D-1, test on day D; the day
@@ -115,7 +126,8 @@ class SimData:
 
     def impressions(self, days: list[int] | int) -> dict[str, np.ndarray]:
         days = [days] if isinstance(days, int) else list(days)
-        parts = [_read(self.root / DAY_FILE.format(day=d)) if self._one_file(d) else self._read_day_shards(d) for d in days]
+        parts = [_read(self.root / DAY_FILE.format(day=d), K.IMPRESSIONS) if self._one_file(d) else self._read_day_shards(d)
+                 for d in days]
         if not parts:
             raise DataError("no days selected")
         return {k: np.concatenate([p[k] for p in parts]) for k in IMPRESSION_COLUMNS}

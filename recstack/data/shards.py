@@ -56,6 +56,7 @@ from typing import Iterator
 import numpy as np
 
 from recstack.data import IMPRESSION_COLUMNS, DataError, Examples, Shard, SimData, read_shard
+from recstack.data.contract import IMPRESSIONS, fill_defaults
 
 _ORDER, _ROWS, _CHUNK = 0, 1, 2  # SeedSequence tags: never let two uses of a seed share a stream
 
@@ -150,10 +151,12 @@ class ShardStream:
             raise DataError(f"scan: {unknown} are not impression columns ({', '.join(IMPRESSION_COLUMNS)})")
         for s, size in zip(self.shards, self.sizes):
             try:
-                table = pq.read_table(s.path, columns=wanted)
+                table = pq.read_table(s.path, columns=[c for c in wanted if c in pq.read_schema(s.path).names])
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"{s.path}: cannot read impressions: {e}") from e
-            cols = {c: table.column(c).to_numpy() for c in wanted}
+            # absent optional columns get the contract's defaults (docs/DATA.md)
+            cols = fill_defaults(IMPRESSIONS, {c: table.column(c).to_numpy() for c in table.column_names}, table.num_rows)
+            cols = {c: cols[c] for c in wanted}
             if self.clicked_only:
                 keep = np.flatnonzero(cols["click"])
                 cols = {c: v[keep] for c, v in cols.items()}

@@ -49,6 +49,8 @@ def write_feature_snapshot(bundle_dir: str | Path, users: dict, items: dict, beh
         "item_id": np.arange(n_items, dtype=np.int64),
         **{k: np.asarray(items[k], dtype=np.int64) for k in ("category", "shop", "brand", "price_bucket")},
         "price": np.asarray(items["price"], dtype=np.float32),
+        # the objective's value column, when the bundle's objective names one (recstack.serving.objective)
+        **({"value": np.asarray(items["value"], dtype=np.float32)} if "value" in items else {}),
     })
     user_id = np.asarray(behaviours["user_id"], dtype=np.int64)
     seconds_ago = np.asarray(behaviours["seconds_ago"], dtype=np.float64)
@@ -65,11 +67,29 @@ def write_feature_snapshot(bundle_dir: str | Path, users: dict, items: dict, beh
     return [B.SNAPSHOT_USERS, B.SNAPSHOT_ITEMS, B.SNAPSHOT_BEHAVIOURS]
 
 
-def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN) -> tuple[list[str], dict]:
+def objective_values(data, value_column: str) -> dict:
+    """The items' extra snapshot column for `value_column` ({} for price and one) -> {"value": (I,)}.
+    ExportError when the data has no usable `value` column."""
+    from recstack.serving.objective import VALUE_COLUMNS
+
+    if value_column not in VALUE_COLUMNS:
+        raise ExportError(f"--value-column must be one of {', '.join(VALUE_COLUMNS)}, got {value_column!r}")
+    if value_column != "value":
+        return {}
+    v = np.asarray(data.item_value, np.float64)
+    if not (np.all(np.isfinite(v)) and np.all(v >= 0)):
+        raise ExportError(f"--value-column value: {data.root}/items.parquet needs a `value` column, finite and >= 0 "
+                          f"for every item ({int(np.count_nonzero(~np.isfinite(v) | (v < 0)))} items are not)")
+    return {"value": v}
+
+
+def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN, value_column: str = "price"
+                       ) -> tuple[list[str], dict]:
     """Snapshot a simulated world as of the end of its logs (world.json `now`).
 
-    Keeps each user's last `seq_len` behaviours, the most the models can see. Returns the
-    relative paths written and the snapshot's manifest entry.
+    Keeps each user's last `seq_len` behaviours, the most the models can see; the items carry
+    the `value` column when `value_column` is "value". Returns the relative paths written and
+    the snapshot's manifest entry.
     """
     if "now" in data.world:
         now = float(data.world["now"])
@@ -85,6 +105,7 @@ def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN) 
         items={
             "category": data.items.cols[:, 0] - 1, "shop": data.items.cols[:, 1] - 1, "brand": data.items.cols[:, 2] - 1,
             "price_bucket": data.items.cols[:, 3] - 1, "price": data.items.price,
+            **objective_values(data, value_column),
         },
         behaviours={
             "user_id": beh.user[rows], "seconds_ago": now - beh.ts[rows], "item_id": beh.item[rows],
@@ -136,8 +157,11 @@ def _staging_dir(out_dir: Path, version: str | None) -> tuple[str, Path]:
 
 
 def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None = None,
-                  signing_key: bytes | None = None) -> Path:
+                  signing_key: bytes | None = None, value_column: str | None = None) -> Path:
     """Export the three trained stages + a feature snapshot as one verified bundle; returns its directory.
+
+    The ranking objective is pCTR x pCVR x `value_column` ("price", "value" or "one"; None:
+    the data folder's world.json `objective_value`, else "price"), written into the manifest.
 
     `out_dir` is the artifacts root; the new bundle becomes `out_dir/<version>` and `current`
     points at it once it is complete and verified. With `signing_key`, the manifest carries
@@ -176,13 +200,16 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
             files += stage_files
             stages[stage] = {"dir": stage, "files": stage_files, "meta": result.get("meta", {}),
                              "metrics": ckpts[stage].get("metrics", {}), "checkpoint": str(ckpt_paths[stage])}
-        snap_files, snapshot = snapshot_from_data(D.load(data_dir), staging)
+        data = D.load(data_dir)
+        value_column = value_column or data.world.get("objective_value", "price")
+        snap_files, snapshot = snapshot_from_data(data, staging, value_column=value_column)
         files += snap_files
+        objective = {"score": "pctr * pcvr * value", "value_column": value_column}
         B.write_manifest(
             staging, version=version, files=files,
             configs={stage: ck["config"] for stage, ck in ckpts.items()},
             feature_schema=FE.feature_schema(), vocab=vocabs["retrieval"], stages=stages,
-            extra={"snapshot": snapshot}, signing_key=signing_key,
+            extra={"snapshot": snapshot, "objective": objective}, signing_key=signing_key,
         )
         B.verify_bundle(staging, signing_key)
         final = out_dir / version

@@ -33,6 +33,7 @@ from recstack.bundle import Bundle, BundleError
 from recstack.bundle_files import (COARSE_ITEM_VECTORS, COARSE_TOWER, FINE_CTR, FINE_CVR, RETRIEVAL_INDEX,
                                    RETRIEVAL_TOWER)
 from recstack.serving.loading import OnnxModel, read_coarse_vectors, read_index, read_item_emb, read_snapshot
+from recstack.serving.objective import read_values
 
 SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
 SOURCE_I2I = "i2i"  # nearest neighbours (same index) of the user's most recent behaviours
@@ -169,6 +170,8 @@ class Cascade:
             raise BundleError(f"manifest.json: feature_schema.seq_len {self.seq_len}, this server builds {F.SEQ_LEN}")
 
         self.users, self.items, beh = read_snapshot(bundle, self.vocab)
+        # the objective is pCTR x pCVR x value, the value column the bundle names (price by default)
+        self.value_column, self.item_values = read_values(bundle, self.items)
         self.n_users, self.n_items = self.users.n, self.items.n
         self._beh_user, self._beh_seconds, self._beh_item, self._beh_kind, self._beh_dwell, self._beh_start = beh
 
@@ -263,7 +266,7 @@ class Cascade:
             for name, p in ((FINE_CTR, res.pctr), (FINE_CVR, res.pcvr)):
                 if not (np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))):
                     raise BundleError(f"bundle file {name!r}: outputs outside [0, 1]; expected probabilities")
-            finite(res.scores, FINE_CTR, "scores (pCTR x pCVR x price)")
+            finite(res.scores, FINE_CTR, "scores (pCTR x pCVR x value)")
 
     # -- per request -------------------------------------------------------------------
 
@@ -432,7 +435,7 @@ class Cascade:
         m = len(cands)
         pctr, pcvr = self._score_fine(user_feats, seq_items, seq_extras, cands, check)  # (M,) each
         price = self.items.price[cands].astype(np.float64)
-        score = pctr * pcvr * price
+        score = pctr * pcvr * self.item_values[cands]
         top = np.lexsort((cands, -score))[: q.num_results]  # score desc, item id breaks ties
         t4 = time.perf_counter()
         timings["fine_ms"] = (t4 - t3) * 1e3
