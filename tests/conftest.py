@@ -353,6 +353,51 @@ def tiny_bundle(tiny_data, tmp_path_factory) -> Path:
     return _make_cascade_bundle(tmp_path_factory.mktemp("tiny_bundle"), vocab=vocab, snapshot=snap, items=item_cols)
 
 
+# --- a data folder through the README's commands: train -> export -> serve -> rank ----------
+
+# a few steps of small models: checks that a folder trains, exports and serves, not model quality
+TINY_TRAIN_SETTINGS = {
+    "retrieval": ("epochs=1", "max_steps=8", "batch_size=256", "dim=8", "user_hidden=16", "item_hidden=16",
+                  "ann_eval_queries=50"),
+    "coarse": ("max_steps=8", "batch_size=256", "hidden=32", "eval_max_rows=1000"),
+    "fine": ("ctr_hidden=16", "cvr_hidden=16", "ctr_max_steps=8", "cvr_max_steps=8", "ctr_batch_size=256",
+             "cvr_batch_size=128"),
+}
+
+
+def _train_export_serve(data_dir, work: Path, value_column: str | None = None, user_id: int = 0, k: int = 5):
+    """`recstack train` each stage on `data_dir`, `recstack export` (with --value-column), then
+    serve the bundle in process and Rank `user_id` over gRPC -> (manifest, response)."""
+    import grpc
+
+    from recstack.cli import main
+    from recstack.serving import client
+    from recstack.serving.server import build_server
+    from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+    runs, artifacts = work / "runs", work / "artifacts"
+    for stage, settings in TINY_TRAIN_SETTINGS.items():
+        sets = [a for s in settings for a in ("--set", s)]
+        assert main(["train", stage, "--data", str(data_dir), "--out", str(runs), *sets]) == 0, stage
+    assert main(["export", "--runs", str(runs), "--out", str(artifacts),
+                 *(["--value-column", value_column] if value_column else [])]) == 0
+    manifest = B.verify_bundle(B.resolve_bundle(artifacts))
+    server, port, _ = build_server(artifacts, max_workers=2)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            response = pb_grpc.RankingServiceStub(channel).Rank(client.make_request(user_id, k), timeout=60)
+    finally:
+        server.stop(None)
+    return manifest, response
+
+
+@pytest.fixture(scope="session")
+def train_export_serve():
+    """Callable (data_dir, work_dir, value_column=None, user_id=0, k=5) -> (manifest, Rank
+    response): a data folder through train (all stages, a few steps) -> export -> serve -> rank."""
+    return _train_export_serve
+
+
 # --- subprocesses and training -------------------------------------------------------------
 
 

@@ -55,7 +55,8 @@ class _Report:
         entry = self._rows.setdefault((file, column, what), [0, ""])
         if not entry[1]:
             i = int(np.flatnonzero(bad)[0])
-            entry[1] = f"row {offset + i}: {values[i]!r}"
+            value = values[i].item() if isinstance(values[i], np.generic) else values[i]
+            entry[1] = f"row {offset + i}: {value!r}"
         entry[0] += n
 
     def result(self) -> list[Problem]:
@@ -197,7 +198,7 @@ def _check_table(report: _Report, root: Path, table: K.Table, vocab: dict) -> No
         for name, mask in nulls.items():
             report.rows(rel, name, "null values", mask, cols[name], offset)
         for name, values in cols.items():
-            if name in bounds and table.column(name).kind == "int":
+            if name in bounds and name != key and table.column(name).kind == "int":  # the key: _check_dense
                 _check_range(report, rel, name, values, bounds[name], offset)
         if "price" in cols:
             p = cols["price"]
@@ -254,7 +255,8 @@ def validate(root: str | Path) -> list[Problem]:
     """Every problem of the folder `root` against the contract; [] when it is usable."""
     root = Path(root)
     if not root.is_dir():
-        return [Problem(str(root), "", "not a folder")]
+        return [Problem(str(root), "", "not a folder (a data folder holds world.json, users.parquet, items.parquet, "
+                                       "events.parquet and impressions/; see docs/DATA.md)")]
     report = _Report()
     meta = _vocab(root, report)
     if meta is None:
@@ -269,17 +271,16 @@ def validate(root: str | Path) -> list[Problem]:
 
 
 def require_valid(root: str | Path) -> float:
-    """Validate `root` before training: each problem one line on stderr, then DataError.
-    -> the seconds the check took."""
-    import sys
+    """Validate `root` before training: DataError naming the first problem and how many more
+    there are (`recstack validate DIR` lists them all). -> the seconds the check took."""
     import time
 
     from recstack.data.loader import DataError
 
     t0 = time.perf_counter()
     problems = validate(root)
-    for p in problems:
-        print(f"{root}/{p.line()}", file=sys.stderr)
     if problems:
-        raise DataError(f"{root}: {len(problems)} data problem(s), listed above (the contract: docs/DATA.md)")
+        more = f" (and {len(problems) - 1} more problems: `recstack validate {root}` lists them)" if len(problems) > 1 else ""
+        first = problems[0].line()
+        raise DataError(f"{first if problems[0].file == str(root) else Path(root) / first}{more}")
     return time.perf_counter() - t0
