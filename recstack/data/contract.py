@@ -117,6 +117,7 @@ WORLD_OPTIONAL = {
     "history_days": "int: days of behaviour before day 1 (default 0)",
     "day_seconds": "int: seconds per day (default 86400)",
     "source": "where the data came from (the importers write it)",
+    "objective_value": "price, value or one: the default `recstack export --value-column` (the importers write one)",
 }
 VOCAB_FIELDS = ("n_users", "n_items", "n_categories", "n_shops", "n_brands", "n_price_buckets", "n_age_buckets",
                 "n_genders", "n_activity_levels", "log_price_mean", "log_price_std")
@@ -157,4 +158,12 @@ def markdown_table(table: Table) -> str:
     rows = ["| column | type | required | meaning |", "|---|---|---|---|"]
     for c in table.columns:
         rows.append(f"| `{c.name}` | {c.kind} | {'yes' if c.required else 'no'} | {c.meaning} |")
+    return "\n".join(rows)
+
+
+def world_markdown() -> str:
+    """world.json's keys as the Markdown table docs/DATA.md holds."""
+    rows = ["| key | required | meaning |", "|---|---|---|"]
+    for required, keys in (("yes", WORLD_REQUIRED), ("no", WORLD_OPTIONAL)):
+        rows += [f"| `{k}` | {required} | {v} |" for k, v in keys.items()]
     return "\n".join(rows)
