@@ -30,21 +30,21 @@ class DataError(RuntimeError):
     """A data directory that is missing files or columns."""
 
 
-def _read(path: Path, table: K.Table) -> dict[str, np.ndarray]:
+def _read(path: Path, table: K.Table, unreadable: str = "not a readable Parquet file") -> dict[str, np.ndarray]:
     """A contract table's columns: the required ones (DataError naming any missing) and the
     optional ones, absent ones filled with their defaults (recstack.data.contract)."""
     if not path.exists():
         raise DataError(f"missing {path} (see docs/DATA.md; `recstack validate DIR` checks a folder)")
     try:
         pf = pq.ParquetFile(path)
+        present = set(pf.schema_arrow.names)
+        missing = [c for c in table.required_columns if c not in present]
+        wanted = [c.name for c in table.columns if c.name in present and c.kind != "id"]
+        t = None if missing else pf.read(columns=wanted)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a damaged file
-        raise DataError(f"{path}: not a readable Parquet file: {e}") from e
-    present = set(pf.schema_arrow.names)
-    missing = [c for c in table.required_columns if c not in present]
+        raise DataError(f"{path}: {unreadable}: {e}") from e
     if missing:
         raise DataError(f"{path}: missing required columns {missing} (see docs/DATA.md)")
-    wanted = [c.name for c in table.columns if c.name in present and c.kind != "id"]
-    t = pf.read(columns=wanted)
     return K.fill_defaults(table, {name: t.column(name).to_numpy() for name in wanted}, t.num_rows)
 
 
@@ -59,7 +59,7 @@ class Shard(NamedTuple):
 
 def read_shard(shard: Shard) -> dict[str, np.ndarray]:
     """A shard's impression columns (IMPRESSION_COLUMNS), checked against its listed row count."""
-    cols = _read(shard.path, K.IMPRESSIONS)
+    cols = _read(shard.path, K.IMPRESSIONS, unreadable="cannot read impressions")
     n = len(cols["item_id"])
     if n != shard.rows:
         raise DataError(f"{shard.path}: {n} rows, expected {shard.rows}")

@@ -151,7 +151,8 @@ class ShardStream:
             raise DataError(f"scan: {unknown} are not impression columns ({', '.join(IMPRESSION_COLUMNS)})")
         for s, size in zip(self.shards, self.sizes):
             try:
-                table = pq.read_table(s.path, columns=[c for c in wanted if c in pq.read_schema(s.path).names])
+                present = set(pq.read_schema(s.path).names)
+                table = pq.read_table(s.path, columns=[c for c in wanted if c in present])
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"{s.path}: cannot read impressions: {e}") from e
             # absent optional columns get the contract's defaults (docs/DATA.md)

@@ -105,14 +105,14 @@ class _Pass1:
             w.close()
 
 
-def _purchased(pv: dict[str, np.ndarray], buy: dict[str, np.ndarray]) -> np.ndarray:
+def _purchased(pv: dict[str, np.ndarray], buy: dict[str, np.ndarray], n_items: int) -> np.ndarray:
     """(P,) bool: the pv is the user's last pv of the item at or before one of that day's buys of it."""
     n_pv = len(pv["ts"])
     out = np.zeros(n_pv, bool)
     if not len(buy["ts"]) or not n_pv:
         return out
-    pairs = np.stack([np.concatenate([pv["user_id"], buy["user_id"]]), np.concatenate([pv["item_id"], buy["item_id"]])], 1)
-    _, rank = np.unique(pairs, axis=0, return_inverse=True)  # one rank per (user, item)
+    pair = np.concatenate([pv["user_id"], buy["user_id"]]) * n_items + np.concatenate([pv["item_id"], buy["item_id"]])
+    _, rank = np.unique(pair, return_inverse=True)  # one rank per (user, item): fewer than 2^31 a day
     rank = rank.reshape(-1).astype(np.int64)
     span = C.DAY_SECONDS * 1024  # > any ts of an import (n_days < 1024)
     key = rank * span + np.concatenate([pv["ts"], buy["ts"]]).astype(np.int64)
@@ -163,7 +163,7 @@ def _build_day(out: Path, day: int, item_cat: np.ndarray, n_cats: int, first_ses
     pv, buy = read(tmp / f"pv-{day:02d}.parquet"), read(tmp / f"buy-{day:02d}.parquet")
     order = np.lexsort((pv["item_id"], pv["user_id"], pv["ts"]))  # time order, ties broken by ids
     pv = {k: v[order] for k, v in pv.items()}
-    bought = _purchased(pv, buy)
+    bought = _purchased(pv, buy, len(item_cat))
     by_cat = np.argsort(item_cat[pv["item_id"]], kind="stable")
     pool = (pv["item_id"][by_cat], np.searchsorted(item_cat[pv["item_id"]][by_cat], np.arange(n_cats + 1)))
     rng = np.random.default_rng([cfg.seed, day])
