@@ -29,26 +29,37 @@ class IdError(ValueError):
 
 def check_external(values, n: int, where: str) -> np.ndarray:
     """The external ids of n rows -> int64 (n,) or object (n,) of str; raises IdError naming `where`."""
+    return _checked(values, n, where)[0]
+
+
+def _checked(values, n: int, where: str) -> tuple[np.ndarray, dict | None]:
+    """check_external, and for string ids the key -> row dict it builds to find repeats."""
     values = np.asarray(values)
     if values.shape != (n,):
         raise IdError(f"{where}: {values.shape[0] if values.ndim else 0} external ids for {n} rows")
     if values.dtype.kind in "iu":
-        out = values.astype(np.int64)
-        if values.dtype.kind == "u" and np.any(values > np.iinfo(np.int64).max):
+        if values.dtype.kind == "u" and n and values.max() > np.iinfo(np.int64).max:
             raise IdError(f"{where}: external ids above the int64 range")
-    elif values.dtype.kind in "OUT":
-        if any(not isinstance(v, str) for v in values.tolist()):
-            raise IdError(f"{where}: external ids must be all int64 or all strings (found nulls or mixed types)")
-        out = values.astype(object)
-        if any(v == "" for v in out.tolist()):
-            raise IdError(f"{where}: an external id is the empty string (an unset key on the wire)")
-    else:
+        out = values.astype(np.int64)
+        ordered = np.sort(out)
+        same = np.flatnonzero(ordered[1:] == ordered[:-1]) if n > 1 else np.zeros(0, np.int64)
+        if len(same):
+            dup = ordered[same[0]]
+            raise IdError(f"{where}: external id {int(dup)} names {int(np.count_nonzero(out == dup))} rows")
+        return out, None
+    if values.dtype.kind not in "OUT":
         raise IdError(f"{where}: external ids must be int64 or string, got {values.dtype}")
-    uniq, counts = np.unique(out.astype(str) if out.dtype == object else out, return_counts=True)
-    if len(uniq) != n:
-        first = int(np.argmax(counts > 1))
-        raise IdError(f"{where}: external id {uniq[first].item()!r} names {int(counts[first])} rows")
-    return out
+    keys = values.tolist()
+    if not all(type(v) is str for v in keys):
+        raise IdError(f"{where}: external ids must be all int64 or all strings (found nulls or mixed types)")
+    by_key = dict(zip(keys, range(n)))
+    if "" in by_key:
+        raise IdError(f"{where}: an external id is the empty string (an unset key on the wire)")
+    if len(by_key) != n:
+        seen: set[str] = set()
+        dup = next(k for k in keys if k in seen or seen.add(k))
+        raise IdError(f"{where}: external id {dup!r} names {keys.count(dup)} rows")
+    return np.array(keys, dtype=object), by_key
 
 
 class IdMap:
@@ -59,10 +70,9 @@ class IdMap:
         if external is None:
             self.kind, self._ext = KIND_IDENTITY, None
             return
-        ext = check_external(external, n, where)
-        if ext.dtype == object:
-            self.kind, self._ext = KIND_STRING, ext
-            self._by_key = {k: i for i, k in enumerate(ext.tolist())}
+        ext, by_key = _checked(external, n, where)
+        if by_key is not None:
+            self.kind, self._ext, self._by_key = KIND_STRING, ext, by_key
         else:
             self.kind, self._ext = KIND_INT, ext
             self._order = np.argsort(ext, kind="stable")
