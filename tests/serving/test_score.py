@@ -36,6 +36,7 @@ def _with_ids(bdir, users=None, items=None):
 
 def _serve(root):
     server, port, servicer = build_server(root, max_workers=2)
+    servicer.port = port  # for the client test, which dials its own channel
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     return server, channel, pb_grpc.RankingServiceStub(channel), servicer
 
@@ -84,6 +85,16 @@ def test_score_on_ranks_survivors_returns_ranks_numbers_in_the_given_order(plain
         assert (it.pctr, it.pcvr, it.price, it.score) == (ref.pctr, ref.pcvr, ref.price, ref.score)
     assert scored.cold_start == ranked.cold_start == (user_id >= 30)
     assert scored.model_version == ranked.model_version
+
+
+def test_the_client_calls_score_by_key(keyed):
+    from recstack.serving import client
+
+    _, servicer = keyed
+    server_port = servicer.port
+    resp = client.score(f"127.0.0.1:{server_port}", user_key="user-004", item_keys=list(STRING_ITEMS[[9, 2]]),
+                        behaviours=[{"item_id": 5, "seconds_ago": 60.0}], debug=True)
+    assert [it.item_key for it in resp.items] == list(STRING_ITEMS[[9, 2]]) and resp.timings.fine_ms > 0
 
 
 def test_score_sees_the_request_behaviours(plain):
