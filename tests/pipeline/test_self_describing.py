@@ -128,3 +128,14 @@ def test_export_one_stage_writes_its_self_describing_models(trained, tmp_path, c
             schema = _schema(out / name)
             assert schema["stage"] == stage and schema["bundle_version"] == ""
     assert f"{stage} exported to {out}" in capsys.readouterr().out
+
+
+def test_export_refuses_a_world_whose_external_ids_repeat(tmp_path):
+    from recstack.pipeline.export import ExportError, write_id_maps
+
+    pq.write_table(pa.table({"user_id": [0, 1, 2], "external_id": ["a", "b", "a"]}), tmp_path / "users.parquet")
+    pq.write_table(pa.table({"item_id": [0, 1]}), tmp_path / "items.parquet")  # no column: no item map
+    with pytest.raises(ExportError, match=r"users.parquet column 'external_id': external id 'a' names 2 rows"):
+        write_id_maps(tmp_path, tmp_path / "bundle", 3, 2)
+    pq.write_table(pa.table({"user_id": [0, 1, 2], "external_id": [10, 11, 12]}), tmp_path / "users.parquet")
+    assert write_id_maps(tmp_path, tmp_path / "bundle", 3, 2) == [bundle_files.IDS_USERS]
