@@ -11,6 +11,8 @@ FILES: dict[str, dict[str, str]] = {
     "retrieval": {"user_tower": "user_tower.onnx", "item_emb": "item_emb.npy", "index": "index.faiss"},
     "coarse": {"user_tower": "user_tower.onnx", "item_vectors": "item_vectors.npy"},
     "fine": {"ctr": "ctr.onnx", "cvr": "cvr.onnx"},
+    # optional: the data's own user / item ids (recstack.ids), one `external_id` column each
+    "ids": {"users": "users.parquet", "items": "items.parquet"},
 }
 
 
@@ -26,3 +28,5 @@ COARSE_TOWER = path("coarse", "user_tower")
 COARSE_ITEM_VECTORS = path("coarse", "item_vectors")
 FINE_CTR = path("fine", "ctr")
 FINE_CVR = path("fine", "cvr")
+IDS_USERS = path("ids", "users")
+IDS_ITEMS = path("ids", "items")

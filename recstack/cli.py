@@ -166,7 +166,13 @@ def _cmd_experiment(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from recstack.pipeline.export import export_bundle
+    from recstack.pipeline.export import export_bundle, export_stage
+
+    if args.stage:
+        result = export_stage(args.runs, args.stage, args.out)
+        print(f"{args.stage} exported to {args.out}: {', '.join(str(f) for f in result['files'])} "
+              "(each ONNX model carries its schema in metadata_props)")
+        return 0
 
     key = os.environ.get("RECSTACK_BUNDLE_KEY")  # when set, the manifest is HMAC-signed with it
     path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None, value_column=args.value_column)
@@ -268,7 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _add(sub, "export", "write a versioned artifact bundle from trained checkpoints", _cmd_export)
     s.add_argument("--runs", required=True, help="runs folder of `recstack train` (RUNS/{retrieval,coarse,fine}/)")
-    s.add_argument("--out", required=True, help="artifacts root: OUT/<version>/ plus the OUT/current pointer")
+    s.add_argument("--out", required=True, help="artifacts root: OUT/<version>/ plus the OUT/current pointer "
+                                                 "(with --stage: the folder for that stage's files)")
+    s.add_argument("--stage", default=None, choices=list(STAGES),
+                   help="export only this stage's models into --out (no bundle), each ONNX file self-describing")
     s.add_argument("--value-column", default=None, choices=["price", "value", "one"],
                    help="the objective pCTR x pCVR x VALUE: the items' price, their `value` column (margin, ...) or 1 "
                         "(default: the data folder's world.json objective_value, else price)")

@@ -200,6 +200,21 @@ def interacted_features(seq_items: np.ndarray, seq_extras: np.ndarray, cand_item
     return np.log1p(out)
 
 
+def fine_inputs(user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, items: ItemTable,
+                cands: np.ndarray) -> dict[str, np.ndarray]:
+    """One user's fine-ranker inputs for M candidates, as served: user_feats (1, 4), seq_items
+    (1, L, 5), seq_extras (1, L, 3), cands (M,) raw item ids -> {user_feats (M, 4), item_feats
+    (M, 5), item_dense (M, 1), interacted (M, 7)}."""
+    cands = np.asarray(cands, dtype=np.int64)
+    item_feats = items.feats(cands)
+    return {
+        "user_feats": np.repeat(user_feats, len(cands), axis=0),
+        "item_feats": item_feats,
+        "item_dense": items.dense(cands),
+        "interacted": interacted_features(seq_items, seq_extras, item_feats),
+    }
+
+
 def post_event_features(dwell, comments, chatted, cart) -> np.ndarray:
     """Post-click columns (N,) -> (N, 4) float32 `post_event` (CVR privileged features)."""
     return np.stack(

@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recstack import bundle as B
+from recstack import bundle_files
 from recstack import features as FE
+from recstack import ids as IDS
 
 # stage name (runs dir and bundle dir) -> module whose `export(checkpoint_path, out_dir)` builds it
 STAGES = {"retrieval": "retrieval.export", "coarse": "coarse_rank.export", "fine": "fine_rank.export"}
@@ -117,6 +119,58 @@ def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN, 
     return files, meta
 
 
+def write_id_maps(data_dir: str | Path, bundle_dir: str | Path, n_users: int, n_items: int) -> list[str]:
+    """Copy the data's `external_id` columns (users.parquet, items.parquet), where present, into
+    the bundle's id files, checked (no nulls, no repeats, one per row). -> relative paths written."""
+    written = []
+    for table, rel, n in (("users.parquet", bundle_files.IDS_USERS, n_users),
+                          ("items.parquet", bundle_files.IDS_ITEMS, n_items)):
+        external = IDS.read_external(Path(data_dir) / table)
+        if external is None:
+            continue
+        try:
+            external = IDS.check_external(external, n, f"{Path(data_dir) / table} column {IDS.EXTERNAL_ID!r}")
+        except IDS.IdError as e:
+            raise ExportError(str(e)) from None
+        IDS.write_external(Path(bundle_dir) / rel, external)
+        written.append(rel)
+    return written
+
+
+def describe_models(stage_dir: str | Path, stage: str, names: list[str], vocab: dict, version: str) -> None:
+    """Write each ONNX file's schema into its metadata_props (recstack.model_schema); `names` are
+    the exporter's file names under `stage_dir`, each ONNX one's role its name in recstack.bundle_files."""
+    from recstack.training.onnx import describe
+
+    roles = {name: role for role, name in bundle_files.FILES.get(stage, {}).items()}
+    for name in names:
+        if str(name).endswith(".onnx"):
+            describe(Path(stage_dir) / name, stage, roles.get(Path(name).as_posix(), Path(name).stem), vocab, version)
+
+
+def export_stage(runs_dir: str | Path, stage: str, out_dir: str | Path) -> dict:
+    """Export one trained stage on its own (no bundle, no manifest): its exporter's files in
+    `out_dir`, every ONNX model carrying its schema (bundle_version ""). -> the exporter's
+    {"files": [...], "meta": {...}}."""
+    import importlib
+
+    from recstack.training import checkpoint as C
+
+    if stage not in STAGES:
+        raise ExportError(f"unknown stage {stage!r}; one of {', '.join(STAGES)}")
+    ckpt_path = Path(runs_dir) / stage / "checkpoint.pt"
+    if not ckpt_path.exists():
+        raise ExportError(f"missing checkpoint: {ckpt_path} (run `recstack train {stage} --out {runs_dir}`)")
+    vocab = C.load(ckpt_path, stage=stage)["vocab"]
+    mod = importlib.import_module(STAGES[stage])
+    try:
+        result = mod.export(ckpt_path, Path(out_dir))
+    except getattr(mod, "ExportError", ExportError) as e:
+        raise ExportError(f"{stage}: {e}") from e
+    describe_models(out_dir, stage, result["files"], vocab, "")
+    return result
+
+
 def check_finite(bundle_dir: str | Path, files: list[str]) -> None:
     """Refuse model files holding NaN or infinity (.npy arrays, ONNX weights, the FAISS index):
     an honest export of a diverged model would otherwise be checksummed and served. Raises
@@ -196,6 +250,7 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
             except getattr(mod, "ExportError", ExportError) as e:  # each exporter has its own class
                 raise ExportError(f"{stage}: {e}") from e
             stage_files = [f"{stage}/{Path(f).as_posix()}" for f in result["files"]]
+            describe_models(staging / stage, stage, result["files"], vocabs[stage], version)
             check_finite(staging, stage_files)
             files += stage_files
             stages[stage] = {"dir": stage, "files": stage_files, "meta": result.get("meta", {}),
@@ -203,7 +258,7 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
         data = D.load(data_dir)
         value_column = value_column or data.world.get("objective_value", "price")
         snap_files, snapshot = snapshot_from_data(data, staging, value_column=value_column)
-        files += snap_files
+        files += snap_files + write_id_maps(data_dir, staging, data.users.n, data.items.n)
         objective = {"score": "pctr * pcvr * value", "value_column": value_column}
         B.write_manifest(
             staging, version=version, files=files,

@@ -32,7 +32,8 @@ from recstack import features as F
 from recstack.bundle import Bundle, BundleError
 from recstack.bundle_files import (COARSE_ITEM_VECTORS, COARSE_TOWER, FINE_CTR, FINE_CVR, RETRIEVAL_INDEX,
                                    RETRIEVAL_TOWER)
-from recstack.serving.loading import OnnxModel, read_coarse_vectors, read_index, read_item_emb, read_snapshot
+from recstack.serving.loading import (OnnxModel, read_coarse_vectors, read_ids, read_index, read_item_emb,
+                                      read_snapshot)
 from recstack.serving.objective import read_values
 
 SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
@@ -173,6 +174,7 @@ class Cascade:
         # the objective is pCTR x pCVR x value, the value column the bundle names (price by default)
         self.value_column, self.item_values = read_values(bundle, self.items)
         self.n_users, self.n_items = self.users.n, self.items.n
+        self.ids = read_ids(bundle, self.n_users, self.n_items)  # external ids <-> internal indices
         self._beh_user, self._beh_seconds, self._beh_item, self._beh_kind, self._beh_dwell, self._beh_start = beh
 
         # retrieval; item_emb (the item-to-item source's vectors) is None in an ANN-only bundle
@@ -355,19 +357,22 @@ class Cascade:
         """The fine stage's pCTR and pCVR of the candidates (M,) int64 -> (M,) float64 each;
         `check("fine pCVR")` runs between the two models."""
         m = len(cands)
-        item_feats = self.items.feats(cands)  # (M, 5)
-        fine_in = {
-            "user_feats": np.repeat(user_feats, m, axis=0),  # (M, 4)
-            "item_feats": item_feats,
-            "item_dense": self.items.dense(cands),  # (M, 1)
-            "interacted": F.interacted_features(seq_items, seq_extras, item_feats),  # (M, 7)
-        }
+        fine_in = F.fine_inputs(user_feats, seq_items, seq_extras, self.items, cands)  # (M, ...) each
         if not m:
             return np.zeros(0, np.float64), np.zeros(0, np.float64)
         pctr = self.ctr(fine_in).reshape(-1).astype(np.float64)  # (M,)
         check("fine pCVR")
         pcvr = self.cvr(fine_in).reshape(-1).astype(np.float64)
         return pctr, pcvr
+
+    def fine_scores(self, user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, cands: np.ndarray,
+                    check: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The fine stage as served, for Rank's coarse survivors and Score's given candidates alike:
+        candidates (M,) int64 -> pCTR, pCVR, price, score = pCTR x pCVR x value, (M,) float64 each,
+        value the bundle's objective column (recstack.serving.objective: price unless it names another)."""
+        pctr, pcvr = self._score_fine(user_feats, seq_items, seq_extras, cands, check)
+        price = self.items.price[cands].astype(np.float64)
+        return pctr, pcvr, price, pctr * pcvr * self.item_values[cands]
 
     def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None) -> Ranking:
         """Run the cascade for one validated query; `time_remaining` (e.g. a gRPC context's)
@@ -433,9 +438,7 @@ class Cascade:
 
         check("fine")
         m = len(cands)
-        pctr, pcvr = self._score_fine(user_feats, seq_items, seq_extras, cands, check)  # (M,) each
-        price = self.items.price[cands].astype(np.float64)
-        score = pctr * pcvr * self.item_values[cands]
+        pctr, pcvr, price, score = self.fine_scores(user_feats, seq_items, seq_extras, cands, check)  # (M,) each
         top = np.lexsort((cands, -score))[: q.num_results]  # score desc, item id breaks ties
         t4 = time.perf_counter()
         timings["fine_ms"] = (t4 - t3) * 1e3

@@ -92,3 +92,15 @@ def format_table(resp: pb.RankResponse) -> str:
         lines.append(f"candidates: retrieved {c.retrieved} -> coarse {c.coarse} -> returned {c.returned}"
                      f"  (sequence length {c.sequence_length})")
     return "\n".join(lines)
+
+
+def score(target: str, item_ids: Iterable[int] = (), user_id: int = 0, *, user_key: str = "",
+          item_keys: Iterable[str] = (), behaviours: Iterable[pb.Behaviour | Mapping] | None = None, debug: bool = False,
+          timeout: float = 10.0, tls_ca: str | None = None) -> pb.ScoreResponse:
+    """One Score call: the fine stage on the candidates named by `item_ids` or `item_keys`, in that order."""
+    req = pb.ScoreRequest(user_id=user_id, user_key=user_key, item_ids=list(item_ids), item_keys=list(item_keys),
+                          debug=debug)
+    for b in behaviours or ():
+        req.recent_behaviours.append(b if isinstance(b, pb.Behaviour) else behaviour(**b))
+    with channel(target, tls_ca) as ch:
+        return pb_grpc.RankingServiceStub(ch).Score(req, timeout=timeout)

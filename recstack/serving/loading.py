@@ -16,8 +16,9 @@ import onnxruntime as ort
 import pyarrow.parquet as pq
 
 from recstack import features as F
+from recstack import ids as IDS
 from recstack.bundle import SNAPSHOT_BEHAVIOURS, SNAPSHOT_ITEMS, SNAPSHOT_USERS, Bundle, BundleError, count_non_finite
-from recstack.bundle_files import COARSE_ITEM_VECTORS, RETRIEVAL_INDEX, RETRIEVAL_ITEM_EMB
+from recstack.bundle_files import COARSE_ITEM_VECTORS, IDS_ITEMS, IDS_USERS, RETRIEVAL_INDEX, RETRIEVAL_ITEM_EMB
 
 
 def onnx_session(path: Path, threads: int) -> ort.InferenceSession:
@@ -97,6 +98,20 @@ def read_snapshot(bundle: Bundle, vocab: F.Vocab) -> tuple[F.UserTable, F.ItemTa
         raise BundleError(f"bundle file {SNAPSHOT_BEHAVIOURS!r}: item_id outside [0, {n_items})")
     beh_start = np.searchsorted(beh_user, np.arange(n_users + 1)).astype(np.int64)  # (U+1,)
     return users, items, (beh_user, beh_seconds, beh_item, beh_kind, beh_dwell, beh_start)
+
+
+def read_ids(bundle: Bundle, n_users: int, n_items: int) -> IDS.BundleIds:
+    """The external id maps (recstack.ids); a side without its file in the manifest is the identity."""
+    maps = []
+    for rel, n in ((IDS_USERS, n_users), (IDS_ITEMS, n_items)):
+        if rel not in bundle.manifest.get("files", {}):
+            maps.append(IDS.IdMap.identity(n))
+            continue
+        try:
+            maps.append(IDS.IdMap(read_table(bundle, rel, (IDS.EXTERNAL_ID,))[IDS.EXTERNAL_ID], n, f"bundle file {rel!r}"))
+        except IDS.IdError as e:
+            raise BundleError(str(e)) from None
+    return IDS.BundleIds(*maps)
 
 
 def read_index(bundle: Bundle, n_items: int):

@@ -46,10 +46,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recstack import bundle as B
+from recstack.ids import BundleIds
 from recstack.serving.admission import HealthServicer, RankAdmission
 from recstack.serving.cascade import Cascade, DeadlineExceeded, Ranking
 from recstack.serving.prometheus import ServingMetrics
-from recstack.serving.validate import ServingLimits, ValidationError, validate_rank_request
+from recstack.serving.scoring import log_user_key, response_from_scores, score_candidates
+from recstack.serving.validate import ServingLimits, ValidationError, validate_rank_request, validate_score_request
 from recstack.v1 import ranking_pb2 as pb
 
 log = logging.getLogger("recstack.serving")
@@ -73,14 +75,17 @@ def _now_iso(timespec: str = "seconds") -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=timespec)
 
 
-def response_from_ranking(r: Ranking, version: str, debug: bool) -> pb.RankResponse:
+def response_from_ranking(r: Ranking, version: str, debug: bool, ids: BundleIds | None = None) -> pb.RankResponse:
+    """`ids` turns the internal item indices into the bundle's external ids (default: none)."""
     resp = pb.RankResponse(model_version=version, cold_start=r.cold_start)
     add = resp.items.add
+    items = (ids or BundleIds.identity(0, 0)).items
     # one tolist() per column (Python ints / floats at once) instead of a numpy scalar per field: half the cost
-    for item_id, score, pctr, pcvr, price, coarse, source in zip(
-            r.item_ids.tolist(), r.scores.tolist(), r.pctr.tolist(), r.pcvr.tolist(), r.price.tolist(),
-            r.coarse_scores.tolist(), r.sources):
-        add(item_id=item_id, score=score, pctr=pctr, pcvr=pcvr, price=price, coarse_score=coarse, source=source)
+    for item_id, key, score, pctr, pcvr, price, coarse, source in zip(
+            items.ints(r.item_ids).tolist(), items.keys(r.item_ids), r.scores.tolist(), r.pctr.tolist(),
+            r.pcvr.tolist(), r.price.tolist(), r.coarse_scores.tolist(), r.sources):
+        add(item_id=item_id, item_key=key, score=score, pctr=pctr, pcvr=pcvr, price=price, coarse_score=coarse,
+            source=source)
     if debug:
         resp.timings.CopyFrom(pb.StageTimings(**r.timings_ms))
         resp.stage_counts.CopyFrom(pb.StageCounts(**r.counts))
@@ -313,34 +318,52 @@ class RankingServicer:
 
     # -- RPCs -----------------------------------------------------------------------------
 
+    def _admitted(self, context, work):
+        """`work(time_remaining)` in the bounded admission; never for a caller who left while queued."""
+        if not self.admission.admit():
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"overloaded: {self.admission.limit} Rank and Score calls in flight; retry with backoff")
+        try:
+            remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
+            if not self.admission.acquire(remaining):
+                raise DeadlineExceeded("deadline exceeded while the call was queued")
+            try:
+                return work(remaining)
+            finally:
+                self.admission.release()
+        finally:
+            self.admission.leave()
+
+    def _model(self, request) -> Cascade:
+        if isinstance(request, _Malformed):
+            request.abort()
+        cascade = self.cascade  # one read: a concurrent Reload cannot change the model mid-request
+        if cascade is None:
+            raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
+        return cascade
+
     def Rank(self, request, context):
         def run(extra):
-            if isinstance(request, _Malformed):
-                request.abort()
-            cascade = self.cascade  # one read: a concurrent Reload cannot change the model mid-request
-            if cascade is None:
-                raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
-            query = validate_rank_request(request, self.limits, cascade.n_items)
-            extra.update(user_id=query.user_id, version=cascade.version)
-            if not self.admission.admit():
-                raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                             f"overloaded: {self.admission.limit} Rank calls in flight; retry with backoff")
-            try:
-                # never work for a caller who left or whose deadline passed while the call was queued
-                remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
-                if not self.admission.acquire(remaining):
-                    raise DeadlineExceeded("deadline exceeded while the call was queued")
-                try:
-                    ranking = cascade.rank(query, time_remaining=remaining)
-                finally:
-                    self.admission.release()
-            finally:
-                self.admission.leave()
+            cascade = self._model(request)
+            query = validate_rank_request(request, self.limits, cascade.n_items, cascade.ids)
+            extra.update(user_id=query.user_id, version=cascade.version, **log_user_key(request))
+            ranking = self._admitted(context, lambda remaining: cascade.rank(query, time_remaining=remaining))
             self.metrics.observe_stages(ranking.timings_ms)
             extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids))
-            return response_from_ranking(ranking, cascade.version, request.debug)
+            return response_from_ranking(ranking, cascade.version, request.debug, cascade.ids)
 
         return self._guard(context, "Rank", run)
+
+    def Score(self, request, context):
+        def run(extra):
+            cascade = self._model(request)
+            query, cands = validate_score_request(request, self.limits, cascade.ids)
+            extra.update(user_id=query.user_id, version=cascade.version, candidates=len(cands), **log_user_key(request))
+            scores = self._admitted(context, lambda remaining: score_candidates(cascade, query, cands, remaining))
+            extra.update(cold_start=scores.cold_start)
+            return response_from_scores(scores, cascade, request.debug)
+
+        return self._guard(context, "Score", run)
 
     def GetModelInfo(self, request, context):
         def run(extra):
@@ -369,7 +392,9 @@ def _handlers(servicer: RankingServicer, admin: bool, max_bytes: int) -> list[gr
     h = grpc.unary_unary_rpc_method_handler
     out = [grpc.method_handlers_generic_handler(RANKING_SERVICE, {
         "Rank": h(servicer.Rank, request_deserializer=_parser(pb.RankRequest, max_bytes),
-                  response_serializer=pb.RankResponse.SerializeToString)})]
+                  response_serializer=pb.RankResponse.SerializeToString),
+        "Score": h(servicer.Score, request_deserializer=_parser(pb.ScoreRequest, max_bytes),
+                   response_serializer=pb.ScoreResponse.SerializeToString)})]
     if admin:
         out.append(grpc.method_handlers_generic_handler(MODEL_SERVICE, {
             "GetModelInfo": h(servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest, max_bytes),

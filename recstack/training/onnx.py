@@ -52,3 +52,38 @@ def parity(module: torch.nn.Module, path: str | Path, inputs: dict[str, np.ndarr
     refs = ref if isinstance(ref, (tuple, list)) else (ref,)
     outs = onnx_session(path).run(None, inputs)
     return float(max(np.max(np.abs(r.numpy() - o)) for r, o in zip(refs, outs)))
+
+
+def describe(path: str | Path, stage: str, role: str, vocab: dict, bundle_version: str) -> dict:
+    """Write the model's schema (recstack.model_schema) into the ONNX file's metadata_props,
+    from the inputs and outputs its graph declares; returns the schema. The file is replaced
+    whole (written beside, then renamed)."""
+    import os
+
+    import onnx
+
+    from recstack import model_schema
+
+    path = Path(path)
+    model = onnx.load(str(path))
+
+    def values(vs) -> list[tuple[str, str, list]]:
+        out = []
+        for v in vs:
+            t = v.type.tensor_type
+            dims = [d.dim_param or d.dim_value for d in t.shape.dim]
+            out.append((v.name, np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)).name, dims))
+        return out
+
+    schema = model_schema.model_schema(stage, role, values(model.graph.input), values(model.graph.output), vocab,
+                                       bundle_version)
+    props = model_schema.encode(schema)
+    keep = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in props.items():
+        model.metadata_props.add(key=k, value=v)
+    tmp = path.with_name(path.name + ".tmp")
+    onnx.save(model, str(tmp))
+    os.replace(tmp, path)
+    return schema

@@ -15,35 +15,39 @@ BEHAVIOUR_KIND_CLICK: BehaviourKind
 BEHAVIOUR_KIND_PURCHASE: BehaviourKind
 
 class Behaviour(_message.Message):
-    __slots__ = ("item_id", "seconds_ago", "kind", "dwell_seconds")
+    __slots__ = ("item_id", "seconds_ago", "kind", "dwell_seconds", "item_key")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DWELL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_KEY_FIELD_NUMBER: _ClassVar[int]
     item_id: int
     seconds_ago: float
     kind: BehaviourKind
     dwell_seconds: float
-    def __init__(self, item_id: _Optional[int] = ..., seconds_ago: _Optional[float] = ..., kind: _Optional[_Union[BehaviourKind, str]] = ..., dwell_seconds: _Optional[float] = ...) -> None: ...
+    item_key: str
+    def __init__(self, item_id: _Optional[int] = ..., seconds_ago: _Optional[float] = ..., kind: _Optional[_Union[BehaviourKind, str]] = ..., dwell_seconds: _Optional[float] = ..., item_key: _Optional[str] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("user_id", "recent_behaviours", "num_results", "retrieval_size", "coarse_size", "debug")
+    __slots__ = ("user_id", "recent_behaviours", "num_results", "retrieval_size", "coarse_size", "debug", "user_key")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     RECENT_BEHAVIOURS_FIELD_NUMBER: _ClassVar[int]
     NUM_RESULTS_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_SIZE_FIELD_NUMBER: _ClassVar[int]
     COARSE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEBUG_FIELD_NUMBER: _ClassVar[int]
+    USER_KEY_FIELD_NUMBER: _ClassVar[int]
     user_id: int
     recent_behaviours: _containers.RepeatedCompositeFieldContainer[Behaviour]
     num_results: int
     retrieval_size: int
     coarse_size: int
     debug: bool
-    def __init__(self, user_id: _Optional[int] = ..., recent_behaviours: _Optional[_Iterable[_Union[Behaviour, _Mapping]]] = ..., num_results: _Optional[int] = ..., retrieval_size: _Optional[int] = ..., coarse_size: _Optional[int] = ..., debug: _Optional[bool] = ...) -> None: ...
+    user_key: str
+    def __init__(self, user_id: _Optional[int] = ..., recent_behaviours: _Optional[_Iterable[_Union[Behaviour, _Mapping]]] = ..., num_results: _Optional[int] = ..., retrieval_size: _Optional[int] = ..., coarse_size: _Optional[int] = ..., debug: _Optional[bool] = ..., user_key: _Optional[str] = ...) -> None: ...
 
 class RankedItem(_message.Message):
-    __slots__ = ("item_id", "score", "pctr", "pcvr", "price", "coarse_score", "source")
+    __slots__ = ("item_id", "score", "pctr", "pcvr", "price", "coarse_score", "source", "item_key")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     PCTR_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +55,7 @@ class RankedItem(_message.Message):
     PRICE_FIELD_NUMBER: _ClassVar[int]
     COARSE_SCORE_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    ITEM_KEY_FIELD_NUMBER: _ClassVar[int]
     item_id: int
     score: float
     pctr: float
@@ -58,7 +63,8 @@ class RankedItem(_message.Message):
     price: float
     coarse_score: float
     source: str
-    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., pctr: _Optional[float] = ..., pcvr: _Optional[float] = ..., price: _Optional[float] = ..., coarse_score: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+    item_key: str
+    def __init__(self, item_id: _Optional[int] = ..., score: _Optional[float] = ..., pctr: _Optional[float] = ..., pcvr: _Optional[float] = ..., price: _Optional[float] = ..., coarse_score: _Optional[float] = ..., source: _Optional[str] = ..., item_key: _Optional[str] = ...) -> None: ...
 
 class StageTimings(_message.Message):
     __slots__ = ("features_ms", "retrieval_ms", "coarse_ms", "fine_ms", "total_ms")
@@ -99,6 +105,50 @@ class RankResponse(_message.Message):
     timings: StageTimings
     stage_counts: StageCounts
     def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., cold_start: _Optional[bool] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., stage_counts: _Optional[_Union[StageCounts, _Mapping]] = ...) -> None: ...
+
+class ScoreRequest(_message.Message):
+    __slots__ = ("user_id", "user_key", "item_ids", "item_keys", "recent_behaviours", "debug")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    USER_KEY_FIELD_NUMBER: _ClassVar[int]
+    ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    ITEM_KEYS_FIELD_NUMBER: _ClassVar[int]
+    RECENT_BEHAVIOURS_FIELD_NUMBER: _ClassVar[int]
+    DEBUG_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    user_key: str
+    item_ids: _containers.RepeatedScalarFieldContainer[int]
+    item_keys: _containers.RepeatedScalarFieldContainer[str]
+    recent_behaviours: _containers.RepeatedCompositeFieldContainer[Behaviour]
+    debug: bool
+    def __init__(self, user_id: _Optional[int] = ..., user_key: _Optional[str] = ..., item_ids: _Optional[_Iterable[int]] = ..., item_keys: _Optional[_Iterable[str]] = ..., recent_behaviours: _Optional[_Iterable[_Union[Behaviour, _Mapping]]] = ..., debug: _Optional[bool] = ...) -> None: ...
+
+class ScoredItem(_message.Message):
+    __slots__ = ("item_id", "item_key", "score", "pctr", "pcvr", "price")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_KEY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    PCTR_FIELD_NUMBER: _ClassVar[int]
+    PCVR_FIELD_NUMBER: _ClassVar[int]
+    PRICE_FIELD_NUMBER: _ClassVar[int]
+    item_id: int
+    item_key: str
+    score: float
+    pctr: float
+    pcvr: float
+    price: float
+    def __init__(self, item_id: _Optional[int] = ..., item_key: _Optional[str] = ..., score: _Optional[float] = ..., pctr: _Optional[float] = ..., pcvr: _Optional[float] = ..., price: _Optional[float] = ...) -> None: ...
+
+class ScoreResponse(_message.Message):
+    __slots__ = ("items", "model_version", "cold_start", "timings")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COLD_START_FIELD_NUMBER: _ClassVar[int]
+    TIMINGS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[ScoredItem]
+    model_version: str
+    cold_start: bool
+    timings: StageTimings
+    def __init__(self, items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., cold_start: _Optional[bool] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

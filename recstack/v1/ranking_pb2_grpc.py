@@ -40,6 +40,11 @@ class RankingServiceStub:
                 request_serializer=recstack_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
                 response_deserializer=recstack_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.Score = channel.unary_unary(
+                '/recstack.v1.RankingService/Score',
+                request_serializer=recstack_dot_v1_dot_ranking__pb2.ScoreRequest.SerializeToString,
+                response_deserializer=recstack_dot_v1_dot_ranking__pb2.ScoreResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
@@ -53,6 +58,15 @@ class RankingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Score(self, request, context):
+        """Run only the fine stage on the caller's candidates (a rank profile over given items):
+        pCTR, pCVR and score for each, in the order given. Same validation, deadlines,
+        admission and shedding as Rank.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +74,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=recstack_dot_v1_dot_ranking__pb2.RankRequest.FromString,
                     response_serializer=recstack_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
+            ),
+            'Score': grpc.unary_unary_rpc_method_handler(
+                    servicer.Score,
+                    request_deserializer=recstack_dot_v1_dot_ranking__pb2.ScoreRequest.FromString,
+                    response_serializer=recstack_dot_v1_dot_ranking__pb2.ScoreResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +109,33 @@ class RankingService:
             '/recstack.v1.RankingService/Rank',
             recstack_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
             recstack_dot_v1_dot_ranking__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Score(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recstack.v1.RankingService/Score',
+            recstack_dot_v1_dot_ranking__pb2.ScoreRequest.SerializeToString,
+            recstack_dot_v1_dot_ranking__pb2.ScoreResponse.FromString,
             options,
             channel_credentials,
             insecure,

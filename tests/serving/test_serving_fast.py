@@ -85,8 +85,8 @@ def test_response_builder_matches_per_field_conversion():
                 counts={"retrieved": 9, "coarse": 8, "returned": 7, "sequence_length": 3})
     ref = pb.RankResponse(model_version="v1", cold_start=True)
     for i in range(n):
-        ref.items.add(item_id=int(r.item_ids[i]), score=float(r.scores[i]), pctr=float(r.pctr[i]), pcvr=float(r.pcvr[i]),
-                      price=float(r.price[i]), coarse_score=float(r.coarse_scores[i]), source=r.sources[i])
+        ref.items.add(item_id=int(r.item_ids[i]), item_key=str(r.item_ids[i]), score=float(r.scores[i]),
+                      pctr=float(r.pctr[i]), pcvr=float(r.pcvr[i]), price=float(r.price[i]), coarse_score=float(r.coarse_scores[i]), source=r.sources[i])
     assert response_from_ranking(r, "v1", debug=False) == ref
     dbg = response_from_ranking(r, "v1", debug=True)
     assert list(dbg.items) == list(ref.items) and dbg.timings.total_ms == 10.0 and dbg.stage_counts.returned == 7
