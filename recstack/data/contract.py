@@ -66,7 +66,7 @@ ITEMS = Table("items.parquet", True, "one row per item, item_id 0..n_items-1 in 
 ))
 EVENTS = Table("events.parquet", True, "the behaviour log: the users' sequences (model inputs)", (
     C("user_id", "int", True, "0..n_users-1"),
-    C("ts", "float", True, "seconds (>= 0; the impressions' clock); sorted by (user_id, ts) not required"),
+    C("ts", "float", True, "seconds >= 0 on the impressions' clock; rows in any order"),
     C("item_id", "int", True, "0..n_items-1"),
     C("kind", "int", True, "behaviour: " + ", ".join(f"{i} = {k}" for i, k in enumerate(EVENT_KINDS))),
     C("dwell", "float", False, "seconds on the detail page (0 when unknown)"),
