@@ -25,6 +25,7 @@ from pathlib import Path
 from recstack import bundle as B
 from recstack.serving.prometheus import ServingMetrics
 from recstack.serving.server import ServeError, TLSConfig, access_log, create_server
+from recstack.serving.store import StoreUnavailable, open_store
 
 __all__ = ["ServeError", "ServeOptions", "StopSignals", "serve"]
 
@@ -47,6 +48,7 @@ class ServeOptions:
     metrics_host: str | None = None  # the address /metrics listens on; None = the gRPC host
     bundle_key: str | None = None  # when set, only bundles whose manifest is HMAC-signed with it load
     max_message_bytes: int = 64 << 10
+    feature_store: str = ""  # "" = SQLite beside the bundles (artifacts root); a path; redis://HOST:PORT; "none"
 
 
 class _JSONLines(logging.Formatter):
@@ -181,6 +183,11 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
     if port and not reuse_port:
         _probe_bind(host, port).close()
     metrics = ServingMetrics()
+    try:  # each process opens its own connection to the one store the workers share
+        root = Path(artifacts) if (Path(artifacts) / B.CURRENT).is_file() else Path(artifacts).resolve().parent
+        store = open_store(opts.feature_store, root)
+    except (ValueError, StoreUnavailable) as e:
+        raise ServeError(f"--feature-store: {e}") from None
     metrics_server = None
     if opts.metrics_port is not None:
         mhost = opts.metrics_host or host
@@ -196,7 +203,7 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
             artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
             reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
             max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port,
-            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None)
+            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None, store=store)
         try:
             if servicer.cascade is None and signals.received is None:
                 servicer.load(artifacts)
@@ -216,6 +223,8 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+        if store is not None:
+            store.close()
 
 
 def _child_main(artifacts: str, host: str, port: int, opts: ServeOptions, worker: int) -> None:

@@ -5,7 +5,7 @@
 The process around it (`serve`: workers, signals, drain, logging) is `recstack.serving.process`.
 
 Status codes: INVALID_ARGUMENT (bad or unparsable request; the message names the field),
-UNAVAILABLE (no model loaded yet), RESOURCE_EXHAUSTED (more than `max_workers + max_queue`
+UNAVAILABLE (no model loaded yet; LogEvents: the feature store fails), RESOURCE_EXHAUSTED (more than `max_workers + max_queue`
 Rank calls in flight: the call is refused at once rather than queued without bound; or a
 message over `max_message_bytes`), DEADLINE_EXCEEDED (the deadline passed before a stage or a
 model: later ones are skipped), CANCELLED (the caller left: later stages are skipped),
@@ -48,7 +48,9 @@ from grpc_reflection.v1alpha import reflection
 from recstack import bundle as B
 from recstack.serving.admission import HealthServicer, RankAdmission
 from recstack.serving.cascade import Cascade, DeadlineExceeded, Ranking
+from recstack.serving.events import log_events, rank_with_history
 from recstack.serving.prometheus import ServingMetrics
+from recstack.serving.store import FeatureStore, StoreUnavailable
 from recstack.serving.validate import ServingLimits, ValidationError, validate_rank_request
 from recstack.v1 import ranking_pb2 as pb
 
@@ -57,6 +59,7 @@ access_log = logging.getLogger("recstack.access")  # one JSON line per call, wit
 
 RANKING_SERVICE = pb.DESCRIPTOR.services_by_name["RankingService"].full_name  # recstack.v1.RankingService
 MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+EVENT_SERVICE = pb.DESCRIPTOR.services_by_name["EventService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -73,8 +76,8 @@ def _now_iso(timespec: str = "seconds") -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=timespec)
 
 
-def response_from_ranking(r: Ranking, version: str, debug: bool) -> pb.RankResponse:
-    resp = pb.RankResponse(model_version=version, cold_start=r.cold_start)
+def response_from_ranking(r: Ranking, version: str, debug: bool, degraded: bool = False) -> pb.RankResponse:
+    resp = pb.RankResponse(model_version=version, cold_start=r.cold_start, degraded_features=degraded)
     add = resp.items.add
     # one tolist() per column (Python ints / floats at once) instead of a numpy scalar per field: half the cost
     for item_id, score, pctr, pcvr, price, coarse, source in zip(
@@ -164,7 +167,9 @@ class RankingServicer:
 
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
                  onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
-                 worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None):
+                 worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None,
+                 store: FeatureStore | None = None):
+        self.store = store  # the online feature store (None: the snapshot and the request only)
         self.artifacts_root = artifacts_root
         self.limits = limits
         self.health = health_servicer
@@ -214,6 +219,8 @@ class RankingServicer:
                 raise B.BundleError(f"cannot load {Path(path).name}: {reason}"[:2000]) from e
             old = self.cascade
             self.cascade, self.loaded_at, self.last_load_error = cascade, _now_iso(), ""
+            if self.store is not None:
+                self.store.seed(cascade.snapshot)
         previous = old.version if old is not None else None
         if old is not None:
             # the heap is trimmed when the previous model is freed: at once, or when the last
@@ -289,6 +296,8 @@ class RankingServicer:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused, still serving the previous model: {e}"
         except _Abort as e:
             code, message = e.code, str(e)
+        except StoreUnavailable as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"feature store unavailable, nothing written (retry): {e}"
         except Exception:
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}; see the server log)"
             log.exception("%s failed (request id %s)", method, rid)
@@ -331,16 +340,28 @@ class RankingServicer:
                 if not self.admission.acquire(remaining):
                     raise DeadlineExceeded("deadline exceeded while the call was queued")
                 try:
-                    ranking = cascade.rank(query, time_remaining=remaining)
+                    ranking, degraded = rank_with_history(cascade, self.store, query, remaining, self.metrics)
                 finally:
                     self.admission.release()
             finally:
                 self.admission.leave()
             self.metrics.observe_stages(ranking.timings_ms)
-            extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids))
-            return response_from_ranking(ranking, cascade.version, request.debug)
+            extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids), degraded=degraded)
+            return response_from_ranking(ranking, cascade.version, request.debug, degraded)
 
         return self._guard(context, "Rank", run)
+
+    def LogEvents(self, request, context):
+        def run(extra):
+            if isinstance(request, _Malformed):
+                request.abort()
+            cascade = self.cascade
+            if cascade is None:
+                raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
+            extra["events"] = log_events(self.store, cascade, request)  # durable once it returns
+            return pb.LogEventsResponse(accepted=extra["events"])
+
+        return self._guard(context, "LogEvents", run)
 
     def GetModelInfo(self, request, context):
         def run(extra):
@@ -369,7 +390,10 @@ def _handlers(servicer: RankingServicer, admin: bool, max_bytes: int) -> list[gr
     h = grpc.unary_unary_rpc_method_handler
     out = [grpc.method_handlers_generic_handler(RANKING_SERVICE, {
         "Rank": h(servicer.Rank, request_deserializer=_parser(pb.RankRequest, max_bytes),
-                  response_serializer=pb.RankResponse.SerializeToString)})]
+                  response_serializer=pb.RankResponse.SerializeToString)}),
+           grpc.method_handlers_generic_handler(EVENT_SERVICE, {
+               "LogEvents": h(servicer.LogEvents, request_deserializer=_parser(pb.LogEventsRequest, max_bytes),
+                              response_serializer=pb.LogEventsResponse.SerializeToString)})]
     if admin:
         out.append(grpc.method_handlers_generic_handler(MODEL_SERVICE, {
             "GetModelInfo": h(servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest, max_bytes),
@@ -398,6 +422,7 @@ def create_server(
     worker: int = 0,
     load_first: bool = False,
     bundle_key: bytes | None = None,
+    store: FeatureStore | None = None,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
     `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
@@ -422,13 +447,14 @@ def create_server(
     health_servicer = HealthServicer()
     metrics = metrics or ServingMetrics()
     servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
-                               admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key)
+                               admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key,
+                               store=store)
     metrics.track_queue(lambda: admission.waiting)
     servicer.set_serving(False)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
-        names = [RANKING_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME] + ([MODEL_SERVICE] if admin_token else [])
+        names = [RANKING_SERVICE, EVENT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME] + ([MODEL_SERVICE] if admin_token else [])
         reflection.enable_server_reflection(names, server)
     if load_first:
         servicer.load(artifacts)
@@ -462,7 +488,8 @@ def build_server(
     `limits` (ServingLimits), `onnx_threads` (intra-op threads per ONNX session), `reuse_port`,
     `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
     `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,
-    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it).
+    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it), `store`
+    (recstack.serving.store.FeatureStore for LogEvents and Rank's history; None: no live events).
     """
     server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:
