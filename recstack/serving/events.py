@@ -1,4 +1,6 @@
-"""EventService.LogEvents: validate a batch of behaviour events and write it to the feature store.
+"""The live path of a serving process (`LivePath`): EventService.LogEvents validates a batch of
+behaviour events and writes it to the feature store; Rank reads the user's history from the
+store (degrading to the snapshot when it fails) and logs what it served.
 
 A batch is all-or-nothing: every event is checked before anything is written, the first bad
 one refuses the batch (INVALID_ARGUMENT, `events[i].field: reason`), and a good batch is
@@ -9,10 +11,12 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 
 from recstack import features as F
+from recstack.serving.impressions import EVENT_SCHEMA, IMPRESSION_SCHEMA, ParquetLog
 from recstack.serving.store import Events, StoreUnavailable
 from recstack.serving.validate import ValidationError
 
@@ -80,23 +84,78 @@ def read_history(store, user_id: int, now: float, metrics) -> tuple[Events | Non
     try:
         return store.history(user_id, now), False
     except StoreUnavailable as e:
-        metrics.degraded_features.inc()
+        if metrics is not None:
+            metrics.degraded_features.inc()
         log.warning("feature store unavailable, ranking from the request and the snapshot: %s", e)
         return store.seed_history(user_id, now), True
 
 
-def log_events(store, cascade, request, limits: EventLimits = EventLimits()) -> int:
-    """Validate the batch, then write it (durable on return) -> events written. Raises
-    ValidationError (nothing written) or StoreUnavailable (nothing written)."""
-    if store is None:
-        raise StoreUnavailable("this server has no feature store (--feature-store none)")
-    events = validate_events(request, cascade.n_items, cascade.clock(), limits)
-    store.append(events)
-    return len(events)
+class LivePath:
+    """A serving process's live path: the feature store (None: the snapshot and the request
+    only) and, with `log_dir`, the impression and event logs (recstack.serving.impressions).
 
+    `log_options`: ParquetLog's max_queue, roll_rows, roll_s."""
 
-def rank_with_history(cascade, store, query, time_remaining, metrics):
-    """Rank `query` at the cascade's clock with the user's history from `store` -> (Ranking, degraded)."""
-    now = cascade.clock()
-    history, degraded = read_history(store, query.user_id, now, metrics)
-    return cascade.rank(replace(query, now=now), time_remaining=time_remaining, history=history), degraded
+    def __init__(self, store=None, log_dir: str | Path | None = None, limits: EventLimits = EventLimits(),
+                 **log_options):
+        self.store, self.limits = store, limits
+        self.metrics = None
+        self.worker = 0
+        self.log_dir = Path(log_dir) if log_dir else None
+        opts = dict(on_drop=self._dropped, **log_options)
+        self.impressions = ParquetLog(self.log_dir, "impressions", IMPRESSION_SCHEMA, on_write=self._logged, **opts) \
+            if self.log_dir else None
+        self.events = ParquetLog(self.log_dir, "events", EVENT_SCHEMA, **opts) if self.log_dir else None
+
+    def bind(self, metrics, worker: int = 0) -> None:
+        """The serving process's metrics (ServingMetrics) and worker index."""
+        self.metrics, self.worker = metrics, worker
+
+    def _dropped(self) -> None:
+        if self.metrics is not None:
+            self.metrics.log_dropped.inc()
+
+    def _logged(self, rows: int) -> None:
+        if self.metrics is not None:
+            self.metrics.impressions_logged.inc(rows)
+
+    def seed(self, cascade) -> None:
+        """Serve a newly loaded cascade's snapshot under the store's live events."""
+        if self.store is not None:
+            self.store.seed(cascade.snapshot)
+
+    def rank(self, cascade, query, time_remaining):
+        """Rank `query` at the cascade's clock with the user's store history -> (Ranking, degraded, now)."""
+        now = cascade.clock()
+        history, degraded = read_history(self.store, query.user_id, now, self.metrics)
+        return cascade.rank(replace(query, now=now), time_remaining=time_remaining, history=history), degraded, now
+
+    def served(self, request_id: str, user_id: int, now: float, version: str, r, degraded: bool) -> None:
+        """Log one Rank response (one row per item) to the impression log; never blocks."""
+        if self.impressions is None:
+            return
+        n = len(r.item_ids)
+        self.impressions.put({
+            "request_id": [request_id] * n, "ts": [now] * n, "user_id": [user_id] * n, "model_version": [version] * n,
+            "worker": [self.worker] * n, "position": list(range(n)), "item_id": r.item_ids.tolist(),
+            "score": r.scores.tolist(), "pctr": r.pctr.tolist(), "pcvr": r.pcvr.tolist(), "price": r.price.tolist(),
+            "coarse_score": r.coarse_scores.tolist(), "source": list(r.sources), "cold_start": [r.cold_start] * n,
+            "degraded_features": [degraded] * n})
+
+    def log_events(self, cascade, request) -> int:
+        """Validate the batch, write it (durable on return), then log it -> events written. Raises
+        ValidationError or StoreUnavailable, and then nothing is written."""
+        if self.store is None:
+            raise StoreUnavailable("this server has no feature store (--feature-store none)")
+        events = validate_events(request, cascade.n_items, cascade.clock(), self.limits)
+        self.store.append(events)
+        if self.events is not None:
+            self.events.put({"user_id": events.user_id, "ts": events.ts, "item_id": events.item_id,
+                             "kind": events.kind, "dwell": events.dwell, "request_id": list(events.request_id)})
+        return len(events)
+
+    def close(self) -> None:
+        """Flush and close the logs, then the store (the process's drain calls it)."""
+        for part in (self.impressions, self.events, self.store):
+            if part is not None:
+                part.close()

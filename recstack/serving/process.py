@@ -25,6 +25,7 @@ from pathlib import Path
 from recstack import bundle as B
 from recstack.serving.prometheus import ServingMetrics
 from recstack.serving.server import ServeError, TLSConfig, access_log, create_server
+from recstack.serving.events import LivePath
 from recstack.serving.store import StoreUnavailable, open_store
 
 __all__ = ["ServeError", "ServeOptions", "StopSignals", "serve"]
@@ -49,6 +50,7 @@ class ServeOptions:
     bundle_key: str | None = None  # when set, only bundles whose manifest is HMAC-signed with it load
     max_message_bytes: int = 64 << 10
     feature_store: str = ""  # "" = SQLite beside the bundles (artifacts root); a path; redis://HOST:PORT; "none"
+    impression_log: str = ""  # impression + event log folder; "" = live_log/ under the artifacts root; "none" = off
 
 
 class _JSONLines(logging.Formatter):
@@ -188,6 +190,8 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
         store = open_store(opts.feature_store, root)
     except (ValueError, StoreUnavailable) as e:
         raise ServeError(f"--feature-store: {e}") from None
+    log_dir = None if opts.impression_log == "none" else Path(opts.impression_log or root / "live_log")
+    live = LivePath(store, log_dir)
     metrics_server = None
     if opts.metrics_port is not None:
         mhost = opts.metrics_host or host
@@ -203,7 +207,7 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
             artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
             reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
             max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port,
-            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None, store=store)
+            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None, live=live)
         try:
             if servicer.cascade is None and signals.received is None:
                 servicer.load(artifacts)
@@ -223,8 +227,7 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
-        if store is not None:
-            store.close()
+        live.close()  # the logs' last rows are written (SIGTERM's drain ends here), then the store closes
 
 
 def _child_main(artifacts: str, host: str, port: int, opts: ServeOptions, worker: int) -> None:

@@ -48,9 +48,9 @@ from grpc_reflection.v1alpha import reflection
 from recstack import bundle as B
 from recstack.serving.admission import HealthServicer, RankAdmission
 from recstack.serving.cascade import Cascade, DeadlineExceeded, Ranking
-from recstack.serving.events import log_events, rank_with_history
+from recstack.serving.events import LivePath
 from recstack.serving.prometheus import ServingMetrics
-from recstack.serving.store import FeatureStore, StoreUnavailable
+from recstack.serving.store import StoreUnavailable
 from recstack.serving.validate import ServingLimits, ValidationError, validate_rank_request
 from recstack.v1 import ranking_pb2 as pb
 
@@ -168,8 +168,8 @@ class RankingServicer:
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
                  onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
                  worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None,
-                 store: FeatureStore | None = None):
-        self.store = store  # the online feature store (None: the snapshot and the request only)
+                 live: LivePath | None = None):
+        self.live = live or LivePath()  # feature store and impression log (none: the snapshot and the request)
         self.artifacts_root = artifacts_root
         self.limits = limits
         self.health = health_servicer
@@ -177,6 +177,7 @@ class RankingServicer:
         self._bundle_key = bundle_key
         self.onnx_threads = onnx_threads
         self.metrics = metrics or ServingMetrics()
+        self.live.bind(self.metrics, worker)
         self._admin_token = admin_token.encode() if admin_token else None
         self.worker = worker
         self.cascade: Cascade | None = None
@@ -219,8 +220,7 @@ class RankingServicer:
                 raise B.BundleError(f"cannot load {Path(path).name}: {reason}"[:2000]) from e
             old = self.cascade
             self.cascade, self.loaded_at, self.last_load_error = cascade, _now_iso(), ""
-            if self.store is not None:
-                self.store.seed(cascade.snapshot)
+            self.live.seed(cascade)
         previous = old.version if old is not None else None
         if old is not None:
             # the heap is trimmed when the previous model is freed: at once, or when the last
@@ -272,7 +272,7 @@ class RankingServicer:
         rid = dict(context.invocation_metadata()).get(REQUEST_ID_KEY, "")
         rid = rid if isinstance(rid, str) and _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
-        extra: dict = {}
+        extra: dict = {"request_id": rid}
         gauge = self.metrics.in_flight.labels(method)
         gauge.inc()
         code, message = grpc.StatusCode.OK, ""
@@ -340,13 +340,14 @@ class RankingServicer:
                 if not self.admission.acquire(remaining):
                     raise DeadlineExceeded("deadline exceeded while the call was queued")
                 try:
-                    ranking, degraded = rank_with_history(cascade, self.store, query, remaining, self.metrics)
+                    ranking, degraded, now = self.live.rank(cascade, query, remaining)
                 finally:
                     self.admission.release()
             finally:
                 self.admission.leave()
             self.metrics.observe_stages(ranking.timings_ms)
             extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids), degraded=degraded)
+            self.live.served(extra["request_id"], query.user_id, now, cascade.version, ranking, degraded)
             return response_from_ranking(ranking, cascade.version, request.debug, degraded)
 
         return self._guard(context, "Rank", run)
@@ -358,7 +359,7 @@ class RankingServicer:
             cascade = self.cascade
             if cascade is None:
                 raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
-            extra["events"] = log_events(self.store, cascade, request)  # durable once it returns
+            extra["events"] = self.live.log_events(cascade, request)  # durable once it returns
             return pb.LogEventsResponse(accepted=extra["events"])
 
         return self._guard(context, "LogEvents", run)
@@ -390,10 +391,9 @@ def _handlers(servicer: RankingServicer, admin: bool, max_bytes: int) -> list[gr
     h = grpc.unary_unary_rpc_method_handler
     out = [grpc.method_handlers_generic_handler(RANKING_SERVICE, {
         "Rank": h(servicer.Rank, request_deserializer=_parser(pb.RankRequest, max_bytes),
-                  response_serializer=pb.RankResponse.SerializeToString)}),
-           grpc.method_handlers_generic_handler(EVENT_SERVICE, {
-               "LogEvents": h(servicer.LogEvents, request_deserializer=_parser(pb.LogEventsRequest, max_bytes),
-                              response_serializer=pb.LogEventsResponse.SerializeToString)})]
+                  response_serializer=pb.RankResponse.SerializeToString)}), grpc.method_handlers_generic_handler(
+        EVENT_SERVICE, {"LogEvents": h(servicer.LogEvents, request_deserializer=_parser(pb.LogEventsRequest, max_bytes),
+                                       response_serializer=pb.LogEventsResponse.SerializeToString)})]
     if admin:
         out.append(grpc.method_handlers_generic_handler(MODEL_SERVICE, {
             "GetModelInfo": h(servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest, max_bytes),
@@ -422,7 +422,7 @@ def create_server(
     worker: int = 0,
     load_first: bool = False,
     bundle_key: bytes | None = None,
-    store: FeatureStore | None = None,
+    live: LivePath | None = None,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
     `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
@@ -448,7 +448,7 @@ def create_server(
     metrics = metrics or ServingMetrics()
     servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
                                admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key,
-                               store=store)
+                               live=live)
     metrics.track_queue(lambda: admission.waiting)
     servicer.set_serving(False)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
@@ -488,8 +488,8 @@ def build_server(
     `limits` (ServingLimits), `onnx_threads` (intra-op threads per ONNX session), `reuse_port`,
     `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
     `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,
-    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it), `store`
-    (recstack.serving.store.FeatureStore for LogEvents and Rank's history; None: no live events).
+    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it), `live`
+    (recstack.serving.events.LivePath: the feature store and impression log; None: neither).
     """
     server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:

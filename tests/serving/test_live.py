@@ -12,6 +12,7 @@ import pytest
 from recstack import data as D
 from recstack.serving import client
 from recstack.serving.cascade import Cascade, Query
+from recstack.serving.events import LivePath
 from recstack.serving.server import build_server
 from recstack.serving.store import Events, StoreConfig, open_store
 from recstack.v1 import ranking_pb2 as pb
@@ -55,7 +56,7 @@ def test_training_and_serving_build_identical_features_from_one_history(tiny_dat
 def served(tmp_path, make_fake_bundle):
     make_fake_bundle(tmp_path / "artifacts")
     store = open_store("", artifacts_root=tmp_path / "artifacts")
-    server, port, servicer = build_server(tmp_path / "artifacts", max_workers=2, store=store)
+    server, port, servicer = build_server(tmp_path / "artifacts", max_workers=2, live=LivePath(store))
     yield {"target": f"127.0.0.1:{port}", "servicer": servicer, "store": store}
     server.stop(None)
     store.close()
@@ -126,7 +127,7 @@ def test_an_empty_batch_is_invalid(served):
 def test_store_outage_degrades_rank_and_refuses_events_until_it_recovers(tmp_path, make_fake_bundle, redis_server):
     make_fake_bundle(tmp_path / "artifacts")
     store = open_store(redis_server.url)
-    server, port, servicer = build_server(tmp_path / "artifacts", max_workers=2, store=store)
+    server, port, servicer = build_server(tmp_path / "artifacts", max_workers=2, live=LivePath(store))
     target, now = f"127.0.0.1:{port}", time.time()
     try:
         client.log_events(target, [client.event(0, 5, now - 1, "click", 3.0)])
