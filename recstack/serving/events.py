@@ -77,8 +77,8 @@ def validate_events(request, n_items: int, now: float, limits: EventLimits = Eve
 def read_history(store, user_id: int, now: float, metrics) -> tuple[Events | None, bool]:
     """The user's history for Rank -> (events, degraded). Without a store: (None, False) (the
     cascade reads its snapshot). With a store that fails: the snapshot's part alone, degraded
-    (counted in `metrics.degraded_features`, logged); the next call tries the store again, so
-    recovery needs nothing."""
+    (counted in `metrics.degraded_features`); the next call tries the store again, so recovery
+    needs nothing."""
     if store is None:
         return None, False
     try:
@@ -86,7 +86,7 @@ def read_history(store, user_id: int, now: float, metrics) -> tuple[Events | Non
     except StoreUnavailable as e:
         if metrics is not None:
             metrics.degraded_features.inc()
-        log.warning("feature store unavailable, ranking from the request and the snapshot: %s", e)
+        log.debug("feature store unavailable: %s", e)
         return store.seed_history(user_id, now), True
 
 
@@ -101,6 +101,7 @@ class LivePath:
         self.store, self.limits = store, limits
         self.metrics = None
         self.worker = 0
+        self._degraded = False  # the last Rank's state, to log changes only
         self.log_dir = Path(log_dir) if log_dir else None
         opts = dict(on_drop=self._dropped, **log_options)
         self.impressions = ParquetLog(self.log_dir, "impressions", IMPRESSION_SCHEMA, on_write=self._logged, **opts) \
@@ -128,6 +129,11 @@ class LivePath:
         """Rank `query` at the cascade's clock with the user's store history -> (Ranking, degraded, now)."""
         now = cascade.clock()
         history, degraded = read_history(self.store, query.user_id, now, self.metrics)
+        if degraded != self._degraded:  # one line per outage and per recovery, not one per call
+            self._degraded = degraded
+            (log.warning if degraded else log.info)(
+                "feature store %s: Rank %s", "unavailable" if degraded else "back",
+                "answers from the request and the snapshot (degraded_features)" if degraded else "reads it again")
         return cascade.rank(replace(query, now=now), time_remaining=time_remaining, history=history), degraded, now
 
     def served(self, request_id: str, user_id: int, now: float, version: str, r, degraded: bool) -> None:
