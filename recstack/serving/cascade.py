@@ -64,6 +64,8 @@ class Query:
     kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
     dwell: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     now: float | None = None  # the request's time (seconds since the epoch); None = the cascade's clock
+    # the user's events from the feature store (snapshot + live); None = the bundle's snapshot alone
+    history: Events | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -288,16 +290,16 @@ class Cascade:
 
     # -- per request -------------------------------------------------------------------
 
-    def sequence(self, q: Query, history: Events | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
+    def sequence(self, q: Query) -> tuple[np.ndarray, np.ndarray, bool]:
         """The user's history merged with the request's behaviours: the last L clicks / purchases,
-        newest first, aged at the request's time. `history` is the feature store's (snapshot and
-        live events); None = the snapshot alone.
+        newest first, aged at the request's time. The history is `q.history` (the feature store's:
+        snapshot and live events), or the bundle's snapshot when that is None.
 
         -> seq_items (1, L, 5) int64, seq_extras (1, L, 3) float32, cold_start.
         """
         known = 0 <= q.user_id < self.n_users
         now = float(q.now) if q.now is not None else self.clock()
-        hist = history if history is not None else self.snapshot.events(q.user_id)
+        hist = q.history if q.history is not None else self.snapshot.events(q.user_id)
         # the request's behaviours last, so on equal times they count as the newer ones
         log = F.Behaviours.one_user(
             np.concatenate([hist.item_id, np.asarray(q.item_ids, np.int64)]),
@@ -380,14 +382,12 @@ class Cascade:
         pcvr = self.cvr(fine_in).reshape(-1).astype(np.float64)
         return pctr, pcvr
 
-    def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None,
-             history: Events | None = None) -> Ranking:
+    def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None) -> Ranking:
         """Run the cascade for one validated query; `time_remaining` (e.g. a gRPC context's)
         is checked before each stage and between the models inside one (retrieval tower |
-        search, pCTR | pCVR), raising DeadlineExceeded once it reaches 0. `history`: the
-        feature store's events of the user (None = the bundle's snapshot alone)."""
+        search, pCTR | pCVR), raising DeadlineExceeded once it reaches 0."""
         t0 = time.perf_counter()
-        seq_items, seq_extras, cold = self.sequence(q, history)
+        seq_items, seq_extras, cold = self.sequence(q)
         user_feats = self.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
         return self.rank_features(q, user_feats, seq_items, seq_extras, cold_start=cold,
                                   time_remaining=time_remaining, t0=t0)

@@ -134,7 +134,7 @@ class LivePath:
             (log.warning if degraded else log.info)(
                 "feature store %s: Rank %s", "unavailable" if degraded else "back",
                 "answers from the request and the snapshot (degraded_features)" if degraded else "reads it again")
-        return cascade.rank(replace(query, now=now), time_remaining=time_remaining, history=history), degraded, now
+        return cascade.rank(replace(query, now=now, history=history), time_remaining), degraded, now
 
     def served(self, request_id: str, user_id: int, now: float, version: str, r, degraded: bool) -> None:
         """Log one Rank response (one row per item) to the impression log; never blocks."""

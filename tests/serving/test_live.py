@@ -39,8 +39,8 @@ def test_training_and_serving_build_identical_features_from_one_history(tiny_dat
         user, ts = int(batch["user_id"][row]), float(ex.imps["ts"][row])
         mine = (ev["user_id"] == user) & (ev["ts"] < ts)  # what the server had been told by then
         store.append(Events(ev["user_id"][mine], ev["item_id"][mine], ev["kind"][mine], ev["ts"][mine], ev["dwell"][mine]))
-        q = Query(user_id=user, num_results=1, retrieval_size=1, coarse_size=1, now=ts)
-        seq_items, seq_extras, _ = cascade.sequence(q, store.history(user, ts))
+        q = Query(user_id=user, num_results=1, retrieval_size=1, coarse_size=1, now=ts, history=store.history(user, ts))
+        seq_items, seq_extras, _ = cascade.sequence(q)
         np.testing.assert_array_equal(seq_items[0], batch["seq_items"][row])
         np.testing.assert_array_equal(seq_extras[0], batch["seq_extras"][row])
         item_feats = cascade.items.feats(batch["item_id"][row : row + 1])
