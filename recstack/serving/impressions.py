@@ -7,7 +7,7 @@ to rolling Parquet files by a background thread, for training to read back
     log.close()        # drains the queue, closes the open file (SIGTERM's drain calls it)
 
 Files: DIR/<prefix>-<UTC start>-<pid>-<n>.parquet. The open file is `<name>.inprogress` and
-is renamed when it rolls (every `roll_rows` rows or `roll_s` seconds) or on close, so a reader
+is renamed when it rolls (at `roll_rows` rows, `roll_bytes` on disk or `roll_s` seconds) or on close, so a reader
 never sees a half-written file. The queue is bounded (`max_queue` batches): when it is full the
 batch is dropped and counted (`dropped`), so a slow disk never stalls Rank. A kill -9 loses
 the rows of the open file and the queue (at most `roll_s` seconds' worth): the log is for
@@ -45,13 +45,13 @@ class ParquetLog:
     """Rows to rolling Parquet files, written by one background thread from a bounded queue."""
 
     def __init__(self, directory: str | Path, prefix: str, schema: pa.Schema, *, max_queue: int = 10_000,
-                 roll_rows: int = 200_000, roll_s: float = 60.0, on_drop=None, on_write=None):
+                 roll_rows: int = 200_000, roll_bytes: int = 64 << 20, roll_s: float = 60.0, on_drop=None, on_write=None):
         if max_queue < 1 or roll_rows < 1 or not roll_s > 0:
             raise ValueError("ParquetLog: max_queue and roll_rows must be >= 1 and roll_s > 0")
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.prefix, self.schema = prefix, schema
-        self.roll_rows, self.roll_s = roll_rows, roll_s
+        self.roll_rows, self.roll_bytes, self.roll_s = roll_rows, roll_bytes, roll_s
         self.dropped = 0
         self._on_drop, self._on_write = on_drop, on_write
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
@@ -106,7 +106,7 @@ class ParquetLog:
                 if pending and (item is None or item is ... or self._rows + n_pending >= self.roll_rows):
                     self._write(pending)
                     pending, n_pending = [], 0
-                if self._writer is not None and (item is None or self._rows >= self.roll_rows
+                if self._writer is not None and (item is None or self._rows >= self.roll_rows or self._full()
                                                  or time.monotonic() - self._opened >= self.roll_s):
                     self._roll()
             except Exception:  # noqa: BLE001 - a full disk must not kill the thread; the rows are counted lost
@@ -128,6 +128,10 @@ class ParquetLog:
         self._rows += table.num_rows
         if self._on_write is not None:
             self._on_write(table.num_rows)
+
+    def _full(self) -> bool:
+        """The open file has reached `roll_bytes` on disk (its written row groups)."""
+        return os.path.getsize(str(self._path) + ".inprogress") >= self.roll_bytes
 
     def _roll(self) -> None:
         self._writer.close()

@@ -3,6 +3,7 @@ full queue drops and counts without blocking the caller."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pyarrow.parquet as pq
 
@@ -24,6 +25,18 @@ def test_rows_roll_into_finished_files_and_close_flushes(tmp_path):
     users = sorted(u for f in files for u in pq.read_table(f).column("user_id").to_pylist())
     assert users == list(range(12))
     assert not log.put(_rows(1))  # closed: refused, not queued forever
+
+
+def test_files_roll_by_size_on_disk(tmp_path):
+    log = ParquetLog(tmp_path, "events", EVENT_SCHEMA, roll_bytes=1, roll_s=3600)  # any row group fills a file
+    for i in range(2):
+        assert log.put(_rows(2, start=2 * i))
+        deadline = time.monotonic() + 30
+        while len(log.files()) < i + 1:  # the writer finishes the file once the row group is on disk
+            assert time.monotonic() < deadline, "the file did not roll at its size"
+            time.sleep(0.05)
+    log.close()
+    assert [pq.read_metadata(f).num_rows for f in log.files()] == [2, 2]
 
 
 def test_a_full_queue_drops_and_counts_without_blocking(tmp_path):
