@@ -5,10 +5,10 @@
 The process around it (`serve`: workers, signals, drain, logging) is `recstack.serving.process`.
 
 Status codes: INVALID_ARGUMENT (bad or unparsable request; the message names the field),
-UNAVAILABLE (no model loaded yet; LogEvents: the feature store fails), RESOURCE_EXHAUSTED (more than `max_workers + max_queue`
-Rank calls in flight: the call is refused at once rather than queued without bound; or a
-message over `max_message_bytes`), DEADLINE_EXCEEDED (the deadline passed before a stage or a
-model: later ones are skipped), CANCELLED (the caller left: later stages are skipped),
+UNAVAILABLE (no model loaded yet; LogEvents: the feature store fails), RESOURCE_EXHAUSTED (more
+than `max_workers + max_queue` Rank calls in flight: the call is refused at once rather than
+queued without bound; or a message over `max_message_bytes`), DEADLINE_EXCEEDED (the deadline
+passed before a stage or a model: later ones are skipped), CANCELLED (the caller left),
 FAILED_PRECONDITION (Reload of a bundle that fails to load; the old model keeps serving),
 UNAUTHENTICATED / PERMISSION_DENIED (ModelService without / with a wrong admin token), INTERNAL
 (anything else, logged with the request id; never UNKNOWN, never a stack trace in the details).
