@@ -151,3 +151,13 @@ def test_store_outage_degrades_rank_and_refuses_events_until_it_recovers(tmp_pat
     finally:
         server.stop(None)
         store.close()
+
+
+def test_the_snapshot_clock_is_the_bundle_export_time():
+    from recstack.bundle import BundleError
+    from recstack.serving.cascade import snapshot_time
+
+    assert snapshot_time({"created": "2026-01-01T00:00:00+00:00"}) == 1767225600.0
+    assert snapshot_time({"created": "2026-01-01T00:00:00"}) == 1767225600.0  # no zone: UTC, as export writes it
+    with pytest.raises(BundleError, match="created"):
+        snapshot_time({"created": "yesterday"})
