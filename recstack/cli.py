@@ -196,7 +196,8 @@ def _cmd_serve(args) -> int:
                      tls_cert=args.tls_cert, tls_key=args.tls_key, reflection=not args.no_reflection,
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                      bundle_key=os.environ.get("RECSTACK_BUNDLE_KEY") or None,
-                     max_message_bytes=args.max_message_bytes)
+                     max_message_bytes=args.max_message_bytes, feature_store=args.feature_store,
+                     impression_log=args.impression_log)
     except BundleError as e:
         print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)
         return 1
@@ -313,6 +314,12 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--admin-token-file", default=None,
                    help="enables ModelService (reload, model info) for callers sending this token; "
                         "or set RECSTACK_ADMIN_TOKEN. Without either, ModelService is off")
+    s.add_argument("--feature-store", default="",
+                   help="online feature store for LogEvents: a SQLite path (default: feature_store.sqlite3 under the "
+                        "artifacts root), redis://HOST:PORT, or none")
+    s.add_argument("--impression-log", default="",
+                   help="folder of the impression and event logs (rolling Parquet; default: live_log/ under the "
+                        "artifacts root), or none")
     s.add_argument("--tls-cert", default=None, help="PEM server certificate chain (with --tls-key): serve TLS")
     s.add_argument("--tls-key", default=None, help="PEM private key")
     s.add_argument("--no-reflection", action="store_true", help="switch gRPC server reflection off")

@@ -125,6 +125,16 @@ def cmd_reload(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    from recstack.pipeline.replay import ReplayConfig, format_report, replay
+
+    cfg = ReplayConfig(day=args.day, sessions=args.sessions, speedup=args.speedup, max_wait_s=args.max_wait, k=args.k,
+                       seed=args.seed, timeout_s=args.timeout)
+    report = replay(args.target, args.data, cfg)
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return 0 if report["requests"] else 1
+
+
 def _common(p, timeout: float) -> None:
     p.add_argument("--target", default="127.0.0.1:50051", help="the server, HOST:PORT")
     p.add_argument("--timeout", type=float, default=timeout, help="deadline of the call in seconds")
@@ -148,6 +158,19 @@ def add_parsers(sub, add) -> None:
     p.add_argument("--retrieval-size", type=int, default=0, help="candidates out of retrieval (0: server default)")
     p.add_argument("--coarse-size", type=int, default=0, help="candidates out of the coarse ranker (0: server default)")
     _common(p, 5.0)
+
+    p = add(sub, "replay", "send a simulated day's sessions to a server and their clicks / purchases (drawn from "
+                           "the world's truth) back through LogEvents; report online CTR, conversions, GMV", cmd_replay)
+    p.add_argument("--target", default="127.0.0.1:50051", help="the server, HOST:PORT")
+    p.add_argument("--data", required=True, help="the simulated world (`recstack simulate --out`) the bundle was trained on")
+    p.add_argument("--day", type=int, default=0, help="the day to replay (0: the world's test day)")
+    p.add_argument("--sessions", type=int, default=200, help="sessions replayed (a seeded sample, in time order)")
+    p.add_argument("--speedup", type=float, default=3600.0, help="simulated seconds per wall-clock second")
+    p.add_argument("--max-wait", type=float, default=2.0, help="longest pause between two sessions, in seconds")
+    p.add_argument("-k", type=int, default=10, help="items asked for per call")
+    p.add_argument("--seed", type=int, default=0, help="the session sample and the click / purchase draws")
+    p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = add(sub, "model-info", "which model the server is serving (ModelService, needs the admin token)",
             cmd_model_info)

@@ -7,6 +7,7 @@ unknown (see docs/ARCHITECTURE.md).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -24,7 +25,10 @@ INTERACTED_FIELDS = (
     "clicks_same_item_7d",
 )
 POST_EVENT_FIELDS = ("log_dwell", "log_comments", "chatted", "added_to_cart")
-BEHAVIOUR_CLICK, BEHAVIOUR_PURCHASE = 0, 1
+# behaviour event kinds: a kind's id is its position here (the proto's BehaviourKind agrees)
+EVENT_KINDS = ("click", "purchase", "view", "favourite", "cart")
+BEHAVIOUR_CLICK, BEHAVIOUR_PURCHASE, BEHAVIOUR_VIEW, BEHAVIOUR_FAVOURITE, BEHAVIOUR_CART = range(len(EVENT_KINDS))
+SEQUENCE_KINDS = (BEHAVIOUR_CLICK, BEHAVIOUR_PURCHASE)  # what the behaviour sequence keeps
 
 
 @dataclass(frozen=True)
@@ -126,20 +130,36 @@ class ItemTable:
 
 
 class Behaviours:
-    """A behaviour log (clicks and purchases) in CSR form: rows sorted by (user, ts)."""
+    """A user event history in CSR form, rows sorted by (user, ts), keeping the kinds the
+    behaviour sequence uses (clicks and purchases; views, favourites and carts are dropped).
+
+    Built from the full event log, in training (every user of a world) and in serving (one
+    user's history from the feature store plus the request's behaviours) alike: the features
+    both see come from `history_features` on one of these. The interacted features are counted
+    over the sequence today; counting them over more of the log changes only this class and
+    `HistoryFeatures`."""
 
     def __init__(self, user: np.ndarray, ts: np.ndarray, item: np.ndarray, kind: np.ndarray, dwell: np.ndarray, n_users: int):
-        order = np.lexsort((ts, user))
-        self.user = np.asarray(user, dtype=np.int64)[order]
-        self.ts = np.asarray(ts, dtype=np.float64)[order]
-        self.item = np.asarray(item, dtype=np.int64)[order]
-        self.kind = np.asarray(kind, dtype=np.int8)[order]
-        self.dwell = np.asarray(dwell, dtype=np.float32)[order]
+        kind = np.asarray(kind, dtype=np.int8)
+        keep = np.isin(kind, SEQUENCE_KINDS)
+        user, ts = np.asarray(user, dtype=np.int64)[keep], np.asarray(ts, dtype=np.float64)[keep]
+        item, kind, dwell = np.asarray(item, dtype=np.int64)[keep], kind[keep], np.asarray(dwell, dtype=np.float32)[keep]
+        order = np.lexsort((ts, user))  # stable: of two rows at the same time, the later one is the newer
+        self.user = user[order]
+        self.ts = ts[order]
+        self.item = item[order]
+        self.kind = kind[order]
+        self.dwell = dwell[order]
         self.n_users = n_users
         self.start = np.searchsorted(self.user, np.arange(n_users + 1)).astype(np.int64)  # (U+1,)
         # a single sortable key per row: user-major, then time
         self._span = float(self.ts.max() + 1.0) if len(self.ts) else 1.0
         self._key = self.user.astype(np.float64) * self._span + self.ts
+
+    @classmethod
+    def one_user(cls, item: np.ndarray, ts: np.ndarray, kind: np.ndarray, dwell: np.ndarray) -> "Behaviours":
+        """One user's events (any order; absolute times) as user 0 of a one-user history."""
+        return cls(np.zeros(len(item), np.int64), ts, item, kind, dwell, 1)
 
     def last_indices(self, user_ids: np.ndarray, ts: np.ndarray, seq_len: int = SEQ_LEN) -> np.ndarray:
         """Rows of each user's last `seq_len` behaviours strictly before `ts`, most recent first.
@@ -158,6 +178,9 @@ class Behaviours:
     def sequence(self, idx: np.ndarray, now: np.ndarray, items: ItemTable) -> tuple[np.ndarray, np.ndarray]:
         """Rows from `last_indices` -> (`seq_items` (N, L, 5) int64, `seq_extras` (N, L, 3) float32)."""
         valid = idx >= 0
+        if not len(self.item):  # no behaviours at all: every slot is empty (and there is no row 0 to gather)
+            zeros = np.zeros(idx.shape)
+            return sequence_tensors(np.full(idx.shape, -1), zeros, zeros, zeros, valid, items)
         safe = np.where(valid, idx, 0)
         item = np.where(valid, self.item[safe], -1)
         hours = np.maximum(np.asarray(now, dtype=np.float64)[:, None] - self.ts[safe], 0.0) / 3600.0
@@ -177,6 +200,36 @@ def sequence_tensors(item, hours, dwell, kind, valid, items: ItemTable) -> tuple
     ).astype(np.float32)
     extras[~(valid & (item >= 0))] = 0.0
     return seq_items, extras
+
+
+class HistoryFeatures(NamedTuple):
+    """The features of N (user, time) pairs drawn from their event histories:
+    seq_items (N, L, 5) int64, seq_extras (N, L, 3) float32 (see `sequence_tensors`)."""
+
+    seq_items: np.ndarray
+    seq_extras: np.ndarray
+
+    def interacted(self, cand_items: np.ndarray) -> np.ndarray:
+        """cand_items (M, 5) -> `interacted` (M, 7); N == M (one row per candidate) or N == 1."""
+        return interacted_features(self.seq_items, self.seq_extras, cand_items)
+
+
+def history_features(log: Behaviours, user_ids: np.ndarray, now: np.ndarray, items: ItemTable,
+                     rows: np.ndarray | None = None, until: np.ndarray | None = None) -> HistoryFeatures:
+    """The one function from event histories to features, for training and serving alike.
+
+    user_ids (N,), now (N,) absolute times -> each user's last SEQ_LEN clicks / purchases in
+    `log` before `until` (default: strictly before `now`), newest first, each aged at `now`.
+    `rows` (N, L) are those rows when the caller has them already (`Behaviours.last_indices`).
+    Training passes an impression's time as `now`; serving passes the request's time and no
+    cut (`until` = inf: everything the store has is in the past, and a clock that runs ahead of
+    the request by a little counts as "just now").
+    """
+    now = np.asarray(now, dtype=np.float64)
+    if rows is None:
+        rows = log.last_indices(user_ids, now if until is None else np.asarray(until, dtype=np.float64))
+    seq_items, seq_extras = log.sequence(rows, now, items)
+    return HistoryFeatures(seq_items, seq_extras)
 
 
 def interacted_features(seq_items: np.ndarray, seq_extras: np.ndarray, cand_items: np.ndarray) -> np.ndarray:
@@ -211,7 +264,7 @@ def fine_inputs(user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.nd
         "user_feats": np.repeat(user_feats, len(cands), axis=0),
         "item_feats": item_feats,
         "item_dense": items.dense(cands),
-        "interacted": interacted_features(seq_items, seq_extras, item_feats),
+        "interacted": HistoryFeatures(seq_items, seq_extras).interacted(item_feats),
     }
 
 

@@ -476,3 +476,58 @@ def same_tensors():
 def final_model():
     """Callable (run_dir, stage) -> the model state dict of run_dir/checkpoint.pt."""
     return _final_model
+
+
+# --- a real redis-server (the feature store's Redis backend) ---------------------------------
+
+
+class RedisServer:
+    """A redis-server on a unix socket in its own directory, with AOF fsynced on every write
+    (an acknowledged event survives a restart). `stop()` / `start()` restart it on the same
+    socket and data, as an outage and its recovery."""
+
+    def __init__(self, workdir: Path):
+        self.dir = workdir
+        self.socket = workdir / "redis.sock"
+        self.url = f"unix://{self.socket}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        import shutil
+        import time
+
+        exe = shutil.which("redis-server")
+        self.proc = subprocess.Popen(
+            [exe, "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700", "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        import redis
+
+        while True:  # ready once it answers on the socket (polling the server, not timing it)
+            try:
+                redis.Redis(unix_socket_path=str(self.socket)).ping()
+                return self
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start (exit {self.proc.poll()})")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path_factory):
+    """A started RedisServer (function scope: each test gets an empty one); skipped, saying why,
+    when redis-server is not installed (`.ci/run` installs it)."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server; .ci/run does it)")
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()

@@ -216,15 +216,16 @@ class Examples:
         """Row indices (B,) -> dict of model inputs and labels (see docs/ARCHITECTURE.md)."""
         d, im = self.data, self.imps
         users, items, ts = im["user_id"][rows], im["item_id"][rows], im["ts"][rows]
-        seq_items, seq_extras = d.behaviours.sequence(self._seq_idx(rows), ts, d.items)
+        # the serving cascade builds its features with the same function (at the request's time)
+        hist = FE.history_features(d.behaviours, users, ts, d.items, rows=self._seq_idx(rows))
         item_feats = d.items.feats(items)
         return {
             "user_feats": d.users.feats(users),
-            "seq_items": seq_items,
-            "seq_extras": seq_extras,
+            "seq_items": hist.seq_items,
+            "seq_extras": hist.seq_extras,
             "item_feats": item_feats,
             "item_dense": d.items.dense(items),
-            "interacted": FE.interacted_features(seq_items, seq_extras, item_feats),
+            "interacted": hist.interacted(item_feats),
             "post_event": FE.post_event_features(im["dwell"][rows], im["comments"][rows], im["chatted"][rows], im["cart"][rows]),
             "click": im["click"][rows].astype(np.float32),
             "purchase": im["purchase"][rows].astype(np.float32),

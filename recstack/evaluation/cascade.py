@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recstack import features as FE
 from recstack.data import load
 from recstack.serving.cascade import SOURCE_I2I, SOURCES, Cascade, Query
 from recstack.world.truth import Truth
@@ -45,9 +46,9 @@ def requests(data, day: int, n_users: int, seed: int) -> dict[str, np.ndarray]:
     ts = imps["ts"][order][first]
     pick = np.sort(np.random.default_rng(seed).permutation(len(users))[:n_users])
     users, ts = users[pick].astype(np.int64), ts[pick]
-    idx = data.behaviours.last_indices(users, ts)  # strictly before ts: nothing from the session itself
-    seq_items, seq_extras = data.behaviours.sequence(idx, ts, data.items)
-    return {"user_id": users, "ts": ts, "user_feats": data.users.feats(users), "seq_items": seq_items, "seq_extras": seq_extras}
+    hist = FE.history_features(data.behaviours, users, ts, data.items)  # strictly before ts: nothing from the session itself
+    return {"user_id": users, "ts": ts, "user_feats": data.users.feats(users), "seq_items": hist.seq_items,
+            "seq_extras": hist.seq_extras}
 
 
 def _hits(a: np.ndarray, oracle: np.ndarray) -> float:

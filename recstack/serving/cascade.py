@@ -13,12 +13,15 @@ ANN search with the user vector, and item-to-item — the index's nearest neighb
 item vectors of the user's most recent behaviours (request first, then the snapshot).
 Each returned item says which source found it ("ann" or "i2i"; an item both found is "ann").
 
-The feature-store snapshot's `seconds_ago` is relative to the snapshot time, and a request's
-behaviours are relative to the request; the cascade treats both clocks as the same "now"
-(the simulated world has no wall clock to advance the snapshot by).
+Times: the feature-store snapshot's `seconds_ago` is relative to the bundle's export time
+(manifest `created`), so the cascade holds it as absolute times (`Snapshot`); a request's
+behaviours are relative to the request. Both, and the live store's events, are aged at the
+request's time (`Query.now`, the server's clock), by `features.history_features` — the
+function training builds its features with.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import threading
 import time
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from recstack.bundle_files import (COARSE_ITEM_VECTORS, COARSE_TOWER, FINE_CTR, 
 from recstack.serving.loading import (OnnxModel, read_coarse_vectors, read_ids, read_index, read_item_emb,
                                       read_snapshot)
 from recstack.serving.objective import read_values
+from recstack.serving.store.base import Events, Snapshot
 
 SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
 SOURCE_I2I = "i2i"  # nearest neighbours (same index) of the user's most recent behaviours
@@ -61,6 +65,9 @@ class Query:
     seconds_ago: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
     kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
     dwell: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    now: float | None = None  # the request's time (seconds since the epoch); None = the cascade's clock
+    # the user's events from the feature store (snapshot + live); None = the bundle's snapshot alone
+    history: Events | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -148,6 +155,19 @@ def inner_products_by_idx(vectors: np.ndarray, ids: np.ndarray, query: np.ndarra
     return out
 
 
+def snapshot_time(manifest: dict) -> float:
+    """When the bundle's snapshot was taken, in seconds since the epoch: its export time
+    (`created`, ISO 8601). BundleError when that is missing or unparsable."""
+    created = manifest.get("created")
+    try:
+        t = _dt.datetime.fromisoformat(str(created))
+    except ValueError:
+        raise BundleError(f"manifest.json: created: {created!r} is not an ISO 8601 time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return t.timestamp()
+
+
 class Cascade:
     """A loaded bundle and the per-request pipeline. Thread-safe: `rank` only reads shared state
     (besides each thread's own id scratch, `_IdScratch`)."""
@@ -175,7 +195,10 @@ class Cascade:
         self.value_column, self.item_values = read_values(bundle, self.items)
         self.n_users, self.n_items = self.users.n, self.items.n
         self.ids = read_ids(bundle, self.n_users, self.n_items)  # external ids <-> internal indices
-        self._beh_user, self._beh_seconds, self._beh_item, self._beh_kind, self._beh_dwell, self._beh_start = beh
+        self.clock: Callable[[], float] = time.time  # a request without its own time is aged at this one
+        beh_user, beh_seconds, beh_item, beh_kind, beh_dwell, _ = beh
+        self.snapshot = Snapshot.from_seconds_ago(beh_user, beh_seconds, beh_item, beh_kind, beh_dwell, self.n_users,
+                                                  time=snapshot_time(m))
 
         # retrieval; item_emb (the item-to-item source's vectors) is None in an ANN-only bundle
         self.retrieval_tower = OnnxModel(bundle, RETRIEVAL_TOWER, _TOWER_INPUTS, onnx_threads)
@@ -273,30 +296,23 @@ class Cascade:
     # -- per request -------------------------------------------------------------------
 
     def sequence(self, q: Query) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Snapshot behaviours merged with the request's, newest first, truncated to the sequence length.
+        """The user's history merged with the request's behaviours: the last L clicks / purchases,
+        newest first, aged at the request's time. The history is `q.history` (the feature store's:
+        snapshot and live events), or the bundle's snapshot when that is None.
 
         -> seq_items (1, L, 5) int64, seq_extras (1, L, 3) float32, cold_start.
         """
         known = 0 <= q.user_id < self.n_users
-        if known:
-            s, e = self._beh_start[q.user_id], self._beh_start[q.user_id + 1]
-            e = min(e, s + self.seq_len)
-            snap = (self._beh_item[s:e], self._beh_seconds[s:e], self._beh_kind[s:e], self._beh_dwell[s:e])
-        else:
-            snap = (np.zeros(0, np.int64), np.zeros(0, np.float64), np.zeros(0, np.int8), np.zeros(0, np.float32))
-        # request first, so on equal times the request's behaviour counts as the newer one
-        item = np.concatenate([np.asarray(q.item_ids, np.int64), snap[0]])
-        secs = np.concatenate([np.asarray(q.seconds_ago, np.float64), snap[1]])
-        kind = np.concatenate([np.asarray(q.kinds, np.int8), snap[2]])
-        dwell = np.concatenate([np.asarray(q.dwell, np.float32), snap[3]])
-        order = np.argsort(secs, kind="stable")[: self.seq_len]
-        n, L = len(order), self.seq_len
-        pad = lambda a, fill: np.concatenate([a[order], np.full(L - n, fill, a.dtype)])[None]  # (1, L)
-        valid = np.arange(L)[None] < n
-        seq_items, seq_extras = F.sequence_tensors(
-            pad(item, -1), pad(secs, 0.0) / 3600.0, pad(dwell, 0.0), pad(kind, 0), valid, self.items
-        )
-        return seq_items, seq_extras, not known
+        now = float(q.now) if q.now is not None else self.clock()
+        hist = q.history if q.history is not None else self.snapshot.events(q.user_id)
+        # the request's behaviours last, so on equal times they count as the newer ones
+        log = F.Behaviours.one_user(
+            np.concatenate([hist.item_id, np.asarray(q.item_ids, np.int64)]),
+            np.concatenate([hist.ts, now - np.asarray(q.seconds_ago, np.float64)]),
+            np.concatenate([hist.kind, np.asarray(q.kinds, np.int8)]),
+            np.concatenate([hist.dwell, np.asarray(q.dwell, np.float32)]))
+        feats = F.history_features(log, np.zeros(1, np.int64), np.array([now]), self.items, until=np.array([np.inf]))
+        return feats.seq_items, feats.seq_extras, not known
 
     def recent_items(self, seq_items: np.ndarray) -> np.ndarray:
         """The i2i seeds: the sequence's (1, L, 5) distinct items, newest first, at most i2i_seeds. -> (S,) raw ids."""

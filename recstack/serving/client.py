@@ -15,13 +15,30 @@ import grpc
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
-_KINDS = {"click": pb.BEHAVIOUR_KIND_CLICK, "purchase": pb.BEHAVIOUR_KIND_PURCHASE}
+_KINDS = {"click": pb.BEHAVIOUR_KIND_CLICK, "purchase": pb.BEHAVIOUR_KIND_PURCHASE, "view": pb.BEHAVIOUR_KIND_VIEW,
+          "favourite": pb.BEHAVIOUR_KIND_FAVOURITE, "cart": pb.BEHAVIOUR_KIND_CART}
 
 
 def behaviour(item_id: int, seconds_ago: float = 0.0, kind: str | int = "click", dwell_seconds: float = 0.0) -> pb.Behaviour:
     """One request behaviour; `kind` is "click" / "purchase" or the enum value."""
     kind = _KINDS[kind.lower()] if isinstance(kind, str) else int(kind)
     return pb.Behaviour(item_id=item_id, seconds_ago=seconds_ago, kind=kind, dwell_seconds=dwell_seconds)
+
+
+def event(user_id: int, item_id: int, timestamp: float, kind: str | int = "click", dwell_seconds: float = 0.0,
+          request_id: str | None = None) -> pb.Event:
+    """One LogEvents event (absolute `timestamp`, seconds since the epoch); `kind` a name or the enum value."""
+    kind = _KINDS[kind.lower()] if isinstance(kind, str) else int(kind)
+    ev = pb.Event(user_id=user_id, item_id=item_id, kind=kind, timestamp=timestamp, dwell_seconds=dwell_seconds)
+    if request_id is not None:
+        ev.request_id = request_id
+    return ev
+
+
+def log_events(target: str, events: Iterable[pb.Event], timeout: float = 10.0) -> pb.LogEventsResponse:
+    """Send a batch through EventService.LogEvents (all or nothing; durable once it returns)."""
+    with channel(target) as ch:
+        return pb_grpc.EventServiceStub(ch).LogEvents(pb.LogEventsRequest(events=list(events)), timeout=timeout)
 
 
 def make_request(user_id: int, k: int | None = 10, behaviours: Iterable[pb.Behaviour | Mapping] | None = None,

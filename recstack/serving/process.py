@@ -23,8 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from recstack import bundle as B
+from recstack.serving.events import LivePath
 from recstack.serving.prometheus import ServingMetrics
 from recstack.serving.server import ServeError, TLSConfig, access_log, create_server
+from recstack.serving.store import StoreUnavailable, open_store
 
 __all__ = ["ServeError", "ServeOptions", "StopSignals", "serve"]
 
@@ -47,6 +49,8 @@ class ServeOptions:
     metrics_host: str | None = None  # the address /metrics listens on; None = the gRPC host
     bundle_key: str | None = None  # when set, only bundles whose manifest is HMAC-signed with it load
     max_message_bytes: int = 64 << 10
+    feature_store: str = ""  # "" = SQLite beside the bundles (artifacts root); a path; redis://HOST:PORT; "none"
+    impression_log: str = ""  # impression + event log folder; "" = live_log/ under the artifacts root; "none" = off
 
 
 class _JSONLines(logging.Formatter):
@@ -176,12 +180,29 @@ def _serve_one(artifacts: str, host: str, port: int, opts: ServeOptions, reuse_p
         signals.restore()
 
 
+def _open_live(artifacts: str, opts: ServeOptions) -> LivePath:
+    """The feature store and the impression / event logs of one serving process: each process
+    opens its own connection to the one store the workers share, and writes its own log files."""
+    root = Path(artifacts) if (Path(artifacts) / B.CURRENT).is_file() else Path(artifacts).resolve().parent
+    try:
+        store = open_store(opts.feature_store, root)
+    except (ValueError, StoreUnavailable) as e:
+        raise ServeError(f"--feature-store: {e}") from None
+    log_dir = None if opts.impression_log == "none" else Path(opts.impression_log or root / "live_log")
+    try:
+        return LivePath(store, log_dir)
+    except OSError as e:
+        if store is not None:
+            store.close()
+        raise ServeError(f"--impression-log: cannot write {log_dir}: {e.strerror or e}") from None
+
+
 def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals, on_ready) -> int:
     tls = TLSConfig(opts.tls_cert, opts.tls_key) if opts.tls_cert else None
     if port and not reuse_port:
         _probe_bind(host, port).close()
     metrics = ServingMetrics()
-    metrics_server = None
+    metrics_server = live = None
     if opts.metrics_port is not None:
         mhost = opts.metrics_host or host
         try:
@@ -192,11 +213,12 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
     try:
         if signals.received is not None:
             return 0
+        live = _open_live(artifacts, opts)
         server, bound, servicer = create_server(
             artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
             reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
             max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port,
-            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None)
+            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None, live=live)
         try:
             if servicer.cascade is None and signals.received is None:
                 servicer.load(artifacts)
@@ -216,6 +238,8 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+        if live is not None:
+            live.close()  # the logs' last rows are written (SIGTERM's drain ends here), then the store closes
 
 
 def _child_main(artifacts: str, host: str, port: int, opts: ServeOptions, worker: int) -> None:

@@ -12,6 +12,9 @@ Series (all prefixed `recstack_`):
     queue_depth                       gauge: Rank calls admitted and waiting for a cascade slot
     model_info{version}               gauge, 1 for the loaded version (the only series with value 1)
     reloads_total{result}             counter: ok / failed
+    degraded_features_total           counter: Rank calls served without the live feature store (it failed)
+    impressions_logged_total          counter: impression rows written to the impression log
+    live_log_dropped_total            counter: batches (a Rank response, a LogEvents call) dropped: the log's queue was full
 """
 from __future__ import annotations
 
@@ -40,6 +43,13 @@ class ServingMetrics:
         self.queue_depth = Gauge("recstack_queue_depth", "Rank calls admitted and waiting for a cascade slot", registry=r)
         self.model_info = Gauge("recstack_model_info", "The loaded model version (value 1)", ["version"], registry=r)
         self.reloads = Counter("recstack_reloads", "Model loads by result", ["result"], registry=r)
+        self.degraded_features = Counter("recstack_degraded_features",
+                                         "Rank calls served from the request and the snapshot: the feature store failed",
+                                         registry=r)
+        self.impressions_logged = Counter("recstack_impressions_logged", "Impression rows written to the impression log",
+                                          registry=r)
+        self.log_dropped = Counter("recstack_live_log_dropped",
+                                   "Impression / event log batches dropped because the writer's queue was full", registry=r)
         self._version: str | None = None
         self._lock = threading.Lock()
 

@@ -5,10 +5,10 @@
 The process around it (`serve`: workers, signals, drain, logging) is `recstack.serving.process`.
 
 Status codes: INVALID_ARGUMENT (bad or unparsable request; the message names the field),
-UNAVAILABLE (no model loaded yet), RESOURCE_EXHAUSTED (more than `max_workers + max_queue`
-Rank calls in flight: the call is refused at once rather than queued without bound; or a
-message over `max_message_bytes`), DEADLINE_EXCEEDED (the deadline passed before a stage or a
-model: later ones are skipped), CANCELLED (the caller left: later stages are skipped),
+UNAVAILABLE (no model loaded yet; LogEvents: the feature store fails), RESOURCE_EXHAUSTED (more
+than `max_workers + max_queue` Rank calls in flight: the call is refused at once rather than
+queued without bound; or a message over `max_message_bytes`), DEADLINE_EXCEEDED (the deadline
+passed before a stage or a model: later ones are skipped), CANCELLED (the caller left),
 FAILED_PRECONDITION (Reload of a bundle that fails to load; the old model keeps serving),
 UNAUTHENTICATED / PERMISSION_DENIED (ModelService without / with a wrong admin token), INTERNAL
 (anything else, logged with the request id; never UNKNOWN, never a stack trace in the details).
@@ -41,16 +41,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recstack import bundle as B
-from recstack.ids import BundleIds
 from recstack.serving.admission import HealthServicer, RankAdmission
-from recstack.serving.cascade import Cascade, DeadlineExceeded, Ranking
+from recstack.serving.cascade import Cascade, DeadlineExceeded
+from recstack.serving.events import LivePath
+from recstack.serving.messages import Abort, Malformed, parser, response_from_ranking
 from recstack.serving.prometheus import ServingMetrics
 from recstack.serving.scoring import log_user_key, response_from_scores, score_candidates
+from recstack.serving.store import StoreUnavailable
 from recstack.serving.validate import ServingLimits, ValidationError, validate_rank_request, validate_score_request
 from recstack.v1 import ranking_pb2 as pb
 
@@ -59,6 +60,7 @@ access_log = logging.getLogger("recstack.access")  # one JSON line per call, wit
 
 RANKING_SERVICE = pb.DESCRIPTOR.services_by_name["RankingService"].full_name  # recstack.v1.RankingService
 MODEL_SERVICE = pb.DESCRIPTOR.services_by_name["ModelService"].full_name
+EVENT_SERVICE = pb.DESCRIPTOR.services_by_name["EventService"].full_name
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 REQUEST_ID_KEY = "x-request-id"
 _REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
@@ -75,23 +77,6 @@ def _now_iso(timespec: str = "seconds") -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec=timespec)
 
 
-def response_from_ranking(r: Ranking, version: str, debug: bool, ids: BundleIds | None = None) -> pb.RankResponse:
-    """`ids` turns the internal item indices into the bundle's external ids (default: none)."""
-    resp = pb.RankResponse(model_version=version, cold_start=r.cold_start)
-    add = resp.items.add
-    items = (ids or BundleIds.identity(0, 0)).items
-    # one tolist() per column (Python ints / floats at once) instead of a numpy scalar per field: half the cost
-    for item_id, key, score, pctr, pcvr, price, coarse, source in zip(
-            items.ints(r.item_ids).tolist(), items.keys(r.item_ids), r.scores.tolist(), r.pctr.tolist(),
-            r.pcvr.tolist(), r.price.tolist(), r.coarse_scores.tolist(), r.sources):
-        add(item_id=item_id, item_key=key, score=score, pctr=pctr, pcvr=pcvr, price=price, coarse_score=coarse,
-            source=source)
-    if debug:
-        resp.timings.CopyFrom(pb.StageTimings(**r.timings_ms))
-        resp.stage_counts.CopyFrom(pb.StageCounts(**r.counts))
-    return resp
-
-
 @dataclass(frozen=True)
 class TLSConfig:
     """Server certificate chain and private key (PEM files)."""
@@ -102,41 +87,6 @@ class TLSConfig:
     def credentials(self) -> grpc.ServerCredentials:
         key, cert = Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes()
         return grpc.ssl_server_credentials([(key, cert)])
-
-
-class _Abort(Exception):
-    """A status to return: raised inside a handler, turned into context.abort by `_guard`."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-class _Malformed:
-    """Stands in for a request that is not parsed: the handler answers INVALID_ARGUMENT for bytes
-    that do not parse (grpc's own deserialisation failure would be INTERNAL), RESOURCE_EXHAUSTED
-    for a message over the size limit (checked before parsing)."""
-
-    def __init__(self, message_type: str, size: int = 0, limit: int = 0):
-        self.message_type, self.size, self.limit = message_type, size, limit
-
-    def abort(self):
-        if self.limit:
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"request: a {self.size}-byte message is over the server's {self.limit}-byte limit")
-        raise ValidationError("request", f"cannot parse a {self.message_type} from the message bytes")
-
-
-def _parser(message_cls, max_bytes: int):
-    def parse(data: bytes):
-        if len(data) > max_bytes:
-            return _Malformed(message_cls.DESCRIPTOR.full_name, len(data), max_bytes)
-        try:
-            return message_cls.FromString(data)
-        except (DecodeError, ValueError, RuntimeError):
-            return _Malformed(message_cls.DESCRIPTOR.full_name)
-
-    return parse
 
 
 _malloc_trim = None
@@ -169,7 +119,9 @@ class RankingServicer:
 
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
                  onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
-                 worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None):
+                 worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None,
+                 live: LivePath | None = None):
+        self.live = live or LivePath()  # feature store and impression log (none: the snapshot and the request)
         self.artifacts_root = artifacts_root
         self.limits = limits
         self.health = health_servicer
@@ -177,6 +129,7 @@ class RankingServicer:
         self._bundle_key = bundle_key
         self.onnx_threads = onnx_threads
         self.metrics = metrics or ServingMetrics()
+        self.live.bind(self.metrics, worker)
         self._admin_token = admin_token.encode() if admin_token else None
         self.worker = worker
         self.cascade: Cascade | None = None
@@ -219,6 +172,7 @@ class RankingServicer:
                 raise B.BundleError(f"cannot load {Path(path).name}: {reason}"[:2000]) from e
             old = self.cascade
             self.cascade, self.loaded_at, self.last_load_error = cascade, _now_iso(), ""
+            self.live.seed(cascade)
         previous = old.version if old is not None else None
         if old is not None:
             # the heap is trimmed when the previous model is freed: at once, or when the last
@@ -243,7 +197,7 @@ class RankingServicer:
                 raise ValidationError("version", str(e)) from None
             path = B.safe_path(self.artifacts_root, version)
             if not path.is_dir():
-                raise _Abort(grpc.StatusCode.NOT_FOUND, f"version: no bundle {version!r} under the artifacts root")
+                raise Abort(grpc.StatusCode.NOT_FOUND, f"version: no bundle {version!r} under the artifacts root")
         else:
             path = B.resolve_bundle(self.artifacts_root)
         return self.load(path)
@@ -270,7 +224,7 @@ class RankingServicer:
         rid = dict(context.invocation_metadata()).get(REQUEST_ID_KEY, "")
         rid = rid if isinstance(rid, str) and _REQUEST_ID_RE.match(rid) else uuid.uuid4().hex[:16]
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
-        extra: dict = {}
+        extra: dict = {"request_id": rid}
         gauge = self.metrics.in_flight.labels(method)
         gauge.inc()
         code, message = grpc.StatusCode.OK, ""
@@ -292,8 +246,10 @@ class RankingServicer:
                 code, message = grpc.StatusCode.CANCELLED, str(e).replace("deadline exceeded", "call cancelled")
         except B.BundleError as e:
             code, message = grpc.StatusCode.FAILED_PRECONDITION, f"bundle refused, still serving the previous model: {e}"
-        except _Abort as e:
+        except Abort as e:
             code, message = e.code, str(e)
+        except StoreUnavailable as e:
+            code, message = grpc.StatusCode.UNAVAILABLE, f"feature store unavailable, nothing written (retry): {e}"
         except Exception:
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}; see the server log)"
             log.exception("%s failed (request id %s)", method, rid)
@@ -310,18 +266,18 @@ class RankingServicer:
     def _check_admin(self, context) -> None:
         token = dict(context.invocation_metadata()).get("authorization", "")
         if not token:
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "ModelService needs `authorization: Bearer <admin token>` metadata")
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, "ModelService needs `authorization: Bearer <admin token>` metadata")
         if not isinstance(token, str) or not token.startswith("Bearer "):
-            raise _Abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: expected `Bearer <admin token>`")
+            raise Abort(grpc.StatusCode.UNAUTHENTICATED, "authorization: expected `Bearer <admin token>`")
         if not hmac.compare_digest(token[7:].encode(errors="replace"), self._admin_token or b"\0"):
-            raise _Abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
+            raise Abort(grpc.StatusCode.PERMISSION_DENIED, "wrong admin token")
 
     # -- RPCs -----------------------------------------------------------------------------
 
     def _admitted(self, context, work):
         """`work(time_remaining)` in the bounded admission; never for a caller who left while queued."""
         if not self.admission.admit():
-            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"overloaded: {self.admission.limit} Rank and Score calls in flight; retry with backoff")
         try:
             remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
@@ -335,11 +291,11 @@ class RankingServicer:
             self.admission.leave()
 
     def _model(self, request) -> Cascade:
-        if isinstance(request, _Malformed):
+        if isinstance(request, Malformed):
             request.abort()
         cascade = self.cascade  # one read: a concurrent Reload cannot change the model mid-request
         if cascade is None:
-            raise _Abort(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
+            raise Abort(grpc.StatusCode.UNAVAILABLE, "no model loaded yet")
         return cascade
 
     def Rank(self, request, context):
@@ -347,10 +303,11 @@ class RankingServicer:
             cascade = self._model(request)
             query = validate_rank_request(request, self.limits, cascade.n_items, cascade.ids)
             extra.update(user_id=query.user_id, version=cascade.version, **log_user_key(request))
-            ranking = self._admitted(context, lambda remaining: cascade.rank(query, time_remaining=remaining))
+            ranking, degraded, now = self._admitted(context, lambda remaining: self.live.rank(cascade, query, remaining))
             self.metrics.observe_stages(ranking.timings_ms)
-            extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids))
-            return response_from_ranking(ranking, cascade.version, request.debug, cascade.ids)
+            extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids), degraded=degraded)
+            self.live.served(extra["request_id"], query.user_id, now, cascade.version, ranking, degraded)
+            return response_from_ranking(ranking, cascade.version, request.debug, cascade.ids, degraded)
 
         return self._guard(context, "Rank", run)
 
@@ -365,10 +322,18 @@ class RankingServicer:
 
         return self._guard(context, "Score", run)
 
+    def LogEvents(self, request, context):
+        def run(extra):
+            cascade = self._model(request)
+            extra["events"] = self.live.log_events(cascade, request)  # durable once it returns
+            return pb.LogEventsResponse(accepted=extra["events"])
+
+        return self._guard(context, "LogEvents", run)
+
     def GetModelInfo(self, request, context):
         def run(extra):
             self._check_admin(context)
-            if isinstance(request, _Malformed):
+            if isinstance(request, Malformed):
                 request.abort()
             return self.model_info()
 
@@ -377,7 +342,7 @@ class RankingServicer:
     def Reload(self, request, context):
         def run(extra):
             self._check_admin(context)
-            if isinstance(request, _Malformed):
+            if isinstance(request, Malformed):
                 request.abort()
             extra["requested"] = request.version
             self.reload(request.version)
@@ -391,15 +356,17 @@ def _handlers(servicer: RankingServicer, admin: bool, max_bytes: int) -> list[gr
     """Method handlers with our own deserialisers (malformed -> INVALID_ARGUMENT, too large -> RESOURCE_EXHAUSTED)."""
     h = grpc.unary_unary_rpc_method_handler
     out = [grpc.method_handlers_generic_handler(RANKING_SERVICE, {
-        "Rank": h(servicer.Rank, request_deserializer=_parser(pb.RankRequest, max_bytes),
+        "Rank": h(servicer.Rank, request_deserializer=parser(pb.RankRequest, max_bytes),
                   response_serializer=pb.RankResponse.SerializeToString),
-        "Score": h(servicer.Score, request_deserializer=_parser(pb.ScoreRequest, max_bytes),
-                   response_serializer=pb.ScoreResponse.SerializeToString)})]
+        "Score": h(servicer.Score, request_deserializer=parser(pb.ScoreRequest, max_bytes),
+                   response_serializer=pb.ScoreResponse.SerializeToString)}), grpc.method_handlers_generic_handler(
+        EVENT_SERVICE, {"LogEvents": h(servicer.LogEvents, request_deserializer=parser(pb.LogEventsRequest, max_bytes),
+                                       response_serializer=pb.LogEventsResponse.SerializeToString)})]
     if admin:
         out.append(grpc.method_handlers_generic_handler(MODEL_SERVICE, {
-            "GetModelInfo": h(servicer.GetModelInfo, request_deserializer=_parser(pb.GetModelInfoRequest, max_bytes),
+            "GetModelInfo": h(servicer.GetModelInfo, request_deserializer=parser(pb.GetModelInfoRequest, max_bytes),
                               response_serializer=pb.ModelInfo.SerializeToString),
-            "Reload": h(servicer.Reload, request_deserializer=_parser(pb.ReloadRequest, max_bytes),
+            "Reload": h(servicer.Reload, request_deserializer=parser(pb.ReloadRequest, max_bytes),
                         response_serializer=pb.ModelInfo.SerializeToString)}))
     return out
 
@@ -423,6 +390,7 @@ def create_server(
     worker: int = 0,
     load_first: bool = False,
     bundle_key: bytes | None = None,
+    live: LivePath | None = None,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
     `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
@@ -447,13 +415,14 @@ def create_server(
     health_servicer = HealthServicer()
     metrics = metrics or ServingMetrics()
     servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
-                               admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key)
+                               admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key,
+                               live=live)
     metrics.track_queue(lambda: admission.waiting)
     servicer.set_serving(False)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     if reflection_enabled:
-        names = [RANKING_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME] + ([MODEL_SERVICE] if admin_token else [])
+        names = [RANKING_SERVICE, EVENT_SERVICE, HEALTH_SERVICE, reflection.SERVICE_NAME] + ([MODEL_SERVICE] if admin_token else [])
         reflection.enable_server_reflection(names, server)
     if load_first:
         servicer.load(artifacts)
@@ -487,7 +456,8 @@ def build_server(
     `limits` (ServingLimits), `onnx_threads` (intra-op threads per ONNX session), `reuse_port`,
     `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
     `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,
-    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it).
+    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it), `live`
+    (recstack.serving.events.LivePath: the feature store and impression log; None: neither).
     """
     server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:

@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from recstack import features as F
 from recstack.ids import KIND_IDENTITY, KIND_INT, BundleIds
 from recstack.serving.cascade import Query
 
-KINDS = (0, 1)  # BehaviourKind: CLICK, PURCHASE
+KINDS = tuple(range(len(F.EVENT_KINDS)))  # BehaviourKind: CLICK, PURCHASE, VIEW, FAVOURITE, CART
 
 
 class ValidationError(ValueError):
@@ -109,7 +110,7 @@ def validate_behaviours(behaviours, limits: ServingLimits, ids: BundleIds) -> tu
         ("seconds_ago", ~np.isfinite(seconds), lambda v: f"must be finite, got {v}"),
         ("seconds_ago", seconds < 0, lambda v: f"must be >= 0, got {v}"),
         ("seconds_ago", seconds > limits.seconds_ago_max, lambda v: f"must be <= {limits.seconds_ago_max:g}, got {v}"),
-        ("kind", ~np.isin(kinds, KINDS), lambda v: f"unknown BehaviourKind {v} (0 = CLICK, 1 = PURCHASE)"),
+        ("kind", ~np.isin(kinds, KINDS), lambda v: f"unknown BehaviourKind {v} (0..4 = {', '.join(F.EVENT_KINDS)})"),
         ("dwell_seconds", ~np.isfinite(dwell), lambda v: f"must be finite, got {v}"),
         ("dwell_seconds", dwell < 0, lambda v: f"must be >= 0, got {v}"),
         ("dwell_seconds", dwell > limits.dwell_seconds_max, lambda v: f"must be <= {limits.dwell_seconds_max:g}, got {v}"),

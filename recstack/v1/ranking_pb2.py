@@ -24,43 +24,51 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recstack/v1/ranking.proto\x12\x0brecstack.v1\"\x84\x01\n\tBehaviour\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0bseconds_ago\x18\x02 \x01(\x01\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.recstack.v1.BehaviourKind\x12\x15\n\rdwell_seconds\x18\x04 \x01(\x01\x12\x10\n\x08item_key\x18\x05 \x01(\t\"\xc9\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x31\n\x11recent_behaviours\x18\x02 \x03(\x0b\x32\x16.recstack.v1.Behaviour\x12\x18\n\x0bnum_results\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0eretrieval_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x63oarse_size\x18\x05 \x01(\x05\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\x12\x10\n\x08user_key\x18\x07 \x01(\tB\x0e\n\x0c_num_results\"\x8f\x01\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04pctr\x18\x03 \x01(\x01\x12\x0c\n\x04pcvr\x18\x04 \x01(\x01\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x14\n\x0c\x63oarse_score\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x10\n\x08item_key\x18\x08 \x01(\t\"o\n\x0cStageTimings\x12\x13\n\x0b\x66\x65\x61tures_ms\x18\x01 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\x12\x11\n\tcoarse_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x66ine_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"[\n\x0bStageCounts\x12\x11\n\tretrieved\x18\x01 \x01(\x05\x12\x0e\n\x06\x63oarse\x18\x02 \x01(\x05\x12\x10\n\x08returned\x18\x03 \x01(\x05\x12\x17\n\x0fsequence_length\x18\x04 \x01(\x05\"\xbd\x01\n\x0cRankResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.recstack.v1.RankedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.recstack.v1.StageTimings\x12.\n\x0cstage_counts\x18\x05 \x01(\x0b\x32\x18.recstack.v1.StageCounts\"\x98\x01\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08user_key\x18\x02 \x01(\t\x12\x10\n\x08item_ids\x18\x03 \x03(\x03\x12\x11\n\titem_keys\x18\x04 \x03(\t\x12\x31\n\x11recent_behaviours\x18\x05 \x03(\x0b\x32\x16.recstack.v1.Behaviour\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\"i\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x10\n\x08item_key\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0c\n\x04pctr\x18\x04 \x01(\x01\x12\x0c\n\x04pcvr\x18\x05 \x01(\x01\x12\r\n\x05price\x18\x06 \x01(\x01\"\x8e\x01\n\rScoreResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.recstack.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.recstack.v1.StageTimings\"\x15\n\x13GetModelInfoRequest\"\x81\x02\n\x0bStageLimits\x12\x1b\n\x13num_results_default\x18\x01 \x01(\x05\x12\x17\n\x0fnum_results_max\x18\x02 \x01(\x05\x12\x1e\n\x16retrieval_size_default\x18\x03 \x01(\x05\x12\x1a\n\x12retrieval_size_max\x18\x04 \x01(\x05\x12\x1b\n\x13\x63oarse_size_default\x18\x05 \x01(\x05\x12\x17\n\x0f\x63oarse_size_max\x18\x06 \x01(\x05\x12\x16\n\x0e\x62\x65haviours_max\x18\x07 \x01(\x05\x12\x17\n\x0fseconds_ago_max\x18\x08 \x01(\x01\x12\x19\n\x11\x64well_seconds_max\x18\t \x01(\x01\"\xf4\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_path\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x11\n\tloaded_at\x18\x04 \x01(\t\x12\x0f\n\x07n_items\x18\x05 \x01(\x03\x12\x0f\n\x07n_users\x18\x06 \x01(\x03\x12(\n\x06limits\x18\x07 \x01(\x0b\x32\x18.recstack.v1.StageLimits\x12\x15\n\rmanifest_json\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x03\x12\x0e\n\x06worker\x18\n \x01(\x05\x12\x17\n\x0flast_load_error\x18\x0b \x01(\t\" \n\rReloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\t*F\n\rBehaviourKind\x12\x18\n\x14\x42\x45HAVIOUR_KIND_CLICK\x10\x00\x12\x1b\n\x17\x42\x45HAVIOUR_KIND_PURCHASE\x10\x01\x32\x8d\x01\n\x0eRankingService\x12;\n\x04Rank\x12\x18.recstack.v1.RankRequest\x1a\x19.recstack.v1.RankResponse\x12>\n\x05Score\x12\x19.recstack.v1.ScoreRequest\x1a\x1a.recstack.v1.ScoreResponse2\x96\x01\n\x0cModelService\x12H\n\x0cGetModelInfo\x12 .recstack.v1.GetModelInfoRequest\x1a\x16.recstack.v1.ModelInfo\x12<\n\x06Reload\x12\x1a.recstack.v1.ReloadRequest\x1a\x16.recstack.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recstack/v1/ranking.proto\x12\x0brecstack.v1\"\xa5\x01\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x0f\n\x07item_id\x18\x02 \x01(\x03\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.recstack.v1.BehaviourKind\x12\x11\n\ttimestamp\x18\x04 \x01(\x01\x12\x15\n\rdwell_seconds\x18\x05 \x01(\x01\x12\x17\n\nrequest_id\x18\x06 \x01(\tH\x00\x88\x01\x01\x42\r\n\x0b_request_id\"6\n\x10LogEventsRequest\x12\"\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x12.recstack.v1.Event\"%\n\x11LogEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\"\x84\x01\n\tBehaviour\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0bseconds_ago\x18\x02 \x01(\x01\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.recstack.v1.BehaviourKind\x12\x15\n\rdwell_seconds\x18\x04 \x01(\x01\x12\x10\n\x08item_key\x18\x05 \x01(\t\"\xc9\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x31\n\x11recent_behaviours\x18\x02 \x03(\x0b\x32\x16.recstack.v1.Behaviour\x12\x18\n\x0bnum_results\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0eretrieval_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x63oarse_size\x18\x05 \x01(\x05\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\x12\x10\n\x08user_key\x18\x07 \x01(\tB\x0e\n\x0c_num_results\"\x8f\x01\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04pctr\x18\x03 \x01(\x01\x12\x0c\n\x04pcvr\x18\x04 \x01(\x01\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x14\n\x0c\x63oarse_score\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x10\n\x08item_key\x18\x08 \x01(\t\"o\n\x0cStageTimings\x12\x13\n\x0b\x66\x65\x61tures_ms\x18\x01 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\x12\x11\n\tcoarse_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x66ine_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"[\n\x0bStageCounts\x12\x11\n\tretrieved\x18\x01 \x01(\x05\x12\x0e\n\x06\x63oarse\x18\x02 \x01(\x05\x12\x10\n\x08returned\x18\x03 \x01(\x05\x12\x17\n\x0fsequence_length\x18\x04 \x01(\x05\"\xd8\x01\n\x0cRankResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.recstack.v1.RankedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.recstack.v1.StageTimings\x12.\n\x0cstage_counts\x18\x05 \x01(\x0b\x32\x18.recstack.v1.StageCounts\x12\x19\n\x11\x64\x65graded_features\x18\x06 \x01(\x08\"\x98\x01\n\x0cScoreRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x10\n\x08user_key\x18\x02 \x01(\t\x12\x10\n\x08item_ids\x18\x03 \x03(\x03\x12\x11\n\titem_keys\x18\x04 \x03(\t\x12\x31\n\x11recent_behaviours\x18\x05 \x03(\x0b\x32\x16.recstack.v1.Behaviour\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\"i\n\nScoredItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x10\n\x08item_key\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x01\x12\x0c\n\x04pctr\x18\x04 \x01(\x01\x12\x0c\n\x04pcvr\x18\x05 \x01(\x01\x12\r\n\x05price\x18\x06 \x01(\x01\"\x8e\x01\n\rScoreResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.recstack.v1.ScoredItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.recstack.v1.StageTimings\"\x15\n\x13GetModelInfoRequest\"\x81\x02\n\x0bStageLimits\x12\x1b\n\x13num_results_default\x18\x01 \x01(\x05\x12\x17\n\x0fnum_results_max\x18\x02 \x01(\x05\x12\x1e\n\x16retrieval_size_default\x18\x03 \x01(\x05\x12\x1a\n\x12retrieval_size_max\x18\x04 \x01(\x05\x12\x1b\n\x13\x63oarse_size_default\x18\x05 \x01(\x05\x12\x17\n\x0f\x63oarse_size_max\x18\x06 \x01(\x05\x12\x16\n\x0e\x62\x65haviours_max\x18\x07 \x01(\x05\x12\x17\n\x0fseconds_ago_max\x18\x08 \x01(\x01\x12\x19\n\x11\x64well_seconds_max\x18\t \x01(\x01\"\xf4\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_path\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x11\n\tloaded_at\x18\x04 \x01(\t\x12\x0f\n\x07n_items\x18\x05 \x01(\x03\x12\x0f\n\x07n_users\x18\x06 \x01(\x03\x12(\n\x06limits\x18\x07 \x01(\x0b\x32\x18.recstack.v1.StageLimits\x12\x15\n\rmanifest_json\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x03\x12\x0e\n\x06worker\x18\n \x01(\x05\x12\x17\n\x0flast_load_error\x18\x0b \x01(\t\" \n\rReloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\t*\x96\x01\n\rBehaviourKind\x12\x18\n\x14\x42\x45HAVIOUR_KIND_CLICK\x10\x00\x12\x1b\n\x17\x42\x45HAVIOUR_KIND_PURCHASE\x10\x01\x12\x17\n\x13\x42\x45HAVIOUR_KIND_VIEW\x10\x02\x12\x1c\n\x18\x42\x45HAVIOUR_KIND_FAVOURITE\x10\x03\x12\x17\n\x13\x42\x45HAVIOUR_KIND_CART\x10\x04\x32\x8d\x01\n\x0eRankingService\x12;\n\x04Rank\x12\x18.recstack.v1.RankRequest\x1a\x19.recstack.v1.RankResponse\x12>\n\x05Score\x12\x19.recstack.v1.ScoreRequest\x1a\x1a.recstack.v1.ScoreResponse2\x96\x01\n\x0cModelService\x12H\n\x0cGetModelInfo\x12 .recstack.v1.GetModelInfoRequest\x1a\x16.recstack.v1.ModelInfo\x12<\n\x06Reload\x12\x1a.recstack.v1.ReloadRequest\x1a\x16.recstack.v1.ModelInfo2Z\n\x0c\x45ventService\x12J\n\tLogEvents\x12\x1d.recstack.v1.LogEventsRequest\x1a\x1e.recstack.v1.LogEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recstack.v1.ranking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BEHAVIOURKIND']._serialized_start=1896
-  _globals['_BEHAVIOURKIND']._serialized_end=1966
-  _globals['_BEHAVIOUR']._serialized_start=43
-  _globals['_BEHAVIOUR']._serialized_end=175
-  _globals['_RANKREQUEST']._serialized_start=178
-  _globals['_RANKREQUEST']._serialized_end=379
-  _globals['_RANKEDITEM']._serialized_start=382
-  _globals['_RANKEDITEM']._serialized_end=525
-  _globals['_STAGETIMINGS']._serialized_start=527
-  _globals['_STAGETIMINGS']._serialized_end=638
-  _globals['_STAGECOUNTS']._serialized_start=640
-  _globals['_STAGECOUNTS']._serialized_end=731
-  _globals['_RANKRESPONSE']._serialized_start=734
-  _globals['_RANKRESPONSE']._serialized_end=923
-  _globals['_SCOREREQUEST']._serialized_start=926
-  _globals['_SCOREREQUEST']._serialized_end=1078
-  _globals['_SCOREDITEM']._serialized_start=1080
-  _globals['_SCOREDITEM']._serialized_end=1185
-  _globals['_SCORERESPONSE']._serialized_start=1188
-  _globals['_SCORERESPONSE']._serialized_end=1330
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1332
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1353
-  _globals['_STAGELIMITS']._serialized_start=1356
-  _globals['_STAGELIMITS']._serialized_end=1613
-  _globals['_MODELINFO']._serialized_start=1616
-  _globals['_MODELINFO']._serialized_end=1860
-  _globals['_RELOADREQUEST']._serialized_start=1862
-  _globals['_RELOADREQUEST']._serialized_end=1894
-  _globals['_RANKINGSERVICE']._serialized_start=1969
-  _globals['_RANKINGSERVICE']._serialized_end=2110
-  _globals['_MODELSERVICE']._serialized_start=2113
-  _globals['_MODELSERVICE']._serialized_end=2263
+  _globals['_BEHAVIOURKIND']._serialized_start=2187
+  _globals['_BEHAVIOURKIND']._serialized_end=2337
+  _globals['_EVENT']._serialized_start=43
+  _globals['_EVENT']._serialized_end=208
+  _globals['_LOGEVENTSREQUEST']._serialized_start=210
+  _globals['_LOGEVENTSREQUEST']._serialized_end=264
+  _globals['_LOGEVENTSRESPONSE']._serialized_start=266
+  _globals['_LOGEVENTSRESPONSE']._serialized_end=303
+  _globals['_BEHAVIOUR']._serialized_start=306
+  _globals['_BEHAVIOUR']._serialized_end=438
+  _globals['_RANKREQUEST']._serialized_start=441
+  _globals['_RANKREQUEST']._serialized_end=642
+  _globals['_RANKEDITEM']._serialized_start=645
+  _globals['_RANKEDITEM']._serialized_end=788
+  _globals['_STAGETIMINGS']._serialized_start=790
+  _globals['_STAGETIMINGS']._serialized_end=901
+  _globals['_STAGECOUNTS']._serialized_start=903
+  _globals['_STAGECOUNTS']._serialized_end=994
+  _globals['_RANKRESPONSE']._serialized_start=997
+  _globals['_RANKRESPONSE']._serialized_end=1213
+  _globals['_SCOREREQUEST']._serialized_start=1216
+  _globals['_SCOREREQUEST']._serialized_end=1368
+  _globals['_SCOREDITEM']._serialized_start=1370
+  _globals['_SCOREDITEM']._serialized_end=1475
+  _globals['_SCORERESPONSE']._serialized_start=1478
+  _globals['_SCORERESPONSE']._serialized_end=1620
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1622
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1643
+  _globals['_STAGELIMITS']._serialized_start=1646
+  _globals['_STAGELIMITS']._serialized_end=1903
+  _globals['_MODELINFO']._serialized_start=1906
+  _globals['_MODELINFO']._serialized_end=2150
+  _globals['_RELOADREQUEST']._serialized_start=2152
+  _globals['_RELOADREQUEST']._serialized_end=2184
+  _globals['_RANKINGSERVICE']._serialized_start=2340
+  _globals['_RANKINGSERVICE']._serialized_end=2481
+  _globals['_MODELSERVICE']._serialized_start=2484
+  _globals['_MODELSERVICE']._serialized_end=2634
+  _globals['_EVENTSERVICE']._serialized_start=2636
+  _globals['_EVENTSERVICE']._serialized_end=2726
 # @@protoc_insertion_point(module_scope)

@@ -11,8 +11,42 @@ class BehaviourKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     BEHAVIOUR_KIND_CLICK: _ClassVar[BehaviourKind]
     BEHAVIOUR_KIND_PURCHASE: _ClassVar[BehaviourKind]
+    BEHAVIOUR_KIND_VIEW: _ClassVar[BehaviourKind]
+    BEHAVIOUR_KIND_FAVOURITE: _ClassVar[BehaviourKind]
+    BEHAVIOUR_KIND_CART: _ClassVar[BehaviourKind]
 BEHAVIOUR_KIND_CLICK: BehaviourKind
 BEHAVIOUR_KIND_PURCHASE: BehaviourKind
+BEHAVIOUR_KIND_VIEW: BehaviourKind
+BEHAVIOUR_KIND_FAVOURITE: BehaviourKind
+BEHAVIOUR_KIND_CART: BehaviourKind
+
+class Event(_message.Message):
+    __slots__ = ("user_id", "item_id", "kind", "timestamp", "dwell_seconds", "request_id")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    TIMESTAMP_FIELD_NUMBER: _ClassVar[int]
+    DWELL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    user_id: int
+    item_id: int
+    kind: BehaviourKind
+    timestamp: float
+    dwell_seconds: float
+    request_id: str
+    def __init__(self, user_id: _Optional[int] = ..., item_id: _Optional[int] = ..., kind: _Optional[_Union[BehaviourKind, str]] = ..., timestamp: _Optional[float] = ..., dwell_seconds: _Optional[float] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class LogEventsRequest(_message.Message):
+    __slots__ = ("events",)
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    events: _containers.RepeatedCompositeFieldContainer[Event]
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+
+class LogEventsResponse(_message.Message):
+    __slots__ = ("accepted",)
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    accepted: int
+    def __init__(self, accepted: _Optional[int] = ...) -> None: ...
 
 class Behaviour(_message.Message):
     __slots__ = ("item_id", "seconds_ago", "kind", "dwell_seconds", "item_key")
@@ -93,18 +127,20 @@ class StageCounts(_message.Message):
     def __init__(self, retrieved: _Optional[int] = ..., coarse: _Optional[int] = ..., returned: _Optional[int] = ..., sequence_length: _Optional[int] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("items", "model_version", "cold_start", "timings", "stage_counts")
+    __slots__ = ("items", "model_version", "cold_start", "timings", "stage_counts", "degraded_features")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLD_START_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     STAGE_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FEATURES_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RankedItem]
     model_version: str
     cold_start: bool
     timings: StageTimings
     stage_counts: StageCounts
-    def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., cold_start: _Optional[bool] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., stage_counts: _Optional[_Union[StageCounts, _Mapping]] = ...) -> None: ...
+    degraded_features: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., cold_start: _Optional[bool] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., stage_counts: _Optional[_Union[StageCounts, _Mapping]] = ..., degraded_features: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("user_id", "user_key", "item_ids", "item_keys", "recent_behaviours", "debug")

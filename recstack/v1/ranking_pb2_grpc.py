@@ -273,3 +273,85 @@ class ModelService:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class EventServiceStub:
+    """The live path: behaviour events into the online feature store. The next Rank for the user,
+    on any worker process, sees them (aged at its own time).
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.LogEvents = channel.unary_unary(
+                '/recstack.v1.EventService/LogEvents',
+                request_serializer=recstack_dot_v1_dot_ranking__pb2.LogEventsRequest.SerializeToString,
+                response_deserializer=recstack_dot_v1_dot_ranking__pb2.LogEventsResponse.FromString,
+                _registered_method=True)
+
+
+class EventServiceServicer:
+    """The live path: behaviour events into the online feature store. The next Rank for the user,
+    on any worker process, sees them (aged at its own time).
+    """
+
+    def LogEvents(self, request, context):
+        """Write a batch of events. The batch is all-or-nothing: OK means every event is durable in
+        the feature store (it survives a crash of the server); any bad event refuses the whole
+        batch with INVALID_ARGUMENT naming it (`events[3].timestamp: ...`) and nothing is written;
+        UNAVAILABLE when the store cannot take writes now (nothing is written: retry).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_EventServiceServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'LogEvents': grpc.unary_unary_rpc_method_handler(
+                    servicer.LogEvents,
+                    request_deserializer=recstack_dot_v1_dot_ranking__pb2.LogEventsRequest.FromString,
+                    response_serializer=recstack_dot_v1_dot_ranking__pb2.LogEventsResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'recstack.v1.EventService', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('recstack.v1.EventService', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class EventService:
+    """The live path: behaviour events into the online feature store. The next Rank for the user,
+    on any worker process, sees them (aged at its own time).
+    """
+
+    @staticmethod
+    def LogEvents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recstack.v1.EventService/LogEvents',
+            recstack_dot_v1_dot_ranking__pb2.LogEventsRequest.SerializeToString,
+            recstack_dot_v1_dot_ranking__pb2.LogEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

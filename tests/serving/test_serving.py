@@ -107,9 +107,12 @@ def test_cold_start_is_flagged_and_uses_request_behaviours(served):
     assert full.stage_counts.sequence_length == 50
 
 
-def test_exhaustive_ranking_matches_an_independent_computation(served, artifacts):
+def test_exhaustive_ranking_matches_an_independent_computation(served, artifacts, monkeypatch):
     """retrieval = coarse = whole corpus: the response must be the corpus sorted by
-    pctr x pcvr x price, with features rebuilt here from the snapshot files."""
+    pctr x pcvr x price, with features rebuilt here from the snapshot files (the server's clock
+    held at the snapshot's time, so its behaviours are aged exactly as the files say)."""
+    cascade = served["servicer"].cascade
+    monkeypatch.setattr(cascade, "clock", lambda: cascade.snapshot.time)
     vocab = served["vocab"]
     n = vocab.n_items
     beh = [client.behaviour(3, 30.0, "click", 5.0), client.behaviour(7, 10.0, "purchase", 50.0)]

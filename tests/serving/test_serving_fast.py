@@ -74,7 +74,7 @@ def test_fused_inner_products_equal_gather_matvec():
 
 
 def test_response_builder_matches_per_field_conversion():
-    from recstack.serving.server import pb, response_from_ranking
+    from recstack.serving.messages import pb, response_from_ranking
 
     rng = np.random.default_rng(1)
     n = 7

@@ -1,0 +1,163 @@
+"""The live path through gRPC: LogEvents -> the next Rank sees the events; bad batches refused
+whole; a failing store degrades Rank (and says so) and LogEvents answers UNAVAILABLE, until it
+recovers; training and serving build identical features from the same history."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from recstack import data as D
+from recstack.serving import client
+from recstack.serving.cascade import Cascade, Query
+from recstack.serving.events import LivePath
+from recstack.serving.server import build_server
+from recstack.serving.store import Events, StoreConfig, open_store
+from recstack.v1 import ranking_pb2 as pb
+from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+PROFILE_ONLY_USER = 25  # make_fake_bundle: a profile, no snapshot behaviours
+
+
+def test_training_and_serving_build_identical_features_from_one_history(tiny_data, tiny_bundle, tmp_path):
+    """The same event history through the trainer's batch and through the server's store +
+    cascade (at the impression's time) gives identical tensors, interacted features included."""
+    data = D.load(tiny_data)
+    ex = data.examples(data.test_day)
+    batch = ex.batch(np.arange(len(ex)))
+    seq_len = (batch["seq_items"][:, :, 0] > 0).sum(1)
+    rows = [int(np.argmax(seq_len)), int(np.flatnonzero((seq_len > 0) & (seq_len < 50))[0])]
+    cascade = Cascade.load(tiny_bundle, warm=False)  # the tiny corpus, an empty snapshot
+    store = open_store(str(tmp_path / "fs.sqlite3"), config=StoreConfig(max_events=10_000, ttl_s=1e9))
+    import pyarrow.parquet as pq
+
+    ev = pq.read_table(f"{tiny_data}/events.parquet").to_pydict()
+    ev = {k: np.asarray(v) for k, v in ev.items()}
+    for row in rows:
+        user, ts = int(batch["user_id"][row]), float(ex.imps["ts"][row])
+        mine = (ev["user_id"] == user) & (ev["ts"] < ts)  # what the server had been told by then
+        store.append(Events(ev["user_id"][mine], ev["item_id"][mine], ev["kind"][mine], ev["ts"][mine], ev["dwell"][mine]))
+        q = Query(user_id=user, num_results=1, retrieval_size=1, coarse_size=1, now=ts, history=store.history(user, ts))
+        seq_items, seq_extras, _ = cascade.sequence(q)
+        np.testing.assert_array_equal(seq_items[0], batch["seq_items"][row])
+        np.testing.assert_array_equal(seq_extras[0], batch["seq_extras"][row])
+        item_feats = cascade.items.feats(batch["item_id"][row : row + 1])
+        from recstack import features as FE
+
+        np.testing.assert_array_equal(FE.HistoryFeatures(seq_items, seq_extras).interacted(item_feats),
+                                      batch["interacted"][row : row + 1])
+    assert seq_len[rows[0]] == 50 and batch["interacted"][rows].max() > 0  # a full sequence, non-trivial counts
+    store.close()
+
+
+@pytest.fixture
+def served(tmp_path, make_fake_bundle):
+    make_fake_bundle(tmp_path / "artifacts")
+    store = open_store("", artifacts_root=tmp_path / "artifacts")
+    server, port, servicer = build_server(tmp_path / "artifacts", max_workers=2, live=LivePath(store))
+    yield {"target": f"127.0.0.1:{port}", "servicer": servicer, "store": store}
+    server.stop(None)
+    store.close()
+
+
+def _rank(target, user_id, **kw):
+    return client.rank(target, user_id, k=10, **kw)
+
+
+def test_logged_events_reach_the_next_rank(served):
+    target, now = served["target"], time.time()
+    before = _rank(target, PROFILE_ONLY_USER)
+    assert before.stage_counts.sequence_length == 0 and "i2i" not in [it.source for it in before.items]
+    events = [client.event(PROFILE_ONLY_USER, 3, now - 60, "click", 12.0),
+              client.event(PROFILE_ONLY_USER, 7, now - 30, "purchase"),
+              client.event(PROFILE_ONLY_USER, 9, now - 10, "view", 4.0),  # kept by the store, not in the sequence
+              client.event(PROFILE_ONLY_USER, 11, now - 5, "cart", request_id="abc-1")]
+    assert client.log_events(target, events).accepted == 4
+    after = _rank(target, PROFILE_ONLY_USER)
+    assert after.stage_counts.sequence_length == 2 and not after.degraded_features
+    assert "i2i" in [it.source for it in after.items]  # the clicked items seed item-to-item retrieval
+    assert len(served["store"].history(PROFILE_ONLY_USER, time.time())) == 4
+    other = _rank(target, PROFILE_ONLY_USER + 1)
+    assert other.stage_counts.sequence_length == 0  # nobody else's
+
+
+def test_the_snapshot_is_aged_at_request_time(served):
+    cascade = served["servicer"].cascade
+    q = Query(user_id=0, num_results=5, retrieval_size=50, coarse_size=20)
+    t0 = cascade.snapshot.time
+    hours_now = np.expm1(cascade.sequence(Query(**{**q.__dict__, "now": t0}))[1][0, :, 0])
+    hours_later = np.expm1(cascade.sequence(Query(**{**q.__dict__, "now": t0 + 86400.0}))[1][0, :, 0])
+    np.testing.assert_allclose(hours_later - hours_now, 24.0, atol=1e-3)
+
+
+_NOW = 1.9e9  # a fixed clock for the validation cases (far beyond any event below but the future ones)
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"kind": 9}, "events[1].kind"),
+    ({"item_id": 300}, "events[1].item_id"),
+    ({"item_id": -1}, "events[1].item_id"),
+    ({"user_id": -4}, "events[1].user_id"),
+    ({"timestamp": float("nan")}, "events[1].timestamp"),
+    ({"timestamp": float("inf")}, "events[1].timestamp"),
+    ({"timestamp": _NOW + 86400}, "events[1].timestamp"),
+    ({"dwell_seconds": float("nan")}, "events[1].dwell_seconds"),
+    ({"dwell_seconds": -1.0}, "events[1].dwell_seconds"),
+])
+def test_a_bad_event_refuses_the_whole_batch(served, bad, field):
+    served["servicer"].cascade.clock = lambda: _NOW
+    good = {"user_id": 26, "item_id": 1, "kind": 0, "timestamp": _NOW - 100, "dwell_seconds": 1.0}
+    req = pb.LogEventsRequest(events=[pb.Event(**good), pb.Event(**{**good, **bad})])
+    with grpc.insecure_channel(served["target"]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.EventServiceStub(ch).LogEvents(req, timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(field)
+    assert len(served["store"].history(26, _NOW)) == 0  # the good event was not written either
+
+
+def test_an_empty_batch_is_invalid(served):
+    with grpc.insecure_channel(served["target"]) as ch:
+        with pytest.raises(grpc.RpcError) as err:
+            pb_grpc.EventServiceStub(ch).LogEvents(pb.LogEventsRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("events:")
+
+
+def test_store_outage_degrades_rank_and_refuses_events_until_it_recovers(tmp_path, make_fake_bundle, redis_server):
+    make_fake_bundle(tmp_path / "artifacts")
+    store = open_store(redis_server.url)
+    server, port, servicer = build_server(tmp_path / "artifacts", max_workers=2, live=LivePath(store))
+    target, now = f"127.0.0.1:{port}", time.time()
+    try:
+        client.log_events(target, [client.event(0, 5, now - 1, "click", 3.0)])
+        ok = _rank(target, 0, behaviours=[client.behaviour(8, 2.0)])
+        assert not ok.degraded_features and ok.stage_counts.sequence_length == 50
+        redis_server.stop()
+        down = _rank(target, 0, behaviours=[client.behaviour(8, 2.0)])
+        # still answered: the request's behaviour and the snapshot's (user 0 has 60)
+        assert down.degraded_features and down.stage_counts.sequence_length == 50 and len(down.items) == 10
+        cold = _rank(target, PROFILE_ONLY_USER, behaviours=[client.behaviour(8, 2.0)])
+        assert cold.degraded_features and cold.stage_counts.sequence_length == 1
+        assert servicer.metrics.value("recstack_degraded_features_total") == 2
+        with pytest.raises(grpc.RpcError) as err:
+            client.log_events(target, [client.event(0, 6, now, "click")])
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "nothing written" in err.value.details()
+        redis_server.start()
+        back = _rank(target, PROFILE_ONLY_USER)
+        assert not back.degraded_features
+        client.log_events(target, [client.event(PROFILE_ONLY_USER, 6, time.time(), "click")])
+        assert _rank(target, PROFILE_ONLY_USER).stage_counts.sequence_length == 1
+    finally:
+        server.stop(None)
+        store.close()
+
+
+def test_the_snapshot_clock_is_the_bundle_export_time():
+    from recstack.bundle import BundleError
+    from recstack.serving.cascade import snapshot_time
+
+    assert snapshot_time({"created": "2026-01-01T00:00:00+00:00"}) == 1767225600.0
+    assert snapshot_time({"created": "2026-01-01T00:00:00"}) == 1767225600.0  # no zone: UTC, as export writes it
+    with pytest.raises(BundleError, match="created"):
+        snapshot_time({"created": "yesterday"})

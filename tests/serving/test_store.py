@@ -1,0 +1,134 @@
+"""The online feature store, both implementations through the one interface: durable appends,
+newest-N bounded and expired histories, the snapshot seed, sharing across processes, and
+StoreUnavailable (then recovery) when Redis goes away."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recstack.serving.store import Events, Snapshot, StoreConfig, StoreUnavailable, open_store
+from recstack.serving.store.redis_store import user_key
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = StoreConfig(max_events=5, ttl_s=1000.0)
+
+
+def _events(user, ts, item=None, kind=0, dwell=1.0, rid=()):
+    ts = np.asarray(ts, np.float64)
+    n = len(ts)
+    item = np.arange(n) if item is None else item
+    return Events(np.full(n, user), item, np.broadcast_to(kind, n), ts, np.full(n, dwell), request_id=rid)
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def store(request, tmp_path):
+    if request.param == "sqlite":
+        s = open_store(str(tmp_path / "fs.sqlite3"), config=CONFIG)
+    else:
+        s = open_store(request.getfixturevalue("redis_server").url, config=CONFIG)
+    yield s
+    s.close()
+
+
+def test_history_is_newest_n_oldest_first_and_expires(store):
+    store.append(_events(3, [100, 200, 300, 400, 500, 600, 700, 800], item=np.arange(10, 18)))
+    store.append(_events(4, [150], item=[99]))
+    h = store.history(3, now=900.0)
+    assert h.ts.tolist() == [400, 500, 600, 700, 800] and h.item_id.tolist() == [13, 14, 15, 16, 17]
+    assert set(h.user_id.tolist()) == {3}
+    # aged at read time: at t=1650 only events of the last 1000 s are left
+    assert store.history(3, now=1650.0).ts.tolist() == [700, 800]
+    assert store.history(4, now=900.0).item_id.tolist() == [99]
+    assert len(store.history(5, now=900.0)) == 0
+
+
+def test_append_trims_each_user_to_max_events(store, tmp_path):
+    for start in range(0, 40, 4):
+        store.append(_events(7, np.arange(start, start + 4) + 1000.0))
+    assert store.history(7, now=1050.0).ts.tolist() == [1035.0, 1036.0, 1037.0, 1038.0, 1039.0]
+    if hasattr(store, "path"):  # the rows themselves are bounded, not only what is read
+        import sqlite3
+
+        assert sqlite3.connect(store.path).execute("SELECT COUNT(*) FROM events WHERE user_id = 7").fetchone()[0] == 5
+    else:
+        assert store.client.zcard(user_key(7)) == 5
+
+
+def test_equal_times_keep_write_order_and_columns_round_trip(store):
+    store.append(Events([1, 1], [5, 6], [2, 4], [100.0, 100.0], [0.0, 12.5], request_id=("r1", "")))
+    h = store.history(1, now=100.0)
+    assert h.item_id.tolist() == [5, 6] and h.kind.tolist() == [2, 4] and h.dwell.tolist() == [0.0, 12.5]
+
+
+def test_history_merges_the_snapshot_seed(store):
+    snap = Snapshot.from_seconds_ago([0, 2, 2], [10.0, 50.0, 20.0], [7, 8, 9], [0, 1, 0], [3.0, 0.0, 4.0], n_users=3,
+                                     time=1000.0)
+    store.seed(snap)
+    store.append(_events(2, [995.0], item=[42]))
+    h = store.history(2, now=1000.0)
+    assert h.ts.tolist() == [950.0, 980.0, 995.0] and h.item_id.tolist() == [8, 9, 42]
+    assert store.seed_history(2, now=1000.0).item_id.tolist() == [8, 9]
+    assert store.history(0, now=1000.0).item_id.tolist() == [7]
+    assert len(store.history(99, now=1000.0)) == 0  # a user the snapshot does not know
+
+
+_WRITER = """
+import sys
+import numpy as np
+from recstack.serving.store import Events, StoreConfig, open_store
+s = open_store(sys.argv[1], config=StoreConfig(max_events=5, ttl_s=1000.0))
+s.append(Events([11, 11], [1, 2], [0, 1], [500.0, 501.0], [3.0, 0.0]))
+s.close()
+"""
+
+
+def test_another_process_reads_what_one_wrote(store, tmp_path):
+    spec = str(store.path) if hasattr(store, "path") else store.url
+    subprocess.run([sys.executable, "-c", _WRITER, spec], cwd=REPO, check=True, timeout=60,
+                   env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert store.history(11, now=600.0).item_id.tolist() == [1, 2]
+
+
+def test_sqlite_runs_wal_with_full_sync(tmp_path):
+    s = open_store("", artifacts_root=tmp_path)
+    assert s.path == tmp_path / "feature_store.sqlite3"
+    conn = s._conn()
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+    s.close()
+
+
+def test_redis_keys_hash_to_one_cluster_slot_per_user():
+    assert user_key(12) == "recstack:{u:12}:events"  # the hash tag is the user's part only
+
+
+def test_redis_outage_is_unavailable_then_recovers(redis_server):
+    s = open_store(redis_server.url, config=CONFIG)
+    s.append(_events(1, [100.0]))
+    redis_server.stop()
+    with pytest.raises(StoreUnavailable, match="feature store"):
+        s.append(_events(1, [200.0]))
+    with pytest.raises(StoreUnavailable):
+        s.history(1, now=300.0)
+    assert not s.ping()
+    redis_server.start()  # same socket and AOF file: what was acknowledged is back
+    assert s.ping()
+    assert s.history(1, now=300.0).ts.tolist() == [100.0]
+    s.append(_events(1, [200.0]))
+    assert s.history(1, now=300.0).ts.tolist() == [100.0, 200.0]
+    s.close()
+
+
+@pytest.mark.parametrize("spec, message", [("ftp://x", "unknown scheme"), ("", "no path given")])
+def test_bad_store_specs_are_one_line_errors(spec, message):
+    with pytest.raises(ValueError, match=message):
+        open_store(spec)
+
+
+def test_store_config_is_checked():
+    with pytest.raises(ValueError, match="max_events"):
+        StoreConfig(max_events=0)
