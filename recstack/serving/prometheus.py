@@ -12,6 +12,7 @@ Series (all prefixed `recstack_`):
     queue_depth                       gauge: Rank calls admitted and waiting for a cascade slot
     model_info{version}               gauge, 1 for the loaded version (the only series with value 1)
     reloads_total{result}             counter: ok / failed
+    degraded_retrieval_total          counter: Rank answers served from popularity (retrieval backend down)
 """
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ class ServingMetrics:
         self.queue_depth = Gauge("recstack_queue_depth", "Rank calls admitted and waiting for a cascade slot", registry=r)
         self.model_info = Gauge("recstack_model_info", "The loaded model version (value 1)", ["version"], registry=r)
         self.reloads = Counter("recstack_reloads", "Model loads by result", ["result"], registry=r)
+        self.degraded_retrieval = Counter("recstack_degraded_retrieval",
+                                          "Rank answers whose candidates came from popularity (retrieval backend "
+                                          "unavailable)", registry=r)
         self._version: str | None = None
         self._lock = threading.Lock()
 

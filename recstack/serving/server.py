@@ -74,7 +74,7 @@ def _now_iso(timespec: str = "seconds") -> str:
 
 
 def response_from_ranking(r: Ranking, version: str, debug: bool) -> pb.RankResponse:
-    resp = pb.RankResponse(model_version=version, cold_start=r.cold_start)
+    resp = pb.RankResponse(model_version=version, cold_start=r.cold_start, degraded_retrieval=r.degraded_retrieval)
     add = resp.items.add
     # one tolist() per column (Python ints / floats at once) instead of a numpy scalar per field: half the cost
     for item_id, score, pctr, pcvr, price, coarse, source in zip(
@@ -164,13 +164,15 @@ class RankingServicer:
 
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
                  onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
-                 worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None):
+                 worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None,
+                 cascade_options: dict | None = None):
         self.artifacts_root = artifacts_root
         self.limits = limits
         self.health = health_servicer
         self.admission = admission or RankAdmission(4, 12)
         self._bundle_key = bundle_key
         self.onnx_threads = onnx_threads
+        self.cascade_options = dict(cascade_options or {})  # Cascade.load options (the retrieval backend, ...)
         self.metrics = metrics or ServingMetrics()
         self._admin_token = admin_token.encode() if admin_token else None
         self.worker = worker
@@ -202,7 +204,8 @@ class RankingServicer:
         with self._reload_lock:
             t0 = time.perf_counter()
             try:
-                cascade = Cascade.load(path, onnx_threads=self.onnx_threads, key=self._bundle_key)  # verified, warmed
+                cascade = Cascade.load(path, onnx_threads=self.onnx_threads, key=self._bundle_key,
+                                       **self.cascade_options)  # verified, warmed
             except Exception as e:
                 self.metrics.reloads.labels("failed").inc()
                 reason = str(e) if isinstance(e, B.BundleError) else f"{type(e).__name__}: {e}"
@@ -337,6 +340,9 @@ class RankingServicer:
             finally:
                 self.admission.leave()
             self.metrics.observe_stages(ranking.timings_ms)
+            if ranking.degraded_retrieval:
+                self.metrics.degraded_retrieval.inc()
+                extra["degraded_retrieval"] = True
             extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids))
             return response_from_ranking(ranking, cascade.version, request.debug)
 
@@ -398,6 +404,7 @@ def create_server(
     worker: int = 0,
     load_first: bool = False,
     bundle_key: bytes | None = None,
+    cascade_options: dict | None = None,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
     `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
@@ -422,7 +429,8 @@ def create_server(
     health_servicer = HealthServicer()
     metrics = metrics or ServingMetrics()
     servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
-                               admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key)
+                               admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key,
+                               cascade_options=cascade_options)
     metrics.track_queue(lambda: admission.waiting)
     servicer.set_serving(False)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
@@ -462,7 +470,8 @@ def build_server(
     `limits` (ServingLimits), `onnx_threads` (intra-op threads per ONNX session), `reuse_port`,
     `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
     `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,
-    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it).
+    `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it),
+    `cascade_options` (Cascade.load options: retrieval_backend, retrieval_timeout_s, i2i_share, ...).
     """
     server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:

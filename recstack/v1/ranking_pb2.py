@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recstack/v1/ranking.proto\x12\x0brecstack.v1\"r\n\tBehaviour\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0bseconds_ago\x18\x02 \x01(\x01\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.recstack.v1.BehaviourKind\x12\x15\n\rdwell_seconds\x18\x04 \x01(\x01\"\xb7\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x31\n\x11recent_behaviours\x18\x02 \x03(\x0b\x32\x16.recstack.v1.Behaviour\x12\x18\n\x0bnum_results\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0eretrieval_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x63oarse_size\x18\x05 \x01(\x05\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\x42\x0e\n\x0c_num_results\"}\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04pctr\x18\x03 \x01(\x01\x12\x0c\n\x04pcvr\x18\x04 \x01(\x01\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x14\n\x0c\x63oarse_score\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\"o\n\x0cStageTimings\x12\x13\n\x0b\x66\x65\x61tures_ms\x18\x01 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\x12\x11\n\tcoarse_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x66ine_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"[\n\x0bStageCounts\x12\x11\n\tretrieved\x18\x01 \x01(\x05\x12\x0e\n\x06\x63oarse\x18\x02 \x01(\x05\x12\x10\n\x08returned\x18\x03 \x01(\x05\x12\x17\n\x0fsequence_length\x18\x04 \x01(\x05\"\xbd\x01\n\x0cRankResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.recstack.v1.RankedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.recstack.v1.StageTimings\x12.\n\x0cstage_counts\x18\x05 \x01(\x0b\x32\x18.recstack.v1.StageCounts\"\x15\n\x13GetModelInfoRequest\"\x81\x02\n\x0bStageLimits\x12\x1b\n\x13num_results_default\x18\x01 \x01(\x05\x12\x17\n\x0fnum_results_max\x18\x02 \x01(\x05\x12\x1e\n\x16retrieval_size_default\x18\x03 \x01(\x05\x12\x1a\n\x12retrieval_size_max\x18\x04 \x01(\x05\x12\x1b\n\x13\x63oarse_size_default\x18\x05 \x01(\x05\x12\x17\n\x0f\x63oarse_size_max\x18\x06 \x01(\x05\x12\x16\n\x0e\x62\x65haviours_max\x18\x07 \x01(\x05\x12\x17\n\x0fseconds_ago_max\x18\x08 \x01(\x01\x12\x19\n\x11\x64well_seconds_max\x18\t \x01(\x01\"\xf4\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_path\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x11\n\tloaded_at\x18\x04 \x01(\t\x12\x0f\n\x07n_items\x18\x05 \x01(\x03\x12\x0f\n\x07n_users\x18\x06 \x01(\x03\x12(\n\x06limits\x18\x07 \x01(\x0b\x32\x18.recstack.v1.StageLimits\x12\x15\n\rmanifest_json\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x03\x12\x0e\n\x06worker\x18\n \x01(\x05\x12\x17\n\x0flast_load_error\x18\x0b \x01(\t\" \n\rReloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\t*F\n\rBehaviourKind\x12\x18\n\x14\x42\x45HAVIOUR_KIND_CLICK\x10\x00\x12\x1b\n\x17\x42\x45HAVIOUR_KIND_PURCHASE\x10\x01\x32M\n\x0eRankingService\x12;\n\x04Rank\x12\x18.recstack.v1.RankRequest\x1a\x19.recstack.v1.RankResponse2\x96\x01\n\x0cModelService\x12H\n\x0cGetModelInfo\x12 .recstack.v1.GetModelInfoRequest\x1a\x16.recstack.v1.ModelInfo\x12<\n\x06Reload\x12\x1a.recstack.v1.ReloadRequest\x1a\x16.recstack.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recstack/v1/ranking.proto\x12\x0brecstack.v1\"r\n\tBehaviour\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\x13\n\x0bseconds_ago\x18\x02 \x01(\x01\x12(\n\x04kind\x18\x03 \x01(\x0e\x32\x1a.recstack.v1.BehaviourKind\x12\x15\n\rdwell_seconds\x18\x04 \x01(\x01\"\xb7\x01\n\x0bRankRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\x03\x12\x31\n\x11recent_behaviours\x18\x02 \x03(\x0b\x32\x16.recstack.v1.Behaviour\x12\x18\n\x0bnum_results\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\x0eretrieval_size\x18\x04 \x01(\x05\x12\x13\n\x0b\x63oarse_size\x18\x05 \x01(\x05\x12\r\n\x05\x64\x65\x62ug\x18\x06 \x01(\x08\x42\x0e\n\x0c_num_results\"}\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\x03\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04pctr\x18\x03 \x01(\x01\x12\x0c\n\x04pcvr\x18\x04 \x01(\x01\x12\r\n\x05price\x18\x05 \x01(\x01\x12\x14\n\x0c\x63oarse_score\x18\x06 \x01(\x01\x12\x0e\n\x06source\x18\x07 \x01(\t\"o\n\x0cStageTimings\x12\x13\n\x0b\x66\x65\x61tures_ms\x18\x01 \x01(\x01\x12\x14\n\x0cretrieval_ms\x18\x02 \x01(\x01\x12\x11\n\tcoarse_ms\x18\x03 \x01(\x01\x12\x0f\n\x07\x66ine_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"[\n\x0bStageCounts\x12\x11\n\tretrieved\x18\x01 \x01(\x05\x12\x0e\n\x06\x63oarse\x18\x02 \x01(\x05\x12\x10\n\x08returned\x18\x03 \x01(\x05\x12\x17\n\x0fsequence_length\x18\x04 \x01(\x05\"\xd9\x01\n\x0cRankResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.recstack.v1.RankedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x12\n\ncold_start\x18\x03 \x01(\x08\x12*\n\x07timings\x18\x04 \x01(\x0b\x32\x19.recstack.v1.StageTimings\x12.\n\x0cstage_counts\x18\x05 \x01(\x0b\x32\x18.recstack.v1.StageCounts\x12\x1a\n\x12\x64\x65graded_retrieval\x18\x08 \x01(\x08\"\x15\n\x13GetModelInfoRequest\"\x81\x02\n\x0bStageLimits\x12\x1b\n\x13num_results_default\x18\x01 \x01(\x05\x12\x17\n\x0fnum_results_max\x18\x02 \x01(\x05\x12\x1e\n\x16retrieval_size_default\x18\x03 \x01(\x05\x12\x1a\n\x12retrieval_size_max\x18\x04 \x01(\x05\x12\x1b\n\x13\x63oarse_size_default\x18\x05 \x01(\x05\x12\x17\n\x0f\x63oarse_size_max\x18\x06 \x01(\x05\x12\x16\n\x0e\x62\x65haviours_max\x18\x07 \x01(\x05\x12\x17\n\x0fseconds_ago_max\x18\x08 \x01(\x01\x12\x19\n\x11\x64well_seconds_max\x18\t \x01(\x01\"\xf4\x01\n\tModelInfo\x12\x15\n\rmodel_version\x18\x01 \x01(\t\x12\x13\n\x0b\x62undle_path\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\t\x12\x11\n\tloaded_at\x18\x04 \x01(\t\x12\x0f\n\x07n_items\x18\x05 \x01(\x03\x12\x0f\n\x07n_users\x18\x06 \x01(\x03\x12(\n\x06limits\x18\x07 \x01(\x0b\x32\x18.recstack.v1.StageLimits\x12\x15\n\rmanifest_json\x18\x08 \x01(\t\x12\x0b\n\x03pid\x18\t \x01(\x03\x12\x0e\n\x06worker\x18\n \x01(\x05\x12\x17\n\x0flast_load_error\x18\x0b \x01(\t\" \n\rReloadRequest\x12\x0f\n\x07version\x18\x01 \x01(\t*F\n\rBehaviourKind\x12\x18\n\x14\x42\x45HAVIOUR_KIND_CLICK\x10\x00\x12\x1b\n\x17\x42\x45HAVIOUR_KIND_PURCHASE\x10\x01\x32M\n\x0eRankingService\x12;\n\x04Rank\x12\x18.recstack.v1.RankRequest\x1a\x19.recstack.v1.RankResponse2\x96\x01\n\x0cModelService\x12H\n\x0cGetModelInfo\x12 .recstack.v1.GetModelInfoRequest\x1a\x16.recstack.v1.ModelInfo\x12<\n\x06Reload\x12\x1a.recstack.v1.ReloadRequest\x1a\x16.recstack.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recstack.v1.ranking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BEHAVIOURKIND']._serialized_start=1433
-  _globals['_BEHAVIOURKIND']._serialized_end=1503
+  _globals['_BEHAVIOURKIND']._serialized_start=1461
+  _globals['_BEHAVIOURKIND']._serialized_end=1531
   _globals['_BEHAVIOUR']._serialized_start=42
   _globals['_BEHAVIOUR']._serialized_end=156
   _globals['_RANKREQUEST']._serialized_start=159
@@ -44,17 +44,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGECOUNTS']._serialized_start=584
   _globals['_STAGECOUNTS']._serialized_end=675
   _globals['_RANKRESPONSE']._serialized_start=678
-  _globals['_RANKRESPONSE']._serialized_end=867
-  _globals['_GETMODELINFOREQUEST']._serialized_start=869
-  _globals['_GETMODELINFOREQUEST']._serialized_end=890
-  _globals['_STAGELIMITS']._serialized_start=893
-  _globals['_STAGELIMITS']._serialized_end=1150
-  _globals['_MODELINFO']._serialized_start=1153
-  _globals['_MODELINFO']._serialized_end=1397
-  _globals['_RELOADREQUEST']._serialized_start=1399
-  _globals['_RELOADREQUEST']._serialized_end=1431
-  _globals['_RANKINGSERVICE']._serialized_start=1505
-  _globals['_RANKINGSERVICE']._serialized_end=1582
-  _globals['_MODELSERVICE']._serialized_start=1585
-  _globals['_MODELSERVICE']._serialized_end=1735
+  _globals['_RANKRESPONSE']._serialized_end=895
+  _globals['_GETMODELINFOREQUEST']._serialized_start=897
+  _globals['_GETMODELINFOREQUEST']._serialized_end=918
+  _globals['_STAGELIMITS']._serialized_start=921
+  _globals['_STAGELIMITS']._serialized_end=1178
+  _globals['_MODELINFO']._serialized_start=1181
+  _globals['_MODELINFO']._serialized_end=1425
+  _globals['_RELOADREQUEST']._serialized_start=1427
+  _globals['_RELOADREQUEST']._serialized_end=1459
+  _globals['_RANKINGSERVICE']._serialized_start=1533
+  _globals['_RANKINGSERVICE']._serialized_end=1610
+  _globals['_MODELSERVICE']._serialized_start=1613
+  _globals['_MODELSERVICE']._serialized_end=1763
 # @@protoc_insertion_point(module_scope)
