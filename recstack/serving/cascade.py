@@ -51,6 +51,7 @@ SOURCES = (SOURCE_ANN, SOURCE_I2I, SOURCE_POPULAR)  # a candidate's source code 
 # share of the request's remaining time a remote retrieval call may take (the rest is for the
 # later stages, or for the degraded answer if the call times out)
 RETRIEVAL_DEADLINE_SHARE = 0.5
+WARM_UP_TIMEOUT_S = 30.0  # a remote retrieval call during the warm-up (loading the collection may take this)
 
 # inputs each ONNX model may declare (docs/ARCHITECTURE.md "Feature tensors")
 _TOWER_INPUTS = {"user_feats", "seq_items", "seq_extras"}
@@ -201,7 +202,11 @@ class Cascade:
 
         # retrieval; item_emb (the item-to-item source's vectors) is None in an ANN-only bundle
         self.retrieval_tower = OnnxModel(bundle, RETRIEVAL_TOWER, _TOWER_INPUTS, onnx_threads)
+        if not retrieval_timeout_s > 0:
+            raise ValueError(f"retrieval_timeout_s must be > 0, got {retrieval_timeout_s}")
         self.retrieval = open_backend(bundle, self.n_items, retrieval_backend, timeout_s=retrieval_timeout_s)
+        # the longest one remote retrieval call may take; the warm-up lifts it (first calls are slow)
+        self.retrieval_timeout_s = float(retrieval_timeout_s)
         # the FAISS backend's index and applied search knobs (None / {} with a remote backend)
         self.index = getattr(self.retrieval, "index", None)
         self.search_params: dict[str, int] = dict(getattr(self.retrieval, "search_params", {}) or {})
@@ -254,8 +259,15 @@ class Cascade:
         """Check every stage's outputs on the probe requests, then run the full cascade on them:
         first-call costs are paid here, and a model whose outputs break a stage's contract
         (a non-finite embedding or score, a probability outside [0, 1]) is refused, naming its
-        file, before it serves."""
+        file, before it serves. A remote retrieval backend must answer every probe (within
+        WARM_UP_TIMEOUT_S each: its first calls load the collection)."""
+        cap, self.retrieval_timeout_s = self.retrieval_timeout_s, WARM_UP_TIMEOUT_S  # not serving yet: no one else reads it
+        try:
+            self._warm_up()
+        finally:
+            self.retrieval_timeout_s = cap
 
+    def _warm_up(self) -> None:
         def finite(values: np.ndarray, name: str, what: str) -> None:
             if not np.all(np.isfinite(values)):
                 raise BundleError(f"bundle file {name!r}: {what} not finite on a probe request")
@@ -267,7 +279,7 @@ class Cascade:
             user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
             finite(user_emb, RETRIEVAL_TOWER, "user embedding")
             try:
-                ids = self.retrieval.search(user_emb, q.retrieval_size)  # (1, R)
+                ids = self.retrieval.search(user_emb, q.retrieval_size, timeout_s=WARM_UP_TIMEOUT_S)  # (1, R)
             except RetrievalUnavailable as e:
                 raise BundleError(f"retrieval backend {self.retrieval.name}: {e}") from e
             if not (ids[0] >= 0).any():
@@ -280,6 +292,9 @@ class Cascade:
                 finite(user_vec, COARSE_TOWER, "user vector")
                 finite(coarse, COARSE_ITEM_VECTORS, "coarse scores")
             res = self.rank(q)
+            if res.degraded_retrieval:
+                raise BundleError(f"retrieval backend {self.retrieval.name}: did not answer a probe request "
+                                  f"within {WARM_UP_TIMEOUT_S:.0f} s")
             for name, p in ((FINE_CTR, res.pctr), (FINE_CVR, res.pcvr)):
                 if not (np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))):
                     raise BundleError(f"bundle file {name!r}: outputs outside [0, 1]; expected probabilities")
@@ -351,7 +366,8 @@ class Cascade:
         if n_i2i:
             queries = np.concatenate([user_emb, np.asarray(self.item_emb[seeds], np.float32)])  # (1 + S, D)
         try:
-            ids = self.retrieval.search(queries, max(k, per_seed), timeout_s=timeout_s)  # (1 + S, k'), -1 pads
+            timeout = self.retrieval_timeout_s if timeout_s is None else min(timeout_s, self.retrieval_timeout_s)
+            ids = self.retrieval.search(queries, max(k, per_seed), timeout_s=timeout)  # (1 + S, k'), -1 pads
         except RetrievalUnavailable as e:
             _log_degraded(self.retrieval.name, e)
             return self.popular[:k].copy(), np.full(k, SOURCES.index(SOURCE_POPULAR), np.int8)

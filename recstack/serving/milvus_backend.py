@@ -6,8 +6,9 @@ pymilvus (the same client for a Milvus cluster and for milvus-lite's local `.db`
     ids = backend.search(queries, k, timeout_s=0.02)               # (Q, D) -> (Q, k) int64, -1 padded
 
 Versioning: a bundle's embeddings are published to `<collection>_v<first 16 hex of their
-sha256>` and the collection's description records the full sha256, the item count and the
-dimension. A bundle loads only against the collection of its own embedding version (a
+sha256>`, and the collection's properties record the full sha256, the item count and the
+dimension — written last, once every vector is in, so a collection whose publishing stopped
+half-way carries no version and is refused. A bundle loads only against the collection of its own embedding version (a
 bundle exported after the collection was republished, or one whose collection was never
 published, is refused at load); two bundle versions can therefore serve side by side during
 a reload, each from its own collection. Old versions are dropped by the operator
@@ -36,8 +37,11 @@ def collection_name(collection: str, version: str) -> str:
     return f"{collection}_v{version[:16]}"
 
 
-def _description(version: str, n_items: int, dim: int) -> str:
-    return json.dumps({"recstack_embedding_sha256": version, "n_items": n_items, "dim": dim}, sort_keys=True)
+VERSION_PROPERTY = "recstack.embedding"  # JSON {"sha256", "n_items", "dim"}
+
+
+def _version_property(version: str, n_items: int, dim: int) -> dict[str, str]:
+    return {VERSION_PROPERTY: json.dumps({"sha256": version, "n_items": n_items, "dim": dim}, sort_keys=True)}
 
 
 def publish(item_emb: np.ndarray, uri: str, collection: str, version: str, index_type: str = "FLAT",
@@ -53,7 +57,7 @@ def publish(item_emb: np.ndarray, uri: str, collection: str, version: str, index
     try:
         if client.has_collection(name):
             client.drop_collection(name)
-        schema = client.create_schema(auto_id=False, description=_description(version, n, dim))
+        schema = client.create_schema(auto_id=False)
         schema.add_field(ID_FIELD, DataType.INT64, is_primary=True)
         schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
         params = client.prepare_index_params()
@@ -65,6 +69,7 @@ def publish(item_emb: np.ndarray, uri: str, collection: str, version: str, index
             rows = np.asarray(item_emb[s:s + batch], np.float32)
             client.insert(name, [{ID_FIELD: s + i, VECTOR_FIELD: v} for i, v in enumerate(rows)])
         client.flush(name)
+        client.alter_collection_properties(name, properties=_version_property(version, n, dim))
         client.load_collection(name)
     finally:
         client.close()
@@ -106,12 +111,12 @@ class MilvusBackend:
                               f" published versions: {others or 'none'} (publish with `recstack export --publish`)")
         desc = client.describe_collection(name)
         try:
-            meta = json.loads(desc.get("description") or "{}")
+            meta = json.loads((desc.get("properties") or {}).get(VERSION_PROPERTY) or "{}")
         except json.JSONDecodeError:
             meta = {}
-        if meta.get("recstack_embedding_sha256") != version:
-            raise BundleError(f"{where}: {name!r} holds embedding version {meta.get('recstack_embedding_sha256')!r}, "
-                              f"the bundle was built with {version!r}")
+        if meta.get("sha256") != version:
+            raise BundleError(f"{where}: {name!r} holds embedding version {meta.get('sha256')!r} (none: its publishing "
+                              f"did not finish), the bundle was built with {version!r}")
         vec = next((f for f in desc["fields"] if f["name"] == VECTOR_FIELD), None)
         dim = int(vec["params"]["dim"]) if vec else -1
         rows = int(client.get_collection_stats(name).get("row_count", -1))
@@ -126,8 +131,8 @@ class MilvusBackend:
 
     def search(self, queries: np.ndarray, k: int, timeout_s: float | None = None) -> np.ndarray:
         """queries (Q, D) float32 -> (Q, k) int64, -1 padded; one remote call for all the rows,
-        bounded by min(timeout_s, this backend's timeout)."""
-        timeout = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        bounded by timeout_s (None: this backend's default timeout)."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
         if timeout <= 0:
             raise RetrievalUnavailable("milvus search: no time left for the remote call")
         limit = min(k, MAX_LIMIT, self.n_items)
@@ -138,7 +143,7 @@ class MilvusBackend:
             raise RetrievalUnavailable(f"milvus search: {type(e).__name__}: {str(e)[:200]}") from e
         out = np.full((len(queries), k), -1, np.int64)
         for row, found in enumerate(hits):
-            ids = [h["id"] for h in found][:k]
+            ids = list(found.ids)[:k]  # the primary keys (item ids), best first
             out[row, :len(ids)] = ids
         return out
 
