@@ -45,10 +45,11 @@ def _version_property(version: str, n_items: int, dim: int) -> dict[str, str]:
 
 
 def publish(item_emb: np.ndarray, uri: str, collection: str, version: str, index_type: str = "FLAT",
-            batch: int = 20_000) -> str:
+            batch: int = 20_000, nlist: int | None = None) -> str:
     """Write the (I, D) float32 item vectors (row = item id) to the collection of `version`,
     index them by inner product and load them; an existing collection of that version is
-    replaced. -> the physical collection name."""
+    replaced. `nlist`: IVF_FLAT's lists (default I / 256, at most 4096). -> the physical
+    collection name."""
     if index_type not in INDEX_SEARCH_PARAMS:
         raise ValueError(f"index_type {index_type!r}: expected one of {sorted(INDEX_SEARCH_PARAMS)}")
     n, dim = item_emb.shape
@@ -61,7 +62,7 @@ def publish(item_emb: np.ndarray, uri: str, collection: str, version: str, index
         schema.add_field(ID_FIELD, DataType.INT64, is_primary=True)
         schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
         params = client.prepare_index_params()
-        build = {"nlist": max(1, min(4096, n // 256))} if index_type == "IVF_FLAT" else (
+        build = {"nlist": nlist or max(1, min(4096, n // 256))} if index_type == "IVF_FLAT" else (
             {"M": 32, "efConstruction": 200} if index_type == "HNSW" else {})
         params.add_index(VECTOR_FIELD, index_type=index_type, metric_type="IP", params=build)
         client.create_collection(name, schema=schema, index_params=params)
