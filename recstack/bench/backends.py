@@ -184,7 +184,35 @@ def run(out: str | Path, *, n_items: int = 1_000_000, n_queries: int = 300, k: i
         _stop(proc)
     res["machine"]["load_avg_at_end"] = os.getloadavg()
     (out / "results.json").write_text(json.dumps(res, indent=2, default=str) + "\n")
+    (out / "report.md").write_text("\n".join(report_lines(res)) + "\n")
     return res
+
+
+def report_lines(res: dict) -> list[str]:
+    """results.json -> report.md lines: the retrieval table, then the end-to-end table."""
+    r = res["retrieval"]
+    m = res["machine"]
+    lines = [f"# Retrieval backends side by side", "", f"`{res['command']}`", "",
+             f"Machine: {m['cpus']} CPUs, shared; load average {m['load_avg_at_start'][0]:.1f} at the start, "
+             f"{m['load_avg_at_end'][0]:.1f} at the end (other jobs).", "",
+             f"## Retrieval: {r['n_items']:,} synthetic {r['dim']}-d unit vectors, {r['queries']} queries, "
+             f"one call of {r['rows_per_call']} rows (user + seeds), k = {r['k']}", "",
+             "| backend | index | recall@%d vs exact | p50 ms / call | p99 ms / call | build + load s |" % r["k"],
+             "|---|---|---|---|---|---|"]
+    for b in ("faiss", "milvus"):
+        lines.append(f"| {b} | {r['index'][b]} | {r[b]['recall_at_k']:.3f} | {r[b]['p50_ms']:.1f} | "
+                     f"{r[b]['p99_ms']:.1f} | {r['build_seconds'][b]:.1f} |")
+    e = res.get("e2e")
+    if e:
+        lines += ["", f"## End to end: `recstack serve` (1 process, 4 threads) over {e['artifacts']} "
+                      f"({e['n_items']:,} items), retrieval timeout 50 ms", "",
+                  "| backend | best QPS with p99 <= 50 ms | runs (offered QPS: p99 ms) | OK answers | degraded answers |",
+                  "|---|---|---|---|---|"]
+        for b in ("faiss", "milvus"):
+            x = e[b]
+            runs = ", ".join(f"{r_['offered_qps']:.1f}: {r_['latency_ms']['p99']}" for r_ in x["runs"])
+            lines.append(f"| {b} | {x['best_qps']:.1f} | {runs} | {x['ok_answers']} | {x['degraded_answers']:.0f} |")
+    return lines
 
 
 def main(argv=None) -> int:
