@@ -278,10 +278,14 @@ class Cascade:
                         "seq_items": seq_items, "seq_extras": seq_extras}
             user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
             finite(user_emb, RETRIEVAL_TOWER, "user embedding")
-            try:
-                ids = self.retrieval.search(user_emb, q.retrieval_size, timeout_s=WARM_UP_TIMEOUT_S)  # (1, R)
-            except RetrievalUnavailable as e:
-                raise BundleError(f"retrieval backend {self.retrieval.name}: {e}") from e
+            if self.index is not None:  # the FAISS index in process: its scores are checked too
+                scores, ids = self.index.search(user_emb, q.retrieval_size)  # (1, R) each
+                finite(scores[0][ids[0] >= 0], RETRIEVAL_INDEX, "retrieval scores")
+            else:
+                try:
+                    ids = self.retrieval.search(user_emb, q.retrieval_size, timeout_s=WARM_UP_TIMEOUT_S)  # (1, R)
+                except RetrievalUnavailable as e:
+                    raise BundleError(f"retrieval backend {self.retrieval.name}: {e}") from e
             if not (ids[0] >= 0).any():
                 raise BundleError(f"retrieval backend {self.retrieval.name} ({RETRIEVAL_INDEX!r} or its collection): "
                                   "the search found no item for a probe request")
