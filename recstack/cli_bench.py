@@ -207,8 +207,9 @@ def add_parser(sub, formatter) -> None:
     p.add_argument("--items", type=int, default=1_000_000, help="synthetic corpus size (64-d unit vectors)")
     p.add_argument("--queries", type=int, default=300, help="queries (each one call of the user row + 5 seeds)")
     p.add_argument("-k", type=int, default=1000, help="K of recall@K")
-    p.add_argument("--nlist", type=int, default=4096, help="IVF lists of both backends' index")
-    p.add_argument("--nprobe", type=int, default=48, help="IVF lists searched per query, both backends")
+    p.add_argument("--nlist", type=int, default=128,
+                   help="IVF lists of both backends' index (milvus-lite rebuilds with 128 whatever is asked)")
+    p.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query, both backends")
     p.add_argument("--artifacts", default=None, help="a bundle: serve it with each backend and sweep the QPS")
     p.add_argument("--scratch", default=None, help="milvus-lite data and server logs (default /tmp/recstack-bench-backends)")
 

@@ -124,7 +124,8 @@ class MilvusBackend:
         if rows != n_items or meta.get("n_items") != n_items or dim != meta.get("dim"):
             raise BundleError(f"{where}: {name!r} holds {rows} vectors of dimension {dim}; the bundle has {n_items} "
                               f"items of dimension {meta.get('dim')}")
-        client.load_collection(name)
+        if "Loaded" not in str(client.get_load_state(name).get("state", "")):
+            client.load_collection(name)  # loading again when loaded would rebuild milvus-lite's index
         index_type = ""
         for index in client.list_indexes(name):
             index_type = str(client.describe_index(name, index).get("index_type", ""))
