@@ -19,6 +19,7 @@ USER_ERRORS = {
     "recstack.data": "DataError", "recstack.training.checkpoint": "CheckpointError", "recstack.bundle": "BundleError",
     "recstack.pipeline.export": "ExportError", "retrieval.export": "ExportError", "coarse_rank.export": "ExportError",
     "fine_rank.export": "ExportError", "recstack.training.distributed": "DistributedError",
+    "recstack.pipeline.publish": "PublishError",
 }
 TRACEBACK_ENV = "RECSTACK_TRACEBACK"  # set to 1: errors raise with their traceback (for bug reports)
 
@@ -175,7 +176,8 @@ def _cmd_export(args) -> int:
         return 0
 
     key = os.environ.get("RECSTACK_BUNDLE_KEY")  # when set, the manifest is HMAC-signed with it
-    path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None, value_column=args.value_column)
+    path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None, value_column=args.value_column,
+                         publish=args.publish, publish_index=args.publish_index)
     print(f"bundle written: {path}")
     return 0
 
@@ -190,6 +192,12 @@ def _cmd_serve(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("recstack serve: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    from recstack.serving.candidates import parse_backend_uri
+    try:
+        parse_backend_uri(args.retrieval_backend)
+    except ValueError as e:
+        print(f"recstack serve: --retrieval-backend: {e}", file=sys.stderr)
+        return 2
     try:
         return serve(args.artifacts, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
                      max_queue=args.max_queue, onnx_threads=args.onnx_threads, grace_s=args.grace, admin_token=token,
@@ -197,7 +205,8 @@ def _cmd_serve(args) -> int:
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                      bundle_key=os.environ.get("RECSTACK_BUNDLE_KEY") or None,
                      max_message_bytes=args.max_message_bytes, feature_store=args.feature_store,
-                     impression_log=args.impression_log)
+                     impression_log=args.impression_log, retrieval_backend=args.retrieval_backend,
+                     retrieval_timeout_s=args.retrieval_timeout_ms / 1e3)
     except BundleError as e:
         print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)
         return 1
@@ -282,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--value-column", default=None, choices=["price", "value", "one"],
                    help="the objective pCTR x pCVR x VALUE: the items' price, their `value` column (margin, ...) or 1 "
                         "(default: the data folder's world.json objective_value, else price)")
+    s.add_argument("--publish", default=None, metavar="URI",
+                   help="also publish the item embeddings to milvus://HOST:PORT/COLLECTION (or milvus:///FILE.db/"
+                        "COLLECTION), versioned by their checksum, before `current` moves")
+    s.add_argument("--publish-index", default="FLAT", choices=("FLAT", "IVF_FLAT", "HNSW"),
+                   help="the Milvus index type of the published collection")
 
     s = _add(sub, "serve", "serve a bundle over gRPC", _cmd_serve)
     _serve_arguments(s)
@@ -327,6 +341,11 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="Prometheus /metrics on this port (worker i: port + i; 0 = any free port)")
     s.add_argument("--metrics-host", default=None, help="listen address of /metrics (default: --host)")
     s.add_argument("--max-message-bytes", type=int, default=64 << 10, help="largest request accepted")
+    s.add_argument("--retrieval-backend", default="faiss",
+                   help="faiss (the bundle's index, in process) | milvus://HOST:PORT/COLLECTION | "
+                        "milvus:///PATH/FILE.db/COLLECTION (milvus-lite)")
+    s.add_argument("--retrieval-timeout-ms", type=float, default=50.0,
+                   help="the longest a remote retrieval call may take; past it Rank serves popularity candidates")
 
 
 def _version() -> str:

@@ -1,4 +1,4 @@
-"""`recstack bench {all,retrieval,cascade,models,train,soak}`: one sub-parser per benchmark, so that
+"""`recstack bench {all,retrieval,cascade,models,train,soak,backends}`: one sub-parser per benchmark, so that
 `recstack bench X --help` shows only X's options. Reports go to `--out`, by default a fresh
 `./runs/bench-<what>-<timestamp>/` (never into a checkout's committed `docs/results/`)."""
 from __future__ import annotations
@@ -111,11 +111,19 @@ def _soak(args, out: Path) -> None:
                       "max_abs_rss_drift": res["max_abs_rss_drift"]}, indent=2))
 
 
-RUNNERS = {"soak": _soak, "all": _all, "retrieval": _retrieval, "cascade": _cascade, "models": _models, "train": _train}
+def _backends(args, out: Path) -> None:
+    from recstack.bench.backends import run
+
+    res = run(out, n_items=args.items, n_queries=args.queries, k=args.k, nlist=args.nlist, nprobe=args.nprobe,
+              artifacts=args.artifacts, scratch=args.scratch or "/tmp/recstack-bench-backends", command=_command())
+    print(json.dumps({b: res["retrieval"][b] for b in ("faiss", "milvus")}, indent=2))
+
+
+RUNNERS = {"backends": _backends, "soak": _soak, "all": _all, "retrieval": _retrieval, "cascade": _cascade, "models": _models, "train": _train}
 
 
 def cmd_bench(args) -> int:
-    for name in ("queries", "timed", "k", "users", "steps", "repeats", "gmv_users"):
+    for name in ("queries", "timed", "k", "users", "steps", "repeats", "gmv_users", "items", "nlist", "nprobe"):
         if getattr(args, name, 1) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = args.out or args.bench_out
@@ -136,9 +144,9 @@ def cmd_bench(args) -> int:
 
 
 def add_parser(sub, formatter) -> None:
-    """`bench` and its six sub-parsers, on the `recstack` sub-parsers action `sub`."""
+    """`bench` and its seven sub-parsers, on the `recstack` sub-parsers action `sub`."""
     b = sub.add_parser("bench", formatter_class=formatter,
-                       help="benchmarks: all / retrieval / cascade / models / train / soak (`recstack bench X --help`)",
+                       help="benchmarks: all / retrieval / cascade / models / train / soak / backends (`recstack bench X --help`)",
                        description=__doc__)
     # also accepted before the benchmark's name (`recstack bench --out DIR models`)
     b.add_argument("--out", dest="bench_out", default=None, metavar="DIR", help="same as `recstack bench X --out DIR`")
@@ -193,6 +201,17 @@ def add_parser(sub, formatter) -> None:
     p.add_argument("--reload-every", type=float, default=60.0, help="seconds between Reloads of both servers")
     p.add_argument("--restart-every", type=float, default=5.0, help="minutes between SIGTERM + restart of a server")
     p.add_argument("--scratch", default=None, help="scratch folder (bundles, server logs; default: a temporary one)")
+
+    p = new("backends", "retrieval backends side by side: FAISS in process vs Milvus (milvus-lite server), "
+                        "recall@K vs exact and p50/p99 per call; with --artifacts, end-to-end QPS at p99 <= 50 ms each")
+    p.add_argument("--items", type=int, default=1_000_000, help="synthetic corpus size (64-d unit vectors)")
+    p.add_argument("--queries", type=int, default=300, help="queries (each one call of the user row + 5 seeds)")
+    p.add_argument("-k", type=int, default=1000, help="K of recall@K")
+    p.add_argument("--nlist", type=int, default=128,
+                   help="IVF lists of both backends' index (milvus-lite rebuilds with 128 whatever is asked)")
+    p.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query, both backends")
+    p.add_argument("--artifacts", default=None, help="a bundle: serve it with each backend and sweep the QPS")
+    p.add_argument("--scratch", default=None, help="milvus-lite data and server logs (default /tmp/recstack-bench-backends)")
 
     p = new("train", "coarse training cost per teacher, relative to the student alone")
     p.add_argument("--data", required=True, help="a `recstack simulate` folder")

@@ -531,3 +531,34 @@ def redis_server(tmp_path_factory):
     server = RedisServer(tmp_path_factory.mktemp("redis")).start()
     yield server
     server.stop()
+
+
+# --- retrieval backends ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def milvus_lite():
+    """Callable (bundle_dir, db_dir, collection="items") -> a `milvus:///DB/COLLECTION` URI whose
+    milvus-lite file holds the bundle's embeddings (published as `recstack export --publish`
+    does); and `.stop(uri)`: stop that file's in-process server (the backend becomes
+    unreachable). Every server started is stopped at the session's end."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    from recstack.pipeline.publish import publish_bundle
+
+    started: list[str] = []
+
+    class MilvusLite:
+        def __call__(self, bundle_dir: Path, db_dir: Path, collection: str = "items") -> str:
+            db = str(Path(db_dir) / "vectors.db")
+            uri = f"milvus://{db}/{collection}"
+            publish_bundle(bundle_dir, uri)
+            started.append(db)
+            return uri
+
+        def stop(self, uri: str) -> None:
+            server_manager_instance.release_server(uri[len("milvus://"):].rpartition("/")[0])
+
+    yield MilvusLite()
+    for db in started:
+        server_manager_instance.release_server(db)

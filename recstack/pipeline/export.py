@@ -211,7 +211,8 @@ def _staging_dir(out_dir: Path, version: str | None) -> tuple[str, Path]:
 
 
 def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None = None,
-                  signing_key: bytes | None = None, value_column: str | None = None) -> Path:
+                  signing_key: bytes | None = None, value_column: str | None = None, publish: str | None = None,
+                  publish_index: str = "FLAT") -> Path:
     """Export the three trained stages + a feature snapshot as one verified bundle; returns its directory.
 
     The ranking objective is pCTR x pCVR x `value_column` ("price", "value" or "one"; None:
@@ -219,7 +220,10 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
 
     `out_dir` is the artifacts root; the new bundle becomes `out_dir/<version>` and `current`
     points at it once it is complete and verified. With `signing_key`, the manifest carries
-    its HMAC (servers configured with the key refuse bundles without a valid one).
+    its HMAC (servers configured with the key refuse bundles without a valid one). With
+    `publish` (a milvus:// URI), the item embeddings are published to that backend's versioned
+    collection (recstack.pipeline.publish, `publish_index` its index type) before `current`
+    moves; if publishing fails, the bundle stays written but `current` does not move.
     """
     import importlib
 
@@ -272,5 +276,9 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if publish:
+        from recstack.pipeline.publish import publish_bundle
+
+        publish_bundle(final, publish, index_type=publish_index)
     B.write_current(out_dir, version)
     return final.resolve()

@@ -12,6 +12,10 @@ Retrieval has two sources, merged and deduplicated with per-source quotas (`retr
 ANN search with the user vector, and item-to-item — the index's nearest neighbours of the
 item vectors of the user's most recent behaviours (request first, then the snapshot).
 Each returned item says which source found it ("ann" or "i2i"; an item both found is "ann").
+Both sources' searches are one call to the retrieval backend (recstack.serving.candidates:
+the bundle's FAISS index in process, or a Milvus collection); when a remote backend cannot
+answer in time, the candidates are the snapshot's most popular items (source "popular") and
+the ranking says `degraded_retrieval`.
 
 Times: the feature-store snapshot's `seconds_ago` is relative to the bundle's export time
 (manifest `created`), so the cascade holds it as absolute times (`Snapshot`); a request's
@@ -22,8 +26,10 @@ function training builds its features with.
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,18 +41,38 @@ from recstack import features as F
 from recstack.bundle import Bundle, BundleError
 from recstack.bundle_files import (COARSE_ITEM_VECTORS, COARSE_TOWER, FINE_CTR, FINE_CVR, RETRIEVAL_INDEX,
                                    RETRIEVAL_TOWER)
-from recstack.serving.loading import (OnnxModel, read_coarse_vectors, read_ids, read_index, read_item_emb,
-                                      read_snapshot)
+from recstack.serving.backends import open_backend
+from recstack.serving.candidates import FAISS, RetrievalUnavailable, popularity_order
+from recstack.serving.loading import (OnnxModel, read_coarse_vectors, read_ids, read_item_emb, read_snapshot)
 from recstack.serving.objective import read_values
+from recstack.serving.scratch import ThreadScratch
 from recstack.serving.store.base import Events, Snapshot
+
+log = logging.getLogger("recstack.serving")
 
 SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
 SOURCE_I2I = "i2i"  # nearest neighbours (same index) of the user's most recent behaviours
-SOURCES = (SOURCE_ANN, SOURCE_I2I)  # a candidate's source code is its position here
+SOURCE_POPULAR = "popular"  # the snapshot's most popular items, when the retrieval backend is unavailable
+SOURCES = (SOURCE_ANN, SOURCE_I2I, SOURCE_POPULAR)  # a candidate's source code is its position here
+# share of the request's remaining time a remote retrieval call may take (the rest is for the
+# later stages, or for the degraded answer if the call times out)
+RETRIEVAL_DEADLINE_SHARE = 0.5
+WARM_UP_TIMEOUT_S = 30.0  # a remote retrieval call during the warm-up (loading the collection may take this)
 
 # inputs each ONNX model may declare (docs/ARCHITECTURE.md "Feature tensors")
 _TOWER_INPUTS = {"user_feats", "seq_items", "seq_extras"}
 _FINE_INPUTS = {"user_feats", "item_feats", "item_dense", "interacted"}
+
+
+_degraded_log = {"last": -1e9}
+
+
+def _log_degraded(backend: str, error: Exception, every_s: float = 10.0) -> None:
+    """One warning per `every_s` at most while the backend is down (the metric counts every request)."""
+    now = time.monotonic()
+    if now - _degraded_log["last"] >= every_s:
+        _degraded_log["last"] = now
+        log.warning("retrieval backend %s unavailable, serving popularity candidates: %s", backend, error)
 
 
 class DeadlineExceeded(RuntimeError):
@@ -84,57 +110,7 @@ class Ranking:
     cold_start: bool
     timings_ms: dict[str, float]
     counts: dict[str, int]
-
-
-class _IdScratch:
-    """Per-thread scratch arrays over the item-id space, so deduplication and membership tests
-    over a request's candidates cost O(candidates) instead of a sort (np.unique / np.isin).
-
-    `pos` (int32) holds, after `first_occurrences`, the first position of each id just written;
-    `stamp` (int32) marks the ids of one set with a per-thread counter that only grows, so a
-    stale mark from an earlier request never matches. Every slot read in a call was written in
-    the same call (or holds an older, smaller stamp), so the arrays are never cleared."""
-
-    def __init__(self, n_items: int):
-        self.n_items = n_items
-        self.pos = np.zeros(n_items, np.int32)  # lazily zero-filled pages: 8 bytes per item per thread in all
-        self.stamp = np.zeros(n_items, np.int32)
-        self.counter = 0
-
-    def first_occurrences(self, ids: np.ndarray) -> np.ndarray:
-        """-> ids without repeats, each kept at its first position (= np.unique's first indices, sorted)."""
-        n = len(ids)
-        if n < 2:
-            return ids
-        ar = np.arange(n, dtype=np.int32)
-        self.pos[ids] = n
-        np.minimum.at(self.pos, ids, ar)  # the smallest position per id, whatever the write order
-        return ids[self.pos[ids] == ar]
-
-    def member(self, ids: np.ndarray, of: np.ndarray) -> np.ndarray:
-        """-> bool mask (len(ids),): whether each id is in `of` (= np.isin(ids, of))."""
-        if len(of) == 0 or len(ids) == 0:
-            return np.zeros(len(ids), bool)
-        if self.counter >= np.iinfo(np.int32).max - 1:  # after ~2e9 calls on this thread
-            self.stamp.fill(0)
-            self.counter = 0
-        self.counter += 1
-        self.stamp[of] = self.counter
-        return self.stamp[ids] == self.counter
-
-
-class _Scratch:
-    """One `_IdScratch` per thread, created on the thread's first request."""
-
-    def __init__(self, n_items: int):
-        self.n_items = n_items
-        self._local = threading.local()
-
-    def get(self) -> _IdScratch:
-        s = getattr(self._local, "s", None)
-        if s is None:
-            s = self._local.s = _IdScratch(self.n_items)
-        return s
+    degraded_retrieval: bool = False  # the retrieval backend did not answer: popularity candidates
 
 
 def inner_products_by_idx(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
@@ -170,10 +146,11 @@ def snapshot_time(manifest: dict) -> float:
 
 class Cascade:
     """A loaded bundle and the per-request pipeline. Thread-safe: `rank` only reads shared state
-    (besides each thread's own id scratch, `_IdScratch`)."""
+    (besides each thread's own id scratch, `recstack.serving.scratch.IdScratch`)."""
 
     def __init__(self, bundle: Bundle, onnx_threads: int = 1, faiss_threads: int = 1,
-                 i2i_share: float = 0.3, i2i_seeds: int = 5):
+                 i2i_share: float = 0.3, i2i_seeds: int = 5, retrieval_backend: str = FAISS,
+                 retrieval_timeout_s: float = 0.05):
         if not 0.0 <= i2i_share <= 1.0:
             raise ValueError(f"i2i_share must be in [0, 1], got {i2i_share}")
         if i2i_seeds < 0:
@@ -202,33 +179,27 @@ class Cascade:
 
         # retrieval; item_emb (the item-to-item source's vectors) is None in an ANN-only bundle
         self.retrieval_tower = OnnxModel(bundle, RETRIEVAL_TOWER, _TOWER_INPUTS, onnx_threads)
-        self.index = read_index(bundle, self.n_items)
-        self.item_emb: np.ndarray | None = read_item_emb(bundle, self.n_items, self.index.d)
-        rmeta = bundle.stage("retrieval").get("meta", {})
-        self._set_search_params(rmeta)
+        if not retrieval_timeout_s > 0:
+            raise ValueError(f"retrieval_timeout_s must be > 0, got {retrieval_timeout_s}")
+        self.retrieval = open_backend(bundle, self.n_items, retrieval_backend, timeout_s=retrieval_timeout_s)
+        # the longest one remote retrieval call may take; the warm-up lifts it (first calls are slow)
+        self.retrieval_timeout_s = float(retrieval_timeout_s)
+        # the FAISS backend's index and applied search knobs (None / {} with a remote backend)
+        self.index = getattr(self.retrieval, "index", None)
+        self.search_params: dict[str, int] = dict(getattr(self.retrieval, "search_params", {}) or {})
+        self.item_emb: np.ndarray | None = read_item_emb(bundle, self.n_items, self.retrieval.dim)
+        self.popular = popularity_order(beh_item, self.n_items)  # (I,) the degraded candidates
         faiss.omp_set_num_threads(faiss_threads)
+        weakref.finalize(self, self.retrieval.close)  # a remote backend's connection goes with the model
 
         # coarse
         self.coarse_tower = OnnxModel(bundle, COARSE_TOWER, _TOWER_INPUTS, onnx_threads)
         self.item_vectors = read_coarse_vectors(bundle, self.n_items)  # (I, D), score scale folded in
-        self._scratch = _Scratch(self.n_items)
+        self._scratch = ThreadScratch(self.n_items)
 
         # fine
         self.ctr = OnnxModel(bundle, FINE_CTR, _FINE_INPUTS, onnx_threads)
         self.cvr = OnnxModel(bundle, FINE_CVR, _FINE_INPUTS, onnx_threads)
-
-    def _set_search_params(self, meta: dict) -> None:
-        """Apply the exporter's search-time knobs; the retrieval config carries them whatever the
-        index type, so one that does not apply (nprobe on a flat index) is skipped."""
-        self.search_params: dict[str, int] = {}
-        space = faiss.ParameterSpace()
-        for key, faiss_name in (("nprobe", "nprobe"), ("ef_search", "efSearch")):
-            if meta.get(key):
-                try:
-                    space.set_index_parameter(self.index, faiss_name, int(meta[key]))
-                except RuntimeError:  # not a parameter of this index type
-                    continue
-                self.search_params[key] = int(meta[key])
 
     @classmethod
     def load(cls, path: str | Path, onnx_threads: int = 1, faiss_threads: int = 1, warm: bool = True,
@@ -236,7 +207,8 @@ class Cascade:
         """Open (checksums verified; the manifest's signature too when `key` is given), load and
         warm up a bundle dir or artifacts root.
 
-        options: i2i_share, i2i_seeds (see __init__)."""
+        options: i2i_share, i2i_seeds, retrieval_backend (a URI, see recstack.serving.candidates),
+        retrieval_timeout_s (the longest a remote retrieval call may take)."""
         cascade = cls(Bundle.open(path, verify=True, key=key), onnx_threads=onnx_threads, faiss_threads=faiss_threads,
                       **options)
         if warm:
@@ -264,8 +236,15 @@ class Cascade:
         """Check every stage's outputs on the probe requests, then run the full cascade on them:
         first-call costs are paid here, and a model whose outputs break a stage's contract
         (a non-finite embedding or score, a probability outside [0, 1]) is refused, naming its
-        file, before it serves."""
+        file, before it serves. A remote retrieval backend must answer every probe (within
+        WARM_UP_TIMEOUT_S each: its first calls load the collection)."""
+        cap, self.retrieval_timeout_s = self.retrieval_timeout_s, WARM_UP_TIMEOUT_S  # not serving yet: no one else reads it
+        try:
+            self._warm_up()
+        finally:
+            self.retrieval_timeout_s = cap
 
+    def _warm_up(self) -> None:
         def finite(values: np.ndarray, name: str, what: str) -> None:
             if not np.all(np.isfinite(values)):
                 raise BundleError(f"bundle file {name!r}: {what} not finite on a probe request")
@@ -276,11 +255,17 @@ class Cascade:
                         "seq_items": seq_items, "seq_extras": seq_extras}
             user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
             finite(user_emb, RETRIEVAL_TOWER, "user embedding")
-            scores, ids = self.index.search(user_emb, q.retrieval_size)  # (1, R) each
-            found = ids[0] >= 0
-            if not found.any():
-                raise BundleError(f"bundle file {RETRIEVAL_INDEX!r}: the search found no item for a probe request")
-            finite(scores[0][found], RETRIEVAL_INDEX, "retrieval scores")
+            if self.index is not None:  # the FAISS index in process: its scores are checked too
+                scores, ids = self.index.search(user_emb, q.retrieval_size)  # (1, R) each
+                finite(scores[0][ids[0] >= 0], RETRIEVAL_INDEX, "retrieval scores")
+            else:
+                try:
+                    ids = self.retrieval.search(user_emb, q.retrieval_size, timeout_s=WARM_UP_TIMEOUT_S)  # (1, R)
+                except RetrievalUnavailable as e:
+                    raise BundleError(f"retrieval backend {self.retrieval.name}: {e}") from e
+            if not (ids[0] >= 0).any():
+                raise BundleError(f"retrieval backend {self.retrieval.name} ({RETRIEVAL_INDEX!r} or its collection): "
+                                  "the search found no item for a probe request")
             cands, _ = self.retrieve(user_emb, self.recent_items(seq_items), q.retrieval_size)
             coarse = self.score_coarse(tower_in, cands)  # (R,)
             if not np.all(np.isfinite(coarse)):
@@ -288,6 +273,9 @@ class Cascade:
                 finite(user_vec, COARSE_TOWER, "user vector")
                 finite(coarse, COARSE_ITEM_VECTORS, "coarse scores")
             res = self.rank(q)
+            if res.degraded_retrieval:
+                raise BundleError(f"retrieval backend {self.retrieval.name}: did not answer a probe request "
+                                  f"within {WARM_UP_TIMEOUT_S:.0f} s")
             for name, p in ((FINE_CTR, res.pctr), (FINE_CVR, res.pcvr)):
                 if not (np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))):
                     raise BundleError(f"bundle file {name!r}: outputs outside [0, 1]; expected probabilities")
@@ -321,36 +309,47 @@ class Cascade:
         _, first = np.unique(ids, return_index=True)
         return ids[np.sort(first)][: self.i2i_seeds].astype(np.int64)
 
-    def _i2i(self, seeds: np.ndarray, n: int) -> np.ndarray:
-        """Up to n distinct neighbours of the seeds, in rank-major order across seeds (each seed's
-        best, newest seed first, then each seed's second best, ...); seeds themselves excluded.
-        One batched search of ceil(n / S) + 1 neighbours per seed (+1: a seed finds itself)."""
-        per_seed = min(self.n_items, -(-n // len(seeds)) + 1)
-        vecs = np.ascontiguousarray(self.item_emb[seeds], dtype=np.float32)  # (S, D)
-        _, ids = self.index.search(vecs, per_seed)  # (S, per_seed), -1 pads
+    def _i2i(self, ids: np.ndarray, seeds: np.ndarray, n: int) -> np.ndarray:
+        """Up to n distinct neighbours of the seeds from their search rows ids (S, per_seed), in
+        rank-major order across seeds (each seed's best, newest seed first, then each seed's
+        second best, ...); seeds themselves excluded."""
         flat = ids.T.ravel()
         flat = flat[(flat >= 0) & (flat < self.n_items)]
         scratch = self._scratch.get()
         flat = flat[~scratch.member(flat, seeds)]
         return scratch.first_occurrences(flat)[:n]
 
-    def retrieve(self, user_emb: np.ndarray, seeds: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def retrieve(self, user_emb: np.ndarray, seeds: np.ndarray, k: int,
+                 timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Both sources merged: user_emb (1, D), seeds (S,) -> (item ids (R,) int64, source codes (R,) int8), R <= k.
 
         Quotas: i2i gets round(i2i_share * k) slots, ANN the rest; either source's unused
         slots go to the other (ANN is asked for k so it can backfill). Items are distinct, in
-        [0, n_items) (FAISS -1 padding is dropped), ANN's first, each source in its own order.
+        [0, n_items) (-1 padding is dropped), ANN's first, each source in its own order.
+        One backend call searches the user vector and the seeds' vectors together, each for
+        max(k, per_seed) neighbours; each seed keeps its first per_seed = ceil(2 n_i2i / S) + 1
+        (2x the quota: the seeds' lists overlap each other and ANN's share; +1: a seed finds
+        itself). When the backend is unavailable (`timeout_s` bounds a remote call), the
+        candidates are the k most popular items, all with the source code of "popular".
         """
         k = min(k, self.n_items)
         use_i2i = self.item_emb is not None and len(seeds) > 0 and self.i2i_share > 0
         n_i2i = min(k, int(round(self.i2i_share * k))) if use_i2i else 0
-        _, ids = self.index.search(user_emb, k)  # (1, k); -1 pads when the index finds fewer
+        per_seed = min(self.n_items, -(-min(self.n_items, 2 * n_i2i) // len(seeds)) + 1) if n_i2i else 0
+        queries = user_emb
+        if n_i2i:
+            queries = np.concatenate([user_emb, np.asarray(self.item_emb[seeds], np.float32)])  # (1 + S, D)
+        try:
+            timeout = self.retrieval_timeout_s if timeout_s is None else min(timeout_s, self.retrieval_timeout_s)
+            ids = self.retrieval.search(queries, max(k, per_seed), timeout_s=timeout)  # (1 + S, k'), -1 pads
+        except RetrievalUnavailable as e:
+            _log_degraded(self.retrieval.name, e)
+            return self.popular[:k].copy(), np.full(k, SOURCES.index(SOURCE_POPULAR), np.int8)
         ann = ids[0][(ids[0] >= 0) & (ids[0] < self.n_items)]
         scratch = self._scratch.get()
         ann = scratch.first_occurrences(ann)
         head = ann[: k - n_i2i]
-        # ask for 2x the quota: the seeds' neighbour lists overlap each other and ANN's share
-        i2i = self._i2i(seeds, min(self.n_items, 2 * n_i2i)) if n_i2i else np.zeros(0, np.int64)
+        i2i = self._i2i(ids[1:, :per_seed], seeds, min(self.n_items, 2 * n_i2i)) if n_i2i else np.zeros(0, np.int64)
         i2i = i2i[~scratch.member(i2i, head)][:n_i2i]
         tail = ann[k - n_i2i :]
         tail = tail[~scratch.member(tail, i2i)]
@@ -420,10 +419,11 @@ class Cascade:
         q's behaviour arrays are not read here (they are in the sequence already).
         """
 
-        def check(stage: str) -> None:
+        def check(stage: str) -> float | None:
             left = time_remaining() if time_remaining is not None else None
             if left is not None and left <= 0:
                 raise DeadlineExceeded(f"deadline exceeded before the {stage} stage")
+            return left
 
         t0 = time.perf_counter() if t0 is None else t0
         timings: dict[str, float] = {}
@@ -433,8 +433,10 @@ class Cascade:
 
         check("retrieval")
         user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
-        check("retrieval search")
-        cands, src = self.retrieve(user_emb, self.recent_items(seq_items), q.retrieval_size)  # (R,), (R,)
+        left = check("retrieval search")
+        budget = None if left is None else RETRIEVAL_DEADLINE_SHARE * left  # bounds a remote backend's call
+        cands, src = self.retrieve(user_emb, self.recent_items(seq_items), q.retrieval_size, timeout_s=budget)
+        degraded = bool(len(src)) and bool(src[0] == SOURCES.index(SOURCE_POPULAR))
         n_retrieved = len(cands)
         if trace is not None:
             trace["retrieved"], trace["retrieved_sources"] = cands.copy(), src.copy()
@@ -463,7 +465,7 @@ class Cascade:
         return Ranking(
             item_ids=cands[top], scores=score[top], pctr=pctr[top], pcvr=pcvr[top], price=price[top],
             coarse_scores=coarse[top].astype(np.float64), sources=[SOURCES[i] for i in src[top]], cold_start=cold_start,
-            timings_ms=timings,
+            timings_ms=timings, degraded_retrieval=degraded,
             counts={"retrieved": n_retrieved, "coarse": int(m), "returned": int(len(top)),
                     "sequence_length": int((seq_items[0, :, 0] > 0).sum())},
         )

@@ -14,7 +14,8 @@ from recstack.v1 import ranking_pb2 as pb
 def response_from_ranking(r: Ranking, version: str, debug: bool, ids: BundleIds | None = None,
                           degraded: bool = False) -> pb.RankResponse:
     """`ids` turns the internal item indices into the bundle's external ids (default: none)."""
-    resp = pb.RankResponse(model_version=version, cold_start=r.cold_start, degraded_features=degraded)
+    resp = pb.RankResponse(model_version=version, cold_start=r.cold_start, degraded_features=degraded,
+                           degraded_retrieval=r.degraded_retrieval)
     add = resp.items.add
     items = (ids or BundleIds.identity(0, 0)).items
     # one tolist() per column (Python ints / floats at once) instead of a numpy scalar per field: half the cost

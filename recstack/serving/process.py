@@ -51,6 +51,8 @@ class ServeOptions:
     max_message_bytes: int = 64 << 10
     feature_store: str = ""  # "" = SQLite beside the bundles (artifacts root); a path; redis://HOST:PORT; "none"
     impression_log: str = ""  # impression + event log folder; "" = live_log/ under the artifacts root; "none" = off
+    retrieval_backend: str = "faiss"  # or milvus://HOST:PORT/COLLECTION (recstack.serving.candidates)
+    retrieval_timeout_s: float = 0.05  # the longest a remote retrieval call may take (the deadline may cut it shorter)
 
 
 class _JSONLines(logging.Formatter):
@@ -218,7 +220,8 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
             artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
             reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
             max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port,
-            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None, live=live)
+            bundle_key=opts.bundle_key.encode() if opts.bundle_key else None, live=live,
+            cascade_options={"retrieval_backend": opts.retrieval_backend, "retrieval_timeout_s": opts.retrieval_timeout_s})
         try:
             if servicer.cascade is None and signals.received is None:
                 servicer.load(artifacts)

@@ -15,6 +15,7 @@ Series (all prefixed `recstack_`):
     degraded_features_total           counter: Rank calls served without the live feature store (it failed)
     impressions_logged_total          counter: impression rows written to the impression log
     live_log_dropped_total            counter: batches (a Rank response, a LogEvents call) dropped: the log's queue was full
+    degraded_retrieval_total          counter: Rank answers served from popularity (retrieval backend down)
 """
 from __future__ import annotations
 
@@ -50,6 +51,9 @@ class ServingMetrics:
                                           registry=r)
         self.log_dropped = Counter("recstack_live_log_dropped",
                                    "Impression / event log batches dropped because the writer's queue was full", registry=r)
+        self.degraded_retrieval = Counter("recstack_degraded_retrieval",
+                                          "Rank answers whose candidates came from popularity (retrieval backend "
+                                          "unavailable)", registry=r)
         self._version: str | None = None
         self._lock = threading.Lock()
 

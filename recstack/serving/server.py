@@ -120,7 +120,7 @@ class RankingServicer:
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
                  onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
                  worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None,
-                 live: LivePath | None = None):
+                 live: LivePath | None = None, cascade_options: dict | None = None):
         self.live = live or LivePath()  # feature store and impression log (none: the snapshot and the request)
         self.artifacts_root = artifacts_root
         self.limits = limits
@@ -128,6 +128,7 @@ class RankingServicer:
         self.admission = admission or RankAdmission(4, 12)
         self._bundle_key = bundle_key
         self.onnx_threads = onnx_threads
+        self.cascade_options = dict(cascade_options or {})  # Cascade.load options (the retrieval backend, ...)
         self.metrics = metrics or ServingMetrics()
         self.live.bind(self.metrics, worker)
         self._admin_token = admin_token.encode() if admin_token else None
@@ -160,7 +161,8 @@ class RankingServicer:
         with self._reload_lock:
             t0 = time.perf_counter()
             try:
-                cascade = Cascade.load(path, onnx_threads=self.onnx_threads, key=self._bundle_key)  # verified, warmed
+                cascade = Cascade.load(path, onnx_threads=self.onnx_threads, key=self._bundle_key,
+                                       **self.cascade_options)  # verified, warmed
             except Exception as e:
                 self.metrics.reloads.labels("failed").inc()
                 reason = str(e) if isinstance(e, B.BundleError) else f"{type(e).__name__}: {e}"
@@ -305,6 +307,9 @@ class RankingServicer:
             extra.update(user_id=query.user_id, version=cascade.version, **log_user_key(request))
             ranking, degraded, now = self._admitted(context, lambda remaining: self.live.rank(cascade, query, remaining))
             self.metrics.observe_stages(ranking.timings_ms)
+            if ranking.degraded_retrieval:
+                self.metrics.degraded_retrieval.inc()
+                extra["degraded_retrieval"] = True
             extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids), degraded=degraded)
             self.live.served(extra["request_id"], query.user_id, now, cascade.version, ranking, degraded)
             return response_from_ranking(ranking, cascade.version, request.debug, cascade.ids, degraded)
@@ -391,6 +396,7 @@ def create_server(
     load_first: bool = False,
     bundle_key: bytes | None = None,
     live: LivePath | None = None,
+    cascade_options: dict | None = None,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
     `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
@@ -416,7 +422,7 @@ def create_server(
     metrics = metrics or ServingMetrics()
     servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
                                admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key,
-                               live=live)
+                               live=live, cascade_options=cascade_options)
     metrics.track_queue(lambda: admission.waiting)
     servicer.set_serving(False)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
@@ -457,7 +463,8 @@ def build_server(
     `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
     `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,
     `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it), `live`
-    (recstack.serving.events.LivePath: the feature store and impression log; None: neither).
+    (recstack.serving.events.LivePath: the feature store and impression log; None: neither),
+    `cascade_options` (Cascade.load options: retrieval_backend, retrieval_timeout_s, i2i_share, ...).
     """
     server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:

@@ -127,20 +127,22 @@ class StageCounts(_message.Message):
     def __init__(self, retrieved: _Optional[int] = ..., coarse: _Optional[int] = ..., returned: _Optional[int] = ..., sequence_length: _Optional[int] = ...) -> None: ...
 
 class RankResponse(_message.Message):
-    __slots__ = ("items", "model_version", "cold_start", "timings", "stage_counts", "degraded_features")
+    __slots__ = ("items", "model_version", "cold_start", "timings", "stage_counts", "degraded_features", "degraded_retrieval")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     COLD_START_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     STAGE_COUNTS_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RankedItem]
     model_version: str
     cold_start: bool
     timings: StageTimings
     stage_counts: StageCounts
     degraded_features: bool
-    def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., cold_start: _Optional[bool] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., stage_counts: _Optional[_Union[StageCounts, _Mapping]] = ..., degraded_features: _Optional[bool] = ...) -> None: ...
+    degraded_retrieval: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[RankedItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., cold_start: _Optional[bool] = ..., timings: _Optional[_Union[StageTimings, _Mapping]] = ..., stage_counts: _Optional[_Union[StageCounts, _Mapping]] = ..., degraded_features: _Optional[bool] = ..., degraded_retrieval: _Optional[bool] = ...) -> None: ...
 
 class ScoreRequest(_message.Message):
     __slots__ = ("user_id", "user_key", "item_ids", "item_keys", "recent_behaviours", "debug")

@@ -66,3 +66,21 @@ def test_export_signs_the_manifest_when_given_a_key(runs, tmp_path):
     assert B.verify_bundle(bundle, b"k1")["signature"]["alg"] == "hmac-sha256"
     with pytest.raises(B.BundleError, match="does not match"):
         B.verify_bundle(bundle, b"k2")
+
+
+def test_export_publishes_the_embeddings_before_current_moves(runs, tmp_path, milvus_lite):
+    from recstack.pipeline.publish import PublishError
+    from recstack.serving.cascade import Cascade
+
+    artifacts = tmp_path / "artifacts"
+    db = tmp_path / "vectors.db"
+    uri = f"milvus://{db}/items"
+    first = export_bundle(runs, artifacts, publish=uri)
+    assert B.read_current(artifacts) == first.name
+    cascade = Cascade.load(artifacts, retrieval_backend=uri, retrieval_timeout_s=120.0)
+    assert cascade.version == first.name and cascade.index is None
+    # a store that cannot be reached: the bundle is written, `current` stays on the last published one
+    with pytest.raises(PublishError, match="127.0.0.1:1"):
+        export_bundle(runs, artifacts, publish="milvus://127.0.0.1:1/items")
+    assert B.read_current(artifacts) == first.name
+    milvus_lite.stop(uri)

@@ -2,7 +2,8 @@
 
 Against a small FAKE bundle (random ONNX towers, clustered item embeddings) so that every
 property is checked independently of training: which items i2i may return is recomputed
-here by brute force from item_emb.npy.
+here by brute force from item_emb.npy. The tests of the `backend` fixture run over both
+retrieval backends: the bundle's FAISS index and the same embeddings in Milvus (milvus-lite).
 """
 from __future__ import annotations
 
@@ -21,9 +22,17 @@ def flat_bundle(tmp_path_factory, make_cascade_bundle) -> Path:
     return make_cascade_bundle(tmp_path_factory.mktemp("flat"))
 
 
+@pytest.fixture(scope="module", params=["faiss", "milvus"])
+def backend(request, flat_bundle, milvus_lite, tmp_path_factory) -> dict:
+    """Cascade.load options selecting the retrieval backend (a remote call's timeout far beyond
+    any machine's load: these tests check answers, not latency)."""
+    uri = "faiss" if request.param == "faiss" else milvus_lite(flat_bundle, tmp_path_factory.mktemp("milvus"))
+    return {"retrieval_backend": uri, "retrieval_timeout_s": 120.0}
+
+
 @pytest.fixture(scope="module")
-def cascade(flat_bundle) -> Cascade:
-    return Cascade.load(flat_bundle, i2i_share=0.25, i2i_seeds=3)
+def cascade(flat_bundle, backend) -> Cascade:
+    return Cascade.load(flat_bundle, i2i_share=0.25, i2i_seeds=3, **backend)
 
 
 def _q(user_id=0, r=100, c=50, n=20, items=(), secs=None) -> Query:
@@ -83,8 +92,8 @@ def test_no_behaviours_means_ann_only(cascade):
     assert res.cold_start and list(seeds) == [3, 9] and (trace["retrieved_sources"] == 1).any()
 
 
-def test_share_zero_is_plain_ann_and_share_one_backfills(flat_bundle, cascade_vocab):
-    c0 = Cascade.load(flat_bundle, i2i_share=0.0, warm=False)
+def test_share_zero_is_plain_ann_and_share_one_backfills(flat_bundle, cascade_vocab, backend):
+    c0 = Cascade.load(flat_bundle, i2i_share=0.0, warm=False, **backend)
     index = faiss.read_index(str(flat_bundle / "retrieval/index.faiss"))
     q = _q(user_id=0, r=60, c=60, n=60, items=[5])
     _, trace, _ = _trace(c0, q)
@@ -92,7 +101,7 @@ def test_share_zero_is_plain_ann_and_share_one_backfills(flat_bundle, cascade_vo
     user_emb = c0.retrieval_tower({"user_feats": c0.users.feats(np.array([0])), "seq_items": seq_items, "seq_extras": seq_extras})
     np.testing.assert_array_equal(trace["retrieved"], index.search(np.ascontiguousarray(user_emb, np.float32), 60)[1][0])
     # share 1: i2i takes every slot it can fill, ANN fills the rest; nothing repeats
-    c1 = Cascade.load(flat_bundle, i2i_share=1.0, i2i_seeds=1, warm=False)
+    c1 = Cascade.load(flat_bundle, i2i_share=1.0, i2i_seeds=1, warm=False, **backend)
     _, trace, _ = _trace(c1, _q(user_id=10_000, r=cascade_vocab.n_items, c=10, n=10, items=[5]))
     ids = trace["retrieved"]
     assert len(ids) == cascade_vocab.n_items and len(np.unique(ids)) == cascade_vocab.n_items

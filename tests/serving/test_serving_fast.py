@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recstack.serving.cascade import Ranking, _IdScratch, _Scratch, inner_products_by_idx
+from recstack.serving.cascade import Ranking, inner_products_by_idx
+from recstack.serving.scratch import IdScratch, ThreadScratch
 
 
 def _old_first(ids):
@@ -21,7 +22,7 @@ def _old_first(ids):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 49), max_size=120), st.lists(st.integers(0, 49), max_size=60))
 def test_scratch_equals_unique_and_isin(a, b):
-    s = _IdScratch(50)
+    s = IdScratch(50)
     a, b = np.array(a, np.int64), np.array(b, np.int64)
     for _ in range(2):  # stale marks from an earlier call never leak into the next
         np.testing.assert_array_equal(s.first_occurrences(a), _old_first(a))
@@ -30,7 +31,7 @@ def test_scratch_equals_unique_and_isin(a, b):
 
 
 def test_scratch_counter_wraps_without_stale_matches():
-    s = _IdScratch(10)
+    s = IdScratch(10)
     s.member(np.arange(10), np.array([3]))
     s.counter = np.iinfo(np.int32).max - 1  # next call resets the marks
     got = s.member(np.arange(10), np.array([5]))
@@ -39,7 +40,7 @@ def test_scratch_counter_wraps_without_stale_matches():
 
 
 def test_scratch_is_per_thread():
-    sc = _Scratch(100)
+    sc = ThreadScratch(100)
     seen = {}
 
     def grab(name):
