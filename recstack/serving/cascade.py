@@ -30,9 +30,10 @@ import numpy as np
 
 from recstack import features as F
 from recstack.bundle import Bundle, BundleError
-from recstack.bundle_files import (COARSE_ITEM_VECTORS, COARSE_TOWER, FINE_CTR, FINE_CVR, RETRIEVAL_INDEX,
-                                   RETRIEVAL_TOWER)
-from recstack.serving.loading import OnnxModel, read_coarse_vectors, read_index, read_item_emb, read_snapshot
+from recstack.bundle_files import COARSE_TOWER, RETRIEVAL_INDEX, RETRIEVAL_TOWER
+from recstack.serving.coarse import CoarseVectors
+from recstack.serving.fine import FineScorer
+from recstack.serving.loading import OnnxModel, read_index, read_item_emb, read_snapshot
 
 SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
 SOURCE_I2I = "i2i"  # nearest neighbours (same index) of the user's most recent behaviours
@@ -182,12 +183,11 @@ class Cascade:
 
         # coarse
         self.coarse_tower = OnnxModel(bundle, COARSE_TOWER, _TOWER_INPUTS, onnx_threads)
-        self.item_vectors = read_coarse_vectors(bundle, self.n_items)  # (I, D), score scale folded in
+        self.coarse_vectors = CoarseVectors.load(bundle, self.n_items)  # (I, D) int8 or float32, score scale folded in
         self._scratch = _Scratch(self.n_items)
 
         # fine
-        self.ctr = OnnxModel(bundle, FINE_CTR, _FINE_INPUTS, onnx_threads)
-        self.cvr = OnnxModel(bundle, FINE_CVR, _FINE_INPUTS, onnx_threads)
+        self.fine = FineScorer.load(bundle, _FINE_INPUTS, onnx_threads)
 
     def _set_search_params(self, meta: dict) -> None:
         """Apply the exporter's search-time knobs; the retrieval config carries them whatever the
@@ -258,12 +258,12 @@ class Cascade:
             if not np.all(np.isfinite(coarse)):
                 user_vec = self.coarse_tower(tower_in)
                 finite(user_vec, COARSE_TOWER, "user vector")
-                finite(coarse, COARSE_ITEM_VECTORS, "coarse scores")
+                finite(coarse, self.coarse_vectors.relpath, "coarse scores")
             res = self.rank(q)
-            for name, p in ((FINE_CTR, res.pctr), (FINE_CVR, res.pcvr)):
+            for name, p in ((self.fine.files["pctr"], res.pctr), (self.fine.files["pcvr"], res.pcvr)):
                 if not (np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))):
                     raise BundleError(f"bundle file {name!r}: outputs outside [0, 1]; expected probabilities")
-            finite(res.scores, FINE_CTR, "scores (pCTR x pCVR x price)")
+            finite(res.scores, self.fine.files["pctr"], "scores (pCTR x pCVR x price)")
 
     # -- per request -------------------------------------------------------------------
 
@@ -345,12 +345,12 @@ class Cascade:
         user_vec = self.coarse_tower(tower_in)[0]  # (D,)
         if len(cands) and (cands.min() < 0 or cands.max() >= self.n_items):  # the fused kernel does not check
             raise ValueError(f"candidate ids outside [0, {self.n_items})")
-        return inner_products_by_idx(self.item_vectors, cands, user_vec)
+        return self.coarse_vectors.inner_products(cands, user_vec)
 
     def _score_fine(self, user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, cands: np.ndarray,
                     check: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
         """The fine stage's pCTR and pCVR of the candidates (M,) int64 -> (M,) float64 each;
-        `check("fine pCVR")` runs between the two models."""
+        `check("fine pCVR")` runs between the two models when the bundle has two."""
         m = len(cands)
         item_feats = self.items.feats(cands)  # (M, 5)
         fine_in = {
@@ -361,10 +361,7 @@ class Cascade:
         }
         if not m:
             return np.zeros(0, np.float64), np.zeros(0, np.float64)
-        pctr = self.ctr(fine_in).reshape(-1).astype(np.float64)  # (M,)
-        check("fine pCVR")
-        pcvr = self.cvr(fine_in).reshape(-1).astype(np.float64)
-        return pctr, pcvr
+        return self.fine(fine_in, check)
 
     def rank(self, q: Query, time_remaining: Callable[[], float | None] | None = None) -> Ranking:
         """Run the cascade for one validated query; `time_remaining` (e.g. a gRPC context's)
