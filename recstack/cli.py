@@ -162,11 +162,13 @@ def _cmd_experiment(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from recstack.pipeline.export import export_bundle
+    from recstack.pipeline.export import export_bundle, precision_summary
 
     key = os.environ.get("RECSTACK_BUNDLE_KEY")  # when set, the manifest is HMAC-signed with it
     path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None)
     print(f"bundle written: {path}")
+    for line in precision_summary(path):
+        print(f"  {line}")
     return 0
 
 

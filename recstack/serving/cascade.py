@@ -31,7 +31,7 @@ import numpy as np
 from recstack import features as F
 from recstack.bundle import Bundle, BundleError
 from recstack.bundle_files import COARSE_TOWER, RETRIEVAL_INDEX, RETRIEVAL_TOWER
-from recstack.serving.coarse import CoarseVectors
+from recstack.serving.coarse import CoarseVectors, inner_products_by_idx  # noqa: F401 (re-exported)
 from recstack.serving.fine import FineScorer
 from recstack.serving.loading import OnnxModel, read_index, read_item_emb, read_snapshot
 
@@ -127,24 +127,6 @@ class _Scratch:
         if s is None:
             s = self._local.s = _IdScratch(self.n_items)
         return s
-
-
-def inner_products_by_idx(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """vectors (I, D) float32 C-contiguous, ids (N,) int64 in [0, I), query (D,) float32 ->
-    (N,) float32 vectors[ids] @ query, fused: FAISS reads each row once in place, with no
-    gathered (N, D) copy and no BLAS call (whose thread pool oversubscribes the cores when
-    several requests run at once). The caller guarantees the bounds: FAISS does not check them."""
-    if vectors.dtype != np.float32 or vectors.ndim != 2 or not vectors.flags["C_CONTIGUOUS"]:
-        raise ValueError(f"vectors must be a C-contiguous float32 (I, D) array, got {vectors.dtype} {vectors.shape}")
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    query = np.ascontiguousarray(query, dtype=np.float32)
-    if query.shape != (vectors.shape[1],):
-        raise ValueError(f"query shape {query.shape}, expected ({vectors.shape[1]},)")
-    out = np.empty(len(ids), np.float32)
-    if len(ids):
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(vectors),
-                                         faiss.swig_ptr(ids), vectors.shape[1], 1, len(ids))
-    return out
 
 
 class Cascade:

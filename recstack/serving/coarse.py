@@ -7,6 +7,7 @@ coarse_rank/export.py), else the float32 vectors; both scored by a fused gather-
 """
 from __future__ import annotations
 
+import faiss
 import numpy as np
 
 from recstack.bundle import Bundle, BundleError
@@ -28,6 +29,24 @@ def _load_npy(bundle: Bundle, rel: str, dtype: np.dtype, shape: tuple[int, ...])
     return np.ascontiguousarray(arr)
 
 
+def inner_products_by_idx(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """vectors (I, D) float32 C-contiguous, ids (N,) int64 in [0, I), query (D,) float32 ->
+    (N,) float32 vectors[ids] @ query, fused: FAISS reads each row once in place, with no
+    gathered (N, D) copy and no BLAS call (whose thread pool oversubscribes the cores when
+    several requests run at once). The caller guarantees the bounds: FAISS does not check them."""
+    if vectors.dtype != np.float32 or vectors.ndim != 2 or not vectors.flags["C_CONTIGUOUS"]:
+        raise ValueError(f"vectors must be a C-contiguous float32 (I, D) array, got {vectors.dtype} {vectors.shape}")
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    query = np.ascontiguousarray(query, dtype=np.float32)
+    if query.shape != (vectors.shape[1],):
+        raise ValueError(f"query shape {query.shape}, expected ({vectors.shape[1]},)")
+    out = np.empty(len(ids), np.float32)
+    if len(ids):
+        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(vectors),
+                                         faiss.swig_ptr(ids), vectors.shape[1], 1, len(ids))
+    return out
+
+
 class CoarseVectors:
     """Precomputed item vectors (score scale folded in) and the fused product against them."""
 
@@ -39,9 +58,6 @@ class CoarseVectors:
         self.relpath = COARSE_ITEM_VECTORS if precision == PRECISION_FP32 else COARSE_ITEM_CODES  # for error messages
         self.n_items, self.dim = table.shape
         self.nbytes = int(table.nbytes + (scales.nbytes if scales is not None else 0))
-        from recstack.serving.cascade import inner_products_by_idx  # the float32 FAISS kernel (cascade imports us)
-
-        self._fp32_kernel = inner_products_by_idx
 
     @classmethod
     def load(cls, bundle: Bundle, n_items: int) -> "CoarseVectors":
@@ -66,4 +82,4 @@ class CoarseVectors:
         """ids (R,) int64 in [0, n_items) (not checked here), query (D,) float32 -> (R,) float32."""
         if self.precision == PRECISION_INT8:
             return int8_inner_products_by_idx(self.codes, self.scales, ids, query)
-        return self._fp32_kernel(self.vectors, ids, query)
+        return inner_products_by_idx(self.vectors, ids, query)

@@ -3,36 +3,12 @@ recstack.serving.fine): int8 item vectors, CTR + CVR in one ONNX graph, and thei
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from onnx import compose, helper
 
 from recstack import bundle as B
 from recstack.quant import quantise_rows
 from recstack.serving.cascade import _FINE_INPUTS, Cascade, Query
 from recstack.serving.fine import FineScorer
-
-
-def _relist(bdir: Path, add: list[str], drop: tuple[str, ...] = (), fine_outputs=("pctr", "pcvr")) -> None:
-    """Rewrite the bundle's manifest listing `add` and not `drop`."""
-    m = B.read_manifest(bdir)
-    files = [f for f in m["files"] if f not in drop] + add
-    B.write_manifest(bdir, version=m["version"], files=files, configs=m["configs"], feature_schema=m["feature_schema"],
-                     vocab=m["vocab"], stages=m["stages"], extra={"snapshot": m["snapshot"]})
-
-
-def _merge_fine(bdir: Path, outputs=("pctr", "pcvr"), name="fine/ranker.onnx") -> None:
-    """fine/ctr.onnx and fine/cvr.onnx side by side in one graph on shared inputs."""
-    ctr = compose.add_prefix(onnx.load(str(bdir / "fine/ctr.onnx")), "ctr_", rename_inputs=False)
-    cvr = compose.add_prefix(onnx.load(str(bdir / "fine/cvr.onnx")), "cvr_", rename_inputs=False)
-    g1, g2 = ctr.graph, cvr.graph
-    nodes = list(g1.node) + list(g2.node) + [helper.make_node("Identity", [g1.output[0].name], [outputs[0]]),
-                                              helper.make_node("Identity", [g2.output[0].name], [outputs[1]])]
-    outs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, ["batch"]) for o in outputs]
-    graph = helper.make_graph(nodes, "fine", list(g1.input), outs, list(g1.initializer) + list(g2.initializer))
-    model = helper.make_model(graph, opset_imports=ctr.opset_import)
-    model.ir_version = ctr.ir_version
-    onnx.save(model, str(bdir / name))
 
 
 def _int8_coarse(bdir: Path) -> None:
@@ -45,11 +21,11 @@ QUERIES = [Query(user_id=0, num_results=10, retrieval_size=200, coarse_size=50),
            Query(user_id=25, num_results=10, retrieval_size=200, coarse_size=50)]
 
 
-def test_merged_fine_graph_ranks_as_the_two_graphs_in_one_call(make_fake_bundle, tmp_path, one_thread):
+def test_merged_fine_graph_ranks_as_the_two_graphs_in_one_call(make_fake_bundle, merge_fine, relist, tmp_path, one_thread):
     legacy = Cascade.load(make_fake_bundle(tmp_path / "a"))
     bdir = make_fake_bundle(tmp_path / "b")
-    _merge_fine(bdir)
-    _relist(bdir, ["fine/ranker.onnx"], drop=("fine/ctr.onnx", "fine/cvr.onnx"))
+    merge_fine(bdir)
+    relist(bdir, ["fine/ranker.onnx"], drop=("fine/ctr.onnx", "fine/cvr.onnx"))
     merged = Cascade.load(bdir)
     assert merged.fine.merged and merged.fine.precision == "fp32" and merged.fine.files["pcvr"] == "fine/ranker.onnx"
 
@@ -73,11 +49,11 @@ def test_merged_fine_graph_ranks_as_the_two_graphs_in_one_call(make_fake_bundle,
     assert len(calls) == len(QUERIES)  # one session call per request for both probabilities
 
 
-def test_int8_item_vectors_serve_when_listed_and_score_like_float32(make_fake_bundle, tmp_path, one_thread):
+def test_int8_item_vectors_serve_when_listed_and_score_like_float32(make_fake_bundle, relist, tmp_path, one_thread):
     fp32 = Cascade.load(make_fake_bundle(tmp_path / "a"))
     bdir = make_fake_bundle(tmp_path / "b")
     _int8_coarse(bdir)
-    _relist(bdir, ["coarse/item_codes.npy", "coarse/item_scales.npy"])
+    relist(bdir, ["coarse/item_codes.npy", "coarse/item_scales.npy"])
     int8 = Cascade.load(bdir)
     assert int8.coarse_vectors.precision == "int8" and fp32.coarse_vectors.precision == "fp32"
     assert int8.coarse_vectors.nbytes < fp32.coarse_vectors.nbytes / 3  # a quarter, plus one scale per row
@@ -90,40 +66,40 @@ def test_int8_item_vectors_serve_when_listed_and_score_like_float32(make_fake_bu
     assert np.corrcoef(a, b)[0, 1] > 0.999
 
 
-def test_half_listed_int8_vectors_are_refused(make_fake_bundle, tmp_path):
+def test_half_listed_int8_vectors_are_refused(make_fake_bundle, relist, tmp_path):
     bdir = make_fake_bundle(tmp_path)
     _int8_coarse(bdir)
-    _relist(bdir, ["coarse/item_codes.npy"])
+    relist(bdir, ["coarse/item_codes.npy"])
     with pytest.raises(B.BundleError, match="only one of 'coarse/item_codes.npy' and 'coarse/item_scales.npy'"):
         Cascade.load(bdir, warm=False)
 
 
-def test_int8_codes_of_the_wrong_shape_are_refused(make_fake_bundle, tmp_path):
+def test_int8_codes_of_the_wrong_shape_are_refused(make_fake_bundle, relist, tmp_path):
     bdir = make_fake_bundle(tmp_path)
     _int8_coarse(bdir)
     np.save(bdir / "coarse/item_codes.npy", np.load(bdir / "coarse/item_codes.npy")[:, :64])
-    _relist(bdir, ["coarse/item_codes.npy", "coarse/item_scales.npy"])
+    relist(bdir, ["coarse/item_codes.npy", "coarse/item_scales.npy"])
     with pytest.raises(B.BundleError, match=r"'coarse/item_codes.npy'.*expected int8"):
         Cascade.load(bdir, warm=False)
 
 
-def test_merged_graph_without_the_two_outputs_is_refused(make_fake_bundle, tmp_path):
+def test_merged_graph_without_the_two_outputs_is_refused(make_fake_bundle, merge_fine, relist, tmp_path):
     bdir = make_fake_bundle(tmp_path)
-    _merge_fine(bdir, outputs=("pctr", "prob"))
-    _relist(bdir, ["fine/ranker.onnx"])
+    merge_fine(bdir, outputs=("pctr", "prob"))
+    relist(bdir, ["fine/ranker.onnx"])
     with pytest.raises(B.BundleError, match=r"'fine/ranker.onnx': outputs .*expected \['pctr', 'pcvr'\]"):
         Cascade.load(bdir, warm=False)
 
 
-def test_int8_fine_graph_is_preferred_unless_fp32_is_asked_for(make_fake_bundle, tmp_path):
+def test_int8_fine_graph_is_preferred_unless_fp32_is_asked_for(make_fake_bundle, merge_fine, relist, tmp_path):
     bdir = make_fake_bundle(tmp_path)
-    _merge_fine(bdir)
-    _merge_fine(bdir, name="fine/ranker_int8.onnx")  # the file's role, not its contents, is what is tested
-    _relist(bdir, ["fine/ranker.onnx", "fine/ranker_int8.onnx"])
+    merge_fine(bdir)
+    merge_fine(bdir, name="fine/ranker_int8.onnx")  # the file's role, not its contents, is what is tested
+    relist(bdir, ["fine/ranker.onnx", "fine/ranker_int8.onnx"])
     bundle = B.Bundle.open(bdir)
     assert FineScorer.load(bundle, _FINE_INPUTS, 1).files["pctr"] == "fine/ranker_int8.onnx"
     assert FineScorer.load(bundle, _FINE_INPUTS, 1, precision="fp32").files["pctr"] == "fine/ranker.onnx"
-    _relist(bdir, [], drop=("fine/ranker_int8.onnx",))
+    relist(bdir, [], drop=("fine/ranker_int8.onnx",))
     with pytest.raises(B.BundleError, match="no 'fine/ranker_int8.onnx'"):
         FineScorer.load(B.Bundle.open(bdir), _FINE_INPUTS, 1, precision="int8")
     with pytest.raises(ValueError, match="precision must be one of"):
