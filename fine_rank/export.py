@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from recstack import bundle_files
+from recstack.bundle import BundleError, check_file
 from recstack.training import checkpoint
 from recstack.evaluation import metrics as M
 from recstack.config import from_dict
@@ -158,10 +159,15 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     export_onnx(_Both(models["ctr"], models["cvr"]), _rows(day, PARITY_BATCHES[-1], rng), path, [OUTPUTS[t] for t in TASKS])
     # each task's parity on its own population's rows
     diffs = {t: {str(b): _parity(models, path, _rows(populations[t], b, rng))[t] for b in PARITY_BATCHES} for t in TASKS}
-    worst = max(max(d.values()) for d in diffs.values())
+    worst = float(np.max([v for d in diffs.values() for v in d.values()]))  # np.max keeps a NaN (max() may not)
     if not worst <= PARITY_TOL:  # also refuses NaN
         path.unlink(missing_ok=True)
         raise ExportError(f"{path.name} differs from PyTorch by {worst:.3g} > {PARITY_TOL} (per task and batch size: {diffs})")
+    try:  # a diverged model (NaN weights the parity rows missed) cannot be quantised or served
+        check_file(out_dir, path.name)
+    except BundleError as e:
+        path.unlink(missing_ok=True)
+        raise ExportError(f"refusing to export: {e}") from None
     quality = _quality(path, populations, eval_labels)
     files = [path.name]
     meta = {"eval_day": eval_day, "parity_tol": PARITY_TOL, "inputs": list(MODEL_INPUTS), "outputs": OUTPUTS,
