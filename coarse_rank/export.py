@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from recstack import bundle_files
+from recstack.quant import int8_inner_products_by_idx, quantise_rows, topk_overlap
 from recstack.training import onnx as onnx_export
 from recstack.data import SimData, load
 from recstack.features import SEQ_LEN
@@ -28,6 +29,13 @@ PARITY_TOL = 1e-5  # user tower, ONNX Runtime vs PyTorch (unit vectors)
 LOGIT_TOL = 1e-4  # serving logit (ONNX user_vec . precomputed item vector) vs the torch student
 PARITY_ROWS = 256  # real test-day rows used for the checks
 NAMES = bundle_files.FILES[STAGE]
+# int8 item vectors serve only if, over INT8_REQUESTS real test-day user vectors each scoring
+# INT8_CANDIDATES random items (retrieval-like), their top-INT8_TOP_K matches float32's by at
+# least INT8_MIN_OVERLAP on average
+INT8_REQUESTS = 1000
+INT8_CANDIDATES = 10_000
+INT8_TOP_K = 500
+INT8_MIN_OVERLAP = 0.99
 
 
 class ExportError(RuntimeError):
@@ -106,7 +114,16 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
         raise ExportError(f"coarse serving logits vs torch student max abs diff {logit_diff:.3g} > {LOGIT_TOL}")
     norm_err = float(np.max(np.abs(np.linalg.norm(user_vec, axis=1) - 1.0)))
 
+    int8 = int8_parity(onnx_path, data, vecs)
+    files = [NAMES["user_tower"], NAMES["item_vectors"]]
+    if int8["served"]:
+        codes, scales = quantise_rows(vecs)
+        np.save(out_dir / NAMES["item_codes"], codes, allow_pickle=False)
+        np.save(out_dir / NAMES["item_scales"], scales, allow_pickle=False)
+        files += [NAMES["item_codes"], NAMES["item_scales"]]
+
     meta = {
+        "item_vectors_int8": int8,
         "dim": int(vecs.shape[1]),
         "scale": float(model.scale),
         "n_items": int(vecs.shape[0]),
@@ -120,7 +137,41 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
         "config": ckpt["config"],
         "metrics": ckpt.get("metrics", {}),
     }
-    return {"files": list(NAMES.values()), "meta": meta}
+    return {"files": files, "meta": meta}
+
+
+def int8_parity(onnx_path: Path, data: SimData, vecs: np.ndarray, seed: int = 0) -> dict:
+    """Whether the int8 item vectors rank like the float32 ones: the top-500 overlap of the two
+    scorings on 1,000 requests (real test-day user vectors from the exported tower, each with
+    10,000 random candidates, fewer on a small corpus). -> {"served", "reason", overlaps ...}."""
+    ex = data.examples(data.test_day)
+    n_req = min(INT8_REQUESTS, len(ex))
+    rows = np.unique(np.linspace(0, len(ex) - 1, num=n_req).astype(np.int64)) if n_req else np.zeros(0, np.int64)
+    batch = ex.batch(rows) if len(rows) else None
+    codes, scales = quantise_rows(vecs)
+    rng = np.random.default_rng(seed)
+    n_cands = min(INT8_CANDIDATES, len(vecs))
+    overlaps = []
+    if batch is not None and n_cands:
+        user_vecs = onnx_export.onnx_session(onnx_path).run(
+            [USER_OUTPUT], {k: np.ascontiguousarray(batch[k]) for k in USER_INPUTS})[0]  # (B, D)
+        for u in user_vecs:
+            cands = rng.choice(len(vecs), size=n_cands, replace=False).astype(np.int64)
+            ref = vecs[cands] @ u
+            got = int8_inner_products_by_idx(codes, scales, cands, np.ascontiguousarray(u, np.float32))
+            overlaps.append(topk_overlap(ref, got, INT8_TOP_K))
+    mean = float(np.mean(overlaps)) if overlaps else float("nan")
+    served = bool(overlaps) and mean >= INT8_MIN_OVERLAP
+    if not overlaps:
+        reason = "no test-day requests to check the int8 vectors on; serving float32"
+    elif served:
+        reason = f"top-{INT8_TOP_K} overlap {mean:.4f} >= {INT8_MIN_OVERLAP}: serving int8"
+    else:
+        reason = f"top-{INT8_TOP_K} overlap {mean:.4f} < {INT8_MIN_OVERLAP}: serving float32"
+    return {"served": served, "reason": reason, "requests": len(overlaps), "candidates": int(n_cands),
+            "top_k": INT8_TOP_K, "min_overlap": INT8_MIN_OVERLAP, "mean_overlap": mean,
+            "worst_overlap": float(min(overlaps)) if overlaps else float("nan"),
+            "max_abs_vector_err": float(np.max(np.abs(codes.astype(np.float32) * scales[:, None] - vecs))) if len(vecs) else 0.0}
 
 
 TEACHER_INPUTS = ("user_feats", "seq_items", "seq_extras", "item_feats", "item_dense", "interacted")

@@ -9,8 +9,11 @@ from __future__ import annotations
 # stage directory -> {role: file name}; the order is the order the exporter lists them in
 FILES: dict[str, dict[str, str]] = {
     "retrieval": {"user_tower": "user_tower.onnx", "item_emb": "item_emb.npy", "index": "index.faiss"},
-    "coarse": {"user_tower": "user_tower.onnx", "item_vectors": "item_vectors.npy"},
-    "fine": {"ctr": "ctr.onnx", "cvr": "cvr.onnx"},
+    "coarse": {"user_tower": "user_tower.onnx", "item_vectors": "item_vectors.npy", "item_codes": "item_codes.npy",
+               "item_scales": "item_scales.npy"},
+    # ranker: CTR and CVR in one graph (one session call); ranker_int8: its int8 copy, written
+    # only when it passes the export's quality checks; ctr / cvr: the older two-graph layout
+    "fine": {"ranker": "ranker.onnx", "ranker_int8": "ranker_int8.onnx", "ctr": "ctr.onnx", "cvr": "cvr.onnx"},
     # optional: the data's own user / item ids (recstack.ids), one `external_id` column each
     "ids": {"users": "users.parquet", "items": "items.parquet"},
 }
@@ -26,6 +29,10 @@ RETRIEVAL_ITEM_EMB = path("retrieval", "item_emb")
 RETRIEVAL_INDEX = path("retrieval", "index")
 COARSE_TOWER = path("coarse", "user_tower")
 COARSE_ITEM_VECTORS = path("coarse", "item_vectors")
+COARSE_ITEM_CODES = path("coarse", "item_codes")
+COARSE_ITEM_SCALES = path("coarse", "item_scales")
+FINE_RANKER = path("fine", "ranker")
+FINE_RANKER_INT8 = path("fine", "ranker_int8")
 FINE_CTR = path("fine", "ctr")
 FINE_CVR = path("fine", "cvr")
 IDS_USERS = path("ids", "users")

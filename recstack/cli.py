@@ -167,7 +167,7 @@ def _cmd_experiment(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from recstack.pipeline.export import export_bundle, export_stage
+    from recstack.pipeline.export import export_bundle, export_stage, precision_summary
 
     if args.stage:
         result = export_stage(args.runs, args.stage, args.out)
@@ -179,6 +179,8 @@ def _cmd_export(args) -> int:
     path = export_bundle(args.runs, args.out, signing_key=key.encode() if key else None, value_column=args.value_column,
                          publish=args.publish, publish_index=args.publish_index)
     print(f"bundle written: {path}")
+    for line in precision_summary(path):
+        print(f"  {line}")
     return 0
 
 

@@ -21,6 +21,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+import onnx  # noqa: E402
+from onnx import compose, helper  # noqa: E402
 
 from recstack import bundle as B  # noqa: E402
 from recstack.training import checkpoint  # noqa: E402
@@ -562,3 +564,40 @@ def milvus_lite():
     yield MilvusLite()
     for db in started:
         server_manager_instance.release_server(db)
+
+
+# --- quantised / merged stage files on a fake bundle ------------------------------------
+
+def _relist(bdir: Path, add: list[str], drop: tuple[str, ...] = ()) -> None:
+    """Rewrite the bundle's manifest listing `add` and not `drop`."""
+    m = B.read_manifest(bdir)
+    files = [f for f in m["files"] if f not in drop] + add
+    B.write_manifest(bdir, version=m["version"], files=files, configs=m["configs"], feature_schema=m["feature_schema"],
+                     vocab=m["vocab"], stages=m["stages"], extra={"snapshot": m["snapshot"]})
+
+
+def _merge_fine(bdir: Path, outputs=("pctr", "pcvr"), name="fine/ranker.onnx") -> None:
+    """fine/ctr.onnx and fine/cvr.onnx side by side in one graph on shared inputs."""
+    ctr = compose.add_prefix(onnx.load(str(bdir / "fine/ctr.onnx")), "ctr_", rename_inputs=False)
+    cvr = compose.add_prefix(onnx.load(str(bdir / "fine/cvr.onnx")), "cvr_", rename_inputs=False)
+    g1, g2 = ctr.graph, cvr.graph
+    nodes = list(g1.node) + list(g2.node) + [helper.make_node("Identity", [g1.output[0].name], [outputs[0]]),
+                                              helper.make_node("Identity", [g2.output[0].name], [outputs[1]])]
+    outs = [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, ["batch"]) for o in outputs]
+    graph = helper.make_graph(nodes, "fine", list(g1.input), outs, list(g1.initializer) + list(g2.initializer))
+    model = helper.make_model(graph, opset_imports=ctr.opset_import)
+    model.ir_version = ctr.ir_version
+    onnx.save(model, str(bdir / name))
+
+
+@pytest.fixture(scope="session")
+def relist():
+    """Callable (bundle_dir, add, drop=()) -> None: rewrite the manifest listing `add`, not `drop`."""
+    return _relist
+
+
+@pytest.fixture(scope="session")
+def merge_fine():
+    """Callable (bundle_dir, outputs=("pctr", "pcvr"), name="fine/ranker.onnx"): write the fake
+    bundle's fine/ctr.onnx and fine/cvr.onnx as one graph on shared inputs."""
+    return _merge_fine

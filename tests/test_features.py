@@ -80,3 +80,19 @@ def test_unknown_ids_map_to_padding():
     assert items.feats(np.array([-1, 99])).tolist() == [[0] * 5, [0] * 5]
     users = FE.UserTable(np.array([1, 2]), np.array([0, 1]), np.array([3, 0]))
     assert users.feats(np.array([1, 5, -3])).tolist() == [[2, 3, 2, 1], [0] * 4, [0] * 4]
+
+
+def test_interacted_features_one_user_path_equals_the_comparison():
+    """Serving's path (one sequence, many candidates: binary search) counts exactly what the
+    (M, L, 5) comparison counts, on sequences with repeats, padding and both windows."""
+    rng = np.random.default_rng(3)
+    for n_valid in (0, 1, 17, FE.SEQ_LEN):
+        seq = np.zeros((1, FE.SEQ_LEN, 5), np.int64)
+        seq[0, :n_valid] = rng.integers(1, 6, (n_valid, 5))  # few ids: many repeats
+        extras = np.zeros((1, FE.SEQ_LEN, 3), np.float32)
+        extras[0, :, 0] = np.log1p(rng.uniform(0, 24 * 10, FE.SEQ_LEN))  # hours ago, inside and outside both windows
+        extras[0, :, 2] = rng.integers(0, 2, FE.SEQ_LEN)  # clicks and purchases
+        cands = rng.integers(1, 6, (200, 5))
+        fast = FE.interacted_features(seq, extras, cands)
+        slow = np.concatenate([FE.interacted_features(seq, extras, cands[i : i + 1]) for i in range(len(cands))])
+        np.testing.assert_array_equal(fast, slow)

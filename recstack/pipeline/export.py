@@ -189,6 +189,28 @@ def check_finite(bundle_dir: str | Path, files: list[str]) -> None:
             raise ExportError(f"refusing to export: {e}") from None
 
 
+def check_int8_fine(bundle_dir: Path, files: list[str], fine_meta: dict, min_overlap: float | None = None) -> bool:
+    """The served top-50 check of an int8 fine graph the fine exporter kept (held-out AUC and
+    calibration already passed): it runs on the complete staged bundle. Records the result in
+    fine_meta["int8"]; on failure removes the graph from `files` and disk. -> whether it ran
+    (the manifest is then stale)."""
+    from recstack.bundle_files import FINE_RANKER_INT8
+    from recstack.pipeline.fine_check import served_top_overlap
+
+    if FINE_RANKER_INT8 not in files:
+        return False
+    check = served_top_overlap(bundle_dir) if min_overlap is None else served_top_overlap(bundle_dir, min_overlap=min_overlap)
+    fine_meta["int8"]["served_top"] = check
+    top = (f"served top-{check['top_k']} overlap with float32 {check['mean_overlap']:.4f} "
+           f"{'>=' if check['passed'] else '<'} {check['min_overlap']} over {check['users']} users")
+    fine_meta["int8"]["reason"] += f"; {top}"
+    if not check["passed"]:
+        fine_meta["int8"]["kept"] = False
+        files.remove(FINE_RANKER_INT8)
+        (bundle_dir / FINE_RANKER_INT8).unlink()
+    return True
+
+
 def _staging_dir(out_dir: Path, version: str | None) -> tuple[str, Path]:
     """A version name free under `out_dir` and an empty hidden directory to build it in.
 
@@ -264,13 +286,19 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
         snap_files, snapshot = snapshot_from_data(data, staging, value_column=value_column)
         files += snap_files + write_id_maps(data_dir, staging, data.users.n, data.items.n)
         objective = {"score": "pctr * pcvr * value", "value_column": value_column}
-        B.write_manifest(
-            staging, version=version, files=files,
-            configs={stage: ck["config"] for stage, ck in ckpts.items()},
-            feature_schema=FE.feature_schema(), vocab=vocabs["retrieval"], stages=stages,
-            extra={"snapshot": snapshot, "objective": objective}, signing_key=signing_key,
-        )
-        B.verify_bundle(staging, signing_key)
+
+        def manifest() -> None:
+            B.write_manifest(
+                staging, version=version, files=files,
+                configs={stage: ck["config"] for stage, ck in ckpts.items()},
+                feature_schema=FE.feature_schema(), vocab=vocabs["retrieval"], stages=stages,
+                extra={"snapshot": snapshot, "objective": objective}, signing_key=signing_key,
+            )
+            B.verify_bundle(staging, signing_key)
+
+        manifest()
+        if check_int8_fine(staging, files, stages["fine"]["meta"]):
+            manifest()  # with the check's result (and without the int8 graph if it failed)
         final = out_dir / version
         os.rename(staging, final)  # fails rather than overwrite if the name was taken meanwhile
     except BaseException:
@@ -282,3 +310,16 @@ def export_bundle(runs_dir: str | Path, out_dir: str | Path, version: str | None
         publish_bundle(final, publish, index_type=publish_index)
     B.write_current(out_dir, version)
     return final.resolve()
+
+
+def precision_summary(bundle_dir: str | Path) -> list[str]:
+    """One line per quantised stage of a written bundle: what serves, and why."""
+    stages = B.Bundle.open(bundle_dir, verify=False).manifest.get("stages", {})
+    lines = []
+    coarse = stages.get("coarse", {}).get("meta", {}).get("item_vectors_int8")
+    if coarse:
+        lines.append(f"coarse item vectors: {'int8' if coarse['served'] else 'float32'} ({coarse['reason']})")
+    fine = stages.get("fine", {}).get("meta", {}).get("int8")
+    if fine:
+        lines.append(f"fine ranker: {'int8' if fine['kept'] else 'float32'} ({fine['reason']})")
+    return lines

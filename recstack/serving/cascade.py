@@ -39,11 +39,12 @@ import numpy as np
 
 from recstack import features as F
 from recstack.bundle import Bundle, BundleError
-from recstack.bundle_files import (COARSE_ITEM_VECTORS, COARSE_TOWER, FINE_CTR, FINE_CVR, RETRIEVAL_INDEX,
-                                   RETRIEVAL_TOWER)
+from recstack.bundle_files import COARSE_TOWER, RETRIEVAL_INDEX, RETRIEVAL_TOWER
 from recstack.serving.backends import open_backend
 from recstack.serving.candidates import FAISS, RetrievalUnavailable, popularity_order
-from recstack.serving.loading import (OnnxModel, read_coarse_vectors, read_ids, read_item_emb, read_snapshot)
+from recstack.serving.coarse import CoarseVectors, inner_products_by_idx  # noqa: F401 (re-exported)
+from recstack.serving.fine import FineScorer
+from recstack.serving.loading import OnnxModel, read_ids, read_item_emb, read_snapshot
 from recstack.serving.objective import read_values
 from recstack.serving.scratch import ThreadScratch
 from recstack.serving.store.base import Events, Snapshot
@@ -113,24 +114,6 @@ class Ranking:
     degraded_retrieval: bool = False  # the retrieval backend did not answer: popularity candidates
 
 
-def inner_products_by_idx(vectors: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
-    """vectors (I, D) float32 C-contiguous, ids (N,) int64 in [0, I), query (D,) float32 ->
-    (N,) float32 vectors[ids] @ query, fused: FAISS reads each row once in place, with no
-    gathered (N, D) copy and no BLAS call (whose thread pool oversubscribes the cores when
-    several requests run at once). The caller guarantees the bounds: FAISS does not check them."""
-    if vectors.dtype != np.float32 or vectors.ndim != 2 or not vectors.flags["C_CONTIGUOUS"]:
-        raise ValueError(f"vectors must be a C-contiguous float32 (I, D) array, got {vectors.dtype} {vectors.shape}")
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    query = np.ascontiguousarray(query, dtype=np.float32)
-    if query.shape != (vectors.shape[1],):
-        raise ValueError(f"query shape {query.shape}, expected ({vectors.shape[1]},)")
-    out = np.empty(len(ids), np.float32)
-    if len(ids):
-        faiss.fvec_inner_products_by_idx(faiss.swig_ptr(out), faiss.swig_ptr(query), faiss.swig_ptr(vectors),
-                                         faiss.swig_ptr(ids), vectors.shape[1], 1, len(ids))
-    return out
-
-
 def snapshot_time(manifest: dict) -> float:
     """When the bundle's snapshot was taken, in seconds since the epoch: its export time
     (`created`, ISO 8601). BundleError when that is missing or unparsable."""
@@ -194,12 +177,11 @@ class Cascade:
 
         # coarse
         self.coarse_tower = OnnxModel(bundle, COARSE_TOWER, _TOWER_INPUTS, onnx_threads)
-        self.item_vectors = read_coarse_vectors(bundle, self.n_items)  # (I, D), score scale folded in
+        self.coarse_vectors = CoarseVectors.load(bundle, self.n_items)  # (I, D) int8 or float32, score scale folded in
         self._scratch = ThreadScratch(self.n_items)
 
         # fine
-        self.ctr = OnnxModel(bundle, FINE_CTR, _FINE_INPUTS, onnx_threads)
-        self.cvr = OnnxModel(bundle, FINE_CVR, _FINE_INPUTS, onnx_threads)
+        self.fine = FineScorer.load(bundle, _FINE_INPUTS, onnx_threads)
 
     @classmethod
     def load(cls, path: str | Path, onnx_threads: int = 1, faiss_threads: int = 1, warm: bool = True,
@@ -271,15 +253,15 @@ class Cascade:
             if not np.all(np.isfinite(coarse)):
                 user_vec = self.coarse_tower(tower_in)
                 finite(user_vec, COARSE_TOWER, "user vector")
-                finite(coarse, COARSE_ITEM_VECTORS, "coarse scores")
+                finite(coarse, self.coarse_vectors.relpath, "coarse scores")
             res = self.rank(q)
             if res.degraded_retrieval:
                 raise BundleError(f"retrieval backend {self.retrieval.name}: did not answer a probe request "
                                   f"within {WARM_UP_TIMEOUT_S:.0f} s")
-            for name, p in ((FINE_CTR, res.pctr), (FINE_CVR, res.pcvr)):
+            for name, p in ((self.fine.files["pctr"], res.pctr), (self.fine.files["pcvr"], res.pcvr)):
                 if not (np.all(np.isfinite(p)) and np.all((p >= 0) & (p <= 1))):
                     raise BundleError(f"bundle file {name!r}: outputs outside [0, 1]; expected probabilities")
-            finite(res.scores, FINE_CTR, "scores (pCTR x pCVR x value)")
+            finite(res.scores, self.fine.files["pctr"], "scores (pCTR x pCVR x value)")
 
     # -- per request -------------------------------------------------------------------
 
@@ -365,20 +347,17 @@ class Cascade:
         user_vec = self.coarse_tower(tower_in)[0]  # (D,)
         if len(cands) and (cands.min() < 0 or cands.max() >= self.n_items):  # the fused kernel does not check
             raise ValueError(f"candidate ids outside [0, {self.n_items})")
-        return inner_products_by_idx(self.item_vectors, cands, user_vec)
+        return self.coarse_vectors.inner_products(cands, user_vec)
 
     def _score_fine(self, user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, cands: np.ndarray,
                     check: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
         """The fine stage's pCTR and pCVR of the candidates (M,) int64 -> (M,) float64 each;
-        `check("fine pCVR")` runs between the two models."""
+        `check("fine pCVR")` runs between the two models when the bundle has two."""
         m = len(cands)
         fine_in = F.fine_inputs(user_feats, seq_items, seq_extras, self.items, cands)  # (M, ...) each
         if not m:
             return np.zeros(0, np.float64), np.zeros(0, np.float64)
-        pctr = self.ctr(fine_in).reshape(-1).astype(np.float64)  # (M,)
-        check("fine pCVR")
-        pcvr = self.cvr(fine_in).reshape(-1).astype(np.float64)
-        return pctr, pcvr
+        return self.fine(fine_in, check)
 
     def fine_scores(self, user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, cands: np.ndarray,
                     check: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

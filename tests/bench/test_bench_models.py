@@ -52,7 +52,7 @@ def test_schema(quick):
     c = res["coarse"]
     assert c["n_candidates"] == 2_000 and c["dim"] == 128 and c["gathered_bytes"] == 2_000 * 128 * 4
     assert set(c["timings_ms"]) == {"inner_product_serving", "inner_product_numpy", "inner_product_sorted_gather",
-                                    "inner_product_contiguous",
+                                    "inner_product_contiguous", "inner_product_int8",
                                     "gather_only", "memory_scan_sum", "memory_copy", "teacher_dnn",
                                     "teacher_gemm_floor"}
     for t in c["timings_ms"].values():
@@ -76,6 +76,8 @@ def test_schema(quick):
         _timing_ok(t)
     assert f["ratios"]["fine_ort_speedup_vs_eager"] == pytest.approx(
         f["timings_ms"]["torch_eager"]["median"] / f["timings_ms"]["onnxruntime"]["median"])
+    assert f["ratios"]["fine_int8_speedup_vs_eager"] == pytest.approx(
+        f["timings_ms"]["torch_eager"]["median"] / f["timings_ms"]["onnxruntime_int8_dynamic"]["median"])
 
     names = [t["name"] for t in res["targets"]]
     assert names == list(B.TARGETS)
@@ -116,10 +118,12 @@ def test_fine_model_outputs_vary():
 
 def test_check_targets_shortfall():
     rows = {r["name"]: r for r in B.check_targets({"coarse_speedup_vs_teacher": 250.0, "coarse_vs_memory_scan": 3.0,
-                                                    "fine_ort_speedup_vs_eager": 3.0, "fine_parity_max_abs_diff": 0.0})}
+                                                    "fine_int8_speedup_vs_eager": 3.0, "ort_vs_gemm_floor": 1.21,
+                                                    "fine_parity_max_abs_diff": 0.0})}
     assert rows["coarse_speedup_vs_teacher"]["shortfall_factor"] == pytest.approx(4.0)
     assert rows["coarse_vs_memory_scan"]["shortfall_factor"] == pytest.approx(1.5)
-    assert rows["fine_ort_speedup_vs_eager"]["met"] and rows["fine_parity_max_abs_diff"]["met"]
+    assert rows["ort_vs_gemm_floor"]["shortfall_factor"] == pytest.approx(1.1)
+    assert rows["fine_int8_speedup_vs_eager"]["met"] and rows["fine_parity_max_abs_diff"]["met"]
 
 
 def test_time_ms_and_bad_arguments(tmp_path):

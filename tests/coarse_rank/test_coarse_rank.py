@@ -206,7 +206,12 @@ def test_training_is_deterministic(tiny_data, tmp_path):
 def test_export_parity_and_item_vectors_match_student(trained, tiny_data, tmp_path):
     path, _ = trained
     result = coarse_export.export(path, tmp_path)
-    assert result["files"] == ["user_tower.onnx", "item_vectors.npy"]
+    int8 = result["meta"]["item_vectors_int8"]
+    assert result["files"] == ["user_tower.onnx", "item_vectors.npy"] + (["item_codes.npy", "item_scales.npy"]
+                                                                          if int8["served"] else [])
+    # the parity check ran on real requests, and its verdict follows its own bound
+    assert int8["requests"] > 0 and int8["top_k"] == 500 and 0.0 <= int8["worst_overlap"] <= int8["mean_overlap"] <= 1.0
+    assert int8["served"] == (int8["mean_overlap"] >= 0.99)
     meta = result["meta"]
     assert meta["parity_max_abs_diff"] <= 1e-5 and meta["logit_max_abs_diff"] <= 1e-4
     assert meta["dim"] == FAST["out_dim"] and meta["scale"] == 5.0
@@ -363,7 +368,7 @@ def test_distilled_student_checkpoint_exports_like_the_baseline(tiny_data, tmp_p
     ckpt = checkpoint.load(tmp_path / "run" / "checkpoint.pt", stage="coarse")
     assert set(ckpt["model"]) == set(build_student(cfg, load(tiny_data).vocab).state_dict())
     result = coarse_export.export(tmp_path / "run" / "checkpoint.pt", tmp_path / "export")
-    assert result["files"] == ["user_tower.onnx", "item_vectors.npy"]
+    assert result["files"][:2] == ["user_tower.onnx", "item_vectors.npy"]
     assert result["meta"]["logit_max_abs_diff"] <= 1e-4 and result["meta"]["config"]["teacher"] == "pfd_md"
 
 

@@ -213,26 +213,31 @@ def exported(tiny_run, tmp_path_factory):
 
 def test_export_files_and_parity(exported, tiny_run):
     out, result = exported
-    assert result["files"] == ["ctr.onnx", "cvr.onnx"]
+    int8 = result["meta"]["int8"]
+    assert result["files"] == ["ranker.onnx"] + (["ranker_int8.onnx"] if int8["kept"] else [])
+    assert (out / "ranker_int8.onnx").exists() == int8["kept"]
     for task in ("ctr", "cvr"):
         diffs = result["meta"][task]["parity_max_abs_diff"]
         assert set(diffs) == {"1", "500"} and max(diffs.values()) <= 1e-5
         # the calibration the service sees equals the trained model's on the same rows
         assert result["meta"][task]["calibration"] == pytest.approx(tiny_run["metrics"][task]["calibration"], rel=1e-4)
+        # the int8 verdict follows its bounds
+        within = abs(int8[task]["auc_diff"]) <= 0.0005 and abs(int8[task]["calibration_shift"]) <= 0.005
+        assert within or not int8["kept"]
 
 
 def test_onnx_matches_pytorch_at_batch_1_and_500(exported, tiny_run):
+    """One graph, both models: each output equals its torch model."""
     out, _ = exported
     _, models = fexport.load_models(checkpoint.load(tiny_run["out"] / "checkpoint.pt"))
     data = load(tiny_run["data"])
     rows = ftrain.materialise(data.examples(data.test_day))
-    for task in ("ctr", "cvr"):
-        sess = onnx_session(out / f"{task}.onnx")
-        assert [i.name for i in sess.get_inputs()] == list(ftrain.MODEL_INPUTS)
-        assert [o.name for o in sess.get_outputs()] == ["prob"]
-        for b in (1, 500):
-            feed = {k: rows[k][:b] for k in ftrain.MODEL_INPUTS}
-            (onnx_prob,) = sess.run(None, feed)
+    sess = onnx_session(out / "ranker.onnx")
+    assert [i.name for i in sess.get_inputs()] == list(ftrain.MODEL_INPUTS)
+    assert [o.name for o in sess.get_outputs()] == ["pctr", "pcvr"]
+    for b in (1, 500):
+        feed = {k: rows[k][:b] for k in ftrain.MODEL_INPUTS}
+        for task, onnx_prob in zip(("ctr", "cvr"), sess.run(None, feed)):
             with torch.no_grad():
                 ref = models[task](**{k: torch.from_numpy(v) for k, v in feed.items()}).numpy()
             assert onnx_prob.shape == (b,)
@@ -241,10 +246,25 @@ def test_onnx_matches_pytorch_at_batch_1_and_500(exported, tiny_run):
 
 
 def test_export_refuses_a_graph_that_disagrees(tiny_run, tmp_path, monkeypatch):
-    monkeypatch.setattr(fexport, "parity", lambda *a, **k: 1e-3)
+    monkeypatch.setattr(fexport, "_parity", lambda *a, **k: {"ctr": 1e-3, "cvr": 0.0})
     with pytest.raises(fexport.ExportError, match="differs from PyTorch"):
         fexport.export(tiny_run["out"] / "checkpoint.pt", tmp_path)
-    assert not (tmp_path / "ctr.onnx").exists()
+    assert not (tmp_path / "ranker.onnx").exists()
+
+
+def test_int8_graph_is_dropped_when_it_moves_auc_or_calibration(exported, tiny_run, tmp_path):
+    """Held against a float32 reference 0.01 AUC better and 1 % better calibrated than the
+    int8 graph can be, the check refuses it, deletes it and names both reasons."""
+    out, _ = exported
+    data = load(tiny_run["data"])
+    day = ftrain.materialise(data.examples(data.test_day))
+    pops, labels = {"ctr": day, "cvr": ftrain.clicked(day)}, {"ctr": "click", "cvr": "purchase"}
+    ref = fexport._quality(out / "ranker.onnx", pops, labels)
+    ref["ctr"]["auc"] += 0.01
+    ref["cvr"]["calibration"] *= 1.01
+    meta = fexport.quantise_int8(out / "ranker.onnx", tmp_path / "q.onnx", ref, pops, labels)
+    assert not meta["kept"] and not (tmp_path / "q.onnx").exists()
+    assert "ctr AUC moved by" in meta["reason"] and "cvr calibration moved by" in meta["reason"]
 
 
 # ------------------------------------------------- distillation variants (PFD, MTL, SEAD)
@@ -401,9 +421,9 @@ def test_distilled_students_train_export_and_match_onnx(method, tiny_data, conse
     else:
         assert "aux" in metrics["ctr"] and metrics["ctr"]["train"]["method"] == "sead_max"
     result = fexport.export(tmp_path / "checkpoint.pt", tmp_path / "bundle")
+    sess = onnx_session(tmp_path / "bundle" / "ranker.onnx")
+    assert [i.name for i in sess.get_inputs()] == list(ftrain.MODEL_INPUTS)
     for task in ("ctr", "cvr"):
-        sess = onnx_session(tmp_path / "bundle" / f"{task}.onnx")
-        assert [i.name for i in sess.get_inputs()] == list(ftrain.MODEL_INPUTS)
         assert max(result["meta"][task]["parity_max_abs_diff"].values()) <= 1e-5
 
 

@@ -33,7 +33,7 @@ def test_tiny_end_to_end(tiny_data, tmp_path):
     assert B.resolve_bundle(artifacts) == bundle_dir and (artifacts / B.CURRENT).read_text().strip() == bundle_dir.name
     manifest = B.verify_bundle(bundle_dir)
     for rel in ("retrieval/user_tower.onnx", "retrieval/index.faiss", "coarse/user_tower.onnx", "coarse/item_vectors.npy",
-                "fine/ctr.onnx", "fine/cvr.onnx", B.SNAPSHOT_USERS, B.SNAPSHOT_ITEMS, B.SNAPSHOT_BEHAVIOURS):
+                "fine/ranker.onnx", B.SNAPSHOT_USERS, B.SNAPSHOT_ITEMS, B.SNAPSHOT_BEHAVIOURS):
         assert rel in manifest["files"], rel
     assert set(manifest["stages"]) == {"retrieval", "coarse", "fine"}
     assert not [p for p in artifacts.iterdir() if p.name.startswith(".staging")]

@@ -47,7 +47,7 @@ def _poison(runs, tmp_path, stage: str, select) -> "Path":
 @pytest.mark.parametrize("stage,select,rel", [
     ("retrieval", lambda k: "item" in k and k.endswith("weight"), "item_emb.npy"),
     ("coarse", lambda k: k.startswith("item_tower.mlp."), "item_vectors.npy"),  # the embeddings are shared
-    ("fine", lambda k: "emb" in k and k.endswith("weight"), "ctr.onnx"),
+    ("fine", lambda k: "emb" in k and k.endswith("weight"), "ranker.onnx"),
 ])
 def test_export_refuses_nan_weights_naming_the_file(runs, tmp_path, stage, select, rel):
     artifacts = tmp_path / "artifacts"

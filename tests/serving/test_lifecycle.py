@@ -351,13 +351,13 @@ def test_a_call_finished_after_its_deadline_is_not_logged_ok(artifacts, held, ca
     """Held in pCTR: the check before pCVR stops it. Held in pCVR, the last model: it finishes,
     and is still logged and counted DEADLINE_EXCEEDED, since nobody reads the answer."""
     server, port, servicer = build_server(artifacts, max_workers=2)
-    cascade = servicer.cascade
-    gate, cvr = _Gate(getattr(cascade, held)), _Gate(cascade.cvr)
+    models = servicer.cascade.fine.models  # the two-graph layout: [ctr, cvr]
+    gate, cvr = _Gate(models[0] if held == "ctr" else models[1]), _Gate(models[1])
     if held == "ctr":
         cvr.release.set()
-        cascade.ctr, cascade.cvr = gate, cvr
+        models[0], models[1] = gate, cvr
     else:
-        cascade.cvr = gate
+        models[1] = gate
     try:
         with caplog.at_level(logging.INFO, logger="recstack.access"), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             fut = pb_grpc.RankingServiceStub(ch).Rank.future(client.make_request(1, 5), timeout=0.5)

@@ -1,0 +1,67 @@
+"""The fine stage's models as served: pCTR and pCVR of a request's candidates.
+
+A bundle ships either one graph computing both (`fine/ranker.onnx`, outputs "pctr" and
+"pcvr": one session call, the shared inputs fed once), optionally with its int8 copy
+(`fine/ranker_int8.onnx`, written by the exporter only once it passed the quality checks:
+test-day AUC, calibration and the served top-50, see recstack/pipeline/fine_check.py), or the
+older layout of two graphs (`fine/ctr.onnx`, `fine/cvr.onnx`, one output each).
+
+    fine = FineScorer.load(bundle, allowed_inputs, threads)          # int8 when shipped
+    pctr, pcvr = fine(feeds, check)                                  # (M,) float64 each
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from recstack.bundle import Bundle, BundleError
+from recstack.bundle_files import FINE_CTR, FINE_CVR, FINE_RANKER, FINE_RANKER_INT8
+from recstack.serving.loading import OnnxModel
+
+OUTPUTS = ("pctr", "pcvr")  # the merged graph's outputs
+PRECISIONS = ("int8", "fp32")
+
+
+class FineScorer:
+    """pCTR and pCVR from one merged graph (one run) or from two graphs (two runs)."""
+
+    def __init__(self, models: list[OnnxModel], precision: str):
+        self.models = models
+        self.precision = precision
+        self.merged = len(models) == 1
+        # the file each probability comes from, for error messages
+        self.files = {"pctr": models[0].relpath, "pcvr": models[-1].relpath}
+        if self.merged:
+            outs = [o.name for o in models[0].session.get_outputs()]
+            if [o for o in OUTPUTS if o not in outs]:
+                raise BundleError(f"bundle file {models[0].relpath!r}: outputs {outs}, expected {list(OUTPUTS)}")
+            self._outputs = list(OUTPUTS)
+
+    @classmethod
+    def load(cls, bundle: Bundle, allowed: set[str], threads: int, precision: str | None = None) -> "FineScorer":
+        """The merged graph (its int8 copy when the bundle lists one, unless precision="fp32"),
+        else the two-graph layout; precision="int8" requires the int8 copy."""
+        if precision is not None and precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
+        files = bundle.manifest.get("files", {})
+        if precision == "int8" and FINE_RANKER_INT8 not in files:
+            raise BundleError(f"bundle has no {FINE_RANKER_INT8!r}; cannot serve the int8 fine ranker")
+        if FINE_RANKER_INT8 in files and precision != "fp32":
+            return cls([OnnxModel(bundle, FINE_RANKER_INT8, allowed, threads)], "int8")
+        if FINE_RANKER in files:
+            return cls([OnnxModel(bundle, FINE_RANKER, allowed, threads)], "fp32")
+        return cls([OnnxModel(bundle, FINE_CTR, allowed, threads), OnnxModel(bundle, FINE_CVR, allowed, threads)], "fp32")
+
+    def __call__(self, feeds: dict[str, np.ndarray], check: Callable[[str], None] = lambda stage: None
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """feeds: the fine inputs, (M, ...) each -> pctr (M,), pcvr (M,) float64; `check("fine pCVR")`
+        runs between the two runs of the two-graph layout."""
+        if self.merged:
+            model = self.models[0]
+            pctr, pcvr = model.session.run(self._outputs, {n: feeds[n] for n in model.inputs})
+            return pctr.reshape(-1).astype(np.float64), pcvr.reshape(-1).astype(np.float64)
+        pctr = self.models[0](feeds).reshape(-1).astype(np.float64)  # (M,)
+        check("fine pCVR")
+        pcvr = self.models[1](feeds).reshape(-1).astype(np.float64)
+        return pctr, pcvr
