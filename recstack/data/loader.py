@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from recstack import features as FE
+from recstack.interacted import EventIndex
 from recstack.world.schema import DAY_FILE, SHARD_DIR, SHARD_FILE
 
 IMPRESSION_COLUMNS = (
@@ -91,7 +92,23 @@ class SimData:
             self.vocab.log_price_mean, self.vocab.log_price_std,
         )
         ev = _read(self.root / "events.parquet")
-        self.behaviours = FE.Behaviours(ev["user_id"], ev["ts"], ev["item_id"], ev["kind"], ev["dwell"], self.vocab.n_users)
+        # the student's sequence: clicks and purchases; the interacted features: the full log
+        seq = np.isin(ev["kind"], (FE.BEHAVIOUR_CLICK, FE.BEHAVIOUR_PURCHASE))
+        self.behaviours = FE.Behaviours(ev["user_id"][seq], ev["ts"][seq], ev["item_id"][seq], ev["kind"][seq],
+                                        ev["dwell"][seq], self.vocab.n_users)
+        self._events = ev
+        self._event_index: EventIndex | None = None
+
+    @property
+    def event_index(self) -> EventIndex:
+        """The full behaviour log indexed for the interacted features (built on first use)."""
+        if self._event_index is None:
+            ev = self._events
+            try:
+                self._event_index = EventIndex(ev["user_id"], ev["ts"], ev["item_id"], ev["kind"], self.items, self.vocab.n_users)
+            except ValueError as e:
+                raise DataError(f"{self.root / 'events.parquet'}: {e}") from e
+        return self._event_index
 
     # next-day split, as in both papers: train on days 1..D-1, test on day D; the day
     # before the test day doubles as the validation day for learning-rate selection.
@@ -212,7 +229,7 @@ class Examples:
             "seq_extras": seq_extras,
             "item_feats": item_feats,
             "item_dense": d.items.dense(items),
-            "interacted": FE.interacted_features(seq_items, seq_extras, item_feats),
+            "interacted": d.event_index.features(users, ts, items),
             "post_event": FE.post_event_features(im["dwell"][rows], im["comments"][rows], im["chatted"][rows], im["cart"][rows]),
             "click": im["click"][rows].astype(np.float32),
             "purchase": im["purchase"][rows].astype(np.float32),

@@ -357,7 +357,7 @@ class Cascade:
             "user_feats": np.repeat(user_feats, m, axis=0),  # (M, 4)
             "item_feats": item_feats,
             "item_dense": self.items.dense(cands),  # (M, 1)
-            "interacted": F.interacted_features(seq_items, seq_extras, item_feats),  # (M, 7)
+            "interacted": F.interacted_features(seq_items, seq_extras, item_feats),  # (M, len(INTERACTED_FIELDS))
         }
         if not m:
             return np.zeros(0, np.float64), np.zeros(0, np.float64)
