@@ -406,6 +406,6 @@ def test_cli_train_coarse_with_a_teacher(tiny_data, tmp_path):
                "--set", "out_dim=32", "--set", "teacher_hidden=32,16", "--set", "max_steps=4", "--set", "eval_max_rows=300"])
     assert rc == 0 and (tmp_path / "coarse" / "checkpoint.pt").exists()
     with pytest.raises(ConfigError, match="teacher"):
-        apply_overrides(Config(), ["teacher=oracle"])
+        apply_overrides(Config(), ["teacher=wizard"])
     with pytest.raises(ConfigError, match="manner"):
         apply_overrides(Config(), ["manner=async"])
