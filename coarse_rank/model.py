@@ -324,7 +324,7 @@ class InnerProductStudent(nn.Module):
 #
 # Every teacher scores the same B impressions as the student and takes the student's request
 # layout (user rows R, `request_index` (B,) into them) plus the impressions' interacted
-# features (B, 7). A teacher built on the student's `FeatureEmbeddings` / `BehaviourEncoder`
+# features (B, X). A teacher built on the student's `FeatureEmbeddings` / `BehaviourEncoder`
 # instances shares them (Share&Sync); `pooled` then lets the trainer run the costly sequence
 # encoder once for both models. Teachers never reach serving: only the student is exported.
 
