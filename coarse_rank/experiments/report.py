@@ -13,6 +13,8 @@ HEADER = ["method", "student AUC (mean ± std)", "teacher AUC", "Δ vs baseline 
 def lr_text(plan: dict) -> str:
     given = plan.get("selected_lrs") or {}
     n = plan.get("select_seeds", 1)
+    if len(plan["lrs"]) == 1:
+        return f"LR fixed at {plan['lrs'][0]:g} (no sweep: one candidate)"
     text = f"LR sweep {list(plan['lrs'])} chosen by the mean validation AUC over the first {n} seed(s)"
     if given:  # rates chosen by an earlier sweep (in the report that ran it) are not re-swept here
         text += f", except the rates given by `selected_lrs` {given}, chosen earlier on the same validation window"
