@@ -5,7 +5,9 @@ from dataclasses import dataclass
 
 from recstack.config import ConfigError
 
-TEACHERS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md")
+# "oracle": no teacher network; the soft labels are the simulator's true pCTR of each training
+# impression (the best any teacher could know): the upper bound of what distillation can add
+TEACHERS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md", "oracle")
 MANNERS = ("ind_async", "ind_sync", "share_sync", "share_star_sync")
 OPTIMIZERS = ("adagrad", "adam")
 SPLITS = ("test", "valid")
@@ -40,7 +42,7 @@ class Config:
     train_fraction: float = 1.0  # share of training sessions used (seeded); the sample-efficiency curve sets it below 1
     # --- data / evaluation ---
     split: str = "test"  # "test": fit days 1..D-1, evaluate day D; "valid": fit 1..D-2, evaluate D-1 (LR sweeps)
-    eval_max_rows: int = 50_000  # evaluate on at most this many impressions of the evaluation day (seeded sample)
+    eval_max_rows: int = 50_000  # evaluate on at most this many impressions of the evaluation day (seeded sample); 0 = all of it
     eval_batch_size: int = 2048  # rows per forward pass at evaluation
     # N > 0: the training days are streamed from their Parquet shards, N rows per chunk per
     # rank (recstack.data.shards.ShardStream, sessions kept together), each rank reading only its slice
@@ -65,7 +67,9 @@ class Config:
             raise ConfigError(f"split must be one of {SPLITS}, got {self.split!r}")
         if self.d_model % self.n_heads:
             raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        for name in ("embed_dim", "d_model", "n_heads", "ff_dim", "out_dim", "batch_size", "epochs", "eval_max_rows",
+        if self.eval_max_rows < 0:
+            raise ConfigError(f"eval_max_rows must be >= 0 (0: the whole evaluation day), got {self.eval_max_rows}")
+        for name in ("embed_dim", "d_model", "n_heads", "ff_dim", "out_dim", "batch_size", "epochs",
                      "eval_batch_size", "length_buckets"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")

@@ -324,7 +324,7 @@ class InnerProductStudent(nn.Module):
 #
 # Every teacher scores the same B impressions as the student and takes the student's request
 # layout (user rows R, `request_index` (B,) into them) plus the impressions' interacted
-# features (B, 7). A teacher built on the student's `FeatureEmbeddings` / `BehaviourEncoder`
+# features (B, X). A teacher built on the student's `FeatureEmbeddings` / `BehaviourEncoder`
 # instances shares them (Share&Sync); `pooled` then lets the trainer run the costly sequence
 # encoder once for both models. Teachers never reach serving: only the student is exported.
 
@@ -439,7 +439,7 @@ def build_teacher(cfg: "Config", vocab: Vocab, student: InnerProductStudent) -> 
     """The teacher `cfg.teacher` describes, wired to the student per `cfg.manner`:
     share_* manners hand it the student's embedding tables and behaviour encoder (the same
     Parameters; share_star_sync gives it a fresh user id table), ind_* manners fresh ones."""
-    if cfg.teacher == "baseline":
+    if cfg.teacher in ("baseline", "oracle"):  # the oracle's soft labels come from the batch (tasks.DistillationStep)
         return None
     n_x = len(INTERACTED_FIELDS)
     if cfg.teacher == "lupi":

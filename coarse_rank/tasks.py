@@ -30,6 +30,12 @@ def make_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.op
 
 
 
+def oracle_logit(prob) -> torch.Tensor:
+    """A true probability (N,) numpy -> its logit as a teacher's (clipped away from 0 and 1)."""
+    p = torch.from_numpy(prob).double().clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p)).float()
+
+
 class DistillationStep:
     """The loss of one step on a request batch `(batch, inputs)` (see `train.request_batches`).
 
@@ -43,6 +49,7 @@ class DistillationStep:
                  schedule: LambdaSchedule):
         self.cfg, self.student, self.teacher, self.schedule = cfg, student, teacher, schedule
         self.share = student is not None and teacher is not None and shares_sequence(cfg)
+        self.oracle = cfg.teacher == "oracle"
 
     def __call__(self, batch: tuple[dict, dict], step: int, total: int) -> torch.Tensor:
         batch, inputs = batch
@@ -65,6 +72,8 @@ class DistillationStep:
                     t_logit = teacher(**t_in)
         if student is None:
             return F.binary_cross_entropy_with_logits(t_logit, y)
+        if self.oracle:  # the simulator's true pCTR as the soft label, through the same Eq. 5 (no warm-up: it is never noise)
+            return student_loss(s_logit, y, oracle_logit(batch["true_pctr"]), schedule.lam)[0]  # right from step 0
         if teacher is None:
             return F.binary_cross_entropy_with_logits(s_logit, y)
         if teacher.training:

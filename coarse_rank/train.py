@@ -114,7 +114,8 @@ def evaluate(model: InnerProductStudent, examples: Examples, batch_size: int = 2
 
 
 def _sample_rows(n: int, k: int, seed: int) -> np.ndarray:
-    if n <= k:
+    """A seeded sample of k of n rows (all of them when k is 0 or at least n)."""
+    if k == 0 or n <= k:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=k, replace=False))
 

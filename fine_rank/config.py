@@ -16,7 +16,8 @@ SPLITS = ("test", "valid")
 # CVR training methods (PFD Table 4, SEAD Table 2): "none" is the plain student; sd, md,
 # lupi, pfd, pfd_md train a `Teacher` synchronously (Eq. 5); mtl predicts each post-event
 # feature from a shared first layer; signal_loss is SEAD's consent-limited variant
-CVR_TEACHERS = ("none", "sd", "md", "lupi", "pfd", "pfd_md", "mtl", "signal_loss")
+# "oracle": the simulator's true pCVR as the soft label (fine_rank.oracle): the bound no teacher can pass
+CVR_TEACHERS = ("none", "sd", "md", "lupi", "pfd", "pfd_md", "mtl", "signal_loss", "oracle")
 SEAD_MODES = ("none",) + sead.SELECTORS
 CALIBRATIONS = ("none", "labels", "aggregates")
 

@@ -20,7 +20,7 @@ def materialise(examples: Examples, chunk: int = 16384) -> dict[str, np.ndarray]
     """Examples -> dict of numpy columns (TABLE_COLUMNS), built once.
 
     The behaviour-sequence gathers behind the interacted features dominate batch building,
-    and the fine ranker only needs their (B, 7) result, so it is computed once per row
+    and the fine ranker only needs their (B, X) result, so it is computed once per row
     rather than once per row per epoch.
     """
     return _materialise(examples, TABLE_COLUMNS, chunk)

@@ -97,6 +97,10 @@ def fit_task(task: str, cfg: Config, vocab, table: "dict[str, np.ndarray] | Stre
         stats = fit_distilled(student, teacher, table, label, s, seed, cfg.distill_lambda, cfg.distill_warmup, bar)
         teacher.eval()
         extras["teacher"] = lambda t, m=teacher: predict_with(m.logits, t, bs, privileged=True)
+    elif method == "oracle":
+        from fine_rank.oracle import TRUTH_COLUMN, fit_oracle
+
+        stats = fit_oracle(student, table, label, TRUTH_COLUMN[task], s, seed, cfg.distill_lambda, bar)
     elif method == "mtl":
         mtl = MTLRanker(student, aux_hidden=cfg.mtl_hidden)
         stats = fit_mtl(mtl, table, label, s, seed, cfg.mtl_weight, bar)

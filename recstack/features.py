@@ -15,17 +15,28 @@ SEQ_LEN = 50  # behaviours per user sequence (PFD: k = 50)
 USER_FIELDS = ("user", "age_bucket", "gender", "activity")
 ITEM_FIELDS = ("item", "category", "shop", "brand", "price_bucket")
 SEQ_EXTRA_FIELDS = ("log_hours_since", "log_dwell", "is_purchase")
-INTERACTED_FIELDS = (
-    "clicks_same_category_24h",
-    "clicks_same_shop_24h",
-    "clicks_same_brand_24h",
-    "clicks_same_category_7d",
-    "clicks_same_shop_7d",
-    "clicks_same_brand_7d",
-    "clicks_same_item_7d",
+# The interacted (user x candidate) features, PFD's privileged features at coarse ranking: the
+# user's behaviours on the candidate's category / shop / brand / the item itself over the
+# full behaviour log (views, favourites, carts, clicks, purchases), in windows before the
+# request. Each field: (name, item_feats column it matches, event kinds counted, window
+# hours); the value is log1p(count). Computed from the full log by
+# recstack.interacted.EventIndex (training, and serving from an event history), or from a
+# behaviour sequence by `interacted_features` (only the kinds a sequence holds).
+_ALL_KINDS = (0, 1, 2, 3, 4)  # indices into EVENT_KINDS
+_FAV_CART = (3, 4)
+_MATCH = {"category": 1, "shop": 2, "brand": 3, "item": 0}
+INTERACTED_SPEC: tuple[tuple[str, int, tuple[int, ...], float], ...] = tuple(
+    (f"behaviours_same_{ent}_{win}", _MATCH[ent], _ALL_KINDS, hours)
+    for win, hours in (("1h", 1.0), ("24h", 24.0), ("7d", 168.0)) for ent in ("category", "shop", "brand")
+) + (
+    ("behaviours_same_item_7d", _MATCH["item"], _ALL_KINDS, 168.0),
+    ("favourites_carts_same_category_7d", _MATCH["category"], _FAV_CART, 168.0),
+    ("favourites_carts_same_shop_7d", _MATCH["shop"], _FAV_CART, 168.0),
 )
+INTERACTED_FIELDS = tuple(f[0] for f in INTERACTED_SPEC)
 POST_EVENT_FIELDS = ("log_dwell", "log_comments", "chatted", "added_to_cart")
-# behaviour event kinds: a kind's id is its position here (the proto's BehaviourKind agrees)
+# events.parquet's `kind` and the proto's BehaviourKind: the index into this tuple. The behaviour
+# sequence keeps clicks and purchases; the interacted features count every kind over the full log.
 EVENT_KINDS = ("click", "purchase", "view", "favourite", "cart")
 BEHAVIOUR_CLICK, BEHAVIOUR_PURCHASE, BEHAVIOUR_VIEW, BEHAVIOUR_FAVOURITE, BEHAVIOUR_CART = range(len(EVENT_KINDS))
 SEQUENCE_KINDS = (BEHAVIOUR_CLICK, BEHAVIOUR_PURCHASE)  # what the behaviour sequence keeps
@@ -233,58 +244,40 @@ def history_features(log: Behaviours, user_ids: np.ndarray, now: np.ndarray, ite
 
 
 def interacted_features(seq_items: np.ndarray, seq_extras: np.ndarray, cand_items: np.ndarray) -> np.ndarray:
-    """Interacted (user x item) features from the behaviour sequence.
+    """INTERACTED_SPEC evaluated on a behaviour sequence (which holds clicks and purchases only).
 
-    seq_items (S, L, 5), seq_extras (S, L, 3), cand_items (M, 5) -> (M, 7) float32, where S == M
-    (one sequence per candidate, training) or S == 1 (one user, many candidates, serving).
-    Counts clicks (not purchases) on the candidate's category / shop / brand in the last 24 h
-    and 7 d, and on the item itself in the last 7 d; returned as log1p(count).
+    seq_items (S, L, 5), seq_extras (S, L, 3), cand_items (M, 5) -> (M, X) float32, where S == M
+    (one sequence per candidate) or S == 1 (one user, many candidates). Only the kinds a
+    sequence holds are counted, so the fields on favourites / carts are 0: the full-log value
+    comes from recstack.interacted.EventIndex.
     """
     hours = np.expm1(seq_extras[..., 0])  # (S, L)
-    click = (seq_extras[..., 2] < 0.5) & (seq_items[..., 0] > 0)  # (S, L)
-    in24 = click & (hours < 24.0)  # (S, L); broadcasts against (M, L) when S == 1
-    in7d = click & (hours < 24.0 * 7)
-    if seq_items.shape[0] == 1 and cand_items.shape[0] > 1:
-        return _interacted_one_user(seq_items[0], in24[0], in7d[0], cand_items)
+    present = seq_items[..., 0] > 0  # (S, L)
+    kind = np.where(seq_extras[..., 2] > 0.5, BEHAVIOUR_PURCHASE, BEHAVIOUR_CLICK)  # (S, L)
     eq = seq_items == cand_items[:, None, :]  # (M, L, 5) (seq broadcast when S == 1)
-    out = np.empty((cand_items.shape[0], 7), dtype=np.float32)
-    for j, col in enumerate((1, 2, 3)):  # category, shop, brand
-        out[:, j] = (eq[..., col] & in24).sum(-1)
-        out[:, 3 + j] = (eq[..., col] & in7d).sum(-1)
-    out[:, 6] = (eq[..., 0] & in7d).sum(-1)
+    out = np.empty((cand_items.shape[0], len(INTERACTED_SPEC)), dtype=np.float32)
+    for j, (_, col, kinds, window) in enumerate(INTERACTED_SPEC):
+        counted = present & (hours < window) & np.isin(kind, kinds)  # (S, L); broadcasts when S == 1
+        out[:, j] = (eq[..., col] & counted).sum(-1)
     return np.log1p(out)
 
 
 def fine_inputs(user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, items: ItemTable,
-                cands: np.ndarray) -> dict[str, np.ndarray]:
+                cands: np.ndarray, interacted: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """One user's fine-ranker inputs for M candidates, as served: user_feats (1, 4), seq_items
     (1, L, 5), seq_extras (1, L, 3), cands (M,) raw item ids -> {user_feats (M, 4), item_feats
-    (M, 5), item_dense (M, 1), interacted (M, 7)}."""
+    (M, 5), item_dense (M, 1), interacted (M, X)}. `interacted` (M, X): the counts over the
+    user's full log (recstack.interacted.one_user_features); None: counted on the sequence."""
     cands = np.asarray(cands, dtype=np.int64)
     item_feats = items.feats(cands)
+    if interacted is None:
+        interacted = HistoryFeatures(seq_items, seq_extras).interacted(item_feats)
     return {
         "user_feats": np.repeat(user_feats, len(cands), axis=0),
         "item_feats": item_feats,
         "item_dense": items.dense(cands),
-        "interacted": HistoryFeatures(seq_items, seq_extras).interacted(item_feats),
+        "interacted": interacted,
     }
-
-
-def _interacted_one_user(seq: np.ndarray, in24: np.ndarray, in7d: np.ndarray, cand_items: np.ndarray) -> np.ndarray:
-    """interacted_features for one user's sequence (serving): the same counts, found by binary
-    search of each candidate id in the sorted ids of the sequence's matching behaviours, in
-    O(M log L) instead of the (M, L, 5) comparison. seq (L, 5), in24 / in7d (L,) bool."""
-    out = np.empty((cand_items.shape[0], 7), dtype=np.float32)
-
-    def count(col: int, mask: np.ndarray) -> np.ndarray:
-        ids = np.sort(seq[mask, col])
-        return np.searchsorted(ids, cand_items[:, col], "right") - np.searchsorted(ids, cand_items[:, col], "left")
-
-    for j, col in enumerate((1, 2, 3)):  # category, shop, brand
-        out[:, j] = count(col, in24)
-        out[:, 3 + j] = count(col, in7d)
-    out[:, 6] = count(0, in7d)
-    return np.log1p(out)
 
 
 def post_event_features(dwell, comments, chatted, cart) -> np.ndarray:

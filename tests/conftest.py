@@ -137,13 +137,13 @@ class FakeTower(nn.Module):
 
 
 class FakeFine(nn.Module):
-    """user_feats (B, 4), item_feats (B, 5), item_dense (B, 1), interacted (B, 7) -> prob (B,)."""
+    """user_feats (B, 4), item_feats (B, 5), item_dense (B, 1), interacted (B, X) -> prob (B,)."""
 
     def __init__(self):
         super().__init__()
         self.user = nn.ModuleList(nn.Embedding(n, 4) for n in FAKE_VOCAB.user_sizes())
         self.item = nn.ModuleList(nn.Embedding(n, 4) for n in FAKE_VOCAB.item_sizes())
-        self.head = nn.Linear(4 + 4 + 1 + 7, 1)
+        self.head = nn.Linear(4 + 4 + 1 + len(FE.INTERACTED_FIELDS), 1)
 
     def forward(self, user_feats, item_feats, item_dense, interacted):
         u = sum(e(user_feats[:, i]) for i, e in enumerate(self.user))
@@ -159,7 +159,7 @@ def _fake_inputs(rng, b=3):
         "seq_extras": rng.random((b, FE.SEQ_LEN, 3)).astype(np.float32),
         "item_feats": items[:, 0],
         "item_dense": rng.standard_normal((b, 1)).astype(np.float32),
-        "interacted": rng.random((b, 7)).astype(np.float32),
+        "interacted": rng.random((b, len(FE.INTERACTED_FIELDS))).astype(np.float32),
     }
 
 
@@ -255,12 +255,12 @@ class MeanTower(nn.Module):
 
 
 class ItemFine(nn.Module):
-    """user_feats (B, 4), item_feats (B, 5), item_dense (B, 1), interacted (B, 7) -> prob (B,)."""
+    """user_feats (B, 4), item_feats (B, 5), item_dense (B, 1), interacted (B, X) -> prob (B,)."""
 
     def __init__(self, vocab: FE.Vocab):
         super().__init__()
         self.item = nn.ModuleList(nn.Embedding(n, 4) for n in vocab.item_sizes())
-        self.head = nn.Linear(4 + 1 + 7, 1)
+        self.head = nn.Linear(4 + 1 + len(FE.INTERACTED_FIELDS), 1)
 
     def forward(self, user_feats, item_feats, item_dense, interacted):
         it = sum(e(item_feats[:, i]) for i, e in enumerate(self.item))
@@ -284,7 +284,7 @@ def _make_cascade_bundle(root: Path, *, vocab: FE.Vocab = CASCADE_VOCAB, factory
     tower_in = {"user_feats": np.ones((b, 4), np.int64), "seq_items": np.ones((b, FE.SEQ_LEN, 5), np.int64),
                 "seq_extras": np.zeros((b, FE.SEQ_LEN, 3), np.float32)}
     fine_in = {"user_feats": np.ones((b, 4), np.int64), "item_feats": np.ones((b, 5), np.int64),
-               "item_dense": np.zeros((b, 1), np.float32), "interacted": np.zeros((b, 7), np.float32)}
+               "item_dense": np.zeros((b, 1), np.float32), "interacted": np.zeros((b, len(FE.INTERACTED_FIELDS)), np.float32)}
     export_onnx(MeanTower(vocab, CASCADE_DIM, True), tower_in, bdir / "retrieval/user_tower.onnx", ["user_emb"])
     export_onnx(MeanTower(vocab, 32, True), tower_in, bdir / "coarse/user_tower.onnx", ["user_vec"])
     export_onnx(ItemFine(vocab), fine_in, bdir / "fine/ctr.onnx", ["prob"])

@@ -32,20 +32,31 @@ def test_sequence_is_strictly_before_and_newest_first():
     assert extras[1, 1, 2] == 1.0  # the purchase
 
 
-def test_interacted_features_count_clicks_in_windows():
+def _named(row: np.ndarray) -> dict:
+    return {name: float(v) for name, v in zip(FE.INTERACTED_FIELDS, np.expm1(row).round(4))}
+
+
+def test_interacted_features_count_a_sequence_in_windows():
     items = _items()
-    # one user: clicked item 0 (cat 0) 1 h ago, item 1 (cat 0) 30 h ago, purchased item 2 1 h ago
+    # one user: clicked item 0 (cat 0) 0.5 h ago, item 1 (cat 0) 30 h ago, purchased item 2 (cat 1) 2 h ago
     seq = items.feats(np.array([[0, 1, 2, -1]]))
     extras = np.zeros((1, 4, 3), np.float32)
-    extras[0, :3, 0] = np.log1p([1.0, 30.0, 1.0])
+    extras[0, :3, 0] = np.log1p([0.5, 30.0, 2.0])
     extras[0, 2, 2] = 1.0
-    cand = items.feats(np.array([0, 1, 3, 5]))
-    got = np.expm1(FE.interacted_features(seq, extras, cand)).round(4)
-    # columns: cat24, shop24, brand24, cat7d, shop7d, brand7d, item7d
-    assert got[0].tolist() == [1, 1, 1, 2, 1, 1, 1]  # item 0: cat 0, shop 0, brand 0
-    assert got[1].tolist() == [1, 0, 0, 2, 1, 1, 1]  # item 1: brand 1 clicked 30 h ago
-    assert got[2].tolist() == [0, 0, 0, 0, 0, 1, 0]  # item 3 (cat 1, brand 1): the purchase of cat 1 does not count
-    assert got[3].tolist() == [0, 0, 0, 0, 0, 1, 0]
+    cand = items.feats(np.array([0, 3]))
+    got = FE.interacted_features(seq, extras, cand)
+    assert got.shape == (2, len(FE.INTERACTED_FIELDS))
+    a, b = _named(got[0]), _named(got[1])
+    # item 0: cat 0, shop 0, brand 0 (brand 0 also holds the purchased item 2)
+    assert (a["behaviours_same_category_1h"], a["behaviours_same_category_24h"], a["behaviours_same_category_7d"]) == (1, 1, 2)
+    assert (a["behaviours_same_brand_1h"], a["behaviours_same_brand_24h"], a["behaviours_same_brand_7d"]) == (1, 2, 2)
+    assert a["behaviours_same_shop_7d"] == 1 and a["behaviours_same_item_7d"] == 1
+    # item 3: cat 1 (the purchase 2 h ago), shop 3 (nothing), brand 1 (the click 30 h ago)
+    assert (b["behaviours_same_category_1h"], b["behaviours_same_category_24h"]) == (0, 1)
+    assert (b["behaviours_same_brand_24h"], b["behaviours_same_brand_7d"]) == (0, 1)
+    assert b["behaviours_same_shop_7d"] == 0 and b["behaviours_same_item_7d"] == 0
+    # a sequence holds no favourites or carts
+    assert a["favourites_carts_same_category_7d"] == b["favourites_carts_same_shop_7d"] == 0
 
 
 def test_serving_broadcast_equals_training_rows(tiny_data):

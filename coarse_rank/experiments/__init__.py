@@ -8,12 +8,18 @@
 Protocol (DESIGN §6), the same for every method, the baseline included:
 
 1. Learning rate: each method trains on the fit window (the `base_days` days before the
-   validation day) with every LR of `lrs` (first seed) and keeps the one with the best
-   student AUC on the validation day (day D-1). The test day is not touched.
+   validation day) with every LR of `lrs` and each of the first `select_seeds` (>= 3) seeds,
+   and keeps the LR with the best mean student AUC over the whole validation day (day D-1);
+   the whole curve is reported. The test day is not touched. baseline_wd sweeps LR x
+   `weight_decays` the same way.
 2. Test: each method retrains with its LR on the train window (the `base_days` days before
-   the test day D) for every seed and is scored once on day D.
+   the test day D) for every seed and is scored once on the whole of day D. Teachers are
+   wired Share*&Sync (the paper's Table 2 manner for PFD+MD); the manner table varies it.
 3. Paired differences to the baseline over seeds (same seed = same init and data order)
-   with 95 % t-intervals (recstack.evaluation.protocol.paired_diff).
+   with 95 % t-intervals (recstack.evaluation.protocol.paired_diff), and the contrasts
+   PFD - SD, PFD+MD - MD, PFD - baseline (>= 10 seeds for the protocol; fewer is PARTIAL).
+   Controls: sd_lam0 (SD's head trained alongside, λ = 0), baseline_wd (the baseline with
+   its own weight-decay sweep); bounds: oracle / oracle_lam1 (the true pCTR as the teacher).
 4. Sample efficiency (coarse only): the baseline at 0.25x / 0.5x (seeded share of the train
    window's sessions), 1x, and 2x (the 2 * base_days days before the test day: more days of
    the same world, so the test day and its users are unchanged; needs D >= 2 * base_days + 1
@@ -22,7 +28,10 @@ Protocol (DESIGN §6), the same for every method, the baseline included:
 5. Gains by id frequency (coarse only): test rows bucketed head / torso / tail by their
    user's and their item's frequency in the train window.
 6. Control (coarse only, when `control_data` is given): the same world simulated with
-   privileged_strength=0; baseline, PFD and PFD+MD with the LRs selected on the main world.
+   privileged_strength=0; baseline, PFD, PFD+MD and the oracle with the LRs selected on the
+   main world.
+7. Data axis (coarse only): `data_methods` trained on the `data_days` (2 / 4 / 8) days before
+   the test day; sizes the world cannot hold are skipped with a note.
 
 `--set` keys besides any `coarse_rank.train.Config` field are the fields of `CoarsePlan`:
 lrs=0.025,0.05,0.1  base_days=3  methods=baseline,pfd  lams=0.1,0.5  manners=ind_sync,...
@@ -53,8 +62,11 @@ EXPERIMENTS = {"coarse": coarse, "lambda": lambda_, "manner": manner}
 
 def base_config(plan: CoarsePlan) -> Config:
     """Every fit's starting Config: one full epoch over every window (no step cap), so 2x data
-    really is twice the updates; quick: the tiny sizes. Then the plan's overrides."""
-    base = Config(**QUICK) if plan.quick else Config(max_steps=0)
+    really is twice the updates, scored on the whole evaluation day, teachers wired
+    Share*&Sync (the manner of the paper's Table 2 PFD+MD figure, its Table 7 row); quick:
+    the tiny sizes. Then the plan's overrides."""
+    base = Config(**QUICK, manner="share_star_sync") if plan.quick else Config(max_steps=0, eval_max_rows=0,
+                                                                                manner="share_star_sync")
     return apply_overrides(base, list(plan.overrides))
 
 

@@ -12,21 +12,21 @@ from recstack.evaluation import protocol as X
 from recstack.evaluation import report as R
 
 from coarse_rank.experiments import report as CR
-from coarse_rank.experiments.plan import CoarsePlan, windows
+from coarse_rank.experiments.plan import CONTRASTS, MIN_CONTRAST_SEEDS, ROWS, CoarsePlan, windows
 from coarse_rank.experiments.runner import Runner, bucket_deltas, ceiling, summary
 
-PAPER = {  # PFD Table 2 (1 day, CTR at coarse ranking), student testing AUC
-    "baseline": 0.6625, "lupi": 0.6645, "md": 0.6677, "pfd": 0.6712, "pfd_md": 0.6745,
+PAPER = {  # PFD Table 2 (1 day, CTR at coarse ranking), student testing AUC; PFD+MD's is its Share*&Sync row (Table 7)
+    "baseline": 0.6625, "lupi": 0.6637, "md": 0.6704, "pfd": 0.6712, "pfd_md": 0.6745,
 }
 BUCKETS = ("head", "torso", "tail")
 
 
-def _control(r: Runner, plan: CoarsePlan, seeds, lrs: dict) -> dict:
+def _control(r: Runner, plan: CoarsePlan, seeds, chosen: dict) -> dict:
     """The control world's test runs, at the learning rates chosen on the main world."""
     cdata = load(plan.control_data)
     cr = Runner(plan.control_data, cdata, r.base, windows(cdata, plan.base_days), r.log, r.workers, r.cache_dir)
-    cm = [m for m in plan.control_methods if m in lrs]
-    cfits = iter(cr.many([("test", None, dict(teacher=m, lr=lrs[m], seed=s)) for m in cm for s in seeds]))
+    cm = [m for m in plan.control_methods if m in chosen]
+    cfits = iter(cr.many([("test", None, dict(ROWS[m], **chosen[m], seed=s)) for m in cm for s in seeds]))
     cruns = {m: [next(cfits) for _ in seeds] for m in cm}
     return {"data_dir": str(Path(plan.control_data).resolve()), "lrs": "selected on the main world",
             "world": cdata.world.get("config", {}), "methods": summary(cruns), "ceiling_auc": ceiling(cruns)}
@@ -46,43 +46,82 @@ def _plots(out: Path, methods: dict, fr: list, base_curve: list, buckets: dict) 
                                     f"Gain by {kind} frequency (paired, 95% CI)")
 
 
+def _data_axis(r: Runner, plan: CoarsePlan, seeds, chosen: dict) -> tuple[list, list[str]]:
+    """Specs of the data axis (each method of `data_methods` on the `data_days` days before the
+    test day, at its chosen LR) and notes on the sizes the world cannot hold."""
+    specs, notes = [], []
+    test = r.win["test"]
+    for n in plan.data_days:
+        if test - n < 1:
+            notes.append(f"{n} days skipped: a {r.data.n_days}-day world has {test - 1} days before the test day")
+            continue
+        days = list(range(test - n, test))
+        specs += [("test", days, dict(ROWS[m], **chosen[m], seed=s)) for m in plan.data_methods if m in chosen for s in seeds]
+    return specs, notes
+
+
+def _data_summary(fits, plan: CoarsePlan, seeds, chosen: dict, days: list[int]) -> dict:
+    out = {}
+    for n in days:
+        runs = {m: [next(fits) for _ in seeds] for m in plan.data_methods if m in chosen}
+        out[str(n)] = summary(runs)  # Δ to the baseline when it is among the rows
+    return out
+
+
+def contrasts(methods: dict) -> dict:
+    """The paired contrasts of the protocol (CONTRASTS) among the rows run, over every seed."""
+    out = {}
+    for a, b in CONTRASTS:
+        if a in methods and b in methods:
+            d = X.paired_diff(methods[a]["per_seed"], methods[b]["per_seed"])
+            out[f"{a} - {b}"] = {**d, "enough_seeds": d["n"] >= MIN_CONTRAST_SEEDS}
+    return out
+
+
 def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
-    sel = r.select(plan, [(m, {"teacher": m}) for m in plan.methods], seeds[0])
-    lrs = {m: sel[m][0] for m in plan.methods}
-    # every test-day fit in one batch: methods x seeds, the baseline's data curve
-    specs = [("test", None, dict(teacher=m, lr=lrs[m], seed=s)) for m in plan.methods for s in seeds]
-    specs += [("test", None, dict(teacher="baseline", lr=lrs["baseline"], seed=s, train_fraction=f))
+    rows = list(plan.methods)
+    sel = r.select(plan, [(m, ROWS[m]) for m in rows])
+    chosen = {m: sel[m][0] for m in rows}
+    # every test-day fit in one batch: methods x seeds, the baseline's data curve, the data axis
+    specs = [("test", None, dict(ROWS[m], **chosen[m], seed=s)) for m in rows for s in seeds]
+    specs += [("test", None, dict(teacher="baseline", **chosen["baseline"], seed=s, train_fraction=f))
               for f in plan.fractions for s in seeds]
     notes = []
     do_double = bool(r.win["double"]) and plan.double
     if do_double:
-        specs += [("test", r.win["double"], dict(teacher="baseline", lr=lrs["baseline"], seed=s)) for s in seeds]
+        specs += [("test", r.win["double"], dict(teacher="baseline", **chosen["baseline"], seed=s)) for s in seeds]
     elif plan.double:
         notes.append(f"2x skipped: a {r.data.n_days}-day world has no {2 * len(r.win['train'])} days before the test day")
+    axis_specs, axis_notes = _data_axis(r, plan, seeds, chosen)
+    specs += axis_specs
     fits = iter(r.many(specs))
-    runs = {m: [next(fits) for _ in seeds] for m in plan.methods}
+    runs = {m: [next(fits) for _ in seeds] for m in rows}
     curve = {1.0: [f.result["auc"] for f in runs["baseline"]]}
     for f in plan.fractions:
         curve[f] = [next(fits).result["auc"] for _ in seeds]
     if do_double:
         curve[2.0] = [next(fits).result["auc"] for _ in seeds]
-    control = _control(r, plan, seeds, lrs) if plan.control_data else None
+    axis_days = [n for n in plan.data_days if r.win["test"] - n >= 1]
+    data_axis = {"days": _data_summary(fits, plan, seeds, chosen, axis_days), "notes": axis_notes}
+    control = _control(r, plan, seeds, chosen) if plan.control_data else None
 
     methods = summary(runs)
     for m in methods:
-        methods[m]["lr"] = lrs[m]
-        methods[m]["valid_auc_by_lr"] = sel[m][1]
+        methods[m]["lr"] = chosen[m]["lr"]
+        methods[m]["chosen"] = chosen[m]
+        methods[m]["validation_curve"] = sel[m][1]
     fr = sorted(curve)
     base_curve = [float(np.mean(curve[f])) for f in fr]
     for m in methods:
         methods[m]["data_multiplier"] = X.data_equivalent_multiplier(fr, base_curve, methods[m]["student_auc"]["mean"])
     buckets = bucket_deltas(runs)
     _plots(out, methods, fr, base_curve, buckets)
-    return {"methods": methods, "ceiling_auc": ceiling(runs), "sample_efficiency": {
-        "fractions": fr, "baseline_auc": {str(f): X.mean_std(curve[f]) for f in fr},
-        "how": "0.25x / 0.5x: a seeded share of the train window's sessions; 2x: the 2 * base_days days before "
-               "the test day (more days of the same world; same test day and users)", "notes": notes},
-        "buckets": buckets, "control": control}
+    return {"methods": methods, "ceiling_auc": ceiling(runs), "contrasts": contrasts(methods), "data_axis": data_axis,
+            "sample_efficiency": {
+                "fractions": fr, "baseline_auc": {str(f): X.mean_std(curve[f]) for f in fr},
+                "how": "0.25x / 0.5x: a seeded share of the train window's sessions; 2x: the 2 * base_days days before "
+                       "the test day (more days of the same world; same test day and users)", "notes": notes},
+            "buckets": buckets, "control": control}
 
 
 COLUMNS: list[CR.Column] = [
@@ -121,6 +160,32 @@ def body(res: dict) -> list[str]:
                                  [[n, R.fmt_mean_std(m["student_auc"]),
                                    f"{m['teacher_auc']['mean']:.4f}" if m["teacher_auc"]["mean"] is not None else "—",
                                    R.fmt_ci(m["delta_vs_baseline"]) if n != "baseline" else "—"] for n, m in c["methods"].items()]), ""]
-    out += ["## Validation sweep (student AUC on the validation day, first seed)", "",
-            R.markdown_table(["method", "AUC by LR", "chosen"], [[n, ", ".join(f"{k}: {v:.4f}" for k, v in m["valid_auc_by_lr"].items()), f"{m['lr']:g}"] for n, m in methods.items()]), ""]
+    out += _contrasts_section(res) + _data_axis_section(res)
+    out += ["## Validation curves (student AUC on the whole validation day, mean ± sd over the selection seeds)", "",
+            R.markdown_table(["method", "AUC by candidate", "chosen"],
+                             [[n, _curve(m["validation_curve"]), _label(m["chosen"])] for n, m in methods.items()]), ""]
     return out
+
+
+def _label(cand: dict) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in cand.items())
+
+
+def _curve(curve: dict) -> str:
+    return ", ".join(f"{k}: {v['mean']:.4f} ± {v['std']:.4f}" if isinstance(v, dict) else f"{k}: {v}" for k, v in curve.items())
+
+
+def _contrasts_section(res: dict) -> list[str]:
+    rows = [[k, R.fmt_ci(c), str(c["n"]), "" if c["enough_seeds"] else f"PARTIAL (< {MIN_CONTRAST_SEEDS} seeds)"]
+            for k, c in res["contrasts"].items()]
+    return ["## Paired contrasts (same seeds)", "", R.markdown_table(["contrast", "Δ AUC [95% CI]", "seeds", ""], rows), ""]
+
+
+def _data_axis_section(res: dict) -> list[str]:
+    ax = res["data_axis"]
+    rows = [[f"{n} days", m, R.fmt_mean_std(s["student_auc"]),
+             R.fmt_ci(s["delta_vs_baseline"]) if s.get("delta_vs_baseline") and m != "baseline" else "—"]
+            for n, tab in ax["days"].items() for m, s in tab.items()]
+    return (["## Data axis (train window before the test day)", "",
+             R.markdown_table(["train days", "method", "student AUC", "Δ vs baseline [95% CI]"], rows), ""]
+            + [f"- {n}" for n in ax["notes"]] + [""])

@@ -10,6 +10,7 @@ from coarse_rank.experiments.plan import CoarsePlan
 from coarse_rank.experiments.runner import Runner, teacher_variants
 
 TEACHER = "pfd_md"
+PAPER = {0.1: 0.6741, 0.3: 0.6740, 0.5: 0.6745, 0.7: 0.6747, 0.9: 0.6739}  # PFD Table 5, PFD+MD student test AUC by λ
 
 
 def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
@@ -23,4 +24,12 @@ def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
 
 
 def body(res: dict) -> list[str]:
-    return CR.results_section(res["methods"]) + ["![lambda](lambda.png)", ""]
+    return CR.results_section(res["methods"], COLUMNS) + ["![lambda](lambda.png)", ""]
+
+
+def _paper(name: str, m: dict) -> str:
+    lam = name.rpartition("_lam")[2]
+    return f"{PAPER[float(lam)]:.4f}" if name.startswith(TEACHER + "_lam") and float(lam) in PAPER else "—"
+
+
+COLUMNS: list[CR.Column] = [("paper (Table 5)", _paper)]

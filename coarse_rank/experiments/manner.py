@@ -11,6 +11,8 @@ from coarse_rank.experiments.plan import CoarsePlan
 from coarse_rank.experiments.runner import Runner, teacher_variants
 
 TEACHER = "pfd_md"
+# PFD Table 7 (1 day of CTR), PFD+MD student test AUC by manner; the baseline 0.6625
+PAPER = {"baseline": 0.6625, "ind_async": 0.6751, "ind_sync": 0.6748, "share_sync": 0.6717, "share_star_sync": 0.6745}
 
 
 def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
@@ -30,6 +32,7 @@ def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
 
 COLUMNS: list[CR.Column] = [
     ("wall / CPU vs baseline", lambda n, m: f"{m['wall_ratio_vs_baseline']:.2f}x / {m['cpu_ratio_vs_baseline']:.2f}x"),
+    ("paper (Table 7)", lambda n, m: f"{PAPER[k]:.4f}" if (k := n.removeprefix(TEACHER + "_")) in PAPER else "—"),
 ]
 
 

@@ -12,7 +12,10 @@ HEADER = ["method", "student AUC (mean ± std)", "teacher AUC", "Δ vs baseline 
 
 def lr_text(plan: dict) -> str:
     given = plan.get("selected_lrs") or {}
-    text = f"LR sweep {list(plan['lrs'])} on the first seed"
+    n = plan.get("select_seeds", 1)
+    if len(plan["lrs"]) == 1:
+        return f"LR fixed at {plan['lrs'][0]:g} (no sweep: one candidate)"
+    text = f"LR sweep {list(plan['lrs'])} chosen by the mean validation AUC over the first {n} seed(s)"
     if given:  # rates chosen by an earlier sweep (in the report that ran it) are not re-swept here
         text += f", except the rates given by `selected_lrs` {given}, chosen earlier on the same validation window"
     return text
@@ -24,7 +27,8 @@ def head(name: str, res: dict) -> list[str]:
     world = res.get("world") or {}
     return [
         f"# Coarse ranker — experiment `{name}` on the `{res['preset']}` world"
-        + (" (QUICK smoke run: not a result)" if res["quick"] else ""),
+        + (" (QUICK smoke run: not a result)" if res["quick"] else "")
+        + (" — PARTIAL: fewer paired seeds than the protocol's contrasts need" if _partial(res) else ""),
         "",
         f"World: `{res['preset']}` preset, {res['data_dir']} "
         f"(n_days={world.get('n_days')}, privileged_strength={world.get('privileged_strength')}). "
@@ -37,6 +41,10 @@ def head(name: str, res: dict) -> list[str]:
         f"Ground-truth ceiling AUC on the test day (true pCTR vs clicks): {res['ceiling_auc']['mean']:.4f}.",
         "",
     ]
+
+
+def _partial(res: dict) -> bool:
+    return any(not c.get("enough_seeds", True) for c in (res.get("contrasts") or {}).values())
 
 
 def method_rows(methods: dict, extra: Sequence[Column] = ()) -> list[list[str]]:

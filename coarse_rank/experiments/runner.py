@@ -97,28 +97,45 @@ class Runner:
                      f"({r['train_seconds']:.0f}s wall, {r.get('train_cpu_seconds', float('nan')):.0f}s cpu)")
         return out
 
-    def select(self, plan: CoarsePlan, methods: list[tuple[str, dict]], seed: int) -> dict:
-        """{method key: (lr, {lr: validation AUC})} for (key, Config changes) pairs; one batch of fits."""
-        specs, slots = [], []
+    def select(self, plan: CoarsePlan, methods: list[tuple[str, dict]]) -> dict:
+        """{method key: (chosen Config changes, validation curve)} for (key, Config changes)
+        pairs, in one batch of fits: every candidate (each LR of `plan.lrs`; for baseline_wd
+        each LR x weight decay) is fitted on the fit window with each of the first
+        `plan.select_seeds` seeds and scored on the whole validation day; the best mean wins."""
+        seeds = plan.seeds[: plan.select_seeds]
+        specs, slots, grids = [], [], {}
         for key, kw in methods:
-            if key in plan.selected_lrs or len(plan.lrs) == 1:
+            if key in plan.selected_lrs:
                 continue
-            for lr in plan.lrs:
-                specs.append(("valid", None, dict(kw, lr=lr, seed=seed)))
-                slots.append((key, lr))
+            grid = [{"lr": lr} for lr in plan.lrs]
+            if key == "baseline_wd":
+                grid = [{"lr": lr, "weight_decay": wd} for lr in plan.lrs for wd in plan.weight_decays]
+            grids[key] = grid
+            if len(grid) == 1:
+                continue
+            for cand in grid:
+                for seed in seeds:
+                    specs.append(("valid", None, dict(kw, **cand, seed=seed)))
+                    slots.append((key, _label(cand)))
         fits = self.many(specs)
-        scores: dict[str, dict] = {}
-        for (key, lr), f in zip(slots, fits):
-            scores.setdefault(key, {})[float(lr)] = float(f.result["auc"])
+        scores: dict[str, dict[str, list]] = {}
+        for (key, label), f in zip(slots, fits):
+            scores.setdefault(key, {}).setdefault(label, []).append(float(f.result["auc"]))
         out = {}
         for key, _ in methods:
             if key in plan.selected_lrs:
-                out[key] = (plan.selected_lrs[key], {"given": plan.selected_lrs[key]})
-            elif len(plan.lrs) == 1:
-                out[key] = (plan.lrs[0], {"fixed": plan.lrs[0]})
+                out[key] = ({"lr": plan.selected_lrs[key]}, {"given": plan.selected_lrs[key]})
+            elif len(grids[key]) == 1:
+                out[key] = (grids[key][0], {"fixed": _label(grids[key][0])})
             else:
-                out[key] = X.select_lr(lambda lr, k=key: scores[k][float(lr)], plan.lrs)
+                best, curve = X.select_by_mean(scores[key])
+                out[key] = (next(c for c in grids[key] if _label(c) == best), curve)
         return out
+
+
+def _label(cand: dict) -> str:
+    """A candidate's name in the validation curve: "lr=0.05" or "lr=0.05,weight_decay=0.0001"."""
+    return ",".join(f"{k}={v:g}" for k, v in cand.items())
 
 
 def summary(runs: dict[str, list], base_key: str = "baseline") -> dict:
@@ -172,16 +189,16 @@ def teacher_variants(r: Runner, plan: CoarsePlan, seeds, teacher: str, select_kw
     """The baseline and `teacher` under each variant's Config changes (a λ, a manner), every
     variant at the teacher's LR chosen with `select_kw`; -> (methods summary, the rest of the results: ceiling, teacher, lrs, selection).
     `variants`: (row name, Config changes)."""
-    sel = r.select(plan, [("baseline", {"teacher": "baseline"}), (teacher, {"teacher": teacher, **select_kw})], seeds[0])
-    lrs = {k: v[0] for k, v in sel.items()}
-    specs = [("test", None, dict(teacher="baseline", lr=lrs["baseline"], seed=s)) for s in seeds]
-    specs += [("test", None, dict(teacher=teacher, **kw, lr=lrs[teacher], seed=s)) for _, kw in variants for s in seeds]
+    sel = r.select(plan, [("baseline", {"teacher": "baseline"}), (teacher, {"teacher": teacher, **select_kw})])
+    chosen = {k: v[0] for k, v in sel.items()}
+    specs = [("test", None, dict(teacher="baseline", **chosen["baseline"], seed=s)) for s in seeds]
+    specs += [("test", None, dict(teacher=teacher, **kw, **chosen[teacher], seed=s)) for _, kw in variants for s in seeds]
     fits = iter(r.many(specs))
     runs = {"baseline": [next(fits) for _ in seeds]}
     for name, _ in variants:
         runs[name] = [next(fits) for _ in seeds]
     methods = summary(runs)
     for k in methods:
-        methods[k]["lr"] = lrs["baseline" if k == "baseline" else teacher]
-    return methods, {"ceiling_auc": ceiling(runs), "teacher": teacher, "lrs": lrs,
+        methods[k]["lr"] = chosen["baseline" if k == "baseline" else teacher]["lr"]
+    return methods, {"ceiling_auc": ceiling(runs), "teacher": teacher, "lrs": {k: c["lr"] for k, c in chosen.items()},
                      "lr_selection": {k: v[1] for k, v in sel.items()}}

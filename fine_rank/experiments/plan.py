@@ -42,6 +42,12 @@ CVR_METHODS = (
     # the λ table (Table 6) is read on the test day; this row chooses λ the fair way
     Method("pfd_lam", "cvr", ("cvr_teacher=pfd",), grid=tuple((f"distill_lambda={lam}",) for lam in (0.1, 0.3, 0.5, 0.7, 0.9)),
            note="PFD with λ chosen on the validation day from {0.1, 0.3, 0.5, 0.7, 0.9}, jointly with the LR"),
+    Method("sd_lam0", "cvr", ("cvr_teacher=sd", "distill_lambda=0"),
+           note="control: the SD teacher trained alongside with λ = 0 (a second head only, no distillation)"),
+    Method("oracle_teacher", "cvr", ("cvr_teacher=oracle", "distill_lambda=0.5"),
+           note="bound: the simulator's true pCVR as the soft label, λ = 0.5"),
+    Method("oracle_teacher_lam1", "cvr", ("cvr_teacher=oracle", "distill_lambda=1.0"),
+           note="bound: the true pCVR as the only label (λ = 1)"),
 )
 
 

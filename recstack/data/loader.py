@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 
 from recstack import features as FE
 from recstack.data import contract as K
+from recstack.interacted import EventIndex
 from recstack.world.schema import DAY_FILE, SHARD_DIR, SHARD_FILE
 
 IMPRESSION_COLUMNS = (
@@ -102,7 +103,27 @@ class SimData:
             self.vocab.log_price_mean, self.vocab.log_price_std,
         )
         ev = _read(self.root / K.EVENTS.file, K.EVENTS)
+        # the student's sequence: clicks and purchases (Behaviours keeps those); the interacted
+        # features: the full log
         self.behaviours = FE.Behaviours(ev["user_id"], ev["ts"], ev["item_id"], ev["kind"], ev["dwell"], self.vocab.n_users)
+        self._events = ev
+        self._event_index: EventIndex | None = None
+
+    @property
+    def events(self) -> dict[str, np.ndarray]:
+        """The full behaviour log (every kind), as read: user_id, ts, item_id, kind, dwell."""
+        return self._events
+
+    @property
+    def event_index(self) -> EventIndex:
+        """The full behaviour log indexed for the interacted features (built on first use)."""
+        if self._event_index is None:
+            ev = self._events
+            try:
+                self._event_index = EventIndex(ev["user_id"], ev["ts"], ev["item_id"], ev["kind"], self.items, self.vocab.n_users)
+            except ValueError as e:
+                raise DataError(f"{self.root / K.EVENTS.file}: {e}") from e
+        return self._event_index
 
     # next-day split, as in both papers: train on days 1..D-1, test on day D; the day
     # before the test day doubles as the validation day for learning-rate selection.
@@ -225,7 +246,7 @@ class Examples:
             "seq_extras": hist.seq_extras,
             "item_feats": item_feats,
             "item_dense": d.items.dense(items),
-            "interacted": hist.interacted(item_feats),
+            "interacted": d.event_index.features(users, ts, items),
             "post_event": FE.post_event_features(im["dwell"][rows], im["comments"][rows], im["chatted"][rows], im["cart"][rows]),
             "click": im["click"][rows].astype(np.float32),
             "purchase": im["purchase"][rows].astype(np.float32),

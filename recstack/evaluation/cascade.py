@@ -38,7 +38,8 @@ from recstack.world.truth import Truth
 def requests(data, day: int, n_users: int, seed: int) -> dict[str, np.ndarray]:
     """First session of up to n_users users active on `day`, with their features at that time.
 
-    -> {"user_id" (N,), "ts" (N,), "user_feats" (N, 4), "seq_items" (N, L, 5), "seq_extras" (N, L, 3)}
+    -> {"user_id" (N,), "ts" (N,), "user_feats" (N, 4), "seq_items" (N, L, 5), "seq_extras" (N, L, 3),
+        "events": the full log's EventIndex (the interacted features, as training counts them)}
     """
     imps = data.impressions(day)
     order = np.lexsort((imps["ts"], imps["user_id"]))
@@ -48,7 +49,7 @@ def requests(data, day: int, n_users: int, seed: int) -> dict[str, np.ndarray]:
     users, ts = users[pick].astype(np.int64), ts[pick]
     hist = FE.history_features(data.behaviours, users, ts, data.items)  # strictly before ts: nothing from the session itself
     return {"user_id": users, "ts": ts, "user_feats": data.users.feats(users), "seq_items": hist.seq_items,
-            "seq_extras": hist.seq_extras}
+            "seq_extras": hist.seq_extras, "events": data.event_index}
 
 
 def _hits(a: np.ndarray, oracle: np.ndarray) -> float:
@@ -102,10 +103,15 @@ class _Oracle:
     def rank(self, cascade: Cascade, n: int, retrieval_size: int, coarse_size: int, trace: dict | None = None):
         """The serving code's ranking of request n at these sizes."""
         req = self.req
-        return cascade.rank_features(Query(user_id=int(self.users[n]), num_results=self.k, retrieval_size=retrieval_size,
+        user, ts = int(self.users[n]), float(req["ts"][n])
+
+        def interacted(cands: np.ndarray) -> np.ndarray:  # over the full log at the request's time
+            return req["events"].features(np.full(len(cands), user), np.full(len(cands), ts), cands)
+
+        return cascade.rank_features(Query(user_id=user, num_results=self.k, retrieval_size=retrieval_size,
                                            coarse_size=coarse_size),
                                      req["user_feats"][n : n + 1], req["seq_items"][n : n + 1],
-                                     req["seq_extras"][n : n + 1], trace=trace)
+                                     req["seq_extras"][n : n + 1], trace=trace, interacted=interacted)
 
 
 def _measure(cascade: Cascade, oracle: _Oracle, r: int, c: int) -> dict[str, list[float]]:

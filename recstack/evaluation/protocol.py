@@ -81,6 +81,21 @@ def select_lr(score: Callable[[float], float], lrs: Iterable[float]) -> tuple[fl
     return best, scores
 
 
+def select_by_mean(per_seed: dict[str, Sequence[float]]) -> tuple[str, dict]:
+    """The candidate (an LR, an LR and a weight decay, ...) with the best mean validation
+    score over seeds. `per_seed[label]` = the scores of that candidate, one per seed (the same
+    seeds for every candidate) -> (best label, {label: mean_std plus per_seed}): the whole
+    curve, for the report. Ties go to the first label in the given order."""
+    if not per_seed:
+        raise ValueError("select_by_mean: no candidates")
+    n = {len(v) for v in per_seed.values()}
+    if len(n) != 1 or 0 in n:
+        raise ValueError(f"select_by_mean: every candidate needs the same, non-zero number of seeds, got {sorted(n)}")
+    curve = {k: {**mean_std(v), "per_seed": [float(x) for x in v]} for k, v in per_seed.items()}
+    best = max(curve, key=lambda k: curve[k]["mean"])  # max keeps the first of equal means
+    return best, curve
+
+
 # --- the plan of a run ----------------------------------------------------------------------
 
 

@@ -89,7 +89,9 @@ def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN, 
                        ) -> tuple[list[str], dict]:
     """Snapshot a simulated world as of the end of its logs (world.json `now`).
 
-    Keeps each user's last `seq_len` behaviours, the most the models can see; the items carry
+    Keeps each user's last `seq_len` clicks / purchases (the most the sequence models see) and
+    every event of any kind in the interacted features' longest window (7 d), from which the
+    server counts them as training does (recstack.interacted); the items carry
     the `value` column when `value_column` is "value". Returns the relative paths written and
     the snapshot's manifest entry.
     """
@@ -99,8 +101,12 @@ def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN, 
         now = float((data.world.get("history_days", 0) + data.n_days) * data.world.get("day_seconds", 86400))
     users = np.arange(data.users.n, dtype=np.int64)
     idx = data.behaviours.last_indices(users, np.full(len(users), now), seq_len)  # (U, L), -1 = empty
-    rows = idx[idx >= 0]
     beh = data.behaviours
+    window = max(hours for *_, hours in FE.INTERACTED_SPEC) * 3600.0
+    rows = idx[idx >= 0]
+    rows = rows[beh.ts[rows] < now - window]  # the sequence's older part; the window comes from the full log
+    ev = data.events
+    recent = np.flatnonzero((ev["ts"] >= now - window) & (ev["ts"] < now))  # every kind: the interacted features
     files = write_feature_snapshot(
         bundle_dir,
         users={"age_bucket": data.users.cols[:, 0] - 1, "gender": data.users.cols[:, 1] - 1, "activity": data.users.cols[:, 2] - 1},
@@ -110,11 +116,15 @@ def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN, 
             **objective_values(data, value_column),
         },
         behaviours={
-            "user_id": beh.user[rows], "seconds_ago": now - beh.ts[rows], "item_id": beh.item[rows],
-            "kind": beh.kind[rows], "dwell": beh.dwell[rows],
+            "user_id": np.concatenate([beh.user[rows], ev["user_id"][recent]]),
+            "seconds_ago": np.concatenate([now - beh.ts[rows], now - ev["ts"][recent]]),
+            "item_id": np.concatenate([beh.item[rows], ev["item_id"][recent]]),
+            "kind": np.concatenate([beh.kind[rows], ev["kind"][recent]]),
+            "dwell": np.concatenate([beh.dwell[rows], ev["dwell"][recent]]),
         },
     )
-    meta = {"time": now, "n_users": int(data.users.n), "n_items": int(data.items.n), "n_behaviours": int(len(rows)),
+    n_beh = int(len(rows) + len(recent))
+    meta = {"time": now, "n_users": int(data.users.n), "n_items": int(data.items.n), "n_behaviours": n_beh,
             "seq_len": seq_len, "data_dir": str(data.root)}
     return files, meta
 

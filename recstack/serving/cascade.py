@@ -39,6 +39,7 @@ import numpy as np
 
 from recstack import features as F
 from recstack.bundle import Bundle, BundleError
+from recstack.interacted import one_user_features
 from recstack.bundle_files import COARSE_TOWER, RETRIEVAL_INDEX, RETRIEVAL_TOWER
 from recstack.serving.backends import open_backend
 from recstack.serving.candidates import FAISS, RetrievalUnavailable, popularity_order
@@ -265,24 +266,32 @@ class Cascade:
 
     # -- per request -------------------------------------------------------------------
 
-    def sequence(self, q: Query) -> tuple[np.ndarray, np.ndarray, bool]:
-        """The user's history merged with the request's behaviours: the last L clicks / purchases,
-        newest first, aged at the request's time. The history is `q.history` (the feature store's:
-        snapshot and live events), or the bundle's snapshot when that is None.
-
-        -> seq_items (1, L, 5) int64, seq_extras (1, L, 3) float32, cold_start.
-        """
-        known = 0 <= q.user_id < self.n_users
+    def _user_log(self, q: Query) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """The user's history (`q.history`, the feature store's: snapshot and live events; the
+        bundle's snapshot when that is None) with the request's behaviours last, so on equal
+        times they count as the newer ones. -> item, ts (absolute), kind, dwell (N,) each, now."""
         now = float(q.now) if q.now is not None else self.clock()
         hist = q.history if q.history is not None else self.snapshot.events(q.user_id)
-        # the request's behaviours last, so on equal times they count as the newer ones
-        log = F.Behaviours.one_user(
-            np.concatenate([hist.item_id, np.asarray(q.item_ids, np.int64)]),
-            np.concatenate([hist.ts, now - np.asarray(q.seconds_ago, np.float64)]),
-            np.concatenate([hist.kind, np.asarray(q.kinds, np.int8)]),
-            np.concatenate([hist.dwell, np.asarray(q.dwell, np.float32)]))
+        return (np.concatenate([hist.item_id, np.asarray(q.item_ids, np.int64)]),
+                np.concatenate([hist.ts, now - np.asarray(q.seconds_ago, np.float64)]),
+                np.concatenate([hist.kind, np.asarray(q.kinds, np.int8)]),
+                np.concatenate([hist.dwell, np.asarray(q.dwell, np.float32)]), now)
+
+    def sequence(self, q: Query) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The user's last L clicks / purchases (history and request merged), newest first, aged
+        at the request's time. -> seq_items (1, L, 5) int64, seq_extras (1, L, 3) float32, cold_start.
+        """
+        known = 0 <= q.user_id < self.n_users
+        item, ts, kind, dwell, now = self._user_log(q)
+        log = F.Behaviours.one_user(item, ts, kind, dwell)
         feats = F.history_features(log, np.zeros(1, np.int64), np.array([now]), self.items, until=np.array([np.inf]))
         return feats.seq_items, feats.seq_extras, not known
+
+    def interacted_for(self, q: Query) -> Callable[[np.ndarray], np.ndarray]:
+        """candidates (M,) raw ids -> their interacted features (M, X), counted over the user's
+        whole log (every kind) at the request's time, as training counts them (recstack.interacted)."""
+        item, ts, kind, _, now = self._user_log(q)
+        return lambda cands: one_user_features(item, ts, kind, now, self.items, cands)
 
     def recent_items(self, seq_items: np.ndarray) -> np.ndarray:
         """The i2i seeds: the sequence's (1, L, 5) distinct items, newest first, at most i2i_seeds. -> (S,) raw ids."""
@@ -350,21 +359,23 @@ class Cascade:
         return self.coarse_vectors.inner_products(cands, user_vec)
 
     def _score_fine(self, user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, cands: np.ndarray,
-                    check: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray]:
+                    check: Callable[[str], None], interacted: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The fine stage's pCTR and pCVR of the candidates (M,) int64 -> (M,) float64 each;
         `check("fine pCVR")` runs between the two models when the bundle has two."""
         m = len(cands)
-        fine_in = F.fine_inputs(user_feats, seq_items, seq_extras, self.items, cands)  # (M, ...) each
+        counts = interacted(cands) if interacted is not None and m else None  # None: counted on the sequence
+        fine_in = F.fine_inputs(user_feats, seq_items, seq_extras, self.items, cands, counts)  # (M, ...) each
         if not m:
             return np.zeros(0, np.float64), np.zeros(0, np.float64)
         return self.fine(fine_in, check)
 
     def fine_scores(self, user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, cands: np.ndarray,
-                    check: Callable[[str], None]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                    check: Callable[[str], None], interacted: Callable | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The fine stage as served, for Rank's coarse survivors and Score's given candidates alike:
         candidates (M,) int64 -> pCTR, pCVR, price, score = pCTR x pCVR x value, (M,) float64 each,
         value the bundle's objective column (recstack.serving.objective: price unless it names another)."""
-        pctr, pcvr = self._score_fine(user_feats, seq_items, seq_extras, cands, check)
+        pctr, pcvr = self._score_fine(user_feats, seq_items, seq_extras, cands, check, interacted)
         price = self.items.price[cands].astype(np.float64)
         return pctr, pcvr, price, pctr * pcvr * self.item_values[cands]
 
@@ -376,7 +387,7 @@ class Cascade:
         seq_items, seq_extras, cold = self.sequence(q)
         user_feats = self.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
         return self.rank_features(q, user_feats, seq_items, seq_extras, cold_start=cold,
-                                  time_remaining=time_remaining, t0=t0)
+                                  time_remaining=time_remaining, t0=t0, interacted=self.interacted_for(q))
 
     def rank_features(
         self,
@@ -389,13 +400,16 @@ class Cascade:
         time_remaining: Callable[[], float | None] | None = None,
         trace: dict | None = None,
         t0: float | None = None,
+        interacted: Callable[[np.ndarray], np.ndarray] | None = None,
     ) -> Ranking:
         """The cascade on given features: user_feats (1, 4), seq_items (1, L, 5), seq_extras (1, L, 3).
 
         `rank` calls it with the feature store's features; offline evaluation calls it with
         the features a logged request had (retrieval/cascade_eval.py). `trace`, when given,
         receives each stage's surviving ids: "retrieved", "retrieved_sources", "coarse".
-        q's behaviour arrays are not read here (they are in the sequence already).
+        q's behaviour arrays are not read here (they are in the sequence already). `interacted`:
+        candidates (M,) -> their interacted features over the user's full log (`interacted_for`);
+        None counts them on the sequence.
         """
 
         def check(stage: str) -> float | None:
@@ -435,7 +449,7 @@ class Cascade:
 
         check("fine")
         m = len(cands)
-        pctr, pcvr, price, score = self.fine_scores(user_feats, seq_items, seq_extras, cands, check)  # (M,) each
+        pctr, pcvr, price, score = self.fine_scores(user_feats, seq_items, seq_extras, cands, check, interacted)  # (M,) each
         top = np.lexsort((cands, -score))[: q.num_results]  # score desc, item id breaks ties
         t4 = time.perf_counter()
         timings["fine_ms"] = (t4 - t3) * 1e3

@@ -46,7 +46,8 @@ def score_candidates(cascade: Cascade, q: Query, cands: np.ndarray,
     user_feats = cascade.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
     t1 = time.perf_counter()
     check("fine")
-    pctr, pcvr, price, score = cascade.fine_scores(user_feats, seq_items, seq_extras, cands, check)
+    pctr, pcvr, price, score = cascade.fine_scores(user_feats, seq_items, seq_extras, cands, check,
+                                                   cascade.interacted_for(q))
     t2 = time.perf_counter()
     timings = {"features_ms": (t1 - t0) * 1e3, "fine_ms": (t2 - t1) * 1e3, "total_ms": (t2 - t0) * 1e3}
     return Scores(cands, pctr, pcvr, price, score, cold, timings)

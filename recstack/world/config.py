@@ -58,6 +58,31 @@ class WorldConfig:
     favourite_shops: int = 5
     favourite_brands: int = 5
     click_noise: float = 0.5  # per-impression logit noise (part of the truth; nobody observes it)
+    # How far the hidden state follows long-term taste (0: independent of it, 1: all of it).
+    # On a platform a user's daily intent is mostly one of their habitual categories and
+    # their favourite shops sell in the categories they like, so ids and the click sequence
+    # predict part of what the interacted features reveal: that part can be distilled into a
+    # student that never sees them (PFD §3), the rest stays privileged. Each intent slot is,
+    # with this probability, one of the user's habitual (taste) categories instead of the
+    # day's fresh draw; each favourite shop / brand is one selling in a taste category.
+    intent_taste_share: float = 0.5
+    favourite_taste_share: float = 0.5
+
+    # --- the behaviour log beyond clicks ------------------------------------------------
+    # PFD's interacted features count the user's behaviours on the candidate's category /
+    # shop over the whole log: browsing, favourites and add-to-cart besides clicks. Before
+    # each session's recommendation list a user browses (search, shop pages) a few detail
+    # pages, mostly inside the day's intent and their favourite shops / brands: those views
+    # are logged (the full log) but the recommender's 50-slot sequence keeps only clicks
+    # and purchases. Views per session ~ Poisson(this x the activity rate), so an active user
+    # leaves several per session.
+    views_per_session: float = 2.0
+    view_intent_share: float = 0.5  # of the views: on items of the day's intent categories
+    view_favourite_share: float = 0.3  # on items of a favourite shop or brand (the rest: by popularity)
+    # A viewed item is favourited / carted with probability sigmoid(logit(rate) + the
+    # purchase logit's centred value): the more the user would buy it, the likelier.
+    favourite_rate: float = 0.03
+    cart_rate: float = 0.03
 
     # --- conversion model ------------------------------------------------------------
     cvr_bias: float = -3.2
@@ -69,6 +94,11 @@ class WorldConfig:
     # cart. Dwell also grows with price, so a teacher that sees only them is misled on
     # expensive items (PFD §5.3). 0 = they carry no information about the purchase.
     post_event_strength: float = 1.0
+    # What the post-event features follow: 0 = the realised purchase only (then a teacher on
+    # them is nearly the label), 1 = the latent purchase propensity (the purchase logit minus
+    # cvr_bias) only. In between, a mix: dwell, chat and cart reflect how much the user
+    # wanted the item, bought or not, as on a real detail page.
+    post_event_propensity: float = 0.5
     # Consent (signal loss): users without consent show every conversion as 0 in the
     # per-example stream; only daily per-category aggregates count them.
     consent_rate: float = 1.0
@@ -95,6 +125,17 @@ class WorldConfig:
             raise ValueError("policy_pool_popular + policy_pool_intent must be >= impressions_per_session")
         if self.n_price_buckets < 2:
             raise ValueError("n_price_buckets must be >= 2")
+        for name in ("intent_taste_share", "favourite_taste_share", "view_intent_share", "view_favourite_share",
+                     "post_event_propensity"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.view_intent_share + self.view_favourite_share > 1.0:
+            raise ValueError("view_intent_share + view_favourite_share must be <= 1")
+        if self.views_per_session < 0:
+            raise ValueError(f"views_per_session must be >= 0, got {self.views_per_session}")
+        for name in ("favourite_rate", "cart_rate"):
+            if not 0.0 < getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
         if self.sessions_per_day <= 0:
             raise ValueError("sessions_per_day must be > 0")
 

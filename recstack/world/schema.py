@@ -36,8 +36,11 @@ SCHEMA: dict[str, dict[str, str]] = {
         "user_id": "int64",
         "ts": "float64 seconds; sorted by (user_id, ts)",
         "item_id": "int64",
-        "kind": "int8: 0 = click, 1 = purchase (a purchase follows its click by the dwell time)",
-        "dwell": "float32 seconds on the detail page (clicks; 0 for purchases)",
+        "kind": "int8, the index into recstack.features.EVENT_KINDS: 0 = click (on a logged impression), "
+                "1 = purchase (follows its click by the dwell time), 2 = view (a detail page browsed in the half "
+                "hour before a session's list, not a logged impression), 3 = favourite, 4 = cart (during a view's "
+                "dwell, or halfway through a clicked impression's dwell when its `cart` is 1)",
+        "dwell": "float32 seconds on the detail page (clicks and views; 0 for purchases, favourites and carts)",
     },
     "impressions/day=NN.parquet": {
         "day": "int16, 1..n_days",
@@ -49,7 +52,9 @@ SCHEMA: dict[str, dict[str, str]] = {
         "click": "bool label",
         "purchase": "bool label: purchase given the impression (true, consent ignored)",
         "purchase_observed": "bool: purchase as the per-example stream sees it (0 without consent)",
-        "dwell": "float32 post-event (CVR privileged): seconds on the detail page, 0 when not clicked",
+        "dwell": "float32 post-event (CVR privileged): seconds on the detail page, 0 when not clicked; it, comments, "
+                 "chatted and cart follow a mix (post_event_propensity) of the realised purchase and the latent "
+                 "purchase propensity",
         "comments": "int16 post-event: comments viewed, 0 when not clicked",
         "chatted": "int16 post-event: 0/1 chatted with the seller",
         "cart": "int16 post-event: 0/1 added to cart",
@@ -68,6 +73,8 @@ SCHEMA: dict[str, dict[str, str]] = {
         "price_sensitivity": "float64 (hidden)",
         "favourite_shops": "list<int64> (hidden): shops the user has an affinity to",
         "favourite_brands": "list<int64> (hidden)",
+        "habit_categories": "list<int64> (hidden): the categories the user's long-term taste was built from; "
+                            "a share (intent_taste_share) of each day's intents is drawn from them",
         "taste": "list<float32> latent taste vector (hidden)",
     },
     "truth_items.parquet": {

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from recstack.config import to_dict
 from recstack.world.config import WorldConfig
-from recstack.world.schema import DAY_FILE, SHARD_FILE
+from recstack.world.behaviour import ACTIVITY_RATE, KIND_CART, Browser  # ACTIVITY_RATE: session-rate multiplier per activity level
+from recstack.world.writer import IMPRESSION_ORDER, _clear_impressions, _ImpressionWriter
 
 DAY = 86_400.0
 FORMAT_VERSION = 1
@@ -27,19 +28,8 @@ FORMAT_VERSION = 1
 # the world's definition too: the random draws are interleaved chunk by chunk, so another
 # value gives another world for the same seed.
 SESSION_CHUNK = 20_000
-IMPRESSION_ORDER = ("day", "ts", "user_id", "session_id", "position", "item_id", "click", "purchase", "purchase_observed",
-                    "dwell", "comments", "chatted", "cart", "true_pctr", "true_pcvr")
-# the types numpy's arrays had when each day was written in one piece; fixed, so that every
-# shard (an empty one too) has the same schema
-IMPRESSION_ARROW_SCHEMA = pa.schema([
-    ("day", pa.int16()), ("ts", pa.float64()), ("user_id", pa.int64()), ("session_id", pa.int64()),
-    ("position", pa.int64()), ("item_id", pa.int64()), ("click", pa.bool_()), ("purchase", pa.bool_()),
-    ("purchase_observed", pa.bool_()), ("dwell", pa.float32()), ("comments", pa.int16()), ("chatted", pa.int16()),
-    ("cart", pa.int16()), ("true_pctr", pa.float32()), ("true_pcvr", pa.float32()),
-])
 EVENT_ORDER = ("user_id", "ts", "item_id", "kind", "dwell")
 INTENT_BLOCK = 1024  # users per block of the daily intent draw (was 4096: 300 MB of temporaries at 3,000 categories)
-ACTIVITY_RATE = np.array([0.4, 0.8, 1.5, 3.0])  # session-rate multiplier per activity level
 ACTIVITY_SHARE = np.array([0.3, 0.35, 0.25, 0.1])
 
 
@@ -92,6 +82,8 @@ class World:
     fav_shops: np.ndarray  # (U, n_fav)
     fav_brands: np.ndarray
     consent: np.ndarray  # (U,) bool
+    # (U, 3) the categories the user's long-term taste was built from: their habitual intents
+    habit_cats: np.ndarray | None = None
 
     @property
     def mean_log_price(self) -> float:
@@ -131,6 +123,10 @@ class World:
             u = users[s : s + INTENT_BLOCK]
             score = 2.0 * self.taste[u] @ self.cat_latent.T + log_pop + rng.gumbel(size=(len(u), len(log_pop)))
             out[s : s + INTENT_BLOCK] = np.argpartition(-score, k - 1, axis=1)[:, :k]
+        if self.cfg.intent_taste_share > 0 and self.habit_cats is not None:
+            # part of the day's intent is one of the user's habitual (taste) categories
+            habit = self.habit_cats[users][np.arange(len(users))[:, None], rng.integers(0, self.habit_cats.shape[1], out.shape)]
+            out = np.where(rng.random(out.shape) < self.cfg.intent_taste_share, habit, out)
         return out
 
 
@@ -164,6 +160,11 @@ def build_world(cfg: WorldConfig, rng) -> World:
     price_sens = cfg.price_sensitivity * rng.lognormal(0.0, 0.3, U)
     fav_shops = rng.choice(S, size=(U, cfg.favourite_shops), p=shop_pop / shop_pop.sum())
     fav_brands = rng.choice(B, size=(U, cfg.favourite_brands), p=brand_pop / brand_pop.sum())
+    if cfg.favourite_taste_share > 0:  # part of the favourites sell in the user's taste categories
+        for fav, home in ((fav_shops, shop_cat), (fav_brands, brand_cat)):
+            pick = taste_cats[np.arange(U)[:, None], rng.integers(0, taste_cats.shape[1], fav.shape)]
+            local = _pick_within(pick.ravel(), home, rng).reshape(fav.shape)
+            np.copyto(fav, local, where=rng.random(fav.shape) < cfg.favourite_taste_share)
     u_consent = rng.random(U)
     if cfg.consent_age_slope:
         z = (age - age.mean()) / max(float(age.std()), 1e-9)
@@ -176,7 +177,7 @@ def build_world(cfg: WorldConfig, rng) -> World:
         item_quality=item_quality, item_log_price=item_log_price, item_price=item_price,
         item_price_bucket=item_price_bucket, item_pop=item_pop,
         age=age, gender=gender, activity=activity, taste=taste, price_sens=price_sens,
-        fav_shops=fav_shops, fav_brands=fav_brands, consent=u_consent < p_consent,
+        fav_shops=fav_shops, fav_brands=fav_brands, consent=u_consent < p_consent, habit_cats=taste_cats,
     )
 
 
@@ -191,7 +192,8 @@ def _dedupe_rows(cand: np.ndarray) -> np.ndarray:
     return first
 
 
-def simulate_day(world: World, day: int, rng, items_by_cat, cat_start) -> tuple[np.ndarray, Iterator[dict]]:
+def simulate_day(world: World, day: int, rng, items_by_cat, cat_start,
+                 browser: Browser | None = None) -> tuple[np.ndarray, Iterator[dict]]:
     """One day of traffic. Returns (today's intent categories (U, k), a generator of impression
     chunks): each chunk is a dict of the impression columns (IMPRESSION_ORDER) for up to
     20,000 sessions (x impressions_per_session rows), in session-time order. The chunks draw
@@ -205,7 +207,8 @@ def simulate_day(world: World, day: int, rng, items_by_cat, cat_start) -> tuple[
     order = np.argsort(s_ts, kind="stable")
     s_user, s_ts = s_user[order], s_ts[order]
     intent_u = world.intents(np.arange(U), rng)  # (U, k) today's intent per user
-    return intent_u, _day_chunks(world, day, rng, items_by_cat, cat_start, s_user, s_ts, intent_u)
+    browser = browser if browser is not None else Browser(world, items_by_cat, cat_start)
+    return intent_u, _day_chunks(world, day, rng, browser, s_user, s_ts, intent_u)
 
 
 def _affinity(world: World, users: np.ndarray, pool: np.ndarray, rows: int = 2048) -> np.ndarray:
@@ -219,8 +222,9 @@ def _affinity(world: World, users: np.ndarray, pool: np.ndarray, rows: int = 204
     return out
 
 
-def _day_chunks(world: World, day: int, rng, items_by_cat, cat_start, s_user, s_ts, intent_u) -> Iterator[dict]:
+def _day_chunks(world: World, day: int, rng, browser: Browser, s_user, s_ts, intent_u) -> Iterator[dict]:
     cfg = world.cfg
+    items_by_cat, cat_start = browser.items_by_cat, browser.cat_start
     K = cfg.impressions_per_session
     cum_pop = np.cumsum(world.item_pop)
     session_base = (day + cfg.history_days) * 10_000_000
@@ -245,16 +249,21 @@ def _day_chunks(world: World, day: int, rng, items_by_cat, cat_start, s_user, s_
         shown = np.take_along_axis(pool, top, axis=1)  # (n, K)
         # clicks and purchases from the truth
         pctr = _sigmoid(world.click_logit(su, shown, intent, cfg.click_noise * rng.normal(size=shown.shape)))
-        pcvr = _sigmoid(world.purchase_logit(su, shown, intent))
+        cvr_logit = world.purchase_logit(su, shown, intent)
+        pcvr = _sigmoid(cvr_logit)
         click = rng.random(shown.shape) < pctr
         purchase = click & (rng.random(shown.shape) < pcvr)
-        # post-event features, caused by the purchase (and dwell by price too)
+        # post-event features, caused by the purchase and the latent propensity to buy (and
+        # dwell by price too)
         st = cfg.post_event_strength
+        a = cfg.post_event_propensity
+        propensity = cvr_logit - cfg.cvr_bias  # centred: its spread over clicks (~0.9) is about a purchase's effect
+        purchase_signal = (1.0 - a) * purchase + a * propensity
         lp = world.item_log_price[shown] - world.mean_log_price
-        dwell = np.exp(3.0 + 0.35 * lp + st * 0.9 * purchase + rng.normal(0, 0.6, shown.shape))
-        comments = rng.poisson(np.exp(-0.7 + 0.2 * lp + st * 1.2 * purchase))
-        chatted = rng.random(shown.shape) < _sigmoid(-3.0 + 0.4 * lp + st * 2.0 * purchase)
-        cart = rng.random(shown.shape) < _sigmoid(-2.5 + st * 3.0 * purchase)
+        dwell = np.exp(3.0 + 0.35 * lp + st * 0.9 * purchase_signal + rng.normal(0, 0.6, shown.shape))
+        comments = rng.poisson(np.exp(-0.7 + 0.2 * lp + st * 1.2 * purchase_signal))
+        chatted = rng.random(shown.shape) < _sigmoid(-3.0 + 0.4 * lp + st * 2.0 * purchase_signal)
+        cart = rng.random(shown.shape) < _sigmoid(-2.5 + st * 3.0 * purchase_signal)
         imps = {
             "day": np.full(n * K, day, dtype=np.int16),
             "ts": np.repeat(sts, K),
@@ -270,7 +279,10 @@ def _day_chunks(world: World, day: int, rng, items_by_cat, cat_start, s_user, s_
             imps[name] = np.where(click, val, 0).astype(np.float32 if name == "dwell" else np.int16).ravel()
         imps["true_pctr"] = pctr.ravel().astype(np.float32)
         imps["true_pcvr"] = pcvr.ravel().astype(np.float32)
-        yield {k: imps[k] for k in IMPRESSION_ORDER}
+        chunk = {k: imps[k] for k in IMPRESSION_ORDER}
+        # the session's browsing before its list: logged in the full behaviour log only
+        chunk["browse_events"] = browser.session_events(su, sts, intent, rng)
+        yield chunk
 
 
 class _DayLog:
@@ -283,6 +295,7 @@ class _DayLog:
         self.world = world
         self.clicks: list[dict] = []
         self.purchases: list[dict] = []
+        self.others: list[dict] = []  # browsing (views, favourites, carts) and carts after a click
         C = world.cfg.n_categories
         self.n = self.n_clicks = self.n_purchases = self.n_observed = 0
         self.cat_clicks = np.zeros(C, np.int64)
@@ -299,6 +312,12 @@ class _DayLog:
         self.purchases.append({"user_id": imps["user_id"][c][p], "ts": click_ts[p] + imps["dwell"][c][p],
                                "item_id": imps["item_id"][c][p], "kind": np.ones(int(p.sum()), np.int8),
                                "dwell": np.zeros(int(p.sum()), np.float32)})
+        carted = imps["cart"][c] > 0  # an add-to-cart on the detail page, halfway through the dwell
+        self.others.append({"user_id": imps["user_id"][c][carted], "ts": click_ts[carted] + 0.5 * imps["dwell"][c][carted],
+                            "item_id": imps["item_id"][c][carted], "kind": np.full(int(carted.sum()), KIND_CART, np.int8),
+                            "dwell": np.zeros(int(carted.sum()), np.float32)})
+        if "browse_events" in imps:
+            self.others.append(imps["browse_events"])
         cat = self.world.item_cat[imps["item_id"][c]]
         C = self.world.cfg.n_categories
         self.cat_clicks += np.bincount(cat, minlength=C)
@@ -311,7 +330,7 @@ class _DayLog:
         self.n_observed += int(imps["purchase_observed"][c].sum())
 
     def events(self) -> dict:
-        parts = self.clicks + self.purchases
+        parts = self.clicks + self.purchases + self.others
         return {k: np.concatenate([e[k] for e in parts]) for k in EVENT_ORDER}
 
     def aggregates(self, day: int) -> dict:
@@ -324,63 +343,6 @@ class _DayLog:
         return {"day": day, "impressions": self.n, "ctr": self.n_clicks / self.n if self.n else 0.0,
                 "cvr": self.n_purchases / self.n_clicks if self.n_clicks else 0.0,
                 "observed_cvr": self.n_observed / self.n_clicks if self.n_clicks else 0.0}
-
-
-class _ImpressionWriter:
-    """Writes one day's impressions as they are generated, chunk by chunk: to
-    impressions/day=DD.parquet (shard_rows None), or to impressions/day=DD/part-NNNNN.parquet
-    files of exactly shard_rows rows each (the day's last one fewer). Peak memory is one chunk
-    plus the Parquet writer's buffers, whatever the size of the day."""
-
-    def __init__(self, out: Path, day: int, shard_rows: int | None):
-        self.out, self.day, self.shard_rows = out, day, shard_rows
-        self.rows: list[int] = []  # rows of each file written, in part order
-        self._writer: pq.ParquetWriter | None = None
-
-    def _open(self) -> None:
-        name = DAY_FILE if self.shard_rows is None else SHARD_FILE
-        path = self.out / name.format(day=self.day, part=len(self.rows))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._writer = pq.ParquetWriter(path, IMPRESSION_ARROW_SCHEMA, compression="zstd")
-        self.rows.append(0)
-
-    def write(self, imps: dict) -> None:
-        table = pa.table({k: imps[k] for k in IMPRESSION_ORDER}, schema=IMPRESSION_ARROW_SCHEMA)
-        while table.num_rows:
-            if self._writer is None:
-                self._open()
-            room = table.num_rows if self.shard_rows is None else self.shard_rows - self.rows[-1]
-            part = table.slice(0, room)
-            self._writer.write_table(part)
-            self.rows[-1] += part.num_rows
-            table = table.slice(part.num_rows)
-            if self.shard_rows is not None and self.rows[-1] == self.shard_rows:
-                self._writer.close()
-                self._writer = None
-
-    def close(self) -> list[int]:
-        if not self.rows:  # a day without impressions still has its (empty) file
-            self._open()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        return self.rows
-
-
-def _clear_impressions(out: Path) -> None:
-    """Remove the impression files of an earlier run in `out` (either layout), so a day is
-    never found in both layouts or with stale extra shards."""
-    imp = out / "impressions"
-    if not imp.is_dir():
-        return
-    for f in imp.glob("day=*.parquet"):
-        f.unlink()
-    for d in imp.glob("day=*"):
-        if d.is_dir():
-            for f in d.glob("part-*.parquet"):
-                f.unlink()
-            if not any(d.iterdir()):
-                d.rmdir()
 
 
 def _list_column(mat: np.ndarray) -> pa.ListArray:
@@ -408,6 +370,7 @@ def _write_tables(out: Path, cfg: WorldConfig, world: World, events: dict, aggs:
     # the hidden truth, for oracle evaluation only (never a model input)
     truth_u = {"user_id": np.arange(cfg.n_users), "price_sensitivity": world.price_sens,
                "favourite_shops": _list_column(world.fav_shops), "favourite_brands": _list_column(world.fav_brands),
+               "habit_categories": _list_column(world.habit_cats),
                "taste": _list_column(world.taste.astype(np.float32))}
     pq.write_table(pa.table(truth_u), out / "truth_users.parquet", compression="zstd")
     truth_i = {"item_id": np.arange(cfg.n_items), "quality": world.item_quality, "popularity": world.item_pop,
@@ -442,10 +405,11 @@ def simulate(cfg: WorldConfig, seed: int, out: str | Path, preset: str | None = 
     world = build_world(cfg, rng)
     items_by_cat = np.argsort(world.item_cat, kind="stable")
     cat_start = np.searchsorted(world.item_cat[items_by_cat], np.arange(cfg.n_categories + 1))
+    browser = Browser(world, items_by_cat, cat_start)
     t_build = time.perf_counter() - t0
     all_events, day_stats, aggs, intents, shards = [], [], [], [], {}
     for day in tqdm(range(1 - cfg.history_days, cfg.n_days + 1), desc="simulate", unit="day", disable=not progress):
-        intent_u, chunks = simulate_day(world, day, rng, items_by_cat, cat_start)
+        intent_u, chunks = simulate_day(world, day, rng, items_by_cat, cat_start, browser)
         log = _DayLog(world)
         writer = _ImpressionWriter(out, day, shard_rows) if day >= 1 else None  # history: behaviours only
         for imps in chunks:

@@ -108,6 +108,7 @@ class Truth:
             price_sens=_col(tu, "price_sensitivity").astype(np.float64),
             fav_shops=_matrix(tu, "favourite_shops").astype(np.int64),
             fav_brands=_matrix(tu, "favourite_brands").astype(np.int64),
+            habit_cats=_matrix(tu, "habit_categories").astype(np.int64) if "habit_categories" in tu.column_names else None,
             consent=_col(users, "consent").astype(bool),
         )
         ints = pq.read_table(root / "truth_intents.parquet")

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from recstack import features as FE
 from recstack.bench import models as B
 from recstack.bench import timing
 
@@ -109,7 +110,7 @@ def test_fine_model_outputs_vary():
     n = 32
     x = {"user_feats": B.random_ids(rng, vocab.user_sizes(), n), "item_feats": B.random_ids(rng, vocab.item_sizes(), n),
          "item_dense": rng.standard_normal((n, 1)).astype(np.float32),
-         "interacted": rng.random((n, 7)).astype(np.float32)}
+         "interacted": rng.random((n, len(FE.INTERACTED_FIELDS))).astype(np.float32)}
     with torch.no_grad():
         p = model(**{k: torch.from_numpy(v) for k, v in x.items()}).numpy()
     assert not model.training

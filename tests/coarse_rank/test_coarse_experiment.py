@@ -39,7 +39,13 @@ def test_quick_experiment_writes_the_report_files(name, tiny_data, tmp_path):
         assert set(m["delta_vs_baseline"]) >= {"mean", "ci95"} and len(m["delta_vs_baseline"]["ci95"]) == 2
         assert m["wall_s"] > 0 and len(m["per_seed"]) == 2
     if name == "coarse":
-        assert set(on_disk["methods"]) == {"baseline", "sd", "lupi", "md", "pfd", "pfd_md"}
+        assert set(on_disk["methods"]) == {"baseline", "sd", "lupi", "md", "pfd", "pfd_md", "oracle", "sd_lam0",
+                                           "oracle_lam1", "baseline_wd"}
+        assert on_disk["methods"]["oracle"]["teacher_auc"]["mean"] is None  # no teacher network: the truth
+        assert on_disk["methods"]["baseline_wd"]["chosen"]["weight_decay"] == 1e-4
+        assert set(on_disk["contrasts"]) == {"pfd - sd", "pfd_md - md", "pfd - baseline", "pfd_md - baseline"}
+        assert not on_disk["contrasts"]["pfd - sd"]["enough_seeds"] and "PARTIAL" in (tmp_path / "report.md").read_text()
+        assert set(on_disk["data_axis"]["days"]["1"]) == {"baseline", "pfd", "pfd_md"}
         assert on_disk["methods"]["pfd_md"]["teacher_auc"]["mean"] is not None
         assert on_disk["buckets"]["user_id"]["pfd"]["tail"]["delta"]["ci95"]
         assert on_disk["methods"]["baseline"]["delta_vs_baseline"]["mean"] == 0.0
@@ -103,17 +109,21 @@ def test_every_plan_key_parses_and_bad_values_name_the_key():
 
     items = ["lrs=0.025,0.1", "base_days=2", "methods=baseline,pfd", "lams=0.1,0.5", "manners=ind_sync,share_sync",
              "fractions=0.25", "double=false", "control_methods=baseline,pfd", "workers=3", "cache=/c",
-             "control_data=/w", "selected_lrs=baseline:0.05,pfd:0.1", "lr=0.2"]
-    p = CoarsePlan.from_cli("coarse", (1, 2), workers=1, overrides=items, config=Config)
+             "control_data=/w", "selected_lrs=baseline:0.05,pfd:0.1", "lr=0.2", "select_seeds=3",
+             "weight_decays=0,1e-4", "data_days=2,4", "data_methods=baseline,oracle"]
+    p = CoarsePlan.from_cli("coarse", (1, 2, 3), workers=1, overrides=items, config=Config)
     assert p.record() == {"lrs": (0.025, 0.1), "base_days": 2, "methods": ("baseline", "pfd"), "lams": (0.1, 0.5),
                           "manners": ("ind_sync", "share_sync"), "fractions": (0.25,), "control_data": "/w",
                           "double": False, "control_methods": ("baseline", "pfd"), "workers": 3, "cache": "/c",
-                          "selected_lrs": {"baseline": 0.05, "pfd": 0.1}}
+                          "selected_lrs": {"baseline": 0.05, "pfd": 0.1}, "select_seeds": 3,
+                          "weight_decays": (0.0, 1e-4), "data_days": (2, 4), "data_methods": ("baseline", "oracle")}
     assert p.overrides == ("lr=0.2",)
     quick = CoarsePlan.from_cli("lambda", (1,), quick=True, config=Config)
     assert (quick.lrs, quick.lams, quick.fractions, quick.methods) == ((0.05,), (0.3, 0.7), (0.5,), CoarsePlan().methods)
     for item, match in [("manners=sideways", "manners: unknown"), ("methods=pfd", "needs the baseline"),
-                        ("control_methods=oracle", "control_methods"), ("base_days=0", "base_days"),
+                        ("control_methods=wizard", "control_methods"), ("base_days=0", "base_days"),
+                        ("select_seeds=2", "select_seeds"), ("select_seeds=4", "select_seeds"),
+                        ("weight_decays=-1", "weight_decays"), ("data_days=0", "data_days"),
                         ("selected_lrs=pfd", "selected_lrs"), ("double=maybe", "double"), ("lrs=-1", "lrs")]:
         with pytest.raises(ConfigError, match=match):
-            CoarsePlan.from_cli("coarse", (1, 2), overrides=[item], config=Config)
+            CoarsePlan.from_cli("coarse", (1, 2, 3), overrides=[item], config=Config)

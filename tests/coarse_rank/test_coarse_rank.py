@@ -11,7 +11,7 @@ import torch
 from recstack.training import checkpoint
 from recstack.config import ConfigError, apply_overrides
 from recstack.data import load
-from recstack.features import SEQ_LEN, Vocab
+from recstack.features import INTERACTED_FIELDS, SEQ_LEN, Vocab
 from recstack.training.onnx import export_onnx, onnx_session, parity
 
 import coarse_rank.export as coarse_export
@@ -267,11 +267,11 @@ def request_batch(b: int = 12, r: int = 4, seed: int = 0) -> dict[str, torch.Ten
     out = t(x, *USER)
     out.update(t(items, "item_feats", "item_dense"))
     out["request_index"] = torch.from_numpy(np.sort(rng.integers(0, r, b)).astype(np.int64))
-    out["interacted"] = torch.from_numpy(np.log1p(rng.integers(0, 5, (b, 7))).astype(np.float32))
+    out["interacted"] = torch.from_numpy(np.log1p(rng.integers(0, 5, (b, len(INTERACTED_FIELDS)))).astype(np.float32))
     return out
 
 
-@pytest.mark.parametrize("teacher", [t_ for t_ in TEACHERS if t_ != "baseline"])
+@pytest.mark.parametrize("teacher", [t_ for t_ in TEACHERS if t_ not in ("baseline", "oracle")])
 @pytest.mark.parametrize("manner", MANNERS)
 def test_teachers_score_the_students_batch(teacher, manner):
     cfg = Config(**SMALL_MODEL, teacher=teacher, manner=manner)
@@ -360,6 +360,33 @@ def test_before_the_swap_step_the_student_is_the_baseline(tiny_data):
     assert "teacher_auc" in late.result and "teacher_auc" not in base.result
 
 
+def test_the_oracle_teacher_is_the_true_pctr_through_eq5(tiny_data):
+    """teacher=oracle: no teacher network; the soft label is each impression's true pCTR. At
+    λ = 0 the student is bit-for-bit the baseline; the step's loss is Eq. 5 with the truth."""
+    from coarse_rank.tasks import DistillationStep, oracle_logit
+    from coarse_rank.train import request_batches
+    from recstack.training.distill import LambdaSchedule
+
+    data = load(tiny_data)
+    kw = dict(SMALL_MODEL, batch_size=256, max_steps=4, eval_max_rows=100, warmup_steps=2)
+    assert build_teacher(Config(**kw, teacher="oracle"), VOCAB, build_student(Config(**kw), VOCAB)) is None
+    base = fit(Config(**kw, teacher="baseline"), data, data.fit_days, data.valid_day)
+    zero = fit(Config(**kw, teacher="oracle", lam=0.0), data, data.fit_days, data.valid_day)
+    half = fit(Config(**kw, teacher="oracle", lam=0.5), data, data.fit_days, data.valid_day)
+    a, b, c = (f.student.state_dict() for f in (base, zero, half))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    cfg = Config(**kw, teacher="oracle", lam=0.7, swap_step=10**6)  # no warm-up for the truth
+    student = build_student(cfg, data.vocab)
+    batch, inputs = next(request_batches(data.examples(data.valid_day), 64))
+    loss = DistillationStep(cfg, student, None, LambdaSchedule(cfg.lam, cfg.swap_step))((batch, inputs), 0, 1)
+    tower = student.user_tower
+    pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], cfg.length_buckets)
+    u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])
+    s_logit = student.scale * (u * student.item_tower(inputs["item_feats"], inputs["item_dense"])).sum(-1)
+    want = student_loss(s_logit, torch.from_numpy(batch["click"]), oracle_logit(batch["true_pctr"]), 0.7)[0]
+    assert torch.allclose(loss, want)
+
+
 def test_distilled_student_checkpoint_exports_like_the_baseline(tiny_data, tmp_path):
     """Only the student is saved: same state keys as the baseline, same export and serving path."""
     cfg = Config(**dict(FAST, epochs=1, max_steps=8, eval_max_rows=300, teacher="pfd_md"), teacher_hidden=(32, 16))
@@ -384,6 +411,6 @@ def test_cli_train_coarse_with_a_teacher(tiny_data, tmp_path):
                "--set", "out_dim=32", "--set", "teacher_hidden=32,16", "--set", "max_steps=4", "--set", "eval_max_rows=300"])
     assert rc == 0 and (tmp_path / "coarse" / "checkpoint.pt").exists()
     with pytest.raises(ConfigError, match="teacher"):
-        apply_overrides(Config(), ["teacher=oracle"])
+        apply_overrides(Config(), ["teacher=wizard"])
     with pytest.raises(ConfigError, match="manner"):
         apply_overrides(Config(), ["manner=async"])

@@ -92,3 +92,15 @@ def test_plan_refusals_name_the_field_and_the_valid_values(kwargs, match):
     args = {"experiment": "table", "seeds": (1, 2), "config": _Config, **kwargs}
     with pytest.raises(ConfigError, match=match):
         _Plan.from_cli(**args)
+
+
+def test_select_by_mean_picks_the_best_mean_and_keeps_the_whole_curve():
+    best, curve = E.select_by_mean({"lr=0.1": [0.70, 0.60, 0.62], "lr=0.05": [0.64, 0.66, 0.65]})
+    assert best == "lr=0.05"  # the single best seed (0.70) is lr=0.1's; the mean is lr=0.05's
+    assert curve["lr=0.1"]["per_seed"] == [0.70, 0.60, 0.62] and curve["lr=0.1"]["n"] == 3
+    assert abs(curve["lr=0.05"]["mean"] - 0.65) < 1e-12
+    assert E.select_by_mean({"a": [0.5], "b": [0.5]})[0] == "a"  # a tie keeps the first
+    with pytest.raises(ValueError, match="same, non-zero number of seeds"):
+        E.select_by_mean({"a": [0.5, 0.6], "b": [0.5]})
+    with pytest.raises(ValueError, match="no candidates"):
+        E.select_by_mean({})

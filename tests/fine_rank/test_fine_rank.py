@@ -13,6 +13,7 @@ from recstack.training import checkpoint
 from recstack.evaluation import metrics as M
 from recstack.config import ConfigError, apply_overrides
 from recstack.data import load
+from recstack import features as FE
 from recstack.features import Vocab
 from recstack.training.onnx import onnx_session
 
@@ -30,7 +31,7 @@ def random_inputs(b: int, vocab: Vocab = VOCAB, seed: int = 0) -> dict[str, torc
         "user_feats": user,
         "item_feats": item,
         "item_dense": torch.randn(b, 1, generator=g),
-        "interacted": torch.log1p(torch.randint(0, 5, (b, 7), generator=g).float()),
+        "interacted": torch.log1p(torch.randint(0, 5, (b, len(FE.INTERACTED_FIELDS)), generator=g).float()),
     }
 
 
@@ -44,7 +45,7 @@ def test_ranker_shapes_and_probabilities():
     logits = model.logits(**x)
     assert logits.shape == (64,) and logits.dtype == torch.float32
     assert model.hidden(**x).shape == (64, 16)
-    assert model.inputs(**x).shape == (64, 9 * 8 + 1 + 7)
+    assert model.inputs(**x).shape == (64, 9 * 8 + 1 + len(FE.INTERACTED_FIELDS))
     model.eval()
     with torch.no_grad():
         prob = model(**x)
@@ -281,7 +282,7 @@ def test_teachers_inputs_and_shared_embeddings():
         with torch.no_grad():
             t.head.linear.weight.normal_()  # heads start at zero weights: give the output a slope
         assert [m.out_features for m in t.bottom.layers if isinstance(m, torch.nn.Linear)] == widths
-        regular = 9 * 4 + 1 + 7
+        regular = 9 * 4 + 1 + len(FE.INTERACTED_FIELDS)
         assert t.bottom.layers[0].in_features == {"sd": regular, "md": regular, "pfd": regular + 4,
                                                   "pfd_md": regular + 4, "lupi": 4}[kind]
         # PFD Share&Sync: the teacher reads the student's own embedding tables
@@ -332,7 +333,7 @@ def test_self_auxiliary_serves_the_main_head_and_sga_stops_gradient():
 
 def test_method_config_validation():
     with pytest.raises(ConfigError, match="cvr_teacher"):
-        ftrain.Config(cvr_teacher="oracle")
+        ftrain.Config(cvr_teacher="wizard")
     with pytest.raises(ConfigError, match="ctr_sead"):
         ftrain.Config(ctr_sead="mean")
     with pytest.raises(ConfigError, match="separate methods"):
@@ -436,3 +437,24 @@ def test_default_cvr_model_is_recalibrated_to_the_training_labels(tiny_run):
     assert np.mean(ftrain.predict(models["cvr"], rows)) == pytest.approx(rows["purchase"].mean(), rel=1e-3)
     assert "calibration_shift" in tiny_run["metrics"]["cvr"]["train"]
     assert "calibration_shift" not in tiny_run["metrics"]["ctr"]["train"]  # CTR default: none
+
+
+def test_the_oracle_cvr_teacher_is_the_true_pcvr(tiny_data):
+    """cvr_teacher=oracle: Eq. 5 with the true pCVR as the soft label. λ = 0 is the plain fit
+    bit-for-bit; λ > 0 moves the student; a streamed table is refused."""
+    from fine_rank.oracle import fit_oracle
+
+    data = load(tiny_data)
+    table = ftrain.clicked(ftrain.materialise(data.examples(data.fit_days)))
+    cfg = ftrain.Config(cvr_batch_size=128, cvr_max_steps=6)
+    s = cfg.settings("cvr")
+    plain, zero, one = (ftrain.build_model(data.vocab, s, 0) for _ in range(3))  # the same initial student
+    ftrain.fit(plain, table, "purchase", s, 0)
+    fit_oracle(zero, table, "purchase", "true_pcvr", s, 0, lam=0.0)
+    fit_oracle(one, table, "purchase", "true_pcvr", s, 0, lam=1.0)
+    a, b, c = (m.state_dict() for m in (plain, zero, one))
+    assert all(torch.equal(a[k], b[k]) for k in a) and not all(torch.equal(a[k], c[k]) for k in a)
+    with pytest.raises(ValueError, match="true_pcvr"):
+        fit_oracle(one, {k: v for k, v in table.items() if k != "true_pcvr"}, "purchase", "true_pcvr", s, 0, lam=0.5)
+    res = ftrain.fit_task("cvr", apply_overrides(cfg, ["cvr_teacher=oracle", "distill_lambda=1.0"]), data.vocab, table, 0)
+    assert res.stats["train_positive_rate"] == pytest.approx(float(table["purchase"].mean()))
