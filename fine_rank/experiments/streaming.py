@@ -67,6 +67,10 @@ def summarise(runs: list[dict], last: int) -> dict:
            # mean prediction / mean label over the last days' rows together
            "calibration": float(np.mean([sum(c["mean_pred"] * c["n"] for c in t) / sum(c["mean_label"] * c["n"] for c in t)
                                          for t in tail])),
+           # the same against the simulator's true probabilities (free of the labels' sampling noise)
+           "calibration_vs_truth": float(np.mean([sum(c["mean_pred"] * c["n"] for c in t)
+                                                  / sum(c["mean_pred"] / c["calibration_vs_truth"] * c["n"] for c in t)
+                                                  for t in tail])),
            "curve": [float(np.mean([r["curve"][i]["auc"] for r in runs])) for i in range(len(runs[0]["curve"]))],
            "wall_s": float(np.mean([r["wall_s"] for r in runs]))}
     out["auc"] = X.mean_std(out["auc_per_seed"])
@@ -124,9 +128,10 @@ def _section(plan: FinePlan, task: str, tab: dict, eval_days: list, out: Path, n
                            f"{plan.experiment} {task.upper()}: next-day AUC (mean over seeds)", "scored day", "AUC").name]
     extra = [k for k in ("aux_auc", "teacher_auc", "auc_observed", "auc_aggregated", "calibration_aggregated")
              if any(k in e for e in tab.values())]
-    header = ["method", f"next-day AUC, last {plan.last_days} days", "Δ vs baseline [95% CI]", "calibration", *extra,
-              "s/run", "note"]
+    header = ["method", f"next-day AUC, last {plan.last_days} days", "Δ vs baseline [95% CI]", "calibration",
+              "calibration vs truth", *extra, "s/run", "note"]
     body = [[n, R.fmt_mean_std(e["auc"]), R.fmt_ci(e["delta_vs_baseline"]), f"{e['calibration']:.4f}",
+             f"{e['calibration_vs_truth']:.4f}",
              *[("–" if k not in e else f"{e[k]:.4f}") for k in extra], f"{e['wall_s']:.0f}", notes[n]]
             for n, e in tab.items()]
     return [f"## {plan.experiment} — {task.upper()}, streaming (one pass per day, warm start, next-day AUC)\n",
