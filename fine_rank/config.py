@@ -65,6 +65,7 @@ class Config:
     ctr_sead: str = "none"  # one of SEAD_MODES: the auxiliary head's label selector (none = no aux head)
     cvr_sead: str = "none"  # as ctr_sead
     sead_weight: float = 1.0  # weight of the auxiliary loss
+    sead_aux_width: int = 64  # the auxiliary tower's width (its branches: half); also the signal-loss teacher's aux head
     sead_sga: bool = False  # SGA ablation: the aux loss does not update the shared bottom / embeddings
     sead_pos_weight: float = 3.0  # curriculum: positives' initial weight, decaying to 1 ...
     sead_curriculum_until: float = 0.5  # ... at this fraction of training
@@ -110,6 +111,8 @@ class Config:
             raise ConfigError("distill_lambda must be in [0, 1] and distill_warmup in [0, 1)")
         if self.mtl_weight < 0 or self.sead_weight < 0 or not self.cvr_md_hidden or not self.mtl_hidden:
             raise ConfigError("mtl_weight, sead_weight >= 0 and non-empty cvr_md_hidden, mtl_hidden required")
+        if self.sead_aux_width < 2:
+            raise ConfigError(f"sead_aux_width must be >= 2, got {self.sead_aux_width}")
         if self.sead_pos_weight < 1 or not 0 < self.sead_curriculum_until <= 1:
             raise ConfigError("sead_pos_weight >= 1 and 0 < sead_curriculum_until <= 1 required")
 

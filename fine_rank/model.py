@@ -8,8 +8,8 @@
 A ranker is embeddings -> `SharedBottom` MLP -> main `Head`. The roles are separate modules
 so that the distillation variants compose them instead of re-implementing them: a PFD
 teacher reuses the same `FeatureEmbeddings` (shared embeddings, PFD Algorithm 1) with a
-wider input, and SEAD adds an auxiliary `Head` on the same `SharedBottom` while the main
-head stays the (calibrated) serving head.
+wider input, and SEAD adds an `AuxTower` (own tower, two branches) on the same
+`SharedBottom` while the main head stays the (calibrated) serving head.
 """
 from __future__ import annotations
 
@@ -220,20 +220,77 @@ class MTLRanker(nn.Module):
         return main, aux
 
 
-class SelfAuxiliary(nn.Module):
-    """SEAD: a `Ranker` (main head = teacher and serving head) plus an auxiliary head on its
-    shared bottom (`Ranker.hidden`)."""
+class AuxTower(nn.Module):
+    """SEAD's auxiliary head: its own tower on the shared-bottom output (a `SharedBottom` block
+    of `width`), then two branches with their own weights (BBN's bilateral branches): the
+    scratch branch (learns y) and the distillation branch (learns the main head's y'). Every
+    layer is randomly initialised, so from the first step the auxiliary loss reaches the
+    shared bottom along directions of its own, not the main head's."""
 
-    def __init__(self, ranker: Ranker):
+    def __init__(self, in_dim: int, width: int = 64):
+        super().__init__()
+        if width < 2:
+            raise ValueError(f"aux tower width must be >= 2, got {width}")
+        self.trunk = SharedBottom(in_dim, (width,))
+        self.scratch = nn.Sequential(SharedBottom(width, (width // 2,)), nn.Linear(width // 2, 1))
+        self.distill = nn.Sequential(SharedBottom(width, (width // 2,)), nn.Linear(width // 2, 1))
+
+    def set_prior(self, positive_rate: float) -> None:
+        """Both branches start at the label base rate (their output biases)."""
+        p = min(max(float(positive_rate), 1e-6), 1 - 1e-6)
+        with torch.no_grad():
+            for branch in (self.scratch, self.distill):
+                branch[1].bias.fill_(math.log(p / (1 - p)))
+
+    def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """h (B, in_dim) -> (scratch logits (B,), distillation logits (B,))."""
+        t = self.trunk(h)
+        return self.scratch(t).squeeze(-1), self.distill(t).squeeze(-1)
+
+
+class SelfAuxiliary(nn.Module):
+    """SEAD: a `Ranker` (main head = teacher and serving head) plus an `AuxTower` on its shared
+    bottom (`Ranker.hidden`). Embeddings and bottom are shared and trained by both losses;
+    only `main` is exported."""
+
+    def __init__(self, ranker: Ranker, aux_width: int = 64):
         super().__init__()
         self.main = ranker
-        self.aux = Head(ranker.bottom.out_dim)
+        self.aux = AuxTower(ranker.bottom.out_dim, aux_width)
 
     def both(self, user_feats, item_feats, item_dense, interacted, stop_aux_gradient: bool = False):
-        """-> (main logits (B,), aux logits (B,)); `stop_aux_gradient` is SEAD's SGA ablation."""
+        """-> (main logits (B,), scratch logits (B,), distillation logits (B,));
+        `stop_aux_gradient` is SEAD's SGA ablation."""
         h = self.main.hidden(user_feats, item_feats, item_dense, interacted)  # (B, hidden[-1])
-        return self.main.head(h), self.aux(sead.aux_input(h, stop_aux_gradient))
+        return (self.main.head(h), *self.aux(sead.aux_input(h, stop_aux_gradient)))
+
+    def aux_logits(self, selector: str, *xs) -> torch.Tensor:
+        """The auxiliary head's merged logit (B,) at the end of training (for reports)."""
+        _, zs, zd = self.both(*xs)
+        return sead.merge(selector, zs, zd, progress=1.0)
 
     def forward(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
         """The serving output: the main head's probability (B,)."""
         return self.main(user_feats, item_feats, item_dense, interacted)
+
+
+class SignalTeacher(nn.Module):
+    """The teacher tower of SEAD's signal-loss variant: a `Ranker` of its own (embeddings,
+    bottom, main head: learns from the consented, unbiased rows) and an auxiliary head on its
+    bottom (its own `SharedBottom` block and output: learns from the biased stream). The
+    student is a separate `Ranker` that shares nothing with it."""
+
+    def __init__(self, ranker: Ranker, aux_width: int = 64):
+        super().__init__()
+        self.main = ranker
+        self.aux = nn.Sequential(SharedBottom(ranker.bottom.out_dim, (aux_width,)), nn.Linear(aux_width, 1))
+
+    def set_aux_prior(self, positive_rate: float) -> None:
+        p = min(max(float(positive_rate), 1e-6), 1 - 1e-6)
+        with torch.no_grad():
+            self.aux[1].bias.fill_(math.log(p / (1 - p)))
+
+    def both(self, user_feats, item_feats, item_dense, interacted) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (main logits (B,): unbiased head, aux logits (B,): biased-stream head)."""
+        h = self.main.hidden(user_feats, item_feats, item_dense, interacted)
+        return self.main.head(h), self.aux(h).squeeze(-1)

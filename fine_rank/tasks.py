@@ -4,6 +4,7 @@ run by the shared training loop (`optimise`), then precise BatchNorm statistics 
 optional calibration shift."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -13,12 +14,12 @@ import torch.nn.functional as TF
 
 from recstack.training import distributed as D, sead
 from recstack.training.distill import LambdaSchedule, sync_loss
-from recstack.training.loop import Batches, Loop, Recent, streamed_batches
+from recstack.training.loop import Batches, Loop, Recent, Stream, streamed_batches
 
 from fine_rank.config import Config, ModelSettings
 from fine_rank.data import Source
 from fine_rank.inputs import MODEL_INPUTS, materialise
-from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, Teacher
+from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, SignalTeacher, Teacher
 
 
 def make_optimizer(model: torch.nn.Module, s: ModelSettings) -> torch.optim.Optimizer:
@@ -39,7 +40,7 @@ StepLoss = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, dict]"]
 
 
 def optimise(model: torch.nn.Module, src: Source, step_loss: StepLoss, forward: Callable[[torch.Tensor], object],
-             s: ModelSettings, seed: int, bar=None) -> dict:
+             s: ModelSettings, seed: int, bar=None, stream: Stream | None = None) -> dict:
     """Train every method on the shared loop: shuffled mini-batches, linear LR decay, then
     precise BatchNorm statistics.
 
@@ -56,17 +57,26 @@ def optimise(model: torch.nn.Module, src: Source, step_loss: StepLoss, forward: 
     world_size rows (the chunk's rows are already shuffled), so a step still sees a global
     batch of batch_size rows. BatchNorm is re-estimated on the bounded sample
     (`StreamRows.sample_table`).
+
+    `stream` (recstack.training.loop.Stream): `src` is one day; one pass over it (epochs is
+    ignored, max_steps still caps), the optimiser the previous day left (its moments carry
+    over), a constant LR, and the day in the phase's name.
     """
     n = src.n
     if n < 2:
         raise ValueError(f"need at least 2 training rows, got {n}")
     world = D.world()
-    opt = make_optimizer(model, s)
-    total = src.steps(s, seed)
-    # decay to 0: the last iterates stop jittering the output bias (which would show up as
-    # a calibration error of several %) and BatchNorm statistics catch up with the weights
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total) if s.lr_decay else 1.0)
-    gen = torch.Generator().manual_seed(seed)
+    if stream is not None:
+        opt = stream.optimizer(lambda: make_optimizer(model, s))
+        total = src.steps(dataclasses.replace(s, epochs=1), seed)
+        sched = None
+    else:
+        opt = make_optimizer(model, s)
+        total = src.steps(s, seed)
+        # decay to 0: the last iterates stop jittering the output bias (which would show up as
+        # a calibration error of several %) and BatchNorm statistics catch up with the weights
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: max(0.0, 1.0 - i / total) if s.lr_decay else 1.0)
+    gen = torch.Generator().manual_seed(seed if stream is None else seed * 1000 + stream.day)
     t0 = time.perf_counter()
 
     def refresh() -> None:
@@ -87,9 +97,11 @@ def optimise(model: torch.nn.Module, src: Source, step_loss: StepLoss, forward: 
             stats["stream_chunk_rows"] = src.rows.chunk_rows
         return stats
 
-    loop = Loop(f"fine:{type(model).__name__}(seed={seed})", n, model, opt, total, Recent(), scheduler=sched,
+    name = f"fine:{type(model).__name__}(seed={seed})"
+    loop = Loop(name if stream is None else stream.phase_name(name), n, model, opt, total, Recent(), scheduler=sched,
                 streamed=src.rows is not None, state=lambda: {"generator": gen.get_state()},
-                load_state=lambda r: gen.set_state(r["generator"]), summary=summary, before_finish=refresh, bar=bar)
+                load_state=lambda r: gen.set_state(r["generator"]), summary=summary, before_finish=refresh, bar=bar,
+                carry_optimizer=stream is not None)
     model.train()
     stats = loop.run(step_loss, source_batches(src, s, seed, gen))
     model.eval()
@@ -131,13 +143,16 @@ def source_batches(src: Source, s: ModelSettings, seed: int, gen: torch.Generato
     return epochs
 
 
-def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int, bar=None) -> dict:
+def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int, bar=None,
+        stream: Stream | None = None) -> dict:
     """Minimise the log-loss of `model.logits` against `table[label]`; returns training stats.
-    (`table`: a materialised table or a `StreamRows`, here and in every fit_* below.)"""
+    (`table`: a materialised table or a `StreamRows`, here and in every fit_* below; `stream`:
+    the table is one day of a `Stream`, and a warm day keeps the head's bias as it is.)"""
     src = Source(table, label)
     x = src.x
     y_mean = src.label_mean()
-    model.head.set_prior(y_mean)
+    if stream is None or not stream.warm:
+        model.head.set_prior(y_mean)
 
     def fwd(idx):
         return model.logits(*(x[k][idx] for k in MODEL_INPUTS))
@@ -146,7 +161,7 @@ def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSetting
         loss = TF.binary_cross_entropy_with_logits(fwd(idx), x["y"][idx])
         return loss, {"loss": loss.detach()}
 
-    stats = optimise(model, src, step_loss, fwd, s, seed, bar)
+    stats = optimise(model, src, step_loss, fwd, s, seed, bar, stream)
     return {**stats, "train_positive_rate": y_mean}
 
 
@@ -206,40 +221,47 @@ def fit_mtl(mtl: MTLRanker, table: dict[str, np.ndarray], label: str, s: ModelSe
 
 
 def fit_sead(model: SelfAuxiliary, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int,
-             selector: str, cfg: "Config", bar=None) -> dict:
-    """SEAD: main head on y (serving, calibrated), aux head on f(y, y') (recstack.training.sead)."""
+             selector: str, cfg: "Config", bar=None, stream: Stream | None = None) -> dict:
+    """SEAD: main head on y (serving, calibrated), aux tower's branches and merge on f(y, y')
+    (recstack.training.sead). The curriculum's progress runs over each call (one day when
+    streamed)."""
     src = Source(table, label)
     x = src.x
     y_mean = src.label_mean()
-    model.main.head.set_prior(y_mean)
-    model.aux.set_prior(y_mean)
+    if stream is None or not stream.warm:
+        model.main.head.set_prior(y_mean)
+        model.aux.set_prior(y_mean)
 
     def fwd(idx):
         return model.both(*(x[k][idx] for k in MODEL_INPUTS), stop_aux_gradient=cfg.sead_sga)
 
     def step_loss(idx, step, total):
-        main, aux = fwd(idx)
-        return sead.sead_loss(main, aux, x["y"][idx], selector, progress=step / total, aux_weight=cfg.sead_weight,
+        main, zs, zd = fwd(idx)
+        return sead.sead_loss(main, zs, zd, x["y"][idx], selector, progress=step / total, aux_weight=cfg.sead_weight,
                               pos_weight=cfg.sead_pos_weight, until=cfg.sead_curriculum_until)
 
-    stats = optimise(model, src, step_loss, fwd, s, seed, bar)
+    stats = optimise(model, src, step_loss, fwd, s, seed, bar, stream)
     return {**stats, "train_positive_rate": y_mean}
 
 
-def fit_signal_loss(student: Ranker, teacher: SelfAuxiliary, table: dict[str, np.ndarray], label: str,
-                    s: ModelSettings, seed: int, warmup: float, bar=None) -> dict:
-    """SEAD's signal-loss variant (Table 2). Teacher: main head on the consented (unbiased)
-    rows, aux head on every row of the biased stream `label`; student: max(y, y') with y'
-    the teacher main head's soft label (detached), after `warmup` of the steps (y before).
-    The student shares the teacher's embeddings."""
+def fit_signal_loss(student: Ranker, teacher: SignalTeacher, table: dict[str, np.ndarray], label: str,
+                    s: ModelSettings, seed: int, warmup: float, bar=None, stream: Stream | None = None) -> dict:
+    """SEAD's signal-loss variant (Table 2): two towers with nothing shared. Teacher: main head
+    on the consented (unbiased) rows, auxiliary head on every row of the biased stream `label`,
+    one bottom under both; student (its own embeddings and bottom): max(y, y') with y' the
+    teacher main head's soft label (detached), after `warmup` of the steps (y before; streamed,
+    of the first day's steps only). The caller calibrates the student to the aggregates."""
     src = Source(table, label)
     x = src.x
     y_mean = src.label_mean()
     unbiased_rate = src.consented_rate()
-    teacher.main.head.set_prior(unbiased_rate)
-    teacher.aux.set_prior(y_mean)
-    student.head.set_prior(unbiased_rate)
-    swap = int(warmup * src.steps(s, seed))
+    if stream is None or not stream.warm:
+        teacher.main.head.set_prior(unbiased_rate)
+        teacher.set_aux_prior(y_mean)
+        student.head.set_prior(unbiased_rate)
+    swap = int(warmup * src.steps(s if stream is None else dataclasses.replace(s, epochs=1), seed))
+    if stream is not None and stream.warm:
+        swap = 0
     both = torch.nn.ModuleDict({"student": student, "teacher": teacher})
 
     def fwd(idx):
@@ -255,7 +277,7 @@ def fit_signal_loss(student: Ranker, teacher: SelfAuxiliary, table: dict[str, np
         l_student = TF.binary_cross_entropy_with_logits(s_logits, target)
         return l_main + l_aux + l_student, {"teacher_main": l_main.detach(), "student": l_student.detach()}
 
-    stats = optimise(both, src, step_loss, fwd, s, seed, bar)
+    stats = optimise(both, src, step_loss, fwd, s, seed, bar, stream)
     return {**stats, "train_positive_rate": y_mean, "consented_positive_rate": unbiased_rate, "swap_step": swap}
 
 

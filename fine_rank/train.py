@@ -55,7 +55,7 @@ from fine_rank.config import (  # noqa: F401
 )
 from fine_rank.data import STREAM_SAMPLE_ROWS, Source, StreamRows  # noqa: F401
 from fine_rank.inputs import MODEL_INPUTS, TABLE_COLUMNS, clicked, materialise, split_days  # noqa: F401
-from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, build_teacher
+from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, SignalTeacher, build_teacher
 from fine_rank.tasks import (  # noqa: F401
     build_model, fit, fit_distilled, fit_mtl, fit_sead, fit_signal_loss, make_optimizer, optimise, refresh_batchnorm,
 )
@@ -72,6 +72,11 @@ class TaskResult:
     model: Ranker
     stats: dict
     extras: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]]
+
+
+# the signal-loss teacher tower's own initial weights (the student's seed would make the two
+# towers start identical)
+TEACHER_SEED_OFFSET = 7919
 
 
 def label_for(task: str, cfg: Config) -> str:
@@ -105,16 +110,16 @@ def fit_task(task: str, cfg: Config, vocab, table: "dict[str, np.ndarray] | Stre
         mtl = MTLRanker(student, aux_hidden=cfg.mtl_hidden)
         stats = fit_mtl(mtl, table, label, s, seed, cfg.mtl_weight, bar)
     elif method == "signal_loss":
-        teacher = SelfAuxiliary(Ranker(student.embeddings, s.hidden))
+        teacher = SignalTeacher(build_model(vocab, s, seed + TEACHER_SEED_OFFSET), cfg.sead_aux_width)
         stats = fit_signal_loss(student, teacher, table, label, s, seed, cfg.distill_warmup, bar)
         teacher.eval()
         extras["teacher"] = lambda t, m=teacher: predict_with(m.main.logits, t, bs)
         extras["teacher_aux"] = lambda t, m=teacher: predict_with(lambda *xs: m.both(*xs)[1], t, bs)
     elif selector != "none":
-        wrapped = SelfAuxiliary(student)
+        wrapped = SelfAuxiliary(student, cfg.sead_aux_width)
         stats = fit_sead(wrapped, table, label, s, seed, selector, cfg, bar)
         wrapped.eval()
-        extras["aux"] = lambda t, m=wrapped: predict_with(lambda *xs: m.both(*xs)[1], t, bs)
+        extras["aux"] = lambda t, m=wrapped: predict_with(lambda *xs: m.aux_logits(selector, *xs), t, bs)
     else:
         stats = fit(student, table, label, s, seed, bar)
     student.eval()

@@ -16,11 +16,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from recstack.config import apply_overrides
+from recstack.config import ConfigError, apply_overrides
 from recstack.evaluation import report as R
 
 from fine_rank import train as T
-from fine_rank.experiments import cvr, sead, signal_loss
+from fine_rank.experiments import cvr, sead, signal_loss, streaming
 from fine_rank.experiments import report as FR
 from fine_rank.experiments.plan import QUICK, FinePlan
 from fine_rank.experiments.runs import load_tables
@@ -60,6 +60,8 @@ def run_plan(plan: FinePlan, data_dir, out_dir, log: Callable[[str], None] | Non
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     base = base_config(plan)
+    if plan.streaming:
+        return _run_streaming(plan, data_dir, out, base, log, t0)
     tables = load_tables(data_dir)
     results: dict = {"experiment": plan.experiment, "quick": plan.quick, "seeds": list(plan.seeds), **plan.record(),
                      "world": {k: v for k, v in tables.world.items() if k != "config"},
@@ -71,4 +73,22 @@ def run_plan(plan: FinePlan, data_dir, out_dir, log: Callable[[str], None] | Non
     R.write_results(out, results)
     header = FR.header(plan.experiment, tables, plan.seeds, plan.lrs, plan.quick, plan.overrides, wall)
     FR.write_report(plan.experiment, out, header, sections)
+    return results
+
+
+def _run_streaming(plan: FinePlan, data_dir, out: Path, base: T.Config, log, t0: float) -> dict:
+    if plan.experiment not in ("sead", "signal-loss"):
+        raise ConfigError(f"streaming=true runs the sead and signal-loss experiments, not {plan.experiment!r}")
+    if plan.last_days < 1:
+        raise ConfigError(f"last_days must be >= 1, got {plan.last_days}")
+    results: dict = {"experiment": plan.experiment, "quick": plan.quick, "seeds": list(plan.seeds), **plan.record()}
+    found, sections = streaming.run(plan, data_dir, out, base, log)
+    results.update(found)
+    results["wall_s"] = time.perf_counter() - t0
+    R.write_results(out, results)
+    head = (f"# Fine ranker — `{plan.experiment}` experiment, streaming\n\nWorld `{Path(data_dir).name}`, "
+            f"{found['days']} days: each method trains day 1, 2, … one pass each (warm start, optimiser state "
+            f"carried, constant LR) and the model after day d is scored on day d + 1. Seeds {list(plan.seeds)}; "
+            f"config overrides {list(plan.overrides) or 'none'}; wall {results['wall_s'] / 60:.1f} min.\n")
+    FR.write_report(plan.experiment, out, head, sections)
     return results

@@ -98,6 +98,8 @@ class FinePlan(ExperimentPlan):
     fractions: tuple[float, ...] = FRACTIONS  # 1.0 is always added
     ctr_methods: Optional[tuple[str, ...]] = None  # the CTR table's rows (sead); None: as `methods`
     cvr_methods: Optional[tuple[str, ...]] = None  # the CVR table's rows (cvr, sead); None: as `methods`
+    streaming: bool = False  # sead / signal-loss: train one pass per day through the world, score each next day
+    last_days: int = 5  # streaming: the main metric averages the next-day AUC of this many last days
 
     EXPERIMENTS: ClassVar[tuple[str, ...]] = tuple(TABLES)
     MIN_SEEDS: ClassVar[int] = 2

@@ -1,6 +1,7 @@
 """Checkpoints: a plain dict of tensors and JSON-able values, loaded with weights_only=True."""
 from __future__ import annotations
 
+import copy
 import os
 import random
 from pathlib import Path
@@ -97,10 +98,11 @@ class Phase:
             return
         self.run._after_step(self, step, snapshot)
 
-    def finish(self, model_state: dict, stats: dict) -> None:
-        """Record the phase's final state (and write it, so a kill between phases loses nothing)."""
+    def finish(self, model_state: dict, stats: dict, extra: dict | None = None) -> None:
+        """Record the phase's final state (and write it, so a kill between phases loses nothing);
+        `extra` entries (e.g. an optimiser state a later phase continues from) are kept in `done`."""
         if self.run is not None:
-            self.run._finish(self, model_state, stats)
+            self.run._finish(self, model_state, stats, extra or {})
 
 
 class TrainingState:
@@ -139,7 +141,7 @@ class TrainingState:
         if index < len(self.done):
             d = self.done[index]
             _check_phase(self.path, d, name, n_rows)
-            return Phase(self, index, name, n_rows, done={"model": d["model"], "stats": d["stats"]})
+            return Phase(self, index, name, n_rows, done={k: v for k, v in d.items() if k not in ("index", "name", "n_rows")})
         cur = self.loaded.get("current") if self.loaded else None
         if cur is not None and cur["index"] == index:
             _check_phase(self.path, cur, name, n_rows)
@@ -159,13 +161,13 @@ class TrainingState:
         if TrainingState.on_step is not None:
             TrainingState.on_step(ph, step)
 
-    def _finish(self, ph: Phase, model_state: dict, stats: dict) -> None:
+    def _finish(self, ph: Phase, model_state: dict, stats: dict, extra: dict) -> None:
         if ph.index < len(self.done):
             return
         # a copy: the caller may go on changing the modules in place (e.g. a calibration shift)
         model_state = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in model_state.items()}
         self.done.append({"index": ph.index, "name": ph.name, "n_rows": ph.n_rows, "model": model_state,
-                          "stats": _plain(stats)})
+                          "stats": _plain(stats), **copy.deepcopy(extra)})
         if self.every and self.write:
             save(self.path, self._payload(None))
 

@@ -121,12 +121,19 @@ class Loop:
     bar: Any = None  # a progress bar shared with other phases (updated, not closed), or None ...
     desc: Optional[str] = None  # ... then the loop's own bar, with this label ...
     show: bool = False  # ... shown when true (on rank 0 only)
+    # streaming: the phase's final optimiser state is kept with its model, so that a resumed
+    # run restores both for a finished day and the next day continues from them (`Stream`)
+    carry_optimizer: bool = False
     step: int = 0
 
     def run(self, step_loss: Callable[..., Any], batches: Batches) -> dict:
         ph = checkpoint.phase(self.name, self.n_rows)
         if ph.done is not None:  # finished before the interruption: its final state
             self.modules.load_state_dict(ph.done["model"])
+            if self.carry_optimizer:
+                if "optimizer" not in ph.done:
+                    raise checkpoint.CheckpointError(f"{self.name}: the finished phase has no optimizer state to continue from")
+                self.optimizer.load_state_dict(ph.done["optimizer"])
             if self.bar is not None:
                 self.bar.update(int(ph.done["stats"]["steps"]))
             return dict(ph.done["stats"])
@@ -145,7 +152,8 @@ class Loop:
             self.before_finish()
         D.check_in_sync(self.modules, self.name)
         stats = self.summary(self.step, self.losses) if self.summary else {"steps": self.step, "loss": self.losses.mean()}
-        ph.finish(self.modules.state_dict(), stats)
+        ph.finish(self.modules.state_dict(), stats,
+                  {"optimizer": self.optimizer.state_dict()} if self.carry_optimizer else None)
         return stats
 
     def _resume(self, r: dict) -> None:
@@ -193,6 +201,59 @@ class Loop:
         snap[self.losses.key] = self.losses.state()
         snap.update(position())
         return snap
+
+
+# ------------------------------------------------------------------------- streaming
+
+
+@dataclass
+class Stream:
+    """Streaming training, the setting of continuously trained production rankers: one pass
+    over each day's new impressions, starting from the model and the optimiser state the
+    previous day ended with, then scored on the next day (never seen in training).
+
+        stream = Stream(days=(1, 2, ..., 12))
+        curve = stream.run(train_day, score)   # train_day(d) -> stats; score(d + 1) -> metrics
+
+    A stage's fit function asks `optimizer(make)` for its optimiser (made on the first day,
+    the same object afterwards: Adam's moments carry over), names each day's `Loop` with
+    `phase_name`, and sets `Loop.carry_optimizer` (a resumed run then restores a finished
+    day's optimiser state along with its model). The learning rate is constant in this mode
+    (no per-day decay: tomorrow's pass continues today's). `warm` is False only on the first
+    day (priors, e.g. a head's bias at the base rate, are set then and never again).
+    """
+
+    days: tuple[int, ...]
+    day: Optional[int] = None
+    index: int = -1
+    _optimizer: Optional[torch.optim.Optimizer] = None
+
+    def __post_init__(self) -> None:
+        self.days = tuple(int(d) for d in self.days)
+        if len(self.days) < 2 or list(self.days) != sorted(set(self.days)):
+            raise ValueError(f"Stream.days must be >= 2 increasing days (train on each, score on the next), got {self.days}")
+
+    @property
+    def warm(self) -> bool:
+        return self.index > 0
+
+    def optimizer(self, make: Callable[[], torch.optim.Optimizer]) -> torch.optim.Optimizer:
+        if self._optimizer is None:
+            self._optimizer = make()
+        return self._optimizer
+
+    def phase_name(self, name: str) -> str:
+        return f"{name}@day{self.day}"
+
+    def run(self, train_day: Callable[[int], dict], score: Callable[[int], dict]) -> list[dict]:
+        """Train day d (one pass), score day d + 1, for every day but the last; -> one entry per
+        day: {"day", "eval_day", "train": train_day's stats, **score's metrics}."""
+        curve = []
+        for i, d in enumerate(self.days[:-1]):
+            self.index, self.day = i, d
+            stats = train_day(d)
+            curve.append({"day": d, "eval_day": self.days[i + 1], "train": stats, **score(self.days[i + 1])})
+        return curve
 
 
 def streamed_batches(st: ShardStream, epochs: Optional[int], resume: Optional[dict],

@@ -314,20 +314,18 @@ def test_mtl_main_path_is_the_student():
 
 def test_self_auxiliary_serves_the_main_head_and_sga_stops_gradient():
     ranker = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
-    sa = SelfAuxiliary(ranker)
+    sa = SelfAuxiliary(ranker, aux_width=8)
     x = random_inputs(16)
     sa.eval()
     with torch.no_grad():
         torch.testing.assert_close(sa(**x), ranker(**x))
-    with torch.no_grad():
-        sa.aux.linear.weight.normal_()  # a zero-initialised head passes no gradient down
     sa.train()
     for stop in (True, False):
         sa.zero_grad()
-        _, aux = sa.both(**x, stop_aux_gradient=stop)
-        aux.sum().backward()
+        _, zs, zd = sa.both(**x, stop_aux_gradient=stop)
+        (zs.sum() + zd.sum()).backward()
         bottom_grad = ranker.bottom.layers[0].weight.grad
-        assert torch.count_nonzero(sa.aux.linear.weight.grad) > 0
+        assert torch.count_nonzero(sa.aux.scratch[1].weight.grad) > 0 and torch.count_nonzero(sa.aux.distill[1].weight.grad) > 0
         assert (bottom_grad is None or torch.count_nonzero(bottom_grad) == 0) == stop
 
 

@@ -1,0 +1,138 @@
+"""SEAD Table 1 (`sead`) and Table 2 (`signal-loss`) in the streaming setting (`--set
+streaming=true`): every method trains through the world's days one pass per day, warm-started
+(fine_rank.stream), and is scored on each next day. The main metric is the mean next-day AUC
+over the last `last_days` days, paired over seeds against the baseline (same seed, same days).
+
+Each (task, method, seed) run is cached as JSON under `out/cache/`, so an interrupted
+experiment resumes where it stopped and more seeds can be added later. No LR sweep: every
+method runs at the config's LR (`*_lr`), LR x2 at twice it; rows with a validation grid (a
+setting chosen per run) are not run here.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from recstack.config import apply_overrides
+from recstack.data import load
+from recstack.evaluation import protocol as X
+from recstack.evaluation import report as R
+
+from fine_rank import stream as S
+from fine_rank import train as T
+from fine_rank.experiments.plan import TABLES, FinePlan, Method
+
+_DATA: dict = {}  # the loaded days of the running experiment; forked workers read them copy-on-write
+
+
+def stream_rows(plan: FinePlan) -> dict[str, tuple[Method, ...]]:
+    """{task: the rows this plan streams} (rows with a validation grid left out)."""
+    return {task: tuple(m for m in plan.rows(task) if len(m.grid) == 1) for task in TABLES[plan.experiment]}
+
+
+def _config(method: Method, base: T.Config) -> T.Config:
+    cfg = apply_overrides(base, list(method.changes) + list(method.grid[0]))
+    if method.lr_times_baseline:
+        key = f"{method.task}_lr"
+        cfg = apply_overrides(cfg, [f"{key}={getattr(cfg, key) * method.lr_times_baseline}"])
+    return cfg
+
+
+def _job(args: tuple) -> dict:
+    method, base, seed, path = args
+    torch.set_num_threads(1)
+    if Path(path).exists():
+        return json.loads(Path(path).read_text())
+    t0 = time.perf_counter()
+    curve = S.fit_stream(method.task, _config(method, base), _DATA["vocab"], _DATA[method.task], seed,
+                         aggregates=_DATA["agg"], rows=method.rows)
+    res = {"method": method.name, "task": method.task, "seed": seed, "wall_s": time.perf_counter() - t0,
+           "curve": [{k: v for k, v in c.items() if k != "train"} | {"steps": c["train"]["steps"]} for c in curve]}
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(res))
+    tmp.replace(path)  # a run is cached whole or not at all
+    return res
+
+
+def summarise(runs: list[dict], last: int) -> dict:
+    """One method's runs (one per seed, same order as the baseline's) -> its summary."""
+    tail = [r["curve"][-last:] for r in runs]
+    out = {"auc_per_seed": [float(np.mean([c["auc"] for c in t])) for t in tail],
+           # mean prediction / mean label over the last days' rows together
+           "calibration": float(np.mean([sum(c["mean_pred"] * c["n"] for c in t) / sum(c["mean_label"] * c["n"] for c in t)
+                                         for t in tail])),
+           # the same against the simulator's true probabilities (free of the labels' sampling noise)
+           "calibration_vs_truth": float(np.mean([sum(c["mean_pred"] * c["n"] for c in t)
+                                                  / sum(c["mean_pred"] / c["calibration_vs_truth"] * c["n"] for c in t)
+                                                  for t in tail])),
+           "curve": [float(np.mean([r["curve"][i]["auc"] for r in runs])) for i in range(len(runs[0]["curve"]))],
+           "wall_s": float(np.mean([r["wall_s"] for r in runs]))}
+    out["auc"] = X.mean_std(out["auc_per_seed"])
+    for k in ("aux_auc", "teacher_auc", "auc_observed", "auc_aggregated", "calibration_aggregated"):
+        if k in runs[0]["curve"][0]:
+            out[k] = float(np.mean([np.mean([c[k] for c in t]) for t in tail]))
+            if k == "auc_observed":
+                out["auc_observed_per_seed"] = [float(np.mean([c[k] for c in t])) for t in tail]
+    return out
+
+
+def run(plan: FinePlan, data_dir, out: Path, base: T.Config, log: Callable[[str], None]) -> tuple[dict, list[str]]:
+    """-> (results.json entries, report sections)."""
+    data = load(data_dir)
+    if data.n_days < 4:
+        raise ValueError(f"streaming needs a world of >= 4 days (simulate with --set n_days=...), got {data.n_days}")
+    rows = stream_rows(plan)
+    _DATA.clear()
+    _DATA.update({"vocab": data.vocab, "agg": S.day_aggregates(data), **{t: S.day_tables(data, t) for t in rows}})
+    cache = out / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    # seed after seed (each seed every task's rows): a run stopped early still has paired seeds
+    jobs = [(m, base, seed, str(cache / f"{plan.experiment}_{task}_{m.name}_s{seed}.json"))
+            for seed in plan.seeds for task, ms in sorted(rows.items(), key=lambda kv: kv[0] != "cvr") for m in ms]
+    log(f"{plan.experiment} (streaming): {len(jobs)} runs, {sum(Path(j[3]).exists() for j in jobs)} cached")
+    if plan.workers > 1 and len(jobs) > 1:
+        with mp.get_context("fork").Pool(min(plan.workers, len(jobs))) as pool:
+            done = pool.map(_job, jobs, chunksize=1)
+    else:
+        done = [_job(j) for j in jobs]
+    results = {"streaming": True, "last_days": plan.last_days, "days": data.n_days, "tasks": {}}
+    sections = []
+    for task, ms in rows.items():
+        by = {m.name: [r for r in done if r["task"] == task and r["method"] == m.name] for m in ms}
+        tab = {n: summarise(rs, plan.last_days) for n, rs in by.items()}
+        base_auc = tab["baseline"]["auc_per_seed"]
+        for n, e in tab.items():
+            e["delta_vs_baseline"] = X.paired_diff(e["auc_per_seed"], base_auc)
+            e["per_seed_differs_from_baseline"] = bool(np.any(np.abs(np.subtract(e["auc_per_seed"], base_auc)) > 0))
+            if "auc_observed_per_seed" in e:
+                e["delta_auc_observed"] = X.paired_diff(e["auc_observed_per_seed"], tab["baseline"]["auc_observed_per_seed"])
+        eval_days = [c["eval_day"] for c in next(iter(by.values()))[0]["curve"]]
+        results["tasks"][task] = {"methods": tab, "eval_days": eval_days, "notes": {m.name: m.note for m in ms}}
+        sections += _section(plan, task, tab, eval_days, out, {m.name: m.note for m in ms})
+    return results, sections
+
+
+def _section(plan: FinePlan, task: str, tab: dict, eval_days: list, out: Path, notes: dict) -> list[str]:
+    name = f"{plan.experiment.replace('-', '_')}_{task}_stream"
+    series = {n: np.subtract(e["curve"], tab["baseline"]["curve"]) for n, e in tab.items() if n != "baseline"}
+    files = [R.plot_curves(out / f"{name}_daily_delta.png", eval_days, series,
+                           f"{plan.experiment} {task.upper()}: next-day AUC − baseline (mean over seeds)",
+                           "scored day", "AUC − baseline").name,
+             R.plot_curves(out / f"{name}_daily_auc.png", eval_days, {n: e["curve"] for n, e in tab.items()},
+                           f"{plan.experiment} {task.upper()}: next-day AUC (mean over seeds)", "scored day", "AUC").name]
+    extra = [k for k in ("aux_auc", "teacher_auc", "auc_observed", "auc_aggregated", "calibration_aggregated")
+             if any(k in e for e in tab.values())]
+    header = ["method", f"next-day AUC, last {plan.last_days} days", "Δ vs baseline [95% CI]", "calibration",
+              "calibration vs truth", *extra, "s/run", "note"]
+    body = [[n, R.fmt_mean_std(e["auc"]), R.fmt_ci(e["delta_vs_baseline"]), f"{e['calibration']:.4f}",
+             f"{e['calibration_vs_truth']:.4f}",
+             *[("–" if k not in e else f"{e[k]:.4f}") for k in extra], f"{e['wall_s']:.0f}", notes[n]]
+            for n, e in tab.items()]
+    return [f"## {plan.experiment} — {task.upper()}, streaming (one pass per day, warm start, next-day AUC)\n",
+            R.markdown_table(header, body), "", "Plots: " + ", ".join(f"`{f}`" for f in files), ""]
