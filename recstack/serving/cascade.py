@@ -150,6 +150,11 @@ class Cascade:
         self.seq_len = int(m["feature_schema"].get("seq_len", F.SEQ_LEN))
         if self.seq_len != F.SEQ_LEN:
             raise BundleError(f"manifest.json: feature_schema.seq_len {self.seq_len}, this server builds {F.SEQ_LEN}")
+        fields = list(m["feature_schema"].get("interacted", []))
+        if fields != list(F.INTERACTED_FIELDS):
+            raise BundleError(f"manifest.json: feature_schema.interacted has {len(fields)} fields, this server computes "
+                              f"{len(F.INTERACTED_FIELDS)} ({', '.join(F.INTERACTED_FIELDS[:2])}, ...): a bundle from an "
+                              "older recstack; retrain and export it with this one")
 
         self.users, self.items, beh = read_snapshot(bundle, self.vocab)
         # the objective is pCTR x pCVR x value, the value column the bundle names (price by default)

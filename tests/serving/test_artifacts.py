@@ -390,3 +390,14 @@ def test_reload_with_a_key_refuses_a_forged_bundle_and_keeps_serving(good, tmp_p
             assert resp.model_version == "vsigned"
     finally:
         server.stop(None)
+
+
+def test_a_bundle_built_for_other_interacted_features_is_refused(bundle):
+    """A bundle whose models take another list of interacted features (an older recstack's
+    seven) is refused at load, naming the manifest field, never served with misfit inputs."""
+    m = json.loads((bundle / B.MANIFEST).read_text())
+    schema = dict(m["feature_schema"], interacted=m["feature_schema"]["interacted"][:7])
+    B.write_manifest(bundle, version=m["version"], files=m["files"], configs=m["configs"], feature_schema=schema,
+                     vocab=m["vocab"], stages=m["stages"], extra={"snapshot": m.get("snapshot", {})})
+    with pytest.raises(B.BundleError, match=r"feature_schema\.interacted has 7 fields"):
+        Cascade.load(bundle)
