@@ -14,7 +14,6 @@ report). Shared by the coarse exporter (parity check) and the server (serving).
 """
 from __future__ import annotations
 
-import numba
 import numpy as np
 
 INT8_MAX = 127
@@ -36,8 +35,7 @@ def quantise_rows(vecs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, scales
 
 
-@numba.njit(nogil=True, fastmath=True, boundscheck=False, cache=False)
-def _dot_rows(codes, scales, ids, query, out):  # pragma: no cover - compiled
+def _dot_rows(codes, scales, ids, query, out):  # pragma: no cover - compiled by `_kernel`
     d = codes.shape[1]
     n = ids.shape[0]
     n4 = n - n % 4
@@ -65,6 +63,21 @@ def _dot_rows(codes, scales, ids, query, out):  # pragma: no cover - compiled
         out[i] = acc * scales[r]
 
 
+_compiled = None
+
+
+def _kernel():
+    """`_dot_rows` compiled (on first use): importing numba, and the scipy it probes for when
+    installed, is paid only by a process that scores int8 vectors. Two threads racing here
+    compile it twice, harmlessly."""
+    global _compiled
+    if _compiled is None:
+        import numba
+
+        _compiled = numba.njit(nogil=True, fastmath=True, boundscheck=False, cache=False)(_dot_rows)
+    return _compiled
+
+
 def int8_inner_products_by_idx(codes: np.ndarray, scales: np.ndarray, ids: np.ndarray, query: np.ndarray) -> np.ndarray:
     """codes (I, D) int8 C-contiguous, scales (I,) float32, ids (N,) int64 in [0, I), query (D,)
     float32 -> (N,) float32 (codes[ids] * scales[ids, None]) @ query, fused (rows read in place).
@@ -79,7 +92,7 @@ def int8_inner_products_by_idx(codes: np.ndarray, scales: np.ndarray, ids: np.nd
         raise ValueError(f"query shape {query.shape}, expected ({codes.shape[1]},)")
     out = np.empty(len(ids), np.float32)
     if len(ids):
-        _dot_rows(codes, scales, ids, query, out)
+        _kernel()(codes, scales, ids, query, out)
     return out
 
 

@@ -131,14 +131,22 @@ VOCAB_COLUMNS = {
 }
 
 
-def fill_defaults(table: Table, cols: dict, n: int) -> dict:
-    """`cols` (name -> numpy array of n rows) with every absent optional column of `table`
-    filled with its default. The caller has checked the required columns are there."""
+def default_sources(table: Table, names) -> list[str]:
+    """The columns whose values the defaults of `names` copy (a default "=purchase" reads purchase)."""
+    by_name = {c.name: c for c in table.columns}
+    return [by_name[n].default[1:] for n in names
+            if n in by_name and isinstance(by_name[n].default, str) and by_name[n].default.startswith("=")]
+
+
+def fill_defaults(table: Table, cols: dict, n: int, only=None) -> dict:
+    """`cols` (name -> numpy array of n rows) with every absent optional column of `table` (of
+    `only`, when given) filled with its default. The caller has checked the required columns
+    are there, and read the columns a copied default needs (`default_sources`)."""
     import numpy as np
 
     out = dict(cols)
     for c in table.columns:
-        if c.name in out or c.required or c.kind == "id":
+        if c.name in out or c.required or c.kind == "id" or (only is not None and c.name not in only):
             continue
         if isinstance(c.default, str) and c.default.startswith("="):
             out[c.name] = np.asarray(out[c.default[1:]]).copy()

@@ -56,7 +56,7 @@ from typing import Iterator
 import numpy as np
 
 from recstack.data import IMPRESSION_COLUMNS, DataError, Examples, Shard, SimData, read_shard
-from recstack.data.contract import IMPRESSIONS, fill_defaults
+from recstack.data.contract import IMPRESSIONS, default_sources, fill_defaults
 
 _ORDER, _ROWS, _CHUNK = 0, 1, 2  # SeedSequence tags: never let two uses of a seed share a stream
 
@@ -152,11 +152,13 @@ class ShardStream:
         for s, size in zip(self.shards, self.sizes):
             try:
                 present = set(pq.read_schema(s.path).names)
-                table = pq.read_table(s.path, columns=[c for c in wanted if c in present])
+                read = list(dict.fromkeys(wanted + default_sources(IMPRESSIONS, [c for c in wanted if c not in present])))
+                table = pq.read_table(s.path, columns=[c for c in read if c in present])
             except Exception as e:  # noqa: BLE001
                 raise DataError(f"{s.path}: cannot read impressions: {e}") from e
             # absent optional columns get the contract's defaults (docs/DATA.md)
-            cols = fill_defaults(IMPRESSIONS, {c: table.column(c).to_numpy() for c in table.column_names}, table.num_rows)
+            cols = fill_defaults(IMPRESSIONS, {c: table.column(c).to_numpy() for c in table.column_names}, table.num_rows,
+                                 only=wanted)
             cols = {c: cols[c] for c in wanted}
             if self.clicked_only:
                 keep = np.flatnonzero(cols["click"])

@@ -28,28 +28,28 @@ def test_training_and_serving_build_identical_features_from_one_history(tiny_dat
     ex = data.examples(data.test_day)
     batch = ex.batch(np.arange(len(ex)))
     seq_len = (batch["seq_items"][:, :, 0] > 0).sum(1)
-    rows = [int(np.argmax(seq_len)), int(np.flatnonzero((seq_len > 0) & (seq_len < 50))[0])]
+    counted = batch["interacted"].sum(1) > 0
+    rows = [int(np.argmax(seq_len)), int(np.flatnonzero(counted & (seq_len < 50))[0]),
+            int(np.flatnonzero(batch["interacted"][:, -1] > 0)[0])]  # a full sequence, a short one, favourites / carts
     cascade = Cascade.load(tiny_bundle, warm=False)  # the tiny corpus, an empty snapshot
-    store = open_store(str(tmp_path / "fs.sqlite3"), config=StoreConfig(max_events=10_000, ttl_s=1e9))
     import pyarrow.parquet as pq
 
     ev = pq.read_table(f"{tiny_data}/events.parquet").to_pydict()
     ev = {k: np.asarray(v) for k, v in ev.items()}
-    for row in rows:
+    for i, row in enumerate(rows):
         user, ts = int(batch["user_id"][row]), float(ex.imps["ts"][row])
+        store = open_store(str(tmp_path / f"fs{i}.sqlite3"), config=StoreConfig(max_events=10_000, ttl_s=1e9))
         mine = (ev["user_id"] == user) & (ev["ts"] < ts)  # what the server had been told by then
         store.append(Events(ev["user_id"][mine], ev["item_id"][mine], ev["kind"][mine], ev["ts"][mine], ev["dwell"][mine]))
         q = Query(user_id=user, num_results=1, retrieval_size=1, coarse_size=1, now=ts, history=store.history(user, ts))
         seq_items, seq_extras, _ = cascade.sequence(q)
         np.testing.assert_array_equal(seq_items[0], batch["seq_items"][row])
         np.testing.assert_array_equal(seq_extras[0], batch["seq_extras"][row])
-        item_feats = cascade.items.feats(batch["item_id"][row : row + 1])
-        from recstack import features as FE
-
-        np.testing.assert_array_equal(FE.HistoryFeatures(seq_items, seq_extras).interacted(item_feats),
+        # the interacted features: every kind over the whole history, at the impression's time
+        np.testing.assert_array_equal(cascade.interacted_for(q)(batch["item_id"][row : row + 1]),
                                       batch["interacted"][row : row + 1])
-    assert seq_len[rows[0]] == 50 and batch["interacted"][rows].max() > 0  # a full sequence, non-trivial counts
-    store.close()
+        store.close()
+    assert seq_len[rows[0]] == 50 and batch["interacted"][rows[1:]].min(1).max() >= 0 and counted[rows[1:]].all()
 
 
 @pytest.fixture

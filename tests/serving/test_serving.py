@@ -136,8 +136,19 @@ def test_exhaustive_ranking_matches_an_independent_computation(served, artifacts
     all_items = np.arange(n)
     item_feats = item_table.feats(all_items)
     user_row = np.array([[5, users["age_bucket"][4] + 1, users["gender"][4] + 1, users["activity"][4] + 1]], np.int64)
+    # the interacted features: every behaviour of the user's whole history (not only the 50 the
+    # sequence keeps) whose second lies in the window before the request's second
+    hist = [(beh_tab["seconds_ago"][i], beh_tab["item_id"][i], beh_tab["kind"][i]) for i in mine]
+    hist += [(30.0, 3, 0), (10.0, 7, 1)]
+    now = cascade.snapshot.time
+    counts = np.zeros((n, len(FE.INTERACTED_SPEC)), np.float32)
+    for ago, item, kind in hist:
+        sec = np.floor(now - ago)
+        for j, (_, col, kinds, hours) in enumerate(FE.INTERACTED_SPEC):
+            if kind in kinds and np.floor(now) - hours * 3600 < sec < np.floor(now):
+                counts[:, j] += item_feats[:, col] == item_table.feats(np.array([item]))[0, col]
     fine_in = {"user_feats": np.repeat(user_row, n, 0), "item_feats": item_feats, "item_dense": item_table.dense(all_items),
-               "interacted": FE.interacted_features(seq_items, seq_extras, item_feats)}
+               "interacted": np.log1p(counts)}
     assert fine_in["interacted"].max() > 0  # the wiring is tested with non-trivial interacted features
     pctr = ort.InferenceSession(str(bdir / "fine/ctr.onnx")).run(None, fine_in)[0].astype(np.float64)
     pcvr = ort.InferenceSession(str(bdir / "fine/cvr.onnx")).run(None, fine_in)[0].astype(np.float64)
