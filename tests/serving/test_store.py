@@ -1,4 +1,4 @@
-"""The online feature store, both implementations through the one interface: durable appends,
+"""The online feature store, every implementation (SQLite, Redis, Redis Cluster) through the one interface: durable appends,
 newest-N bounded and expired histories, the snapshot seed, sharing across processes, and
 StoreUnavailable (then recovery) when Redis goes away."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ from recstack.serving.store.redis_store import user_key
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = StoreConfig(max_events=5, ttl_s=1000.0)
+SERVERS = {"redis": "redis_server", "redis-cluster": "redis_cluster"}  # conftest fixtures, each a real server
 
 
 def _events(user, ts, item=None, kind=0, dwell=1.0, rid=()):
@@ -24,12 +25,12 @@ def _events(user, ts, item=None, kind=0, dwell=1.0, rid=()):
     return Events(np.full(n, user), item, np.broadcast_to(kind, n), ts, np.full(n, dwell), request_id=rid)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def store(request, tmp_path):
     if request.param == "sqlite":
         s = open_store(str(tmp_path / "fs.sqlite3"), config=CONFIG)
     else:
-        s = open_store(request.getfixturevalue("redis_server").url, config=CONFIG)
+        s = open_store(request.getfixturevalue(SERVERS[request.param]).url, config=CONFIG)
     yield s
     s.close()
 
