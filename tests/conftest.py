@@ -537,7 +537,7 @@ class RedisCluster:
     """Three cluster-enabled redis-servers on 127.0.0.1 (0 replicas, AOF fsynced on every write),
     each in its own directory, joined with `redis-cli --cluster create`. Ports: candidates
     come from binding port 0, and one is kept only when its cluster bus port (+10000) is free
-    too; a start that still loses a port to another process is retried whole on fresh ports.
+    too and neither is a port or bus port of another node; a start that still loses a port to another process is retried whole on fresh ports.
     `stop(i)` / `start(i, ...)` restart nodes on their ports and data (a nodes.conf keeps its node
     identity and slots), as a node's outage and its recovery."""
 
@@ -561,7 +561,8 @@ class RedisCluster:
                 s.bind(("127.0.0.1", 0))
                 held.append(s)
                 port = s.getsockname()[1]
-                if port + 10000 > 65535:
+                taken = {q + d for q in ports for d in (0, 10000)}
+                if port + 10000 > 65535 or {port, port + 10000} & taken:  # nor one node's port another's bus
                     continue
                 bus = socket.socket()
                 try:

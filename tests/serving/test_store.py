@@ -94,6 +94,20 @@ def test_another_process_reads_what_one_wrote(store, tmp_path):
     assert store.history(11, now=600.0).item_id.tolist() == [1, 2]
 
 
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_redis_a_batch_sent_again_is_written_once(request, server):
+    """The client retries a batch whose acknowledgement it did not get: no event twice, and
+    identical events within one batch still kept apart."""
+    s = open_store(request.getfixturevalue(SERVERS[server]).url, config=CONFIG)
+    batch = Events([8, 8, 8, 9], [1, 2, 2, 3], [0, 1, 1, 0], [100.0, 101.0, 101.0, 102.0], [1.5, 0.0, 0.0, 2.0],
+                   request_id=("r", "r", "r", ""))
+    for _ in range(2):
+        s.append(batch)
+    assert s.history(8, now=200.0).item_id.tolist() == [1, 2, 2] and s.history(9, now=200.0).item_id.tolist() == [3]
+    assert s.client.zcard(user_key(8)) == 3
+    s.close()
+
+
 def test_sqlite_runs_wal_with_full_sync(tmp_path):
     s = open_store("", artifacts_root=tmp_path)
     assert s.path == tmp_path / "feature_store.sqlite3"
