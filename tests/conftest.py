@@ -600,7 +600,7 @@ class RedisCluster:
                 with redis.Redis("127.0.0.1", self.ports[i], socket_timeout=2) as r:
                     if ready(r):
                         return
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):  # not up yet, or another process on the port
                 pass
             if proc is None or proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"redis cluster node {i} (port {self.ports[i]}): {what} "

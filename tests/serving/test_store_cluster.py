@@ -136,3 +136,32 @@ def test_a_stopped_node_degrades_rank_and_refuses_events_until_it_returns(tmp_pa
     finally:
         server.stop(None)
         store.close()
+
+
+def test_the_cluster_fixture_starts_afresh_on_fresh_ports_when_a_port_is_taken(redis_cluster, tmp_path, monkeypatch):
+    import socket
+
+    cls = type(redis_cluster)
+    free_ports = cls._free_ports
+    picked: list[list[int]] = []
+    with socket.socket() as squatter:  # another process listening on a port the first attempt picks
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+
+        def first_one_taken(n):
+            ports = free_ports(n)
+            if not picked:
+                ports[1] = squatter.getsockname()[1]
+            picked.append(ports)
+            return ports
+
+        monkeypatch.setattr(cls, "_free_ports", staticmethod(first_one_taken))
+        cluster = cls(tmp_path).create()
+        try:
+            assert len(picked) == 2 and cluster.ports == picked[1]
+            store = open_store(cluster.url, config=CONFIG)
+            store.append(_batch([4]))
+            assert store.history(4, now=200.0).item_id.tolist() == [1, 2, 2]
+            store.close()
+        finally:
+            cluster.close()
