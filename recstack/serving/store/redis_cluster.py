@@ -28,7 +28,8 @@ from recstack.serving.store.base import Events, StoreConfig, StoreUnavailable
 from recstack.serving.store.redis_store import RedisStore, event_members, user_key
 
 SCHEME = "redis-cluster://"
-_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)  # the last: no node reachable, no slot map
+# RedisClusterException (not a RedisError): no seed node reachable, so no slot map
+_ERRORS = (redis.RedisError, redis.exceptions.RedisClusterException, OSError)
 # KEYS[1] a user's key; ARGV: exclusive expiry horizon, max events kept, TTL (s), then score, member pairs
 _APPEND = """
 local key = KEYS[1]
@@ -68,12 +69,14 @@ class RedisClusterStore(RedisStore):
     @property
     def client(self) -> RedisCluster:
         """The cluster client, created on first use (it reads the slot map from a seed node)."""
+        if self._client is not None:
+            return self._client
         with self._client_lock:
             if self._client is None:
                 t = self.config.timeout_s
-                try:  # one retry (a MOVED slot, a reconnect), no backoff: a call stays near timeout_s
+                try:  # no retry here (a slot MOVED is still followed): a hung node fails a call after timeout_s
                     self._client = RedisCluster(startup_nodes=self._nodes, socket_timeout=t, socket_connect_timeout=t,
-                                                retry=Retry(NoBackoff(), 1), health_check_interval=0)
+                                                retry=Retry(NoBackoff(), 0), health_check_interval=0)
                 except _ERRORS as e:
                     raise StoreUnavailable(f"feature store {self.url}: no seed node answers: {e}") from e
             return self._client
