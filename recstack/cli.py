@@ -332,7 +332,7 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                         "or set RECSTACK_ADMIN_TOKEN. Without either, ModelService is off")
     s.add_argument("--feature-store", default="",
                    help="online feature store for LogEvents: a SQLite path (default: feature_store.sqlite3 under the "
-                        "artifacts root), redis://HOST:PORT, or none")
+                        "artifacts root), redis://HOST:PORT, redis-cluster://HOST:PORT[,HOST:PORT...], or none")
     s.add_argument("--impression-log", default="",
                    help="folder of the impression and event logs (rolling Parquet; default: live_log/ under the "
                         "artifacts root), or none")

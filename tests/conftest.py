@@ -535,6 +535,152 @@ def redis_server(tmp_path_factory):
     server.stop()
 
 
+class RedisCluster:
+    """Three cluster-enabled redis-servers on 127.0.0.1 (0 replicas, AOF fsynced on every write),
+    each in its own directory, joined with `redis-cli --cluster create`. Ports: candidates
+    come from binding port 0, and one is kept only when its cluster bus port (+10000) is free
+    too and neither is a port or bus port of another node; a start that still loses a port to another process is retried whole on fresh ports.
+    `stop(i)` / `start(i, ...)` restart nodes on their ports and data (a nodes.conf keeps its node
+    identity and slots), as a node's outage and its recovery."""
+
+    def __init__(self, workdir: Path, n: int = 3):
+        self.dir, self.n = workdir, n
+        self.ports: list[int] = []
+        self.procs: list[subprocess.Popen | None] = []
+
+    @property
+    def url(self) -> str:
+        return "redis-cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    @staticmethod
+    def _free_ports(n: int) -> list[int]:
+        import socket
+
+        held, ports = [], []
+        try:
+            while len(ports) < n:
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                held.append(s)
+                port = s.getsockname()[1]
+                taken = {q + d for q in ports for d in (0, 10000)}
+                if port + 10000 > 65535 or {port, port + 10000} & taken:  # nor one node's port another's bus
+                    continue
+                bus = socket.socket()
+                try:
+                    bus.bind(("127.0.0.1", port + 10000))
+                except OSError:
+                    continue
+                finally:
+                    bus.close()
+                ports.append(port)
+        finally:
+            for s in held:
+                s.close()
+        return ports
+
+    def _launch(self, i: int) -> subprocess.Popen:
+        import shutil
+
+        d = self.dir / f"node{i}"
+        d.mkdir(exist_ok=True)
+        return subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(self.ports[i]), "--bind", "127.0.0.1", "--dir", str(d),
+             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000",
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def _wait(self, i: int, ready, what: str, deadline: float) -> None:
+        """Poll node i until `ready(client)` (never a fixed sleep)."""
+        import time
+
+        import redis
+
+        while True:
+            proc = self.procs[i]
+            try:
+                with redis.Redis("127.0.0.1", self.ports[i], socket_timeout=2) as r:
+                    if ready(r):
+                        return
+            except (redis.ConnectionError, redis.TimeoutError):  # not up yet, or another process on the port
+                pass
+            if proc is None or proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"redis cluster node {i} (port {self.ports[i]}): {what} "
+                                   f"(exit {None if proc is None else proc.poll()})")
+            time.sleep(0.05)
+
+    def _wait_ok(self, deadline: float) -> None:
+        for i in range(self.n):
+            self._wait(i, lambda r: r.cluster("info").get("cluster_state") == "ok", "cluster_state never ok", deadline)
+
+    def create(self, attempts: int = 5) -> "RedisCluster":
+        import shutil
+        import time
+
+        for attempt in range(attempts):
+            self.ports = self._free_ports(self.n)
+            self.procs = [self._launch(i) for i in range(self.n)]
+            try:
+                deadline = time.monotonic() + 60
+                for i in range(self.n):
+                    self._wait(i, lambda r: r.ping(), "did not start", deadline)
+                subprocess.run([shutil.which("redis-cli"), "--cluster", "create",
+                                *(f"127.0.0.1:{p}" for p in self.ports), "--cluster-replicas", "0", "--cluster-yes"],
+                               check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
+                self._wait_ok(deadline)
+                return self
+            except (RuntimeError, subprocess.CalledProcessError):  # most likely a port taken meanwhile: afresh
+                self.close()
+                for d in self.dir.glob("node*"):
+                    shutil.rmtree(d)
+                if attempt == attempts - 1:
+                    raise
+        return self
+
+    def stop(self, i: int) -> None:
+        proc = self.procs[i]
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+        self.procs[i] = None
+
+    def start(self, *nodes: int) -> None:
+        """Restart the stopped `nodes` and wait until every node says the cluster is ok again."""
+        import time
+
+        for i in nodes:
+            self.procs[i] = self._launch(i)
+        self._wait_ok(time.monotonic() + 60)
+
+    def node_of(self, key: str) -> int:
+        """The index of the node serving `key`'s slot."""
+        import redis
+
+        with redis.Redis("127.0.0.1", self.ports[0]) as r:
+            slot = r.execute_command("CLUSTER KEYSLOT", key)
+            for lo, hi, (host, port, *_), *_ in r.execute_command("CLUSTER SLOTS"):
+                if lo <= slot <= hi:
+                    return self.ports.index(int(port))
+        raise LookupError(f"no node serves slot {slot}")
+
+    def close(self) -> None:
+        for i in range(len(self.procs)):
+            self.stop(i)
+
+
+@pytest.fixture
+def redis_cluster(tmp_path_factory):
+    """A created RedisCluster of three nodes (function scope: each test gets an empty one);
+    skipped, saying why, when redis-server is not installed (`.ci/run` installs it)."""
+    import shutil
+
+    if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
+        pytest.skip("redis-server / redis-cli are not installed (apt-get install redis-server; .ci/run does it)")
+    cluster = RedisCluster(tmp_path_factory.mktemp("redis-cluster")).create()
+    yield cluster
+    cluster.close()
+
+
 # --- retrieval backends ----------------------------------------------------------------------
 
 

@@ -49,7 +49,7 @@ class ServeOptions:
     metrics_host: str | None = None  # the address /metrics listens on; None = the gRPC host
     bundle_key: str | None = None  # when set, only bundles whose manifest is HMAC-signed with it load
     max_message_bytes: int = 64 << 10
-    feature_store: str = ""  # "" = SQLite beside the bundles (artifacts root); a path; redis://HOST:PORT; "none"
+    feature_store: str = ""  # "" = SQLite beside the bundles; a path; redis://HOST:PORT; redis-cluster://H:P,...; "none"
     impression_log: str = ""  # impression + event log folder; "" = live_log/ under the artifacts root; "none" = off
     retrieval_backend: str = "faiss"  # or milvus://HOST:PORT/COLLECTION (recstack.serving.candidates)
     retrieval_timeout_s: float = 0.05  # the longest a remote retrieval call may take (the deadline may cut it shorter)

@@ -251,7 +251,7 @@ class RankingServicer:
         except Abort as e:
             code, message = e.code, str(e)
         except StoreUnavailable as e:
-            code, message = grpc.StatusCode.UNAVAILABLE, f"feature store unavailable, nothing written (retry): {e}"
+            code, message = grpc.StatusCode.UNAVAILABLE, f"feature store unavailable, batch not acknowledged (retry it): {e}"
         except Exception:
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}; see the server log)"
             log.exception("%s failed (request id %s)", method, rid)

@@ -142,7 +142,7 @@ def test_store_outage_degrades_rank_and_refuses_events_until_it_recovers(tmp_pat
         assert servicer.metrics.value("recstack_degraded_features_total") == 2
         with pytest.raises(grpc.RpcError) as err:
             client.log_events(target, [client.event(0, 6, now, "click")])
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "nothing written" in err.value.details()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "not acknowledged" in err.value.details()
         redis_server.start()
         back = _rank(target, PROFILE_ONLY_USER)
         assert not back.degraded_features

@@ -85,11 +85,11 @@ def _kill9(proc) -> None:
     proc.wait(30)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def store_spec(request, tmp_path):
     if request.param == "sqlite":
         return ""  # the default: feature_store.sqlite3 under the artifacts root
-    return request.getfixturevalue("redis_server").url
+    return request.getfixturevalue({"redis": "redis_server", "redis-cluster": "redis_cluster"}[request.param]).url
 
 
 def test_read_your_writes_across_workers_and_acked_events_survive_kill9(tmp_path, make_fake_bundle, store_spec):

@@ -1,4 +1,4 @@
-"""The online feature store, both implementations through the one interface: durable appends,
+"""The online feature store, every implementation (SQLite, Redis, Redis Cluster) through the one interface: durable appends,
 newest-N bounded and expired histories, the snapshot seed, sharing across processes, and
 StoreUnavailable (then recovery) when Redis goes away."""
 from __future__ import annotations
@@ -15,6 +15,7 @@ from recstack.serving.store.redis_store import user_key
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = StoreConfig(max_events=5, ttl_s=1000.0)
+SERVERS = {"redis": "redis_server", "redis-cluster": "redis_cluster"}  # conftest fixtures, each a real server
 
 
 def _events(user, ts, item=None, kind=0, dwell=1.0, rid=()):
@@ -24,12 +25,12 @@ def _events(user, ts, item=None, kind=0, dwell=1.0, rid=()):
     return Events(np.full(n, user), item, np.broadcast_to(kind, n), ts, np.full(n, dwell), request_id=rid)
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "redis-cluster"])
 def store(request, tmp_path):
     if request.param == "sqlite":
         s = open_store(str(tmp_path / "fs.sqlite3"), config=CONFIG)
     else:
-        s = open_store(request.getfixturevalue("redis_server").url, config=CONFIG)
+        s = open_store(request.getfixturevalue(SERVERS[request.param]).url, config=CONFIG)
     yield s
     s.close()
 
@@ -91,6 +92,20 @@ def test_another_process_reads_what_one_wrote(store, tmp_path):
     subprocess.run([sys.executable, "-c", _WRITER, spec], cwd=REPO, check=True, timeout=60,
                    env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert store.history(11, now=600.0).item_id.tolist() == [1, 2]
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_redis_a_batch_sent_again_is_written_once(request, server):
+    """The client retries a batch whose acknowledgement it did not get: no event twice, and
+    identical events within one batch still kept apart."""
+    s = open_store(request.getfixturevalue(SERVERS[server]).url, config=CONFIG)
+    batch = Events([8, 8, 8, 9], [1, 2, 2, 3], [0, 1, 1, 0], [100.0, 101.0, 101.0, 102.0], [1.5, 0.0, 0.0, 2.0],
+                   request_id=("r", "r", "r", ""))
+    for _ in range(2):
+        s.append(batch)
+    assert s.history(8, now=200.0).item_id.tolist() == [1, 2, 2] and s.history(9, now=200.0).item_id.tolist() == [3]
+    assert s.client.zcard(user_key(8)) == 3
+    s.close()
 
 
 def test_sqlite_runs_wal_with_full_sync(tmp_path):
