@@ -302,18 +302,19 @@ def run(artifacts: str | Path, data_dir: str | Path, out: str | Path, cfg: Mixed
     from recstack.bench.mixed_report import report
     from recstack.serving.store import open_store
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    scratch = Path(scratch or tempfile.mkdtemp(prefix="recstack-mixed-"))
-    scratch.mkdir(parents=True, exist_ok=True)
-    spec = store_spec or str(scratch / "feature_store.sqlite3")
     import pyarrow.parquet as pq
 
+    # the inputs are checked before anything is created or started
     users = LT.test_day_users(data_dir)  # refuses a folder that is not a simulated world
     if not (Path(data_dir) / "items.parquet").is_file():
         raise ValueError(f"--data {data_dir}: no items.parquet (the corpus the events' items are drawn from)")
     n_items = pq.ParquetFile(Path(data_dir) / "items.parquet").metadata.num_rows
     B.resolve_bundle(artifacts)  # refuses a path that holds no bundle before a server is started on it
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(scratch or tempfile.mkdtemp(prefix="recstack-mixed-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    spec = store_spec or str(scratch / "feature_store.sqlite3")
     load_before = _loadavg()
     proc, target = start_server(artifacts, spec, scratch)
     try:
