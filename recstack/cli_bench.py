@@ -1,4 +1,4 @@
-"""`recstack bench {all,retrieval,cascade,models,train,soak,backends}`: one sub-parser per benchmark, so that
+"""`recstack bench {all,retrieval,cascade,models,train,soak,backends,mixed}`: one sub-parser per benchmark, so that
 `recstack bench X --help` shows only X's options. Reports go to `--out`, by default a fresh
 `./runs/bench-<what>-<timestamp>/` (never into a checkout's committed `docs/results/`)."""
 from __future__ import annotations
@@ -119,7 +119,18 @@ def _backends(args, out: Path) -> None:
     print(json.dumps({b: res["retrieval"][b] for b in ("faiss", "milvus")}, indent=2))
 
 
+def _mixed(args, out: Path) -> None:
+    from recstack.bench.mixed import MixedConfig, run
+
+    cfg = MixedConfig(qps=args.qps, events_per_s=args.events_per_s, batch=args.batch, duration_s=args.duration,
+                      warmup_s=args.warmup, seed=args.seed)
+    res = run(args.artifacts, args.data, out, cfg, store_spec=args.feature_store, scratch=args.scratch,
+              command=_command())
+    print(json.dumps(res["targets"], indent=2))
+
+
 RUNNERS = {"backends": _backends, "soak": _soak, "all": _all, "retrieval": _retrieval, "cascade": _cascade, "models": _models, "train": _train}
+RUNNERS["mixed"] = _mixed
 
 
 def cmd_bench(args) -> int:
@@ -143,10 +154,25 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def _add_mixed(p: argparse.ArgumentParser) -> None:
+    """The `bench mixed` flags."""
+    p.add_argument("--artifacts", required=True, help="the served bundle or an artifacts root")
+    p.add_argument("--data", required=True, help="the bundle's world: test-day users, the corpus size")
+    p.add_argument("--qps", type=float, default=50.0, help="Rank calls per second, both phases")
+    p.add_argument("--events-per-s", type=float, default=200.0, help="events per second in the mixed phase")
+    p.add_argument("--batch", type=int, default=10, help="events per LogEvents call")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of sending per phase")
+    p.add_argument("--warmup", type=float, default=10.0, help="seconds of Rank before phase 1, reported apart")
+    p.add_argument("--feature-store", default="",
+                   help="the server's store (default: a fresh SQLite file in --scratch), e.g. redis://127.0.0.1:6379")
+    p.add_argument("--scratch", default=None, help="server log and the default store (default: a temporary folder)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the users and events drawn")
+
+
 def add_parser(sub, formatter) -> None:
-    """`bench` and its seven sub-parsers, on the `recstack` sub-parsers action `sub`."""
+    """`bench` and its eight sub-parsers, on the `recstack` sub-parsers action `sub`."""
     b = sub.add_parser("bench", formatter_class=formatter,
-                       help="benchmarks: all / retrieval / cascade / models / train / soak / backends (`recstack bench X --help`)",
+                       help="benchmarks: all / retrieval / cascade / models / train / soak / backends / mixed (`recstack bench X --help`)",
                        description=__doc__)
     # also accepted before the benchmark's name (`recstack bench --out DIR models`)
     b.add_argument("--out", dest="bench_out", default=None, metavar="DIR", help="same as `recstack bench X --out DIR`")
@@ -212,6 +238,9 @@ def add_parser(sub, formatter) -> None:
     p.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query, both backends")
     p.add_argument("--artifacts", default=None, help="a bundle: serve it with each backend and sweep the QPS")
     p.add_argument("--scratch", default=None, help="milvus-lite data and server logs (default /tmp/recstack-bench-backends)")
+
+    _add_mixed(new("mixed", "Rank p50/p99 alone, then with an open-loop LogEvents sender beside it (same server); "
+                            "failed calls of each, events acknowledged vs readable from the store afterwards"))
 
     p = new("train", "coarse training cost per teacher, relative to the student alone")
     p.add_argument("--data", required=True, help="a `recstack simulate` folder")

@@ -297,7 +297,7 @@ def test_readme_cli_section_matches_the_parsers():
     documented: dict[str, set[str]] = {}
     command = None
     for line in block.splitlines():
-        m = re.match(r"recstack (\S+)(?: +(all|retrieval|cascade|models|train|soak|backends)\b)?", line)
+        m = re.match(r"recstack (\S+)(?: +(all|retrieval|cascade|models|train|soak|backends|mixed)\b)?", line)
         if m:
             command = "recstack" if m.group(1).startswith("-") else " ".join(
                 ["recstack", m.group(1)] + ([m.group(2)] if m.group(1) == "bench" else []))
