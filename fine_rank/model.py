@@ -132,12 +132,12 @@ class Ranker(nn.Module):
 
     def logits(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
         """user_feats (B, 4) int64, item_feats (B, 5) int64, item_dense (B, 1) float32,
-        interacted (B, 7) float32 -> main-head logits (B,) (for the log-loss)."""
+        interacted (B, X) float32 -> main-head logits (B,) (for the log-loss)."""
         return self.head(self.hidden(user_feats, item_feats, item_dense, interacted))
 
     def forward(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
         """user_feats (B, 4) int64, item_feats (B, 5) int64, item_dense (B, 1) float32,
-        interacted (B, 7) float32 -> probability (B,) in (0, 1) (the exported serving output)."""
+        interacted (B, X) float32 -> probability (B,) in (0, 1) (the exported serving output)."""
         return torch.sigmoid(self.logits(user_feats, item_feats, item_dense, interacted))
 
 

@@ -221,7 +221,7 @@ class HistoryFeatures(NamedTuple):
     seq_extras: np.ndarray
 
     def interacted(self, cand_items: np.ndarray) -> np.ndarray:
-        """cand_items (M, 5) -> `interacted` (M, 7); N == M (one row per candidate) or N == 1."""
+        """cand_items (M, 5) -> `interacted` (M, X), X = len(INTERACTED_FIELDS); N == M (one row per candidate) or N == 1."""
         return interacted_features(self.seq_items, self.seq_extras, cand_items)
 
 
