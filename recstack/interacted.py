@@ -77,7 +77,31 @@ def one_user_features(item: np.ndarray, ts: np.ndarray, kind: np.ndarray, now: f
                       cand_ids: np.ndarray) -> np.ndarray:
     """One user's event log (any kinds, any order; absolute times) -> the interacted features of
     the candidates (M,) raw ids at `now`, (M, X) float32: the counts `EventIndex` gives training
-    for that user's log at that time (serving builds it per request from the feature store)."""
+    for that user's log at that time, per request at serving. Its cost follows the log and the
+    candidates, never the corpus: per field, the log's events in the window are sorted by the
+    matched value and each candidate's value is found by two searchsorted."""
+    item = np.asarray(item, dtype=np.int64)
+    kind = np.asarray(kind, dtype=np.int64)
     cand_ids = np.asarray(cand_ids, dtype=np.int64)
-    index = EventIndex(np.zeros(len(item), np.int64), ts, item, kind, items, 1)
-    return index.features(np.zeros(len(cand_ids), np.int64), np.full(len(cand_ids), float(now)), cand_ids)
+    if len(item) and (item.min() < 0 or item.max() >= items.n):
+        raise ValueError(f"event item_id must be in [0, {items.n}), got [{item.min()}, {item.max()}]")
+    sec = np.floor(np.asarray(ts, dtype=np.float64)).astype(np.int64)
+    t = np.floor(float(now))
+    ok = items.known(cand_ids)
+    safe = np.where(ok, cand_ids, 0)
+    # (N, 5) / (M, 5): id, category, shop, brand, price bucket of each event's and candidate's item
+    ev_cols = np.concatenate([item[:, None], items.cols[item]], axis=1)
+    cand_cols = np.concatenate([safe[:, None], items.cols[safe]], axis=1)
+    masks: dict = {}
+    out = np.zeros((len(cand_ids), len(INTERACTED_SPEC)), dtype=np.float32)
+    for j, (_, col, kinds, hours) in enumerate(INTERACTED_SPEC):
+        if (kinds, hours) not in masks:  # EventIndex's window: whole seconds in (floor(now) - window, floor(now))
+            masks[(kinds, hours)] = np.isin(kind, kinds) & (sec > t - round(hours * 3600)) & (sec < t)
+        keep = masks[(kinds, hours)]
+        if not keep.any():
+            continue
+        ev = np.sort(ev_cols[keep, col])
+        cand = cand_cols[:, col]
+        out[:, j] = np.searchsorted(ev, cand, side="right") - np.searchsorted(ev, cand, side="left")
+    out[~ok] = 0.0
+    return np.log1p(out)

@@ -66,3 +66,25 @@ def test_a_bad_log_is_refused():
         EventIndex(np.array([3]), np.array([1.0]), np.array([0]), np.array([0]), items, n_users=1)
     with pytest.raises(ValueError, match="event ts"):
         EventIndex(np.array([0]), np.array([-5.0]), np.array([0]), np.array([0]), items, n_users=1)
+
+
+def test_the_serving_count_of_one_user_equals_the_index():
+    """`one_user_features` (serving, per request) gives the index's counts (training) for each
+    user's log, events on the windows' edges and inside the request's own second included."""
+    from recstack.interacted import one_user_features
+
+    rng = np.random.default_rng(7)
+    items = _items()
+    now = 20 * 24 * H + 0.75
+    edges = now - np.array([0.0, 0.5, 1.0, H, H + 1, 24 * H, 24 * H - 0.25, 7 * 24 * H, 7 * 24 * H + 1, 8 * 24 * H])
+    user = np.repeat(np.arange(3), 40)
+    ts = np.concatenate([rng.choice(edges, 20), now - rng.uniform(0, 9 * 24 * H, 100)])
+    item, kind = rng.integers(0, 6, 120), rng.integers(0, len(FE.EVENT_KINDS), 120)
+    index = EventIndex(user, ts, item, kind, items, n_users=3)
+    cands = np.array([0, 1, 2, 3, 4, 5, 5, -1, 6])
+    for u in range(3):
+        mine = user == u
+        want = index.features(np.full(len(cands), u), np.full(len(cands), now), cands)
+        got = one_user_features(item[mine], ts[mine], kind[mine], now, items, cands)
+        np.testing.assert_array_equal(got, want)
+        assert want[:7].sum() > 0 and (got[7:] == 0).all()  # counts found; unknown candidates zero
