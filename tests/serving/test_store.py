@@ -94,17 +94,49 @@ def test_another_process_reads_what_one_wrote(store, tmp_path):
     assert store.history(11, now=600.0).item_id.tolist() == [1, 2]
 
 
-@pytest.mark.parametrize("server", sorted(SERVERS))
-def test_redis_a_batch_sent_again_is_written_once(request, server):
+def test_a_batch_sent_again_is_written_once(store):
     """The client retries a batch whose acknowledgement it did not get: no event twice, and
-    identical events within one batch still kept apart."""
-    s = open_store(request.getfixturevalue(SERVERS[server]).url, config=CONFIG)
+    identical events within one batch still kept apart (every store alike)."""
     batch = Events([8, 8, 8, 9], [1, 2, 2, 3], [0, 1, 1, 0], [100.0, 101.0, 101.0, 102.0], [1.5, 0.0, 0.0, 2.0],
                    request_id=("r", "r", "r", ""))
     for _ in range(2):
+        store.append(batch)
+    assert store.history(8, now=200.0).item_id.tolist() == [1, 2, 2] and store.history(9, now=200.0).item_id.tolist() == [3]
+    store.append(_events(8, [103.0], item=[1], kind=0, dwell=1.5))  # same item, a new time: a new event
+    assert store.history(8, now=200.0).item_id.tolist() == [1, 2, 2, 1]
+
+
+@pytest.mark.parametrize("server", sorted(SERVERS))
+def test_redis_a_retried_batch_adds_no_member(request, server):
+    s = open_store(request.getfixturevalue(SERVERS[server]).url, config=CONFIG)
+    batch = Events([8, 8, 8], [1, 2, 2], [0, 1, 1], [100.0, 101.0, 101.0], [1.5, 0.0, 0.0], request_id=("r", "r", "r"))
+    for _ in range(2):
         s.append(batch)
-    assert s.history(8, now=200.0).item_id.tolist() == [1, 2, 2] and s.history(9, now=200.0).item_id.tolist() == [3]
     assert s.client.zcard(user_key(8)) == 3
+    s.close()
+
+
+def test_sqlite_file_from_before_retry_ids_is_migrated_in_place(tmp_path):
+    """A store file written without the `dup` column keeps every row (duplicates included) and
+    from then on takes a retried batch once."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.executescript("""
+        CREATE TABLE events (seq INTEGER PRIMARY KEY AUTOINCREMENT, user_id INTEGER NOT NULL, ts REAL NOT NULL,
+                             item_id INTEGER NOT NULL, kind INTEGER NOT NULL, dwell REAL NOT NULL,
+                             request_id TEXT NOT NULL DEFAULT '');
+        CREATE INDEX events_user_ts ON events (user_id, ts);
+        INSERT INTO events (user_id, ts, item_id, kind, dwell, request_id) VALUES
+            (4, 10.0, 7, 0, 1.0, ''), (4, 10.0, 7, 0, 1.0, ''), (4, 11.0, 8, 1, 0.0, 'q');""")
+    conn.commit()
+    conn.close()
+    s = open_store(str(path), config=CONFIG)
+    assert s.history(4, now=20.0).item_id.tolist() == [7, 7, 8]
+    s.append(_events(4, [11.0], item=[8], kind=1, dwell=0.0, rid=("q",)))  # a retry of the third row
+    s.append(_events(4, [12.0], item=[9]))
+    assert s.history(4, now=20.0).item_id.tolist() == [7, 7, 8, 9]
     s.close()
 
 

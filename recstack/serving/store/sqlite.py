@@ -6,6 +6,12 @@ power loss. (`NORMAL` would fsync only at checkpoints: safe against a process cr
 last commits could be lost with the machine.) WAL lets every worker read while one writes; a
 writer waits up to `timeout_s` for the lock (busy timeout) and then fails as StoreUnavailable.
 
+Retries: a row's content (user, time, item, kind, dwell, request id) and `dup`, which counts
+identical events within one batch, are unique, and rows are inserted with OR IGNORE: a client
+that sends a batch again because it lost the acknowledgement writes nothing twice (an event
+identical in every field to one of an earlier batch is taken for its retry), as the Redis
+stores do.
+
 Bounding: every append trims the users it touched to their newest `max_events` rows and
 deletes their expired ones, so a user's rows stay bounded without a background job.
 """
@@ -20,7 +26,7 @@ import numpy as np
 
 from recstack.serving.store.base import Events, FeatureStore, StoreConfig, StoreUnavailable
 
-_SCHEMA = """
+_TABLE = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,  -- write order: on equal times the later row is the newer
     user_id INTEGER NOT NULL,
@@ -28,10 +34,19 @@ CREATE TABLE IF NOT EXISTS events (
     item_id INTEGER NOT NULL,
     kind INTEGER NOT NULL,
     dwell REAL NOT NULL,
-    request_id TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts);
-"""
+    request_id TEXT NOT NULL DEFAULT '',
+    dup INTEGER NOT NULL DEFAULT 0  -- k-th identical event of its batch: a retried batch maps onto the same rows
+)"""
+_BY_TIME = "CREATE INDEX IF NOT EXISTS events_user_ts ON events (user_id, ts)"
+_CONTENT = "user_id, ts, item_id, kind, dwell, request_id"
+_UNIQUE = f"CREATE UNIQUE INDEX IF NOT EXISTS events_content ON events ({_CONTENT}, dup)"
+# A file written before `dup` existed: add it, numbering identical rows in write order, so the
+# unique index can be built over the rows already there.
+_MIGRATE = [
+    "ALTER TABLE events ADD COLUMN dup INTEGER NOT NULL DEFAULT 0",
+    f"UPDATE events SET dup = r.k FROM (SELECT seq, ROW_NUMBER() OVER (PARTITION BY {_CONTENT} ORDER BY seq) - 1 AS k "
+    "FROM events) AS r WHERE events.seq = r.seq AND r.k > 0",
+]
 
 
 class SQLiteStore(FeatureStore):
@@ -49,8 +64,18 @@ class SQLiteStore(FeatureStore):
             mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreUnavailable(f"feature store {self.path}: cannot use WAL journaling (got {mode!r})")
-            with conn:
-                conn.executescript(_SCHEMA)
+            conn.execute("BEGIN IMMEDIATE")  # one worker creates or migrates; the others then see it done
+            try:
+                conn.execute(_TABLE)
+                if "dup" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
+                    for stmt in _MIGRATE:
+                        conn.execute(stmt)
+                conn.execute(_BY_TIME)
+                conn.execute(_UNIQUE)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
         except sqlite3.Error as e:
             raise StoreUnavailable(f"feature store {self.path}: {e}") from e
 
@@ -67,16 +92,18 @@ class SQLiteStore(FeatureStore):
         return conn
 
     def _append(self, events: Events) -> None:
-        rows = list(zip(events.user_id.tolist(), events.ts.tolist(), events.item_id.tolist(), events.kind.tolist(),
-                        events.dwell.tolist(), events.request_id))
+        rows, seen = [], {}
+        for row in zip(events.user_id.tolist(), events.ts.tolist(), events.item_id.tolist(), events.kind.tolist(),
+                       events.dwell.tolist(), events.request_id):
+            seen[row] = seen.get(row, -1) + 1
+            rows.append((*row, seen[row]))
         users = sorted(set(events.user_id.tolist()))
         horizon = float(events.ts.max()) - self.config.ttl_s
         conn = self._conn()
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
-                conn.executemany("INSERT INTO events (user_id, ts, item_id, kind, dwell, request_id) VALUES (?, ?, ?, ?, ?, ?)",
-                                 rows)
+                conn.executemany(f"INSERT OR IGNORE INTO events ({_CONTENT}, dup) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
                 for u in users:  # bound each touched user: expired rows, then all but the newest max_events
                     conn.execute("DELETE FROM events WHERE user_id = ? AND ts < ?", (u, horizon))
                     conn.execute(
