@@ -236,6 +236,8 @@ class RankingServicer:
             # machine can delay: the clock says it too
             left = context.time_remaining()
             if context.is_active() and (left is None or left > 0):
+                if "on_sent" in extra:  # e.g. the impression log: only answers that go back to the caller
+                    extra.pop("on_sent")()
                 return response
             raise DeadlineExceeded("deadline exceeded before the response was sent")  # nobody reads it
         except ValidationError as e:
@@ -256,6 +258,7 @@ class RankingServicer:
             code, message = grpc.StatusCode.INTERNAL, f"internal error in {method} (request id {rid}; see the server log)"
             log.exception("%s failed (request id %s)", method, rid)
         finally:
+            extra.pop("on_sent", None)  # not sent: nothing to do after it
             gauge.dec()
             seconds = time.perf_counter() - t0
             self.metrics.count(method, code.name, seconds)
@@ -311,7 +314,8 @@ class RankingServicer:
                 self.metrics.degraded_retrieval.inc()
                 extra["degraded_retrieval"] = True
             extra.update(cold_start=ranking.cold_start, returned=len(ranking.item_ids), degraded=degraded)
-            self.live.served(extra["request_id"], query.user_id, now, cascade.version, ranking, degraded)
+            extra["on_sent"] = lambda: self.live.served(extra["request_id"], query.user_id, now, cascade.version,
+                                                        ranking, degraded)
             return response_from_ranking(ranking, cascade.version, request.debug, cascade.ids, degraded)
 
         return self._guard(context, "Rank", run)

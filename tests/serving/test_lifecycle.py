@@ -378,3 +378,35 @@ def test_a_call_finished_after_its_deadline_is_not_logged_ok(artifacts, held, ca
     finally:
         gate.release.set()
         server.stop(None)
+
+
+def test_an_answer_nobody_reads_is_not_logged_as_an_impression(artifacts, tmp_path):
+    """Held in pCVR past its deadline: the call ends DEADLINE_EXCEEDED and the impression log
+    gets no row for it (nothing was shown); the next answered call is logged."""
+    import pyarrow.parquet as pq
+
+    from recstack.serving.events import LivePath
+
+    live = LivePath(None, log_dir=tmp_path / "log")
+    server, port, servicer = build_server(artifacts, max_workers=2, live=live)
+    models = servicer.cascade.fine.models
+    gate = _Gate(models[1])
+    models[1] = gate
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.RankingServiceStub(ch)
+            fut = stub.Rank.future(client.make_request(1, 5), timeout=0.5)
+            assert gate.entered.wait(10)
+            with pytest.raises(grpc.RpcError) as e:
+                fut.result()
+            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            _wait_for(lambda: gate.context.time_remaining() <= 0)
+            gate.release.set()
+            _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
+            answered = stub.Rank(client.make_request(2, 5), timeout=30)
+    finally:
+        gate.release.set()
+        server.stop(None)
+        live.close()
+    rows = pq.read_table(sorted((tmp_path / "log").rglob("impressions*.parquet"))).to_pydict()
+    assert set(rows["user_id"]) == {2} and len(rows["user_id"]) == len(answered.items)
