@@ -14,9 +14,10 @@ Two targets:
 - `clicks`: the clicked impressions of the evaluation day (hit: the clicked item is in the list);
 - `oracle`: for the first request of sampled users active that day, the 50 items of highest
   true expected GMV (`recstack.world.truth.Truth.oracle_top_k`; hit share |oracle ∩ list| / 50).
-And a ceiling: the recall of a sample of those clicks in the user's top K by *true* pCTR
-for that day (the simulator's noise-free click logit): what taste alone predicts of which
-items get clicked, given that a click also needs the logging policy to show the item.
+And two ceilings from the simulator's truth, on a sample of those clicks: the user's top K
+by true pCTR that day (what taste alone predicts; a click also needs the logging policy to
+show the item), and the top K by true pCTR times the policy's probability of showing the
+item that day (`exposure_ceiling`: what perfect knowledge of the world could reach).
 """
 from __future__ import annotations
 
@@ -122,6 +123,47 @@ def pctr_ceiling(data: SimData, truth: Truth, day: int, ks=KS, max_clicks: int =
     return {"clicks": int(len(rows)), **{f"true_pctr@{k}": float(np.mean(hits[k])) for k in ks}}
 
 
+def exposure_ceiling(data: SimData, truth: Truth, day: int, ks=KS, max_clicks: int = 500, sessions: int = 200,
+                     seed: int = 0) -> dict[str, float]:
+    """Recall@K of sampled clicks of `day` in the clicking user's top K by the simulator's own
+    expected clicks that day: P(the logging policy shows the item in a session) x true pCTR,
+    the showing probability estimated from `sessions` simulated sessions per user with the
+    day's true intents. No model that sees only the logs can know that day's intents, so this
+    bounds what any retrieval list can reach on next-day clicks."""
+    w, cfg = truth.world, truth.world.cfg
+    imps = data.impressions(day)
+    clicked = np.flatnonzero(imps["click"])
+    rows = np.sort(np.random.default_rng(seed).permutation(clicked)[:max_clicks])
+    rng = np.random.default_rng(seed + 1)
+    by_cat = np.argsort(w.item_cat, kind="stable")
+    start = np.searchsorted(w.item_cat[by_cat], np.arange(cfg.n_categories + 1))
+    cum_pop = np.cumsum(w.item_pop)
+    hits = {k: [] for k in ks}
+    for r in rows:
+        u = int(imps["user_id"][r])
+        intent = truth.intent(np.array([u]), day)[0]  # (k,)
+        pop = np.minimum(np.searchsorted(cum_pop, rng.random((sessions, cfg.policy_pool_popular)) * cum_pop[-1]), cfg.n_items - 1)
+        ic = intent[rng.integers(0, len(intent), (sessions, cfg.policy_pool_intent))]
+        cnt = start[ic + 1] - start[ic]
+        own = by_cat[np.minimum(start[ic] + (rng.random(ic.shape) * np.maximum(cnt, 1)).astype(np.int64), cfg.n_items - 1)]
+        pool = np.concatenate([pop, np.where(cnt > 0, own, pop[:, : ic.shape[1]])], axis=1)  # (S, P)
+        score = (cfg.policy_popularity_weight * np.log(w.item_pop[pool]) + cfg.policy_affinity_weight
+                 * (w.item_latent[pool] @ w.taste[u]) + cfg.policy_noise * rng.normal(size=pool.shape))
+        shown = np.zeros(pool.shape, dtype=bool)  # each session's top impressions_per_session distinct items
+        for s in range(sessions):
+            ids, first = np.unique(pool[s], return_index=True)
+            top = first[np.argsort(-score[s, first])[: cfg.impressions_per_session]]
+            shown[s, top] = True
+        exposure = np.bincount(pool[shown], minlength=cfg.n_items) / sessions  # (I,)
+        expected = exposure * truth.pctr(np.array([u]), np.arange(cfg.n_items)[None, :], day)[0]
+        e = expected[imps["item_id"][r]]
+        rank = (expected > e).sum() + 0.5 * ((expected == e).sum() - 1)  # ties (never shown: 0) take their mean place
+        for k in ks:
+            hits[k].append(rank < k)
+    return {"clicks": int(len(rows)), "sessions_per_user": sessions,
+            **{f"exposure_x_pctr@{k}": float(np.mean(hits[k])) for k in ks}}
+
+
 def load_model(path: str | Path) -> tuple[TwoTower, Config, dict]:
     """A retrieval checkpoint -> (model in eval mode, its config, the checkpoint)."""
     ckpt = checkpoint.load(path, stage=STAGE)
@@ -132,7 +174,7 @@ def load_model(path: str | Path) -> tuple[TwoTower, Config, dict]:
 
 
 def run(path: str | Path, data_dir: str | Path | None = None, split: str | None = None, *, ks=KS,
-        n_users: int = 300, max_clicks: int = 2000, ceiling: bool = True) -> dict:
+        n_users: int = 300, max_clicks: int = 2000, ceiling: bool = True, ceiling_clicks: int = 500) -> dict:
     """Click and oracle recall of a checkpoint on its split's evaluation day (or `split`'s)."""
     model, cfg, ckpt = load_model(path)
     data = load(data_dir or ckpt["data_dir"])
@@ -148,7 +190,8 @@ def run(path: str | Path, data_dir: str | Path | None = None, split: str | None 
     out = {"split": split, "day": int(day), "clicks": click_recall(model, data, day, popular, item_emb, ks, max_clicks),
            "oracle": oracle_recall(model, data, truth, day, popular, item_emb, ks, n_users)}
     if ceiling:
-        out["ceiling"] = pctr_ceiling(data, truth, day, ks)
+        out["ceiling"] = {**pctr_ceiling(data, truth, day, ks, 2 * ceiling_clicks),
+                          **exposure_ceiling(data, truth, day, ks, ceiling_clicks)}
     return out
 
 
@@ -159,9 +202,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--split", choices=("test", "valid"), default=None, help="default: the checkpoint's")
     p.add_argument("--users", type=int, default=300, help="users sampled for the oracle recall")
     p.add_argument("--clicks", type=int, default=2000, help="clicks sampled for the click recall")
+    p.add_argument("--no-ceiling", action="store_true", help="skip the truth ceilings (the exposure one simulates sessions: minutes)")
     p.add_argument("--out", default=None, help="write the result as JSON here")
     a = p.parse_args(argv)
-    res = run(a.checkpoint, a.data, a.split, n_users=a.users, max_clicks=a.clicks)
+    res = run(a.checkpoint, a.data, a.split, n_users=a.users, max_clicks=a.clicks, ceiling=not a.no_ceiling)
     text = json.dumps(res, indent=2)
     if a.out:
         Path(a.out).write_text(text + "\n")

@@ -2,6 +2,8 @@
 logQ strength, the split; and the recall evaluation against clicks and the oracle."""
 from __future__ import annotations
 
+import json
+
 import faiss
 import numpy as np
 import pytest
@@ -151,11 +153,25 @@ def test_served_lists_merge_the_two_sources_as_serving_does():
 
 
 def test_evaluation_reports_recall_against_clicks_and_the_oracle(log_run, tiny_data):
-    res = evaluate_run(log_run[0], tiny_data, n_users=20, max_clicks=100, ks=(10, 50))
+    res = evaluate_run(log_run[0], tiny_data, n_users=20, max_clicks=100, ks=(10, 50), ceiling_clicks=10)
     assert res["split"] == "valid" and res["day"] == load(tiny_data).valid_day
     for part in ("clicks", "oracle"):
         for name in ("model", "served", "popularity", "popularity_log"):
             for k in (10, 50):
                 assert 0.0 <= res[part][f"{name}@{k}"] <= 1.0
             assert res[part][f"{name}@10"] <= res[part][f"{name}@50"] + 1e-12
-    assert 0.0 <= res["ceiling"]["true_pctr@10"] <= res["ceiling"]["true_pctr@50"] <= 1.0
+    for name in ("true_pctr", "exposure_x_pctr"):
+        assert 0.0 <= res["ceiling"][f"{name}@10"] <= res["ceiling"][f"{name}@50"] <= 1.0
+
+
+def test_sweep_records_each_run_and_seed_once(tiny_data, tmp_path):
+    from retrieval import sweep
+
+    runs = ["batch_size=128;max_steps=2", "batch_size=128;max_steps=2;logq_alpha=0.5"]
+    path = sweep.run(tiny_data, tmp_path, runs, [0], "valid")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["run"], r["seed"], r["split"], r["steps"]) for r in rows] == [(runs[0], 0, "valid", 2), (runs[1], 0, "valid", 2)]
+    sweep.run(tiny_data, tmp_path, runs, [0], "valid")  # resumed: nothing left to train
+    assert len(path.read_text().splitlines()) == 2
+    with pytest.raises(ConfigError):
+        sweep.run(tiny_data, tmp_path, ["no_such_key=1"], [0], "valid")
