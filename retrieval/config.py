@@ -30,7 +30,9 @@ class Config:
     logq_correction: bool = True  # subtract log(sampling prob.) from logits; False = plain in-batch softmax (ablation)
     # Strength alpha of the correction: logits - alpha * log Q. 1 is the classic correction (an
     # unbiased softmax over the corpus); below 1 part of the sampling bias towards popular
-    # items is kept, which is what predicts next-day clicks on a Zipf world.
+    # items is kept. Measured on small's validation day (recall@50): 0 -> 0.158, 0.5 -> 0.410,
+    # 1 -> 0.448 (impressions); with log positives 1 -> 0.459 and, over-corrected, 1.5 -> 0.454,
+    # 2 -> 0.451: the classic correction is the best setting there
     logq_alpha: float = 1.0
     logq_smoothing: float = 1.0  # add-k count smoothing in the click-frequency estimate of the sampling probability
     # Uniform negatives from the whole corpus (mixed negative sampling, Yang et al. 2020).
