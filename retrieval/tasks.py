@@ -81,6 +81,14 @@ def sampling_log_q(click_counts: np.ndarray, batch_size: int, num_uniform: int, 
     return np.log(np.maximum(expected, 1e-30)).astype(np.float32)
 
 
+def logq_vector(click_counts: np.ndarray, batch_size: int, num_uniform: int, smoothing: float,
+                alpha: float = 1.0, enabled: bool = True) -> np.ndarray:
+    """What each candidate's logit is corrected by, (n_items,) float32: alpha * `sampling_log_q`
+    (alpha = 1: the classic correction), or zeros when the correction is off."""
+    if not enabled or alpha == 0.0:
+        return np.zeros(len(click_counts), dtype=np.float32)
+    return (alpha * sampling_log_q(click_counts, batch_size, num_uniform, smoothing)).astype(np.float32)
+
 
 class InBatchSoftmaxStep:
     """The loss of one training step on rows `rows` of `self.rows` (the training clicks as model

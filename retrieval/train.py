@@ -26,7 +26,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -43,8 +43,9 @@ from retrieval.inputs import (  # noqa: F401  (embed_items, top_k_inner_product:
     ITEM_INPUTS, STAGE, USER_INPUTS, corpus_inputs, embed_items, embed_users, materialise, top_k_inner_product,
 )
 from retrieval.model import TwoTower, build_model
+from retrieval.positives import log_events, log_positives
 from retrieval.tasks import (  # noqa: F401  (sampled_softmax_loss: re-exported)
-    InBatchSoftmaxStep, SampledSoftmaxLoss, sampled_softmax_loss, sampling_log_q,
+    InBatchSoftmaxStep, SampledSoftmaxLoss, logq_vector, sampled_softmax_loss, sampling_log_q,
 )
 
 TRAIN_KEYS = USER_INPUTS + ITEM_INPUTS + ("item_id",)  # the model inputs of a training click
@@ -62,7 +63,9 @@ def evaluate(
     behaviours strictly before ts; a hit is the clicked item among the top K. Baselines:
     the K items most clicked in training (popularity) and chance, K / n_items.
     `tail_recall@K` is the model's recall on the clicks outside the popular top K (where
-    the popularity baseline scores 0 by construction).
+    the popularity baseline scores 0 by construction). `pop_log_recall@K`: popularity counted
+    over every click of the behaviour log before `day` (history days included), the baseline
+    that sees the same clicks as a model trained on `positives=log`.
     """
     n_items = data.items.n
     ks = sorted({k for k in eval_k if k <= n_items})
@@ -76,11 +79,14 @@ def evaluate(
     target = inputs["item_id"]
     retrieved = top_k_inner_product(embed_users(model, inputs, batch_size), embed_items(model, data.items), ks[-1])
     popular = np.argsort(-np.asarray(train_click_counts), kind="stable")[: ks[-1]]
+    log_counts = np.bincount(log_events(data, ("click",), day)["item_id"], minlength=n_items)
+    popular_log = np.argsort(-log_counts, kind="stable")[: ks[-1]]
     for k in ks:
         hit = (retrieved[:, :k] == target[:, None]).any(axis=1)
         in_popular = np.isin(target, popular[:k])
         metrics[f"recall@{k}"] = float(hit.mean())
         metrics[f"pop_recall@{k}"] = float(in_popular.mean())
+        metrics[f"pop_log_recall@{k}"] = float(np.isin(target, popular_log[:k]).mean())
         metrics[f"random_recall@{k}"] = k / n_items
         # What personalisation adds: recall on the clicks the popularity list misses.
         if (~in_popular).any():  # undefined (and left out) when popularity covers every click
@@ -88,33 +94,68 @@ def evaluate(
     return metrics
 
 
+class EpochCurve:
+    """Recall on the evaluation day after each epoch (`Config.eval_every_epoch`): the curve
+    that says whether more epochs would pay. Draws nothing from the training generator."""
+
+    def __init__(self, model: TwoTower, data: SimData, day: int, cfg: Config, clicks: "Clicks"):
+        self.model, self.data, self.day, self.cfg, self.clicks = model, data, day, cfg, clicks
+        self.points: list[dict] = []
+
+    def __call__(self) -> None:
+        m = evaluate(self.model, self.data, self.day, self.cfg.eval_k, self.clicks.popularity_counts, self.cfg.eval_batch_size)
+        self.model.train()
+        self.points.append({"epoch": len(self.points) + 1, **{
+            k: v for k, v in m.items() if k.startswith(("recall@", "pop_recall@", "pop_log_recall@"))}})
+
+
 # --- training --------------------------------------------------------------------------
 
 
 @dataclass
 class Clicks:
-    """The training clicks: `n` of them, their per-item counts (logQ, the popularity baseline),
-    and either every click as model inputs (`rows`, in memory) or this rank's `stream`."""
+    """The training positives: `n` of them, their per-item counts (logQ), and either every
+    positive as model inputs (`rows`, in memory) or this rank's `stream`. `popularity`: the
+    fit days' impression clicks per item, the popularity baseline whatever the positives."""
 
     n: int
     counts: np.ndarray
     rows: dict[str, np.ndarray]
     stream: Optional[ShardStream] = None
+    popularity: Optional[np.ndarray] = None
+
+    @property
+    def popularity_counts(self) -> np.ndarray:
+        return self.counts if self.popularity is None else self.popularity
+
+
+def split_days(cfg: Config, data: SimData) -> tuple[list[int], int]:
+    """(fit days, evaluation day) of cfg.split: the test day, or the validation day options are chosen on."""
+    return (data.train_days, data.test_day) if cfg.split == "test" else (data.fit_days, data.valid_day)
 
 
 def training_clicks(cfg: Config, data: SimData, data_dir: str | Path) -> Clicks:
-    """The clicked impressions of the training days, materialised or streamed (cfg.stream_chunk_rows)."""
+    """The training positives (retrieval/positives.py): the fit days' clicked impressions,
+    materialised or streamed (cfg.stream_chunk_rows), or the behaviour log's events."""
     world = D.world()
     n_items = data.items.n
+    fit_days, eval_day = split_days(cfg, data)
+    if not fit_days:
+        raise ConfigError(f"split={cfg.split}: a {data.n_days}-day world leaves no day to fit on")
+    if cfg.positives == "log":
+        rows = log_positives(data, cfg.positive_kinds, eval_day, cfg.session_gap_s)
+        imps = data.impressions(fit_days)
+        popularity = np.bincount(imps["item_id"][imps["click"].astype(bool)], minlength=n_items)
+        return Clicks(len(rows["item_id"]), np.bincount(rows["item_id"], minlength=n_items), rows, None, popularity)
     if cfg.stream_chunk_rows > 0:
-        st = ShardStream(data, data.train_days, chunk_rows=cfg.stream_chunk_rows, seed=cfg.seed, rank=world.rank,
+        st = ShardStream(data, fit_days, chunk_rows=cfg.stream_chunk_rows, seed=cfg.seed, rank=world.rank,
                          world_size=world.size, clicked_only=True)
         counts = np.zeros(n_items, dtype=np.int64)  # exact click counts: one pass over the item_id column
         for cols in st.scan(["item_id"]):
             counts += np.bincount(cols["item_id"], minlength=n_items)
         clicks = Clicks(st.total_rows, counts, {}, st)  # rows: the current chunk's (streamed)
     else:
-        ex = data.examples(data.train_days, clicked_only=True)
+        ex = data.examples(fit_days, clicked_only=True)
         clicks = Clicks(len(ex), np.zeros(0), {})
     if clicks.n < 2:
         raise RuntimeError(f"{data_dir}: {clicks.n} training clicks; need at least 2")
@@ -140,10 +181,11 @@ def steps_per_epoch(cfg: Config, clicks: Clicks, batch_size: int, local_batch: i
 
 
 def click_batches(cfg: Config, clicks: Clicks, step: InBatchSoftmaxStep, rng: np.random.Generator, batch_size: int,
-                  local_batch: int, per_epoch: int) -> Batches:
+                  local_batch: int, per_epoch: int, on_epoch: Optional[Callable[[], None]] = None) -> Batches:
     """The loop's batches: row indices into `step.rows`. In memory, each epoch a permutation
     drawn from `rng` (the generator that also draws the uniform negatives) cut into
-    `per_epoch` full batches; streamed, full batches of `local_batch` rows within each chunk."""
+    `per_epoch` full batches; streamed, full batches of `local_batch` rows within each chunk.
+    on_epoch (in memory): called after each epoch but the last, whose model `train` evaluates."""
     if clicks.stream is not None:
         def load(chunk) -> None:
             step.rows.clear()
@@ -165,6 +207,8 @@ def click_batches(cfg: Config, clicks: Clicks, step: InBatchSoftmaxStep, rng: np
             for s in range(first, per_epoch):
                 yield order[s * batch_size : (s + 1) * batch_size], lambda: {"order": torch.from_numpy(order), "next": s + 1}
             order = None
+            if on_epoch is not None:  # every step of the epoch has run: the loop asks for the next batch
+                on_epoch()
 
     return epochs
 
@@ -194,10 +238,8 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
     batch_size = min(cfg.batch_size, clicks.n)
     D.check_divisible(batch_size=batch_size, num_uniform_negatives=cfg.num_uniform_negatives)
     local_batch = batch_size // world.size
-    log_q_items = torch.from_numpy(
-        sampling_log_q(clicks.counts, batch_size, cfg.num_uniform_negatives, cfg.logq_smoothing)
-        if cfg.logq_correction else np.zeros(n_items, dtype=np.float32)
-    )
+    log_q_items = torch.from_numpy(logq_vector(clicks.counts, batch_size, cfg.num_uniform_negatives, cfg.logq_smoothing,
+                                               cfg.logq_alpha, cfg.logq_correction))
     model = build_model(cfg, data.vocab)
     loss_fn = SampledSoftmaxLoss(cfg.temperature, cfg.learn_temperature)
     opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -216,7 +258,8 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
                 before_finish=step.rows.clear if streamed else None, desc=STAGE, show=progress)
     with training_state(out_dir, STAGE, cfg, checkpoint_every, resume) as state:
         model.train()
-        stats = loop.run(step, click_batches(cfg, clicks, step, rng, batch_size, local_batch, per_epoch))
+        curve = EpochCurve(model, data, split_days(cfg, data)[1], cfg, clicks) if cfg.eval_every_epoch else None
+        stats = loop.run(step, click_batches(cfg, clicks, step, rng, batch_size, local_batch, per_epoch, curve))
     steps, running = int(stats["steps"]), float(stats["loss"])
     train_seconds = time.perf_counter() - t0
 
@@ -224,18 +267,23 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         D.barrier()
         return {"train_clicks": int(clicks.n), "steps": int(steps), "train_loss": float(running),
                 "train_seconds": float(train_seconds)}
-    metrics = evaluate(model, data, data.test_day, cfg.eval_k, clicks.counts, cfg.eval_batch_size)
+    eval_day = split_days(cfg, data)[1]
+    metrics = evaluate(model, data, eval_day, cfg.eval_k, clicks.popularity_counts, cfg.eval_batch_size)
     metrics.update(
         train_clicks=int(clicks.n), steps=int(steps), train_loss=float(running),
         temperature=float(loss_fn.temperature.item()), train_seconds=float(train_seconds),
     )
+    if curve is not None:
+        metrics["epoch_curve"] = curve.points + [{"epoch": len(curve.points) + 1, **{
+            k: metrics[k] for k in metrics if k.startswith(("recall@", "pop_recall@", "pop_log_recall@"))}}]
     if streamed:
         metrics["stream_chunk_rows"] = int(cfg.stream_chunk_rows)
     if world.distributed:
         metrics["world_size"] = int(world.size)
     if state.resumed:
         metrics["resumed"] = True
-    _print_metrics(metrics, data.test_day)
+    metrics["eval_day"] = int(eval_day)
+    _print_metrics(metrics, eval_day)
     save_model(out_dir, STAGE, cfg, model.state_dict(), metrics, data_dir, data.vocab)
     D.barrier()
     return metrics
@@ -247,5 +295,6 @@ def _print_metrics(metrics: dict, day: int) -> None:
           f"{metrics['train_seconds']:.1f}s; test day {day}: {int(metrics['test_clicks'])} clicks")
     for k in ks:
         print(f"  recall@{k:<5d} model {metrics[f'recall@{k}']:.4f}   popularity {metrics[f'pop_recall@{k}']:.4f}"
+              f" (whole log's clicks {metrics[f'pop_log_recall@{k}']:.4f})"
               f"   random {metrics[f'random_recall@{k}']:.4f}   model on clicks outside the popular top-{k}:"
               f" {metrics.get(f'tail_recall@{k}', float('nan')):.4f}")

@@ -20,8 +20,9 @@ from retrieval.train import Config, build_model, sampled_softmax_loss, sampling_
 
 VOCAB = Vocab(n_users=50, n_items=200, n_categories=10, n_shops=20, n_brands=15, n_price_buckets=5,
               n_age_buckets=7, n_genders=2, n_activity_levels=4, log_price_mean=3.0, log_price_std=1.0)
-# Tiny-world training budget for tests: ~1k clicks, so smaller batches and more passes.
-TINY = dict(batch_size=128, epochs=8)
+# Tiny-world training budget for tests: ~1k clicked impressions, so smaller batches and more
+# passes (the behaviour-log positives, the default, are tested in test_retrieval_options.py).
+TINY = dict(positives="impressions", batch_size=128, epochs=8)
 
 
 # shared 2-core machine: one intra-op thread is also the fastest for these small ops

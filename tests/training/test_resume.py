@@ -24,7 +24,7 @@ FINE = dict(ctr_hidden=(32, 16), cvr_hidden=(32, 16), ctr_batch_size=256, ctr_ep
             cvr_teacher="pfd", cvr_md_hidden=(32, 16))
 COARSE = dict(embed_dim=8, d_model=16, n_heads=2, ff_dim=32, hidden=(32,), out_dim=16, batch_size=256, epochs=2,
               max_steps=30, warmup_steps=5, teacher="pfd", teacher_hidden=(32,), swap_step=5, eval_max_rows=500)
-RETRIEVAL = dict(epochs=3, batch_size=128, num_uniform_negatives=32, user_hidden=(16,), item_hidden=(16,), dim=16,
+RETRIEVAL = dict(positives="impressions", epochs=3, batch_size=128, num_uniform_negatives=32, user_hidden=(16,), item_hidden=(16,), dim=16,
                  eval_k=(50,))
 
 

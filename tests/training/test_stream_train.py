@@ -30,7 +30,7 @@ COARSE = dict(embed_dim=8, d_model=32, n_heads=4, ff_dim=64, hidden=(64,), out_d
               teacher_hidden=(64, 32), max_steps=0)
 FINE = dict(ctr_hidden=(64, 32), cvr_hidden=(64, 32), ctr_batch_size=256, ctr_epochs=2, cvr_batch_size=128,
             cvr_teacher="pfd", cvr_md_hidden=(64, 32))
-RETRIEVAL = dict(epochs=3, batch_size=128, num_uniform_negatives=64, user_hidden=(32,), item_hidden=(32,),
+RETRIEVAL = dict(positives="impressions", epochs=3, batch_size=128, num_uniform_negatives=64, user_hidden=(32,), item_hidden=(32,),
                  eval_k=(50, 100))
 
 # Streamed vs in-memory held-out metric: about the seed-to-seed spread of these runs.
