@@ -321,8 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"], help="world size")
     s.add_argument("--seed", type=int, default=0, help="random seed of the world")
 
-    s = _add(sub, "live", "serve, replay, retrain and reload day by day against a frozen arm (recstack.pipeline.live)",
-             _cmd_live)
+    _live_arguments(_add(sub, "live", "serve, replay, retrain and reload day by day against a frozen arm "
+                         "(recstack.pipeline.live)", _cmd_live))
+    return p
+
+
+def _live_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--out", default="runs/live", help="everything is written under this folder (resumed if it exists)")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"], help="world size when simulating")
     s.add_argument("--data", default=None, help="a world folder with >= initial + live days, instead of simulating one")
@@ -332,7 +336,6 @@ def build_parser() -> argparse.ArgumentParser:
                              ("--day-wall-s", float, "seconds a replayed day is compressed to (default 15)")):
         s.add_argument(flag, type=typ, default=None, help=help_)
     s.add_argument("--seed", type=int, default=0, help="random seed of the world")
-    return p
 
 
 def _serve_arguments(s: argparse.ArgumentParser) -> None:

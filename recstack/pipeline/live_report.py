@@ -75,23 +75,45 @@ def plot(summary: dict, path: str | Path) -> Path:
     rows = summary["days"]
     x = np.array([r["world_day"] for r in rows])
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for arm, off, label in (("A", -0.08, "A: frozen day-0 bundle"), ("B", 0.08, "B: retrained daily")):
-        for metric, style in (("expected_gmv", "o-"), ("gmv", "x:")):
-            m = [r["arms"][arm][metric] for r in rows]
-            mean = np.array([v["mean"] for v in m])
-            err = np.array([[v["mean"] - v["ci_low"] for v in m], [v["ci_high"] - v["mean"] for v in m]])
-            ax1.errorbar(x + off, mean, yerr=err, fmt=style, capsize=3, color="C0" if arm == "A" else "C1",
-                         label=f"{label}, {'expected (truth)' if metric == 'expected_gmv' else 'realised'}")
-    ax1.set(title="online GMV per request (95% CI)", xlabel="world day (live)", ylabel="GMV / request")
+    for arm, off, color, label in (("A", -0.08, "C0", "A: frozen day-0 bundle"), ("B", 0.08, "C1", "B: retrained daily")):
+        m = [r["arms"][arm]["expected_gmv"] for r in rows]
+        mean = np.array([v["mean"] for v in m])
+        err = np.array([[v["mean"] - v["ci_low"] for v in m], [v["ci_high"] - v["mean"] for v in m]])
+        ax1.errorbar(x + off, mean, yerr=err, fmt="o-", capsize=3, color=color, label=label)
+    ax1.set(title="online GMV per request, expected under the truth (95% CI)", xlabel="world day (live)",
+            ylabel="E[GMV] / request", xticks=x)
     ax1.legend(fontsize=7)
     for i, (stage, key) in enumerate(AUC_KEYS):
         name = f"{stage} {key.replace('_auc', '').upper() if stage == 'fine' else ''}".strip()
         ax2.plot(x, [r["auc"]["served"][stage][key] for r in rows], "o-", color=f"C{i}", label=f"{name}: served (B)")
         ax2.plot(x, [r["auc"]["frozen"][stage][key] for r in rows], "s--", color=f"C{i}", alpha=0.6,
                  label=f"{name}: frozen day 0")
-    ax2.set(title="AUC on the day's B log, before training on it", xlabel="world day (live)", ylabel="AUC")
+    ax2.set(title="AUC on the day's B log, before training on it", xlabel="world day (live)", ylabel="AUC", xticks=x)
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def markdown(summary: dict) -> str:
+    """The per-day table of report.md: both arms' per-request figures, B − A, next-day AUCs."""
+    def ci(v: dict) -> str:
+        return f"{v['mean']:.3f} [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
+
+    def d(v: dict) -> str:
+        return f"{v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
+
+    lines = ["| day | requests A / B | E[GMV]/req A | E[GMV]/req B | B − A E[GMV] | GMV/req B − A | CTR A / B | "
+             "conv./req A / B | AUC served / frozen: retrieval, coarse, fine CTR, fine CVR | rows trained | "
+             "reload: probe calls, failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["days"]:
+        a, b, diff = r["arms"]["A"], r["arms"]["B"], r["diff_b_minus_a"]
+        aucs = ", ".join(f"{r['auc']['served'][s][k]:.3f} / {r['auc']['frozen'][s][k]:.3f}" for s, k in AUC_KEYS)
+        lines.append(f"| {r['world_day']} | {r['requests']['A']} / {r['requests']['B']} | {ci(a['expected_gmv'])} | "
+                     f"{ci(b['expected_gmv'])} | {d(diff['expected_gmv'])} | {d(diff['gmv'])} | "
+                     f"{a['ctr']['mean']:.4f} / {b['ctr']['mean']:.4f} | {a['conversions']['mean']:.4f} / "
+                     f"{b['conversions']['mean']:.4f} | {aucs} | {r['trained_rows']['fine']} | "
+                     f"{r['reload']['probe_calls']}, {r['failed_calls']} |")
+    return "\n".join(lines)

@@ -98,7 +98,7 @@ def _warm_retrieval(ck, opt_state, data, days, out_dir, origin) -> dict:
     batches = lambda resume: ((order[s * batch:(s + 1) * batch], dict) for s in range(total))  # noqa: E731
     stats = _run(f"live:retrieval@day{days[-1]}", n, nn.ModuleDict({"model": model, "loss": loss_fn}), opt, total,
                  step, batches)
-    stats.update(rows=int(n), positives="clicked impressions")
+    stats.update(rows=int(n), rows_used=int(total * batch), positives="clicked impressions")  # full batches only
     _save(out_dir, "retrieval", cfg, model.state_dict(), stats, origin, data.vocab, opt.state_dict())
     return stats
 

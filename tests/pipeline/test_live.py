@@ -20,11 +20,10 @@ TINY_OVERRIDES = {
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread):
-    # the export's int8 checks on fewer requests and users: these tests check the loop; the
-    # checks themselves are tested with the exporters
+    # the coarse export's int8 parity check on 50 requests, not 1,000: these tests check the
+    # loop; the check itself is tested with the exporter
     patch = pytest.MonkeyPatch()
     patch.setattr("coarse_rank.export.INT8_REQUESTS", 50)
-    patch.setattr("recstack.pipeline.fine_check.USERS", 50)
     out = tmp_path_factory.mktemp("live")
     cfg = LiveConfig(preset="tiny", days=2, initial_days=3, sessions=30, day_wall_s=0.5, probe_s=0.2, log_roll_s=0.2,
                      train_overrides=TINY_OVERRIDES, in_process=True)
