@@ -207,7 +207,8 @@ def _cmd_serve(args) -> int:
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                      bundle_key=os.environ.get("RECSTACK_BUNDLE_KEY") or None,
                      max_message_bytes=args.max_message_bytes, feature_store=args.feature_store,
-                     impression_log=args.impression_log, log_roll_s=args.log_roll_s, retrieval_backend=args.retrieval_backend,
+                     impression_log=args.impression_log, log_roll_s=args.log_roll_s,
+                     retrieval_backend=args.retrieval_backend,
                      retrieval_timeout_s=args.retrieval_timeout_ms / 1e3)
     except BundleError as e:
         print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)

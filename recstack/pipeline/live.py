@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from recstack.pipeline import live_data, warm
-from recstack.pipeline.live_report import day_line, summarise
+from recstack.pipeline.live_report import concentration, day_line, summarise
 from recstack.pipeline.quickstart import STAGE_ORDER, _free_port, _wait_serving
 from recstack.pipeline.replay import ReplayConfig, replay
 
@@ -99,7 +99,8 @@ class InProcessServer:
     """The same server in this process (build_server on port 0, read back), for the tests."""
 
     def __init__(self, root: Path, token_file: Path, roll_s: float):
-        self.root, self.token, self.roll_s, self.server, self.servicer = root, token_file.read_text().strip(), roll_s, None, None
+        self.root, self.token, self.roll_s = root, token_file.read_text().strip(), roll_s
+        self.server, self.servicer = None, None
 
     def start(self) -> str:
         from recstack.serving.events import LivePath
@@ -267,8 +268,10 @@ def run_day(i: int, day: int, cfg: LiveConfig, out: Path, world: Path, targets: 
     trained = {}
     for stage, path in _checkpoints(prev_runs).items():
         done = d_dir / "runs" / stage / "checkpoint.pt"
-        trained[stage] = (json.loads(json.dumps(warm.C.load(done)["metrics"], default=float)) if done.exists()
-                          else warm.warm_stage(stage, path, d_dir / "world", d_dir / "runs" / stage, world_origin(prev_runs)))
+        if done.exists():  # trained before an interruption
+            trained[stage] = json.loads(json.dumps(warm.C.load(done)["metrics"], default=float))
+        else:
+            trained[stage] = warm.warm_stage(stage, path, d_dir / "world", d_dir / "runs" / stage, world_origin(prev_runs))
     timings["train"] = time.perf_counter() - t
     t = time.perf_counter()
     version = f"day{i:02d}"
@@ -328,6 +331,9 @@ def live(cfg: LiveConfig, out: str | Path, data: str | None = None, stop_after: 
             prev = d_dir / "runs"
     finally:
         codes = {arm: s.stop() for arm, s in servers.items() if targets.get(arm)}
+    for rec in days:  # what each arm showed, from the logs (the servers have flushed them)
+        since = json.loads((out / "days" / f"d{rec['live_day']:02d}" / "replay.json").read_text())["since"]
+        rec["served_mix"] = {arm: concentration(out / "arms" / arm / "live_log", rec["world_day"], since) for arm in ARMS}
     summary = summarise(days, {"config": asdict(cfg), "world": str(world), "days_run_now": ran,
                                "wall_s": time.perf_counter() - t0, "server_exit_codes": codes})
     _write_json(out / "results.json", summary)

@@ -57,7 +57,8 @@ def summarise(days: list[dict], meta: dict) -> dict:
                      "requests": {arm: day["arms"][arm]["requests"] for arm in ("A", "B")},
                      "diff_b_minus_a": {m: welch(arms["B"][m], arms["A"][m]) for m in METRICS},
                      "auc": day["auc"], "trained_rows": {s: day["trained"][s].get("rows") for s in day["trained"]},
-                     "logged_rows": day["logged_rows"], "version": day["version"], "reload": day["reload"],
+                     "logged_rows": day["logged_rows"], "served_mix": day.get("served_mix"), "version": day["version"],
+                     "reload": day["reload"],
                      "failed_calls": failed_calls(day), "timings_s": day["timings_s"]})
     over_days = {m: paired_diff([r["arms"]["B"][m]["mean"] for r in rows], [r["arms"]["A"][m]["mean"] for r in rows])
                  for m in METRICS} if rows else {}
@@ -117,3 +118,21 @@ def markdown(summary: dict) -> str:
                      f"{b['conversions']['mean']:.4f} | {aucs} | {r['trained_rows']['fine']} | "
                      f"{r['reload']['probe_calls']}, {r['failed_calls']} |")
     return "\n".join(lines)
+
+
+def concentration(log_dir: str | Path, day: int, since: float) -> dict:
+    """What one arm served on `day` (its replay's rows): distinct items, the share of the
+    impressions on its 100 most shown items, and the mean item price: a feedback loop that
+    narrows what is shown shows up here first."""
+    from recstack.pipeline.live_data import day_rows
+
+    rows = day_rows(log_dir, f"replay-d{day}-", since)
+    items = rows.get("item_id", np.zeros(0, np.int64))
+    if not len(items):
+        return {"impressions": 0}
+    counts = np.sort(np.bincount(items))[::-1]
+    sources, n_source = np.unique(rows["source"].astype(str), return_counts=True)
+    return {"impressions": int(len(items)), "distinct_items": int((counts > 0).sum()),
+            "top100_share": float(counts[:100].sum() / len(items)), "mean_price": float(np.mean(rows["price"])),
+            "mean_pctr": float(np.mean(rows["pctr"])), "mean_pcvr": float(np.mean(rows["pcvr"])),
+            "sources": {str(k): float(v / len(items)) for k, v in zip(sources, n_source)}}

@@ -214,7 +214,8 @@ def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
             model = build_model(data.vocab, cfg.settings(task), 0)
             model.load_state_dict(ck["model"][task])
             model.eval()
-            out[f"{task}_auc"] = M.auc(rows[label], predict(model, rows, cfg.eval_batch_size)) if len(rows[label]) else math.nan
+            probs = predict(model, rows, cfg.eval_batch_size) if len(rows[label]) else None
+            out[f"{task}_auc"] = M.auc(rows[label], probs) if probs is not None else math.nan
             out[f"{task}_n"] = int(len(rows[label]))
         return out
     raise ValueError(f"stage: unknown {stage!r}; one of {', '.join(STAGES)}")
