@@ -306,8 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--publish-index", default="FLAT", choices=("FLAT", "IVF_FLAT", "HNSW"),
                    help="the Milvus index type of the published collection")
 
-    s = _add(sub, "serve", "serve a bundle over gRPC", _cmd_serve)
-    _serve_arguments(s)
+    _serve_arguments(_add(sub, "serve", "serve a bundle over gRPC", _cmd_serve))
 
     from recstack.bench.loadtest import add_arguments as loadtest_arguments
 
@@ -321,13 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default="runs/quickstart", help="everything is written under this folder")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"], help="world size")
     s.add_argument("--seed", type=int, default=0, help="random seed of the world")
-
-    _live_arguments(_add(sub, "live", "serve, replay, retrain and reload day by day against a frozen arm "
-                         "(recstack.pipeline.live)", _cmd_live))
+    _add_live(sub)
     return p
 
 
-def _live_arguments(s: argparse.ArgumentParser) -> None:
+def _add_live(sub) -> None:
+    s = _add(sub, "live", "serve, replay, retrain and reload day by day against a frozen arm (recstack.pipeline.live)",
+             _cmd_live)
     s.add_argument("--out", default="runs/live", help="everything is written under this folder (resumed if it exists)")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"], help="world size when simulating")
     s.add_argument("--data", default=None, help="a world folder with >= initial + live days, instead of simulating one")
