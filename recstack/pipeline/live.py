@@ -185,12 +185,16 @@ def replay_arms(targets: dict[str, str], world: Path, day: int, cfg: LiveConfig)
 
 
 def wait_logged(log_dir: Path, prefix: str, since: float, rows: int, timeout_s: float = 60.0) -> int:
-    """Wait until the finished impression log holds `rows` rows of the day -> rows found."""
+    """Wait until the finished impression log holds the `rows` rows the day's replay was served
+    -> rows; a log that lost or duplicated rows is an error (training would not see the day)."""
     deadline = time.monotonic() + timeout_s
     while True:
         found = len(live_data.day_rows(log_dir, prefix, since).get("item_id", ()))
-        if found >= rows or time.monotonic() > deadline:
+        if found == rows:
             return found
+        if found > rows or time.monotonic() > deadline:
+            raise RuntimeError(f"impression log {log_dir}: {found} finished rows of {prefix}*, the replay was served "
+                               f"{rows} (after {timeout_s:.0f}s)")
         time.sleep(0.2)
 
 

@@ -10,6 +10,8 @@ and purchases from its true pCVR (recstack.world.truth), and sent back through
 next call of the same user sees them and the impression log can join them. The report gives,
 per request, clicks, CTR, conversions and GMV (realised) and the expected GMV under the truth
 (no sampling noise from the draws), each as a mean with a 95 % t interval over requests.
+`arm` / `arms` replay one arm of an A/B split by user (`user_arm`: a fixed hash of the id), so
+two servers can each take their half of the same day.
 """
 from __future__ import annotations
 
