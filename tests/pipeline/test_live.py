@@ -17,6 +17,9 @@ TINY_OVERRIDES = {
              "cvr_batch_size=64"],
 }
 
+CONFIG = LiveConfig(preset="tiny", days=2, initial_days=3, sessions=30, day_wall_s=0.5, probe_s=0.2, log_roll_s=0.2,
+                    train_overrides=TINY_OVERRIDES, in_process=True)
+
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, one_thread):
@@ -25,11 +28,9 @@ def run(tmp_path_factory, one_thread):
     patch = pytest.MonkeyPatch()
     patch.setattr("coarse_rank.export.INT8_REQUESTS", 50)
     out = tmp_path_factory.mktemp("live")
-    cfg = LiveConfig(preset="tiny", days=2, initial_days=3, sessions=30, day_wall_s=0.5, probe_s=0.2, log_roll_s=0.2,
-                     train_overrides=TINY_OVERRIDES, in_process=True)
-    first = live(cfg, out, stop_after=1)  # an interruption after day 1
+    first = live(CONFIG, out, stop_after=1)  # an interruption after day 1
     day1 = (out / "days" / "d01" / "day.json").read_text()
-    second = live(cfg, out)
+    second = live(CONFIG, out)
     patch.undo()
     return out, first, second, day1
 
@@ -70,3 +71,23 @@ def test_resume_skips_finished_days(run):
     assert first["days_run_now"] == 1 and len(first["days"]) == 1
     assert second["days_run_now"] == 1 and len(second["days"]) == 2
     assert (out / "days" / "d01" / "day.json").read_text() == day1  # day 1 was not run again
+
+
+def test_a_day_interrupted_after_its_export_resumes_there(run, tmp_path):
+    """day.json is written last: without it the day is unfinished; its replay, training and export
+    are found and not redone, B is reloaded and the day recorded again."""
+    import shutil
+
+    out, _, second, _ = run
+    copy = tmp_path / "live"
+    shutil.copytree(out, copy)
+    (copy / "days" / "d02" / "day.json").unlink()
+    replayed = (copy / "days" / "d02" / "replay.json").read_text()
+    ckpt = (copy / "days" / "d02" / "runs" / "fine" / "checkpoint.pt").stat().st_mtime_ns
+    again = live(CONFIG, copy)
+    assert again["days_run_now"] == 1 and again["failed_calls_total"] == 0
+    assert (copy / "days" / "d02" / "replay.json").read_text() == replayed  # not replayed
+    assert (copy / "days" / "d02" / "runs" / "fine" / "checkpoint.pt").stat().st_mtime_ns == ckpt  # not retrained
+    day2 = again["days"][1]
+    assert day2["version"] == "day02" and day2["reload"]["version"] == "day02"
+    assert day2["trained_rows"] == second["days"][1]["trained_rows"]
