@@ -207,7 +207,8 @@ def _cmd_serve(args) -> int:
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                      bundle_key=os.environ.get("RECSTACK_BUNDLE_KEY") or None,
                      max_message_bytes=args.max_message_bytes, feature_store=args.feature_store,
-                     impression_log=args.impression_log, retrieval_backend=args.retrieval_backend,
+                     impression_log=args.impression_log, log_roll_s=args.log_roll_s,
+                     retrieval_backend=args.retrieval_backend,
                      retrieval_timeout_s=args.retrieval_timeout_ms / 1e3)
     except BundleError as e:
         print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)
@@ -227,6 +228,12 @@ def _cmd_quickstart(args) -> int:
     from recstack.pipeline.quickstart import quickstart
 
     return quickstart(workdir=args.workdir, preset=args.preset, seed=args.seed)
+
+
+def _cmd_live(args) -> int:
+    from recstack.pipeline.live import main_from_args
+
+    return main_from_args(args)
 
 
 def _add(sub, name: str, help: str, func) -> argparse.ArgumentParser:
@@ -299,8 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--publish-index", default="FLAT", choices=("FLAT", "IVF_FLAT", "HNSW"),
                    help="the Milvus index type of the published collection")
 
-    s = _add(sub, "serve", "serve a bundle over gRPC", _cmd_serve)
-    _serve_arguments(s)
+    _serve_arguments(_add(sub, "serve", "serve a bundle over gRPC", _cmd_serve))
 
     from recstack.bench.loadtest import add_arguments as loadtest_arguments
 
@@ -314,7 +320,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workdir", default="runs/quickstart", help="everything is written under this folder")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"], help="world size")
     s.add_argument("--seed", type=int, default=0, help="random seed of the world")
+    _add_live(sub)
     return p
+
+
+def _add_live(sub) -> None:
+    s = _add(sub, "live", "serve, replay, retrain and reload day by day against a frozen arm (recstack.pipeline.live)",
+             _cmd_live)
+    s.add_argument("--out", default="runs/live", help="everything is written under this folder (resumed if it exists)")
+    s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"], help="world size when simulating")
+    s.add_argument("--data", default=None, help="a world folder with >= initial + live days, instead of simulating one")
+    for flag, typ, help_ in (("--days", int, "live days (default 7)"),
+                             ("--initial-days", int, "days of the initial training window (default 4)"),
+                             ("--sessions", int, "replayed sessions per arm per day (default 300)"),
+                             ("--day-wall-s", float, "seconds a replayed day is compressed to (default 15)")):
+        s.add_argument(flag, type=typ, default=None, help=help_)
+    s.add_argument("--seed", type=int, default=0, help="random seed of the world")
 
 
 def _serve_arguments(s: argparse.ArgumentParser) -> None:
@@ -336,6 +357,8 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--impression-log", default="",
                    help="folder of the impression and event logs (rolling Parquet; default: live_log/ under the "
                         "artifacts root), or none")
+    s.add_argument("--log-roll-s", type=float, default=60.0,
+                   help="seconds a log file stays open before it is finished and readable by training")
     s.add_argument("--tls-cert", default=None, help="PEM server certificate chain (with --tls-key): serve TLS")
     s.add_argument("--tls-key", default=None, help="PEM private key")
     s.add_argument("--no-reflection", action="store_true", help="switch gRPC server reflection off")

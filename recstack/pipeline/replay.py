@@ -10,6 +10,8 @@ and purchases from its true pCVR (recstack.world.truth), and sent back through
 next call of the same user sees them and the impression log can join them. The report gives,
 per request, clicks, CTR, conversions and GMV (realised) and the expected GMV under the truth
 (no sampling noise from the draws), each as a mean with a 95 % t interval over requests.
+`arm` / `arms` replay one arm of an A/B split by user (`user_arm`: a fixed hash of the id), so
+two servers can each take their half of the same day.
 """
 from __future__ import annotations
 
@@ -37,10 +39,15 @@ class ReplayConfig:
     dwell_mean_s: float = 30.0  # a click's dwell is drawn from an exponential with this mean
     seed: int = 0
     timeout_s: float = 5.0  # each call's deadline
+    # an A/B split by user: only the users with user_arm(user, arms) == arm are replayed
+    arm: int = 0
+    arms: int = 1
 
     def __post_init__(self):
         if self.sessions < 1 or self.k < 1:
             raise ValueError("ReplayConfig: sessions and k must be >= 1")
+        if not 0 <= self.arm < self.arms:
+            raise ValueError(f"ReplayConfig: arm must be in [0, arms={self.arms}), got {self.arm}")
         if not (self.speedup > 0 and self.max_wait_s >= 0 and self.timeout_s > 0 and self.dwell_mean_s >= 0):
             raise ValueError("ReplayConfig: speedup and timeout_s must be > 0; max_wait_s, dwell_mean_s >= 0")
 
@@ -51,13 +58,23 @@ def mean_ci(x: np.ndarray, level: float = 0.95) -> dict:
     n = len(x)
     m = float(x.mean()) if n else float("nan")
     half = float(stats.t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan")
-    return {"mean": m, "ci_low": m - half, "ci_high": m + half, "n": n}
+    sd = float(x.std(ddof=1)) if n > 1 else float("nan")
+    return {"mean": m, "ci_low": m - half, "ci_high": m + half, "n": n, "sd": sd}
 
 
-def _sessions(data, day: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(session ids, users, start times) of a seeded sample of the day's sessions, in time order."""
+def user_arm(users: np.ndarray, arms: int) -> np.ndarray:
+    """Each user's arm of an `arms`-way split: a fixed multiplicative hash of the id, so the
+    split is the same on every day and in every process."""
+    return ((np.asarray(users, np.uint64) * np.uint64(2654435761)) % np.uint64(2**32)) % np.uint64(arms)
+
+
+def _sessions(data, day: int, n: int, seed: int, arm: int = 0, arms: int = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(session ids, users, start times) of a seeded sample of the day's sessions (of the
+    users of `arm`), in time order."""
     imps = data.impressions(day)
     sid, first = np.unique(imps["session_id"], return_index=True)
+    mine = user_arm(imps["user_id"][first], arms) == arm
+    sid, first = sid[mine], first[mine]
     pick = np.sort(np.random.default_rng(seed).permutation(len(sid))[:n])
     sid, user, ts = sid[pick], imps["user_id"][first][pick], imps["ts"][first][pick]
     order = np.argsort(ts, kind="stable")
@@ -69,10 +86,10 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig()) -> di
     data = load(data_dir)
     truth = Truth.load(data_dir)
     day = cfg.day or data.test_day
-    sid, users, ts = _sessions(data, day, cfg.sessions, cfg.seed)
+    sid, users, ts = _sessions(data, day, cfg.sessions, cfg.seed, cfg.arm, cfg.arms)
     rng = np.random.default_rng(cfg.seed)
     rows: dict[str, list] = {k: [] for k in ("clicks", "ctr", "conversions", "gmv", "expected_gmv")}
-    failed, degraded, events_sent = {}, 0, 0
+    failed, degraded, events_sent, served = {}, 0, 0, 0
     with client.channel(target) as ch:
         rank, log_events = pb_grpc.RankingServiceStub(ch).Rank, pb_grpc.EventServiceStub(ch).LogEvents
         t_wall, t_sim = time.monotonic(), float(ts[0])
@@ -87,6 +104,7 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig()) -> di
                 failed[e.code().name] = failed.get(e.code().name, 0) + 1
                 continue
             degraded += resp.degraded_features
+            served += len(resp.items)
             items = np.array([it.item_id for it in resp.items], np.int64)[None]  # (1, K)
             price = np.array([it.price for it in resp.items])
             p, q = truth.pctr([user], items, day)[0], truth.pcvr([user], items, day)[0]
@@ -106,7 +124,7 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig()) -> di
                                ("gmv", float((price * buy).sum())), ("expected_gmv", float((p * q * price).sum()))):
                 rows[key].append(float(value))
     return {"target": target, "data": str(data_dir), "day": day, "config": asdict(cfg),
-            "requests": len(rows["clicks"]), "failed": failed, "degraded": int(degraded), "events_sent": events_sent,
+            "requests": len(rows["clicks"]), "impressions": served, "failed": failed, "degraded": int(degraded), "events_sent": events_sent,
             "per_request": {k: mean_ci(np.array(v)) for k, v in rows.items()}}
 
 

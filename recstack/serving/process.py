@@ -51,6 +51,7 @@ class ServeOptions:
     max_message_bytes: int = 64 << 10
     feature_store: str = ""  # "" = SQLite beside the bundles; a path; redis://HOST:PORT; redis-cluster://H:P,...; "none"
     impression_log: str = ""  # impression + event log folder; "" = live_log/ under the artifacts root; "none" = off
+    log_roll_s: float = 60.0  # the longest an impression / event log file stays open before it is finished
     retrieval_backend: str = "faiss"  # or milvus://HOST:PORT/COLLECTION (recstack.serving.candidates)
     retrieval_timeout_s: float = 0.05  # the longest a remote retrieval call may take (the deadline may cut it shorter)
 
@@ -192,7 +193,7 @@ def _open_live(artifacts: str, opts: ServeOptions) -> LivePath:
         raise ServeError(f"--feature-store: {e}") from None
     log_dir = None if opts.impression_log == "none" else Path(opts.impression_log or root / "live_log")
     try:
-        return LivePath(store, log_dir)
+        return LivePath(store, log_dir, roll_s=opts.log_roll_s)
     except OSError as e:
         if store is not None:
             store.close()

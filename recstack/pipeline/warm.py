@@ -1,0 +1,221 @@
+"""Warm-start every stage on one day of logged traffic, and score a stage's checkpoint on a day.
+
+    stats = warm_stage("fine", "runs/day03/fine/checkpoint.pt", "live/day04/world", "runs/day04/fine", origin)
+    aucs = score_stage("coarse", "runs/day03/coarse/checkpoint.pt", "live/day04/world")
+
+`world` is a folder `recstack.data.live_log.live_log_to_world` wrote from one day's impression
+and event logs (plus the history the server saw); every impression in it is trained on, once:
+one pass, from the checkpoint's weights and the optimiser state the previous day left
+(`optimizer.pt` beside the checkpoint: Adam's moments carry over from day to day, as in
+`recstack.training.loop.Stream`), at the stage's learning rate held constant, through the
+stage's own step on the shared `recstack.training.loop.Loop`:
+
+- retrieval: the clicked impressions, the in-batch sampled softmax with logQ from the day's
+  click counts (`retrieval.tasks.InBatchSoftmaxStep`);
+- coarse: every impression, the student's log-loss alone (`coarse_rank.tasks.DistillationStep`
+  without a teacher: the checkpoint holds the served student only, so there is no trained
+  teacher to distil from on a warm day);
+- fine: CTR on every impression, CVR on the clicked ones, `fine_rank.tasks.fit` in its
+  streaming mode (one pass, the head's bias kept), then the calibration the config asks for.
+
+The checkpoint written names `origin` as its data folder: export snapshots that world (the
+history the live events sit on), not the one-day log world.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from recstack.config import from_dict
+from recstack.data import load
+from recstack.evaluation import metrics as M
+from recstack.training import checkpoint as C
+from recstack.training.loop import Ema, Loop, Stream, save_model
+
+STAGES = ("retrieval", "coarse", "fine")
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def logged_days(data) -> list[int]:
+    """The days of a log world that hold impressions."""
+    return [int(d) for d, v in sorted(data.world["days"].items(), key=lambda kv: int(kv[0])) if v["impressions"] > 0]
+
+
+def _optimizer_state(ckpt_path: Path) -> dict | None:
+    path = Path(ckpt_path).parent / OPTIMIZER_FILE
+    return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
+
+
+def _save(out_dir: Path, stage: str, cfg, model_state, stats: dict, origin, vocab, opt_state: dict) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    C.save(out_dir / OPTIMIZER_FILE, opt_state)
+    save_model(out_dir, stage, cfg, model_state, stats, origin, vocab)
+
+
+def warm_stage(stage: str, ckpt_path: str | Path, world: str | Path, out_dir: str | Path, origin: str | Path) -> dict:
+    """One pass of `stage` over `world`'s impressions from `ckpt_path`; writes
+    `out_dir/checkpoint.pt` (+ optimizer.pt) -> {"rows": rows trained on, "steps", "loss", ...}."""
+    fn = {"retrieval": _warm_retrieval, "coarse": _warm_coarse, "fine": _warm_fine}.get(stage)
+    if fn is None:
+        raise ValueError(f"stage: unknown {stage!r}; one of {', '.join(STAGES)}")
+    ck = C.load(ckpt_path, stage=stage)
+    data = load(world)
+    days = logged_days(data)
+    if not days:
+        raise ValueError(f"{world}: no logged impressions to train on")
+    return fn(ck, _optimizer_state(Path(ckpt_path)), data, days, Path(out_dir), origin)
+
+
+def _warm_retrieval(ck, opt_state, data, days, out_dir, origin) -> dict:
+    from retrieval.inputs import corpus_inputs
+    from retrieval.model import build_model
+    from retrieval.tasks import InBatchSoftmaxStep, SampledSoftmaxLoss, sampling_log_q
+    from retrieval.train import TRAIN_KEYS, Config, materialise
+
+    cfg = from_dict(Config, ck["config"])
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed * 1000 + days[-1])
+    model = build_model(cfg, data.vocab)
+    model.load_state_dict(ck["model"])
+    loss_fn = SampledSoftmaxLoss(cfg.temperature, cfg.learn_temperature)
+    opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    rows = materialise(data.examples(days, clicked_only=True), TRAIN_KEYS)
+    n = len(rows["item_id"])
+    batch = min(cfg.batch_size, n)
+    total = n // batch if n >= 2 else 0  # full batches only (the logQ estimate assumes batch_size candidates)
+    counts = np.bincount(rows["item_id"], minlength=data.items.n)
+    log_q = torch.from_numpy(sampling_log_q(counts, batch, cfg.num_uniform_negatives, cfg.logq_smoothing)
+                             if cfg.logq_correction and total else np.zeros(data.items.n, np.float32))
+    step = InBatchSoftmaxStep(model, loss_fn, corpus_inputs(data.items), log_q, rng, cfg.num_uniform_negatives, False)
+    step.rows = rows
+    order = rng.permutation(n)
+    batches = lambda resume: ((order[s * batch:(s + 1) * batch], dict) for s in range(total))  # noqa: E731
+    stats = _run(f"live:retrieval@day{days[-1]}", n, nn.ModuleDict({"model": model, "loss": loss_fn}), opt, total,
+                 step, batches)
+    stats.update(rows=int(n), rows_used=int(total * batch), positives="clicked impressions")  # full batches only
+    _save(out_dir, "retrieval", cfg, model.state_dict(), stats, origin, data.vocab, opt.state_dict())
+    return stats
+
+
+def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
+    from coarse_rank.tasks import DistillationStep
+    from coarse_rank.train import Config, build_student, training_batches
+    from recstack.training.distill import LambdaSchedule
+
+    cfg = from_dict(Config, {**ck["config"], "epochs": 1})
+    torch.manual_seed(cfg.seed)
+    student = build_student(cfg, data.vocab)
+    student.load_state_dict(ck["model"])
+    params = list(student.parameters())
+    opt = torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adagrad" \
+        else torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if opt_state is not None:
+        opt.load_state_dict(opt_state)
+    ex = data.examples(days)
+    n = len(ex)
+    total = n // cfg.batch_size + (n % cfg.batch_size >= 2)
+    step = DistillationStep(cfg, student, None, LambdaSchedule(cfg.lam, 0))
+    student.train()
+    stats = _run(f"live:coarse@day{days[-1]}", n, student, opt, total, step, training_batches(cfg, ex, cfg.batch_size))
+    stats.update(rows=int(n), teacher="none (the checkpoint holds the served student only)")
+    _save(out_dir, "coarse", cfg, student.state_dict(), stats, origin, data.vocab, opt.state_dict())
+    return stats
+
+
+def _warm_fine(ck, opt_state, data, days, out_dir, origin) -> dict:
+    from fine_rank.calibration import calibrate_to_rate
+    from fine_rank.config import Config
+    from fine_rank.inputs import clicked, materialise
+    from fine_rank.tasks import build_model, fit, make_optimizer
+    from fine_rank.train import label_for
+
+    cfg = from_dict(Config, ck["config"])
+    table = materialise(data.examples(days))
+    tables = {"ctr": table, "cvr": clicked(table)}
+    models, opts, stats = {}, {}, {"rows": int(len(table["click"]))}
+    for task, seed in (("ctr", cfg.seed), ("cvr", cfg.seed + 1)):
+        s = cfg.settings(task)
+        model = build_model(data.vocab, s, seed)
+        model.load_state_dict(ck["model"][task])
+        stream = Stream(days=(days[-1], days[-1] + 1))
+        stream.index, stream.day = 1, days[-1]  # a warm day: the head's bias is kept, no prior reset
+        opt = stream.optimizer(lambda: make_optimizer(model, s))
+        if opt_state is not None and task in opt_state:
+            opt.load_state_dict(opt_state[task])
+        rows, label = tables[task], label_for(task, cfg)
+        if len(rows["click"]) >= 2:
+            stats[task] = fit(model, rows, label, s, seed, stream=stream)
+            rate = float(np.mean(rows[label]))
+            # a day without a positive (or a negative) has no rate to calibrate to: the bias stays
+            if getattr(cfg, f"{task}_calibrate") == "labels" and 0.0 < rate < 1.0:
+                stats[task]["calibration_shift"] = calibrate_to_rate(model, rows, rate, cfg.eval_batch_size)
+        else:
+            stats[task] = {"steps": 0, "n_train": int(len(rows["click"])), "skipped": "fewer than 2 rows"}
+        stats[task]["rows"] = int(len(rows["click"]))
+        models[task], opts[task] = model.state_dict(), opt.state_dict()
+    _save(out_dir, "fine", cfg, models, stats, origin, data.vocab, opts)
+    return stats
+
+
+def _run(name: str, n: int, modules: nn.Module, opt, total: int, step, batches) -> dict:
+    """The shared loop over one day: `total` steps, constant learning rate."""
+    if total == 0:
+        return {"steps": 0, "loss": math.nan}
+    loop = Loop(name, n, modules, opt, total, Ema("running", 0.95, 0.05, empty=math.nan), carry_optimizer=True)
+    return loop.run(step, batches)
+
+
+# ------------------------------------------------------------------------------ scoring
+
+
+def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
+    """AUC of `stage`'s checkpoint on every logged impression of `world` (fine: CTR against
+    clicks, CVR against purchases among the clicked) -> {"auc" | "ctr_auc", "cvr_auc", "n"}."""
+    ck = C.load(ckpt_path, stage=stage)
+    data = load(world)
+    days = logged_days(data)
+    if stage == "retrieval":
+        from retrieval.inputs import USER_INPUTS, embed_items, embed_users, materialise
+        from retrieval.model import build_model
+        from retrieval.train import Config
+
+        model = build_model(from_dict(Config, ck["config"]), data.vocab)
+        model.load_state_dict(ck["model"])
+        model.eval()
+        ex = data.examples(days)
+        inputs = materialise(ex, USER_INPUTS + ("item_id",))
+        u, v = embed_users(model, inputs), embed_items(model, data.items)
+        score = (u * v[inputs["item_id"]]).sum(axis=1)  # the inner product retrieval ranks by
+        return {"auc": M.auc(ex.imps["click"], score), "n": int(len(score))}
+    if stage == "coarse":
+        from coarse_rank.train import Config, build_student, predict
+
+        cfg = from_dict(Config, ck["config"])
+        student = build_student(cfg, data.vocab)
+        student.load_state_dict(ck["model"])
+        p = predict(student, data.examples(days), cfg.eval_batch_size, cfg.length_buckets)
+        return {"auc": M.auc(p["click"], p["logit"]), "n": int(len(p["click"]))}
+    if stage == "fine":
+        from fine_rank.calibration import predict
+        from fine_rank.config import Config
+        from fine_rank.inputs import clicked, materialise
+        from fine_rank.tasks import build_model
+
+        cfg = from_dict(Config, ck["config"])
+        table = materialise(data.examples(days))
+        out = {"n": int(len(table["click"]))}
+        for task, rows, label in (("ctr", table, "click"), ("cvr", clicked(table), "purchase")):
+            model = build_model(data.vocab, cfg.settings(task), 0)
+            model.load_state_dict(ck["model"][task])
+            model.eval()
+            probs = predict(model, rows, cfg.eval_batch_size) if len(rows[label]) else None
+            out[f"{task}_auc"] = M.auc(rows[label], probs) if probs is not None else math.nan
+            out[f"{task}_n"] = int(len(rows[label]))
+        return out
+    raise ValueError(f"stage: unknown {stage!r}; one of {', '.join(STAGES)}")

@@ -1,0 +1,93 @@
+"""`recstack live` on `tiny` for 2 days through real gRPC servers (in process, port 0): each day
+a new served version, the day's logged rows are what every stage trains on, no failed call across
+the Reload, and a loop stopped after day 1 resumes at day 2."""
+import json
+
+import pytest
+
+from recstack import bundle as B
+from recstack.pipeline.live import LiveConfig, live
+
+# a few steps of small models: checks the loop, not model quality
+TINY_OVERRIDES = {
+    "retrieval": ["epochs=1", "max_steps=8", "batch_size=128", "dim=8", "user_hidden=16", "item_hidden=16",
+                  "ann_eval_queries=20", "num_uniform_negatives=32"],
+    "coarse": ["max_steps=8", "batch_size=128", "hidden=32", "eval_max_rows=500"],
+    "fine": ["ctr_hidden=16", "cvr_hidden=16", "ctr_max_steps=8", "cvr_max_steps=8", "ctr_batch_size=128",
+             "cvr_batch_size=64"],
+}
+
+CONFIG = LiveConfig(preset="tiny", days=2, initial_days=3, sessions=30, day_wall_s=0.5, probe_s=0.2, log_roll_s=0.2,
+                    train_overrides=TINY_OVERRIDES, in_process=True)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_thread):
+    # the coarse export's int8 parity check on 50 requests, not 1,000: these tests check the
+    # loop; the check itself is tested with the exporter
+    patch = pytest.MonkeyPatch()
+    patch.setattr("coarse_rank.export.INT8_REQUESTS", 50)
+    out = tmp_path_factory.mktemp("live")
+    first = live(CONFIG, out, stop_after=1)  # an interruption after day 1
+    day1 = (out / "days" / "d01" / "day.json").read_text()
+    second = live(CONFIG, out)
+    patch.undo()
+    return out, first, second, day1
+
+
+def test_each_day_serves_a_new_version(run):
+    out, first, second, _ = run
+    assert [d["version"] for d in second["days"]] == ["day01", "day02"]
+    for d in second["days"]:
+        assert d["reload"]["version"] == d["version"]
+        assert d["reload"]["probe_calls"] > 0
+    assert B.resolve_bundle(out / "arms" / "B").name == "day02"
+    assert B.resolve_bundle(out / "arms" / "A").name == "day00"  # the control arm never reloads
+
+
+def test_the_days_logged_rows_are_what_trains(run):
+    out, _, second, _ = run
+    for d in second["days"]:
+        rec = json.loads((out / "days" / f"d{d['live_day']:02d}" / "day.json").read_text())
+        served = rec["arms"]["B"]["impressions"]
+        assert served > 0 and rec["logged_rows"] == served
+        assert rec["trained"]["coarse"]["rows"] == served  # every impression, once
+        assert rec["trained"]["fine"]["rows"] == served
+        assert rec["trained"]["fine"]["ctr"]["rows"] == served
+        assert sum(v["impressions"] for v in rec["world_rows"].values()) == served
+        assert rec["trained"]["retrieval"]["rows"] == rec["trained"]["fine"]["cvr"]["rows"]  # the clicked rows
+
+
+def test_no_call_fails_across_the_reloads(run):
+    _, _, second, _ = run
+    assert second["failed_calls_total"] == 0
+    for d in second["days"]:
+        assert d["reload"]["probe_failed"] == {}
+        assert sum(d["requests"].values()) > 0
+
+
+def test_resume_skips_finished_days(run):
+    out, first, second, day1 = run
+    assert first["days_run_now"] == 1 and len(first["days"]) == 1
+    assert second["days_run_now"] == 1 and len(second["days"]) == 2
+    assert (out / "days" / "d01" / "day.json").read_text() == day1  # day 1 was not run again
+
+
+def test_a_day_interrupted_after_its_export_resumes_there(run, tmp_path):
+    """day.json is written last: without it the day is unfinished; its replay, training and export
+    are found and not redone, B is reloaded and the day recorded again."""
+    import shutil
+
+    out, _, second, _ = run
+    copy = tmp_path / "live"
+    shutil.copytree(out, copy)
+    (copy / "days" / "d02" / "day.json").unlink()
+    replayed = (copy / "days" / "d02" / "replay.json").read_text()
+    ckpt = (copy / "days" / "d02" / "runs" / "fine" / "checkpoint.pt").stat().st_mtime_ns
+    again = live(CONFIG, copy)
+    assert again["days_run_now"] == 1 and again["failed_calls_total"] == 0
+    assert (copy / "days" / "d02" / "replay.json").read_text() == replayed  # not replayed
+    assert (copy / "days" / "d02" / "runs" / "fine" / "checkpoint.pt").stat().st_mtime_ns == ckpt  # not retrained
+    day2 = again["days"][1]
+    assert day2["version"] == "day02" and day2["reload"]["version"] == "day02"
+    assert day2["trained_rows"] == second["days"][1]["trained_rows"]
