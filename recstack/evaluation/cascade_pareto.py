@@ -18,6 +18,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from recstack.evaluation import cascade as cascade_eval
+from recstack.serving.cascade import _FINE_INPUTS, Cascade
+from recstack.serving.fine import FineScorer
 
 
 def pareto(rows: list[dict], x: str = "cpu_ms", y: str = "gmv_share") -> list[dict]:
@@ -36,17 +38,30 @@ def best_within(rows: list[dict], budget: float, x: str = "cpu_ms", y: str = "gm
     return max(fits, key=lambda r: (r[y], -r[x])) if fits else None
 
 
+def open_cascade(bundle: str | Path, fine_precision: str | None = None) -> Cascade:
+    """The bundle's served cascade; `fine_precision` ("fp32" / "int8") fixes the fine graph it
+    runs (None: the bundle's choice, its int8 copy when shipped), so that bundles whose exports
+    chose differently are compared on the same fine ranker."""
+    cascade = Cascade.load(bundle)
+    if fine_precision is not None:
+        cascade.fine = FineScorer.load(cascade.bundle, _FINE_INPUTS, 1, precision=fine_precision)
+    return cascade
+
+
 def compare(bundles: dict[str, str | Path], data_dir: str | Path, out_dir: str | Path,
-            settings: cascade_eval.Settings | None = None, **fields) -> dict:
-    """Evaluate every bundle (name -> bundle or artifacts root) on the same users and grid;
-    write OUT_DIR/<name>/results.json, OUT_DIR/results.json (every run, each one's Pareto
-    front) and OUT_DIR/pareto.png. Returns the combined results."""
+            settings: cascade_eval.Settings | None = None, *, fine_precision: str | None = None, **fields) -> dict:
+    """Evaluate every bundle (name -> bundle or artifacts root) on the same users and grid
+    (with `fine_precision`, on the same fine graph: see `open_cascade`); write
+    OUT_DIR/<name>/results.json, OUT_DIR/results.json (every run, each one's Pareto front) and
+    OUT_DIR/pareto.png. Returns the combined results."""
     settings = replace(settings or cascade_eval.Settings(full_grid=True, exhaustive=False), **fields)
     out = Path(out_dir)
     runs = {}
     for name, bundle in bundles.items():
         print(f"--- {name}: {bundle}", flush=True)
-        runs[name] = cascade_eval.run(bundle, data_dir, out / name, settings)
+        cascade = open_cascade(bundle, fine_precision)
+        runs[name] = cascade_eval.run(bundle, data_dir, out / name, settings, cascade=cascade)
+        runs[name]["fine_precision"] = cascade.fine.precision
         runs[name]["pareto"] = [{k: r[k] for k in ("retrieval_size", "coarse_size", "i2i_share", "cpu_ms", "gmv_share")}
                                 for r in pareto(runs[name]["configs"])]
     results = {"runs": runs, "settings": {k: (list(v) if isinstance(v, tuple) else v)

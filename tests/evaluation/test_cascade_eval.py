@@ -138,7 +138,8 @@ def test_compare_runs_every_bundle_on_one_grid_with_cpu_cost(tiny_data, tiny_bun
 
     res = compare({"a": tiny_bundle, "b": tiny_bundle}, tiny_data, tmp_path, n_users=6, k=10,
                   retrieval_sizes=(50, 200), coarse_sizes=(20, 50), default_retrieval=200, default_coarse=20,
-                  i2i_shares=(0.0,), plot=False)
+                  i2i_shares=(0.0,), plot=False, fine_precision="fp32")
+    assert res["runs"]["a"]["fine_precision"] == res["runs"]["b"]["fine_precision"] == "fp32"
     grid = {(r["retrieval_size"], r["coarse_size"]) for r in res["runs"]["a"]["configs"]}
     assert grid == {(50, 20), (50, 50), (200, 20), (200, 50)}  # the full grid
     assert all(r["cpu_ms"] > 0 for r in res["runs"]["b"]["configs"])
