@@ -83,12 +83,11 @@ def build_student(cfg: Config, vocab: Vocab) -> M.InnerProductStudent:
 
 
 def build_teacher(cfg: Config, vocab: Vocab, student: M.InnerProductStudent) -> nn.Module | None:
-    """`model.build_teacher`, with the DNN teachers made two-task under the gmv objective."""
+    """`model.build_teacher`, with the DNN teachers (md, pfd_md) made two-task under the gmv
+    objective; the others stay click teachers (the CVR head then learns from purchases alone)."""
     teacher = M.build_teacher(cfg, vocab, student)
-    if cfg.objective != "gmv" or teacher is None:
+    if cfg.objective != "gmv" or not isinstance(teacher, M.DNNTeacher):
         return teacher
-    if not isinstance(teacher, M.DNNTeacher):  # Config.validate refuses these first
-        raise ValueError(f"objective 'gmv' needs a DNN teacher (md, pfd_md), got {cfg.teacher!r}")
     return TwoTaskDNNTeacher(teacher.embeddings, teacher.sequence, teacher.n_interacted, hidden=tuple(cfg.teacher_hidden))
 
 
@@ -106,6 +105,7 @@ class GmvStep:
     mixed with the teacher's soft label by Eq. 5's λ (the CVR soft label on every impression: the
     teacher's P(purchase | click) is defined whether or not this one was clicked). Teacher (in
     train mode): click log-loss plus purchase-given-click log-loss, its soft labels detached.
+    A click-only teacher (sd, lupi, pfd) distils the click logit alone.
     """
 
     def __init__(self, cfg: Config, student: GmvStudent | None, teacher: TwoTaskDNNTeacher | None,
@@ -132,17 +132,23 @@ class GmvStep:
         if teacher is not None:
             t_in = dict(inputs, interacted=torch.from_numpy(batch["interacted"]), pooled=pooled if self.share else None,
                         length_buckets=cfg.length_buckets)
+            two = isinstance(teacher, TwoTaskDNNTeacher)
             with torch.set_grad_enabled(teacher.training):
-                t = teacher.both(**t_in)  # (B, 2)
+                t = teacher.both(**t_in) if two else teacher(**t_in)[:, None]  # (B, 2) or (B, 1)
             if teacher.training:
-                loss = loss + F.binary_cross_entropy_with_logits(t[:, 0], click) + _bce_on(t[:, 1], purchase, clicked)
+                loss = loss + F.binary_cross_entropy_with_logits(t[:, 0], click)
+                if two:
+                    loss = loss + _bce_on(t[:, 1], purchase, clicked)
         if student is None:
             return loss
         if teacher is None:
             return loss + hard
         lam = self.schedule(step)
-        soft = soft_label_loss(s_ctr, torch.sigmoid(t[:, 0])) + soft_label_loss(s_cvr, torch.sigmoid(t[:, 1]))
-        return loss + (1.0 - lam) * hard + lam * soft
+        if t.shape[1] == 2:
+            soft = soft_label_loss(s_ctr, torch.sigmoid(t[:, 0])) + soft_label_loss(s_cvr, torch.sigmoid(t[:, 1]))
+            return loss + (1.0 - lam) * hard + lam * soft
+        cvr_hard = _bce_on(s_cvr, purchase, clicked)  # no CVR soft label: the CVR head keeps its hard loss whole
+        return loss + (1.0 - lam) * (hard - cvr_hard) + lam * soft_label_loss(s_ctr, torch.sigmoid(t[:, 0])) + cvr_hard
 
 
 @torch.no_grad()
