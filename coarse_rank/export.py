@@ -22,7 +22,7 @@ from recstack.features import SEQ_LEN
 
 from coarse_rank.model import InnerProductStudent
 from coarse_rank.inputs import STAGE, load_student, model_inputs
-from coarse_rank.objective import GmvStudent, UserVectorWithOne, item_terms
+from coarse_rank.objective import GmvStudent, UserVectorWithOne, centred_item_terms, item_terms
 
 USER_INPUTS = ("user_feats", "seq_items", "seq_extras")
 USER_OUTPUT = "user_vec"
@@ -92,14 +92,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
 
     vecs = item_vectors(model, data)
     item_term, term_mean = None, 0.0
-    if isinstance(model, GmvStudent):
-        # the served score's item-only part (log pCVR + log price), centred (a constant shift
-        # ranks alike and keeps the int8 codes' row scale near the other coordinates'), as one
-        # more coordinate against the user side's constant 1
-        ids = np.arange(data.items.n)
-        item_term = item_terms(model, data.items.feats(ids), np.ascontiguousarray(data.items.dense(ids)), data.items.price)
-        term_mean = float(item_term.mean()) if len(item_term) else 0.0
-        item_term = item_term - term_mean
+    if isinstance(model, GmvStudent):  # one more coordinate: the item term, against a user-side 1
+        item_term, term_mean = centred_item_terms(model, data.items)
         vecs = np.concatenate([vecs, item_term.astype(np.float32)[:, None]], axis=1)
     if not np.isfinite(vecs).all():  # a diverged model
         raise ExportError(f"{NAMES['item_vectors']}: {int((~np.isfinite(vecs)).sum())} NaN or infinite values; refusing to export")

@@ -164,6 +164,16 @@ def item_terms(model: GmvStudent, item_feats: np.ndarray, item_dense: np.ndarray
     return np.concatenate(out) if out else np.zeros(0)
 
 
+def centred_item_terms(model: GmvStudent, items) -> tuple[np.ndarray, float]:
+    """The served score's item-only part for the whole corpus (`recstack.features.ItemTable`),
+    minus its mean: (terms (I,) float64, the mean). A constant shift ranks alike and keeps the
+    coordinate near the others' scale (the int8 codes have one scale per row)."""
+    ids = np.arange(items.n)
+    terms = item_terms(model, items.feats(ids), np.ascontiguousarray(items.dense(ids)), items.price)
+    mean = float(terms.mean()) if len(terms) else 0.0
+    return terms - mean, mean
+
+
 class UserVectorWithOne(nn.Module):
     """The user tower with a constant 1 appended: (..., out_dim + 1), the coordinate that meets
     the item term in the served inner product."""
