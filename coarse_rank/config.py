@@ -11,6 +11,9 @@ TEACHERS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md", "oracle")
 MANNERS = ("ind_async", "ind_sync", "share_sync", "share_star_sync")
 OPTIMIZERS = ("adagrad", "adam")
 SPLITS = ("test", "valid")
+# what the served coarse score ranks by (coarse_rank/objective.py): "ctr", the paper's click
+# logit; "gmv", log pCTR + log pCVR + log price, the fine stage's pCTR x pCVR x price in logs
+OBJECTIVES = ("ctr", "gmv")
 
 
 @dataclass
@@ -33,6 +36,9 @@ class Config:
     max_steps: int = 500  # cap on optimizer steps (0 = no cap): ~1 epoch of `small` (~463 steps), keeps larger worlds at ~1-2 min
     seed: int = 0  # seeds parameter init and the shuffling order
     length_buckets: int = 4  # speed-up only (exact): encode sequences in groups of similar length, see UserTower.encode_sequence
+    # --- served objective (coarse_rank/objective.py) ---
+    objective: str = "gmv"  # one of OBJECTIVES; gmv keeps more of the oracle through the coarse cut on the validation day (docs/results/cascade); "ctr" for the PFD tables
+    cvr_hidden: tuple[int, ...] = (64,)  # the gmv student's item-only CVR head widths
     # --- distillation (PFD Eq. 5, Algorithm 1) ---
     teacher: str = "pfd_md"  # one of TEACHERS ("baseline" = none); pfd_md is the default: it beats the baseline on medium's validation day, within noise of md/sd (docs/results/coarse)
     manner: str = "share_sync"  # one of MANNERS (PFD Table 7); the paper's main runs share common input components
@@ -51,6 +57,13 @@ class Config:
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        if self.objective == "gmv" and self.teacher == "oracle":
+            raise ConfigError("teacher 'oracle' (true pCTR soft labels) is a reference of the click-only tables: "
+                              "use it with objective=ctr")
+        if any(w <= 0 for w in self.cvr_hidden):
+            raise ConfigError(f"cvr_hidden widths must be positive, got {self.cvr_hidden}")
         if self.teacher not in TEACHERS:
             raise ConfigError(f"teacher must be one of {TEACHERS}, got {self.teacher!r}")
         if self.manner not in MANNERS:

@@ -22,6 +22,7 @@ from recstack.features import SEQ_LEN
 
 from coarse_rank.model import InnerProductStudent
 from coarse_rank.inputs import STAGE, load_student, model_inputs
+from coarse_rank.objective import GmvStudent, UserVectorWithOne, centred_item_terms, item_terms
 
 USER_INPUTS = ("user_feats", "seq_items", "seq_extras")
 USER_OUTPUT = "user_vec"
@@ -90,17 +91,22 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
 
     vecs = item_vectors(model, data)
+    item_term, term_mean = None, 0.0
+    if isinstance(model, GmvStudent):  # one more coordinate: the item term, against a user-side 1
+        item_term, term_mean = centred_item_terms(model, data.items)
+        vecs = np.concatenate([vecs, item_term.astype(np.float32)[:, None]], axis=1)
     if not np.isfinite(vecs).all():  # a diverged model
         raise ExportError(f"{NAMES['item_vectors']}: {int((~np.isfinite(vecs)).sum())} NaN or infinite values; refusing to export")
     np.save(out_dir / NAMES["item_vectors"], vecs, allow_pickle=False)
 
     rows = _check_rows(data, PARITY_ROWS)
     user_in = {k: rows[k] for k in USER_INPUTS}
-    onnx_path = onnx_export.export_onnx(model.user_tower, user_in, out_dir / NAMES["user_tower"], [USER_OUTPUT])
+    tower = model.user_tower if item_term is None else UserVectorWithOne(model.user_tower).eval()
+    onnx_path = onnx_export.export_onnx(tower, user_in, out_dir / NAMES["user_tower"], [USER_OUTPUT])
     # the full batch, and single rows (batch 1 exercises the dynamic batch axis)
-    parity = onnx_export.parity(model.user_tower, onnx_path, user_in)
+    parity = onnx_export.parity(tower, onnx_path, user_in)
     for r in (0, len(rows["user_feats"]) - 1):
-        parity = max(parity, onnx_export.parity(model.user_tower, onnx_path, {k: v[r : r + 1] for k, v in user_in.items()}))
+        parity = max(parity, onnx_export.parity(tower, onnx_path, {k: v[r : r + 1] for k, v in user_in.items()}))
     if not parity <= PARITY_TOL:  # also catches NaN
         raise ExportError(f"coarse user tower: ONNX vs PyTorch max abs diff {parity:.3g} > {PARITY_TOL}")
 
@@ -109,10 +115,13 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     serving_logit = np.einsum("bd,bd->b", user_vec, vecs[rows["item_id"]])
     with torch.no_grad():
         torch_logit = model(**model_inputs(rows)).numpy()
+    if item_term is not None:  # the student's own item term on these rows, recomputed, with the same centring
+        terms = item_terms(model, rows["item_feats"], rows["item_dense"], data.items.price[rows["item_id"]])
+        torch_logit = torch_logit + (terms - term_mean)
     logit_diff = float(np.max(np.abs(serving_logit - torch_logit)))
     if not logit_diff <= LOGIT_TOL:
         raise ExportError(f"coarse serving logits vs torch student max abs diff {logit_diff:.3g} > {LOGIT_TOL}")
-    norm_err = float(np.max(np.abs(np.linalg.norm(user_vec, axis=1) - 1.0)))
+    norm_err = float(np.max(np.abs(np.linalg.norm(user_vec[:, : model.item_tower.mlp[-1].out_features], axis=1) - 1.0)))
 
     int8 = int8_parity(onnx_path, data, vecs)
     files = [NAMES["user_tower"], NAMES["item_vectors"]]
@@ -130,6 +139,7 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
         "user_tower_inputs": list(USER_INPUTS),
         "user_tower_output": USER_OUTPUT,
         "item_vectors_scaled": True,
+        "objective": cfg.objective,  # "gmv": the last coordinate is log pCVR + log price (centred) against a user-side 1
         "parity_max_abs_diff": parity,
         "logit_max_abs_diff": logit_diff,
         "user_vec_norm_max_err": norm_err,

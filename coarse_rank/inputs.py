@@ -14,7 +14,8 @@ from recstack.data import to_torch
 from recstack.features import Vocab
 
 from coarse_rank.config import Config
-from coarse_rank.model import InnerProductStudent, build_student
+from coarse_rank.model import InnerProductStudent
+from coarse_rank.objective import build_student
 
 STAGE = "coarse"
 MODEL_INPUTS = ("user_feats", "seq_items", "seq_extras", "item_feats", "item_dense")

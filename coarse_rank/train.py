@@ -46,7 +46,8 @@ from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batc
 
 from coarse_rank.config import MANNERS, OPTIMIZERS, SPLITS, TEACHERS, Config  # noqa: F401  (re-exported)
 from coarse_rank.inputs import MODEL_INPUTS, STAGE, load_student, model_inputs, request_inputs  # noqa: F401
-from coarse_rank.model import InnerProductStudent, build_student, build_teacher  # noqa: F401
+from coarse_rank.model import InnerProductStudent  # noqa: F401
+from coarse_rank.objective import GmvStep, build_student, build_teacher  # noqa: F401
 from coarse_rank.tasks import DistillationStep, make_optimizer, shares_sequence  # noqa: F401
 
 
@@ -209,7 +210,8 @@ def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductSt
                 streamed=streamed, ddp_modules=nn.ModuleList([m for m in trained.values() if m.training]),
                 # BatchNorm statistics are per rank: serve rank 0's everywhere
                 before_finish=lambda: D.broadcast_state(trained), desc=desc, show=progress)
-    stats = loop.run(DistillationStep(cfg, student, teacher, schedule), training_batches(cfg, train_ex, local_batch))
+    step = (GmvStep if cfg.objective == "gmv" else DistillationStep)(cfg, student, teacher, schedule)
+    stats = loop.run(step, training_batches(cfg, train_ex, local_batch))
     return int(stats["steps"]), float(stats["loss"])
 
 
@@ -271,6 +273,7 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
                        "teacher_calibration": t_scores["calibration"]})
     result.update({
         "teacher": cfg.teacher,
+        "objective": cfg.objective,
         "manner": cfg.manner,
         "steps": step,
         "train_examples": train_ex.total_rows if cfg.stream_chunk_rows else len(train_ex),

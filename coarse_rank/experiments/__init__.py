@@ -65,8 +65,9 @@ def base_config(plan: CoarsePlan) -> Config:
     really is twice the updates, scored on the whole evaluation day, teachers wired
     Share*&Sync (the manner of the paper's Table 2 PFD+MD figure, its Table 7 row); quick:
     the tiny sizes. Then the plan's overrides."""
-    base = Config(**QUICK, manner="share_star_sync") if plan.quick else Config(max_steps=0, eval_max_rows=0,
-                                                                                manner="share_star_sync")
+    # objective=ctr: the paper's click-only student, what its tables measure
+    base = Config(**QUICK, manner="share_star_sync", objective="ctr") if plan.quick else Config(
+        max_steps=0, eval_max_rows=0, manner="share_star_sync", objective="ctr")
     return apply_overrides(base, list(plan.overrides))
 
 

@@ -30,7 +30,7 @@ ROWS = ("baseline", "sd", "lupi", "md", "pfd", "pfd_md")
 
 
 def _row_config(row: str, manner: str, steps: int, seed: int) -> Config:
-    return Config(teacher=row, manner=manner, max_steps=steps, eval_max_rows=1000, seed=seed)
+    return Config(teacher=row, manner=manner, max_steps=steps, eval_max_rows=1000, seed=seed, objective="ctr")  # the PFD rows
 
 
 def measure(data: SimData, rows: Sequence[str] = ROWS, *, manner: str = "share_sync", steps: int = 200,

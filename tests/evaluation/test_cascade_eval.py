@@ -122,3 +122,26 @@ def test_bench_cascade_exports_a_runs_folder_before_evaluating(tmp_path, monkeyp
                      "--out", str(tmp_path / "out")]) == 0
     assert seen["exported"] == runs and seen["bundle"].name == "v1" and seen["bundle"].parent.name == "artifacts"
     assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_pareto_front_and_budget_pick():
+    from recstack.evaluation.cascade_pareto import best_within, pareto
+
+    rows = [{"cpu_ms": 1.0, "gmv_share": 0.1}, {"cpu_ms": 2.0, "gmv_share": 0.3}, {"cpu_ms": 3.0, "gmv_share": 0.2},
+            {"cpu_ms": 4.0, "gmv_share": 0.35}, {"cpu_ms": 2.0, "gmv_share": 0.25}]
+    assert [(r["cpu_ms"], r["gmv_share"]) for r in pareto(rows)] == [(1.0, 0.1), (2.0, 0.3), (4.0, 0.35)]
+    assert best_within(rows, 3.5)["gmv_share"] == 0.3 and best_within(rows, 0.5) is None
+
+
+def test_compare_runs_every_bundle_on_one_grid_with_cpu_cost(tiny_data, tiny_bundle, tmp_path):
+    from recstack.evaluation.cascade_pareto import compare
+
+    res = compare({"a": tiny_bundle, "b": tiny_bundle}, tiny_data, tmp_path, n_users=6, k=10,
+                  retrieval_sizes=(50, 200), coarse_sizes=(20, 50), default_retrieval=200, default_coarse=20,
+                  i2i_shares=(0.0,), plot=False, fine_precision="fp32")
+    assert res["runs"]["a"]["fine_precision"] == res["runs"]["b"]["fine_precision"] == "fp32"
+    grid = {(r["retrieval_size"], r["coarse_size"]) for r in res["runs"]["a"]["configs"]}
+    assert grid == {(50, 20), (50, 50), (200, 20), (200, 50)}  # the full grid
+    assert all(r["cpu_ms"] > 0 for r in res["runs"]["b"]["configs"])
+    assert res["runs"]["a"]["pareto"] and (tmp_path / "pareto.png").stat().st_size > 0
+    assert (tmp_path / "a" / "results.json").exists() and (tmp_path / "results.json").exists()
