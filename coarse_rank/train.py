@@ -294,7 +294,8 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
           checkpoint_every: int = 0) -> dict:
     """Fit the student (distilled from `cfg.teacher` if set), evaluate next-day, save
-    `out_dir/checkpoint.pt` (student only: the serving model); returns the metrics.
+    `out_dir/checkpoint.pt` (the student, the serving model, and the teacher's state for a warm
+    start: only the student is exported); returns the metrics.
 
     checkpoint_every: write the training state to `out_dir/train_state.pt` every that many
     optimiser steps (0: never); resume: continue from that file when it exists. Under
@@ -323,7 +324,9 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
             f"logloss {result['logloss']:.4f}  calibration {result['calibration']:.3f}{teacher_note}  "
             f"[{result['steps']} steps, {result['train_seconds']:.1f}s, {result['n_eval']} eval rows]"
         )
-        save_model(out_dir, STAGE, cfg, fitted.student.state_dict(), result, data_dir, data.vocab)
+        # the teacher rides along (never exported) so a warm start keeps distilling from it
+        extra = {"teacher": fitted.teacher.state_dict()} if fitted.teacher is not None else None
+        save_model(out_dir, STAGE, cfg, fitted.student.state_dict(), result, data_dir, data.vocab, extra)
     D.barrier()
     return result
 

@@ -12,9 +12,10 @@ stage's own step on the shared `recstack.training.loop.Loop`:
 
 - retrieval: the clicked impressions, the in-batch sampled softmax with logQ from the day's
   click counts (`retrieval.tasks.InBatchSoftmaxStep`);
-- coarse: every impression, the student's log-loss alone (`coarse_rank.tasks.DistillationStep`
-  without a teacher: the checkpoint holds the served student only, so there is no trained
-  teacher to distil from on a warm day);
+- coarse: every impression, the student distilled from the teacher the checkpoint carries
+  (trained with it in the same steps, as the initial training did: `coarse_rank.tasks.DistillationStep`,
+  or `coarse_rank.objective.GmvStep` under the gmv objective); a checkpoint without a teacher
+  trains the student alone;
 - fine: CTR on every impression, CVR on the clicked ones, `fine_rank.tasks.fit` in its
   streaming mode (one pass, the head's bias kept), then the calibration the config asks for.
 
@@ -50,10 +51,11 @@ def _optimizer_state(ckpt_path: Path) -> dict | None:
     return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else None
 
 
-def _save(out_dir: Path, stage: str, cfg, model_state, stats: dict, origin, vocab, opt_state: dict) -> None:
+def _save(out_dir: Path, stage: str, cfg, model_state, stats: dict, origin, vocab, opt_state: dict,
+          extra: dict | None = None) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     C.save(out_dir / OPTIMIZER_FILE, opt_state)
-    save_model(out_dir, stage, cfg, model_state, stats, origin, vocab)
+    save_model(out_dir, stage, cfg, model_state, stats, origin, vocab, extra)
 
 
 def warm_stage(stage: str, ckpt_path: str | Path, world: str | Path, out_dir: str | Path, origin: str | Path) -> dict:
@@ -105,14 +107,21 @@ def _warm_retrieval(ck, opt_state, data, days, out_dir, origin) -> dict:
 
 def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
     from coarse_rank.tasks import DistillationStep
-    from coarse_rank.train import Config, build_student, training_batches
+    from coarse_rank.train import Config, GmvStep, build_student, build_teacher, training_batches
     from recstack.training.distill import LambdaSchedule
 
     cfg = from_dict(Config, {**ck["config"], "epochs": 1})
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, data.vocab)
     student.load_state_dict(ck["model"])
-    params = list(student.parameters())
+    # the teacher trained with the student keeps teaching it (PFD's synchronous training, one
+    # pass); a checkpoint without one (a baseline, or an older file) trains the student alone
+    teacher = build_teacher(cfg, data.vocab, student) if "teacher" in ck else None
+    if teacher is not None:
+        teacher.load_state_dict(ck["teacher"])
+    frozen = teacher is not None and cfg.manner == "ind_async"  # trained first, then only read
+    trained = nn.ModuleList([student] + ([teacher] if teacher is not None and not frozen else []))
+    params = list(trained.parameters())  # a Parameter shared by student and teacher once
     opt = torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adagrad" \
         else torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if opt_state is not None:
@@ -120,11 +129,16 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
     ex = data.examples(days)
     n = len(ex)
     total = n // cfg.batch_size + (n % cfg.batch_size >= 2)
-    step = DistillationStep(cfg, student, None, LambdaSchedule(cfg.lam, 0))
-    student.train()
-    stats = _run(f"live:coarse@day{days[-1]}", n, student, opt, total, step, training_batches(cfg, ex, cfg.batch_size))
-    stats.update(rows=int(n), teacher="none (the checkpoint holds the served student only)")
-    _save(out_dir, "coarse", cfg, student.state_dict(), stats, origin, data.vocab, opt.state_dict())
+    # warmed up already: the trained teacher's soft labels count from the first step
+    step = (GmvStep if cfg.objective == "gmv" else DistillationStep)(cfg, student, teacher, LambdaSchedule(cfg.lam, 0))
+    trained.train()
+    if frozen:
+        teacher.eval()
+    stats = _run(f"live:coarse@day{days[-1]}", n, trained, opt, total, step, training_batches(cfg, ex, cfg.batch_size))
+    stats.update(rows=int(n), teacher=(f"{cfg.teacher} ({'frozen' if frozen else 'trained with the student'})"
+                                       if teacher is not None else "none"))
+    extra = {"teacher": teacher.state_dict()} if teacher is not None else None
+    _save(out_dir, "coarse", cfg, student.state_dict(), stats, origin, data.vocab, opt.state_dict(), extra)
     return stats
 
 

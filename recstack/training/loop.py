@@ -287,8 +287,9 @@ def training_state(out_dir: str | Path, stage: str, cfg: Any, every: int, resume
 
 
 def save_model(out_dir: str | Path, stage: str, cfg: Any, model: dict, metrics: dict, data_dir: str | Path,
-               vocab) -> Path:
-    """Write `out_dir/checkpoint.pt`: what export and serving rebuild the model from."""
+               vocab, extra: dict | None = None) -> Path:
+    """Write `out_dir/checkpoint.pt`: what export and serving rebuild the model from (`model`),
+    and `extra` state training needs to continue from it (e.g. the coarse teacher), never exported."""
     return checkpoint.save(Path(out_dir) / "checkpoint.pt", {
         "stage": stage,
         "config": to_dict(cfg),
@@ -296,4 +297,5 @@ def save_model(out_dir: str | Path, stage: str, cfg: Any, model: dict, metrics: 
         "metrics": metrics,
         "data_dir": str(Path(data_dir).resolve()),
         "vocab": vocab.to_dict(),
+        **(extra or {}),
     })

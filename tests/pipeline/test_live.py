@@ -91,3 +91,22 @@ def test_a_day_interrupted_after_its_export_resumes_there(run, tmp_path):
     day2 = again["days"][1]
     assert day2["version"] == "day02" and day2["reload"]["version"] == "day02"
     assert day2["trained_rows"] == second["days"][1]["trained_rows"]
+
+
+def test_the_coarse_teacher_keeps_teaching_on_warm_days(run):
+    """The day-0 coarse checkpoint carries its teacher; each warm day trains student and teacher
+    together from it (PFD's synchronous manner) and hands the trained teacher to the next day."""
+    import torch
+
+    from recstack.training import checkpoint as C
+
+    out, _, second, _ = run
+    paths = [out / "runs" / "day00" / "coarse" / "checkpoint.pt"] + [
+        out / "days" / f"d{d['live_day']:02d}" / "runs" / "coarse" / "checkpoint.pt" for d in second["days"]]
+    teachers = [C.load(p, stage="coarse")["teacher"] for p in paths]
+    for d in second["days"]:
+        rec = json.loads((out / "days" / f"d{d['live_day']:02d}" / "day.json").read_text())
+        assert "trained with the student" in rec["trained"]["coarse"]["teacher"]
+    for before, after in zip(teachers, teachers[1:]):
+        assert before.keys() == after.keys()
+        assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
