@@ -130,6 +130,12 @@ def cmd_replay(args) -> int:
 
     cfg = ReplayConfig(day=args.day, sessions=args.sessions, speedup=args.speedup, max_wait_s=args.max_wait, k=args.k,
                        seed=args.seed, timeout_s=args.timeout)
+    if args.split:
+        from recstack.pipeline.replay_split import format_split, parse_split, replay_split
+
+        report = replay_split(parse_split(args.split), args.data, cfg, design=args.split_design)
+        print(json.dumps(report, indent=2) if args.json else format_split(report))
+        return 0 if all(r["requests"] for r in report["arms"].values()) else 1
     report = replay(args.target, args.data, cfg)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0 if report["requests"] else 1
@@ -170,6 +176,11 @@ def add_parsers(sub, add) -> None:
     p.add_argument("-k", type=int, default=10, help="items asked for per call")
     p.add_argument("--seed", type=int, default=0, help="the session sample and the click / purchase draws")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds")
+    p.add_argument("--split", default="", metavar="A=HOST:PORT,B=HOST:PORT",
+                   help="an A/B test of two servers (e.g. two bundle versions): B - A per request with its 95%% CI")
+    p.add_argument("--split-design", choices=("paired", "users"), default="paired",
+                   help="paired: every session to both arms, differences per session (simulated users only); "
+                        "users: users split by a hash of their id, Welch interval (default: paired)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
     p = add(sub, "model-info", "which model the server is serving (ModelService, needs the admin token)",

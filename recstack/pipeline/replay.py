@@ -81,14 +81,16 @@ def _sessions(data, day: int, n: int, seed: int, arm: int = 0, arms: int = 1) ->
     return sid[order], user[order].astype(np.int64), ts[order]
 
 
-def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig()) -> dict:
-    """Run the replay against `target` -> the report (see the module docstring)."""
+def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_rows: bool = False) -> dict:
+    """Run the replay against `target` -> the report (see the module docstring); `keep_rows`
+    adds "rows": each answered session's id and values, for a paired comparison."""
     data = load(data_dir)
     truth = Truth.load(data_dir)
     day = cfg.day or data.test_day
     sid, users, ts = _sessions(data, day, cfg.sessions, cfg.seed, cfg.arm, cfg.arms)
     rng = np.random.default_rng(cfg.seed)
     rows: dict[str, list] = {k: [] for k in ("clicks", "ctr", "conversions", "gmv", "expected_gmv")}
+    answered: list[int] = []
     failed, degraded, events_sent, served = {}, 0, 0, 0
     with client.channel(target) as ch:
         rank, log_events = pb_grpc.RankingServiceStub(ch).Rank, pb_grpc.EventServiceStub(ch).LogEvents
@@ -120,12 +122,16 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig()) -> di
                     events_sent += len(events)
                 except grpc.RpcError as e:
                     failed[f"LogEvents {e.code().name}"] = failed.get(f"LogEvents {e.code().name}", 0) + 1
+            answered.append(s)
             for key, value in (("clicks", click.sum()), ("ctr", click.mean()), ("conversions", buy.sum()),
                                ("gmv", float((price * buy).sum())), ("expected_gmv", float((p * q * price).sum()))):
                 rows[key].append(float(value))
-    return {"target": target, "data": str(data_dir), "day": day, "config": asdict(cfg),
-            "requests": len(rows["clicks"]), "impressions": served, "failed": failed, "degraded": int(degraded), "events_sent": events_sent,
-            "per_request": {k: mean_ci(np.array(v)) for k, v in rows.items()}}
+    report = {"target": target, "data": str(data_dir), "day": day, "config": asdict(cfg),
+              "requests": len(rows["clicks"]), "impressions": served, "failed": failed, "degraded": int(degraded),
+              "events_sent": events_sent, "per_request": {k: mean_ci(np.array(v)) for k, v in rows.items()}}
+    if keep_rows:
+        report["rows"] = {"session": answered, **rows}
+    return report
 
 
 def format_report(r: dict) -> str:
