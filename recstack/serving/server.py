@@ -29,6 +29,7 @@ switched off.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import hmac
 import json
@@ -281,14 +282,20 @@ class RankingServicer:
 
     # -- RPCs -----------------------------------------------------------------------------
 
-    def _admitted(self, context, work, admission: RankAdmission | None = None, what: str = "Rank and Score"):
+    def _admitted(self, context, work, admission: RankAdmission | None = None, what: str = "Rank and Score",
+                  before=None):
         """`work(time_remaining)` in the bounded `admission` (Rank's unless given); never for a
-        caller who left while queued."""
+        caller who left while queued. With `before` (I/O such as the feature-store read), it runs
+        once the call is admitted but before it takes a running slot, and `work(time_remaining,
+        before())` follows: slots bound the work that needs the CPU, not waits on I/O."""
         admission = admission or self.admission
         if not admission.admit():
             raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"overloaded: {admission.limit} {what} calls in flight; retry with backoff")
         try:
+            if before is not None:
+                prepared = before()
+                work = functools.partial(work, prepared=prepared)
             remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
             if not admission.acquire(remaining):
                 raise DeadlineExceeded("deadline exceeded while the call was queued")
@@ -312,7 +319,9 @@ class RankingServicer:
             cascade = self._model(request)
             query = validate_rank_request(request, self.limits, cascade.n_items, cascade.ids)
             extra.update(user_id=query.user_id, version=cascade.version, **log_user_key(request))
-            ranking, degraded, now = self._admitted(context, lambda remaining: self.live.rank(cascade, query, remaining))
+            ranking, degraded, now = self._admitted(
+                context, lambda remaining, prepared: (cascade.rank(prepared[0], remaining), prepared[1], prepared[0].now),
+                before=lambda: self.live.read(cascade, query))
             self.metrics.observe_stages(ranking.timings_ms)
             if ranking.degraded_retrieval:
                 self.metrics.degraded_retrieval.inc()

@@ -119,3 +119,42 @@ def test_many_stuck_logevents_cannot_take_the_threads_rank_and_probes_need(gated
     assert [len(f.result().items) for f in ranks] == [5] * len(ranks)
     g["store"].gate.set()
     assert [f.result().accepted for f in held] == [1, 1]
+
+
+class SlowReadStore(SQLiteStore):
+    """SQLite whose reads of `slow_user` wait for `gate` (a store stalled by an fsync, for one call)."""
+
+    slow_user = 3
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+
+    def _recent(self, user_id, since):
+        if user_id == self.slow_user:
+            self.entered.release()
+            if not self.gate.wait(STATE_WAIT_S):
+                raise AssertionError("the test never opened the store's gate")
+        return super()._recent(user_id, since)
+
+
+def test_a_rank_waiting_on_the_store_holds_no_running_slot(tmp_path, make_fake_bundle):
+    """One running slot: a Rank whose store read is stalled waits outside it, so the next Rank
+    is ranked meanwhile; the stalled one is answered once the store answers."""
+    make_fake_bundle(tmp_path / "artifacts")
+    store = SlowReadStore(tmp_path / "fs.sqlite3")
+    server, port, servicer = build_server(tmp_path / "artifacts", max_workers=1, max_queue=2, live=LivePath(store))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.RankingServiceStub(ch)
+            stalled = stub.Rank.future(client.make_request(store.slow_user, k=5), timeout=STATE_WAIT_S)
+            assert store.entered.acquire(timeout=STATE_WAIT_S), "the stalled Rank never read the store"
+            assert len(stub.Rank(client.make_request(4, k=5), timeout=STATE_WAIT_S).items) == 5
+            assert not stalled.done()
+            store.gate.set()
+            assert len(stalled.result().items) == 5
+    finally:
+        store.gate.set()
+        server.stop(None)
+        store.close()
