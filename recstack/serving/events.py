@@ -140,7 +140,12 @@ class LivePath:
 
     def rank(self, cascade, query, time_remaining):
         """Rank `query` at the cascade's clock with the user's store history -> (Ranking, degraded, now)."""
-        query, degraded = self.read(cascade, query)
+        return self.rank_read(cascade, time_remaining, self.read(cascade, query))
+
+    @staticmethod
+    def rank_read(cascade, time_remaining, prepared):
+        """Rank what `read` returned -> (Ranking, degraded, now)."""
+        query, degraded = prepared
         return cascade.rank(query, time_remaining), degraded, query.now
 
     def served(self, request_id: str, user_id: int, now: float, version: str, r, degraded: bool) -> None:

@@ -7,8 +7,8 @@ The process around it (`serve`: workers, signals, drain, logging) is `recstack.s
 Status codes: INVALID_ARGUMENT (bad or unparsable request; the message names the field),
 UNAVAILABLE (no model loaded yet; LogEvents: the feature store fails), RESOURCE_EXHAUSTED (more
 than `max_workers + max_queue` Rank calls in flight, or LogEvents over its own bound: refused at
-once rather than queued without bound; or a message over `max_message_bytes`), DEADLINE_EXCEEDED (the deadline
-passed before a stage or a model: later ones are skipped), CANCELLED (the caller left),
+once rather than queued without bound; or a message over `max_message_bytes`), DEADLINE_EXCEEDED
+(the deadline passed before a stage or a model: later ones are skipped), CANCELLED (the caller left),
 FAILED_PRECONDITION (Reload of a bundle that fails to load; the old model keeps serving),
 UNAUTHENTICATED / PERMISSION_DENIED (ModelService without / with a wrong admin token), INTERNAL
 (anything else, logged with the request id; never UNKNOWN, never a stack trace in the details).
@@ -17,9 +17,9 @@ Rank (with Score) and LogEvents are bounded apart, each with threads of its own:
 call waiting on the feature store never holds a thread or an admission place Rank needs, and
 over its own bound it is refused (RESOURCE_EXHAUSTED, nothing written) before Rank is. Health
 checks and ModelService calls are served by threads of their own (`PROBE_THREADS`) and never
-shed, so a probe tells a busy server from a dead one. Every call
-that reaches the server is counted in the metrics by its final code (a call finished after
-its caller left counts as CANCELLED or DEADLINE_EXCEEDED, not OK).
+shed, so a probe tells a busy server from a dead one. Every call that reaches the server is
+counted in the metrics by its final code (a call finished after its caller left counts as
+CANCELLED or DEADLINE_EXCEEDED, not OK).
 
 Access: the server listens on loopback unless told otherwise; ModelService (model info, reload)
 exists only when an admin token is configured and then requires `authorization: Bearer <token>`
@@ -319,9 +319,8 @@ class RankingServicer:
             cascade = self._model(request)
             query = validate_rank_request(request, self.limits, cascade.n_items, cascade.ids)
             extra.update(user_id=query.user_id, version=cascade.version, **log_user_key(request))
-            ranking, degraded, now = self._admitted(
-                context, lambda remaining, prepared: (cascade.rank(prepared[0], remaining), prepared[1], prepared[0].now),
-                before=lambda: self.live.read(cascade, query))
+            ranking, degraded, now = self._admitted(context, functools.partial(self.live.rank_read, cascade),
+                                                    before=lambda: self.live.read(cascade, query))
             self.metrics.observe_stages(ranking.timings_ms)
             if ranking.degraded_retrieval:
                 self.metrics.degraded_retrieval.inc()
@@ -427,8 +426,8 @@ def create_server(
     if max_concurrent_rpcs is None:  # the bound on Rank's queue: beyond it RESOURCE_EXHAUSTED at once
         max_concurrent_rpcs = max_workers + (max_queue if max_queue is not None else 2 * max_workers)
     admission = RankAdmission(min(max_workers, max_concurrent_rpcs), max_concurrent_rpcs)
-    ingest = IngestAdmission(ingest_threads, ingest_threads + (max_ingest_queue if max_ingest_queue is not None
-                                                               else 3 * ingest_threads))
+    ingest = IngestAdmission(ingest_threads, ingest_threads + (3 * ingest_threads if max_ingest_queue is None
+                                                               else max_ingest_queue))
     options = [
         ("grpc.so_reuseport", 1 if reuse_port else 0),  # off: a taken port is an error, not a silent share
         # a request over max_message_bytes is refused by our deserialiser (RESOURCE_EXHAUSTED, at once); grpc's
