@@ -194,6 +194,10 @@ def _cmd_serve(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("recstack serve: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if args.ingest_threads < 1 or (args.ingest_queue is not None and args.ingest_queue < 0):
+        print(f"recstack serve: --ingest-threads must be >= 1 and --ingest-queue >= 0, got {args.ingest_threads} and "
+              f"{args.ingest_queue}", file=sys.stderr)
+        return 2
     from recstack.serving.candidates import parse_backend_uri
     try:
         parse_backend_uri(args.retrieval_backend)
@@ -203,6 +207,7 @@ def _cmd_serve(args) -> int:
     try:
         return serve(args.artifacts, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
                      max_queue=args.max_queue, onnx_threads=args.onnx_threads, grace_s=args.grace, admin_token=token,
+                     ingest_threads=args.ingest_threads, ingest_queue=args.ingest_queue,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, reflection=not args.no_reflection,
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
                      bundle_key=os.environ.get("RECSTACK_BUNDLE_KEY") or None,
@@ -346,6 +351,10 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--threads", type=int, default=4, help="RPC threads per process")
     s.add_argument("--max-queue", type=int, default=None,
                    help="calls waiting beyond --threads before RESOURCE_EXHAUSTED (default 2 x threads)")
+    s.add_argument("--ingest-threads", type=int, default=2,
+                   help="LogEvents calls writing to the feature store at once, on threads apart from Rank's")
+    s.add_argument("--ingest-queue", type=int, default=None,
+                   help="LogEvents calls waiting beyond --ingest-threads before RESOURCE_EXHAUSTED (default 3 x)")
     s.add_argument("--onnx-threads", type=int, default=1, help="intra-op threads per ONNX session")
     s.add_argument("--grace", type=float, default=10.0, help="SIGTERM: seconds in-flight calls may take to finish")
     s.add_argument("--admin-token-file", default=None,

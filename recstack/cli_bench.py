@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import shutil
 import sys
@@ -75,6 +76,9 @@ def _train(args, out: Path) -> None:
 
 
 def _retrieval(args, out: Path) -> None:
+    if not Path(args.checkpoint).is_file() and not (args.cache and Path(args.cache).is_file()):
+        # refused before torch and the index code load (seconds), as every missing input is
+        raise FileNotFoundError(errno.ENOENT, "no such checkpoint (a retrieval run's checkpoint.pt)", args.checkpoint)
     import torch
 
     from recstack.bench.index_sweep import run_both

@@ -12,7 +12,11 @@ The events are realistic: users drawn from the world's test day (as often as the
 served), items uniform over the corpus, kinds view / click / favourite / cart / purchase in
 funnel proportions, a dwell time for views and clicks (exponential), timestamped with the
 wall clock when the batch is sent. Batch i is due at t0 + i * batch / events_per_s whatever
-happened to the earlier ones; its latency counts from then (no coordinated omission).
+happened to the earlier ones; its latency counts from then (no coordinated omission). A batch
+the server refuses before acknowledging it (RESOURCE_EXHAUSTED: ingestion over its bound;
+UNAVAILABLE: the store failed, nothing acknowledged) is sent again, as a client should, after a
+doubling backoff, until its deadline (`timeout_s` after its due time); the retries are counted
+per code, and a batch is failed only when its last answer is not OK.
 
 After the run every acknowledged event is looked up in the store: an acknowledged event is
 never lost, so `readable` must equal `expected_readable` (the acknowledged events within the
@@ -38,6 +42,8 @@ from recstack.bench import loadtest as LT
 # kind -> (share of events, mean dwell in seconds; 0 = no dwell): a shopping funnel
 KIND_MIX = {"view": (0.60, 8.0), "click": (0.25, 35.0), "favourite": (0.05, 0.0), "cart": (0.06, 0.0),
             "purchase": (0.04, 0.0)}
+RETRY_CODES = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # refused, nothing acknowledged: the batch is sent again
+RETRY_BACKOFF_S = (0.01, 0.2)  # the first retry's wait, doubling up to the second
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class EventSender:
         self.target, self.cfg = target, cfg
         self.n = int(np.ceil(cfg.events_per_s * cfg.duration_s / cfg.batch))  # batches
         self.draw = draw_events(np.random.default_rng(cfg.seed + 1), np.asarray(users), n_items, self.n * cfg.batch)
-        self.lat, self.status = LT._histogram(), {}
+        self.lat, self.status, self.retried = LT._histogram(), {}, {}
         self.acked: list[tuple[int, float]] = []  # (batch index, the timestamp its events carry)
         self.sent = self.late = 0
         self.lock = threading.Lock()
@@ -90,10 +96,23 @@ class EventSender:
         self.thread = threading.Thread(target=self._run, name="event-sender", daemon=True)
         self.error: BaseException | None = None
 
-    def _finish(self, i: int, ts: float, due: float, fut) -> None:
-        ms = (time.perf_counter() - due) * 1e3
+    def _attempt(self, stub, i: int, ts: float, due: float, request, backoff: float) -> None:
+        left = due + self.cfg.timeout_s - time.perf_counter()
+        fut = stub.LogEvents.future(request, timeout=max(left, 1e-3))
+        fut.add_done_callback(lambda f: self._finish(stub, i, ts, due, request, backoff, f))
+
+    def _finish(self, stub, i: int, ts: float, due: float, request, backoff: float, fut) -> None:
         code = fut.code()
         name = code.name if code is not None else "CANCELLED"
+        if name in RETRY_CODES and time.perf_counter() + backoff < due + self.cfg.timeout_s:
+            with self.lock:
+                self.retried[name] = self.retried.get(name, 0) + 1
+            timer = threading.Timer(backoff, self._attempt,
+                                    (stub, i, ts, due, request, min(2 * backoff, RETRY_BACKOFF_S[1])))
+            timer.daemon = True
+            timer.start()
+            return
+        ms = (time.perf_counter() - due) * 1e3
         if name == "OK" and fut.result().accepted != self.cfg.batch:
             name = "OK_SHORT"  # acknowledged fewer events than sent: a failed call
         with self.lock:
@@ -140,8 +159,7 @@ class EventSender:
                 ts = time.time()
                 with self.lock:
                     self.outstanding += 1
-                fut = stub.LogEvents.future(self._batch(i, ts), timeout=cfg.timeout_s)
-                fut.add_done_callback(lambda f, i=i, ts=ts, due=due: self._finish(i, ts, due, f))
+                self._attempt(stub, i, ts, due, self._batch(i, ts), RETRY_BACKOFF_S[0])
                 self.sent += 1
             deadline = time.perf_counter() + cfg.timeout_s + 1.0
             while time.perf_counter() < deadline and self.outstanding:
@@ -157,7 +175,8 @@ class EventSender:
         ok = self.status.get("OK", 0)
         return {"batch": self.cfg.batch, "offered_events_per_s": self.cfg.events_per_s, "calls_sent": self.sent,
                 "calls_answered": sum(self.status.values()), "late_sends": int(self.late),
-                "status": dict(sorted(self.status.items())), "failed_calls": self.sent - ok,
+                "status": dict(sorted(self.status.items())), "retried": dict(sorted(self.retried.items())),
+                "failed_calls": self.sent - ok,
                 "events_sent": self.sent * self.cfg.batch, "events_acknowledged": ok * self.cfg.batch,
                 "latency_ms": LT._summary(self.lat)}
 

@@ -76,7 +76,8 @@ def report(res: dict) -> str:
         f"{ev['events_acknowledged']} | {_ms(ev['latency_ms']['p50'])} | {_ms(ev['latency_ms']['p90'])} | "
         f"{_ms(ev['latency_ms']['p99'])} | {_ms(ev['latency_ms']['max'])} |",
         "",
-        f"Status counts: {ev['status']}; late sends (more than 1 ms after their due time): {ev['late_sends']}.",
+        f"Status counts: {ev['status']}; refused attempts sent again: {ev.get('retried', {})}; late sends (more "
+        f"than 1 ms after their due time): {ev['late_sends']}.",
         "",
         "## The store afterwards",
         "",

@@ -1,6 +1,6 @@
 """What lets a bounded server still answer its probes: the admission queue of Rank
-(`RankAdmission`: a bounded number running, a bounded number waiting, the rest refused at once)
-and a health servicer whose Watch streams the server can end at shutdown (`HealthServicer`)."""
+(`RankAdmission`: a bounded number running, a bounded number waiting, the rest refused at once),
+a separate one of the same kind for event ingestion (`IngestAdmission`), and a health servicer whose Watch streams the server can end at shutdown (`HealthServicer`)."""
 from __future__ import annotations
 
 import threading
@@ -101,3 +101,10 @@ class RankAdmission:
     def leave(self) -> None:
         with self._lock:
             self._admitted -= 1
+
+
+class IngestAdmission(RankAdmission):
+    """The bounded queue of EventService.LogEvents, apart from Rank's: a write waiting on the
+    feature store (a Redis fsync, SQLite's write lock) holds one of these places and a thread
+    of its own, never one of Rank's, so ingestion sheds (RESOURCE_EXHAUSTED, nothing written;
+    the client retries) before it can take the server's threads from Rank."""

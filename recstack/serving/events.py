@@ -125,8 +125,10 @@ class LivePath:
         if self.store is not None:
             self.store.seed(cascade.snapshot)
 
-    def rank(self, cascade, query, time_remaining):
-        """Rank `query` at the cascade's clock with the user's store history -> (Ranking, degraded, now)."""
+    def read(self, cascade, query):
+        """`query` with the user's store history at the cascade's clock -> (query, degraded). The
+        server calls it before the call takes a running slot: a read waiting on the store (a Redis
+        fsync of ingested events) holds no slot that ranking work could use."""
         now = cascade.clock()
         history, degraded = read_history(self.store, query.user_id, now, self.metrics)
         if degraded != self._degraded:  # one line per outage and per recovery, not one per call
@@ -134,7 +136,17 @@ class LivePath:
             (log.warning if degraded else log.info)(
                 "feature store %s: Rank %s", "unavailable" if degraded else "back",
                 "answers from the request and the snapshot (degraded_features)" if degraded else "reads it again")
-        return cascade.rank(replace(query, now=now, history=history), time_remaining), degraded, now
+        return replace(query, now=now, history=history), degraded
+
+    def rank(self, cascade, query, time_remaining):
+        """Rank `query` at the cascade's clock with the user's store history -> (Ranking, degraded, now)."""
+        return self.rank_read(cascade, time_remaining, self.read(cascade, query))
+
+    @staticmethod
+    def rank_read(cascade, time_remaining, prepared):
+        """Rank what `read` returned -> (Ranking, degraded, now)."""
+        query, degraded = prepared
+        return cascade.rank(query, time_remaining), degraded, query.now
 
     def served(self, request_id: str, user_id: int, now: float, version: str, r, degraded: bool) -> None:
         """Log one Rank response (one row per item) to the impression log; never blocks."""

@@ -6,17 +6,20 @@ The process around it (`serve`: workers, signals, drain, logging) is `recstack.s
 
 Status codes: INVALID_ARGUMENT (bad or unparsable request; the message names the field),
 UNAVAILABLE (no model loaded yet; LogEvents: the feature store fails), RESOURCE_EXHAUSTED (more
-than `max_workers + max_queue` Rank calls in flight: the call is refused at once rather than
-queued without bound; or a message over `max_message_bytes`), DEADLINE_EXCEEDED (the deadline
-passed before a stage or a model: later ones are skipped), CANCELLED (the caller left),
+than `max_workers + max_queue` Rank calls in flight, or LogEvents over its own bound: refused at
+once rather than queued without bound; or a message over `max_message_bytes`), DEADLINE_EXCEEDED
+(the deadline passed before a stage or a model: later ones are skipped), CANCELLED (the caller left),
 FAILED_PRECONDITION (Reload of a bundle that fails to load; the old model keeps serving),
 UNAUTHENTICATED / PERMISSION_DENIED (ModelService without / with a wrong admin token), INTERNAL
 (anything else, logged with the request id; never UNKNOWN, never a stack trace in the details).
 
-Only Rank is bounded: health checks and ModelService calls are served by threads of their own
-(`PROBE_THREADS`) and never shed, so a probe tells a busy server from a dead one. Every call
-that reaches the server is counted in the metrics by its final code (a call finished after
-its caller left counts as CANCELLED or DEADLINE_EXCEEDED, not OK).
+Rank (with Score) and LogEvents are bounded apart, each with threads of its own: a LogEvents
+call waiting on the feature store never holds a thread or an admission place Rank needs, and
+over its own bound it is refused (RESOURCE_EXHAUSTED, nothing written) before Rank is. Health
+checks and ModelService calls are served by threads of their own (`PROBE_THREADS`) and never
+shed, so a probe tells a busy server from a dead one. Every call that reaches the server is
+counted in the metrics by its final code (a call finished after its caller left counts as
+CANCELLED or DEADLINE_EXCEEDED, not OK).
 
 Access: the server listens on loopback unless told otherwise; ModelService (model info, reload)
 exists only when an admin token is configured and then requires `authorization: Bearer <token>`
@@ -26,6 +29,7 @@ switched off.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import gc
 import hmac
 import json
@@ -45,7 +49,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recstack import bundle as B
-from recstack.serving.admission import HealthServicer, RankAdmission
+from recstack.serving.admission import HealthServicer, IngestAdmission, RankAdmission
 from recstack.serving.cascade import Cascade, DeadlineExceeded
 from recstack.serving.events import LivePath
 from recstack.serving.messages import Abort, Malformed, parser, response_from_ranking
@@ -120,12 +124,14 @@ class RankingServicer:
     def __init__(self, artifacts_root: Path, limits: ServingLimits, health_servicer: health.HealthServicer,
                  onnx_threads: int = 1, metrics: ServingMetrics | None = None, admin_token: str | None = None,
                  worker: int = 0, admission: RankAdmission | None = None, bundle_key: bytes | None = None,
-                 live: LivePath | None = None, cascade_options: dict | None = None):
+                 live: LivePath | None = None, cascade_options: dict | None = None,
+                 ingest: IngestAdmission | None = None):
         self.live = live or LivePath()  # feature store and impression log (none: the snapshot and the request)
         self.artifacts_root = artifacts_root
         self.limits = limits
         self.health = health_servicer
         self.admission = admission or RankAdmission(4, 12)
+        self.ingest = ingest or IngestAdmission(2, 8)  # LogEvents' own bound
         self._bundle_key = bundle_key
         self.onnx_threads = onnx_threads
         self.cascade_options = dict(cascade_options or {})  # Cascade.load options (the retrieval backend, ...)
@@ -279,21 +285,29 @@ class RankingServicer:
 
     # -- RPCs -----------------------------------------------------------------------------
 
-    def _admitted(self, context, work):
-        """`work(time_remaining)` in the bounded admission; never for a caller who left while queued."""
-        if not self.admission.admit():
+    def _admitted(self, context, work, admission: RankAdmission | None = None, what: str = "Rank and Score",
+                  before=None):
+        """`work(time_remaining)` in the bounded `admission` (Rank's unless given); never for a
+        caller who left while queued. With `before` (I/O such as the feature-store read), it runs
+        once the call is admitted but before it takes a running slot, and `work(time_remaining,
+        before())` follows: slots bound the work that needs the CPU, not waits on I/O."""
+        admission = admission or self.admission
+        if not admission.admit():
             raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"overloaded: {self.admission.limit} Rank and Score calls in flight; retry with backoff")
+                         f"overloaded: {admission.limit} {what} calls in flight; retry with backoff")
         try:
+            if before is not None:
+                prepared = before()
+                work = functools.partial(work, prepared=prepared)
             remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
-            if not self.admission.acquire(remaining):
+            if not admission.acquire(remaining):
                 raise DeadlineExceeded("deadline exceeded while the call was queued")
             try:
                 return work(remaining)
             finally:
-                self.admission.release()
+                admission.release()
         finally:
-            self.admission.leave()
+            admission.leave()
 
     def _model(self, request) -> Cascade:
         if isinstance(request, Malformed):
@@ -308,7 +322,8 @@ class RankingServicer:
             cascade = self._model(request)
             query = validate_rank_request(request, self.limits, cascade.n_items, cascade.ids)
             extra.update(user_id=query.user_id, version=cascade.version, **log_user_key(request))
-            ranking, degraded, now = self._admitted(context, lambda remaining: self.live.rank(cascade, query, remaining))
+            ranking, degraded, now = self._admitted(context, functools.partial(self.live.rank_read, cascade),
+                                                    before=lambda: self.live.read(cascade, query))
             self.metrics.observe_stages(ranking.timings_ms)
             if ranking.degraded_retrieval:
                 self.metrics.degraded_retrieval.inc()
@@ -334,7 +349,8 @@ class RankingServicer:
     def LogEvents(self, request, context):
         def run(extra):
             cascade = self._model(request)
-            extra["events"] = self.live.log_events(cascade, request)  # durable once it returns
+            extra["events"] = self._admitted(  # durable once it returns
+                context, lambda remaining: self.live.log_events(cascade, request), self.ingest, "LogEvents")
             return pb.LogEventsResponse(accepted=extra["events"])
 
         return self._guard(context, "LogEvents", run)
@@ -401,6 +417,8 @@ def create_server(
     bundle_key: bytes | None = None,
     live: LivePath | None = None,
     cascade_options: dict | None = None,
+    ingest_threads: int = 2,
+    max_ingest_queue: int | None = None,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
     `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
@@ -412,21 +430,25 @@ def create_server(
     if max_concurrent_rpcs is None:  # the bound on Rank's queue: beyond it RESOURCE_EXHAUSTED at once
         max_concurrent_rpcs = max_workers + (max_queue if max_queue is not None else 2 * max_workers)
     admission = RankAdmission(min(max_workers, max_concurrent_rpcs), max_concurrent_rpcs)
+    ingest = IngestAdmission(ingest_threads, ingest_threads + (3 * ingest_threads if max_ingest_queue is None
+                                                               else max_ingest_queue))
     options = [
         ("grpc.so_reuseport", 1 if reuse_port else 0),  # off: a taken port is an error, not a silent share
         # a request over max_message_bytes is refused by our deserialiser (RESOURCE_EXHAUSTED, at once); grpc's
         # own limit, 16x higher, bounds what is buffered at all (it answers the same code, but drops the connection)
         ("grpc.max_receive_message_length", 16 * max_message_bytes),
     ]
-    # a thread for every admitted Rank (running or waiting) and PROBE_THREADS more: health and admin
-    # calls never wait behind Rank, and grpc itself sheds nothing (no maximum_concurrent_rpcs)
-    executor = futures.ThreadPoolExecutor(max_workers=admission.limit + PROBE_THREADS, thread_name_prefix="recstack-rpc")
+    # a thread for every admitted Rank and every admitted LogEvents (running or waiting) and
+    # PROBE_THREADS more: health and admin calls never wait behind either, and grpc itself sheds
+    # nothing (no maximum_concurrent_rpcs)
+    executor = futures.ThreadPoolExecutor(max_workers=admission.limit + ingest.limit + PROBE_THREADS,
+                                          thread_name_prefix="recstack-rpc")
     server = grpc.server(executor, options=options)
     health_servicer = HealthServicer()
     metrics = metrics or ServingMetrics()
     servicer = RankingServicer(root, limits, health_servicer, onnx_threads=onnx_threads, metrics=metrics,
                                admin_token=admin_token, worker=worker, admission=admission, bundle_key=bundle_key,
-                               live=live, cascade_options=cascade_options)
+                               live=live, cascade_options=cascade_options, ingest=ingest)
     metrics.track_queue(lambda: admission.waiting)
     servicer.set_serving(False)
     server.add_generic_rpc_handlers(tuple(_handlers(servicer, admin=bool(admin_token), max_bytes=max_message_bytes)))
@@ -468,7 +490,9 @@ def build_server(
     `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,
     `bundle_key` (bytes: every bundle loaded must carry a manifest HMAC made with it), `live`
     (recstack.serving.events.LivePath: the feature store and impression log; None: neither),
-    `cascade_options` (Cascade.load options: retrieval_backend, retrieval_timeout_s, i2i_share, ...).
+    `cascade_options` (Cascade.load options: retrieval_backend, retrieval_timeout_s, i2i_share, ...),
+    `ingest_threads` LogEvents calls writing at once and `max_ingest_queue` waiting beyond them
+    (default 3 x ingest_threads), a bound of their own apart from Rank's.
     """
     server, bound, servicer = create_server(bundle_path, host, port, max_workers, **kwargs)
     try:

@@ -4,6 +4,7 @@ counted as failed and never as acknowledged; the report states what was measured
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -100,3 +101,53 @@ def test_cli_refuses_a_bad_config_or_data_folder_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "no world.json" in err
     assert not (tmp_path / "out").exists()  # nothing left behind
+
+
+class _Answer:
+    """A finished LogEvents call: its code and, when OK, how many events it accepted."""
+
+    def __init__(self, code, accepted: int):
+        self._code, self._accepted = code, accepted
+
+    def code(self):
+        return self._code
+
+    def result(self):
+        from recstack.v1 import ranking_pb2 as pb
+
+        return pb.LogEventsResponse(accepted=self._accepted)
+
+    def add_done_callback(self, fn):
+        fn(self)
+
+
+class _ScriptedStub:
+    """EventService whose LogEvents answers with `codes`, in order, one per attempt."""
+
+    def __init__(self, codes, accepted: int):
+        self.codes, self.accepted, self.attempts = list(codes), accepted, 0
+        self.LogEvents = self
+
+    def future(self, request, timeout):
+        self.attempts += 1
+        return _Answer(self.codes.pop(0), self.accepted)
+
+
+@pytest.mark.parametrize("codes, status, retried", [
+    (["RESOURCE_EXHAUSTED", "UNAVAILABLE", "OK"], {"OK": 1}, {"RESOURCE_EXHAUSTED": 1, "UNAVAILABLE": 1}),
+    (["INVALID_ARGUMENT"], {"INVALID_ARGUMENT": 1}, {}),  # a refused batch is not sent again
+])
+def test_the_sender_sends_a_refused_unacknowledged_batch_again(codes, status, retried):
+    import grpc
+
+    sender = M.EventSender("127.0.0.1:1", USERS, N_ITEMS, TINY)
+    stub = _ScriptedStub([getattr(grpc.StatusCode, c) for c in codes], TINY.batch)
+    assert sender.slots.acquire(blocking=False)
+    sender.outstanding = 1
+    sender._attempt(stub, 0, 123.0, time.perf_counter(), sender._batch(0, 123.0), 1e-3)
+    deadline = time.monotonic() + 60.0  # a bound on reaching the state, not a timing
+    while sender.outstanding and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert sender.outstanding == 0 and stub.attempts == len(codes)
+    assert sender.status == status and sender.retried == retried
+    assert sender.acked == ([(0, 123.0)] if status == {"OK": 1} else [])

@@ -313,3 +313,10 @@ def test_readme_cli_section_matches_the_parsers():
             continue
         options = {s for a in p._actions for s in a.option_strings if s not in ("-h", "--help")}
         assert documented.get(prog) == options, prog
+
+
+@pytest.mark.parametrize("flags", [["--ingest-threads", "0"], ["--ingest-queue", "-1"]])
+def test_serve_refuses_a_bound_on_ingestion_that_admits_nothing(tmp_path, capsys, flags):
+    assert cli.main(["serve", "--artifacts", str(tmp_path), *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--ingest-threads must be >= 1 and --ingest-queue >= 0" in err[0]
