@@ -53,6 +53,7 @@ from recstack.serving.admission import HealthServicer, IngestAdmission, RankAdmi
 from recstack.serving.cascade import Cascade, DeadlineExceeded
 from recstack.serving.events import LivePath
 from recstack.serving.messages import Abort, Malformed, parser, response_from_ranking
+from recstack.serving.memory import trim_heap
 from recstack.serving.prometheus import ServingMetrics
 from recstack.serving.scoring import log_user_key, response_from_scores, score_candidates
 from recstack.serving.store import StoreUnavailable
@@ -92,26 +93,6 @@ class TLSConfig:
         key, cert = Path(self.key_file).read_bytes(), Path(self.cert_file).read_bytes()
         return grpc.ssl_server_credentials([(key, cert)])
 
-
-_malloc_trim = None
-
-
-def trim_heap() -> None:
-    """Give free heap memory back to the OS. A model's many small allocations (ONNX sessions,
-    parquet tables, index structures), freed from several threads, leave fragmented free space
-    in malloc's per-thread arenas; RSS keeps counting it, and without a trim it creeps up
-    reload after reload. glibc only; elsewhere nothing."""
-    global _malloc_trim
-    if _malloc_trim is None:
-        import ctypes
-        import ctypes.util
-
-        try:
-            _malloc_trim = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", False)
-        except OSError:
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
 
 
 class RankingServicer:
