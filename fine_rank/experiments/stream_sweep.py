@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from recstack.config import ConfigError
+from recstack.evaluation import report as R
 
 from fine_rank.experiments.plan import Method
 
@@ -90,3 +91,17 @@ def choose(settings: Sequence[Setting], runs: dict[Setting, list[dict]], valid: 
         if scores[s.key()] > scores[best.key()]:
             best = s
     return best, scores
+
+
+def section(record: dict) -> list[str]:
+    """The report's sweep table: each row's validation-window score per setting, the choice."""
+    body = []
+    for row, r in record["rows"].items():
+        c = Setting(**r["chosen"]).key()
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in r["validation_scores"].items()) or (
+            "not swept: twice the baseline's LR" if row.endswith("/lr2x") else "not swept: sead_max's setting"
+            if r["chosen"]["aux_weight"] is not None else "not swept: the baseline's LR")
+        body.append([row, c, scores])
+    return [f"## The sweep: validation days {record['validation_days']}, seeds {record['select_seeds']}, "
+            f"metric `{record['metric']}` (the test days {record['test_days']} never enter it)\n",
+            R.markdown_table(["row", "chosen", "validation-window score per setting"], body), ""]

@@ -180,6 +180,8 @@ def run(plan: FinePlan, data_dir, out: Path, base: T.Config, log: Callable[[str]
         eval_days = [c["eval_day"] for c in next(iter(by.values()))[0]["curve"]]
         results["tasks"][task] = {"methods": tab, "eval_days": eval_days, "notes": {m.name: m.note for m in ms}}
         sections += _section(plan, task, tab, eval_days, out, {m.name: m.note for m in ms})
+    if sweep is not None:
+        sections += W.section(sweep)
     return results, sections
 
 
@@ -191,8 +193,8 @@ def _section(plan: FinePlan, task: str, tab: dict, eval_days: list, out: Path, n
                            "scored day", "AUC − baseline").name,
              R.plot_curves(out / f"{name}_daily_auc.png", eval_days, {n: e["curve"] for n, e in tab.items()},
                            f"{plan.experiment} {task.upper()}: next-day AUC (mean over seeds)", "scored day", "AUC").name]
-    extra = [k for k in ("aux_auc", "teacher_auc", "auc_observed", "auc_aggregated", "calibration_aggregated")
-             if any(k in e for e in tab.values())]
+    extra = [k for k in ("calibration_train_day", "aux_auc", "teacher_auc", "auc_observed", "auc_consented",
+                         "auc_aggregated", "calibration_aggregated") if any(k in e for e in tab.values())]
     swept = any("chosen" in e for e in tab.values())
     header = ["method", f"next-day AUC, last {plan.last_days} days", "Δ vs baseline [95% CI]", "calibration",
               "calibration vs truth", *extra, *(["chosen LR / aux weight"] if swept else []), "s/run", "note"]

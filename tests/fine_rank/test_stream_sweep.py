@@ -85,7 +85,9 @@ def test_a_streaming_sweep_runs_the_chosen_setting_on_every_seed(world4, tmp_pat
     # the sweep's runs of the selection seed are the cache the reported runs come from
     cached = {p.name for p in (tmp_path / "sw" / "cache").iterdir()}
     assert f"sead_cvr_sead_max_{best}_s1.json" in cached and f"sead_cvr_sead_max_{best}_s2.json" in cached
-    assert "chosen LR / aux weight" in (tmp_path / "sw" / "report.md").read_text()
+    report = (tmp_path / "sw" / "report.md").read_text()
+    assert "chosen LR / aux weight" in report and "The sweep: validation days [2, 3], seeds [1]" in report
+    assert "not swept: sead_max's setting" in report
 
 
 @pytest.fixture(scope="module")
