@@ -166,6 +166,12 @@ class FinePlan(ExperimentPlan):
 
     def record(self) -> dict:
         """The plan's part of results.json."""
-        return {"lrs": list(self.lrs), "overrides": list(self.overrides), "fractions": list(self.data_fractions()),
-                "method_subsets": {t: list(v) for t, v in self.subsets().items()}}
+        out = {"lrs": list(self.lrs), "overrides": list(self.overrides), "fractions": list(self.data_fractions()),
+               "method_subsets": {t: list(v) for t, v in self.subsets().items()}}
+        if self.streaming:
+            out["stream"] = {"last_days": self.last_days, "valid_days": self.valid_days, "select_seeds": self.select_seeds,
+                             "stream_lrs": list(self.stream_lrs), "stream_aux_weights": list(self.stream_aux_weights),
+                             "stream_swept": None if self.stream_swept is None else list(self.stream_swept),
+                             "tasks": None if self.tasks is None else list(self.tasks)}
+        return out
 
