@@ -95,6 +95,10 @@ def fit_stream(task: str, cfg: Config, vocab, days: dict[int, dict[str, np.ndarr
         m = score_day(task, days[eval_day], predict(student, days[eval_day], bs),
                       {k: f(days[eval_day]) for k, f in extras.items()},
                       aggregates[eval_day] if aggregates is not None and task == "cvr" else None)
+        # in-sample: the served model's mean prediction over the label mean of the day it just
+        # trained on (the head's own fit, free of the day-to-day change of the rate)
+        seen = fit_rows(stream.day)
+        m["calibration_train_day"] = float(np.mean(predict(student, seen, bs)) / max(np.mean(seen[label]), 1e-12))
         if shift:  # the served model's shift; tomorrow trains on from the unshifted model
             student.head.linear.bias.data -= shift
         return {**m, "calibration_shift": shift}
@@ -114,5 +118,7 @@ def score_day(task: str, rows: dict, probs: np.ndarray, extras: dict[str, np.nda
         m[f"{name}_auc"] = M.auc(lab, p)
     if agg is not None:
         m["auc_observed"] = M.auc(rows["purchase_observed"], probs)
+        c = rows["consent"] > 0.5  # the consented users' rows: observed labels there are unbiased
+        m["auc_consented"] = M.auc(rows["purchase_observed"][c], probs[c])
         m.update(aggregate_metrics(rows, probs, agg))
     return m

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
+from recstack.config import ConfigError
 from recstack.evaluation.protocol import ExperimentPlan
 
 LRS = (5e-4, 1e-3, 2e-3, 4e-3)  # the sweep every method gets (Adam; on small most methods chose 2e-3, so the grid goes one step past it)
@@ -100,10 +101,36 @@ class FinePlan(ExperimentPlan):
     cvr_methods: Optional[tuple[str, ...]] = None  # the CVR table's rows (cvr, sead); None: as `methods`
     streaming: bool = False  # sead / signal-loss: train one pass per day through the world, score each next day
     last_days: int = 5  # streaming: the main metric averages the next-day AUC of this many last days
+    # streaming sweep (empty stream_lrs: every row at the config's LR, no sweep): each row's LR,
+    # and its aux-loss weight if it has an aux tower, chosen on the `valid_days` scored days
+    # before the last_days window, averaged over the first `select_seeds` seeds
+    stream_lrs: tuple[float, ...] = ()
+    stream_aux_weights: tuple[float, ...] = (1.0,)
+    valid_days: int = 3
+    select_seeds: int = 3
+    # the rows swept (None: every row); an unswept row with an aux tower runs at sead_max's
+    # chosen setting (an ablation of the tuned method), one without at the baseline's LR
+    stream_swept: Optional[tuple[str, ...]] = None
+    tasks: Optional[tuple[str, ...]] = None  # streaming: run only these tasks' tables (None: all)
 
     EXPERIMENTS: ClassVar[tuple[str, ...]] = tuple(TABLES)
     MIN_SEEDS: ClassVar[int] = 2
     QUICK: ClassVar[dict] = {"lrs": QUICK_LRS, "fractions": (0.5, 1.0)}
+
+    def validate(self) -> None:
+        super().validate()
+        if self.stream_lrs and not self.streaming:
+            raise ConfigError("stream_lrs: the validation-window sweep needs streaming=true")
+        if self.stream_lrs and (min(self.stream_lrs) <= 0 or not self.stream_aux_weights or min(self.stream_aux_weights) < 0):
+            raise ConfigError(f"stream_lrs / stream_aux_weights: need positive LRs and non-negative weights, got "
+                              f"{list(self.stream_lrs)} / {list(self.stream_aux_weights)}")
+        if self.tasks is not None and (not self.streaming or not set(self.tasks) <= set(TABLES.get(self.experiment, {}))):
+            raise ConfigError(f"tasks: needs streaming=true and a subset of {list(TABLES.get(self.experiment, {}))}, "
+                              f"got {list(self.tasks)}")
+        if self.stream_swept is not None and "sead_max" not in self.stream_swept and self.experiment == "sead":
+            raise ConfigError("stream_swept: must include sead_max (the unswept aux rows take its chosen setting)")
+        if self.stream_lrs and not 1 <= self.select_seeds <= len(self.seeds):
+            raise ConfigError(f"select_seeds: must be in [1, {len(self.seeds)}] (the seeds given), got {self.select_seeds}")
 
     def set_keys(self) -> tuple[str, ...]:
         subset = SUBSET_KEYS.get(self.experiment, ())
@@ -139,6 +166,12 @@ class FinePlan(ExperimentPlan):
 
     def record(self) -> dict:
         """The plan's part of results.json."""
-        return {"lrs": list(self.lrs), "overrides": list(self.overrides), "fractions": list(self.data_fractions()),
-                "method_subsets": {t: list(v) for t, v in self.subsets().items()}}
+        out = {"lrs": list(self.lrs), "overrides": list(self.overrides), "fractions": list(self.data_fractions()),
+               "method_subsets": {t: list(v) for t, v in self.subsets().items()}}
+        if self.streaming:
+            out["stream"] = {"last_days": self.last_days, "valid_days": self.valid_days, "select_seeds": self.select_seeds,
+                             "stream_lrs": list(self.stream_lrs), "stream_aux_weights": list(self.stream_aux_weights),
+                             "stream_swept": None if self.stream_swept is None else list(self.stream_swept),
+                             "tasks": None if self.tasks is None else list(self.tasks)}
+        return out
 
