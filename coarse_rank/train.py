@@ -140,6 +140,7 @@ class Fitted:
     student_pred: dict
     teacher_pred: dict | None
     train_ids: dict  # user_id / item_id of every training impression (for id-frequency buckets); {} when streamed
+    optimizer_state: dict | None = None  # the last phase's optimiser, for a warm start to continue from
 
 
 def _steps(cfg: Config, n_rows: int, per_epoch: int | None = None) -> int:
@@ -189,9 +190,9 @@ def training_batches(cfg: Config, train_ex: Examples | ShardStream, local_batch:
 
 
 def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductStudent | None, teacher: nn.Module | None,
-          params, schedule: LambdaSchedule, desc: str, progress: bool) -> tuple[int, float]:
+          params, schedule: LambdaSchedule, desc: str, progress: bool) -> tuple[int, float, dict]:
     """One training run over `train_ex` (`DistillationStep`: L_s, L_t or Eq. 5) on the shared
-    loop; returns (steps, smoothed loss).
+    loop; returns (steps, smoothed loss, the optimiser's final state).
 
     Under torchrun each rank trains on a contiguous share of every (global) batch, through
     DDP over the trained modules (student and/or teacher in one wrapper, so the Parameters a
@@ -212,7 +213,7 @@ def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductSt
                 before_finish=lambda: D.broadcast_state(trained), desc=desc, show=progress)
     step = (GmvStep if cfg.objective == "gmv" else DistillationStep)(cfg, student, teacher, schedule)
     stats = loop.run(step, training_batches(cfg, train_ex, local_batch))
-    return int(stats["steps"]), float(stats["loss"])
+    return int(stats["steps"]), float(stats["loss"]), opt.state_dict()
 
 
 def _predict_all(model: nn.Module, examples: Examples, batch_size: int, length_buckets: int) -> dict[str, np.ndarray]:
@@ -253,14 +254,14 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
         _loop(cfg, train_ex, None, teacher, teacher.parameters(), LambdaSchedule(cfg.lam, 0), "coarse teacher", progress)
         teacher.eval()
         student.train()
-        step, loss = _loop(cfg, train_ex, student, teacher, student.parameters(), LambdaSchedule(cfg.lam, 0),
-                           "coarse student", progress)
+        step, loss, opt_state = _loop(cfg, train_ex, student, teacher, student.parameters(), LambdaSchedule(cfg.lam, 0),
+                                      "coarse student", progress)
     else:
         both = nn.ModuleList([student] + ([teacher] if teacher is not None else []))
         both.train()
         # parameters() of the list yields a Parameter shared by student and teacher once
-        step, loss = _loop(cfg, train_ex, student, teacher, both.parameters(), LambdaSchedule(cfg.lam, cfg.swap_step),
-                           f"coarse {cfg.teacher}", progress)
+        step, loss, opt_state = _loop(cfg, train_ex, student, teacher, both.parameters(),
+                                      LambdaSchedule(cfg.lam, cfg.swap_step), f"coarse {cfg.teacher}", progress)
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
 
     s_pred = _predict_all(student, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
@@ -288,7 +289,7 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
         ids = {}  # one id per training impression would not fit in memory at the scale streaming is for
     else:
         ids = {"user_id": train_ex.imps["user_id"], "item_id": train_ex.imps["item_id"]}
-    return Fitted(student, teacher, result, s_pred, t_pred, ids)
+    return Fitted(student, teacher, result, s_pred, t_pred, ids, opt_state)
 
 
 def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
@@ -324,8 +325,12 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
             f"logloss {result['logloss']:.4f}  calibration {result['calibration']:.3f}{teacher_note}  "
             f"[{result['steps']} steps, {result['train_seconds']:.1f}s, {result['n_eval']} eval rows]"
         )
-        # the teacher rides along (never exported) so a warm start keeps distilling from it
-        extra = {"teacher": fitted.teacher.state_dict()} if fitted.teacher is not None else None
+        # the teacher and the optimiser ride along (never exported): a warm start keeps distilling
+        # from the teacher and continues Adagrad's accumulators (fresh ones would make its first
+        # steps full-size sign steps on a trained model)
+        extra = {"optimizer": fitted.optimizer_state}
+        if fitted.teacher is not None:
+            extra["teacher"] = fitted.teacher.state_dict()
         save_model(out_dir, STAGE, cfg, fitted.student.state_dict(), result, data_dir, data.vocab, extra)
     D.barrier()
     return result

@@ -12,7 +12,8 @@ stage's own step on the shared `recstack.training.loop.Loop`:
 
 - retrieval: the clicked impressions, the in-batch sampled softmax with logQ from the day's
   click counts (`retrieval.tasks.InBatchSoftmaxStep`);
-- coarse: every impression, the student distilled from the teacher the checkpoint carries
+- coarse: every impression, the student distilled from the teacher the checkpoint carries, the
+  first warm day continuing the initial training's optimiser state (also in the checkpoint)
   (trained with it in the same steps, as the initial training did: `coarse_rank.tasks.DistillationStep`,
   or `coarse_rank.objective.GmvStep` under the gmv objective); a checkpoint without a teacher
   trains the student alone;
@@ -124,8 +125,14 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
     params = list(trained.parameters())  # a Parameter shared by student and teacher once
     opt = torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if cfg.optimizer == "adagrad" \
         else torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # the previous warm day's optimiser, else the initial training's (its accumulators and
+    # moments: a fresh Adagrad's first steps would move every touched weight by the full LR)
+    origin_of_state = "previous day" if opt_state is not None else "initial training" if "optimizer" in ck else "fresh"
+    opt_state = opt_state if opt_state is not None else ck.get("optimizer")
     if opt_state is not None:
         opt.load_state_dict(opt_state)
+        for group in opt.param_groups:  # the constant LR of a warm day, whatever schedule the state ended on
+            group["lr"] = cfg.lr
     ex = data.examples(days)
     n = len(ex)
     total = n // cfg.batch_size + (n % cfg.batch_size >= 2)
@@ -136,7 +143,7 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
         teacher.eval()
     stats = _run(f"live:coarse@day{days[-1]}", n, trained, opt, total, step, training_batches(cfg, ex, cfg.batch_size))
     stats.update(rows=int(n), teacher=(f"{cfg.teacher} ({'frozen' if frozen else 'trained with the student'})"
-                                       if teacher is not None else "none"))
+                                       if teacher is not None else "none"), optimizer=origin_of_state)
     extra = {"teacher": teacher.state_dict()} if teacher is not None else None
     _save(out_dir, "coarse", cfg, student.state_dict(), stats, origin, data.vocab, opt.state_dict(), extra)
     return stats

@@ -94,8 +94,8 @@ def test_a_day_interrupted_after_its_export_resumes_there(run, tmp_path):
 
 
 def test_the_coarse_teacher_keeps_teaching_on_warm_days(run):
-    """The day-0 coarse checkpoint carries its teacher; each warm day trains student and teacher
-    together from it (PFD's synchronous manner) and hands the trained teacher to the next day."""
+    """The day-0 coarse checkpoint carries its teacher and optimiser; each warm day trains student
+    and teacher together from them (PFD's synchronous manner) and hands both to the next day."""
     import torch
 
     from recstack.training import checkpoint as C
@@ -104,9 +104,11 @@ def test_the_coarse_teacher_keeps_teaching_on_warm_days(run):
     paths = [out / "runs" / "day00" / "coarse" / "checkpoint.pt"] + [
         out / "days" / f"d{d['live_day']:02d}" / "runs" / "coarse" / "checkpoint.pt" for d in second["days"]]
     teachers = [C.load(p, stage="coarse")["teacher"] for p in paths]
-    for d in second["days"]:
+    for i, d in enumerate(second["days"]):
         rec = json.loads((out / "days" / f"d{d['live_day']:02d}" / "day.json").read_text())
         assert "trained with the student" in rec["trained"]["coarse"]["teacher"]
+        # Adagrad's accumulators continue: from the initial training on the first day, then day to day
+        assert rec["trained"]["coarse"]["optimizer"] == ("initial training" if i == 0 else "previous day")
     for before, after in zip(teachers, teachers[1:]):
         assert before.keys() == after.keys()
         assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
