@@ -36,6 +36,7 @@ from recstack.training.distill import LambdaSchedule, soft_label_loss
 
 from coarse_rank import model as M
 from coarse_rank.config import Config
+from coarse_rank.tasks import student_click_logit
 
 
 class GmvStudent(M.InnerProductStudent):
@@ -122,11 +123,7 @@ class GmvStep:
         loss = torch.zeros(())
         pooled = None
         if student is not None:
-            tower = student.user_tower
-            pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], cfg.length_buckets)  # (R, d_model)
-            u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
-            v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
-            s_ctr = student.scale * (u * v).sum(dim=-1)
+            pooled, s_ctr = student_click_logit(student, inputs, cfg.length_buckets)
             s_cvr = student.cvr_logit(inputs["item_feats"], inputs["item_dense"])
             hard = F.binary_cross_entropy_with_logits(s_ctr, click) + _bce_on(s_cvr, purchase, clicked)
         if teacher is not None:

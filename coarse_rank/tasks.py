@@ -36,6 +36,16 @@ def oracle_logit(prob) -> torch.Tensor:
     return torch.log(p / (1 - p)).float()
 
 
+def student_click_logit(student: InnerProductStudent, inputs: dict, length_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's click logit of every row of a batch -> (pooled sequence (R, d_model), logit (B,)):
+    the user tower once per request, gathered to its rows, times the item tower."""
+    tower = student.user_tower
+    pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], length_buckets)  # (R, d_model)
+    u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
+    v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
+    return pooled, student.scale * (u * v).sum(dim=-1)
+
+
 class DistillationStep:
     """The loss of one step on a request batch `(batch, inputs)` (see `train.request_batches`).
 
@@ -57,11 +67,7 @@ class DistillationStep:
         y = torch.from_numpy(batch["click"])
         pooled = None
         if student is not None:
-            tower = student.user_tower
-            pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], cfg.length_buckets)  # (R, d_model)
-            u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
-            v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
-            s_logit = student.scale * (u * v).sum(dim=-1)
+            pooled, s_logit = student_click_logit(student, inputs, cfg.length_buckets)
         if teacher is not None:
             t_in = dict(inputs, interacted=torch.from_numpy(batch["interacted"]), pooled=pooled if self.share else None,
                         length_buckets=cfg.length_buckets)
