@@ -320,6 +320,16 @@ class InnerProductStudent(nn.Module):
         return self.scale * (u.index_select(0, request_index) * v).sum(dim=-1)
 
 
+def student_click_logit(student: InnerProductStudent, inputs: dict, length_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The student's click logit of every row of a batch -> (pooled sequence (R, d_model), logit (B,)):
+    the user tower once per request, gathered to its rows, times the item tower."""
+    tower = student.user_tower
+    pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], length_buckets)  # (R, d_model)
+    u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
+    v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
+    return pooled, student.scale * (u * v).sum(dim=-1)
+
+
 # --- distillation teachers (PFD §3-§4, Table 2) ---------------------------------------------
 #
 # Every teacher scores the same B impressions as the student and takes the student's request

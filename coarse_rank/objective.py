@@ -36,7 +36,6 @@ from recstack.training.distill import LambdaSchedule, soft_label_loss
 
 from coarse_rank import model as M
 from coarse_rank.config import Config
-from coarse_rank.tasks import student_click_logit
 
 
 class GmvStudent(M.InnerProductStudent):
@@ -123,7 +122,7 @@ class GmvStep:
         loss = torch.zeros(())
         pooled = None
         if student is not None:
-            pooled, s_ctr = student_click_logit(student, inputs, cfg.length_buckets)
+            pooled, s_ctr = M.student_click_logit(student, inputs, cfg.length_buckets)
             s_cvr = student.cvr_logit(inputs["item_feats"], inputs["item_dense"])
             hard = F.binary_cross_entropy_with_logits(s_ctr, click) + _bce_on(s_cvr, purchase, clicked)
         if teacher is not None:

@@ -9,7 +9,7 @@ from torch import nn
 from recstack.training.distill import LambdaSchedule, student_loss, sync_loss
 
 from coarse_rank.config import Config
-from coarse_rank.model import InnerProductStudent
+from coarse_rank.model import InnerProductStudent, student_click_logit
 
 
 def shares_sequence(cfg: Config) -> bool:
@@ -34,16 +34,6 @@ def oracle_logit(prob) -> torch.Tensor:
     """A true probability (N,) numpy -> its logit as a teacher's (clipped away from 0 and 1)."""
     p = torch.from_numpy(prob).double().clamp(1e-6, 1 - 1e-6)
     return torch.log(p / (1 - p)).float()
-
-
-def student_click_logit(student: InnerProductStudent, inputs: dict, length_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's click logit of every row of a batch -> (pooled sequence (R, d_model), logit (B,)):
-    the user tower once per request, gathered to its rows, times the item tower."""
-    tower = student.user_tower
-    pooled = tower.encode_sequence(inputs["seq_items"], inputs["seq_extras"], length_buckets)  # (R, d_model)
-    u = tower.head(inputs["user_feats"], pooled).index_select(0, inputs["request_index"])  # (B, out)
-    v = student.item_tower(inputs["item_feats"], inputs["item_dense"])  # (B, out)
-    return pooled, student.scale * (u * v).sum(dim=-1)
 
 
 class DistillationStep:
