@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recstack.training import sparse
 from recstack.training.distill import LambdaSchedule, student_loss, sync_loss
 
 from coarse_rank.config import Config
@@ -20,7 +21,9 @@ def shares_sequence(cfg: Config) -> bool:
 def make_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     """Optimizer plus the paper's schedule: LR rises linearly over `warmup_steps`, then stays fixed."""
     params = list(params)
-    if cfg.optimizer == "adagrad":
+    if cfg.sparse_embeddings:
+        opt = sparse.optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
+    elif cfg.optimizer == "adagrad":
         opt = torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recstack.training import distributed as D
+from recstack.training import distributed as D, sparse
 from recstack.evaluation import metrics
 from recstack.config import ConfigError
 from recstack.data import Examples, SimData, load
@@ -205,6 +205,8 @@ def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductSt
     n_rows = train_ex.total_rows if streamed else len(train_ex)
     trained = nn.ModuleDict({k: m for k, m in (("student", student), ("teacher", teacher)) if m is not None})
     local_batch = cfg.batch_size // D.world_size()
+    if cfg.sparse_embeddings:
+        sparse.enable(trained)
     opt, sched = make_optimizer(cfg, params)
     total = _steps(cfg, n_rows, train_ex.batches_per_epoch(local_batch, min_rows=2) if streamed else None)
     loop = Loop(f"coarse:{desc}", n_rows, trained, opt, total, Ema("loss_ema", 0.98, 0.02), scheduler=sched,

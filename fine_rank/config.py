@@ -54,6 +54,7 @@ class Config:
     cvr_epochs: int = 2  # passes over the clicked impressions
     cvr_max_steps: int = 0  # cap on optimizer steps; 0 = no cap
     cvr_lr_decay: bool = True  # as ctr_lr_decay
+    sparse_embeddings: bool = False  # only the looked-up rows get gradients (recstack.training.sparse): ~5x faster steps with 1e6-item tables; needs weight_decay 0, not under torchrun
     # --- distillation (PFD, CVR) -------------------------------------------------------
     cvr_teacher: str = "none"  # one of CVR_TEACHERS; the exported model is always the student
     cvr_md_hidden: tuple[int, ...] = (1024, 512, 512, 256, 128)  # MD / PFD+MD teacher (paper: 8192..128, 7 layers; CPU-sized)
@@ -120,7 +121,9 @@ class Config:
         """The `ctr_*` or `cvr_*` fields as one object."""
         if task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-        return ModelSettings(**{f: getattr(self, f"{task}_{f}") for f in ModelSettings.__dataclass_fields__})
+        shared = {"sparse_embeddings": self.sparse_embeddings}
+        return ModelSettings(**{f: getattr(self, f"{task}_{f}") for f in ModelSettings.__dataclass_fields__ if f not in shared},
+                             **shared)
 
     def __post_init__(self) -> None:
         for name in ("ctr_hidden", "cvr_hidden", "cvr_md_hidden", "mtl_hidden"):
@@ -141,6 +144,7 @@ class ModelSettings:
     epochs: int
     max_steps: int
     lr_decay: bool
+    sparse_embeddings: bool = False
 
     def validate(self, task: str) -> None:
         if self.optimizer not in OPTIMIZERS:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as TF
 
-from recstack.training import distributed as D, sead
+from recstack.training import distributed as D, sead, sparse
 from recstack.training.distill import LambdaSchedule, sync_loss
 from recstack.training.loop import Batches, Loop, Recent, Stream, streamed_batches
 
@@ -24,6 +24,9 @@ from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, SignalTeacher, Tea
 
 def make_optimizer(model: torch.nn.Module, s: ModelSettings) -> torch.optim.Optimizer:
     # model.parameters() de-duplicates shared tensors (a teacher sharing the student's embeddings)
+    if s.sparse_embeddings:
+        sparse.enable(model)
+        return sparse.optimizer(s.optimizer, model.parameters(), s.lr, s.weight_decay)
     if s.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
     if s.optimizer == "adagrad":

@@ -55,6 +55,7 @@ class Config:
     # --- optimisation --------------------------------------------------------------
     lr: float = 3e-3  # Adam; embeddings are sparse-ish, a larger LR than for dense nets pays off
     weight_decay: float = 0.0  # decoupled (AdamW); 0 leaves rarely seen ids alone
+    sparse_embeddings: bool = False  # only the looked-up rows get gradients (recstack.training.sparse): ~5x faster steps with 1e6-item tables; needs weight_decay 0, not under torchrun
     batch_size: int = 256  # also the number of in-batch negatives per positive
     epochs: int = 3  # passes over the positives; next-day recall on small's validation day peaks at 3-4, falls after 5
     max_steps: Optional[int] = None  # hard cap on optimiser steps (None = epochs decide)

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from recstack.training import distributed as D
+from recstack.training import distributed as D, sparse
 from recstack.config import ConfigError
 from recstack.data import SimData, load
 from recstack.data.shards import ShardStream
@@ -242,7 +242,12 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
                                                cfg.logq_alpha, cfg.logq_correction))
     model = build_model(cfg, data.vocab)
     loss_fn = SampledSoftmaxLoss(cfg.temperature, cfg.learn_temperature)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    if cfg.sparse_embeddings:
+        sparse.enable(model)
+        opt = sparse.optimizer("adamw", params, cfg.lr, cfg.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     trained = nn.ModuleDict({"model": model, "loss": loss_fn})
     per_epoch = steps_per_epoch(cfg, clicks, batch_size, local_batch)
     total_steps = cfg.epochs * per_epoch
