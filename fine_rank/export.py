@@ -106,6 +106,15 @@ def _quality(path: Path, populations: dict, labels: dict[str, str]) -> dict[str,
     return out
 
 
+def relative_shift(new: float, ref: float) -> float:
+    """new / ref - 1 (the calibrations are on the same labels, so this is the shift of the mean
+    prediction); 0 when both are 0, infinite when only ref is, NaN when either is NaN: the two
+    last fail the bound."""
+    if ref == 0:
+        return 0.0 if new == 0 else float("inf")
+    return float(new) / float(ref) - 1.0
+
+
 def quantise_int8(fp32_path: Path, int8_path: Path, fp32_quality: dict, populations: dict, labels: dict) -> dict:
     """Write the int8 copy of the merged graph (ONNX Runtime dynamic quantisation: int8 weights,
     activations quantised per call) and keep it only if each model's held-out AUC and
@@ -120,7 +129,7 @@ def quantise_int8(fp32_path: Path, int8_path: Path, fp32_quality: dict, populati
     for task in TASKS:
         ref = fp32_quality[task]
         auc_diff = q[task]["auc"] - ref["auc"]
-        cal_shift = q[task]["calibration"] / ref["calibration"] - 1.0
+        cal_shift = relative_shift(q[task]["calibration"], ref["calibration"])
         meta[task] = {"auc": q[task]["auc"], "auc_diff": auc_diff, "calibration": q[task]["calibration"],
                       "calibration_shift": cal_shift,
                       "max_abs_prob_diff": float(np.max(np.abs(q[task]["probs"] - ref["probs"]))) if len(ref["probs"]) else 0.0}

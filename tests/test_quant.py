@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 
-from recstack.quant import int8_inner_products_by_idx, quantise_rows, topk_overlap
+from recstack.quant import (int8_inner_products_by_idx, quantise_rows, shortlist_size, shortlist_top, top_positions,
+                            topk_overlap)
 
 
 def _vectors(n=300, d=24, seed=0):
@@ -61,3 +62,38 @@ def test_topk_overlap():
     assert topk_overlap(ref, cand, 3) == pytest.approx(2 / 3)
     assert topk_overlap(ref, cand, 50) == 1.0  # k clipped to N: the same set
     assert topk_overlap(np.zeros(0), np.zeros(0), 5) == 1.0
+
+
+def test_shortlist_size_is_the_factor_times_the_cut_within_bounds():
+    assert shortlist_size(500, 10_000) == 750 and shortlist_size(500, 600) == 600 and shortlist_size(3, 10, 1.0) == 3
+    assert shortlist_size(5, 100, 1.01) == 6  # rounded up
+    with pytest.raises(ValueError, match="shortlist factor must be >= 1"):
+        shortlist_size(5, 100, 0.9)
+
+
+def test_shortlist_top_keeps_the_exact_top_when_the_shortlist_holds_it():
+    rng = np.random.default_rng(3)
+    exact = rng.standard_normal(1000).astype(np.float32)
+    approx = exact + rng.uniform(-0.05, 0.05, 1000).astype(np.float32)  # near-ties reorder at the cut
+    assert topk_overlap(exact, approx, 100) < 1.0
+    calls = []
+
+    def rescore(pos):
+        calls.append(len(pos))
+        return exact[pos]
+
+    pos, scores = shortlist_top(approx, 100, 200, rescore)
+    assert calls == [200]  # only the shortlist is re-scored
+    np.testing.assert_array_equal(np.sort(pos), np.sort(np.argsort(-exact)[:100]))
+    np.testing.assert_array_equal(scores, exact[pos])
+
+
+def test_shortlist_top_refuses_rescores_of_the_wrong_shape():
+    with pytest.raises(ValueError, match=r"exact scores shape \(3,\), expected \(4,\)"):
+        shortlist_top(np.arange(10, dtype=np.float32), 2, 4, lambda p: np.zeros(3, np.float32))
+
+
+def test_top_positions_keeps_all_in_order_when_the_cut_is_not_smaller():
+    s = np.array([0.3, 0.9, 0.1], np.float32)
+    np.testing.assert_array_equal(top_positions(s, 5), [0, 1, 2])
+    assert set(top_positions(s, 2)) == {0, 1} and len(top_positions(s, 0)) == 0

@@ -43,6 +43,7 @@ import numpy as np
 from recstack import features as FE
 from recstack.bench.timing import loadavg, machine_info
 from recstack.serving.cascade import Cascade
+from recstack.quant import top_positions
 from recstack.serving.loading import onnx_session
 
 REPO = Path(__file__).resolve().parents[2]  # the checkout: the servers run from it
@@ -79,6 +80,11 @@ class TeacherCoarseCascade(Cascade):
         feeds = {**tower_in, "item_feats": item_feats, "item_dense": self.items.dense(cands),
                  "interacted": FE.interacted_features(tower_in["seq_items"], tower_in["seq_extras"], item_feats)}
         return self.teacher.run(None, feeds)[0].reshape(-1)
+
+    def select_coarse(self, tower_in: dict[str, np.ndarray], cands: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        scores = self.score_coarse(tower_in, cands)
+        pos = top_positions(scores, keep)
+        return pos, scores[pos]
 
 
 # ------------------------------------------------------------------ servers

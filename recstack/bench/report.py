@@ -12,7 +12,9 @@ from recstack.evaluation import report as E
 
 LABELS = {
     "inner_product_serving": "coarse: inner product, serving path (fused FAISS gather-dot, fvec_inner_products_by_idx)",
-    "inner_product_int8": "coarse: inner product, int8 item vectors with per-row scales (fused numba gather-dot, recstack.quant)",
+    "inner_product_int8": "coarse: inner product, int8 item vectors with per-row scales alone (fused numba gather-dot, recstack.quant)",
+    "inner_product_int8_shortlist": "coarse: int8 scan + float32 re-score of the 1.5x shortlist + the cut to 500 "
+                                    "(served when export's top-500 check passes)",
     "inner_product_numpy": "coarse: inner product, numpy gather + BLAS matvec",
     "inner_product_sorted_gather": "coarse: inner product, candidate ids sorted first (sort + gather + matvec)",
     "inner_product_contiguous": "coarse: inner product, contiguous block (matvec only)",
@@ -124,9 +126,9 @@ def bounds_text(res: dict) -> list[str]:
         f"- Fine: the CTR ranker's MLP is {f['mlp_gflop'] * 1e3:.3g} MFLOP at {f['n_candidates']} candidates; its matrix "
         f"products alone take {fm['gemm_floor']:.3g} ms in torch ({f['gflop_per_s']['gemm_floor']:.3g} GFLOP/s), eager runs the "
         f"whole model in {fm['torch_eager']:.3g} ms ({f['ratios']['eager_vs_gemm_floor']:.2f}x the floor) and ONNX Runtime in "
-        f"{fm['onnxruntime']:.3g} ms ({f['ratios']['ort_vs_gemm_floor']:.2f}x the floor). Eager's overhead over the fp32 "
-        "matrix products is the most a graph runtime can remove; a 2.5x gain would need fewer or cheaper FLOPs "
-        "(e.g. int8 / fp16 kernels)" + _int8_text(f) + ".",
+        f"{fm['onnxruntime']:.3g} ms ({f['ratios']['ort_vs_gemm_floor']:.2f}x the floor; target: within 1.1x). Eager's "
+        "overhead over the fp32 matrix products is the most an fp32 runtime can remove, so the target of fine ranking "
+        ">= 2x eager at equal quality needs cheaper FLOPs" + _int8_text(f) + ".",
     ]
 
 
@@ -134,11 +136,12 @@ def _int8_text(f: dict) -> str:
     q = f.get("variant_parity_max_abs_diff", {}).get("onnxruntime_int8_dynamic")
     t = f["timings_ms"].get("onnxruntime_int8_dynamic")
     if not isinstance(q, float) or t is None:
-        return ", which would likely break the 1e-5 parity bound (not measured here)"
+        return " (int8 not measured here)"
     return (f": int8 dynamic quantization runs in {t['median']:.3g} ms "
-            f"({f['timings_ms']['torch_eager']['median'] / t['median']:.2f}x eager) but its probabilities differ by "
-            f"{q:.2e} from the fp32 model's ({'within' if q <= 1e-5 else 'outside'} the 1e-5 bound), so it is "
-            + ("an option" if q <= 1e-5 else "reported as an option, not served"))
+            f"({f['timings_ms']['torch_eager']['median'] / t['median']:.2f}x eager) and moves the probabilities by up "
+            f"to {q:.2e}; equal quality is decided at export, on the trained models: test-day AUC within 0.0005 and "
+            "calibration within 0.5 % of float32's, and the served top-50 overlapping float32's by >= 95 % on 1,000 "
+            "users (else the bundle serves float32)")
 
 
 def _write(out: Path, lines: list[str], res: dict, bounds_heading: str, notes=()) -> Path:
@@ -256,7 +259,11 @@ def _serving_section(res: dict) -> list[str]:
         "",
         f"Per-stage time of the served cascade on the bundle ({s['n_requests']} test-day users, one request at a time, "
         f"{s['sizes']['retrieval_size']:,} -> {s['sizes']['coarse_size']} -> {s['sizes']['k']}; "
-        f"{s['wall_ms_per_request']:.1f} ms wall per request):",
+        f"{s['wall_ms_per_request']:.1f} ms wall per request"
+        + (f", {s['cpu_ms_per_request']:.1f} ms CPU per request (process time, all threads; target <= 6 ms)"
+           if "cpu_ms_per_request" in s else "")
+        + (f"; coarse {s['precision']['coarse']} ({s['precision']['coarse_reason']}), fine {s['precision']['fine']}"
+           if "precision" in s else "") + "):",
         "",
         E.markdown_table(["stage", "p50 ms", "p99 ms", "mean ms"],
                          [[k.replace("_ms", ""), _ms(v["p50"]), _ms(v["p99"]), _ms(v["mean"])] for k, v in s["stage_ms"].items()]),

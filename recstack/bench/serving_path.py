@@ -93,8 +93,9 @@ def _profile(cascade, queries: list, top: int) -> tuple[list[dict], float]:
 def bench_serving_path(cascade, data_dir: str | Path, n_requests: int = 200, sizes: dict | None = None,
                        seed: int = 0, profile_top: int = 18) -> dict:
     """The serving cascade in process on real test-day users (features from the bundle's store, as
-    the server computes them): per-stage ms (p50/p99/mean) and a cProfile of the same requests
-    (the functions with the most own time, ms per request)."""
+    the server computes them): per-stage ms (p50/p99/mean), the CPU per request (process time,
+    one request at a time) and a cProfile of the same requests (the functions with the most own
+    time, ms per request)."""
     from recstack.serving.cascade import Query
 
     sizes = sizes or {"retrieval_size": 10_000, "coarse_size": 500, "k": 50}
@@ -104,14 +105,17 @@ def bench_serving_path(cascade, data_dir: str | Path, n_requests: int = 200, siz
     for q in queries[:10]:  # warm-up
         cascade.rank(q)
     stages: dict[str, list[float]] = {}
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for q in queries:
         for k, v in cascade.rank(q).timings_ms.items():
             stages.setdefault(k, []).append(v)
+    cpu_ms = (time.process_time() - c0) * 1e3 / len(queries)  # the process's CPU, all its threads
     wall_ms = (time.perf_counter() - t0) * 1e3 / len(queries)
     top, total = _profile(cascade, queries, profile_top)
     return {
-        "n_requests": len(queries), "sizes": sizes, "wall_ms_per_request": wall_ms,
+        "n_requests": len(queries), "sizes": sizes, "wall_ms_per_request": wall_ms, "cpu_ms_per_request": cpu_ms,
+        "precision": {"coarse": cascade.coarse_vectors.precision, "coarse_reason": cascade.coarse_vectors.reason,
+                      "fine": cascade.fine.precision},
         "stage_ms": {k: {"p50": float(np.median(v)), "p99": float(np.percentile(v, 99)), "mean": float(np.mean(v))}
                      for k, v in stages.items()},
         "profile_top": top, "profile_total_ms_per_request": total,
@@ -121,8 +125,9 @@ def bench_serving_path(cascade, data_dir: str | Path, n_requests: int = 200, siz
 def bench_coarse_stage_served(cascade, teacher_cascade, data_dir: str | Path, n_requests: int, sizes: dict,
                               seed: int = 0) -> dict:
     """The coarse stage as served at `sizes` (retrieval_size candidates of real requests): the
-    cascade's `score_coarse` (user tower + fused inner product) vs the teacher-as-coarse peer's
-    (item features + interacted features + teacher DNN in ONNX Runtime), same candidates."""
+    cascade's `select_coarse` (user tower + fused inner product + the cut) vs the teacher-as-coarse
+    peer's (item features + interacted features + teacher DNN in ONNX Runtime + the cut), same
+    candidates."""
     from recstack.serving.cascade import Query
 
     _, req = _test_day_users(data_dir, n_requests, seed)
@@ -138,10 +143,10 @@ def bench_coarse_stage_served(cascade, teacher_cascade, data_dir: str | Path, n_
     out = {}
     for name, c in (("inner_product", cascade), ("teacher_dnn", teacher_cascade)):
         xs = []
-        c.score_coarse(*work[0])
+        c.select_coarse(*work[0], sizes["coarse_size"])
         for tin, cands in work:
             t0 = time.perf_counter()
-            c.score_coarse(tin, cands)
+            c.select_coarse(tin, cands, sizes["coarse_size"])
             xs.append((time.perf_counter() - t0) * 1e3)
         out[name] = {"p50": float(np.median(xs)), "p99": float(np.percentile(xs, 99)), "mean": float(np.mean(xs))}
     out["speedup_p50"] = out["teacher_dnn"]["p50"] / out["inner_product"]["p50"]

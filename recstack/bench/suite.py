@@ -139,7 +139,8 @@ def run_all(out_dir: str | Path, *, data_dir: str | Path, artifacts: str | Path,
     del cascade
 
     machine["loadavg_end"] = loadavg()
-    res["targets"] = M.check_targets(M.measured_ratios(m["coarse"], m["fine"]))
+    res["targets"] = M.check_targets({**M.measured_ratios(m["coarse"], m["fine"]),
+                                      "server_cpu_ms_per_request": res["serving"]["cpu_ms_per_request"]})
     res["settings"] = {"quick": quick, "n_candidates": sizes.n_candidates, "fine_candidates": sizes.fine_candidates,
                        "repeats": reps, "threads": m["threads"], "seed": seed, "data_dir": str(data_dir),
                        "artifacts": str(artifacts), "runs": str(runs) if runs else None,

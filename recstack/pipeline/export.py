@@ -209,7 +209,7 @@ def check_int8_fine(bundle_dir: Path, files: list[str], fine_meta: dict, min_ove
 
     if FINE_RANKER_INT8 not in files:
         return False
-    check = served_top_overlap(bundle_dir) if min_overlap is None else served_top_overlap(bundle_dir, min_overlap=min_overlap)
+    check = served_top_overlap(bundle_dir, min_overlap=min_overlap)
     fine_meta["int8"]["served_top"] = check
     top = (f"served top-{check['top_k']} overlap with float32 {check['mean_overlap']:.4f} "
            f"{'>=' if check['passed'] else '<'} {check['min_overlap']} over {check['users']} users")

@@ -358,10 +358,19 @@ class Cascade:
         pass for all of them, then the fused inner product with the precomputed item vectors
         (= item_vectors[cands] @ user_vec). tower_in: user_feats (1, 4), seq_items (1, L, 5),
         seq_extras (1, L, 3). The benchmark's teacher-as-coarse peer overrides this method."""
-        user_vec = self.coarse_tower(tower_in)[0]  # (D,)
-        if len(cands) and (cands.min() < 0 or cands.max() >= self.n_items):  # the fused kernel does not check
+        return self.coarse_vectors.inner_products(cands, self._coarse_user_vec(tower_in, cands))
+
+    def select_coarse(self, tower_in: dict[str, np.ndarray], cands: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """The coarse cut: candidates (R,) int64 -> (positions into cands of the `keep` best (K,)
+        int64, all R in order when keep >= R; their logits (K,) float32), through the bundle's
+        item vectors (int8 shortlist + float32 re-score when served, recstack.serving.coarse).
+        The benchmark's teacher-as-coarse peer overrides this method."""
+        return self.coarse_vectors.top(cands, self._coarse_user_vec(tower_in, cands), keep)
+
+    def _coarse_user_vec(self, tower_in: dict[str, np.ndarray], cands: np.ndarray) -> np.ndarray:
+        if len(cands) and (cands.min() < 0 or cands.max() >= self.n_items):  # the fused kernels do not check
             raise ValueError(f"candidate ids outside [0, {self.n_items})")
-        return self.coarse_vectors.inner_products(cands, user_vec)
+        return self.coarse_tower(tower_in)[0]  # (D,)
 
     def _score_fine(self, user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, cands: np.ndarray,
                     check: Callable[[str], None], interacted: Callable | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -442,11 +451,8 @@ class Cascade:
         timings["retrieval_ms"] = (t2 - t1) * 1e3
 
         check("coarse")
-        coarse = self.score_coarse(tower_in, cands)  # (R,)
-        c = min(q.coarse_size, len(cands))
-        if c < len(cands):
-            keep = np.argpartition(-coarse, c - 1)[:c]
-            cands, coarse, src = cands[keep], coarse[keep], src[keep]
+        keep, coarse = self.select_coarse(tower_in, cands, q.coarse_size)  # (C,) each
+        cands, src = cands[keep], src[keep]
         if trace is not None:
             trace["coarse"] = cands.copy()
         t3 = time.perf_counter()

@@ -56,6 +56,11 @@ def test_every_section_in_one_run(quick_all, teacher_run):
                    "teacher_coarse_w1", "single_stage_w1", "GMV@50", "Quick mode", res["machine"]["cpu_model"]):
         assert needle in report, needle
     assert "{" not in report.replace("{'", "").replace("{}", ""), "an unformatted placeholder in report.md"
+    # the served cascade's CPU per request, held to its target
+    cpu = next(r for r in res["targets"] if r["name"] == "server_cpu_ms_per_request")
+    assert cpu["goal"] == 6.0 and cpu["measured"] == res["serving"]["cpu_ms_per_request"] > 0
+    assert "ms CPU per request (process time, all threads; target <= 6 ms)" in report
+    assert res["serving"]["precision"]["coarse"] in ("fp32", "int8")
 
 
 def test_end_to_end_configs_and_ratios(quick_all):

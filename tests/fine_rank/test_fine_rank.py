@@ -268,6 +268,25 @@ def test_int8_graph_is_dropped_when_it_moves_auc_or_calibration(exported, tiny_r
     assert "ctr AUC moved by" in meta["reason"] and "cvr calibration moved by" in meta["reason"]
 
 
+def test_int8_check_of_a_zero_calibration_fails_with_a_reason(exported, tiny_run, tmp_path):
+    """A float32 reference whose calibration is 0 (it predicts 0 everywhere): the relative shift
+    is infinite, so the int8 graph is refused with a reason, not a ZeroDivisionError."""
+    out, _ = exported
+    data = load(tiny_run["data"])
+    day = ftrain.materialise(data.examples(data.test_day))
+    pops, labels = {"ctr": day, "cvr": ftrain.clicked(day)}, {"ctr": "click", "cvr": "purchase"}
+    ref = fexport._quality(out / "ranker.onnx", pops, labels)
+    ref["ctr"]["calibration"] = 0.0
+    meta = fexport.quantise_int8(out / "ranker.onnx", tmp_path / "q.onnx", ref, pops, labels)
+    assert not meta["kept"] and "ctr calibration moved by +inf" in meta["reason"]
+
+
+def test_relative_shift():
+    assert fexport.relative_shift(1.01, 1.0) == pytest.approx(0.01)
+    assert fexport.relative_shift(0.0, 0.0) == 0.0 and fexport.relative_shift(0.5, 0.0) == float("inf")
+    assert np.isnan(fexport.relative_shift(float("nan"), 1.0))
+
+
 # ------------------------------------------------- distillation variants (PFD, MTL, SEAD)
 
 from fine_rank.model import MTLRanker, SelfAuxiliary, Teacher, build_teacher  # noqa: E402

@@ -26,6 +26,16 @@ def test_identical_graphs_overlap_fully(two_graph_bundle, one_thread):
     assert res["mean_overlap"] == res["worst_overlap"] == 1.0
 
 
+def test_the_defaults_are_read_when_called(two_graph_bundle, one_thread, monkeypatch):
+    from recstack.pipeline import fine_check
+
+    monkeypatch.setattr(fine_check, "USERS", 3)
+    monkeypatch.setattr(fine_check, "TOP_K", 7)
+    monkeypatch.setattr(fine_check, "MIN_OVERLAP", 0.5)
+    res = served_top_overlap(two_graph_bundle)
+    assert (res["users"], res["top_k"], res["min_overlap"]) == (3, 7, 0.5)
+
+
 def test_a_failed_check_removes_the_int8_graph_and_says_why(two_graph_bundle, one_thread):
     files = list(B.read_manifest(two_graph_bundle)["files"])
     meta = {"int8": {"kept": True, "reason": "held-out AUC and calibration within bounds"}}

@@ -68,6 +68,31 @@ def test_faiss_searches_ann_and_i2i_rows_in_one_call(bundle):
     assert {"ann", "i2i"} <= set(res.sources) and not res.degraded_retrieval
 
 
+def test_the_batched_search_answers_as_one_search_per_row(bundle):
+    """Stacking the user vector and the seeds' vectors in one FAISS call changes no answer: the
+    ids of each row are those of a search of that row alone, and the rankings are the same."""
+    cas = Cascade.load(bundle, i2i_share=0.3, i2i_seeds=2)
+    batched = cas.retrieval.search
+    index = cas.retrieval.index
+
+    def one_call_per_row(queries, k, timeout_s=None):
+        return np.concatenate([index.search(np.ascontiguousarray(row[None], np.float32), k)[1] for row in queries])
+
+    for q in (_q(items=(5, 17, 40)), _q(items=(3,), r=400), _q(items=())):
+        seq_items, _, _ = cas.sequence(q)
+        queries = np.concatenate([np.ones((1, cas.retrieval.dim), np.float32),
+                                  np.asarray(cas.item_emb[cas.recent_items(seq_items)], np.float32)])
+        np.testing.assert_array_equal(batched(queries, q.retrieval_size), one_call_per_row(queries, q.retrieval_size))
+        a = cas.rank(q)
+        cas.retrieval.search = one_call_per_row
+        try:
+            b = cas.rank(q)
+        finally:
+            cas.retrieval.search = batched
+        np.testing.assert_array_equal(a.item_ids, b.item_ids)
+        assert a.sources == b.sources and a.counts == b.counts
+
+
 def test_milvus_serves_the_faiss_answers(bundle, published):
     faiss_cas, milvus_cas = Cascade.load(bundle), Cascade.load(bundle, retrieval_backend=published, **SLOW_OK)
     assert milvus_cas.index is None and isinstance(faiss_cas.retrieval, FaissBackend)
