@@ -15,9 +15,12 @@ is then computed once per request, and only the query and the (B, L) scores per 
 Scores are scaled dot products between a projection of the candidate and a projection of
 each slot's embeddings with its extras (log hours since, log dwell, is_purchase: recency and
 type move the weight), softmax over the non-empty slots. DIN drops the softmax to keep the
-intensity of a user's interest; here the count of non-empty slots is an output instead, so
-a sequence with one matching slot and one with forty still differ. An empty sequence pools
-to zeros (no NaN: the masked softmax is multiplied by the mask).
+intensity of a user's interest, which a softmax-weighted average loses (with no slot like the
+candidate the weights still sum to 1). Here the intensity is kept as outputs of its own: the
+best slot's score and the log-mean-exp of the scores (how strongly, and how broadly, the
+history matches this candidate: dot products the MLP above would have to learn to compute),
+and the share of non-empty slots. An empty sequence gives zeros (no NaN: the masked softmax is
+multiplied by the mask).
 """
 from __future__ import annotations
 
@@ -50,11 +53,12 @@ class TargetAttention(nn.Module):
 
     @property
     def out_dim(self) -> int:
-        return 2 * self.slot_dim + 1
+        return 2 * self.slot_dim + 3
 
     def forward(self, cand: torch.Tensor, seq: torch.Tensor, seq_extras: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """cand (B, E), seq (S, L, E), seq_extras (S, L, 3), valid (S, L) bool, S in {1, B}
-        -> (B, 2 * (E + 3) + 1): attention-pooled slots, mean-pooled slots, log1p(slots) / log1p(L)."""
+        -> (B, 2 * (E + 3) + 3): attention-pooled slots, best score, log-mean-exp of the scores,
+        mean-pooled slots, log1p(slots) / log1p(L)."""
         mask = valid.to(seq.dtype)  # (S, L)
         values = torch.cat([seq, seq_extras], dim=-1) * mask.unsqueeze(-1)  # (S, L, E + 3)
         keys = self.key(values)  # (S, L, A): the request's side, once per sequence
@@ -64,7 +68,10 @@ class TargetAttention(nn.Module):
         weights = torch.softmax(scores, dim=-1) * mask  # (B, L); all 0 for an empty sequence
         attended = torch.matmul(weights.unsqueeze(1), values).squeeze(1)  # (B, E + 3)
         n = mask.sum(-1, keepdim=True)  # (S, 1)
+        some = (n > 0).to(seq.dtype)  # (S, 1): an empty sequence matches nothing
+        best = scores.amax(-1, keepdim=True) * some  # (B, 1)
+        broad = (torch.logsumexp(scores, -1, keepdim=True) - torch.log(n.clamp_min(1.0))) * some  # (B, 1)
         mean = values.sum(1) / n.clamp_min(1.0)  # (S, E + 3)
         length = torch.log1p(n) / self.log_len  # (S, 1)
         per_request = torch.cat([mean, length], dim=-1).expand(cand.shape[0], -1)  # (B, E + 4)
-        return torch.cat([attended, per_request], dim=-1)
+        return torch.cat([attended, best, broad, per_request], dim=-1)
