@@ -6,32 +6,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from recstack import bundle as B
-from recstack import features as FE
 from recstack.bundle import BundleError
 from recstack.serving.cascade import Cascade, Query
-from recstack.training.onnx import export_onnx
 
-from fine_rank.export import _Both
-from fine_rank.model import Ranker
-
-
-def _din_graph(bdir, vocab: FE.Vocab, seq_len: int = FE.SEQ_LEN, name: str = "fine/ranker.onnx") -> None:
-    torch.manual_seed(0)
-    models = [Ranker.build(vocab, emb_dim=4, hidden=(8,), sequence="din", attention_dim=4) for _ in range(2)]
-    for m in models:
-        with torch.no_grad():
-            m.head.linear.weight.normal_(std=0.5)
-        m.eval()
-    rng = np.random.default_rng(0)
-    b = 3
-    x = {"user_feats": np.ones((b, 4), np.int64), "item_feats": np.ones((b, 5), np.int64),
-         "item_dense": np.zeros((b, 1), np.float32), "interacted": np.zeros((b, len(FE.INTERACTED_FIELDS)), np.float32),
-         "seq_items": rng.integers(0, 5, (b, seq_len, 5)).astype(np.int64),
-         "seq_extras": rng.random((b, seq_len, 3)).astype(np.float32)}
-    export_onnx(_Both(*models), x, bdir / name, ["pctr", "pcvr"], axes={"seq_items": "sequences", "seq_extras": "sequences"})
 
 
 def _relist_fine(bdir, meta: dict) -> None:
@@ -46,12 +25,12 @@ def _relist_fine(bdir, meta: dict) -> None:
 INPUTS = ["user_feats", "item_feats", "item_dense", "interacted", "seq_items", "seq_extras"]
 
 
-def test_a_sequence_graph_is_fed_the_requests_sequence(tmp_path, make_fake_bundle, fake_vocab):
+def test_a_sequence_graph_is_fed_the_requests_sequence(tmp_path, make_fake_bundle, fake_vocab, write_din_fine):
     bdir = make_fake_bundle(tmp_path / "artifacts")
     old = Cascade.load(bdir)  # the older two-graph layout: four inputs, served as before
     assert not old.fine.merged and "seq_items" not in old.fine.models[0].inputs
     assert len(old.rank(Query(user_id=0, num_results=5, retrieval_size=50, coarse_size=20)).item_ids) == 5
-    _din_graph(bdir, fake_vocab)
+    write_din_fine(bdir, fake_vocab)
     _relist_fine(bdir, {"inputs": INPUTS})
     cascade = Cascade.load(bdir)
     assert cascade.fine.models[0].inputs == INPUTS
@@ -68,18 +47,18 @@ def test_a_sequence_graph_is_fed_the_requests_sequence(tmp_path, make_fake_bundl
     assert len(cascade.rank(q).item_ids) == 5
 
 
-def test_a_sequence_graph_the_server_cannot_feed_is_refused(tmp_path, make_fake_bundle, fake_vocab):
+def test_a_sequence_graph_the_server_cannot_feed_is_refused(tmp_path, make_fake_bundle, fake_vocab, write_din_fine):
     bdir = make_fake_bundle(tmp_path / "artifacts")
-    _din_graph(bdir, fake_vocab, seq_len=10)
+    write_din_fine(bdir, fake_vocab, seq_len=10)
     _relist_fine(bdir, {"inputs": INPUTS})
     with pytest.raises(BundleError, match=r"'fine/ranker.onnx': input seq_items has shape \['sequences', 10, 5\]") as e:
         Cascade.load(bdir)
     assert "\n" not in str(e.value)
 
 
-def test_a_graph_its_manifest_does_not_describe_is_refused(tmp_path, make_fake_bundle, fake_vocab):
+def test_a_graph_its_manifest_does_not_describe_is_refused(tmp_path, make_fake_bundle, fake_vocab, write_din_fine):
     bdir = make_fake_bundle(tmp_path / "artifacts")
-    _din_graph(bdir, fake_vocab)
+    write_din_fine(bdir, fake_vocab)
     _relist_fine(bdir, {"inputs": INPUTS[:4]})  # the manifest of a sequence-free export
     with pytest.raises(BundleError, match="the manifest's fine stage lists") as e:
         Cascade.load(bdir)
