@@ -34,3 +34,4 @@ def test_the_paths_feed_one_request_and_the_per_row_sequence_gives_the_same_scor
     assert FS.main(["--bundle", f"none={old}", "--bundle", f"din={din}", "--candidates", "40", "--repeats", "2"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert set(out["ms"]) == {"none", "din", "din/sequence_per_row"} and out["candidates"] == 40
+    assert set(out["ms"]["din"]) == {"wall_ms", "cpu_ms"} and out["ms"]["din"]["cpu_ms"]["median"] >= 0
