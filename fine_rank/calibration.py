@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from recstack.data import SimData
 
-from fine_rank.inputs import MODEL_INPUTS
+from fine_rank.inputs import row_inputs
 from fine_rank.model import Ranker
 
 
@@ -24,7 +24,7 @@ def predict(model: Ranker, table: dict[str, np.ndarray], batch_size: int = 8192)
     out = np.empty(n, dtype=np.float32)
     for s in range(0, n, batch_size):
         sl = slice(s, s + batch_size)
-        out[sl] = model(*(torch.from_numpy(table[k][sl]) for k in MODEL_INPUTS)).numpy()
+        out[sl] = model(*_torch_rows(table, sl)).numpy()
     return out
 
 
@@ -32,12 +32,18 @@ def predict(model: Ranker, table: dict[str, np.ndarray], batch_size: int = 8192)
 def predict_with(fn: Callable[..., torch.Tensor], table: dict[str, np.ndarray], batch_size: int = 8192,
                  privileged: bool = False) -> np.ndarray:
     """-> (N,) probabilities of sigmoid(fn(*serving inputs[, post_event])) (models in eval mode)."""
-    keys = MODEL_INPUTS + (("post_event",) if privileged else ())
     n = len(table["click"])
     out = np.empty(n, dtype=np.float32)
     for s in range(0, n, batch_size):
-        out[s : s + batch_size] = torch.sigmoid(fn(*(torch.from_numpy(table[k][s : s + batch_size]) for k in keys))).numpy()
+        sl = slice(s, s + batch_size)
+        extra = [torch.from_numpy(table["post_event"][sl])] if privileged else []
+        out[sl] = torch.sigmoid(fn(*_torch_rows(table, sl), *extra)).numpy()
     return out
+
+
+def _torch_rows(table: dict[str, np.ndarray], rows) -> list:
+    """Every ranker's positional inputs (fine_rank.inputs.row_inputs) of `rows`, as tensors."""
+    return [torch.from_numpy(np.ascontiguousarray(v)) if v is not None else None for v in row_inputs(table, rows)]
 
 
 # ---------------------------------------------------------------- aggregated conversions

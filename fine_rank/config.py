@@ -6,7 +6,9 @@ import math
 from dataclasses import dataclass
 
 from recstack.training import sead
-from recstack.config import ConfigError
+from recstack.config import ConfigError, from_dict
+
+from fine_rank.sequence import SEQUENCES
 
 STAGE = "fine"
 TASKS = ("ctr", "cvr")
@@ -44,6 +46,10 @@ class Config:
     ctr_epochs: int = 1  # passes over the training impressions
     ctr_max_steps: int = 0  # cap on optimizer steps; 0 = no cap
     ctr_lr_decay: bool = True  # linear decay to 0 over the run (see `fit`: calibration)
+    # the user's behaviour sequence through target attention (fine_rank.sequence): "din" adds
+    # seq_items / seq_extras to the model's (and the exported graph's) inputs; "none" reads none
+    ctr_sequence: str = "none"
+    ctr_attention_dim: int = 32  # width of the attention's query / key projections
     # CVR: ~20x fewer (clicked) rows, 13 % positives; two epochs beat one and three on `small`
     cvr_emb_dim: int = 16  # as ctr_emb_dim
     cvr_hidden: tuple[int, ...] = (512, 256, 128)  # as ctr_hidden
@@ -54,6 +60,8 @@ class Config:
     cvr_epochs: int = 2  # passes over the clicked impressions
     cvr_max_steps: int = 0  # cap on optimizer steps; 0 = no cap
     cvr_lr_decay: bool = True  # as ctr_lr_decay
+    cvr_sequence: str = "none"  # as ctr_sequence
+    cvr_attention_dim: int = 32  # as ctr_attention_dim
     sparse_embeddings: bool = False  # only the looked-up rows get gradients (recstack.training.sparse): ~5x faster steps with 1e6-item tables; needs weight_decay 0, not under torchrun
     # --- distillation (PFD, CVR) -------------------------------------------------------
     cvr_teacher: str = "none"  # one of CVR_TEACHERS; the exported model is always the student
@@ -117,6 +125,11 @@ class Config:
         if self.sead_pos_weight < 1 or not 0 < self.sead_curriculum_until <= 1:
             raise ConfigError("sead_pos_weight >= 1 and 0 < sead_curriculum_until <= 1 required")
 
+    @property
+    def uses_sequence(self) -> bool:
+        """Whether either model reads the behaviour sequence (its rows then carry seq_items / seq_extras)."""
+        return any(self.settings(t).sequence != "none" for t in TASKS)
+
     def settings(self, task: str) -> "ModelSettings":
         """The `ctr_*` or `cvr_*` fields as one object."""
         if task not in TASKS:
@@ -144,11 +157,17 @@ class ModelSettings:
     epochs: int
     max_steps: int
     lr_decay: bool
+    sequence: str
+    attention_dim: int
     sparse_embeddings: bool = False
 
     def validate(self, task: str) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(f"{task}_optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.sequence not in SEQUENCES:
+            raise ConfigError(f"{task}_sequence must be one of {SEQUENCES}, got {self.sequence!r}")
+        if self.attention_dim < 1:
+            raise ConfigError(f"{task}_attention_dim must be >= 1, got {self.attention_dim}")
         if self.emb_dim < 1 or not self.hidden or min(self.hidden) < 1:
             raise ConfigError(f"{task}_emb_dim and {task}_hidden must be positive")
         # BatchNorm needs at least two rows per training batch
@@ -160,3 +179,14 @@ class ModelSettings:
         total = per_epoch * self.epochs
         return min(total, self.max_steps) if self.max_steps else total
 
+
+
+# what a checkpoint that does not name a field was trained with: the fields added since, at
+# the value that reproduces the older models (a default may change; an old model may not)
+_BEFORE_FIELDS = {"ctr_sequence": "none", "cvr_sequence": "none"}
+
+
+def checkpoint_config(d: dict) -> Config:
+    """A checkpoint's config dict -> Config; a checkpoint from before the sequence option
+    rebuilds the sequence-free model it holds, whatever the default is today."""
+    return from_dict(Config, {**_BEFORE_FIELDS, **d})

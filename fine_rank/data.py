@@ -12,7 +12,7 @@ from recstack.data import SimData
 from recstack.features import post_event_features
 from recstack.data.shards import ShardStream
 
-from fine_rank.inputs import MODEL_INPUTS, TABLE_COLUMNS, materialise
+from fine_rank.inputs import ALL_INPUTS, materialise
 
 if TYPE_CHECKING:
     from fine_rank.config import ModelSettings
@@ -93,7 +93,7 @@ class StreamRows:
                 got += len(ex)
                 if got >= STREAM_SAMPLE_ROWS:
                     break
-            self._sample[seed] = {k: np.concatenate([p[k] for p in parts])[:STREAM_SAMPLE_ROWS] for k in TABLE_COLUMNS}
+            self._sample[seed] = {k: np.concatenate([p[k] for p in parts])[:STREAM_SAMPLE_ROWS] for k in parts[0]}
         return self._sample[seed]
 
 
@@ -149,5 +149,5 @@ class Source:
 
 
 def _tensors(table: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-    return {k: torch.from_numpy(np.ascontiguousarray(table[k])) for k in MODEL_INPUTS + ("post_event",)}
+    return {k: torch.from_numpy(np.ascontiguousarray(table[k])) for k in ALL_INPUTS + ("post_event",) if k in table}
 

@@ -3,11 +3,13 @@ inputs), and its int8 copy when that keeps the ranking's quality.
 
     result = export("runs/fine/checkpoint.pt", "artifacts/v1/fine")
     # out_dir/ranker.onnx: user_feats (B,4) int64, item_feats (B,5) int64, item_dense (B,1) f32,
-    #   interacted (B,7) f32 -> pctr (B,), pcvr (B,)    (serving feeds the shared inputs once)
+    #   interacted (B,12) f32[, seq_items (S,50,5) int64, seq_extras (S,50,3) f32] -> pctr (B,), pcvr (B,)
+    #   (the sequence inputs when a model reads the sequence; serving feeds S = 1, one request's)
     # out_dir/ranker_int8.onnx: the same graph, weights int8 (dynamic quantisation), if it passes
 
 The graph is checked against PyTorch on real rows of the held-out day (batch 1 and a
-fine-ranking-sized batch of 500) and refused if it differs by more than 1e-5; the
+fine-ranking-sized batch of 500, and with a sequence also one request's layout: one row's
+sequence, S = 1, against 500 candidates) and refused if it differs by more than 1e-5; the
 calibration the service will see (ONNX outputs on the held-out day) goes into the meta.
 The int8 copy is kept only when, on the held-out day, each model's AUC is within 0.0005 of
 float32's and its calibration (mean prediction / mean label) within 0.5 %; the bundle export
@@ -24,14 +26,13 @@ from recstack import bundle_files
 from recstack.bundle import BundleError, check_file
 from recstack.training import checkpoint
 from recstack.evaluation import metrics as M
-from recstack.config import from_dict
 from recstack.data import load
 from recstack.features import Vocab
 from recstack.training.onnx import export_onnx, onnx_session
 
 from fine_rank.model import Ranker
-from fine_rank.config import STAGE, TASKS, Config
-from fine_rank.inputs import MODEL_INPUTS, clicked, materialise, split_days
+from fine_rank.config import STAGE, TASKS, Config, checkpoint_config
+from fine_rank.inputs import ALL_INPUTS, SEQUENCE_INPUTS, clicked, feeds, input_names, materialise, split_days
 
 PARITY_TOL = 1e-5
 PARITY_BATCHES = (1, 500)  # one candidate; a typical fine-ranking request
@@ -46,20 +47,38 @@ class ExportError(RuntimeError):
 
 def load_models(ckpt: dict) -> tuple[Config, dict[str, Ranker]]:
     """A fine checkpoint dict -> (config, {"ctr": Ranker, "cvr": Ranker}) in eval mode."""
-    cfg = from_dict(Config, ckpt["config"])
+    cfg = checkpoint_config(ckpt["config"])
     vocab = Vocab.from_dict(ckpt["vocab"])
     models = {}
     for task in TASKS:
         s = cfg.settings(task)
-        model = Ranker.build(vocab, s.emb_dim, s.hidden)
+        model = Ranker.build(vocab, s.emb_dim, s.hidden, s.sequence, s.attention_dim)
         model.load_state_dict(ckpt["model"][task])
         models[task] = model.eval()
     return cfg, models
 
 
-def _rows(table: dict[str, np.ndarray], n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+def graph_inputs(models: dict[str, Ranker]) -> tuple[str, ...]:
+    """The merged graph's inputs: every input either model reads, in ALL_INPUTS order."""
+    used = {k for m in models.values() for k in input_names(m)}
+    return tuple(k for k in ALL_INPUTS if k in used)
+
+
+def _rows(table: dict[str, np.ndarray], n: int, rng: np.random.Generator, names: tuple[str, ...]) -> dict[str, np.ndarray]:
     take = rng.choice(len(table["click"]), size=n, replace=n > len(table["click"]))
-    return {k: np.ascontiguousarray(table[k][take]) for k in MODEL_INPUTS}
+    return feeds(table, names, take)
+
+
+def _request_rows(table: dict[str, np.ndarray], n: int, rng: np.random.Generator,
+                  names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """n candidates of one request as served: one row's user and sequence (S = 1), n rows' items."""
+    rows = _rows(table, n, rng, names)
+    one = feeds(table, names, [int(rng.integers(len(table["click"])))])
+    rows["user_feats"] = np.repeat(one["user_feats"], n, axis=0)
+    for k in SEQUENCE_INPUTS:
+        if k in rows:
+            rows[k] = one[k]
+    return rows
 
 
 class _Both(torch.nn.Module):
@@ -69,26 +88,27 @@ class _Both(torch.nn.Module):
         super().__init__()
         self.ctr, self.cvr = ctr, cvr
 
-    def forward(self, user_feats, item_feats, item_dense, interacted):
-        x = {"user_feats": user_feats, "item_feats": item_feats, "item_dense": item_dense, "interacted": interacted}
-        return self.ctr(**x), self.cvr(**x)
+    def forward(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None):
+        x = (user_feats, item_feats, item_dense, interacted, seq_items, seq_extras)
+        return self.ctr(*x), self.cvr(*x)
 
 
 def _onnx_probs(session, table: dict[str, np.ndarray], output: str, batch_size: int = 8192) -> np.ndarray:
+    names = tuple(i.name for i in session.get_inputs())
     n = len(table["click"])
     out = np.empty(n, dtype=np.float32)
     for s in range(0, n, batch_size):
-        out[s : s + batch_size] = session.run([output], {k: table[k][s : s + batch_size] for k in MODEL_INPUTS})[0]
+        out[s : s + batch_size] = session.run([output], feeds(table, names, slice(s, s + batch_size)))[0]
     return out
 
 
 def _parity(models: dict[str, Ranker], path: Path, rows: dict[str, np.ndarray]) -> dict[str, float]:
     """task -> max abs difference between the merged graph's output and that task's torch model."""
-    outs = onnx_session(path).run([OUTPUTS[t] for t in TASKS], {k: rows[k] for k in MODEL_INPUTS})
+    outs = onnx_session(path).run([OUTPUTS[t] for t in TASKS], rows)
     diffs = {}
     for task, got in zip(TASKS, outs):
         with torch.no_grad():
-            ref = models[task](**{k: torch.from_numpy(rows[k]) for k in MODEL_INPUTS}).numpy()
+            ref = models[task](**{k: torch.from_numpy(rows[k]) for k in input_names(models[task])}).numpy()
         diffs[task] = float(np.max(np.abs(ref - got))) if len(ref) else 0.0
     return diffs
 
@@ -157,7 +177,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     if data.vocab != Vocab.from_dict(ckpt["vocab"]):
         raise ExportError(f"{data.root} has a different vocabulary from the one the checkpoint was trained on")
     _, eval_day = split_days(data, cfg.split)
-    day = materialise(data.examples(eval_day))
+    day = materialise(data.examples(eval_day), sequence=cfg.uses_sequence)
+    names = graph_inputs(models)
     populations = {"ctr": day, "cvr": clicked(day)}
     eval_labels = {"ctr": "click", "cvr": "purchase"}
 
@@ -165,9 +186,16 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     out_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     path = out_dir / bundle_files.FILES[STAGE]["ranker"]
-    export_onnx(_Both(models["ctr"], models["cvr"]), _rows(day, PARITY_BATCHES[-1], rng), path, [OUTPUTS[t] for t in TASKS])
-    # each task's parity on its own population's rows
-    diffs = {t: {str(b): _parity(models, path, _rows(populations[t], b, rng))[t] for b in PARITY_BATCHES} for t in TASKS}
+    # a request's sequence (S = 1) is fed beside its M candidates: its own leading axis
+    axes = {k: "sequences" for k in SEQUENCE_INPUTS}
+    export_onnx(_Both(models["ctr"], models["cvr"]), _rows(day, PARITY_BATCHES[-1], rng, names), path,
+                [OUTPUTS[t] for t in TASKS], axes=axes)
+    # each task's parity on its own population's rows (and as served: one request's sequence)
+    diffs = {t: {str(b): _parity(models, path, _rows(populations[t], b, rng, names))[t] for b in PARITY_BATCHES} for t in TASKS}
+    if set(SEQUENCE_INPUTS) & set(names):
+        for t in TASKS:
+            diffs[t][f"request{PARITY_BATCHES[-1]}"] = _parity(models, path, _request_rows(populations[t], PARITY_BATCHES[-1],
+                                                                                           rng, names))[t]
     worst = float(np.max([v for d in diffs.values() for v in d.values()]))  # np.max keeps a NaN (max() may not)
     if not worst <= PARITY_TOL:  # also refuses NaN
         path.unlink(missing_ok=True)
@@ -179,8 +207,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
         raise ExportError(f"refusing to export: {e}") from None
     quality = _quality(path, populations, eval_labels)
     files = [path.name]
-    meta = {"eval_day": eval_day, "parity_tol": PARITY_TOL, "inputs": list(MODEL_INPUTS), "outputs": OUTPUTS,
-            "file": path.name}
+    meta = {"eval_day": eval_day, "parity_tol": PARITY_TOL, "inputs": list(names), "outputs": OUTPUTS,
+            "file": path.name, "sequence": {t: cfg.settings(t).sequence for t in TASKS}}
     for task in TASKS:
         labels = populations[task][eval_labels[task]]
         meta[task] = {

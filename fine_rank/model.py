@@ -4,6 +4,9 @@
     ranker = Ranker(embeddings, hidden=(512, 256, 128))
     prob = ranker(user_feats, item_feats, item_dense, interacted)        # (B,) serving / ONNX
     logit = ranker.logits(user_feats, item_feats, item_dense, interacted)  # (B,) training
+    # with the behaviour sequence (fine_rank.sequence.TargetAttention, `sequence="din"`):
+    ranker = Ranker.build(vocab, 16, (512, 256, 128), sequence="din")
+    prob = ranker(user_feats, item_feats, item_dense, interacted, seq_items, seq_extras)
 
 A ranker is embeddings -> `SharedBottom` MLP -> main `Head`. The roles are separate modules
 so that the distillation variants compose them instead of re-implementing them: a PFD
@@ -21,6 +24,8 @@ from torch import nn
 
 from recstack import features as FE
 from recstack.training import sead
+
+from fine_rank.sequence import SEQ_ITEM_FIELDS, SEQUENCES, TargetAttention
 
 N_ITEM_DENSE = 1  # columns of `item_dense`
 N_INTERACTED = len(FE.INTERACTED_FIELDS)
@@ -56,6 +61,33 @@ class FeatureEmbeddings(nn.Module):
         parts = [table(user_feats[:, j]) for j, table in enumerate(self.user.values())]
         parts += [table(item_feats[:, j]) for j, table in enumerate(self.item.values())]
         return torch.cat(parts, dim=-1)
+
+    def item_fields(self, feats: torch.Tensor, fields=SEQ_ITEM_FIELDS) -> torch.Tensor:
+        """feats (..., 5) item ids (item_feats or seq_items) -> (..., len(fields) * dim): the
+        item tables' embeddings of those columns, concatenated (row 0, an empty slot, is 0)."""
+        tables = list(self.item.values())
+        return torch.cat([tables[j](feats[..., j]) for j in fields], dim=-1)
+
+
+def regular_inputs(embeddings: FeatureEmbeddings, sequence: "TargetAttention | None", user_feats, item_feats,
+                   item_dense, interacted, seq_items=None, seq_extras=None) -> torch.Tensor:
+    """The bottom input every ranker and teacher builds from the regular (serving) tensors:
+    embeddings, item_dense, interacted, then (with a `sequence`) the target-attention vector.
+    seq_items (S, L, 5), seq_extras (S, L, 3) with S = B or 1 (one request's sequence)."""
+    parts = [embeddings(user_feats, item_feats), item_dense, interacted]
+    if sequence is not None:
+        if seq_items is None or seq_extras is None:
+            raise ValueError("this ranker reads the behaviour sequence: seq_items and seq_extras are required")
+        seq = embeddings.item_fields(seq_items)  # (S, L, E)
+        parts.append(sequence(embeddings.item_fields(item_feats), seq, seq_extras, seq_items[..., 0] > 0))
+    return torch.cat(parts, dim=-1)
+
+
+def build_sequence(kind: str, emb_dim: int, attention_dim: int = 32) -> "TargetAttention | None":
+    """The `sequence` option -> its module (None for "none")."""
+    if kind not in SEQUENCES:
+        raise ValueError(f"sequence must be one of {SEQUENCES}, got {kind!r}")
+    return TargetAttention(emb_dim, attention_dim) if kind == "din" else None
 
 
 class SharedBottom(nn.Module):
@@ -109,36 +141,44 @@ class Ranker(nn.Module):
     """Pointwise ranker on regular features: the CTR model and the CVR model are both one.
 
     Inputs are the serving tensors of docs/ARCHITECTURE.md; the interacted features are
-    regular inputs here (the fine ranker computes them online from the behaviour sequence).
+    regular inputs here (the fine ranker computes them online from the user's event log).
+    With a `sequence` module the ranker also reads seq_items / seq_extras (target attention,
+    fine_rank.sequence); without one it takes and ignores them.
     """
 
-    def __init__(self, embeddings: FeatureEmbeddings, hidden: Sequence[int] = (512, 256, 128), negative_slope: float = 0.01):
+    def __init__(self, embeddings: FeatureEmbeddings, hidden: Sequence[int] = (512, 256, 128), negative_slope: float = 0.01,
+                 sequence: TargetAttention | None = None):
         super().__init__()
         self.embeddings = embeddings
-        self.bottom = SharedBottom(embeddings.out_dim + N_ITEM_DENSE + N_INTERACTED, hidden, negative_slope)
+        self.sequence = sequence
+        extra = sequence.out_dim if sequence is not None else 0
+        self.bottom = SharedBottom(embeddings.out_dim + N_ITEM_DENSE + N_INTERACTED + extra, hidden, negative_slope)
         self.head = Head(self.bottom.out_dim)
 
     @classmethod
-    def build(cls, vocab: FE.Vocab, emb_dim: int = 16, hidden: Sequence[int] = (512, 256, 128)) -> "Ranker":
-        return cls(FeatureEmbeddings(vocab.user_sizes(), vocab.item_sizes(), emb_dim), hidden)
+    def build(cls, vocab: FE.Vocab, emb_dim: int = 16, hidden: Sequence[int] = (512, 256, 128), sequence: str = "none",
+              attention_dim: int = 32) -> "Ranker":
+        emb = FeatureEmbeddings(vocab.user_sizes(), vocab.item_sizes(), emb_dim)
+        return cls(emb, hidden, sequence=build_sequence(sequence, emb_dim, attention_dim))
 
-    def inputs(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
-        """-> (B, 9 * emb_dim + 1 + 7) bottom input: embeddings, then item_dense, then interacted."""
-        return torch.cat([self.embeddings(user_feats, item_feats), item_dense, interacted], dim=-1)
+    def inputs(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None) -> torch.Tensor:
+        """-> (B, bottom input): embeddings, item_dense, interacted (and the sequence vector)."""
+        return regular_inputs(self.embeddings, self.sequence, user_feats, item_feats, item_dense, interacted,
+                              seq_items, seq_extras)
 
-    def hidden(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
-        """-> (B, hidden[-1]) shared-bottom output (where an auxiliary head attaches)."""
-        return self.bottom(self.inputs(user_feats, item_feats, item_dense, interacted))
+    def hidden(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None) -> torch.Tensor:
+        """The serving tensors -> (B, hidden[-1]) shared-bottom output (where an auxiliary head attaches)."""
+        return self.bottom(self.inputs(user_feats, item_feats, item_dense, interacted, seq_items, seq_extras))
 
-    def logits(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
+    def logits(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None) -> torch.Tensor:
         """user_feats (B, 4) int64, item_feats (B, 5) int64, item_dense (B, 1) float32,
-        interacted (B, X) float32 -> main-head logits (B,) (for the log-loss)."""
-        return self.head(self.hidden(user_feats, item_feats, item_dense, interacted))
+        interacted (B, X) float32[, seq_items (S, L, 5) int, seq_extras (S, L, 3) float32, S in
+        {1, B}] -> main-head logits (B,) (for the log-loss)."""
+        return self.head(self.hidden(user_feats, item_feats, item_dense, interacted, seq_items, seq_extras))
 
-    def forward(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
-        """user_feats (B, 4) int64, item_feats (B, 5) int64, item_dense (B, 1) float32,
-        interacted (B, X) float32 -> probability (B,) in (0, 1) (the exported serving output)."""
-        return torch.sigmoid(self.logits(user_feats, item_feats, item_dense, interacted))
+    def forward(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None) -> torch.Tensor:
+        """As `logits` -> probability (B,) in (0, 1) (the exported serving output)."""
+        return torch.sigmoid(self.logits(user_feats, item_feats, item_dense, interacted, seq_items, seq_extras))
 
 
 # ------------------------------------------------------------------ distillation variants
@@ -152,27 +192,35 @@ N_POST_EVENT = 4  # columns of `post_event`: log dwell, log comments, chatted, c
 class Teacher(nn.Module):
     """A CVR teacher (PFD Table 4) that may see the post-event (privileged) features.
 
-    regular=True  shares the student's `FeatureEmbeddings` (PFD's Share&Sync) and reads the
-                  regular inputs; regular=False reads the post-event features alone (LUPI).
+    regular=True  shares the student's `FeatureEmbeddings` (PFD's Share&Sync), and its
+                  sequence attention when it has one, and reads the regular inputs;
+                  regular=False reads the post-event features alone (LUPI).
     n_privileged  post-event columns appended to the bottom input (0: SD control and MD).
     hidden        the student's widths for SD / PFD / LUPI, wider and deeper for MD / PFD+MD.
     """
 
-    def __init__(self, embeddings: FeatureEmbeddings | None, n_privileged: int, hidden: Sequence[int]):
+    def __init__(self, embeddings: FeatureEmbeddings | None, n_privileged: int, hidden: Sequence[int],
+                 sequence: TargetAttention | None = None):
         super().__init__()
         if embeddings is None and n_privileged == 0:
             raise ValueError("a teacher needs regular or privileged inputs")
         self.embeddings = embeddings
+        self.sequence = sequence if embeddings is not None else None
         self.n_privileged = n_privileged
-        regular = embeddings.out_dim + N_ITEM_DENSE + N_INTERACTED if embeddings is not None else 0
+        regular = 0
+        if embeddings is not None:
+            regular = embeddings.out_dim + N_ITEM_DENSE + N_INTERACTED + (sequence.out_dim if sequence is not None else 0)
         self.bottom = SharedBottom(regular + n_privileged, hidden)
         self.head = Head(self.bottom.out_dim)
 
-    def logits(self, user_feats, item_feats, item_dense, interacted, post_event) -> torch.Tensor:
-        """Serving tensors as in `Ranker` + post_event (B, 4) float32 -> logits (B,)."""
+    def logits(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None,
+               post_event=None) -> torch.Tensor:
+        """Serving tensors as in `Ranker` (seq_items / seq_extras None without a sequence) +
+        post_event (B, 4) float32 -> logits (B,)."""
         parts = []
         if self.embeddings is not None:
-            parts += [self.embeddings(user_feats, item_feats), item_dense, interacted]
+            parts.append(regular_inputs(self.embeddings, self.sequence, user_feats, item_feats, item_dense, interacted,
+                                        seq_items, seq_extras))
         if self.n_privileged:
             parts.append(post_event)
         return self.head(self.bottom(torch.cat(parts, dim=-1)))
@@ -191,7 +239,7 @@ def build_teacher(kind: str, student: Ranker, hidden: Sequence[int], md_hidden: 
     }
     if kind not in table:
         raise ValueError(f"unknown teacher {kind!r}; choose one of {sorted(table)}")
-    return Teacher(*table[kind])
+    return Teacher(*table[kind], sequence=student.sequence)
 
 
 class MTLRanker(nn.Module):
@@ -211,10 +259,10 @@ class MTLRanker(nn.Module):
             nn.Sequential(SharedBottom(shared_width, aux_hidden), Head(aux_hidden[-1])) for _ in range(n_aux)
         )
 
-    def both(self, user_feats, item_feats, item_dense, interacted) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> main logits (B,), auxiliary outputs (B, n_aux) (logits or regression values)."""
+    def both(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The serving tensors -> main logits (B,), auxiliary outputs (B, n_aux) (logits or regression values)."""
         layers = self.student.bottom.layers
-        shared = layers[:3](self.student.inputs(user_feats, item_feats, item_dense, interacted))  # (B, hidden[0])
+        shared = layers[:3](self.student.inputs(user_feats, item_feats, item_dense, interacted, seq_items, seq_extras))  # (B, hidden[0])
         main = self.student.head(layers[3:](shared))
         aux = torch.stack([tower(shared) for tower in self.towers], dim=-1)
         return main, aux
@@ -258,10 +306,10 @@ class SelfAuxiliary(nn.Module):
         self.main = ranker
         self.aux = AuxTower(ranker.bottom.out_dim, aux_width)
 
-    def both(self, user_feats, item_feats, item_dense, interacted, stop_aux_gradient: bool = False):
-        """-> (main logits (B,), scratch logits (B,), distillation logits (B,));
+    def both(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None, stop_aux_gradient: bool = False):
+        """The serving tensors -> (main logits (B,), scratch logits (B,), distillation logits (B,));
         `stop_aux_gradient` is SEAD's SGA ablation."""
-        h = self.main.hidden(user_feats, item_feats, item_dense, interacted)  # (B, hidden[-1])
+        h = self.main.hidden(user_feats, item_feats, item_dense, interacted, seq_items, seq_extras)  # (B, hidden[-1])
         return (self.main.head(h), *self.aux(sead.aux_input(h, stop_aux_gradient)))
 
     def aux_logits(self, selector: str, *xs) -> torch.Tensor:
@@ -269,9 +317,9 @@ class SelfAuxiliary(nn.Module):
         _, zs, zd = self.both(*xs)
         return sead.merge(selector, zs, zd, progress=1.0)
 
-    def forward(self, user_feats, item_feats, item_dense, interacted) -> torch.Tensor:
+    def forward(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None) -> torch.Tensor:
         """The serving output: the main head's probability (B,)."""
-        return self.main(user_feats, item_feats, item_dense, interacted)
+        return self.main(user_feats, item_feats, item_dense, interacted, seq_items, seq_extras)
 
 
 class SignalTeacher(nn.Module):
@@ -290,7 +338,7 @@ class SignalTeacher(nn.Module):
         with torch.no_grad():
             self.aux[1].bias.fill_(math.log(p / (1 - p)))
 
-    def both(self, user_feats, item_feats, item_dense, interacted) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (main logits (B,): unbiased head, aux logits (B,): biased-stream head)."""
-        h = self.main.hidden(user_feats, item_feats, item_dense, interacted)
+    def both(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The serving tensors -> (main logits (B,): unbiased head, aux logits (B,): biased-stream head)."""
+        h = self.main.hidden(user_feats, item_feats, item_dense, interacted, seq_items, seq_extras)
         return self.main.head(h), self.aux(h).squeeze(-1)

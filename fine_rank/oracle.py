@@ -11,7 +11,7 @@ from recstack.training.distill import student_loss
 
 from fine_rank.config import ModelSettings
 from fine_rank.data import Source, StreamRows
-from fine_rank.inputs import MODEL_INPUTS
+from fine_rank.inputs import row_inputs
 from fine_rank.model import Ranker
 from fine_rank.tasks import optimise
 
@@ -41,7 +41,7 @@ def fit_oracle(student: Ranker, table: dict[str, np.ndarray], label: str, truth:
     student.head.set_prior(y_mean)
 
     def fwd(idx):
-        return student.logits(*(x[k][idx] for k in MODEL_INPUTS))
+        return student.logits(*row_inputs(x, idx))
 
     def step_loss(idx, step, total):
         return student_loss(fwd(idx), x["y"][idx], soft[idx], lam)

@@ -18,7 +18,7 @@ from recstack.training.loop import Batches, Loop, Recent, Stream, streamed_batch
 
 from fine_rank.config import Config, ModelSettings
 from fine_rank.data import Source
-from fine_rank.inputs import MODEL_INPUTS, materialise
+from fine_rank.inputs import materialise, row_inputs
 from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, SignalTeacher, Teacher
 
 
@@ -36,7 +36,7 @@ def make_optimizer(model: torch.nn.Module, s: ModelSettings) -> torch.optim.Opti
 
 def build_model(vocab, s: ModelSettings, seed: int) -> Ranker:
     torch.manual_seed(seed)
-    return Ranker.build(vocab, s.emb_dim, s.hidden)
+    return Ranker.build(vocab, s.emb_dim, s.hidden, s.sequence, s.attention_dim)
 
 
 StepLoss = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, dict]"]
@@ -158,7 +158,7 @@ def fit(model: Ranker, table: dict[str, np.ndarray], label: str, s: ModelSetting
         model.head.set_prior(y_mean)
 
     def fwd(idx):
-        return model.logits(*(x[k][idx] for k in MODEL_INPUTS))
+        return model.logits(*row_inputs(x, idx))
 
     def step_loss(idx, step, total):
         loss = TF.binary_cross_entropy_with_logits(fwd(idx), x["y"][idx])
@@ -182,7 +182,7 @@ def fit_distilled(student: Ranker, teacher: Teacher, table: dict[str, np.ndarray
     both = torch.nn.ModuleDict({"student": student, "teacher": teacher})
 
     def fwd(idx):
-        xs = [x[k][idx] for k in MODEL_INPUTS]
+        xs = row_inputs(x, idx)
         return student.logits(*xs), teacher.logits(*xs, x["post_event"][idx])
 
     def step_loss(idx, step, total):
@@ -209,7 +209,7 @@ def fit_mtl(mtl: MTLRanker, table: dict[str, np.ndarray], label: str, s: ModelSe
         mtl.towers[j][1].set_prior(float(x["post_event"][:, j].mean()) if src.rows is None else float(binary_means[i]))
 
     def fwd(idx):
-        return mtl.both(*(x[k][idx] for k in MODEL_INPUTS))
+        return mtl.both(*row_inputs(x, idx))
 
     def step_loss(idx, step, total):
         main, aux = fwd(idx)
@@ -236,7 +236,7 @@ def fit_sead(model: SelfAuxiliary, table: dict[str, np.ndarray], label: str, s: 
         model.aux.set_prior(y_mean)
 
     def fwd(idx):
-        return model.both(*(x[k][idx] for k in MODEL_INPUTS), stop_aux_gradient=cfg.sead_sga)
+        return model.both(*row_inputs(x, idx), stop_aux_gradient=cfg.sead_sga)
 
     def step_loss(idx, step, total):
         main, zs, zd = fwd(idx)
@@ -268,7 +268,7 @@ def fit_signal_loss(student: Ranker, teacher: SignalTeacher, table: dict[str, np
     both = torch.nn.ModuleDict({"student": student, "teacher": teacher})
 
     def fwd(idx):
-        xs = [x[k][idx] for k in MODEL_INPUTS]
+        xs = row_inputs(x, idx)
         return (*teacher.both(*xs), student.logits(*xs))
 
     def step_loss(idx, step, total):

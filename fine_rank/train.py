@@ -200,12 +200,13 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     main = D.is_main()
     data = load(data_dir)
     fit_days, eval_day = split_days(data, cfg.split)
-    eval_table = materialise(data.examples(eval_day))  # the held-out day stays in memory, streamed or not
+    seq = cfg.uses_sequence  # the (N, L) sequence columns only when a model reads them
+    eval_table = materialise(data.examples(eval_day), sequence=seq)  # the held-out day stays in memory, streamed or not
     if cfg.stream_chunk_rows:
         tables = {"ctr": (StreamRows(data, fit_days, cfg.stream_chunk_rows), eval_table),
                   "cvr": (StreamRows(data, fit_days, cfg.stream_chunk_rows, clicked_only=True), clicked(eval_table))}
     else:
-        train_table = materialise(data.examples(fit_days))
+        train_table = materialise(data.examples(fit_days), sequence=seq)
         tables = {"ctr": (train_table, eval_table), "cvr": (clicked(train_table), clicked(eval_table))}
     labels = {task: label_for(task, cfg) for task in TASKS}
     truths = {"ctr": "true_pctr", "cvr": "true_pcvr"}

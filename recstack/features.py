@@ -266,8 +266,10 @@ def fine_inputs(user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.nd
                 cands: np.ndarray, interacted: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """One user's fine-ranker inputs for M candidates, as served: user_feats (1, 4), seq_items
     (1, L, 5), seq_extras (1, L, 3), cands (M,) raw item ids -> {user_feats (M, 4), item_feats
-    (M, 5), item_dense (M, 1), interacted (M, X)}. `interacted` (M, X): the counts over the
-    user's full log (recstack.interacted.one_user_features); None: counted on the sequence."""
+    (M, 5), item_dense (M, 1), interacted (M, X), seq_items (1, L, 5), seq_extras (1, L, 3)}.
+    The sequence stays one row: a graph that reads it computes its side once per request.
+    `interacted` (M, X): the counts over the user's full log
+    (recstack.interacted.one_user_features); None: counted on the sequence."""
     cands = np.asarray(cands, dtype=np.int64)
     item_feats = items.feats(cands)
     if interacted is None:
@@ -277,6 +279,8 @@ def fine_inputs(user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.nd
         "item_feats": item_feats,
         "item_dense": items.dense(cands),
         "interacted": interacted,
+        "seq_items": seq_items,
+        "seq_extras": seq_extras,
     }
 
 

@@ -747,3 +747,33 @@ def merge_fine():
     """Callable (bundle_dir, outputs=("pctr", "pcvr"), name="fine/ranker.onnx"): write the fake
     bundle's fine/ctr.onnx and fine/cvr.onnx as one graph on shared inputs."""
     return _merge_fine
+
+
+# --- a fine graph that reads the behaviour sequence -------------------------------------------
+
+def _write_din_fine(bdir: Path, vocab: FE.Vocab, seq_len: int = FE.SEQ_LEN, name: str = "fine/ranker.onnx") -> None:
+    """Write bdir/name: a small merged CTR + CVR graph with target attention over the sequence
+    (fine_rank `sequence="din"`), random weights, its sequence inputs on their own axis."""
+    from fine_rank.export import _Both
+    from fine_rank.model import Ranker
+
+    torch.manual_seed(0)
+    models = [Ranker.build(vocab, emb_dim=4, hidden=(8,), sequence="din", attention_dim=4) for _ in range(2)]
+    for m in models:
+        with torch.no_grad():
+            m.head.linear.weight.normal_(std=0.5)  # heads start at zero weights: give the output a slope
+        m.eval()
+    rng = np.random.default_rng(0)
+    b = 3
+    x = {"user_feats": np.ones((b, 4), np.int64), "item_feats": np.ones((b, 5), np.int64),
+         "item_dense": np.zeros((b, 1), np.float32), "interacted": np.zeros((b, len(FE.INTERACTED_FIELDS)), np.float32),
+         "seq_items": rng.integers(0, 5, (b, seq_len, 5)).astype(np.int64),
+         "seq_extras": rng.random((b, seq_len, 3)).astype(np.float32)}
+    export_onnx(_Both(*models), x, bdir / name, ["pctr", "pcvr"], axes={"seq_items": "sequences", "seq_extras": "sequences"})
+
+
+@pytest.fixture(scope="session")
+def write_din_fine():
+    """Callable (bundle_dir, vocab, seq_len=50, name="fine/ranker.onnx"): write a random fine graph
+    that reads the behaviour sequence (the bundle's manifest is left as it is)."""
+    return _write_din_fine

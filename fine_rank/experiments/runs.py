@@ -45,9 +45,10 @@ def _concat(a: dict, b: dict) -> dict:
 
 def load_tables(data_dir) -> Tables:
     data = load(data_dir)
-    fit = T.materialise(data.examples(data.fit_days))
-    valid = T.materialise(data.examples(data.valid_day))
-    test = T.materialise(data.examples(data.test_day))
+    # the paper tables' rankers read no behaviour sequence: its (N, 50) columns would multiply the memory
+    fit = T.materialise(data.examples(data.fit_days), sequence=False)
+    valid = T.materialise(data.examples(data.valid_day), sequence=False)
+    test = T.materialise(data.examples(data.test_day), sequence=False)
     train = _concat(fit, valid)
 
     def pops(t):

@@ -305,7 +305,7 @@ def _fine_variants(model, inputs: dict, tmp: Path) -> tuple[object, dict[str, ob
     from recstack.serving.loading import onnx_session as serving_session
     from recstack.training.onnx import export_onnx, onnx_session
 
-    path = export_onnx(model, inputs, tmp / "ctr.onnx", ["prob"])
+    path = export_onnx(model, inputs, tmp / "ctr.onnx", ["prob"], axes={"seq_items": "sequences", "seq_extras": "sequences"})
     session = onnx_session(path, threads=1)
     variants: dict[str, object] = {"onnxruntime_serving_session": serving_session(path, 1),
                                    "onnxruntime_intra_op_2": serving_session(path, 2)}
@@ -328,6 +328,9 @@ def bench_fine(model, vocab: FE.Vocab, n: int, repeats: dict, seed: int = 0) -> 
         "item_dense": rng.standard_normal((n, 1)).astype(np.float32),
         "interacted": rng.random((n, len(FE.INTERACTED_FIELDS))).astype(np.float32),
     }
+    if getattr(model, "sequence", None) is not None:  # one request's sequence, fed once (S = 1), as served
+        inputs["seq_items"] = random_ids(rng, vocab.item_sizes(), SEQ_LEN)[None]
+        inputs["seq_extras"] = rng.random((1, SEQ_LEN, 3)).astype(np.float32)
     with tempfile.TemporaryDirectory(prefix="recstack-bench-") as tmp:
         session, variants = _fine_variants(model, inputs, Path(tmp))
     # export_onnx wraps the model in a fresh (train-mode) module; torch.onnx.export restores

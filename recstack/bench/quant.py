@@ -102,13 +102,16 @@ def _fine_sessions(models: dict, inputs: dict, tmp: Path) -> dict:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from fine_rank.export import _Both
+    from fine_rank.inputs import SEQUENCE_INPUTS, input_names
     from recstack.serving.loading import onnx_session
     from recstack.training.onnx import export_onnx
 
-    sess = {}
+    axes = {k: "sequences" for k in SEQUENCE_INPUTS}  # one request's sequence beside its candidates
+    sess, own = {}, {}
     for task in ("ctr", "cvr"):
-        sess[task] = onnx_session(export_onnx(models[task], inputs, tmp / f"{task}.onnx", ["prob"]), 1)
-    merged = export_onnx(_Both(models["ctr"], models["cvr"]), inputs, tmp / "ranker.onnx", ["pctr", "pcvr"])
+        own[task] = {k: inputs[k] for k in input_names(models[task])}
+        sess[task] = onnx_session(export_onnx(models[task], own[task], tmp / f"{task}.onnx", ["prob"], axes=axes), 1)
+    merged = export_onnx(_Both(models["ctr"], models["cvr"]), inputs, tmp / "ranker.onnx", ["pctr", "pcvr"], axes=axes)
     quantize_dynamic(str(merged), str(tmp / "ranker_int8.onnx"), weight_type=QuantType.QInt8, per_channel=False)
     sess["merged"], sess["int8"] = onnx_session(merged, 1), onnx_session(tmp / "ranker_int8.onnx", 1)
     for m in models.values():
@@ -121,7 +124,7 @@ def _fine_sessions(models: dict, inputs: dict, tmp: Path) -> dict:
 
     return {
         "torch_eager": eager,
-        "onnxruntime_two_sessions": lambda: (sess["ctr"].run(None, inputs)[0], sess["cvr"].run(None, inputs)[0]),
+        "onnxruntime_two_sessions": lambda: (sess["ctr"].run(None, own["ctr"])[0], sess["cvr"].run(None, own["cvr"])[0]),
         "onnxruntime_merged_fp32": lambda: tuple(sess["merged"].run(None, inputs)),
         "onnxruntime_merged_int8": lambda: tuple(sess["int8"].run(None, inputs)),
     }
@@ -135,11 +138,12 @@ def bench_fine(checkpoint_path: str | Path, n: int = 500, repeats: int = 200, se
 
     ckpt = checkpoint.load(checkpoint_path, stage="fine")
     _, models = load_models(ckpt)
-    from fine_rank.inputs import MODEL_INPUTS
+    from fine_rank.export import graph_inputs
 
     every = request_inputs(np.random.default_rng(seed), Vocab.from_dict(ckpt["vocab"]), n)
     every["user_feats"] = np.repeat(every["user_feats"], n, axis=0)  # one request's user, as the cascade feeds it
-    inputs = {k: np.ascontiguousarray(every[k]) for k in MODEL_INPUTS}
+    every["seq_extras"] = np.abs(every["seq_extras"])  # ages, dwell, purchase flag: never negative
+    inputs = {k: np.ascontiguousarray(every[k]) for k in graph_inputs(models)}  # the sequence stays one row
     with tempfile.TemporaryDirectory(prefix="recstack-bench-quant-") as tmp:
         paths = _fine_sessions(models, inputs, Path(tmp))
     ref = paths["torch_eager"]()

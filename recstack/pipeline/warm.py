@@ -151,13 +151,13 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
 
 def _warm_fine(ck, opt_state, data, days, out_dir, origin) -> dict:
     from fine_rank.calibration import calibrate_to_rate
-    from fine_rank.config import Config
+    from fine_rank.config import checkpoint_config
     from fine_rank.inputs import clicked, materialise
     from fine_rank.tasks import build_model, fit, make_optimizer
     from fine_rank.train import label_for
 
-    cfg = from_dict(Config, ck["config"])
-    table = materialise(data.examples(days))
+    cfg = checkpoint_config(ck["config"])
+    table = materialise(data.examples(days), sequence=cfg.uses_sequence)
     tables = {"ctr": table, "cvr": clicked(table)}
     models, opts, stats = {}, {}, {"rows": int(len(table["click"]))}
     for task, seed in (("ctr", cfg.seed), ("cvr", cfg.seed + 1)):
@@ -224,12 +224,12 @@ def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
         return {"auc": M.auc(p["click"], p["logit"]), "n": int(len(p["click"]))}
     if stage == "fine":
         from fine_rank.calibration import predict
-        from fine_rank.config import Config
+        from fine_rank.config import checkpoint_config
         from fine_rank.inputs import clicked, materialise
         from fine_rank.tasks import build_model
 
-        cfg = from_dict(Config, ck["config"])
-        table = materialise(data.examples(days))
+        cfg = checkpoint_config(ck["config"])
+        table = materialise(data.examples(days), sequence=cfg.uses_sequence)
         out = {"n": int(len(table["click"]))}
         for task, rows, label in (("ctr", table, "click"), ("cvr", clicked(table), "purchase")):
             model = build_model(data.vocab, cfg.settings(task), 0)

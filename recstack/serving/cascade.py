@@ -63,7 +63,8 @@ WARM_UP_TIMEOUT_S = 30.0  # a remote retrieval call during the warm-up (loading 
 
 # inputs each ONNX model may declare (docs/ARCHITECTURE.md "Feature tensors")
 _TOWER_INPUTS = {"user_feats", "seq_items", "seq_extras"}
-_FINE_INPUTS = {"user_feats", "item_feats", "item_dense", "interacted"}
+# a fine graph that reads the behaviour sequence declares seq_items / seq_extras as well (one row per request)
+_FINE_INPUTS = {"user_feats", "item_feats", "item_dense", "interacted", "seq_items", "seq_extras"}
 
 
 _degraded_log = {"last": -1e9}

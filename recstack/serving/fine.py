@@ -1,7 +1,8 @@
 """The fine stage's models as served: pCTR and pCVR of a request's candidates.
 
 A bundle ships either one graph computing both (`fine/ranker.onnx`, outputs "pctr" and
-"pcvr": one session call, the shared inputs fed once), optionally with its int8 copy
+"pcvr": one session call, the shared inputs fed once; a graph that reads the behaviour
+sequence also declares seq_items / seq_extras, fed as one (1, L, ...) row per request), optionally with its int8 copy
 (`fine/ranker_int8.onnx`, written by the exporter only once it passed the quality checks:
 test-day AUC, calibration and the served top-50, see recstack/pipeline/fine_check.py), or the
 older layout of two graphs (`fine/ctr.onnx`, `fine/cvr.onnx`, one output each).
@@ -15,12 +16,28 @@ from typing import Callable
 
 import numpy as np
 
+from recstack import features as F
 from recstack.bundle import Bundle, BundleError
 from recstack.bundle_files import FINE_CTR, FINE_CVR, FINE_RANKER, FINE_RANKER_INT8
 from recstack.serving.loading import OnnxModel
 
 OUTPUTS = ("pctr", "pcvr")  # the merged graph's outputs
 PRECISIONS = ("int8", "fp32")
+# the sequence inputs' trailing shape, as the server builds them (recstack.features.fine_inputs)
+SEQUENCE_SHAPES = {"seq_items": [F.SEQ_LEN, len(F.ITEM_FIELDS)], "seq_extras": [F.SEQ_LEN, len(F.SEQ_EXTRA_FIELDS)]}
+
+
+def check_sequence_inputs(model: OnnxModel, meta: dict) -> None:
+    """Refuse a fine graph whose sequence inputs this server cannot feed, or whose inputs are
+    not those its stage's manifest entry lists (a graph from another export)."""
+    for i in model.session.get_inputs():
+        want = SEQUENCE_SHAPES.get(i.name)
+        if want is not None and list(i.shape[1:]) != want:
+            raise BundleError(f"bundle file {model.relpath!r}: input {i.name} has shape {i.shape}, this server feeds "
+                              f"[1, {', '.join(map(str, want))}]")
+    listed = meta.get("inputs")
+    if listed is not None and sorted(listed) != sorted(model.inputs):
+        raise BundleError(f"bundle file {model.relpath!r}: inputs {model.inputs}, the manifest's fine stage lists {listed}")
 
 
 class FineScorer:
@@ -45,13 +62,18 @@ class FineScorer:
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS} or None, got {precision!r}")
         files = bundle.manifest.get("files", {})
+        meta = bundle.manifest.get("stages", {}).get("fine", {}).get("meta", {})
         if precision == "int8" and FINE_RANKER_INT8 not in files:
             raise BundleError(f"bundle has no {FINE_RANKER_INT8!r}; cannot serve the int8 fine ranker")
         if FINE_RANKER_INT8 in files and precision != "fp32":
-            return cls([OnnxModel(bundle, FINE_RANKER_INT8, allowed, threads)], "int8")
-        if FINE_RANKER in files:
-            return cls([OnnxModel(bundle, FINE_RANKER, allowed, threads)], "fp32")
-        return cls([OnnxModel(bundle, FINE_CTR, allowed, threads), OnnxModel(bundle, FINE_CVR, allowed, threads)], "fp32")
+            models = [OnnxModel(bundle, FINE_RANKER_INT8, allowed, threads)]
+        elif FINE_RANKER in files:
+            models = [OnnxModel(bundle, FINE_RANKER, allowed, threads)]
+        else:  # the older two-graph layout: no sequence inputs, no input list in its meta
+            models = [OnnxModel(bundle, FINE_CTR, allowed, threads), OnnxModel(bundle, FINE_CVR, allowed, threads)]
+        for m in models:
+            check_sequence_inputs(m, meta if len(models) == 1 else {})
+        return cls(models, "int8" if models[0].relpath == FINE_RANKER_INT8 else "fp32")
 
     def __call__(self, feeds: dict[str, np.ndarray], check: Callable[[str], None] = lambda stage: None
                  ) -> tuple[np.ndarray, np.ndarray]:
