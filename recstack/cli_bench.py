@@ -118,8 +118,11 @@ def _soak(args, out: Path) -> None:
 def _backends(args, out: Path) -> None:
     from recstack.bench.backends import run
 
-    res = run(out, artifacts=args.artifacts, checkpoint=args.checkpoint, data_dir=args.data, n_items=args.items, n_queries=args.queries,
-              milvus_queries=args.milvus_queries, k=args.k, nlist=args.nlist, nprobe=args.nprobe, e2e=not args.no_e2e,
+    res = run(out, artifacts=args.artifacts, checkpoint=args.checkpoint, data_dir=args.data, n_items=args.items,
+              n_queries=args.queries,
+              milvus_queries=args.milvus_queries, probe_calls=args.probe_calls, k=args.k, nlist=args.nlist,
+              nprobe=args.nprobe,
+              milvus_index=args.milvus_index, e2e=not args.no_e2e,
               scratch=args.scratch or "/tmp/recstack-bench-backends", command=_command())
     print(json.dumps({b: res["retrieval"][b] for b in ("faiss", "milvus")}, indent=2))
 
@@ -167,9 +170,12 @@ def _add_backends(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=100_000, help="synthetic corpus size, without a bundle or checkpoint")
     p.add_argument("--queries", type=int, default=300, help="calls (user row + its seeds) searched on FAISS")
     p.add_argument("--milvus-queries", type=int, default=40, help="the first N of those also searched on Milvus")
+    p.add_argument("--probe-calls", type=int, default=5, help="of those, profiled again inside milvus-lite")
     p.add_argument("-k", type=int, default=1000, help="K of recall@K")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists without a bundle (default: the exporter's)")
     p.add_argument("--nprobe", type=int, default=48, help="IVF lists searched per query without a bundle")
+    p.add_argument("--milvus-index", default="IVF_FLAT", choices=("IVF_FLAT", "FLAT"),
+                   help="IVF_FLAT: FAISS's lists and nprobe; FLAT: exact, what `export --publish` publishes by default")
     p.add_argument("--no-e2e", action="store_true", help="with --artifacts: the retrieval part only")
     p.add_argument("--scratch", default=None, help="milvus-lite data (reused by a run on the same vectors) and logs "
                                                    "(default /tmp/recstack-bench-backends)")

@@ -36,6 +36,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import faiss
@@ -130,8 +131,10 @@ def content_version(emb: np.ndarray) -> str:
     return hashlib.sha256(buf.getbuffer()).hexdigest()
 
 
-def faiss_index(corpus: Corpus, artifacts: str | None, nlist: int | None, nprobe: int) -> tuple[faiss.Index, dict]:
-    """The bundle's index as served, or IVF-Flat built here -> (index, {"factory", "nlist", "nprobe", "build_seconds"})."""
+def faiss_index(corpus: Corpus, version: str, artifacts: str | None, nlist: int | None, nprobe: int,
+                scratch: Path) -> tuple[faiss.Index, dict]:
+    """The bundle's index as served, or IVF-Flat built here (kept in scratch for a later run on
+    the same vectors) -> (index, {"factory", "nlist", "nprobe", "build_seconds"})."""
     faiss.omp_set_num_threads(1)
     if artifacts:
         from recstack.bundle import Bundle
@@ -141,10 +144,17 @@ def faiss_index(corpus: Corpus, artifacts: str | None, nlist: int | None, nprobe
         index = FaissBackend.from_bundle(bundle, len(corpus.item_emb)).index
         build_s = bundle.stage("retrieval").get("meta", {}).get("index_build_seconds")
     else:
-        n = len(corpus.item_emb)
-        t0 = time.perf_counter()
-        index = index_lib.build(corpus.item_emb, f"IVF{nlist or index_lib.default_nlist(n)},Flat", nprobe=nprobe)
-        build_s = time.perf_counter() - t0
+        factory = f"IVF{nlist or index_lib.default_nlist(len(corpus.item_emb))},Flat"
+        cached = scratch / f"faiss-{version[:16]}-{factory.replace(',', '-')}.index"
+        build_s = None
+        if cached.exists():
+            index = faiss.read_index(str(cached))
+            index_lib.set_search_params(index, nprobe=nprobe)
+        else:
+            t0 = time.perf_counter()
+            index = index_lib.build(corpus.item_emb, factory, nprobe=nprobe)
+            build_s = time.perf_counter() - t0
+            faiss.write_index(index, str(cached))
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is None:
         raise ValueError("the FAISS index is not IVF: the side by side compares IVF-Flat with Milvus IVF_FLAT")
@@ -152,17 +162,30 @@ def faiss_index(corpus: Corpus, artifacts: str | None, nlist: int | None, nprobe
                    "build_seconds": build_s}
 
 
-def milvus_collection(server: MilvusLiteServer, corpus: Corpus, version: str, nlist: int, timeout_s: float) -> dict:
+def serving_nlist(corpus: Corpus, artifacts: str | None, nlist: int | None) -> int:
+    """The IVF lists of the FAISS index the run will search (before it is built)."""
+    if artifacts:
+        from recstack.bundle import Bundle
+        from recstack.serving.candidates import FaissBackend
+
+        index = FaissBackend.from_bundle(Bundle.open(artifacts), len(corpus.item_emb)).index
+        return int(faiss.extract_index_ivf(index).nlist)
+    return nlist or index_lib.default_nlist(len(corpus.item_emb))
+
+
+def milvus_collection(server: MilvusLiteServer, corpus: Corpus, version: str, index_type: str, nlist: int,
+                      timeout_s: float) -> dict:
     """Publish the vectors (unless the data folder already holds this version), restart the
     server, load the collection cold -> the times and the server's memory at each point."""
-    out: dict = {"collection": collection_name(COLLECTION, version), "nlist": nlist}
+    out: dict = {"collection": collection_name(COLLECTION, version), "index_type": index_type,
+                 "nlist": nlist if index_type == "IVF_FLAT" else None}
     out["start_seconds"] = server.start()
     try:
         MilvusBackend.connect(server.uri, COLLECTION, version=version, n_items=len(corpus.item_emb)).close()
         out["publish_seconds"], out["reused_data"] = None, str(server.data_dir)
     except Exception:  # not there yet (or another version): publish it
         t0 = time.perf_counter()
-        publish(corpus.item_emb, server.uri, COLLECTION, version, index_type="IVF_FLAT", nlist=nlist, batch=50_000)
+        publish(corpus.item_emb, server.uri, COLLECTION, version, index_type=index_type, nlist=nlist, batch=50_000)
         out["publish_seconds"] = time.perf_counter() - t0
     out["memory_after_publish"] = server.memory_mb()
     server.stop()
@@ -212,7 +235,8 @@ def side_by_side(corpus: Corpus, index: faiss.Index, backend: MilvusBackend, *, 
     out = {"k": k, "calls": n_queries, "milvus_calls": m,
            "rows_per_call": float(np.mean([1 + len(corpus.seeds[i]) for i in range(n_queries)]))}
     for name in ("faiss", "milvus"):
-        out[name] = {**_latency(ms[name]), "user_recall_at_k_same_calls": _recall(users[name][:m], corpus.users[:m], emb, k),
+        out[name] = {**_latency(ms[name]),
+                     "user_recall_at_k_same_calls": _recall(users[name][:m], corpus.users[:m], emb, k),
                      "seed_recall_at_k_same_calls": _recall(np.concatenate(seeds[name]) if m else users[name][:0],
                                                             seed_q, emb, k)}
     out["faiss"]["user_recall_at_k_all_calls"] = _recall(users["faiss"], corpus.users[:n_queries], emb, k)
@@ -266,12 +290,13 @@ def load_corpus(artifacts: str | None, checkpoint: str | None, n_items: int, n_q
 
 
 def run(out: str | Path, *, artifacts: str | None = None, checkpoint: str | None = None, data_dir: str | None = None,
-        n_items: int = 100_000,
-        n_queries: int = 300, milvus_queries: int = 40, probe_calls: int = 5, k: int = 1000, nlist: int | None = None,
-        nprobe: int = index_lib.DEFAULT_IVF_NPROBE, e2e: bool = True, scratch: str | Path = "/tmp/recstack-bench-backends",
-        command: str = "") -> dict:
+        n_items: int = 100_000, n_queries: int = 300, milvus_queries: int = 40, probe_calls: int = 5, k: int = 1000,
+        nlist: int | None = None, nprobe: int = index_lib.DEFAULT_IVF_NPROBE, milvus_index: str = "IVF_FLAT",
+        e2e: bool = True, scratch: str | Path = "/tmp/recstack-bench-backends", command: str = "") -> dict:
     """The whole bench (module docstring) -> results.json and report.md under `out`. The
-    milvus-lite data folder is scratch/milvus: a later run on the same vectors reuses it."""
+    milvus-lite data folder and the FAISS index are kept in scratch: a later run on the same
+    vectors reuses them. Milvus publishes while FAISS builds (each build's time is measured
+    beside the other)."""
     out, scratch = Path(out), Path(scratch)
     out.mkdir(parents=True, exist_ok=True)
     scratch.mkdir(parents=True, exist_ok=True)
@@ -283,16 +308,20 @@ def run(out: str | Path, *, artifacts: str | None = None, checkpoint: str | None
     res["vectors"] = {"source": corpus.source, "n_items": len(corpus.item_emb), "dim": int(corpus.item_emb.shape[1]),
                       "queries": len(corpus.users), "version": version, "seconds": time.perf_counter() - t0}
     print(json.dumps(res["vectors"]), flush=True)
-    index, res["faiss_index"] = faiss_index(corpus, artifacts, nlist, nprobe)
-    print(json.dumps(res["faiss_index"]), flush=True)
-    nlist, nprobe = res["faiss_index"]["nlist"], res["faiss_index"]["nprobe"]
     server = MilvusLiteServer(scratch / "milvus", scratch / "milvus.log")
     try:
-        res["milvus_collection"] = milvus_collection(server, corpus, version, nlist, timeout_s=600.0)
+        with ThreadPoolExecutor(1) as pool:
+            publishing = pool.submit(milvus_collection, server, corpus, version, milvus_index,
+                                     serving_nlist(corpus, artifacts, nlist), 600.0)
+            index, res["faiss_index"] = faiss_index(corpus, version, artifacts, nlist, nprobe, scratch)
+            print(json.dumps(res["faiss_index"]), flush=True)
+            res["milvus_collection"] = publishing.result()
         print(json.dumps(res["milvus_collection"]), flush=True)
+        nprobe = res["faiss_index"]["nprobe"]
         backend = MilvusBackend.connect(server.uri, COLLECTION, version=version, n_items=len(corpus.item_emb),
                                         timeout_s=600.0)
-        backend.search_params["params"]["nprobe"] = nprobe
+        if milvus_index == "IVF_FLAT":
+            backend.search_params["params"]["nprobe"] = nprobe
         res["retrieval"] = side_by_side(corpus, index, backend, k=k, n_queries=n_queries, milvus_queries=milvus_queries)
         backend.close()
         res["milvus_collection"]["memory_after_searches"] = server.memory_mb()
@@ -300,7 +329,7 @@ def run(out: str | Path, *, artifacts: str | None = None, checkpoint: str | None
         server.stop()
         calls = [corpus.call_rows(i) for i in range(min(probe_calls, len(corpus.users)))]
         res["milvus_engine"] = engine_breakdown(server.data_dir, res["milvus_collection"]["collection"], calls, k=k,
-                                                search_params={"nprobe": nprobe})
+                                                search_params=dict(backend.search_params["params"]))
         print(json.dumps(res["milvus_engine"]["profiled_ms_per_call"]), flush=True)
         if artifacts and e2e:
             del corpus, index
@@ -326,14 +355,19 @@ def main(argv=None) -> int:
     p.add_argument("--items", type=int, default=100_000, help="synthetic corpus size, without a bundle or checkpoint")
     p.add_argument("--queries", type=int, default=300, help="calls searched on FAISS")
     p.add_argument("--milvus-queries", type=int, default=40, help="the first N of those also searched on Milvus")
+    p.add_argument("--probe-calls", type=int, default=5, help="of those, profiled again inside milvus-lite")
     p.add_argument("-k", type=int, default=1000)
     p.add_argument("--nlist", type=int, default=None, help="IVF lists without a bundle (default: the exporter's)")
     p.add_argument("--nprobe", type=int, default=index_lib.DEFAULT_IVF_NPROBE, help="without a bundle")
+    p.add_argument("--milvus-index", default="IVF_FLAT", choices=("IVF_FLAT", "FLAT"),
+                   help="IVF_FLAT: FAISS's lists and nprobe; FLAT: exact, what `export --publish` publishes by default")
     p.add_argument("--no-e2e", action="store_true", help="with --artifacts: the retrieval part only")
     p.add_argument("--scratch", default="/tmp/recstack-bench-backends", help="milvus-lite data (reused) and logs")
     a = p.parse_args(argv)
     run(a.out, artifacts=a.artifacts, checkpoint=a.checkpoint, data_dir=a.data, n_items=a.items, n_queries=a.queries,
-        milvus_queries=a.milvus_queries, k=a.k, nlist=a.nlist, nprobe=a.nprobe, e2e=not a.no_e2e, scratch=a.scratch,
+        milvus_queries=a.milvus_queries, probe_calls=a.probe_calls, k=a.k, nlist=a.nlist, nprobe=a.nprobe,
+        milvus_index=a.milvus_index,
+        e2e=not a.no_e2e, scratch=a.scratch,
         command="python -m recstack.bench.backends " + " ".join(argv or sys.argv[1:]))
     return 0
 

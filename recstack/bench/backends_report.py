@@ -15,7 +15,9 @@ def _retrieval(res: dict) -> list[str]:
              f"| backend | index | p50 ms / call | p99 ms / call | max ms | user recall@{r['k']} | "
              f"seed recall@{r['k']} | build s | cold load s |", "|---|---|---|---|---|---|---|---|---|"]
     build = {"faiss": fi["build_seconds"], "milvus": mc["publish_seconds"]}
-    index = {"faiss": f"{fi['factory']} nprobe={fi['nprobe']}", "milvus": f"IVF_FLAT nlist={mc['nlist']} nprobe={fi['nprobe']}"}
+    milvus = (f"IVF_FLAT nlist={mc['nlist']} nprobe={fi['nprobe']}" if mc.get("index_type", "IVF_FLAT") == "IVF_FLAT"
+              else f"{mc['index_type']} (exact)")
+    index = {"faiss": f"{fi['factory']} nprobe={fi['nprobe']}", "milvus": milvus}
     load = {"faiss": None, "milvus": mc["load_seconds"]}
     for b in ("faiss", "milvus"):
         x = r[b]
