@@ -39,12 +39,12 @@ def _retrieval(res: dict) -> list[str]:
 
 def _engine(res: dict) -> list[str]:
     e = res["milvus_engine"]
-    segs = ", ".join(f"{s['rows']:,} rows" + (f" (IVF {s['emb']['nlist']} lists)" if s.get("emb") else "")
+    segs = ", ".join(f"{s['rows']:,} rows" + (f" (IVF {s['emb']['nlist']} lists)" if (s.get("emb") or {}).get("nlist") else "")
                      for s in e["segments"])
     lines = ["", f"## Inside a milvus-lite call ({e['calls']} of the same calls, the engine in process, no gRPC)", "",
              f"Segments: {segs}. Engine alone: p50 {e['wall_ms_per_call']['p50']:.0f} ms per call "
              f"(the gRPC call above: p50 {res['retrieval']['milvus']['p50_ms']:.0f} ms). Under cProfile (which slows "
-             "Python code more than FAISS):", "", "| step | ms per call |", "|---|---|"]
+             "Python code more than numpy's or FAISS's):", "", "| step | ms per call |", "|---|---|"]
     lines += [f"| {label} | {ms:.0f} |" for label, ms in e["profiled_ms_per_call"].items()]
     return lines
 

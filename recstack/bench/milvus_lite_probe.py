@@ -23,7 +23,8 @@ BUCKETS = (
     ("engine search, all", "engine/collection.py", "search"),
     ("dedup map over every row (pk -> max seq)", "search/executor_indexed.py", "_update_max_seqs"),
     ("per-row validity mask (dedup, deletes)", "search/executor_indexed.py", "_build_local_mask"),
-    ("segment index search (FAISS + per-hit loop)", "index/faiss_ivf_flat.py", "search"),
+    ("segment index search, IVF_FLAT (FAISS + per-hit loop)", "index/faiss_ivf_flat.py", "search"),
+    ("segment index search, FLAT (numpy)", "index/brute_force.py", "search"),
     ("of which FAISS itself", "faiss/class_wrappers.py", "replacement_search"),
     ("hit materialisation (row -> dict)", "search/executor_indexed.py", "_materialize_record"),
 )
@@ -58,7 +59,7 @@ def _top_own_time(stats: pstats.Stats, n: int, calls: int) -> list[dict]:
 
 def engine_breakdown(data_dir: str | Path, collection: str, calls: list[np.ndarray], *, k: int,
                      search_params: dict, vector_field: str = "emb") -> dict:
-    """Open, load and search the collection in process; -> {"load_seconds", "segments",
+    """Open, load and search the collection in process (one warm-up call first); -> {"load_seconds", "segments",
     "wall_ms_per_call": {p50, mean}, "profiled_ms_per_call": {bucket: ms}, "top_own_time": [...]}.
     The profiled pass is slower than the plain one (cProfile's overhead falls on Python code)."""
     from milvus_lite import MilvusLite
@@ -69,6 +70,7 @@ def engine_breakdown(data_dir: str | Path, collection: str, calls: list[np.ndarr
         col = db.get_collection(collection)
         col.load()
         load_s = time.perf_counter() - t0
+        col.search(calls[0].tolist(), top_k=k, anns_field=vector_field, search_params=search_params)  # warm-up
         plain = []
         for rows in calls:
             t = time.perf_counter()
