@@ -45,7 +45,7 @@ def _engine(res: dict) -> list[str]:
              f"Segments: {segs}. Engine alone: p50 {e['wall_ms_per_call']['p50']:.0f} ms per call "
              f"(the gRPC call above: p50 {res['retrieval']['milvus']['p50_ms']:.0f} ms). Under cProfile (which slows "
              "Python code more than numpy's or FAISS's):", "", "| step | ms per call |", "|---|---|"]
-    lines += [f"| {label} | {ms:.0f} |" for label, ms in e["profiled_ms_per_call"].items()]
+    lines += [f"| {label} | {ms:.0f} |" for label, ms in e["profiled_ms_per_call"].items() if ms > 0]  # 0: not this index
     return lines
 
 
