@@ -118,8 +118,12 @@ def _soak(args, out: Path) -> None:
 def _backends(args, out: Path) -> None:
     from recstack.bench.backends import run
 
-    res = run(out, n_items=args.items, n_queries=args.queries, k=args.k, nlist=args.nlist, nprobe=args.nprobe,
-              artifacts=args.artifacts, scratch=args.scratch or "/tmp/recstack-bench-backends", command=_command())
+    res = run(out, artifacts=args.artifacts, checkpoint=args.checkpoint, data_dir=args.data, n_items=args.items,
+              n_queries=args.queries,
+              milvus_queries=args.milvus_queries, probe_calls=args.probe_calls, k=args.k, nlist=args.nlist,
+              nprobe=args.nprobe,
+              milvus_index=args.milvus_index, e2e=not args.no_e2e,
+              scratch=args.scratch or "/tmp/recstack-bench-backends", command=_command())
     print(json.dumps({b: res["retrieval"][b] for b in ("faiss", "milvus")}, indent=2))
 
 
@@ -139,7 +143,7 @@ RUNNERS["mixed"] = _mixed
 
 def cmd_bench(args) -> int:
     for name in ("queries", "timed", "k", "users", "steps", "repeats", "gmv_users", "items", "nlist", "nprobe"):
-        if getattr(args, name, 1) < 1:
+        if (getattr(args, name, 1) or 1) < 1:  # None: the default for the corpus
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = args.out or args.bench_out
     out = Path(out) if out else fresh_dir(args.what)
@@ -156,6 +160,25 @@ def cmd_bench(args) -> int:
         raise
     print_written(out, since)
     return 0
+
+
+def _add_backends(p: argparse.ArgumentParser) -> None:
+    """The `bench backends` flags."""
+    p.add_argument("--artifacts", default=None, help="a bundle: its vectors and index, and the end-to-end QPS")
+    p.add_argument("--checkpoint", default=None, help="a retrieval checkpoint: its towers' vectors (no bundle needed)")
+    p.add_argument("--data", default=None, help="with a training-state --checkpoint (train_state.pt): its world")
+    p.add_argument("--items", type=int, default=100_000, help="synthetic corpus size, without a bundle or checkpoint")
+    p.add_argument("--queries", type=int, default=300, help="calls (user row + its seeds) searched on FAISS")
+    p.add_argument("--milvus-queries", type=int, default=40, help="the first N of those also searched on Milvus")
+    p.add_argument("--probe-calls", type=int, default=5, help="of those, profiled again inside milvus-lite")
+    p.add_argument("-k", type=int, default=1000, help="K of recall@K")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists without a bundle (default: the exporter's)")
+    p.add_argument("--nprobe", type=int, default=48, help="IVF lists searched per query without a bundle")
+    p.add_argument("--milvus-index", default="IVF_FLAT", choices=("IVF_FLAT", "FLAT"),
+                   help="IVF_FLAT: FAISS's lists and nprobe; FLAT: exact, what `export --publish` publishes by default")
+    p.add_argument("--no-e2e", action="store_true", help="with --artifacts: the retrieval part only")
+    p.add_argument("--scratch", default=None, help="milvus-lite data (reused by a run on the same vectors) and logs "
+                                                   "(default /tmp/recstack-bench-backends)")
 
 
 def _add_mixed(p: argparse.ArgumentParser) -> None:
@@ -232,16 +255,8 @@ def add_parser(sub, formatter) -> None:
     p.add_argument("--restart-every", type=float, default=5.0, help="minutes between SIGTERM + restart of a server")
     p.add_argument("--scratch", default=None, help="scratch folder (bundles, server logs; default: a temporary one)")
 
-    p = new("backends", "retrieval backends side by side: FAISS in process vs Milvus (milvus-lite server), "
-                        "recall@K vs exact and p50/p99 per call; with --artifacts, end-to-end QPS at p99 <= 50 ms each")
-    p.add_argument("--items", type=int, default=1_000_000, help="synthetic corpus size (64-d unit vectors)")
-    p.add_argument("--queries", type=int, default=300, help="queries (each one call of the user row + 5 seeds)")
-    p.add_argument("-k", type=int, default=1000, help="K of recall@K")
-    p.add_argument("--nlist", type=int, default=128,
-                   help="IVF lists of both backends' index (milvus-lite rebuilds with 128 whatever is asked)")
-    p.add_argument("--nprobe", type=int, default=8, help="IVF lists searched per query, both backends")
-    p.add_argument("--artifacts", default=None, help="a bundle: serve it with each backend and sweep the QPS")
-    p.add_argument("--scratch", default=None, help="milvus-lite data and server logs (default /tmp/recstack-bench-backends)")
+    _add_backends(new("backends", "retrieval backends side by side: FAISS in process vs Milvus (milvus-lite server), "
+                               "recall@K vs exact and p50/p99 per call; with --artifacts, end-to-end QPS at p99 <= 50 ms each"))
 
     _add_mixed(new("mixed", "Rank p50/p99 alone, then with an open-loop LogEvents sender beside it (same server); "
                             "failed calls of each, events acknowledged vs readable from the store afterwards"))

@@ -64,7 +64,10 @@ def publish(item_emb: np.ndarray, uri: str, collection: str, version: str, index
         params = client.prepare_index_params()
         build = {"nlist": nlist or max(1, min(4096, n // 256))} if index_type == "IVF_FLAT" else (
             {"M": 32, "efConstruction": 200} if index_type == "HNSW" else {})
-        params.add_index(VECTOR_FIELD, index_type=index_type, metric_type="IP", params=build)
+        # the build parameters travel as one JSON "params" entry: the form both a Milvus server
+        # and milvus-lite read (milvus-lite 3.2 ignores pymilvus 3's flattened nlist / M entries
+        # and would build its defaults, e.g. 128 IVF lists whatever was asked)
+        params.add_index(VECTOR_FIELD, index_type=index_type, metric_type="IP", params={"params": build})
         client.create_collection(name, schema=schema, index_params=params)
         for s in range(0, n, batch):
             rows = np.asarray(item_emb[s:s + batch], np.float32)
