@@ -69,10 +69,15 @@ def publish(item_emb: np.ndarray, uri: str, collection: str, version: str, index
         # and would build its defaults, e.g. 128 IVF lists whatever was asked)
         params.add_index(VECTOR_FIELD, index_type=index_type, metric_type="IP", params={"params": build})
         client.create_collection(name, schema=schema, index_params=params)
+        # upsert, not insert: a batch the client sends again after a timeout (pymilvus retries)
+        # replaces its rows instead of adding a second copy of each id
         for s in range(0, n, batch):
             rows = np.asarray(item_emb[s:s + batch], np.float32)
-            client.insert(name, [{ID_FIELD: s + i, VECTOR_FIELD: v} for i, v in enumerate(rows)])
+            client.upsert(name, [{ID_FIELD: s + i, VECTOR_FIELD: v} for i, v in enumerate(rows)])
         client.flush(name)
+        written = int(client.get_collection_stats(name).get("row_count", -1))
+        if written != n:  # the version property below is what marks the collection as complete
+            raise RuntimeError(f"collection {name!r} holds {written} rows after publishing {n} item vectors")
         client.alter_collection_properties(name, properties=_version_property(version, n, dim))
         client.load_collection(name)
     finally:

@@ -175,3 +175,37 @@ def test_the_faiss_server_never_loads_pymilvus(bundle):
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "False"
+
+
+def test_a_publish_that_lost_rows_fails_and_is_refused_at_load(bundle, published, monkeypatch):
+    """Rows are written by upsert (a resent batch replaces its ids), and the count is checked
+    before the collection is marked complete: a batch that never arrived fails the publish."""
+    db = published[len("milvus://"):].rpartition("/")[0]
+    real = MilvusClient.upsert
+    calls = []
+
+    def upsert_losing_the_first_batch(self, name, rows, *a, **kw):
+        calls.append(len(rows))
+        if len(calls) == 1:
+            return {"upsert_count": 0}
+        return real(self, name, rows, *a, **kw)
+
+    monkeypatch.setattr(MilvusClient, "upsert", upsert_losing_the_first_batch)
+    with pytest.raises(PublishError, match=r"holds \d+ rows after publishing \d+ item vectors"):
+        publish_bundle(bundle, f"milvus://{db}/lossy")
+    monkeypatch.undo()
+    with pytest.raises(BundleError, match="did not finish"):
+        Cascade.load(bundle, retrieval_backend=f"milvus://{db}/lossy", **SLOW_OK)
+    # publishing the same version again (every batch sent, some twice) gives a complete collection
+    sent_twice = []
+
+    def upsert_twice(self, name, rows, *a, **kw):
+        sent_twice.append(len(rows))
+        real(self, name, rows, *a, **kw)
+        return real(self, name, rows, *a, **kw)
+
+    monkeypatch.setattr(MilvusClient, "upsert", upsert_twice)
+    publish_bundle(bundle, f"milvus://{db}/lossy")
+    monkeypatch.undo()
+    cascade = Cascade.load(bundle, retrieval_backend=f"milvus://{db}/lossy", **SLOW_OK)
+    assert sent_twice and cascade is not None
