@@ -54,7 +54,7 @@ from recstack.serving.admission import HealthServicer, IngestAdmission, RankAdmi
 from recstack.serving.cascade import Cascade, DeadlineExceeded
 from recstack.serving.events import LivePath
 from recstack.serving.messages import Abort, Malformed, parser, response_from_ranking
-from recstack.serving.memory import trim_heap
+from recstack.serving.memory import HeapFreezer, trim_heap
 from recstack.serving.prometheus import ServingMetrics
 from recstack.serving.scoring import log_user_key, response_from_scores, score_candidates
 from recstack.serving.store import StoreUnavailable
@@ -126,6 +126,7 @@ class RankingServicer:
         self.last_load_error = ""
         self.draining = False
         self._reload_lock = threading.Lock()  # one load at a time; serving never waits on it
+        self.heap = HeapFreezer()  # a loaded model stays out of the collector's full collections
 
     # -- model lifecycle --------------------------------------------------------------------
 
@@ -165,11 +166,16 @@ class RankingServicer:
             self.live.seed(cascade)
         previous = old.version if old is not None else None
         if old is not None:
-            # the heap is trimmed when the previous model is freed: at once, or when the last
-            # call still running on it ends
+            # the heap is trimmed, and frozen again, when the previous model is freed: at once,
+            # or when the last call still running on it ends
+            self.heap.thaw()
             weakref.finalize(old, trim_heap)
+            weakref.finalize(old, self.heap.mark_due)
             del old
             gc.collect()
+        else:
+            self.heap.mark_due()
+        self.heap.freeze_if_due()
         self.metrics.reloads.labels("ok").inc()
         self.metrics.set_version(cascade.version)
         if not self.draining:
@@ -247,6 +253,7 @@ class RankingServicer:
             log.exception("%s failed (request id %s)", method, rid)
         finally:
             extra.pop("on_sent", None)  # not sent: nothing to do after it
+            self.heap.freeze_if_due()  # after a reload whose previous model was freed since
             gauge.dec()
             seconds = time.perf_counter() - t0
             self.metrics.count(method, code.name, seconds)
