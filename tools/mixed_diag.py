@@ -36,7 +36,7 @@ def _instrumented_serve(argv: list[str]) -> int:
     from recstack.cli import main
     from recstack.serving.store import redis_store, sqlite
 
-    out, lock = open(os.environ["MIXED_DIAG_STORE_LOG"], "a", buffering=1), threading.Lock()
+    out, lock = open(os.environ["MIXED_DIAG_STORE_LOG"], "a", buffering=1), threading.RLock()  # re-entered by the gc callback
 
     def timed(name, fn):
         def call(self, *a):
