@@ -194,6 +194,9 @@ def _cmd_serve(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         print("recstack serve: --tls-cert and --tls-key go together", file=sys.stderr)
         return 2
+    if not args.max_queue_wait >= 0:
+        print(f"recstack serve: --max-queue-wait must be >= 0 seconds, got {args.max_queue_wait}", file=sys.stderr)
+        return 2
     if args.ingest_threads < 1 or (args.ingest_queue is not None and args.ingest_queue < 0):
         print(f"recstack serve: --ingest-threads must be >= 1 and --ingest-queue >= 0, got {args.ingest_threads} and "
               f"{args.ingest_queue}", file=sys.stderr)
@@ -206,7 +209,7 @@ def _cmd_serve(args) -> int:
         return 2
     try:
         return serve(args.artifacts, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
-                     max_queue=args.max_queue, onnx_threads=args.onnx_threads, grace_s=args.grace, admin_token=token,
+                     max_queue=args.max_queue, max_queue_wait_s=args.max_queue_wait or None, onnx_threads=args.onnx_threads, grace_s=args.grace, admin_token=token,
                      ingest_threads=args.ingest_threads, ingest_queue=args.ingest_queue,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, reflection=not args.no_reflection,
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
@@ -350,7 +353,10 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
     s.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT), ~one per core")
     s.add_argument("--threads", type=int, default=4, help="RPC threads per process")
     s.add_argument("--max-queue", type=int, default=None,
-                   help="calls waiting beyond --threads before RESOURCE_EXHAUSTED (default 2 x threads)")
+                   help="hard cap on calls waiting beyond --threads: beyond it RESOURCE_EXHAUSTED (default 16 x threads)")
+    s.add_argument("--max-queue-wait", type=float, default=1.0,
+                   help="seconds: a Rank call whose estimated queue wait is longer, or with its service longer than "
+                        "its deadline, is refused at once (RESOURCE_EXHAUSTED); 0 = the deadline alone (default 1)")
     s.add_argument("--ingest-threads", type=int, default=2,
                    help="LogEvents calls writing to the feature store at once, on threads apart from Rank's")
     s.add_argument("--ingest-queue", type=int, default=None,

@@ -7,8 +7,10 @@ redis-server started here with its latency monitor on.
 
 `run` writes DIR/res.json (the bench's figures plus Redis INFO commandstats / clients / stats
 and LATENCY history), DIR/access.jsonl (one line per RPC: method, code, ms, end time) and
-DIR/store_calls.txt (one line per store read / append: start time, ms, thread). `analyse`
-prints, per phase, the server-side Rank time, the store's read and append times, the most
+DIR/store_calls.txt (one line per store read / append: start time, ms, thread; per garbage
+collection: its generation, start, wall and CPU ms; per Rank / LogEvents handler: start, CPU
+ms). `analyse` prints, per phase, the server-side Rank time, the store's read and append times,
+the handlers' CPU, the collections and the Rank refusals that followed a full one, the most
 calls of each method in flight at once, and how many LogEvents were in flight when a Rank
 was refused.
 """
@@ -34,7 +36,7 @@ def _instrumented_serve(argv: list[str]) -> int:
     from recstack.cli import main
     from recstack.serving.store import redis_store, sqlite
 
-    out, lock = open(os.environ["MIXED_DIAG_STORE_LOG"], "a", buffering=1), threading.Lock()
+    out, lock = open(os.environ["MIXED_DIAG_STORE_LOG"], "a", buffering=1), threading.RLock()  # re-entered by the gc callback
 
     def timed(name, fn):
         def call(self, *a):
@@ -48,7 +50,41 @@ def _instrumented_serve(argv: list[str]) -> int:
 
     for cls in (redis_store.RedisStore, sqlite.SQLiteStore):
         cls._recent, cls._append = timed("read", cls._recent), timed("append", cls._append)
+    _time_handlers(out, lock)
     return main(["serve", *argv])
+
+
+def _time_handlers(out, lock) -> None:
+    """Log each garbage collection (generation, start, wall and CPU ms: the GIL is held
+    throughout) and each Rank / LogEvents handler's CPU time in its own thread."""
+    import gc
+
+    from recstack.serving.server import RankingServicer
+
+    started: dict = {}
+
+    def on_gc(phase, info):
+        if phase == "start":
+            started.update(t=time.time(), p=time.perf_counter(), c=time.thread_time())
+        elif started:
+            with lock:
+                out.write(f"gc{info['generation']} {started['t']:.6f} {(time.perf_counter() - started['p']) * 1e3:.3f} "
+                          f"{(time.thread_time() - started['c']) * 1e3:.3f}\n")
+
+    gc.callbacks.append(on_gc)
+
+    def cpu_timed(name, fn):
+        def call(self, request, context):
+            t0, c0 = time.time(), time.thread_time()
+            try:
+                return fn(self, request, context)
+            finally:
+                with lock:
+                    out.write(f"cpu_{name} {t0:.6f} {(time.thread_time() - c0) * 1e3:.3f}\n")
+        return call
+
+    RankingServicer.Rank = cpu_timed("Rank", RankingServicer.Rank)
+    RankingServicer.LogEvents = cpu_timed("LogEvents", RankingServicer.LogEvents)
 
 
 def _redis(workdir: Path):
@@ -127,10 +163,16 @@ def analyse(args) -> None:
         rank = [c for c in calls if c[2] == "Rank" and keep(c[0])]
         print(phase, dict(collections.Counter(c[3] for c in rank)))
         print("  Rank server ms", _pct([c[4] for c in rank if c[3] == "OK"]))
-        for name in ("read", "append"):
+        for name in ("read", "append", "cpu_Rank", "cpu_LogEvents", "gc0", "gc1", "gc2"):
             ms = [float(s[2]) for s in store if s[0] == name and keep(float(s[1]))]
             if ms:
-                print(f"  store {name} ms", _pct(ms))
+                print(f"  {name} ms", _pct(ms), "sum %.0f" % sum(ms))
+        span = [c[0] for c in calls if keep(c[0])]
+        gc2 = [float(s[1]) for s in store if s[0] == "gc2" and keep(float(s[1]))]
+        late = [c for c in rank if c[3] == "RESOURCE_EXHAUSTED"]
+        if span:
+            print("  seconds %.0f; Rank refused within 0.5 s after a gen-2 collection: %d of %d" % (
+                max(span) - min(span), sum(1 for c in late if any(0 <= c[0] - g < 0.5 for g in gc2)), len(late)))
     edges = sorted([(c[0], 1, c[2]) for c in calls] + [(c[1], -1, c[2]) for c in calls])
     now, most = collections.Counter(), collections.Counter()
     for _, step, method in edges:

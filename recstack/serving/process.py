@@ -38,7 +38,8 @@ class ServeOptions:
     """Per-process settings of `serve` (picklable: handed to each spawned worker)."""
 
     threads: int = 4  # Rank calls running at once per process (health and admin calls have threads of their own)
-    max_queue: int | None = None  # Rank calls waiting beyond `threads`; None = 2 x threads
+    max_queue: int | None = None  # hard cap on Rank calls waiting beyond `threads`; None = 16 x threads
+    max_queue_wait_s: float | None = 1.0  # refuse a Rank whose estimated queue wait is longer; None = the deadline only
     ingest_threads: int = 2  # LogEvents calls writing to the feature store at once (threads apart from Rank's)
     ingest_queue: int | None = None  # LogEvents calls waiting beyond `ingest_threads`; None = 3 x ingest_threads
     onnx_threads: int = 1  # intra-op threads per ONNX session (bounded: workers x threads x this <= cores is sane)
@@ -221,7 +222,7 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
         live = _open_live(artifacts, opts)
         server, bound, servicer = create_server(
             artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
-            ingest_threads=opts.ingest_threads, max_ingest_queue=opts.ingest_queue,
+            max_queue_wait_s=opts.max_queue_wait_s, ingest_threads=opts.ingest_threads, max_ingest_queue=opts.ingest_queue,
             reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
             max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port,
             bundle_key=opts.bundle_key.encode() if opts.bundle_key else None, live=live,

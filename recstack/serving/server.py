@@ -5,9 +5,10 @@
 The process around it (`serve`: workers, signals, drain, logging) is `recstack.serving.process`.
 
 Status codes: INVALID_ARGUMENT (bad or unparsable request; the message names the field),
-UNAVAILABLE (no model loaded yet; LogEvents: the feature store fails), RESOURCE_EXHAUSTED (more
-than `max_workers + max_queue` Rank calls in flight, or LogEvents over its own bound: refused at
-once rather than queued without bound; or a message over `max_message_bytes`), DEADLINE_EXCEEDED
+UNAVAILABLE (no model loaded yet; LogEvents: the feature store fails), RESOURCE_EXHAUSTED (a Rank
+call whose estimated queue wait does not fit its deadline or the max queue wait, or over the hard
+cap of `max_workers + max_queue` in flight, or LogEvents over its own bound: refused at once rather
+than queued to miss its deadline; or a message over `max_message_bytes`), DEADLINE_EXCEEDED
 (the deadline passed before a stage or a model: later ones are skipped), CANCELLED (the caller left),
 FAILED_PRECONDITION (Reload of a bundle that fails to load; the old model keeps serving),
 UNAUTHENTICATED / PERMISSION_DENIED (ModelService without / with a wrong admin token), INTERNAL
@@ -53,7 +54,7 @@ from recstack.serving.admission import HealthServicer, IngestAdmission, RankAdmi
 from recstack.serving.cascade import Cascade, DeadlineExceeded
 from recstack.serving.events import LivePath
 from recstack.serving.messages import Abort, Malformed, parser, response_from_ranking
-from recstack.serving.memory import trim_heap
+from recstack.serving.memory import HeapFreezer, trim_heap
 from recstack.serving.prometheus import ServingMetrics
 from recstack.serving.scoring import log_user_key, response_from_scores, score_candidates
 from recstack.serving.store import StoreUnavailable
@@ -125,6 +126,7 @@ class RankingServicer:
         self.last_load_error = ""
         self.draining = False
         self._reload_lock = threading.Lock()  # one load at a time; serving never waits on it
+        self.heap = HeapFreezer()  # a loaded model stays out of the collector's full collections
 
     # -- model lifecycle --------------------------------------------------------------------
 
@@ -164,11 +166,16 @@ class RankingServicer:
             self.live.seed(cascade)
         previous = old.version if old is not None else None
         if old is not None:
-            # the heap is trimmed when the previous model is freed: at once, or when the last
-            # call still running on it ends
+            # the heap is trimmed, and frozen again, when the previous model is freed: at once,
+            # or when the last call still running on it ends
+            self.heap.thaw()
             weakref.finalize(old, trim_heap)
+            weakref.finalize(old, self.heap.mark_due)
             del old
             gc.collect()
+        else:
+            self.heap.mark_due()
+        self.heap.freeze_if_due()
         self.metrics.reloads.labels("ok").inc()
         self.metrics.set_version(cascade.version)
         if not self.draining:
@@ -246,6 +253,7 @@ class RankingServicer:
             log.exception("%s failed (request id %s)", method, rid)
         finally:
             extra.pop("on_sent", None)  # not sent: nothing to do after it
+            self.heap.freeze_if_due()  # after a reload whose previous model was freed since
             gauge.dec()
             seconds = time.perf_counter() - t0
             self.metrics.count(method, code.name, seconds)
@@ -273,9 +281,9 @@ class RankingServicer:
         once the call is admitted but before it takes a running slot, and `work(time_remaining,
         before())` follows: slots bound the work that needs the CPU, not waits on I/O."""
         admission = admission or self.admission
-        if not admission.admit():
-            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                         f"overloaded: {admission.limit} {what} calls in flight; retry with backoff")
+        refused = admission.try_admit(context.time_remaining())  # "" = admitted
+        if refused:
+            raise Abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"overloaded: {what}: {refused}; retry with backoff")
         try:
             if before is not None:
                 prepared = before()
@@ -283,10 +291,11 @@ class RankingServicer:
             remaining = lambda: 0.0 if not context.is_active() else context.time_remaining()  # noqa: E731
             if not admission.acquire(remaining):
                 raise DeadlineExceeded("deadline exceeded while the call was queued")
+            started = admission.clock()
             try:
                 return work(remaining)
             finally:
-                admission.release()
+                admission.release(admission.clock() - started)
         finally:
             admission.leave()
 
@@ -400,6 +409,7 @@ def create_server(
     cascade_options: dict | None = None,
     ingest_threads: int = 2,
     max_ingest_queue: int | None = None,
+    max_queue_wait_s: float | None = 1.0,
 ) -> tuple[grpc.Server, int, RankingServicer]:
     """Build and start a server with NO model: health NOT_SERVING, Rank UNAVAILABLE, until
     `servicer.load(...)` has verified and warmed one. With `load_first`, the bundle is loaded
@@ -408,9 +418,9 @@ def create_server(
     artifacts = Path(artifacts)
     root = artifacts if (artifacts / B.CURRENT).is_file() else artifacts.resolve().parent
     limits = limits or ServingLimits()
-    if max_concurrent_rpcs is None:  # the bound on Rank's queue: beyond it RESOURCE_EXHAUSTED at once
-        max_concurrent_rpcs = max_workers + (max_queue if max_queue is not None else 2 * max_workers)
-    admission = RankAdmission(min(max_workers, max_concurrent_rpcs), max_concurrent_rpcs)
+    if max_concurrent_rpcs is None:  # Rank's hard cap: beyond it RESOURCE_EXHAUSTED at once, whatever the deadline
+        max_concurrent_rpcs = max_workers + (max_queue if max_queue is not None else 16 * max_workers)
+    admission = RankAdmission(min(max_workers, max_concurrent_rpcs), max_concurrent_rpcs, max_wait_s=max_queue_wait_s)
     ingest = IngestAdmission(ingest_threads, ingest_threads + (3 * ingest_threads if max_ingest_queue is None
                                                                else max_ingest_queue))
     options = [
@@ -465,7 +475,10 @@ def build_server(
     port, servicer).
 
     Keyword arguments (all optional): `max_queue` calls waiting beyond the `max_workers`
-    running ones (default 2 x max_workers; `max_concurrent_rpcs` sets the total directly),
+    running ones at most (a hard cap, default 16 x max_workers; `max_concurrent_rpcs` sets the
+    total directly); below it a Rank call is refused when its estimated queue wait is over
+    `max_queue_wait_s` (default 1 s; None: no bound but the deadline) or, with its service,
+    over its remaining deadline (recstack.serving.admission.RankAdmission),
     `limits` (ServingLimits), `onnx_threads` (intra-op threads per ONNX session), `reuse_port`,
     `admin_token` (enables ModelService), `tls` (TLSConfig), `reflection_enabled`,
     `max_message_bytes` (largest request accepted), `metrics` (ServingMetrics), `worker`,

@@ -227,6 +227,31 @@ def test_a_reload_frees_the_previous_model_and_trims_the_heap_once_its_last_call
             gc.collect()
             time.sleep(0.01)
         assert trims == [1] and old() is None and servicer.cascade.version == "v2"
+        assert servicer.heap.due  # thawed at the reload (the old model's cycles were collectable) ...
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            assert pb_grpc.RankingServiceStub(ch).Rank(client.make_request(1, 5), timeout=30).model_version == "v2"
+        assert not servicer.heap.due and gc.get_freeze_count() > 0  # ... and frozen again by the next call
     finally:
         release.set()
+        server.stop(None)
+
+
+def test_a_loaded_model_is_kept_out_of_full_collections_and_new_cycles_are_still_collected(versions):
+    server, port, servicer = build_server(versions, max_workers=1)
+    try:
+        assert not servicer.heap.due and gc.get_freeze_count() > 0  # the model is in the permanent generation
+        frozen = gc.get_freeze_count()
+        servicer.reload("v2")  # nothing runs on v1: it is freed and the heap frozen again at once
+        assert not servicer.heap.due and servicer.cascade.version == "v2" and gc.get_freeze_count() > 0
+
+        class Node:
+            pass
+
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle made after the freeze
+        gone = weakref.ref(a)
+        del a, b
+        gc.collect()
+        assert gone() is None and gc.get_freeze_count() <= 2 * frozen
+    finally:
         server.stop(None)
