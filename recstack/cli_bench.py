@@ -143,7 +143,8 @@ RUNNERS["mixed"] = _mixed
 
 def cmd_bench(args) -> int:
     for name in ("queries", "timed", "k", "users", "steps", "repeats", "gmv_users", "items", "nlist", "nprobe"):
-        if (getattr(args, name, 1) or 1) < 1:  # None: the default for the corpus
+        value = getattr(args, name, 1)
+        if value is not None and value < 1:  # None: the default for the corpus
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     out = args.out or args.bench_out
     out = Path(out) if out else fresh_dir(args.what)
