@@ -6,10 +6,13 @@ imports pymilvus only when a `milvus://` URI selects it.
     backend = open_backend(bundle, n_items, "faiss")             # the bundle's index.faiss, in process
     backend = open_backend(bundle, n_items, "milvus://host:19530/items")
     ids = backend.search(queries, k, timeout_s=0.02)              # (Q, D) float32 -> (Q, k) int64, -1 padded
+    ids = backend.search(queries, [k, s, s], timeout_s=0.02)      # a k per row -> (Q, max k), each row -1 padded past its own
 
 Both candidate sources go through one `search` call: row 0 of `queries` is the user vector
-(ANN), the rest are the item-to-item seeds' vectors, all asked for the same k (the larger of
-the two sources' needs; the cascade keeps each seed's first few).
+(ANN, asked for the request's k), the rest are the item-to-item seeds' vectors, each asked only
+for its own share. A backend answers rows with different k as it can do best: FAISS in one
+search per distinct k (an IVF search's cost grows with k: its result heaps), a remote engine in
+one call for the largest k.
 
 A backend that cannot answer (unreachable, or slower than the timeout it was given) raises
 RetrievalUnavailable; the cascade then serves popularity candidates and flags the response
@@ -19,7 +22,7 @@ BundleError, like a bad bundle file.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, Sequence
 from urllib.parse import urlsplit
 
 import faiss
@@ -33,6 +36,19 @@ FAISS = "faiss"
 MILVUS_SCHEME = "milvus"
 
 
+def row_ks(k: int | Sequence[int], n_rows: int) -> np.ndarray:
+    """A search's k, one for all rows or one per row -> (n_rows,) int64; raises ValueError naming
+    the problem (a wrong count, a negative k)."""
+    ks = np.asarray(k, dtype=np.int64)
+    if ks.ndim == 0:
+        ks = np.full(n_rows, int(ks), np.int64)
+    if ks.shape != (n_rows,):
+        raise ValueError(f"search k: expected one k or {n_rows} (one per query row), got shape {ks.shape}")
+    if (ks < 0).any():
+        raise ValueError(f"search k: must be >= 0, got {ks.min()}")
+    return ks
+
+
 class RetrievalUnavailable(RuntimeError):
     """The retrieval backend did not answer (down, unreachable, or past its timeout)."""
 
@@ -43,9 +59,10 @@ class RetrievalBackend(Protocol):
     name: str  # "faiss" or "milvus", for logs, metrics and the benchmark
     dim: int
 
-    def search(self, queries: np.ndarray, k: int, timeout_s: float | None = None) -> np.ndarray:
-        """queries (Q, D) float32 -> (Q, k) int64 item ids, best first, -1 where fewer were found.
-        Raises RetrievalUnavailable when the answer cannot come within timeout_s (None: no bound)."""
+    def search(self, queries: np.ndarray, k: int | Sequence[int], timeout_s: float | None = None) -> np.ndarray:
+        """queries (Q, D) float32, k one for all rows or one per row -> (Q, max k) int64 item ids,
+        best first, -1 where fewer were found and past a row's own k. Raises RetrievalUnavailable
+        when the answer cannot come within timeout_s (None: no bound)."""
 
     def close(self) -> None:
         """Release connections; the backend is not used afterwards."""
@@ -80,9 +97,17 @@ class FaissBackend:
                     continue
                 self.search_params[key] = int(meta[key])
 
-    def search(self, queries: np.ndarray, k: int, timeout_s: float | None = None) -> np.ndarray:
-        _, ids = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)  # (Q, k)
-        return ids
+    def search(self, queries: np.ndarray, k: int | Sequence[int], timeout_s: float | None = None) -> np.ndarray:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        ks = row_ks(k, len(queries))
+        top = int(ks.max(initial=0))
+        if (ks == top).all():
+            return self.index.search(queries, top)[1]  # (Q, k)
+        out = np.full((len(queries), top), -1, np.int64)
+        for each in np.unique(ks[ks > 0]):  # one search per distinct k: the seeds' rows share theirs
+            rows = np.flatnonzero(ks == each)
+            out[rows, :each] = self.index.search(queries[rows], int(each))[1]
+        return out
 
     def close(self) -> None:
         pass

@@ -17,12 +17,13 @@ a reload, each from its own collection. Old versions are dropped by the operator
 from __future__ import annotations
 
 import json
+from typing import Sequence
 
 import numpy as np
 from pymilvus import DataType, MilvusClient
 
 from recstack.bundle import BundleError
-from recstack.serving.candidates import MILVUS_SCHEME, RetrievalUnavailable
+from recstack.serving.candidates import MILVUS_SCHEME, RetrievalUnavailable, row_ks
 
 ID_FIELD = "item_id"
 VECTOR_FIELD = "emb"
@@ -139,21 +140,24 @@ class MilvusBackend:
             index_type = str(client.describe_index(name, index).get("index_type", ""))
         return cls(client, name, dim, n_items, timeout_s, index_type)
 
-    def search(self, queries: np.ndarray, k: int, timeout_s: float | None = None) -> np.ndarray:
-        """queries (Q, D) float32 -> (Q, k) int64, -1 padded; one remote call for all the rows,
-        bounded by timeout_s (None: this backend's default timeout)."""
+    def search(self, queries: np.ndarray, k: int | Sequence[int], timeout_s: float | None = None) -> np.ndarray:
+        """queries (Q, D) float32, k one for all rows or one per row -> (Q, max k) int64, -1 padded
+        (also past a row's own k); one remote call for all the rows at the largest k (one round
+        trip), bounded by timeout_s (None: this backend's default timeout)."""
         timeout = self.timeout_s if timeout_s is None else timeout_s
         if timeout <= 0:
             raise RetrievalUnavailable("milvus search: no time left for the remote call")
-        limit = min(k, MAX_LIMIT, self.n_items)
+        ks = row_ks(k, len(queries))
+        top = int(ks.max(initial=0))
+        limit = min(top, MAX_LIMIT, self.n_items)
         try:
             hits = self.client.search(self.collection, data=np.asarray(queries, np.float32).tolist(), limit=limit,
                                       anns_field=VECTOR_FIELD, search_params=self.search_params, timeout=timeout)
         except Exception as e:  # a timeout, a refused connection, a server error: the search did not happen
             raise RetrievalUnavailable(f"milvus search: {type(e).__name__}: {str(e)[:200]}") from e
-        out = np.full((len(queries), k), -1, np.int64)
+        out = np.full((len(queries), top), -1, np.int64)
         for row, found in enumerate(hits):
-            ids = list(found.ids)[:k]  # the primary keys (item ids), best first
+            ids = list(found.ids)[:ks[row]]  # the primary keys (item ids), best first
             out[row, :len(ids)] = ids
         return out
 

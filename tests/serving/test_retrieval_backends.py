@@ -1,4 +1,4 @@
-"""The retrieval backend interface: the FAISS backend's one batched search, the Milvus
+"""The retrieval backend interface: the FAISS backend's one batched search (a k per row), the Milvus
 backend's versioned collection (refused at load on any mismatch), the request deadline
 bounding the remote call, and the degraded answer (popularity, flagged, counted) when the
 backend is down — through a real gRPC channel, never an error status."""
@@ -64,8 +64,29 @@ def test_faiss_searches_ann_and_i2i_rows_in_one_call(bundle):
 
     cas.retrieval.search = spy
     res = cas.rank(_q(items=(5, 17, 40)))
-    assert calls == [((3, cas.retrieval.dim), 100)]  # the user vector and both seeds: one search
+    # the user vector (k = 100) and both seeds, each asked for its share: ceil(2 * 30 / 2) + 1
+    assert calls == [((3, cas.retrieval.dim), [100, 31, 31])]
     assert {"ann", "i2i"} <= set(res.sources) and not res.degraded_retrieval
+
+
+def test_a_k_per_row_answers_as_the_largest_k_cut_per_row(bundle):
+    """Asking each row only for its own k changes no answer: each row's ids are the first k of
+    the search for the largest k, -1 past them; a wrong count or a negative k is refused."""
+    backend = Cascade.load(bundle).retrieval
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(4, backend.dim)).astype(np.float32)
+    ks = [100, 31, 31, 0]
+    got = backend.search(queries, ks)
+    full = backend.index.search(queries, 100)[1]
+    assert got.shape == (4, 100)
+    for row, k in enumerate(ks):
+        np.testing.assert_array_equal(got[row, :k], full[row, :k])
+        assert (got[row, k:] == -1).all()
+    np.testing.assert_array_equal(backend.search(queries, 100), full)
+    with pytest.raises(ValueError, match="one per query row"):
+        backend.search(queries, [100, 31])
+    with pytest.raises(ValueError, match="must be >= 0"):
+        backend.search(queries, [100, 31, -1, 2])
 
 
 def test_the_batched_search_answers_as_one_search_per_row(bundle):
@@ -76,13 +97,18 @@ def test_the_batched_search_answers_as_one_search_per_row(bundle):
     index = cas.retrieval.index
 
     def one_call_per_row(queries, k, timeout_s=None):
-        return np.concatenate([index.search(np.ascontiguousarray(row[None], np.float32), k)[1] for row in queries])
+        ks = np.broadcast_to(np.asarray(k), (len(queries),))
+        out = np.full((len(queries), int(ks.max())), -1, np.int64)
+        for i, (row, kk) in enumerate(zip(queries, ks)):
+            out[i, :kk] = index.search(np.ascontiguousarray(row[None], np.float32), int(kk))[1]
+        return out
 
     for q in (_q(items=(5, 17, 40)), _q(items=(3,), r=400), _q(items=())):
         seq_items, _, _ = cas.sequence(q)
         queries = np.concatenate([np.ones((1, cas.retrieval.dim), np.float32),
                                   np.asarray(cas.item_emb[cas.recent_items(seq_items)], np.float32)])
-        np.testing.assert_array_equal(batched(queries, q.retrieval_size), one_call_per_row(queries, q.retrieval_size))
+        ks = [q.retrieval_size] + [7] * (len(queries) - 1)
+        np.testing.assert_array_equal(batched(queries, ks), one_call_per_row(queries, ks))
         a = cas.rank(q)
         cas.retrieval.search = one_call_per_row
         try:
