@@ -268,6 +268,37 @@ def test_int8_graph_is_dropped_when_it_moves_auc_or_calibration(exported, tiny_r
     assert "ctr AUC moved by" in meta["reason"] and "cvr calibration moved by" in meta["reason"]
 
 
+def test_a_failing_model_keeps_its_input_layer_in_float32_for_a_second_try(exported, tiny_run, tmp_path, monkeypatch):
+    """When the first int8 graph moves the CVR model past a bound, the second quantises
+    everything but the CVR input layer (still a float MatMul in the graph) and is kept when it
+    passes; the meta names the float32 layer and both attempts."""
+    import onnx
+
+    out, _ = exported
+    real = fexport._int8_quality
+    calls = []
+
+    def first_cvr_fails(int8_path, ref, pops, labels):
+        meta, failures = real(int8_path, ref, pops, labels)
+        calls.append(int8_path)
+        return meta, ({"cvr": ["cvr calibration moved by +0.9000% (bound 0.5%)"]} if len(calls) == 1 else {})
+
+    monkeypatch.setattr(fexport, "_int8_quality", first_cvr_fails)
+    data = load(tiny_run["data"])
+    day = ftrain.materialise(data.examples(data.test_day))
+    pops, labels = {"ctr": day, "cvr": ftrain.clicked(day)}, {"ctr": "click", "cvr": "purchase"}
+    ref = fexport._quality(out / "ranker.onnx", pops, labels)
+    meta = fexport.quantise_int8(out / "ranker.onnx", tmp_path / "q.onnx", ref, pops, labels)
+    layer = fexport.input_layer(out / "ranker.onnx", "cvr")
+    assert layer and "/cvr/" in layer and len(calls) == 2
+    assert meta["kept"] and meta["fp32_nodes"] == [layer] and layer in meta["reason"]
+    assert [a["fp32_nodes"] for a in meta["attempts"]] == [[], [layer]] and "cvr calibration" in meta["attempts"][0]["failed"]
+    ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
+    assert ops[layer] in ("MatMul", "Gemm")  # float32, as in the source graph
+    ctr_layer = fexport.input_layer(out / "ranker.onnx", "ctr")
+    assert ctr_layer not in ops  # quantised: replaced by its integer form
+
+
 def test_int8_check_of_a_zero_calibration_fails_with_a_reason(exported, tiny_run, tmp_path):
     """A float32 reference whose calibration is 0 (it predicts 0 everywhere): the relative shift
     is infinite, so the int8 graph is refused with a reason, not a ZeroDivisionError."""
