@@ -6,19 +6,18 @@ over the last `last_days` days, paired over seeds against the baseline (same see
 Each (task, method, seed) run is cached as JSON under `out/cache/`, so an interrupted
 experiment resumes where it stopped and more seeds can be added later; each cached run carries
 the key of its world and Config (`run_key`), and a cached run of another world or Config is
-refused, never reused. Without `stream_lrs`
-every method runs at the config's LR (`*_lr`), LR x2 at twice it; with it, each row first
-chooses its LR (and aux-loss weight) on the validation window (fine_rank.experiments.
-stream_sweep) and the test window is reported with that choice. Rows with a validation grid of
-their own (a setting chosen per run) are not run here.
+refused, never reused. Without `stream_lrs` every method runs at the config's LR (`*_lr`),
+LR x2 at twice it; with it, each row first chooses its LR (and aux-loss weight) on the
+validation window (fine_rank.experiments.stream_sweep) and the test window is reported with
+that choice. Rows with a validation grid of their own (a setting chosen per run) are not run here.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import multiprocessing as mp
-from dataclasses import asdict
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
