@@ -4,17 +4,20 @@ streaming=true`): every method trains through the world's days one pass per day,
 over the last `last_days` days, paired over seeds against the baseline (same seed, same days).
 
 Each (task, method, seed) run is cached as JSON under `out/cache/`, so an interrupted
-experiment resumes where it stopped and more seeds can be added later. Without `stream_lrs`
-every method runs at the config's LR (`*_lr`), LR x2 at twice it; with it, each row first
-chooses its LR (and aux-loss weight) on the validation window (fine_rank.experiments.
-stream_sweep) and the test window is reported with that choice. Rows with a validation grid of
-their own (a setting chosen per run) are not run here.
+experiment resumes where it stopped and more seeds can be added later; each cached run carries
+the key of its world and Config (`run_key`), and a cached run of another world or Config is
+refused, never reused. Without `stream_lrs` every method runs at the config's LR (`*_lr`),
+LR x2 at twice it; with it, each row first chooses its LR (and aux-loss weight) on the
+validation window (fine_rank.experiments.stream_sweep) and the test window is reported with
+that choice. Rows with a validation grid of their own (a setting chosen per run) are not run here.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import multiprocessing as mp
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable
 
@@ -51,15 +54,36 @@ def _config(method: Method, base: T.Config, setting: W.Setting | None = None) ->
     return cfg
 
 
+def run_key(world: dict, cfg: T.Config, rows: str) -> str:
+    """The key of a streamed run's inputs besides the seed (which its file name carries): the
+    world (world.json without its timings) and the row's whole Config. (The code is not in it.)"""
+    w = {k: v for k, v in world.items() if k != "timings_s"}
+    text = json.dumps({"world": w, "config": asdict(cfg), "rows": rows}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _cached(path: str, key: str) -> dict | None:
+    """The cached run at `path` if it was made from the same world and Config; None if absent."""
+    if not Path(path).exists():
+        return None
+    res = json.loads(Path(path).read_text())
+    if res.get("key") != key:
+        raise ValueError(f"cache {path}: key {res.get('key')!r} is not this run's {key!r} (another world or "
+                         f"Config); remove it or use another --out")
+    return res
+
+
 def _job(args: tuple) -> dict:
     method, cfg, seed, path = args
     torch.set_num_threads(1)
-    if Path(path).exists():
-        return json.loads(Path(path).read_text())
+    key = run_key(_DATA["world"], cfg, method.rows)
+    found = _cached(path, key)
+    if found is not None:
+        return found
     t0 = time.perf_counter()
     curve = S.fit_stream(method.task, cfg, _DATA["vocab"], _DATA[method.task], seed,
                          aggregates=_DATA["agg"], rows=method.rows)
-    res = {"method": method.name, "task": method.task, "seed": seed, "wall_s": time.perf_counter() - t0,
+    res = {"method": method.name, "task": method.task, "seed": seed, "key": key, "wall_s": time.perf_counter() - t0,
            "lr": getattr(cfg, f"{method.task}_lr"), "aux_weight": cfg.sead_weight,
            "curve": [{k: v for k, v in c.items() if k != "train"} | {"steps": c["train"]["steps"]} for c in curve]}
     tmp = Path(path).with_suffix(".tmp")
@@ -150,7 +174,7 @@ def run(plan: FinePlan, data_dir, out: Path, base: T.Config, log: Callable[[str]
         raise ValueError(f"streaming needs a world of >= 4 days (simulate with --set n_days=...), got {data.n_days}")
     rows = stream_rows(plan)
     _DATA.clear()
-    _DATA.update({"vocab": data.vocab, "agg": S.day_aggregates(data), **{t: S.day_tables(data, t) for t in rows}})
+    _DATA.update({"world": data.world, "vocab": data.vocab, "agg": S.day_aggregates(data), **{t: S.day_tables(data, t) for t in rows}})
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     chosen, sweep = {}, None
@@ -178,8 +202,12 @@ def run(plan: FinePlan, data_dir, out: Path, base: T.Config, log: Callable[[str]
             if (task, n) in chosen:
                 e["chosen"] = chosen[(task, n)].record()
         eval_days = [c["eval_day"] for c in next(iter(by.values()))[0]["curve"]]
-        results["tasks"][task] = {"methods": tab, "eval_days": eval_days, "notes": {m.name: m.note for m in ms}}
-        sections += _section(plan, task, tab, eval_days, out, {m.name: m.note for m in ms})
+        found = {"methods": tab, "eval_days": eval_days, "notes": {m.name: m.note for m in ms},
+                 "label_noise": label_noise(task, _DATA[task], eval_days[-plan.last_days:])}
+        if "sead_max" in tab and "sead_min" in tab:
+            found["sead_max_minus_min"] = X.paired_diff(tab["sead_max"]["auc_per_seed"], tab["sead_min"]["auc_per_seed"])
+        results["tasks"][task] = found
+        sections += _section(plan, task, tab, eval_days, out, {m.name: m.note for m in ms}) + _notes(found)
     if sweep is not None:
         sections += W.section(sweep)
     return results, sections
@@ -205,6 +233,29 @@ def _section(plan: FinePlan, task: str, tab: dict, eval_days: list, out: Path, n
             for n, e in tab.items()]
     return [f"## {plan.experiment} — {task.upper()}, streaming (one pass per day, warm start, next-day AUC)\n",
             R.markdown_table(header, body), "", "Plots: " + ", ".join(f"`{f}`" for f in files), ""]
+
+
+def label_noise(task: str, days: dict[int, dict[str, np.ndarray]], test_days: list[int]) -> dict:
+    """The test window's labels against the simulator's true probabilities: their sum over the
+    true sum, and the relative standard error of the label sum (sqrt(sum p(1 - p)) / sum p), how
+    far the label mean strays from the true mean by sampling alone. A model calibrated to the
+    truth reads 1 / label_over_truth against the labels."""
+    lab, col = ("click", "true_pctr") if task == "ctr" else ("purchase", "true_pcvr")
+    y = np.concatenate([days[d][lab] for d in test_days]).astype(np.float64)
+    p = np.concatenate([days[d][col] for d in test_days]).astype(np.float64)
+    return {"days": [int(d) for d in test_days], "labels": int(y.sum()), "expected": float(p.sum()),
+            "label_over_truth": float(y.sum() / p.sum()), "rel_se": float(np.sqrt(np.sum(p * (1 - p))) / p.sum())}
+
+
+def _notes(found: dict) -> list[str]:
+    """The lines under a task's table: the test window's label noise, SEAD (max) - SEAD (min)."""
+    n = found["label_noise"]
+    out = [f"Test window (scored days {n['days']}): {n['labels']} positives; label mean / true-probability mean "
+           f"{n['label_over_truth']:.4f}, relative standard error of the label mean {n['rel_se']:.2%}: a model "
+           f"calibrated to the truth reads {1 / n['label_over_truth']:.4f} against the labels.", ""]
+    if "sead_max_minus_min" in found:
+        out += [f"SEAD (max) − SEAD (min), paired over seeds: {R.fmt_ci(found['sead_max_minus_min'])}.", ""]
+    return out
 
 
 def _chosen(e: dict) -> str:

@@ -112,20 +112,31 @@ def test_signal_teacher_shares_nothing_with_the_student():
 
 
 def test_streaming_experiments_write_reports_and_resume_from_the_cache(world4, tmp_path):
-    over = ("streaming=true", "last_days=2", "ctr_methods=sead_max,ogl,lr2x", "cvr_methods=sead_max,dtl")
+    over = ("streaming=true", "last_days=2", "ctr_methods=sead_max,sead_min,ogl,lr2x", "cvr_methods=sead_max,dtl")
     res = run_experiment("sead", world4, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over, log=lambda s: None)
     ctr = res["tasks"]["ctr"]["methods"]
-    assert set(ctr) == {"baseline", "sead_max", "ogl", "lr2x"} and set(res["tasks"]["cvr"]["methods"]) == {"baseline", "sead_max", "dtl"}
+    assert set(ctr) == {"baseline", "sead_max", "sead_min", "ogl", "lr2x"}
+    assert set(res["tasks"]["cvr"]["methods"]) == {"baseline", "sead_max", "dtl"}
+    # SEAD (max) - SEAD (min) is paired per seed; the table without sead_min has none
+    gap = res["tasks"]["ctr"]["sead_max_minus_min"]
+    assert gap["n"] == 2 and gap["mean"] == pytest.approx(np.mean(ctr["sead_max"]["auc_per_seed"]) - np.mean(ctr["sead_min"]["auc_per_seed"]))
+    assert "sead_max_minus_min" not in res["tasks"]["cvr"]
+    assert res["tasks"]["cvr"]["label_noise"]["days"] == [3, 4]
     assert res["tasks"]["ctr"]["eval_days"] == [2, 3, 4] and len(ctr["baseline"]["curve"]) == 3
     assert ctr["baseline"]["delta_vs_baseline"]["mean"] == 0.0 and ctr["ogl"]["delta_vs_baseline"]["n"] == 2
     assert ctr["ogl"]["per_seed_differs_from_baseline"]
     report = (tmp_path / "sead" / "report.md").read_text()
     assert "streaming" in report and (tmp_path / "sead" / "sead_ctr_stream_daily_delta.png").exists()
-    cached = sorted(p.name for p in (tmp_path / "sead" / "cache").iterdir())
-    assert len(cached) == 2 * (4 + 3)
+    assert "SEAD (max) − SEAD (min), paired over seeds" in report and "relative standard error of the label mean" in report
+    cached = sorted((tmp_path / "sead" / "cache").iterdir())
+    assert len(cached) == 2 * (5 + 3)
     # a second run reads every run from the cache: the same numbers
     again = run_experiment("sead", world4, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over, log=lambda s: None)
     assert json.dumps(again["tasks"], sort_keys=True) == json.dumps(res["tasks"], sort_keys=True)
+    # a cached run of another Config is refused, never reused (here: other tower widths)
+    with pytest.raises(ValueError, match=r"cache .*\(another world or Config\); remove it or use another --out"):
+        run_experiment("sead", world4, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over + ("cvr_emb_dim=8",),
+                       log=lambda s: None)
     sig = run_experiment("signal-loss", world4, tmp_path / "sig", seeds=(1, 2), quick=True,
                          overrides=("streaming=true", "last_days=2"), log=lambda s: None)
     e = sig["tasks"]["cvr"]["methods"]
@@ -134,3 +145,27 @@ def test_streaming_experiments_write_reports_and_resume_from_the_cache(world4, t
     with pytest.raises(ConfigError, match="streaming=true runs the sead and signal-loss experiments"):
         run_experiment("cvr", world4, tmp_path / "cvr", seeds=(1, 2), quick=True, overrides=("streaming=true",),
                        log=lambda s: None)
+
+
+def test_the_run_key_names_the_world_and_the_config_but_not_the_world_timings():
+    from fine_rank.experiments.streaming import run_key
+
+    world = {"preset": "tiny", "seed": 0, "n_days": 4, "timings_s": {"total": 1.0}}
+    cfg = ftrain.Config(**SMALL)
+    key = run_key(world, cfg, "all")
+    assert key == run_key({**world, "timings_s": {"total": 9.0}}, cfg, "all")  # the same world, simulated again
+    assert key != run_key({**world, "seed": 1}, cfg, "all")
+    assert key != run_key(world, apply_overrides(cfg, ["cvr_lr=0.004"]), "all")
+    assert key != run_key(world, cfg, "consented")
+
+
+def test_label_noise_is_the_label_sum_over_the_true_sum_and_its_standard_error():
+    from fine_rank.experiments.streaming import label_noise
+
+    p = np.full(100, 0.2, dtype=np.float32)
+    days = {d: {"purchase": np.arange(100) < k, "true_pcvr": p} for d, k in ((1, 50), (2, 18), (3, 22))}
+    n = label_noise("cvr", days, [2, 3])
+    # 40 purchases where 40 were expected; sqrt(200 * 0.2 * 0.8) / 40 = 0.1414
+    assert n["labels"] == 40 and n["expected"] == pytest.approx(40.0) and n["label_over_truth"] == pytest.approx(1.0)
+    assert n["rel_se"] == pytest.approx(np.sqrt(200 * 0.16) / 40) and n["days"] == [2, 3]
+    assert label_noise("cvr", days, [2])["label_over_truth"] == pytest.approx(0.9)
