@@ -28,8 +28,10 @@ def _control(r: Runner, plan: CoarsePlan, seeds, chosen: dict) -> dict:
     cm = [m for m in plan.control_methods if m in chosen]
     cfits = iter(cr.many([("test", None, dict(ROWS[m], **chosen[m], seed=s)) for m in cm for s in seeds]))
     cruns = {m: [next(cfits) for _ in seeds] for m in cm}
+    methods = summary(cruns)  # no Δ to the baseline unless it is among control_methods
     return {"data_dir": str(Path(plan.control_data).resolve()), "lrs": "selected on the main world",
-            "world": cdata.world.get("config", {}), "methods": summary(cruns), "ceiling_auc": ceiling(cruns)}
+            "world": cdata.world.get("config", {}), "methods": methods, "ceiling_auc": ceiling(cruns),
+            "contrasts": contrasts(methods)}
 
 
 def _plots(out: Path, methods: dict, fr: list, base_curve: list, buckets: dict) -> None:
@@ -159,7 +161,9 @@ def body(res: dict) -> list[str]:
                 R.markdown_table(["method", "student AUC", "teacher AUC", "Δ vs baseline [95% CI]"],
                                  [[n, R.fmt_mean_std(m["student_auc"]),
                                    f"{m['teacher_auc']['mean']:.4f}" if m["teacher_auc"]["mean"] is not None else "—",
-                                   R.fmt_ci(m["delta_vs_baseline"]) if n != "baseline" else "—"] for n, m in c["methods"].items()]), ""]
+                                   R.fmt_ci(m["delta_vs_baseline"]) if n != "baseline" and m["delta_vs_baseline"] else "—"]
+                                  for n, m in c["methods"].items()]), ""]
+        out += _contrasts_section(c, "Control: paired contrasts (same seeds)")
     out += _contrasts_section(res) + _data_axis_section(res)
     out += ["## Validation curves (student AUC on the whole validation day, mean ± sd over the selection seeds)", "",
             R.markdown_table(["method", "AUC by candidate", "chosen"],
@@ -175,10 +179,10 @@ def _curve(curve: dict) -> str:
     return ", ".join(f"{k}: {v['mean']:.4f} ± {v['std']:.4f}" if isinstance(v, dict) else f"{k}: {v}" for k, v in curve.items())
 
 
-def _contrasts_section(res: dict) -> list[str]:
+def _contrasts_section(res: dict, title: str = "Paired contrasts (same seeds)") -> list[str]:
     rows = [[k, R.fmt_ci(c), str(c["n"]), "" if c["enough_seeds"] else f"PARTIAL (< {MIN_CONTRAST_SEEDS} seeds)"]
             for k, c in res["contrasts"].items()]
-    return ["## Paired contrasts (same seeds)", "", R.markdown_table(["contrast", "Δ AUC [95% CI]", "seeds", ""], rows), ""]
+    return [f"## {title}", "", R.markdown_table(["contrast", "Δ AUC [95% CI]", "seeds", ""], rows), ""]
 
 
 def _data_axis_section(res: dict) -> list[str]:

@@ -127,3 +127,16 @@ def test_every_plan_key_parses_and_bad_values_name_the_key():
                         ("selected_lrs=pfd", "selected_lrs"), ("double=maybe", "double"), ("lrs=-1", "lrs")]:
         with pytest.raises(ConfigError, match=match):
             CoarsePlan.from_cli("coarse", (1, 2, 3), overrides=[item], config=Config)
+
+
+def test_control_world_reports_its_paired_contrasts(tiny_data, tmp_path):
+    # the control's PFD - SD is paired over the same seeds, as on the main world
+    run("coarse", tiny_data, tmp_path, seeds=(1, 2), quick=True,
+        overrides=["methods=baseline,sd,pfd", f"control_data={tiny_data}", "control_methods=sd,pfd",
+                   "fractions=", "data_days="])
+    c = json.loads((tmp_path / "results.json").read_text())["control"]
+    assert set(c["methods"]) == {"sd", "pfd"} and c["methods"]["pfd"]["delta_vs_baseline"] is None
+    want = [a - b for a, b in zip(c["methods"]["pfd"]["per_seed"], c["methods"]["sd"]["per_seed"])]
+    assert set(c["contrasts"]) == {"pfd - sd"} and c["contrasts"]["pfd - sd"]["n"] == 2
+    assert c["contrasts"]["pfd - sd"]["mean"] == pytest.approx(sum(want) / 2)
+    assert "Control: paired contrasts" in (tmp_path / "report.md").read_text()
