@@ -48,6 +48,14 @@ def _plots(out: Path, methods: dict, fr: list, base_curve: list, buckets: dict) 
                                     f"Gain by {kind} frequency (paired, 95% CI)")
 
 
+def _paired_plot(out: Path, paired: dict, control: dict | None) -> None:
+    """paired_seeds.png: each contrast's per-seed differences and 95 % CI, the control world's beside them."""
+    shown = dict(paired)
+    shown.update({f"control: {k}": c for k, c in (control or {}).get("contrasts", {}).items()})
+    if shown:
+        R.plot_paired_seeds(out / "paired_seeds.png", shown, "Paired contrasts per seed (dots) with 95% CI")
+
+
 def _data_axis(r: Runner, plan: CoarsePlan, seeds, chosen: dict) -> tuple[list, list[str]]:
     """Specs of the data axis (each method of `data_methods` on the `data_days` days before the
     test day, at its chosen LR) and notes on the sizes the world cannot hold."""
@@ -76,7 +84,8 @@ def contrasts(methods: dict) -> dict:
     for a, b in CONTRASTS:
         if a in methods and b in methods:
             d = X.paired_diff(methods[a]["per_seed"], methods[b]["per_seed"])
-            out[f"{a} - {b}"] = {**d, "enough_seeds": d["n"] >= MIN_CONTRAST_SEEDS}
+            per_seed = [float(x - y) for x, y in zip(methods[a]["per_seed"], methods[b]["per_seed"])]
+            out[f"{a} - {b}"] = {**d, "enough_seeds": d["n"] >= MIN_CONTRAST_SEEDS, "per_seed": per_seed}
     return out
 
 
@@ -118,7 +127,9 @@ def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
         methods[m]["data_multiplier"] = X.data_equivalent_multiplier(fr, base_curve, methods[m]["student_auc"]["mean"])
     buckets = bucket_deltas(runs)
     _plots(out, methods, fr, base_curve, buckets)
-    return {"methods": methods, "ceiling_auc": ceiling(runs), "contrasts": contrasts(methods), "data_axis": data_axis,
+    paired = contrasts(methods)
+    _paired_plot(out, paired, control)
+    return {"methods": methods, "ceiling_auc": ceiling(runs), "contrasts": paired, "data_axis": data_axis,
             "sample_efficiency": {
                 "fractions": fr, "baseline_auc": {str(f): X.mean_std(curve[f]) for f in fr},
                 "how": "0.25x / 0.5x: a seeded share of the train window's sessions; 2x: the 2 * base_days days before "
@@ -164,7 +175,10 @@ def body(res: dict) -> list[str]:
                                    R.fmt_ci(m["delta_vs_baseline"]) if n != "baseline" and m["delta_vs_baseline"] else "—"]
                                   for n, m in c["methods"].items()]), ""]
         out += _contrasts_section(c, "Control: paired contrasts (same seeds)")
-    out += _contrasts_section(res) + _data_axis_section(res)
+    out += _contrasts_section(res)
+    if res["contrasts"] or (res["control"] or {}).get("contrasts"):
+        out += ["![paired contrasts per seed](paired_seeds.png)", ""]
+    out += _data_axis_section(res)
     out += ["## Validation curves (student AUC on the whole validation day, mean ± sd over the selection seeds)", "",
             R.markdown_table(["method", "AUC by candidate", "chosen"],
                              [[n, _curve(m["validation_curve"]), _label(m["chosen"])] for n, m in methods.items()]), ""]

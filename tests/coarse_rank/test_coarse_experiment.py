@@ -45,6 +45,10 @@ def test_quick_experiment_writes_the_report_files(name, tiny_data, tmp_path):
         assert on_disk["methods"]["baseline_wd"]["chosen"]["weight_decay"] == 1e-4
         assert set(on_disk["contrasts"]) == {"pfd - sd", "pfd_md - md", "pfd - baseline", "pfd_md - baseline"}
         assert not on_disk["contrasts"]["pfd - sd"]["enough_seeds"] and "PARTIAL" in (tmp_path / "report.md").read_text()
+        d = on_disk["contrasts"]["pfd - sd"]
+        pfd, sd = on_disk["methods"]["pfd"]["per_seed"], on_disk["methods"]["sd"]["per_seed"]
+        assert d["per_seed"] == pytest.approx([a - b for a, b in zip(pfd, sd)])
+        assert (tmp_path / "paired_seeds.png").stat().st_size > 0
         assert set(on_disk["data_axis"]["days"]["1"]) == {"baseline", "pfd", "pfd_md"}
         assert on_disk["methods"]["pfd_md"]["teacher_auc"]["mean"] is not None
         assert on_disk["buckets"]["user_id"]["pfd"]["tail"]["delta"]["ci95"]
@@ -140,3 +144,4 @@ def test_control_world_reports_its_paired_contrasts(tiny_data, tmp_path):
     assert set(c["contrasts"]) == {"pfd - sd"} and c["contrasts"]["pfd - sd"]["n"] == 2
     assert c["contrasts"]["pfd - sd"]["mean"] == pytest.approx(sum(want) / 2)
     assert "Control: paired contrasts" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "paired_seeds.png").stat().st_size > 0  # the main world's contrast and the control's
