@@ -28,8 +28,10 @@ def _control(r: Runner, plan: CoarsePlan, seeds, chosen: dict) -> dict:
     cm = [m for m in plan.control_methods if m in chosen]
     cfits = iter(cr.many([("test", None, dict(ROWS[m], **chosen[m], seed=s)) for m in cm for s in seeds]))
     cruns = {m: [next(cfits) for _ in seeds] for m in cm}
+    methods = summary(cruns)  # no Δ to the baseline unless it is among control_methods
     return {"data_dir": str(Path(plan.control_data).resolve()), "lrs": "selected on the main world",
-            "world": cdata.world.get("config", {}), "methods": summary(cruns), "ceiling_auc": ceiling(cruns)}
+            "world": cdata.world.get("config", {}), "methods": methods, "ceiling_auc": ceiling(cruns),
+            "contrasts": contrasts(methods)}
 
 
 def _plots(out: Path, methods: dict, fr: list, base_curve: list, buckets: dict) -> None:
@@ -44,6 +46,14 @@ def _plots(out: Path, methods: dict, fr: list, base_curve: list, buckets: dict) 
         R.plot_grouped_bars_with_ci(out / f"buckets_{kind}.png", others,
                                     {b: [buckets[field][m][b]["delta"] for m in others] for b in BUCKETS},
                                     f"Gain by {kind} frequency (paired, 95% CI)")
+
+
+def _paired_plot(out: Path, paired: dict, control: dict | None) -> None:
+    """paired_seeds.png: each contrast's per-seed differences and 95 % CI, the control world's beside them."""
+    shown = dict(paired)
+    shown.update({f"control: {k}": c for k, c in (control or {}).get("contrasts", {}).items()})
+    if shown:
+        R.plot_paired_seeds(out / "paired_seeds.png", shown, "Paired contrasts per seed (dots) with 95% CI")
 
 
 def _data_axis(r: Runner, plan: CoarsePlan, seeds, chosen: dict) -> tuple[list, list[str]]:
@@ -74,7 +84,8 @@ def contrasts(methods: dict) -> dict:
     for a, b in CONTRASTS:
         if a in methods and b in methods:
             d = X.paired_diff(methods[a]["per_seed"], methods[b]["per_seed"])
-            out[f"{a} - {b}"] = {**d, "enough_seeds": d["n"] >= MIN_CONTRAST_SEEDS}
+            per_seed = [float(x - y) for x, y in zip(methods[a]["per_seed"], methods[b]["per_seed"])]
+            out[f"{a} - {b}"] = {**d, "enough_seeds": d["n"] >= MIN_CONTRAST_SEEDS, "per_seed": per_seed}
     return out
 
 
@@ -116,7 +127,9 @@ def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
         methods[m]["data_multiplier"] = X.data_equivalent_multiplier(fr, base_curve, methods[m]["student_auc"]["mean"])
     buckets = bucket_deltas(runs)
     _plots(out, methods, fr, base_curve, buckets)
-    return {"methods": methods, "ceiling_auc": ceiling(runs), "contrasts": contrasts(methods), "data_axis": data_axis,
+    paired = contrasts(methods)
+    _paired_plot(out, paired, control)
+    return {"methods": methods, "ceiling_auc": ceiling(runs), "contrasts": paired, "data_axis": data_axis,
             "sample_efficiency": {
                 "fractions": fr, "baseline_auc": {str(f): X.mean_std(curve[f]) for f in fr},
                 "how": "0.25x / 0.5x: a seeded share of the train window's sessions; 2x: the 2 * base_days days before "
@@ -159,8 +172,13 @@ def body(res: dict) -> list[str]:
                 R.markdown_table(["method", "student AUC", "teacher AUC", "Δ vs baseline [95% CI]"],
                                  [[n, R.fmt_mean_std(m["student_auc"]),
                                    f"{m['teacher_auc']['mean']:.4f}" if m["teacher_auc"]["mean"] is not None else "—",
-                                   R.fmt_ci(m["delta_vs_baseline"]) if n != "baseline" else "—"] for n, m in c["methods"].items()]), ""]
-    out += _contrasts_section(res) + _data_axis_section(res)
+                                   R.fmt_ci(m["delta_vs_baseline"]) if n != "baseline" and m["delta_vs_baseline"] else "—"]
+                                  for n, m in c["methods"].items()]), ""]
+        out += _contrasts_section(c, "Control: paired contrasts (same seeds)")
+    out += _contrasts_section(res)
+    if res["contrasts"] or (res["control"] or {}).get("contrasts"):
+        out += ["![paired contrasts per seed](paired_seeds.png)", ""]
+    out += _data_axis_section(res)
     out += ["## Validation curves (student AUC on the whole validation day, mean ± sd over the selection seeds)", "",
             R.markdown_table(["method", "AUC by candidate", "chosen"],
                              [[n, _curve(m["validation_curve"]), _label(m["chosen"])] for n, m in methods.items()]), ""]
@@ -175,10 +193,10 @@ def _curve(curve: dict) -> str:
     return ", ".join(f"{k}: {v['mean']:.4f} ± {v['std']:.4f}" if isinstance(v, dict) else f"{k}: {v}" for k, v in curve.items())
 
 
-def _contrasts_section(res: dict) -> list[str]:
+def _contrasts_section(res: dict, title: str = "Paired contrasts (same seeds)") -> list[str]:
     rows = [[k, R.fmt_ci(c), str(c["n"]), "" if c["enough_seeds"] else f"PARTIAL (< {MIN_CONTRAST_SEEDS} seeds)"]
             for k, c in res["contrasts"].items()]
-    return ["## Paired contrasts (same seeds)", "", R.markdown_table(["contrast", "Δ AUC [95% CI]", "seeds", ""], rows), ""]
+    return [f"## {title}", "", R.markdown_table(["contrast", "Δ AUC [95% CI]", "seeds", ""], rows), ""]
 
 
 def _data_axis_section(res: dict) -> list[str]:

@@ -87,6 +87,26 @@ def plot_bars_with_ci(path: str | Path, names: Sequence[str], deltas: Sequence[d
     return _finish(fig, ax, path, title, ylabel=ylabel)
 
 
+def plot_paired_seeds(path: str | Path, contrasts: dict[str, dict], title: str, ylabel: str = "Δ AUC (paired)") -> Path:
+    """Paired contrasts, one column each: every seed's difference as a dot (labelled by its
+    position in `per_seed`) and the mean with its 95 % CI. `contrasts[name]` holds "per_seed",
+    "mean" and "ci95"."""
+    plt = _plt()
+    names = list(contrasts)
+    fig, ax = plt.subplots(figsize=(max(4, 1.3 * len(names) + 2), 3.8))
+    for k, name in enumerate(names):
+        c = contrasts[name]
+        d = np.asarray(c["per_seed"], dtype=np.float64)
+        x = k - 0.15 + 0.3 * np.arange(len(d)) / max(1, len(d) - 1)  # seeds spread left to right, in order
+        ax.scatter(x, d, s=14, color="tab:blue", alpha=0.7)
+        clear = c["ci95"][0] > 0 or c["ci95"][1] < 0
+        ax.errorbar([k + 0.28], [c["mean"]], yerr=_ci_errors([c]), fmt="D", capsize=5,
+                    color="tab:green" if clear else "tab:gray")
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
+    return _finish(fig, ax, path, title, ylabel=ylabel)
+
+
 def plot_grouped_bars_with_ci(path: str | Path, names: Sequence[str], groups: dict[str, Sequence[dict]], title: str,
                               ylabel: str = "AUC − baseline") -> Path:
     """Paired differences with 95 % CIs, one cluster per method and one bar per group

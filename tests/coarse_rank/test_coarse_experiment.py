@@ -45,6 +45,10 @@ def test_quick_experiment_writes_the_report_files(name, tiny_data, tmp_path):
         assert on_disk["methods"]["baseline_wd"]["chosen"]["weight_decay"] == 1e-4
         assert set(on_disk["contrasts"]) == {"pfd - sd", "pfd_md - md", "pfd - baseline", "pfd_md - baseline"}
         assert not on_disk["contrasts"]["pfd - sd"]["enough_seeds"] and "PARTIAL" in (tmp_path / "report.md").read_text()
+        d = on_disk["contrasts"]["pfd - sd"]
+        pfd, sd = on_disk["methods"]["pfd"]["per_seed"], on_disk["methods"]["sd"]["per_seed"]
+        assert d["per_seed"] == pytest.approx([a - b for a, b in zip(pfd, sd)])
+        assert (tmp_path / "paired_seeds.png").stat().st_size > 0
         assert set(on_disk["data_axis"]["days"]["1"]) == {"baseline", "pfd", "pfd_md"}
         assert on_disk["methods"]["pfd_md"]["teacher_auc"]["mean"] is not None
         assert on_disk["buckets"]["user_id"]["pfd"]["tail"]["delta"]["ci95"]
@@ -127,3 +131,17 @@ def test_every_plan_key_parses_and_bad_values_name_the_key():
                         ("selected_lrs=pfd", "selected_lrs"), ("double=maybe", "double"), ("lrs=-1", "lrs")]:
         with pytest.raises(ConfigError, match=match):
             CoarsePlan.from_cli("coarse", (1, 2, 3), overrides=[item], config=Config)
+
+
+def test_control_world_reports_its_paired_contrasts(tiny_data, tmp_path):
+    # the control's PFD - SD is paired over the same seeds, as on the main world
+    run("coarse", tiny_data, tmp_path, seeds=(1, 2), quick=True,
+        overrides=["methods=baseline,sd,pfd", f"control_data={tiny_data}", "control_methods=sd,pfd",
+                   "fractions=", "data_days="])
+    c = json.loads((tmp_path / "results.json").read_text())["control"]
+    assert set(c["methods"]) == {"sd", "pfd"} and c["methods"]["pfd"]["delta_vs_baseline"] is None
+    want = [a - b for a, b in zip(c["methods"]["pfd"]["per_seed"], c["methods"]["sd"]["per_seed"])]
+    assert set(c["contrasts"]) == {"pfd - sd"} and c["contrasts"]["pfd - sd"]["n"] == 2
+    assert c["contrasts"]["pfd - sd"]["mean"] == pytest.approx(sum(want) / 2)
+    assert "Control: paired contrasts" in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "paired_seeds.png").stat().st_size > 0  # the main world's contrast and the control's
