@@ -109,6 +109,31 @@ def tiny_data(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.fixture(scope="session")
+def consent_world(tmp_path_factory) -> str:
+    """Path to a `tiny` world (seed 0) where half the users consent to conversion tracking
+    (read-only: the signal-loss fits and experiments read it, their outputs go elsewhere)."""
+    from recstack.config import apply_overrides
+    from recstack.world import preset, simulate
+
+    out = tmp_path_factory.mktemp("tiny_consent")
+    simulate(apply_overrides(preset("tiny"), ["consent_rate=0.5"]), seed=0, out=out, preset="tiny", progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny4_world(tmp_path_factory) -> str:
+    """Path to a `tiny` world of 4 days (scored days 2-4), seed 0, consent at 0.5 following the
+    age bucket: the streaming protocol's smallest world (read-only)."""
+    from recstack.config import apply_overrides
+    from recstack.world import preset, simulate
+
+    out = tmp_path_factory.mktemp("tiny4")
+    cfg = apply_overrides(preset("tiny"), ["n_days=4", "consent_rate=0.5", "consent_age_slope=1.5"])
+    simulate(cfg, seed=0, out=out, preset="tiny", progress=False)
+    return str(out)
+
+
 # --- a fake serving bundle: tiny random ONNX models over a 300-item corpus -------------------
 
 FAKE_VOCAB = FE.Vocab(n_users=30, n_items=300, n_categories=8, n_shops=20, n_brands=12, n_price_buckets=5,
