@@ -71,6 +71,24 @@ def _restore(before: dict) -> None:
         os.environ.update(before["env"])
 
 
+_THREADS_AT_START = (torch.get_num_threads(), faiss.omp_get_max_threads())
+
+
+@pytest.hookimpl(wrapper=True)  # around pytest's own hooks, so that they count the error
+def pytest_collectreport(report):
+    """A test module that sets torch's or FAISS's thread count when imported would set it for
+    the whole session (the per-test restore below starts from the count collection left): it
+    is a collection error that names the module."""
+    now = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    if now != _THREADS_AT_START and report.passed:
+        torch.set_num_threads(_THREADS_AT_START[0])
+        faiss.omp_set_num_threads(_THREADS_AT_START[1])
+        report.outcome = "failed"
+        report.longrepr = (f"{report.nodeid}: importing it changed the (torch, faiss) thread counts from "
+                           f"{_THREADS_AT_START} to {now} for the whole session; set them in a fixture instead")
+    return (yield)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _module_state():
     """What a module's fixtures change is given back when the module ends."""
