@@ -71,6 +71,24 @@ def _restore(before: dict) -> None:
         os.environ.update(before["env"])
 
 
+_THREADS_AT_START = (torch.get_num_threads(), faiss.omp_get_max_threads())
+
+
+@pytest.hookimpl(wrapper=True)  # around pytest's own hooks, so that they count the error
+def pytest_collectreport(report):
+    """A test module that sets torch's or FAISS's thread count when imported would set it for
+    the whole session (the per-test restore below starts from the count collection left): it
+    is a collection error that names the module."""
+    now = (torch.get_num_threads(), faiss.omp_get_max_threads())
+    if now != _THREADS_AT_START and report.passed:
+        torch.set_num_threads(_THREADS_AT_START[0])
+        faiss.omp_set_num_threads(_THREADS_AT_START[1])
+        report.outcome = "failed"
+        report.longrepr = (f"{report.nodeid}: importing it changed the (torch, faiss) thread counts from "
+                           f"{_THREADS_AT_START} to {now} for the whole session; set them in a fixture instead")
+    return (yield)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _module_state():
     """What a module's fixtures change is given back when the module ends."""
@@ -106,6 +124,31 @@ def tiny_data(tmp_path_factory) -> str:
 
     out = tmp_path_factory.mktemp("tiny_world")
     simulate(preset("tiny"), seed=0, out=out, preset="tiny", progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def consent_world(tmp_path_factory) -> str:
+    """Path to a `tiny` world (seed 0) where half the users consent to conversion tracking
+    (read-only: the signal-loss fits and experiments read it, their outputs go elsewhere)."""
+    from recstack.config import apply_overrides
+    from recstack.world import preset, simulate
+
+    out = tmp_path_factory.mktemp("tiny_consent")
+    simulate(apply_overrides(preset("tiny"), ["consent_rate=0.5"]), seed=0, out=out, preset="tiny", progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny4_world(tmp_path_factory) -> str:
+    """Path to a `tiny` world of 4 days (scored days 2-4), seed 0, consent at 0.5 following the
+    age bucket: the streaming protocol's smallest world (read-only)."""
+    from recstack.config import apply_overrides
+    from recstack.world import preset, simulate
+
+    out = tmp_path_factory.mktemp("tiny4")
+    cfg = apply_overrides(preset("tiny"), ["n_days=4", "consent_rate=0.5", "consent_age_slope=1.5"])
+    simulate(cfg, seed=0, out=out, preset="tiny", progress=False)
     return str(out)
 
 
@@ -398,6 +441,105 @@ def train_export_serve():
     """Callable (data_dir, work_dir, value_column=None, user_id=0, k=5) -> (manifest, Rank
     response): a data folder through train (all stages, a few steps) -> export -> serve -> rank."""
     return _train_export_serve
+
+
+# --- a served bundle with a gated stage: a test holds a call inside the cascade ---------------
+
+
+def _servicer_context():
+    """The gRPC context of the RPC whose handler thread calls this (from the handler's frame)."""
+    import grpc
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        ctx = frame.f_locals.get("context")
+        if isinstance(ctx, grpc.ServicerContext):
+            return ctx
+        frame = frame.f_back
+    return None
+
+
+class Gate:
+    """Wraps a cascade stage model so a test can hold a call inside it: a call sets `entered`,
+    then waits (20 s at most) for `release`; `calls` counts the calls, `context` is the last
+    call's gRPC context."""
+
+    def __init__(self, model):
+        import threading
+
+        self.model, self.entered, self.release, self.calls = model, threading.Event(), threading.Event(), 0
+        self.context = None
+
+    def __call__(self, feeds):
+        self.calls += 1
+        self.context = _servicer_context()
+        self.entered.set()
+        assert self.release.wait(20)
+        return self.model(feeds)
+
+
+class GatedServer:
+    """A started in-process server (`servicer`, a `channel` to it, its Rank `stub`) whose stage
+    model `gate` wraps; `gate_stage(name)` gates one more stage."""
+
+    STAGES = ("retrieval", "coarse", "ctr", "cvr")
+
+    def __init__(self, channel, servicer):
+        from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+        self.channel, self.servicer, self.gates = channel, servicer, []
+        self.stub = pb_grpc.RankingServiceStub(channel)
+
+    def gate_stage(self, stage: str) -> Gate:
+        """Wrap the model of `stage` (retrieval, coarse, or ctr / cvr of the two-graph fine layout)."""
+        cascade = self.servicer.cascade
+        if stage in ("retrieval", "coarse"):
+            gate = Gate(getattr(cascade, f"{stage}_tower"))
+            setattr(cascade, f"{stage}_tower", gate)
+        elif stage in ("ctr", "cvr"):
+            i = ("ctr", "cvr").index(stage)
+            gate = cascade.fine.models[i] = Gate(cascade.fine.models[i])
+        else:
+            raise ValueError(f"stage: {stage!r} is not one of {self.STAGES}")
+        self.gates.append(gate)
+        return gate
+
+    @property
+    def gate(self) -> Gate:
+        return self.gates[0]
+
+
+def _gated_server(artifacts, stage: str = "retrieval", **server_args):
+    """build_server(artifacts, **server_args) with `stage` gated -> a context of GatedServer;
+    on the way out every gate is released and the server stopped."""
+    import contextlib
+
+    import grpc
+
+    from recstack.serving.server import build_server
+
+    @contextlib.contextmanager
+    def served():
+        server, port, servicer = build_server(artifacts, **server_args)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            gated = GatedServer(channel, servicer)
+            try:
+                gated.gate_stage(stage)
+                yield gated
+            finally:
+                for g in gated.gates:
+                    g.release.set()
+                server.stop(None)
+
+    return served()
+
+
+@pytest.fixture(scope="session")
+def gated_server():
+    """Callable (artifacts, stage="retrieval", **build_server_args) -> a context manager of a
+    GatedServer: an in-process server whose `stage` model holds each call until the test sets
+    `.gate.release` (`.gate.entered` says a call is in); `.gate_stage(name)` gates another stage."""
+    return _gated_server
 
 
 # --- subprocesses and training -------------------------------------------------------------

@@ -18,16 +18,6 @@ from recstack.evaluation import protocol as X
 SCHEMA_KEYS = {"student_auc", "teacher_auc", "delta_vs_baseline", "calibration", "wall_s"}
 
 
-@pytest.fixture(scope="module")
-def consent_world(tmp_path_factory) -> str:
-    from recstack.config import apply_overrides
-    from recstack.world import preset, simulate
-
-    out = tmp_path_factory.mktemp("tiny_consent")
-    simulate(apply_overrides(preset("tiny"), ["consent_rate=0.5"]), seed=0, out=out, preset="tiny", progress=False)
-    return str(out)
-
-
 def _check_common(res: dict, out, names: set[str], methods_key: str = "methods") -> None:
     assert set(res[methods_key]) == names
     for name, e in res[methods_key].items():

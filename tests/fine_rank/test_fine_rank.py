@@ -436,24 +436,15 @@ def test_sga_leaves_the_serving_head_identical_to_the_baseline(tiny_data):
     assert set(sead_max.extras) == {"aux"} and sead_max.stats["method"] == "sead_max"
 
 
-@pytest.fixture(scope="module")
-def consent_data(tmp_path_factory) -> str:
-    from recstack.world import preset, simulate
-
-    out = tmp_path_factory.mktemp("tiny_consent_fine")
-    simulate(apply_overrides(preset("tiny"), ["consent_rate=0.5"]), seed=0, out=out, preset="tiny", progress=False)
-    return str(out)
-
-
 @pytest.mark.parametrize("method", [
     ["cvr_teacher=pfd", "ctr_sead=max"],
     ["cvr_teacher=signal_loss", "cvr_label=purchase_observed", "cvr_calibrate=aggregates"],
 ])
-def test_distilled_students_train_export_and_match_onnx(method, tiny_data, consent_data, tmp_path):
+def test_distilled_students_train_export_and_match_onnx(method, tiny_data, consent_world, tmp_path):
     """`recstack train fine --set cvr_teacher=...` checkpoints plain students: the export is
     the serving contract (no privileged inputs), parity-checked at 1e-5."""
     signal = "cvr_teacher=signal_loss" in method
-    data_dir = consent_data if signal else tiny_data
+    data_dir = consent_world if signal else tiny_data
     cfg = apply_overrides(ftrain.Config(**TINY_CFG), method)
     metrics = ftrain.train(cfg, data_dir, tmp_path, progress=False)
     assert "teacher" in metrics["cvr"]

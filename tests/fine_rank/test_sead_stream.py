@@ -26,17 +26,6 @@ SMALL = dict(ctr_hidden=(16, 8), cvr_hidden=(16, 8), ctr_emb_dim=4, cvr_emb_dim=
              cvr_batch_size=64, sead_aux_width=8)
 
 
-@pytest.fixture(scope="module")
-def world4(tmp_path_factory) -> str:
-    """A `tiny` world of 4 days, consent at 0.5 following the age bucket."""
-    from recstack.world import preset, simulate
-
-    out = tmp_path_factory.mktemp("tiny4")
-    cfg = apply_overrides(preset("tiny"), ["n_days=4", "consent_rate=0.5", "consent_age_slope=1.5"])
-    simulate(cfg, seed=0, out=out, preset="tiny", progress=False)
-    return str(out)
-
-
 def test_aux_tower_has_its_own_randomly_initialised_weights_and_ogl_is_not_the_main_gradient():
     torch.manual_seed(0)
     ranker = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
@@ -84,8 +73,8 @@ def test_sead_exports_the_same_graph_as_the_baseline(tiny_data, tmp_path):
     assert graphs["sead"] == graphs["baseline"]
 
 
-def test_fit_stream_trains_one_pass_per_day_and_scores_the_next(world4):
-    data = load(world4)
+def test_fit_stream_trains_one_pass_per_day_and_scores_the_next(tiny4_world):
+    data = load(tiny4_world)
     days = S.day_tables(data, "cvr")
     agg = S.day_aggregates(data)
     cfg = ftrain.Config(**SMALL, cvr_sead="max", cvr_calibrate="none")
@@ -111,9 +100,9 @@ def test_signal_teacher_shares_nothing_with_the_student():
     assert main.shape == aux.shape == (5,)
 
 
-def test_streaming_experiments_write_reports_and_resume_from_the_cache(world4, tmp_path):
+def test_streaming_experiments_write_reports_and_resume_from_the_cache(tiny4_world, tmp_path):
     over = ("streaming=true", "last_days=2", "ctr_methods=sead_max,sead_min,ogl,lr2x", "cvr_methods=sead_max,dtl")
-    res = run_experiment("sead", world4, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over, log=lambda s: None)
+    res = run_experiment("sead", tiny4_world, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over, log=lambda s: None)
     ctr = res["tasks"]["ctr"]["methods"]
     assert set(ctr) == {"baseline", "sead_max", "sead_min", "ogl", "lr2x"}
     assert set(res["tasks"]["cvr"]["methods"]) == {"baseline", "sead_max", "dtl"}
@@ -131,19 +120,19 @@ def test_streaming_experiments_write_reports_and_resume_from_the_cache(world4, t
     cached = sorted((tmp_path / "sead" / "cache").iterdir())
     assert len(cached) == 2 * (5 + 3)
     # a second run reads every run from the cache: the same numbers
-    again = run_experiment("sead", world4, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over, log=lambda s: None)
+    again = run_experiment("sead", tiny4_world, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over, log=lambda s: None)
     assert json.dumps(again["tasks"], sort_keys=True) == json.dumps(res["tasks"], sort_keys=True)
     # a cached run of another Config is refused, never reused (here: other tower widths)
     with pytest.raises(ValueError, match=r"cache .*\(another world or Config\); remove it or use another --out"):
-        run_experiment("sead", world4, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over + ("cvr_emb_dim=8",),
+        run_experiment("sead", tiny4_world, tmp_path / "sead", seeds=(1, 2), quick=True, overrides=over + ("cvr_emb_dim=8",),
                        log=lambda s: None)
-    sig = run_experiment("signal-loss", world4, tmp_path / "sig", seeds=(1, 2), quick=True,
+    sig = run_experiment("signal-loss", tiny4_world, tmp_path / "sig", seeds=(1, 2), quick=True,
                          overrides=("streaming=true", "last_days=2"), log=lambda s: None)
     e = sig["tasks"]["cvr"]["methods"]
     assert "sead_signal_wu" not in e and {"baseline", "sead_signal", "oracle", "consented_only"} <= set(e)
     assert "delta_auc_observed" in e["sead_signal"] and "calibration_aggregated" in e["sead_signal"]
     with pytest.raises(ConfigError, match="streaming=true runs the sead and signal-loss experiments"):
-        run_experiment("cvr", world4, tmp_path / "cvr", seeds=(1, 2), quick=True, overrides=("streaming=true",),
+        run_experiment("cvr", tiny4_world, tmp_path / "cvr", seeds=(1, 2), quick=True, overrides=("streaming=true",),
                        log=lambda s: None)
 
 

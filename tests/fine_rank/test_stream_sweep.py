@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recstack.config import ConfigError, apply_overrides
+from recstack.config import ConfigError
 
 from fine_rank.experiments import run as run_experiment
 from fine_rank.experiments import stream_sweep as W
@@ -67,10 +67,10 @@ def test_the_plan_refuses_a_sweep_it_cannot_run():
         FinePlan.from_cli("sead", (1, 2), overrides=("streaming=true", "stream_swept=sead_min"), config=ftrain.Config)
 
 
-def test_a_streaming_sweep_runs_the_chosen_setting_on_every_seed(world4, tmp_path):
+def test_a_streaming_sweep_runs_the_chosen_setting_on_every_seed(tiny4_world, tmp_path):
     over = ("streaming=true", "last_days=1", "valid_days=2", "select_seeds=1", "stream_lrs=0.001,0.004",
             "stream_aux_weights=0.1,1.0", "tasks=cvr", "cvr_methods=sead_max,dtl,lr2x", "stream_swept=sead_max")
-    res = run_experiment("sead", world4, tmp_path / "sw", seeds=(1, 2), quick=True, overrides=over, log=lambda s: None)
+    res = run_experiment("sead", tiny4_world, tmp_path / "sw", seeds=(1, 2), quick=True, overrides=over, log=lambda s: None)
     sweep = res["sweep"]
     assert sweep["validation_days"] == [2, 3] and sweep["test_days"] == [4] and sweep["select_seeds"] == [1]
     rows = sweep["rows"]
@@ -88,14 +88,3 @@ def test_a_streaming_sweep_runs_the_chosen_setting_on_every_seed(world4, tmp_pat
     report = (tmp_path / "sw" / "report.md").read_text()
     assert "chosen LR / aux weight" in report and "The sweep: validation days [2, 3], seeds [1]" in report
     assert "not swept: sead_max's setting" in report
-
-
-@pytest.fixture(scope="module")
-def world4(tmp_path_factory) -> str:
-    """A `tiny` world of 4 days (scored days 2-4), consent at 0.5 following the age bucket."""
-    from recstack.world import preset, simulate
-
-    out = tmp_path_factory.mktemp("tiny4")
-    cfg = apply_overrides(preset("tiny"), ["n_days=4", "consent_rate=0.5", "consent_age_slope=1.5"])
-    simulate(cfg, seed=0, out=out, preset="tiny", progress=False)
-    return str(out)

@@ -13,8 +13,6 @@ import retrieval.train
 from recstack import bundle as B
 from recstack.pipeline.export import ExportError, export_bundle
 
-torch.set_num_threads(2)
-
 
 @pytest.fixture(scope="module")
 def runs(tiny_data, tmp_path_factory):

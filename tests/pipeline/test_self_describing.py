@@ -14,7 +14,6 @@ import onnxruntime as ort
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 import coarse_rank.train
 import fine_rank.train
@@ -27,7 +26,6 @@ from recstack.serving.server import build_server
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
-torch.set_num_threads(2)
 DOC = Path(__file__).resolve().parents[2] / "docs" / "SCORING.md"
 
 

@@ -87,18 +87,6 @@ class _Steps:
         return self.t
 
 
-class _Gate:
-    """Wraps the retrieval tower so the test can hold a call inside it."""
-
-    def __init__(self, model):
-        self.model, self.entered, self.release = model, threading.Event(), threading.Event()
-
-    def __call__(self, feeds):
-        self.entered.set()
-        assert self.release.wait(20)
-        return self.model(feeds)
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory, make_fake_bundle):
     root = tmp_path_factory.mktemp("admission")
@@ -117,32 +105,25 @@ def test_the_server_measures_each_call_with_the_admissions_clock(artifacts):
         server.stop(None)
 
 
-def test_the_server_sheds_a_call_that_cannot_be_answered_in_time_and_queues_one_that_can(artifacts):
-    server, port, servicer = build_server(artifacts, max_workers=1, max_queue=8)
-    servicer.admission = RankAdmission(1, 9, service_s=3.0)  # a slot is held about 3 s per call
-    gate = _Gate(servicer.cascade.retrieval_tower)
-    servicer.cascade.retrieval_tower = gate
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = pb_grpc.RankingServiceStub(ch)
-            running = stub.Rank.future(client.make_request(1, 5), timeout=60)
-            assert gate.entered.wait(20)
-            queued = stub.Rank.future(client.make_request(2, 5), timeout=60)  # wait 3 + 3 s <= 60 s: admitted
-            pause = threading.Event()
-            for _ in range(3000):  # until the second call is in the queue (polled, not timed)
-                if servicer.admission.waiting == 1:
-                    break
-                pause.wait(0.01)
-            assert servicer.admission.waiting == 1
-            for _ in range(5):  # 2nd in the queue: 6 s wait + 3 s > its 5 s deadline: refused at once
-                with pytest.raises(grpc.RpcError) as e:
-                    stub.Rank(client.make_request(3, 5), timeout=5)
-                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-                assert "remaining deadline" in e.value.details() and "retry with backoff" in e.value.details()
-            assert servicer.admission.waiting == 1  # the refused calls were never queued
-            gate.release.set()
-            assert len(running.result().items) == 5 and len(queued.result().items) == 5
-        assert servicer.metrics.value("recstack_requests_total", method="Rank", code="RESOURCE_EXHAUSTED") == 5
-    finally:
+def test_the_server_sheds_a_call_that_cannot_be_answered_in_time_and_queues_one_that_can(artifacts, gated_server):
+    with gated_server(artifacts, max_workers=1, max_queue=8) as g:
+        servicer, stub, gate = g.servicer, g.stub, g.gate
+        servicer.admission = RankAdmission(1, 9, service_s=3.0)  # a slot is held about 3 s per call
+        running = stub.Rank.future(client.make_request(1, 5), timeout=60)
+        assert gate.entered.wait(20)
+        queued = stub.Rank.future(client.make_request(2, 5), timeout=60)  # wait 3 + 3 s <= 60 s: admitted
+        pause = threading.Event()
+        for _ in range(3000):  # until the second call is in the queue (polled, not timed)
+            if servicer.admission.waiting == 1:
+                break
+            pause.wait(0.01)
+        assert servicer.admission.waiting == 1
+        for _ in range(5):  # 2nd in the queue: 6 s wait + 3 s > its 5 s deadline: refused at once
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Rank(client.make_request(3, 5), timeout=5)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "remaining deadline" in e.value.details() and "retry with backoff" in e.value.details()
+        assert servicer.admission.waiting == 1  # the refused calls were never queued
         gate.release.set()
-        server.stop(None)
+        assert len(running.result().items) == 5 and len(queued.result().items) == 5
+        assert servicer.metrics.value("recstack_requests_total", method="Rank", code="RESOURCE_EXHAUSTED") == 5

@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recstack.serving import client
 from recstack.serving.cascade import Cascade
-from recstack.serving.server import build_server, create_server
+from recstack.serving.server import create_server
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
 
@@ -36,32 +36,6 @@ def artifacts(tmp_path_factory, make_fake_bundle):
     root = tmp_path_factory.mktemp("life")
     make_fake_bundle(root)
     return root
-
-
-def _servicer_context() -> grpc.ServicerContext | None:
-    """The gRPC context of the RPC whose handler thread calls this (from the handler's frame)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        ctx = frame.f_locals.get("context")
-        if isinstance(ctx, grpc.ServicerContext):
-            return ctx
-        frame = frame.f_back
-    return None
-
-
-class _Gate:
-    """Wraps a cascade stage model so a test can hold a call inside it."""
-
-    def __init__(self, model):
-        self.model, self.entered, self.release, self.calls = model, threading.Event(), threading.Event(), 0
-        self.context = None
-
-    def __call__(self, feeds):
-        self.calls += 1
-        self.context = _servicer_context()
-        self.entered.set()
-        assert self.release.wait(20)
-        return self.model(feeds)
 
 
 def test_not_serving_until_loaded_and_warm(artifacts, monkeypatch):
@@ -97,53 +71,36 @@ def test_not_serving_until_loaded_and_warm(artifacts, monkeypatch):
         server.stop(None)
 
 
-def test_bounded_queue_answers_resource_exhausted_at_once(artifacts):
-    server, port, servicer = build_server(artifacts, max_workers=1, max_queue=2)
-    gate = _Gate(servicer.cascade.retrieval_tower)
-    servicer.cascade.retrieval_tower = gate
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = pb_grpc.RankingServiceStub(ch)
-            held = [stub.Rank.future(client.make_request(1, 5), timeout=30)]
-            assert gate.entered.wait(10)  # 1 running
-            held += [stub.Rank.future(client.make_request(2, 5), timeout=30) for _ in range(2)]  # 2 queued
-            deadline = time.monotonic() + 5
-            while servicer.metrics.value("recstack_queue_depth") < 2 and time.monotonic() < deadline:
-                time.sleep(0.01)
-            assert servicer.metrics.value("recstack_queue_depth") == 2
-            for _ in range(20):
-                with pytest.raises(grpc.RpcError) as e:
-                    stub.Rank(client.make_request(3, 5), timeout=5)
-                # refused at once, never queued: a queued call could only end by its deadline,
-                # since the running call is held until the test releases it
-                assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert gate.calls == 1 and servicer.metrics.value("recstack_queue_depth") == 2
-            gate.release.set()
-            for f in held:
-                assert len(f.result().items) == 5  # the accepted calls all complete
-    finally:
+def test_bounded_queue_answers_resource_exhausted_at_once(artifacts, gated_server):
+    with gated_server(artifacts, max_workers=1, max_queue=2) as g:
+        stub, servicer, gate = g.stub, g.servicer, g.gate
+        held = [stub.Rank.future(client.make_request(1, 5), timeout=30)]
+        assert gate.entered.wait(10)  # 1 running
+        held += [stub.Rank.future(client.make_request(2, 5), timeout=30) for _ in range(2)]  # 2 queued
+        _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 2)
+        for _ in range(20):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Rank(client.make_request(3, 5), timeout=5)
+            # refused at once, never queued: a queued call could only end by its deadline,
+            # since the running call is held until the test releases it
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert gate.calls == 1 and servicer.metrics.value("recstack_queue_depth") == 2
         gate.release.set()
-        server.stop(None)
+        for f in held:
+            assert len(f.result().items) == 5  # the accepted calls all complete
 
 
 @contextlib.contextmanager
-def _gated_retrieval(artifacts):
+def _gated_retrieval(artifacts, gated_server):
     """A server whose retrieval stage blocks until `gate.release` (coarse passes, counting calls)."""
-    server, port, servicer = build_server(artifacts, max_workers=2)
-    cascade = servicer.cascade
-    gate, coarse = _Gate(cascade.retrieval_tower), _Gate(cascade.coarse_tower)
-    coarse.release.set()
-    cascade.retrieval_tower, cascade.coarse_tower = gate, coarse
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            yield pb_grpc.RankingServiceStub(ch), servicer, gate, coarse
-    finally:
-        gate.release.set()
-        server.stop(None)
+    with gated_server(artifacts, max_workers=2) as g:
+        coarse = g.gate_stage("coarse")
+        coarse.release.set()
+        yield g.stub, g.servicer, g.gate, coarse
 
 
-def test_deadline_passed_in_a_stage_skips_the_later_stages(artifacts):
-    with _gated_retrieval(artifacts) as (stub, servicer, gate, coarse):
+def test_deadline_passed_in_a_stage_skips_the_later_stages(artifacts, gated_server):
+    with _gated_retrieval(artifacts, gated_server) as (stub, servicer, gate, coarse):
         fut = stub.Rank.future(client.make_request(1, 5), timeout=0.3)
         assert gate.entered.wait(10)
         with pytest.raises(grpc.RpcError) as e:
@@ -155,8 +112,8 @@ def test_deadline_passed_in_a_stage_skips_the_later_stages(artifacts):
         assert coarse.calls == 0  # ...and the coarse and fine stages never run
 
 
-def test_cancelled_call_stops(artifacts):
-    with _gated_retrieval(artifacts) as (stub, servicer, gate, coarse):
+def test_cancelled_call_stops(artifacts, gated_server):
+    with _gated_retrieval(artifacts, gated_server) as (stub, servicer, gate, coarse):
         fut = stub.Rank.future(client.make_request(1, 5), timeout=30)
         assert gate.entered.wait(10)
         assert fut.cancel()
@@ -291,96 +248,79 @@ def test_workers_share_one_port_and_exit_0(artifacts, tmp_path):
 # -- probes are never shed; every shed, cancelled and abandoned call is counted ---------------------
 
 
-def test_health_and_admin_are_never_shed_and_every_shed_is_counted(artifacts):
-    server, port, servicer = build_server(artifacts, max_workers=1, max_queue=1, admin_token="life-token")
-    gate = _Gate(servicer.cascade.retrieval_tower)
-    servicer.cascade.retrieval_tower = gate
+def test_health_and_admin_are_never_shed_and_every_shed_is_counted(artifacts, gated_server):
     admin_md = (("authorization", "Bearer life-token"),)
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub, health = pb_grpc.RankingServiceStub(ch), health_pb2_grpc.HealthStub(ch)
-            admin = pb_grpc.ModelServiceStub(ch)
-            held = [stub.Rank.future(client.make_request(1, 5), timeout=30)]
-            assert gate.entered.wait(10)
-            held.append(stub.Rank.future(client.make_request(2, 5), timeout=30))  # queued: the bound is full
-            _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
-            shed = [stub.Rank.future(client.make_request(3, 5), timeout=10) for _ in range(30)]
-            probes = [health.Check.future(health_pb2.HealthCheckRequest(), timeout=10) for _ in range(30)]
-            infos = [admin.GetModelInfo.future(pb.GetModelInfoRequest(), timeout=10, metadata=admin_md) for _ in range(10)]
-            assert all(p.result().status == SERVING for p in probes)  # a busy server is alive and ready
-            assert all(i.result().model_version for i in infos)
-            codes = [f.exception().code() for f in shed]
-            assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 30
-            gate.release.set()
-            assert all(len(f.result().items) == 5 for f in held)
+    with gated_server(artifacts, max_workers=1, max_queue=1, admin_token="life-token") as g:
+        stub, servicer, gate = g.stub, g.servicer, g.gate
+        health, admin = health_pb2_grpc.HealthStub(g.channel), pb_grpc.ModelServiceStub(g.channel)
+        held = [stub.Rank.future(client.make_request(1, 5), timeout=30)]
+        assert gate.entered.wait(10)
+        held.append(stub.Rank.future(client.make_request(2, 5), timeout=30))  # queued: the bound is full
+        _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
+        shed = [stub.Rank.future(client.make_request(3, 5), timeout=10) for _ in range(30)]
+        probes = [health.Check.future(health_pb2.HealthCheckRequest(), timeout=10) for _ in range(30)]
+        infos = [admin.GetModelInfo.future(pb.GetModelInfoRequest(), timeout=10, metadata=admin_md) for _ in range(10)]
+        assert all(p.result().status == SERVING for p in probes)  # a busy server is alive and ready
+        assert all(i.result().model_version for i in infos)
+        codes = [f.exception().code() for f in shed]
+        assert codes == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 30
+        gate.release.set()
+        assert all(len(f.result().items) == 5 for f in held)
         assert _count(servicer, "RESOURCE_EXHAUSTED") == 30  # counted where the client saw them
         text = servicer.metrics.text()
         assert 'recstack_requests_total{code="RESOURCE_EXHAUSTED",method="Rank"} 30.0' in text
         assert 'recstack_requests_total{code="OK",method="GetModelInfo"} 10.0' in text
-    finally:
+
+
+def test_a_call_cancelled_while_queued_is_counted_and_leaves_the_queue(artifacts, gated_server):
+    with gated_server(artifacts, max_workers=1, max_queue=1) as g:
+        stub, servicer, gate = g.stub, g.servicer, g.gate
+        running = stub.Rank.future(client.make_request(1, 5), timeout=30)
+        assert gate.entered.wait(10)
+        queued = stub.Rank.future(client.make_request(2, 5), timeout=30)
+        _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
+        assert queued.cancel()
+        _wait_for(lambda: _count(servicer, "CANCELLED") == 1)  # counted, and its place is free again
+        assert servicer.metrics.value("recstack_queue_depth") == 0
+        again = stub.Rank.future(client.make_request(3, 5), timeout=30)
+        _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
         gate.release.set()
-        server.stop(None)
-
-
-def test_a_call_cancelled_while_queued_is_counted_and_leaves_the_queue(artifacts):
-    server, port, servicer = build_server(artifacts, max_workers=1, max_queue=1)
-    gate = _Gate(servicer.cascade.retrieval_tower)
-    servicer.cascade.retrieval_tower = gate
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = pb_grpc.RankingServiceStub(ch)
-            running = stub.Rank.future(client.make_request(1, 5), timeout=30)
-            assert gate.entered.wait(10)
-            queued = stub.Rank.future(client.make_request(2, 5), timeout=30)
-            _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
-            assert queued.cancel()
-            _wait_for(lambda: _count(servicer, "CANCELLED") == 1)  # counted, and its place is free again
-            assert servicer.metrics.value("recstack_queue_depth") == 0
-            again = stub.Rank.future(client.make_request(3, 5), timeout=30)
-            _wait_for(lambda: servicer.metrics.value("recstack_queue_depth") == 1)
-            gate.release.set()
-            assert len(running.result().items) == 5 and len(again.result().items) == 5
+        assert len(running.result().items) == 5 and len(again.result().items) == 5
         assert gate.calls == 2  # the cancelled call never ran
-    finally:
-        gate.release.set()
-        server.stop(None)
+
+
+def _deadline_passes_in_the_gate(g) -> None:
+    """Rank a call with a 0.5 s deadline held in `g.gate` until the server too sees the deadline
+    passed, then let it go: the client gets DEADLINE_EXCEEDED and the server counts it."""
+    fut = g.stub.Rank.future(client.make_request(1, 5), timeout=0.5)
+    assert g.gate.entered.wait(10)
+    with pytest.raises(grpc.RpcError) as e:
+        fut.result()
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # the server's deadline comes from the grpc-timeout header, so it can pass a moment
+    # after the client's: release only once the server too sees it passed
+    _wait_for(lambda: g.gate.context.time_remaining() <= 0)
+    g.gate.release.set()
+    _wait_for(lambda: _count(g.servicer, "DEADLINE_EXCEEDED") == 1)
 
 
 @pytest.mark.parametrize("held", ["ctr", "cvr"])
-def test_a_call_finished_after_its_deadline_is_not_logged_ok(artifacts, held, caplog):
+def test_a_call_finished_after_its_deadline_is_not_logged_ok(artifacts, held, caplog, gated_server):
     """Held in pCTR: the check before pCVR stops it. Held in pCVR, the last model: it finishes,
     and is still logged and counted DEADLINE_EXCEEDED, since nobody reads the answer."""
-    server, port, servicer = build_server(artifacts, max_workers=2)
-    models = servicer.cascade.fine.models  # the two-graph layout: [ctr, cvr]
-    gate, cvr = _Gate(models[0] if held == "ctr" else models[1]), _Gate(models[1])
-    if held == "ctr":
-        cvr.release.set()
-        models[0], models[1] = gate, cvr
-    else:
-        models[1] = gate
-    try:
-        with caplog.at_level(logging.INFO, logger="recstack.access"), grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            fut = pb_grpc.RankingServiceStub(ch).Rank.future(client.make_request(1, 5), timeout=0.5)
-            assert gate.entered.wait(10)
-            with pytest.raises(grpc.RpcError) as e:
-                fut.result()
-            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            # the server's deadline comes from the grpc-timeout header, so it can pass a moment
-            # after the client's: release only once the server too sees it passed
-            _wait_for(lambda: gate.context.time_remaining() <= 0)
-            gate.release.set()
-            _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
-        assert _count(servicer, "OK") == 0
+    with caplog.at_level(logging.INFO, logger="recstack.access"), gated_server(artifacts, held, max_workers=2) as g:
+        if held == "ctr":  # the two-graph layout: pCVR runs after pCTR, counting its calls
+            cvr = g.gate_stage("cvr")
+            cvr.release.set()
+        _deadline_passes_in_the_gate(g)
+        assert _count(g.servicer, "OK") == 0
         if held == "ctr":
             assert cvr.calls == 0
         lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "recstack.access"]
         assert [x["code"] for x in lines] == ["DEADLINE_EXCEEDED"]
-    finally:
-        gate.release.set()
-        server.stop(None)
 
 
-def test_an_answer_nobody_reads_is_not_logged_as_an_impression(artifacts, tmp_path):
+def test_an_answer_nobody_reads_is_not_logged_as_an_impression(artifacts, tmp_path, gated_server):
     """Held in pCVR past its deadline: the call ends DEADLINE_EXCEEDED and the impression log
     gets no row for it (nothing was shown); the next answered call is logged."""
     import pyarrow.parquet as pq
@@ -388,25 +328,11 @@ def test_an_answer_nobody_reads_is_not_logged_as_an_impression(artifacts, tmp_pa
     from recstack.serving.events import LivePath
 
     live = LivePath(None, log_dir=tmp_path / "log")
-    server, port, servicer = build_server(artifacts, max_workers=2, live=live)
-    models = servicer.cascade.fine.models
-    gate = _Gate(models[1])
-    models[1] = gate
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
-            stub = pb_grpc.RankingServiceStub(ch)
-            fut = stub.Rank.future(client.make_request(1, 5), timeout=0.5)
-            assert gate.entered.wait(10)
-            with pytest.raises(grpc.RpcError) as e:
-                fut.result()
-            assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            _wait_for(lambda: gate.context.time_remaining() <= 0)
-            gate.release.set()
-            _wait_for(lambda: _count(servicer, "DEADLINE_EXCEEDED") == 1)
-            answered = stub.Rank(client.make_request(2, 5), timeout=30)
+        with gated_server(artifacts, "cvr", max_workers=2, live=live) as g:
+            _deadline_passes_in_the_gate(g)
+            answered = g.stub.Rank(client.make_request(2, 5), timeout=30)
     finally:
-        gate.release.set()
-        server.stop(None)
         live.close()
     rows = pq.read_table(sorted((tmp_path / "log").rglob("impressions*.parquet"))).to_pydict()
     assert set(rows["user_id"]) == {2} and len(rows["user_id"]) == len(answered.items)
