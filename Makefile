@@ -22,12 +22,16 @@ venv: $(STAMP)
 quickstart: venv
 	$(BIN)/recstack quickstart
 
+# two pytest-xdist workers, one per core of the 2-core CI machine; --dist loadfile gives a worker
+# whole files, so that a module's fixtures are built once. `make test XDIST=` runs one process.
+XDIST  ?= -n 2 --dist loadfile
+
 test: venv
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # pyproject's addopts keep the file order (-p no:randomly); -p randomly here turns the shuffle on
 test-shuffled: venv
-	$(BIN)/python -m pytest -q -p randomly
+	$(BIN)/python -m pytest -q -p randomly $(XDIST)
 
 protos: venv
 	$(BIN)/python tools/gen_protos.py
