@@ -7,6 +7,8 @@ Three lists of K items per request, each over the whole corpus:
 - `served`: the two sources merged as the serving cascade merges them (the two-tower's
   first K - round(share K), then the nearest neighbours of the user's newest distinct
   behaviours, then the two-tower's rest; `recstack/serving/cascade.py: Cascade.retrieve`);
+- `served_browse`: the same with the browse source as well (`recstack.browse`: the
+  best items, by the user vector, of the categories the user browsed in the last hour);
 - `popularity`: the K items most clicked in the fit days' impressions (the baseline train.py prints);
 - `popularity_log`: the K items most clicked in the whole behaviour log before the evaluation
   day (history days included): popularity from the same clicks the "log" positives learn from.
@@ -29,7 +31,8 @@ import numpy as np
 
 from recstack.config import from_dict
 from recstack.data import SimData, load
-from recstack.evaluation.cascade import requests as first_requests
+from recstack.evaluation.cascade import requests as first_requests, user_logs
+from recstack.browse import CategoryItems, browsed_categories
 from recstack.features import Vocab
 from recstack.training import checkpoint
 from recstack.world.truth import Truth
@@ -43,13 +46,18 @@ KS = (50, 200, 1000)
 
 
 def served_lists(user_emb: np.ndarray, item_emb: np.ndarray, seq_items: np.ndarray, k: int,
-                 share: float = 0.3, n_seeds: int = 5) -> np.ndarray:
-    """The serving merge of the two sources, exact search: (N, D), (I, D), (N, L, 5) -> (N, k) ids.
+                 share: float = 0.3, n_seeds: int = 5, browsed: list[np.ndarray] | None = None,
+                 categories: CategoryItems | None = None, browse_share: float = 0.3) -> np.ndarray:
+    """The serving merge of the sources, exact search: (N, D), (I, D), (N, L, 5) -> (N, k) ids.
 
-    Each row: the ANN list's first k - n_i2i, then up to n_i2i distinct neighbours of the
-    newest n_seeds distinct sequence items (rank-major across seeds, seeds excluded, not
-    already taken), then the ANN list's rest; a user without behaviours gets the ANN list.
+    Each row: the ANN list's first k - n_i2i - n_browse, then up to n_i2i distinct neighbours
+    of the newest n_seeds distinct sequence items (rank-major across seeds, seeds excluded, not
+    already taken), then (with `browsed`, one array of categories per row) up to n_browse of
+    the best items of those categories not already taken, then the ANN list's rest; a user
+    without behaviours gets the ANN list.
     """
+    if browsed is not None:
+        return _with_browse(user_emb, item_emb, seq_items, k, share, n_seeds, browsed, categories, browse_share)
     n_i2i = int(round(share * k))
     ann = top_k_inner_product(user_emb, item_emb, k)  # (N, k)
     out = ann.copy()
@@ -71,7 +79,42 @@ def served_lists(user_emb: np.ndarray, item_emb: np.ndarray, seq_items: np.ndarr
     return out
 
 
-def _lists(model: TwoTower, inputs: dict[str, np.ndarray], popular: dict[str, np.ndarray], ks, item_emb: np.ndarray
+def _with_browse(user_emb, item_emb, seq_items, k, share, n_seeds, browsed, categories, browse_share) -> np.ndarray:
+    """served_lists with the browse source, in the serving order: ANN's head, i2i, browse, ANN's rest."""
+    n_i2i, n_b = int(round(share * k)), int(round(browse_share * k))
+    ann = top_k_inner_product(user_emb, item_emb, k)  # (N, k)
+    out = ann.copy()
+    empty = np.zeros(0, np.int64)
+    for n in range(len(user_emb)):
+        ids = seq_items[n, :, 0]
+        ids = ids[ids > 0] - 1
+        _, first = np.unique(ids, return_index=True)
+        seeds = ids[np.sort(first)][:n_seeds]
+        ni = n_i2i if len(seeds) else 0
+        nb = min(k - ni, n_b) if len(browsed[n]) else 0
+        head, i2i = ann[n, : k - ni - nb], empty
+        if ni:
+            nbrs = top_k_inner_product(item_emb[seeds], item_emb, -(-2 * ni // len(seeds)) + 1).T.ravel()  # rank-major
+            nbrs = nbrs[~np.isin(nbrs, seeds) & ~np.isin(nbrs, head)]
+            _, first = np.unique(nbrs, return_index=True)
+            i2i = nbrs[np.sort(first)][:ni]
+        taken = np.concatenate([head, i2i])
+        brw = categories.ranked(user_emb[n], item_emb, browsed[n], len(taken) + nb) if nb else empty
+        brw = brw[~np.isin(brw, taken)][:nb]
+        tail = ann[n, k - ni - nb :]
+        tail = tail[~np.isin(tail, np.concatenate([i2i, brw]))]
+        out[n] = np.concatenate([head, i2i, brw, tail])[:k]
+    return out
+
+
+def _browsed(data: SimData, users: np.ndarray, ts: np.ndarray) -> list[np.ndarray]:
+    """Each request's browse-source categories, from the log strictly before its time."""
+    cat = data.items.cols[:, 0] - 1
+    return [browsed_categories(item, when, kind, t, cat) for (item, when, kind), t in zip(user_logs(data.events, users, ts), ts)]
+
+
+def _lists(model: TwoTower, inputs: dict[str, np.ndarray], popular: dict[str, np.ndarray], ks, item_emb: np.ndarray,
+           browsed: list[np.ndarray] | None = None, categories: CategoryItems | None = None
            ) -> dict[tuple[str, int], np.ndarray]:
     """(list name, K) -> (N, K) ids. The served list is built for each K (its i2i quota is a share of K)."""
     user_emb = embed_users(model, inputs)
@@ -80,6 +123,9 @@ def _lists(model: TwoTower, inputs: dict[str, np.ndarray], popular: dict[str, np
     for k in ks:
         out["model", k] = ann[:, :k]
         out["served", k] = served_lists(user_emb, item_emb, inputs["seq_items"], k)
+        if browsed is not None:
+            out["served_browse", k] = served_lists(user_emb, item_emb, inputs["seq_items"], k, browsed=browsed,
+                                                   categories=categories)
         for name, order in popular.items():
             out[name, k] = np.broadcast_to(order[:k], (len(user_emb), k))
     return out
@@ -92,7 +138,9 @@ def click_recall(model: TwoTower, data: SimData, day: int, popular: dict[str, np
     rows = np.sort(np.random.default_rng(seed).permutation(len(clicks))[:max_clicks])
     inputs = materialise(clicks.subset(rows), USER_INPUTS + ("item_id",))
     out: dict[str, float] = {"clicks": int(len(rows))}
-    for (name, k), ids in _lists(model, inputs, popular, ks, item_emb).items():
+    browsed = _browsed(data, clicks.imps["user_id"][rows], clicks.imps["ts"][rows])
+    cats = CategoryItems(data.items.cols[:, 0] - 1)
+    for (name, k), ids in _lists(model, inputs, popular, ks, item_emb, browsed, cats).items():
         out[f"{name}@{k}"] = float((ids == inputs["item_id"][:, None]).any(axis=1).mean())
     return out
 
@@ -103,7 +151,9 @@ def oracle_recall(model: TwoTower, data: SimData, truth: Truth, day: int, popula
     req = first_requests(data, day, n_users, seed)
     oracle, _ = truth.oracle_top_k(req["user_id"], day, k_oracle)
     out: dict[str, float] = {"users": int(len(oracle))}
-    for (name, k), ids in _lists(model, {k: req[k] for k in USER_INPUTS}, popular, ks, item_emb).items():
+    browsed = _browsed(data, req["user_id"], req["ts"])
+    cats = CategoryItems(data.items.cols[:, 0] - 1)
+    for (name, k), ids in _lists(model, {k: req[k] for k in USER_INPUTS}, popular, ks, item_emb, browsed, cats).items():
         out[f"{name}@{k}"] = float(np.mean([np.isin(o, row).mean() for o, row in zip(oracle, ids)]))
     return out
 

@@ -31,7 +31,8 @@ import numpy as np
 
 from recstack import features as FE
 from recstack.data import load
-from recstack.serving.cascade import SOURCE_I2I, SOURCES, Cascade, Query
+from recstack.browse import browsed_categories
+from recstack.serving.cascade import SOURCE_BROWSE, SOURCE_I2I, SOURCES, Cascade, Query
 from recstack.world.truth import Truth
 
 
@@ -39,7 +40,8 @@ def requests(data, day: int, n_users: int, seed: int) -> dict[str, np.ndarray]:
     """First session of up to n_users users active on `day`, with their features at that time.
 
     -> {"user_id" (N,), "ts" (N,), "user_feats" (N, 4), "seq_items" (N, L, 5), "seq_extras" (N, L, 3),
-        "events": the full log's EventIndex (the interacted features, as training counts them)}
+        "events": the full log's EventIndex (the interacted features, as training counts them),
+        "log": per request, the user's events strictly before its time (item, ts, kind), for the browse source}
     """
     imps = data.impressions(day)
     order = np.lexsort((imps["ts"], imps["user_id"]))
@@ -49,7 +51,20 @@ def requests(data, day: int, n_users: int, seed: int) -> dict[str, np.ndarray]:
     users, ts = users[pick].astype(np.int64), ts[pick]
     hist = FE.history_features(data.behaviours, users, ts, data.items)  # strictly before ts: nothing from the session itself
     return {"user_id": users, "ts": ts, "user_feats": data.users.feats(users), "seq_items": hist.seq_items,
-            "seq_extras": hist.seq_extras, "events": data.event_index}
+            "seq_extras": hist.seq_extras, "events": data.event_index, "log": user_logs(data.events, users, ts)}
+
+
+def user_logs(ev: dict[str, np.ndarray], users: np.ndarray, ts: np.ndarray) -> list[tuple[np.ndarray, ...]]:
+    """Each (user, time): the user's events strictly before that time -> (item, ts, kind) arrays."""
+    mine = np.flatnonzero(np.isin(ev["user_id"], users))
+    mine = mine[np.argsort(ev["user_id"][mine], kind="stable")]
+    u = ev["user_id"][mine]
+    out = []
+    for user, t in zip(users, ts):
+        rows = mine[np.searchsorted(u, user) : np.searchsorted(u, user, side="right")]
+        rows = rows[ev["ts"][rows] < t]
+        out.append((ev["item_id"][rows], ev["ts"][rows], ev["kind"][rows]))
+    return out
 
 
 def _hits(a: np.ndarray, oracle: np.ndarray) -> float:
@@ -72,6 +87,7 @@ class Settings:
     seed: int = 0  # the user sample
     plot: bool = True  # cascade_recall.png
     full_grid: bool = False  # every (retrieval, coarse) pair with coarse <= retrieval (the CPU-budget Pareto sweep)
+    browse_share: float | None = None  # the browse source's share for the whole run (None: the cascade's own)
 
     def grid(self, n_items: int) -> list[tuple[int, int]]:
         """(retrieval, coarse) sizes: every retrieval size at default_coarse, every coarse size at
@@ -86,7 +102,7 @@ class Settings:
 
 
 METRICS = ("recall_retrieval", "recall_coarse", "recall_served", "gmv_share", "i2i_in_retrieved", "i2i_in_served",
-           "oracle_via_i2i", "ms", "cpu_ms")
+           "oracle_via_i2i", "browse_in_retrieved", "oracle_via_browse", "ms", "cpu_ms")
 WITH_SE = ("recall_retrieval", "recall_coarse", "recall_served", "gmv_share")
 
 
@@ -112,10 +128,14 @@ class _Oracle:
         def interacted(cands: np.ndarray) -> np.ndarray:  # over the full log at the request's time
             return req["events"].features(np.full(len(cands), user), np.full(len(cands), ts), cands)
 
+        browsed = None
+        if cascade.browse_share > 0:
+            item, when, kind = req["log"][n]
+            browsed = browsed_categories(item, when, kind, ts, cascade.categories.item_category, cascade.browse_window_s)
         return cascade.rank_features(Query(user_id=user, num_results=self.k, retrieval_size=retrieval_size,
                                            coarse_size=coarse_size),
                                      req["user_feats"][n : n + 1], req["seq_items"][n : n + 1],
-                                     req["seq_extras"][n : n + 1], trace=trace, interacted=interacted)
+                                     req["seq_extras"][n : n + 1], trace=trace, interacted=interacted, browsed=browsed)
 
 
 def _measure(cascade: Cascade, oracle: _Oracle, r: int, c: int) -> dict[str, list[float]]:
@@ -138,6 +158,9 @@ def _measure(cascade: Cascade, oracle: _Oracle, r: int, c: int) -> dict[str, lis
         rows["i2i_in_retrieved"].append(float(is_i2i.mean()) if len(is_i2i) else 0.0)
         rows["i2i_in_served"].append(float(np.mean([s == SOURCE_I2I for s in res.sources])) if res.sources else 0.0)
         rows["oracle_via_i2i"].append(_hits(trace["retrieved"][is_i2i], o))
+        is_browse = trace["retrieved_sources"] == SOURCES.index(SOURCE_BROWSE)
+        rows["browse_in_retrieved"].append(float(is_browse.mean()) if len(is_browse) else 0.0)
+        rows["oracle_via_browse"].append(_hits(trace["retrieved"][is_browse], o))
     return rows
 
 
@@ -225,6 +248,8 @@ def run(bundle: str | Path, data_dir: str | Path, out_dir: str | Path, settings:
     day = data.test_day if settings.day is None else int(settings.day)
     if cascade is None:
         cascade = Cascade.load(bundle)
+    if settings.browse_share is not None:
+        cascade.browse_share = float(settings.browse_share)
     if cascade.n_items != truth.n_items or cascade.n_users != truth.n_users:
         raise ValueError(f"bundle ({cascade.n_users} users, {cascade.n_items} items) is not of this world "
                          f"({truth.n_users} users, {truth.n_items} items)")
@@ -235,6 +260,7 @@ def run(bundle: str | Path, data_dir: str | Path, out_dir: str | Path, settings:
     results = {
         "k": k, "day": day, "n_users": int(len(oracle.users)), "n_items": int(cascade.n_items),
         "data_dir": str(Path(data_dir).resolve()), "bundle_version": cascade.version, "i2i_seeds": cascade.i2i_seeds,
+        "browse_share": cascade.browse_share, "browse_window_s": cascade.browse_window_s,
         "oracle": "top k of the whole corpus by true E[pCTR] x pCVR x price for the day's intent (recstack.world.truth)",
         "requests": "first session of each sampled user active that day; features strictly before its time",
         "configs": configs, "references": references, "wall_seconds": round(time.perf_counter() - t_start, 1),

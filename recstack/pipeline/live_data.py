@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from recstack import bundle as B
 from recstack.data.live_log import live_log_to_world, read_log
-from recstack.serving.cascade import snapshot_time
+from recstack.serving.loading import snapshot_time
 from recstack.serving.impressions import EVENT_SCHEMA, IMPRESSION_SCHEMA
 from recstack.world.schema import DAY_FILE
 

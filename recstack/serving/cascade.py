@@ -25,12 +25,10 @@ function training builds its features with.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -42,20 +40,24 @@ from recstack.bundle import Bundle, BundleError
 from recstack.interacted import one_user_features
 from recstack.bundle_files import COARSE_TOWER, RETRIEVAL_INDEX, RETRIEVAL_TOWER
 from recstack.serving.backends import open_backend
+from recstack import browse
+from recstack.browse import CategoryItems, browsed_categories
 from recstack.serving.candidates import FAISS, RetrievalUnavailable, popularity_order
 from recstack.serving.coarse import CoarseVectors, inner_products_by_idx  # noqa: F401 (re-exported)
 from recstack.serving.fine import FineScorer
-from recstack.serving.loading import OnnxModel, read_ids, read_item_emb, read_snapshot
+from recstack.serving.loading import OnnxModel, read_ids, read_item_emb, read_snapshot, snapshot_time
 from recstack.serving.objective import read_values
+from recstack.serving.query import DeadlineExceeded, Query, Ranking  # noqa: F401 (re-exported)
 from recstack.serving.scratch import ThreadScratch
-from recstack.serving.store.base import Events, Snapshot
+from recstack.serving.store.base import Snapshot
 
 log = logging.getLogger("recstack.serving")
 
 SOURCE_ANN = "ann"  # FAISS search with the retrieval user vector
 SOURCE_I2I = "i2i"  # nearest neighbours (same index) of the user's most recent behaviours
 SOURCE_POPULAR = "popular"  # the snapshot's most popular items, when the retrieval backend is unavailable
-SOURCES = (SOURCE_ANN, SOURCE_I2I, SOURCE_POPULAR)  # a candidate's source code is its position here
+SOURCE_BROWSE = "browse"  # the best items of the categories just browsed (recstack.browse)
+SOURCES = (SOURCE_ANN, SOURCE_I2I, SOURCE_POPULAR, SOURCE_BROWSE)  # a candidate's source code is its position here
 # share of the request's remaining time a remote retrieval call may take (the rest is for the
 # later stages, or for the degraded answer if the call times out)
 RETRIEVAL_DEADLINE_SHARE = 0.5
@@ -78,72 +80,31 @@ def _log_degraded(backend: str, error: Exception, every_s: float = 10.0) -> None
         log.warning("retrieval backend %s unavailable, serving popularity candidates: %s", backend, error)
 
 
-class DeadlineExceeded(RuntimeError):
-    """The caller's deadline passed (or the caller left) before a stage or a model started."""
-
-
-@dataclass(frozen=True)
-class Query:
-    """A validated request (see recstack.serving.validate); behaviour arrays are (K,) each."""
-
-    user_id: int
-    num_results: int
-    retrieval_size: int
-    coarse_size: int
-    item_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
-    seconds_ago: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float64))
-    kinds: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8))
-    dwell: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
-    now: float | None = None  # the request's time (seconds since the epoch); None = the cascade's clock
-    # the user's events from the feature store (snapshot + live); None = the bundle's snapshot alone
-    history: Events | None = field(default=None, compare=False, repr=False)
-
-
-@dataclass
-class Ranking:
-    """The cascade's answer: (N,) arrays sorted by score descending."""
-
-    item_ids: np.ndarray
-    scores: np.ndarray
-    pctr: np.ndarray
-    pcvr: np.ndarray
-    price: np.ndarray
-    coarse_scores: np.ndarray
-    sources: list[str]
-    cold_start: bool
-    timings_ms: dict[str, float]
-    counts: dict[str, int]
-    degraded_retrieval: bool = False  # the retrieval backend did not answer: popularity candidates
-
-
-def snapshot_time(manifest: dict) -> float:
-    """When the bundle's snapshot was taken, in seconds since the epoch: its export time
-    (`created`, ISO 8601). BundleError when that is missing or unparsable."""
-    created = manifest.get("created")
-    try:
-        t = _dt.datetime.fromisoformat(str(created))
-    except ValueError:
-        raise BundleError(f"manifest.json: created: {created!r} is not an ISO 8601 time") from None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=_dt.timezone.utc)
-    return t.timestamp()
-
-
 class Cascade:
     """A loaded bundle and the per-request pipeline. Thread-safe: `rank` only reads shared state
     (besides each thread's own id scratch, `recstack.serving.scratch.IdScratch`)."""
 
     def __init__(self, bundle: Bundle, onnx_threads: int = 1, faiss_threads: int = 1,
                  i2i_share: float = 0.3, i2i_seeds: int = 5, retrieval_backend: str = FAISS,
-                 retrieval_timeout_s: float = 0.05):
-        if not 0.0 <= i2i_share <= 1.0:
-            raise ValueError(f"i2i_share must be in [0, 1], got {i2i_share}")
+                 retrieval_timeout_s: float = 0.05, browse_share: float = browse.DEFAULT_SHARE,
+                 browse_window_s: float = browse.DEFAULT_WINDOW_S,
+                 browse_coarse_share: float = browse.DEFAULT_COARSE_SHARE):
+        for name, share in (("i2i_share", i2i_share), ("browse_share", browse_share),
+                            ("browse_coarse_share", browse_coarse_share)):
+            if not 0.0 <= share <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {share}")
+        if not browse_window_s > 0:
+            raise ValueError(f"browse_window_s must be > 0, got {browse_window_s}")
         if i2i_seeds < 0:
             raise ValueError(f"i2i_seeds must be >= 0, got {i2i_seeds}")
         # share of retrieval_size reserved for the item-to-item source (what it does not fill,
         # ANN fills), and how many of the most recent distinct behaviours seed it
         self.i2i_share = float(i2i_share)
         self.i2i_seeds = int(i2i_seeds)
+        # share reserved for the browse source, how far back a browse event counts, and the share
+        # of the coarse cut reserved for its candidates (the coarse student cannot see browsing)
+        self.browse_share, self.browse_window_s = float(browse_share), float(browse_window_s)
+        self.browse_coarse_share = float(browse_coarse_share)
         self.bundle = bundle
         self.version = bundle.version
         m = bundle.manifest
@@ -179,6 +140,7 @@ class Cascade:
         self.search_params: dict[str, int] = dict(getattr(self.retrieval, "search_params", {}) or {})
         self.item_emb: np.ndarray | None = read_item_emb(bundle, self.n_items, self.retrieval.dim)
         self.popular = popularity_order(beh_item, self.n_items)  # (I,) the degraded candidates
+        self.categories = CategoryItems(self.items.cols[:, 0] - 1)  # the browse source's category -> items
         faiss.omp_set_num_threads(faiss_threads)
         weakref.finalize(self, self.retrieval.close)  # a remote backend's connection goes with the model
 
@@ -197,7 +159,8 @@ class Cascade:
         warm up a bundle dir or artifacts root.
 
         options: i2i_share, i2i_seeds, retrieval_backend (a URI, see recstack.serving.candidates),
-        retrieval_timeout_s (the longest a remote retrieval call may take)."""
+        retrieval_timeout_s (the longest a remote retrieval call may take), browse_share,
+        browse_window_s, browse_coarse_share (recstack.browse)."""
         cascade = cls(Bundle.open(path, verify=True, key=key), onnx_threads=onnx_threads, faiss_threads=faiss_threads,
                       **options)
         if warm:
@@ -299,6 +262,11 @@ class Cascade:
         item, ts, kind, _, now = self._user_log(q)
         return lambda cands: one_user_features(item, ts, kind, now, self.items, cands)
 
+    def browsed_for(self, q: Query) -> np.ndarray:
+        """The browse source's triggers: the categories of the user's recent browse events, newest first."""
+        item, ts, kind, _, now = self._user_log(q)
+        return browsed_categories(item, ts, kind, now, self.categories.item_category, self.browse_window_s)
+
     def recent_items(self, seq_items: np.ndarray) -> np.ndarray:
         """The i2i seeds: the sequence's (1, L, 5) distinct items, newest first, at most i2i_seeds. -> (S,) raw ids."""
         ids = seq_items[0, :, 0]
@@ -317,12 +285,14 @@ class Cascade:
         return scratch.first_occurrences(flat)[:n]
 
     def retrieve(self, user_emb: np.ndarray, seeds: np.ndarray, k: int,
-                 timeout_s: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Both sources merged: user_emb (1, D), seeds (S,) -> (item ids (R,) int64, source codes (R,) int8), R <= k.
+                 timeout_s: float | None = None, browsed: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The sources merged: user_emb (1, D), seeds (S,), browsed categories (B,) -> (item ids
+        (R,) int64, source codes (R,) int8), R <= k.
 
-        Quotas: i2i gets round(i2i_share * k) slots, ANN the rest; either source's unused
-        slots go to the other (ANN is asked for k so it can backfill). Items are distinct, in
-        [0, n_items) (-1 padding is dropped), ANN's first, each source in its own order.
+        Quotas: i2i gets round(i2i_share * k) slots, browse round(browse_share * k) (when
+        `browsed` names categories; at most what i2i leaves), ANN the rest; unused slots go to ANN (it is asked for k so
+        it can backfill). Items are distinct, in [0, n_items) (-1 padding is dropped): ANN's
+        head, then i2i, then browse, then ANN's tail, each source in its own order.
         One backend call searches the user vector (for k neighbours) and the seeds' vectors
         together; each seed is asked for per_seed = ceil(2 n_i2i / S) + 1 (2x the quota: the
         seeds' lists overlap each other and ANN's share; +1: a seed finds itself), not for k: an
@@ -333,6 +303,8 @@ class Cascade:
         k = min(k, self.n_items)
         use_i2i = self.item_emb is not None and len(seeds) > 0 and self.i2i_share > 0
         n_i2i = min(k, int(round(self.i2i_share * k))) if use_i2i else 0
+        use_browse = self.item_emb is not None and browsed is not None and len(browsed) > 0 and self.browse_share > 0
+        n_browse = min(k - n_i2i, int(round(self.browse_share * k))) if use_browse else 0
         per_seed = min(self.n_items, -(-min(self.n_items, 2 * n_i2i) // len(seeds)) + 1) if n_i2i else 0
         queries = user_emb
         if n_i2i:
@@ -346,13 +318,17 @@ class Cascade:
         ann = ids[0][(ids[0] >= 0) & (ids[0] < self.n_items)]
         scratch = self._scratch.get()
         ann = scratch.first_occurrences(ann)
-        head = ann[: k - n_i2i]
+        head = ann[: k - n_i2i - n_browse]
         i2i = self._i2i(ids[1:, :per_seed], seeds, min(self.n_items, 2 * n_i2i)) if n_i2i else np.zeros(0, np.int64)
         i2i = i2i[~scratch.member(i2i, head)][:n_i2i]
-        tail = ann[k - n_i2i :]
-        tail = tail[~scratch.member(tail, i2i)]
-        cands = np.concatenate([head, i2i, tail])[:k].astype(np.int64)
-        src = np.concatenate([np.zeros(len(head), np.int8), np.ones(len(i2i), np.int8), np.zeros(len(tail), np.int8)])[:k]
+        taken = np.concatenate([head, i2i])
+        brw = self.categories.ranked(user_emb[0], self.item_emb, browsed, len(taken) + n_browse) if n_browse else taken[:0]
+        brw = brw[~scratch.member(brw, taken)][:n_browse]
+        tail = ann[k - n_i2i - n_browse :]
+        tail = tail[~scratch.member(tail, np.concatenate([i2i, brw]))]
+        cands = np.concatenate([head, i2i, brw, tail])[:k].astype(np.int64)
+        code = [SOURCES.index(s) for s in (SOURCE_ANN, SOURCE_I2I, SOURCE_BROWSE, SOURCE_ANN)]
+        src = np.concatenate([np.full(len(p), c, np.int8) for p, c in zip((head, i2i, brw, tail), code)])[:k]
         return cands, src
 
     def score_coarse(self, tower_in: dict[str, np.ndarray], cands: np.ndarray) -> np.ndarray:
@@ -368,6 +344,23 @@ class Cascade:
         item vectors (int8 shortlist + float32 re-score when served, recstack.serving.coarse).
         The benchmark's teacher-as-coarse peer overrides this method."""
         return self.coarse_vectors.top(cands, self._coarse_user_vec(tower_in, cands), keep)
+
+    def coarse_cut(self, tower_in: dict[str, np.ndarray], cands: np.ndarray, src: np.ndarray,
+                   keep: int) -> tuple[np.ndarray, np.ndarray]:
+        """`select_coarse` with round(browse_coarse_share * keep) places reserved for the browse
+        source's best candidates by coarse score (the coarse student does not see browsing, the
+        fine ranker does); the other places go to the best of all the rest."""
+        is_b = src == SOURCES.index(SOURCE_BROWSE)
+        n_b = min(int(round(self.browse_coarse_share * keep)), int(is_b.sum())) if keep < len(cands) else 0
+        if n_b == 0:
+            return self.select_coarse(tower_in, cands, keep)
+        b = np.flatnonzero(is_b)
+        kb, sb = self.select_coarse(tower_in, cands[b], n_b)
+        rest = np.ones(len(cands), bool)
+        rest[b[kb]] = False
+        rest = np.flatnonzero(rest)
+        kr, sr = self.select_coarse(tower_in, cands[rest], keep - n_b)
+        return np.concatenate([b[kb], rest[kr]]), np.concatenate([sb, sr])
 
     def _coarse_user_vec(self, tower_in: dict[str, np.ndarray], cands: np.ndarray) -> np.ndarray:
         if len(cands) and (cands.min() < 0 or cands.max() >= self.n_items):  # the fused kernels do not check
@@ -403,7 +396,8 @@ class Cascade:
         seq_items, seq_extras, cold = self.sequence(q)
         user_feats = self.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
         return self.rank_features(q, user_feats, seq_items, seq_extras, cold_start=cold,
-                                  time_remaining=time_remaining, t0=t0, interacted=self.interacted_for(q))
+                                  time_remaining=time_remaining, t0=t0, interacted=self.interacted_for(q),
+                                  browsed=self.browsed_for(q) if self.browse_share > 0 else None)
 
     def rank_features(
         self,
@@ -417,6 +411,7 @@ class Cascade:
         trace: dict | None = None,
         t0: float | None = None,
         interacted: Callable[[np.ndarray], np.ndarray] | None = None,
+        browsed: np.ndarray | None = None,
     ) -> Ranking:
         """The cascade on given features: user_feats (1, 4), seq_items (1, L, 5), seq_extras (1, L, 3).
 
@@ -425,7 +420,8 @@ class Cascade:
         receives each stage's surviving ids: "retrieved", "retrieved_sources", "coarse".
         q's behaviour arrays are not read here (they are in the sequence already). `interacted`:
         candidates (M,) -> their interacted features over the user's full log (`interacted_for`);
-        None counts them on the sequence.
+        None counts them on the sequence. `browsed`: the browse source's categories (`browsed_for`);
+        None: no browse source.
         """
 
         def check(stage: str) -> float | None:
@@ -444,7 +440,8 @@ class Cascade:
         user_emb = np.ascontiguousarray(self.retrieval_tower(tower_in), dtype=np.float32)  # (1, D)
         left = check("retrieval search")
         budget = None if left is None else RETRIEVAL_DEADLINE_SHARE * left  # bounds a remote backend's call
-        cands, src = self.retrieve(user_emb, self.recent_items(seq_items), q.retrieval_size, timeout_s=budget)
+        cands, src = self.retrieve(user_emb, self.recent_items(seq_items), q.retrieval_size, timeout_s=budget,
+                                   browsed=browsed)
         degraded = bool(len(src)) and bool(src[0] == SOURCES.index(SOURCE_POPULAR))
         n_retrieved = len(cands)
         if trace is not None:
@@ -453,7 +450,7 @@ class Cascade:
         timings["retrieval_ms"] = (t2 - t1) * 1e3
 
         check("coarse")
-        keep, coarse = self.select_coarse(tower_in, cands, q.coarse_size)  # (C,) each
+        keep, coarse = self.coarse_cut(tower_in, cands, src, q.coarse_size)  # (C,) each
         cands, src = cands[keep], src[keep]
         if trace is not None:
             trace["coarse"] = cands.copy()

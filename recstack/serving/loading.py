@@ -8,6 +8,7 @@ Export runs the same index check (`check_index_finite`) before it writes a bundl
 """
 from __future__ import annotations
 
+import datetime as _dt
 from pathlib import Path
 
 import faiss
@@ -184,3 +185,16 @@ def check_index_finite(index, rel: str, chunk: int = 65_536) -> bool:
         raise BundleError(f"bundle file {rel!r}: {bad} NaN or infinite values in the index; a model file must be "
                           "finite (did training diverge?)")
     return True
+
+
+def snapshot_time(manifest: dict) -> float:
+    """When the bundle's snapshot was taken, in seconds since the epoch: its export time
+    (`created`, ISO 8601). BundleError when that is missing or unparsable."""
+    created = manifest.get("created")
+    try:
+        t = _dt.datetime.fromisoformat(str(created))
+    except ValueError:
+        raise BundleError(f"manifest.json: created: {created!r} is not an ISO 8601 time") from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return t.timestamp()

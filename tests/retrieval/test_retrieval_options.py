@@ -11,6 +11,7 @@ import pytest
 from recstack.config import ConfigError, from_dict
 from recstack.data import load
 from recstack.training import checkpoint
+from recstack.browse import CategoryItems
 from retrieval import positives as P
 from retrieval.config import Config
 from retrieval.evaluation import load_model, run as evaluate_run, served_lists
@@ -152,11 +153,35 @@ def test_served_lists_merge_the_two_sources_as_serving_does():
     assert np.isin(i2i, nb).all()
 
 
+def test_served_lists_with_the_browse_source_follow_the_serving_order():
+    rng = np.random.default_rng(1)
+    item_emb = rng.normal(size=(300, 8)).astype(np.float32)
+    users = rng.normal(size=(3, 8)).astype(np.float32)
+    categories = CategoryItems(np.arange(300) % 10)
+    seq = np.zeros((3, 50, 5), np.int64)
+    seq[0, :2, 0] = np.array([7, 20]) + 1
+    browsed = [np.array([3, 4]), np.array([5]), np.zeros(0, np.int64)]
+    got = served_lists(users, item_emb, seq, 20, share=0.3, browsed=browsed, categories=categories, browse_share=0.2)
+    ann = top_k_inner_product(users, item_emb, 20)
+    assert got.shape == (3, 20) and all(len(np.unique(r)) == 20 for r in got)
+    # no browsing: exactly the two-source merge
+    np.testing.assert_array_equal(got[2], served_lists(users[2:], item_emb, seq[2:], 20, share=0.3)[0])
+    # row 1 (no seeds): ANN's first 16, then the 4 best items of category 5 that ANN's head lacks
+    head = ann[1, :16]
+    np.testing.assert_array_equal(got[1, :16], head)
+    pool = np.flatnonzero(np.arange(300) % 10 == 5)
+    pool = pool[~np.isin(pool, head)]
+    np.testing.assert_array_equal(got[1, 16:], pool[np.argsort(-(item_emb[pool] @ users[1]))][:4])
+    # row 0: ANN's first 20 - 6 - 4, six i2i items, then four browse items of categories 3 / 4
+    np.testing.assert_array_equal(got[0, :10], ann[0, :10])
+    assert np.isin(got[0, 16:] % 10, [3, 4]).all() and not np.isin(got[0, 10:16], ann[0, :10]).any()
+
+
 def test_evaluation_reports_recall_against_clicks_and_the_oracle(log_run, tiny_data):
     res = evaluate_run(log_run[0], tiny_data, n_users=20, max_clicks=100, ks=(10, 50), ceiling_clicks=10)
     assert res["split"] == "valid" and res["day"] == load(tiny_data).valid_day
     for part in ("clicks", "oracle"):
-        for name in ("model", "served", "popularity", "popularity_log"):
+        for name in ("model", "served", "served_browse", "popularity", "popularity_log"):
             for k in (10, 50):
                 assert 0.0 <= res[part][f"{name}@{k}"] <= 1.0
             assert res[part][f"{name}@10"] <= res[part][f"{name}@50"] + 1e-12
