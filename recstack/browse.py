@@ -67,8 +67,12 @@ class CategoryItems:
     def ranked(self, user_emb: np.ndarray, item_emb: np.ndarray, cats: np.ndarray, n: int) -> np.ndarray:
         """The items of `cats` by inner product with user_emb (D,) over item_emb (I, D), best
         first (equal scores: lower id first), at most n: (<= n,) int64."""
-        pool = np.sort(self.members(cats))  # ascending ids: the mmap'd rows are read in order
+        pool = np.sort(self.members(cats))  # ascending ids: ties broken by id below
         if not len(pool) or n <= 0:
             return np.zeros(0, np.int64)
         scores = np.asarray(item_emb[pool], dtype=np.float32) @ np.asarray(user_emb, np.float32).reshape(-1)
+        if n < len(pool):  # the n best (and every item tied with the n-th), then their order
+            cut = np.partition(scores, len(pool) - n)[len(pool) - n]
+            keep = scores >= cut
+            pool, scores = pool[keep], scores[keep]
         return pool[np.lexsort((pool, -scores))[:n]]

@@ -139,6 +139,9 @@ class Cascade:
         self.index = getattr(self.retrieval, "index", None)
         self.search_params: dict[str, int] = dict(getattr(self.retrieval, "search_params", {}) or {})
         self.item_emb: np.ndarray | None = read_item_emb(bundle, self.n_items, self.retrieval.dim)
+        if self.item_emb is not None and self.browse_share > 0:
+            # the browse source reads thousands of rows per request: in memory, not page faults
+            self.item_emb = np.ascontiguousarray(self.item_emb)
         self.popular = popularity_order(beh_item, self.n_items)  # (I,) the degraded candidates
         self.categories = CategoryItems(self.items.cols[:, 0] - 1)  # the browse source's category -> items
         faiss.omp_set_num_threads(faiss_threads)
