@@ -22,9 +22,10 @@ BROWSE_KINDS = tuple(F.EVENT_KINDS.index(k) for k in ("view", "favourite", "cart
 DEFAULT_WINDOW_S = 3_600.0  # a browse event older than this no longer says what the user is after now
 DEFAULT_MAX_CATEGORIES = 8
 # The serving defaults, chosen on the validation day of `small` (docs/results/cascade/browse.md):
-# a fifth of the retrieved candidates, and half of the coarse cut kept for the best of them.
+# a fifth of the retrieved candidates, and three quarters of the coarse cut kept for the best of
+# the candidates in a browsed category.
 DEFAULT_SHARE = 0.2
-DEFAULT_COARSE_SHARE = 0.5
+DEFAULT_COARSE_SHARE = 0.75
 
 
 def browsed_categories(item: np.ndarray, ts: np.ndarray, kind: np.ndarray, now: float, item_category: np.ndarray,
@@ -67,7 +68,7 @@ class CategoryItems:
     def ranked(self, user_emb: np.ndarray, item_emb: np.ndarray, cats: np.ndarray, n: int) -> np.ndarray:
         """The items of `cats` by inner product with user_emb (D,) over item_emb (I, D), best
         first (equal scores: lower id first), at most n: (<= n,) int64."""
-        pool = np.sort(self.members(cats))  # ascending ids: ties broken by id below
+        pool = self.members(cats)  # ties are broken by id below, whatever the order here
         if not len(pool) or n <= 0:
             return np.zeros(0, np.int64)
         scores = np.asarray(item_emb[pool], dtype=np.float32) @ np.asarray(user_emb, np.float32).reshape(-1)

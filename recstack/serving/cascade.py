@@ -348,16 +348,18 @@ class Cascade:
         The benchmark's teacher-as-coarse peer overrides this method."""
         return self.coarse_vectors.top(cands, self._coarse_user_vec(tower_in, cands), keep)
 
-    def coarse_cut(self, tower_in: dict[str, np.ndarray], cands: np.ndarray, src: np.ndarray,
+    def coarse_cut(self, tower_in: dict[str, np.ndarray], cands: np.ndarray, browsed: np.ndarray | None,
                    keep: int) -> tuple[np.ndarray, np.ndarray]:
-        """`select_coarse` with round(browse_coarse_share * keep) places reserved for the browse
-        source's best candidates by coarse score (the coarse student does not see browsing, the
-        fine ranker does); the other places go to the best of all the rest."""
-        is_b = src == SOURCES.index(SOURCE_BROWSE)
-        n_b = min(int(round(self.browse_coarse_share * keep)), int(is_b.sum())) if keep < len(cands) else 0
+        """`select_coarse` with round(browse_coarse_share * keep) places reserved for the best (by
+        coarse score) of the candidates in a browsed category, whichever source found them: the
+        coarse student does not see browsing, the fine ranker does. The other places go to the
+        best of all the rest."""
+        in_browsed = (np.isin(self.categories.item_category[cands], browsed)
+                      if browsed is not None and len(browsed) and keep < len(cands) else np.zeros(0, bool))
+        n_b = min(int(round(self.browse_coarse_share * keep)), int(in_browsed.sum()))
         if n_b == 0:
             return self.select_coarse(tower_in, cands, keep)
-        b = np.flatnonzero(is_b)
+        b = np.flatnonzero(in_browsed)
         kb, sb = self.select_coarse(tower_in, cands[b], n_b)
         rest = np.ones(len(cands), bool)
         rest[b[kb]] = False
@@ -453,7 +455,7 @@ class Cascade:
         timings["retrieval_ms"] = (t2 - t1) * 1e3
 
         check("coarse")
-        keep, coarse = self.coarse_cut(tower_in, cands, src, q.coarse_size)  # (C,) each
+        keep, coarse = self.coarse_cut(tower_in, cands, browsed if self.browse_share > 0 else None, q.coarse_size)
         cands, src = cands[keep], src[keep]
         if trace is not None:
             trace["coarse"] = cands.copy()
