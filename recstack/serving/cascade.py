@@ -140,8 +140,9 @@ class Cascade:
         self.search_params: dict[str, int] = dict(getattr(self.retrieval, "search_params", {}) or {})
         self.item_emb: np.ndarray | None = read_item_emb(bundle, self.n_items, self.retrieval.dim)
         if self.item_emb is not None and self.browse_share > 0:
-            # the browse source reads thousands of rows per request: in memory, not page faults
-            self.item_emb = np.ascontiguousarray(self.item_emb)
+            # the browse source reads thousands of rows per request: a copy in memory (1e6 items
+            # x 64 floats = 256 MB), not page faults on the memory-mapped file
+            self.item_emb = np.array(self.item_emb, dtype=np.float32, order="C")
         self.popular = popularity_order(beh_item, self.n_items)  # (I,) the degraded candidates
         self.categories = CategoryItems(self.items.cols[:, 0] - 1)  # the browse source's category -> items
         faiss.omp_set_num_threads(faiss_threads)
@@ -325,7 +326,11 @@ class Cascade:
         i2i = self._i2i(ids[1:, :per_seed], seeds, min(self.n_items, 2 * n_i2i)) if n_i2i else np.zeros(0, np.int64)
         i2i = i2i[~scratch.member(i2i, head)][:n_i2i]
         taken = np.concatenate([head, i2i])
-        brw = self.categories.ranked(user_emb[0], self.item_emb, browsed, len(taken) + n_browse) if n_browse else taken[:0]
+        brw = taken[:0]
+        if n_browse:
+            item_emb, query = self.item_emb, np.ascontiguousarray(user_emb[0], np.float32)
+            brw = self.categories.ranked(query, item_emb, browsed, len(taken) + n_browse,
+                                         score=lambda ids: inner_products_by_idx(item_emb, ids, query))
         brw = brw[~scratch.member(brw, taken)][:n_browse]
         tail = ann[k - n_i2i - n_browse :]
         tail = tail[~scratch.member(tail, np.concatenate([i2i, brw]))]
