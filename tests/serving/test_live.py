@@ -83,6 +83,23 @@ def test_logged_events_reach_the_next_rank(served):
     assert other.stage_counts.sequence_length == 0  # nobody else's
 
 
+def test_logged_views_trigger_the_browse_source(served):
+    target, now = served["target"], time.time()
+    sizes = {"retrieval_size": 50, "coarse_size": 50}  # every retrieved candidate is returned
+    before = client.rank(target, PROFILE_ONLY_USER, k=50, **sizes)
+    assert "browse" not in [it.source for it in before.items]
+    views = [client.event(PROFILE_ONLY_USER, item, now - 60 + i, "view", 8.0) for i, item in enumerate((4, 140, 260))]
+    assert client.log_events(target, views).accepted == 3
+    after = client.rank(target, PROFILE_ONLY_USER, k=50, **sizes)
+    cascade = served["servicer"].cascade
+    category = cascade.categories.item_category
+    browsed = set(category[cascade.ids.items.internal_of_ints([4, 140, 260])].tolist())
+    got = cascade.ids.items.internal_of_ints([it.item_id for it in after.items if it.source == "browse"])
+    assert len(got) == 10  # round(0.2 x 50): the browsed categories hold enough items
+    assert set(category[got].tolist()) <= browsed
+    assert after.stage_counts.sequence_length == 0  # views are not clicks: no sequence, no i2i
+
+
 def test_the_snapshot_is_aged_at_request_time(served):
     cascade = served["servicer"].cascade
     q = Query(user_id=0, num_results=5, retrieval_size=50, coarse_size=20)
