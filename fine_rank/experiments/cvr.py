@@ -21,12 +21,12 @@ NOTES = [
     "Scale: the CVR model learns from the clicked impressions of a few simulated days (the counts are in "
     "the table), the paper's from 1.4e10 clicks. The data curve shows how much the baseline still gains from "
     "more rows, i.e. how much room sample efficiency has.",
-    "Post-event features: in the simulator (`recstack/world/simulate.py`) dwell, comments, chat and cart are "
-    "caused by the realised purchase (dwell and comments also by the price) plus noise; they carry no latent "
-    "intent beyond the label. The teacher's soft label therefore estimates P(purchase | regular, post-event), "
-    "whose mean given the regular features is the student's own target: distillation can help only by "
-    "lowering the variance of the training target (sample efficiency), and the nearer the features come to "
-    "revealing the label (see the teacher AUC), the closer the soft label is to the hard one.",
+    "Post-event features: in the simulator (`recstack/world/simulate.py`) dwell, comments, chat and cart follow "
+    "a mix of the realised purchase and the latent purchase propensity (the centred true purchase logit; the world's "
+    "`post_event_propensity` sets the mix, `post_event_strength` the scale), dwell, comments and chat also the "
+    "price, plus noise. The teacher's soft label estimates P(purchase | regular, post-event), whose mean given "
+    "the regular features is the student's own target: distillation helps by lowering the variance of the "
+    "training target, more the more the features reveal the propensity rather than the realised label.",
     "LUPI's teacher does not see the price while dwell and comments grow with it, PFD §4's argument for "
     "adding the regular features to the teacher; the λ table shows what that does to its student as λ grows.",
     "MD and PFD+MD teachers are CPU-sized (`cvr_md_hidden`, default 1024-512-512-256-128; the paper: 7 layers "
