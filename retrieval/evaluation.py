@@ -56,32 +56,7 @@ def served_lists(user_emb: np.ndarray, item_emb: np.ndarray, seq_items: np.ndarr
     the best items of those categories not already taken, then the ANN list's rest; a user
     without behaviours gets the ANN list.
     """
-    if browsed is not None:
-        return _with_browse(user_emb, item_emb, seq_items, k, share, n_seeds, browsed, categories, browse_share)
-    n_i2i = int(round(share * k))
-    ann = top_k_inner_product(user_emb, item_emb, k)  # (N, k)
-    out = ann.copy()
-    for n in range(len(user_emb)):
-        ids = seq_items[n, :, 0]
-        ids = ids[ids > 0] - 1
-        _, first = np.unique(ids, return_index=True)
-        seeds = ids[np.sort(first)][:n_seeds]
-        if len(seeds) == 0 or n_i2i == 0:
-            continue
-        per_seed = -(-2 * n_i2i // len(seeds)) + 1
-        nb = top_k_inner_product(item_emb[seeds], item_emb, per_seed).T.ravel()  # rank-major
-        head = ann[n, : k - n_i2i]
-        nb = nb[~np.isin(nb, seeds) & ~np.isin(nb, head)]
-        _, first = np.unique(nb, return_index=True)
-        i2i = nb[np.sort(first)][:n_i2i]
-        tail = ann[n, k - n_i2i :]
-        out[n] = np.concatenate([head, i2i, tail[~np.isin(tail, i2i)]])[:k]
-    return out
-
-
-def _with_browse(user_emb, item_emb, seq_items, k, share, n_seeds, browsed, categories, browse_share) -> np.ndarray:
-    """served_lists with the browse source, in the serving order: ANN's head, i2i, browse, ANN's rest."""
-    n_i2i, n_b = int(round(share * k)), int(round(browse_share * k))
+    n_i2i, n_b = int(round(share * k)), int(round(browse_share * k)) if browsed is not None else 0
     ann = top_k_inner_product(user_emb, item_emb, k)  # (N, k)
     out = ann.copy()
     empty = np.zeros(0, np.int64)
@@ -91,7 +66,7 @@ def _with_browse(user_emb, item_emb, seq_items, k, share, n_seeds, browsed, cate
         _, first = np.unique(ids, return_index=True)
         seeds = ids[np.sort(first)][:n_seeds]
         ni = n_i2i if len(seeds) else 0
-        nb = min(k - ni, n_b) if len(browsed[n]) else 0
+        nb = min(k - ni, n_b) if n_b and len(browsed[n]) else 0
         head, i2i = ann[n, : k - ni - nb], empty
         if ni:
             nbrs = top_k_inner_product(item_emb[seeds], item_emb, -(-2 * ni // len(seeds)) + 1).T.ravel()  # rank-major
