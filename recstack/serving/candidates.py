@@ -11,8 +11,9 @@ imports pymilvus only when a `milvus://` URI selects it.
 Both candidate sources go through one `search` call: row 0 of `queries` is the user vector
 (ANN, asked for the request's k), the rest are the item-to-item seeds' vectors, each asked only
 for its own share. A backend answers rows with different k as it can do best: FAISS in one
-search per distinct k (an IVF search's cost grows with k: its result heaps), a remote engine in
-one call for the largest k.
+search per distinct k (an IVF search's cost grows with k: its result heaps), a row with a k of
+WIDE_K or more over an IVF-Flat index by scoring its probed lists directly
+(recstack.serving.ivf_scan), a remote engine in one call for the largest k.
 
 A backend that cannot answer (unreachable, or slower than the timeout it was given) raises
 RetrievalUnavailable; the cascade then serves popularity candidates and flags the response
@@ -30,6 +31,7 @@ import numpy as np
 
 from recstack.bundle import Bundle, BundleError
 from recstack.bundle_files import RETRIEVAL_ITEM_EMB
+from recstack.serving.ivf_scan import WIDE_K, IvfScan
 from recstack.serving.loading import read_index
 
 FAISS = "faiss"
@@ -78,6 +80,7 @@ class FaissBackend:
         self.index = index
         self.dim = index.d
         self.search_params: dict[str, int] = {}
+        self.wide = IvfScan.of(index)  # rows with k >= WIDE_K skip FAISS's result heaps (ivf_scan)
 
     @classmethod
     def from_bundle(cls, bundle: Bundle, n_items: int) -> "FaissBackend":
@@ -101,11 +104,15 @@ class FaissBackend:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         ks = row_ks(k, len(queries))
         top = int(ks.max(initial=0))
-        if (ks == top).all():
+        wide = ks >= WIDE_K if self.wide is not None else np.zeros(len(ks), bool)
+        if (ks == top).all() and not wide.any():
             return self.index.search(queries, top)[1]  # (Q, k)
         out = np.full((len(queries), top), -1, np.int64)
-        for each in np.unique(ks[ks > 0]):  # one search per distinct k: the seeds' rows share theirs
-            rows = np.flatnonzero(ks == each)
+        for row in np.flatnonzero(wide):
+            found = self.wide.search(queries[row], int(ks[row]))
+            out[row, : len(found)] = found
+        for each in np.unique(ks[(ks > 0) & ~wide]):  # one search per distinct k: the seeds' rows share theirs
+            rows = np.flatnonzero((ks == each) & ~wide)
             out[rows, :each] = self.index.search(queries[rows], int(each))[1]
         return out
 
