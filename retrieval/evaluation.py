@@ -32,6 +32,7 @@ import numpy as np
 from recstack.config import from_dict
 from recstack.data import SimData, load
 from recstack.evaluation.cascade import requests as first_requests, user_logs
+from recstack import browse
 from recstack.browse import CategoryItems, browsed_categories
 from recstack.features import Vocab
 from recstack.training import checkpoint
@@ -47,14 +48,16 @@ KS = (50, 200, 1000)
 
 def served_lists(user_emb: np.ndarray, item_emb: np.ndarray, seq_items: np.ndarray, k: int,
                  share: float = 0.3, n_seeds: int = 5, browsed: list[np.ndarray] | None = None,
-                 categories: CategoryItems | None = None, browse_share: float = 0.3) -> np.ndarray:
+                 categories: CategoryItems | None = None, browse_share: float = browse.DEFAULT_SHARE,
+                 browse_replaces_i2i: bool = True) -> np.ndarray:
     """The serving merge of the sources, exact search: (N, D), (I, D), (N, L, 5) -> (N, k) ids.
 
     Each row: the ANN list's first k - n_i2i - n_browse, then up to n_i2i distinct neighbours
     of the newest n_seeds distinct sequence items (rank-major across seeds, seeds excluded, not
     already taken), then (with `browsed`, one array of categories per row) up to n_browse of
     the best items of those categories not already taken, then the ANN list's rest; a user
-    without behaviours gets the ANN list.
+    without behaviours gets the ANN list. A row with browse categories gets no i2i share when
+    `browse_replaces_i2i` (the serving default, recstack.serving.cascade).
     """
     n_i2i, n_b = int(round(share * k)), int(round(browse_share * k)) if browsed is not None else 0
     ann = top_k_inner_product(user_emb, item_emb, k)  # (N, k)
@@ -65,8 +68,9 @@ def served_lists(user_emb: np.ndarray, item_emb: np.ndarray, seq_items: np.ndarr
         ids = ids[ids > 0] - 1
         _, first = np.unique(ids, return_index=True)
         seeds = ids[np.sort(first)][:n_seeds]
-        ni = n_i2i if len(seeds) else 0
-        nb = min(k - ni, n_b) if n_b and len(browsed[n]) else 0
+        has_browse = bool(n_b) and len(browsed[n]) > 0
+        ni = n_i2i if len(seeds) and not (has_browse and browse_replaces_i2i) else 0
+        nb = min(k - ni, n_b) if has_browse else 0
         head, i2i = ann[n, : k - ni - nb], empty
         if ni:
             nbrs = top_k_inner_product(item_emb[seeds], item_emb, -(-2 * ni // len(seeds)) + 1).T.ravel()  # rank-major

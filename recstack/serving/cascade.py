@@ -88,7 +88,7 @@ class Cascade:
                  i2i_share: float = 0.3, i2i_seeds: int = 5, retrieval_backend: str = FAISS,
                  retrieval_timeout_s: float = 0.05, browse_share: float = browse.DEFAULT_SHARE,
                  browse_window_s: float = browse.DEFAULT_WINDOW_S,
-                 browse_coarse_share: float = browse.DEFAULT_COARSE_SHARE):
+                 browse_coarse_share: float = browse.DEFAULT_COARSE_SHARE, browse_replaces_i2i: bool = True):
         for name, share in (("i2i_share", i2i_share), ("browse_share", browse_share),
                             ("browse_coarse_share", browse_coarse_share)):
             if not 0.0 <= share <= 1.0:
@@ -105,6 +105,9 @@ class Cascade:
         # of the coarse cut reserved for its candidates (the coarse student cannot see browsing)
         self.browse_share, self.browse_window_s = float(browse_share), float(browse_window_s)
         self.browse_coarse_share = float(browse_coarse_share)
+        # a request with browse triggers skips the i2i source (its seeds' searches cost more than
+        # the browse source, and with it they add no GMV: docs/results/cascade/browse.md)
+        self.browse_replaces_i2i = bool(browse_replaces_i2i)
         self.bundle = bundle
         self.version = bundle.version
         m = bundle.manifest
@@ -164,7 +167,7 @@ class Cascade:
 
         options: i2i_share, i2i_seeds, retrieval_backend (a URI, see recstack.serving.candidates),
         retrieval_timeout_s (the longest a remote retrieval call may take), browse_share,
-        browse_window_s, browse_coarse_share (recstack.browse)."""
+        browse_window_s, browse_coarse_share, browse_replaces_i2i (recstack.browse)."""
         cascade = cls(Bundle.open(path, verify=True, key=key), onnx_threads=onnx_threads, faiss_threads=faiss_threads,
                       **options)
         if warm:
@@ -250,25 +253,25 @@ class Cascade:
                 np.concatenate([hist.kind, np.asarray(q.kinds, np.int8)]),
                 np.concatenate([hist.dwell, np.asarray(q.dwell, np.float32)]), now)
 
-    def sequence(self, q: Query) -> tuple[np.ndarray, np.ndarray, bool]:
+    def sequence(self, q: Query, log: tuple | None = None) -> tuple[np.ndarray, np.ndarray, bool]:
         """The user's last L clicks / purchases (history and request merged), newest first, aged
         at the request's time. -> seq_items (1, L, 5) int64, seq_extras (1, L, 3) float32, cold_start.
-        """
+        `log`: `_user_log(q)` when the caller has it already (here and below)."""
         known = 0 <= q.user_id < self.n_users
-        item, ts, kind, dwell, now = self._user_log(q)
+        item, ts, kind, dwell, now = log or self._user_log(q)
         log = F.Behaviours.one_user(item, ts, kind, dwell)
         feats = F.history_features(log, np.zeros(1, np.int64), np.array([now]), self.items, until=np.array([np.inf]))
         return feats.seq_items, feats.seq_extras, not known
 
-    def interacted_for(self, q: Query) -> Callable[[np.ndarray], np.ndarray]:
+    def interacted_for(self, q: Query, log: tuple | None = None) -> Callable[[np.ndarray], np.ndarray]:
         """candidates (M,) raw ids -> their interacted features (M, X), counted over the user's
         whole log (every kind) at the request's time, as training counts them (recstack.interacted)."""
-        item, ts, kind, _, now = self._user_log(q)
+        item, ts, kind, _, now = log or self._user_log(q)
         return lambda cands: one_user_features(item, ts, kind, now, self.items, cands)
 
-    def browsed_for(self, q: Query) -> np.ndarray:
+    def browsed_for(self, q: Query, log: tuple | None = None) -> np.ndarray:
         """The browse source's triggers: the categories of the user's recent browse events, newest first."""
-        item, ts, kind, _, now = self._user_log(q)
+        item, ts, kind, _, now = log or self._user_log(q)
         return browsed_categories(item, ts, kind, now, self.categories.item_category, self.browse_window_s)
 
     def recent_items(self, seq_items: np.ndarray) -> np.ndarray:
@@ -293,8 +296,9 @@ class Cascade:
         """The sources merged: user_emb (1, D), seeds (S,), browsed categories (B,) -> (item ids
         (R,) int64, source codes (R,) int8), R <= k.
 
-        Quotas: i2i gets round(i2i_share * k) slots, browse round(browse_share * k) (when
-        `browsed` names categories; at most what i2i leaves), ANN the rest; unused slots go to ANN (it is asked for k so
+        Quotas: i2i gets round(i2i_share * k) slots (none when `browsed` names categories and
+        browse_replaces_i2i), browse round(browse_share * k) (when `browsed` names categories; at
+        most what i2i leaves), ANN the rest; unused slots go to ANN (it is asked for k so
         it can backfill). Items are distinct, in [0, n_items) (-1 padding is dropped): ANN's
         head, then i2i, then browse, then ANN's tail, each source in its own order.
         One backend call searches the user vector (for k neighbours) and the seeds' vectors
@@ -305,9 +309,10 @@ class Cascade:
         candidates are the k most popular items, all with the source code of "popular".
         """
         k = min(k, self.n_items)
-        use_i2i = self.item_emb is not None and len(seeds) > 0 and self.i2i_share > 0
-        n_i2i = min(k, int(round(self.i2i_share * k))) if use_i2i else 0
         use_browse = self.item_emb is not None and browsed is not None and len(browsed) > 0 and self.browse_share > 0
+        use_i2i = (self.item_emb is not None and len(seeds) > 0 and self.i2i_share > 0
+                   and not (use_browse and self.browse_replaces_i2i))
+        n_i2i = min(k, int(round(self.i2i_share * k))) if use_i2i else 0
         n_browse = min(k - n_i2i, int(round(self.browse_share * k))) if use_browse else 0
         per_seed = min(self.n_items, -(-min(self.n_items, 2 * n_i2i) // len(seeds)) + 1) if n_i2i else 0
         queries = user_emb
@@ -403,11 +408,12 @@ class Cascade:
         is checked before each stage and between the models inside one (retrieval tower |
         search, pCTR | pCVR), raising DeadlineExceeded once it reaches 0."""
         t0 = time.perf_counter()
-        seq_items, seq_extras, cold = self.sequence(q)
+        log = self._user_log(q)
+        seq_items, seq_extras, cold = self.sequence(q, log)
         user_feats = self.users.feats(np.array([q.user_id], dtype=np.int64))  # (1, 4), zeros when cold
         return self.rank_features(q, user_feats, seq_items, seq_extras, cold_start=cold,
-                                  time_remaining=time_remaining, t0=t0, interacted=self.interacted_for(q),
-                                  browsed=self.browsed_for(q) if self.browse_share > 0 else None)
+                                  time_remaining=time_remaining, t0=t0, interacted=self.interacted_for(q, log),
+                                  browsed=self.browsed_for(q, log) if self.browse_share > 0 else None)
 
     def rank_features(
         self,

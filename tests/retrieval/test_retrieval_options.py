@@ -172,9 +172,15 @@ def test_served_lists_with_the_browse_source_follow_the_serving_order():
     pool = np.flatnonzero(np.arange(300) % 10 == 5)
     pool = pool[~np.isin(pool, head)]
     np.testing.assert_array_equal(got[1, 16:], pool[np.argsort(-(item_emb[pool] @ users[1]))][:4])
-    # row 0: ANN's first 20 - 6 - 4, six i2i items, then four browse items of categories 3 / 4
-    np.testing.assert_array_equal(got[0, :10], ann[0, :10])
-    assert np.isin(got[0, 16:] % 10, [3, 4]).all() and not np.isin(got[0, 10:16], ann[0, :10]).any()
+    # row 0 browses, so its seeds are not searched: ANN's first 16, then four browse items of 3 / 4
+    np.testing.assert_array_equal(got[0, :16], ann[0, :16])
+    assert np.isin(got[0, 16:] % 10, [3, 4]).all()
+    # both sources when browsing does not replace i2i: ANN's first 20 - 6 - 4, six i2i, four browse
+    both = served_lists(users, item_emb, seq, 20, share=0.3, browsed=browsed, categories=categories, browse_share=0.2,
+                        browse_replaces_i2i=False)
+    np.testing.assert_array_equal(both[0, :10], ann[0, :10])
+    assert np.isin(both[0, 16:] % 10, [3, 4]).all() and not np.isin(both[0, 10:16], ann[0, :10]).any()
+    np.testing.assert_array_equal(both[1:], got[1:])  # rows without seeds or browsing: unchanged
 
 
 def test_evaluation_reports_recall_against_clicks_and_the_oracle(log_run, tiny_data):

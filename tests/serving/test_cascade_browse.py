@@ -39,7 +39,8 @@ def _retrieved(cas: Cascade, q: Query):
 
 
 def test_browse_source_fills_its_quota_with_the_best_items_of_the_browsed_categories(flat_bundle):
-    cas = Cascade.load(flat_bundle, i2i_share=0.25, i2i_seeds=3, browse_share=0.2, browse_coarse_share=0.0, warm=False)
+    cas = Cascade.load(flat_bundle, i2i_share=0.25, i2i_seeds=3, browse_share=0.2, browse_coarse_share=0.0,
+                       browse_replaces_i2i=False, warm=False)
     emb = np.load(flat_bundle / "retrieval/item_emb.npy")
     q = _q(items=[5, 17, 250], kinds=[VIEW, VIEW, CART])  # browse only: no i2i seeds
     browsed = cas.browsed_for(q)
@@ -61,6 +62,25 @@ def test_browse_source_fills_its_quota_with_the_best_items_of_the_browsed_catego
     assert set(brw.tolist()) <= set(pool[scores >= np.sort(scores)[::-1][19] - 1e-6].tolist())
     served = dict(zip(ids.tolist(), src.tolist()))
     assert res.sources == [SOURCES[served[i]] for i in res.item_ids]
+
+
+def test_a_browsing_request_skips_the_i2i_source_by_default_and_a_request_without_keeps_it(flat_bundle):
+    cas = Cascade.load(flat_bundle, i2i_share=0.25, i2i_seeds=3, browse_share=0.2, browse_coarse_share=0.0, warm=False)
+    both = Cascade.load(flat_bundle, i2i_share=0.25, i2i_seeds=3, browse_share=0.2, browse_coarse_share=0.0,
+                        browse_replaces_i2i=False, warm=False)
+    browsing = _q(items=[5, 17, 250], kinds=[VIEW, VIEW, CART])
+    _, trace, _ = _retrieved(cas, browsing)
+    src = trace["retrieved_sources"]
+    assert (src == SOURCES.index("i2i")).sum() == 0 and (src == SOURCES.index(SOURCE_BROWSE)).sum() == 20
+    _, trace_both, _ = _retrieved(both, browsing)
+    head = trace_both["retrieved"][: 100 - 25 - 20]
+    np.testing.assert_array_equal(trace["retrieved"][: len(head)], head)  # the same ANN list, a longer head
+    # user 0's snapshot clicks seed i2i; no browse event in the window: the i2i quota is kept
+    quiet = _q(items=[5], kinds=[CLICK])
+    _, t1, _ = _retrieved(cas, quiet)
+    _, t2, _ = _retrieved(both, quiet)
+    assert (t1["retrieved_sources"] == SOURCES.index("i2i")).sum() == 25
+    np.testing.assert_array_equal(t1["retrieved"], t2["retrieved"])
 
 
 def test_no_recent_browse_event_means_no_browse_candidates(flat_bundle):

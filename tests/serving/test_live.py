@@ -72,8 +72,10 @@ def test_logged_events_reach_the_next_rank(served):
     assert before.stage_counts.sequence_length == 0 and "i2i" not in [it.source for it in before.items]
     events = [client.event(PROFILE_ONLY_USER, 3, now - 60, "click", 12.0),
               client.event(PROFILE_ONLY_USER, 7, now - 30, "purchase"),
-              client.event(PROFILE_ONLY_USER, 9, now - 10, "view", 4.0),  # kept by the store, not in the sequence
-              client.event(PROFILE_ONLY_USER, 11, now - 5, "cart", request_id="abc-1")]
+              # kept by the store, not in the sequence; older than the browse window, so they do not
+              # trigger the browse source (which would take i2i's place)
+              client.event(PROFILE_ONLY_USER, 9, now - 7300, "view", 4.0),
+              client.event(PROFILE_ONLY_USER, 11, now - 7200, "cart", request_id="abc-1")]
     assert client.log_events(target, events).accepted == 4
     after = _rank(target, PROFILE_ONLY_USER)
     assert after.stage_counts.sequence_length == 2 and not after.degraded_features
