@@ -32,6 +32,7 @@ from recstack.features import Vocab
 from recstack.training.onnx import export_onnx, onnx_session
 
 from fine_rank.model import Ranker
+from fine_rank.serving_graph import INPUT_BLOCKS, ServingBoth
 from fine_rank.config import STAGE, TASKS, Config, checkpoint_config
 from fine_rank.inputs import ALL_INPUTS, SEQUENCE_INPUTS, clicked, feeds, input_names, materialise, split_days
 
@@ -72,11 +73,10 @@ def _rows(table: dict[str, np.ndarray], n: int, rng: np.random.Generator, names:
 
 def _request_rows(table: dict[str, np.ndarray], n: int, rng: np.random.Generator,
                   names: tuple[str, ...]) -> dict[str, np.ndarray]:
-    """n candidates of one request as served: one row's user and sequence (S = 1), n rows' items."""
+    """n candidates of one request as served: one row's user and sequence (U = S = 1), n rows' items."""
     rows = _rows(table, n, rng, names)
     one = feeds(table, names, [int(rng.integers(len(table["click"])))])
-    rows["user_feats"] = np.repeat(one["user_feats"], n, axis=0)
-    for k in SEQUENCE_INPUTS:
+    for k in ("user_feats", *SEQUENCE_INPUTS):
         if k in rows:
             rows[k] = one[k]
     return rows
@@ -104,12 +104,15 @@ def _onnx_probs(session, table: dict[str, np.ndarray], output: str, batch_size: 
 
 
 def _parity(models: dict[str, Ranker], path: Path, rows: dict[str, np.ndarray]) -> dict[str, float]:
-    """task -> max abs difference between the merged graph's output and that task's torch model."""
+    """task -> max abs difference between the merged graph's output and that task's torch model
+    (the torch model is given the user row once per candidate when the graph gets it once)."""
     outs = onnx_session(path).run([OUTPUTS[t] for t in TASKS], rows)
+    n = len(rows["item_feats"])
+    torch_rows = {**rows, "user_feats": np.repeat(rows["user_feats"], n // len(rows["user_feats"]), axis=0)}
     diffs = {}
     for task, got in zip(TASKS, outs):
         with torch.no_grad():
-            ref = models[task](**{k: torch.from_numpy(rows[k]) for k in input_names(models[task])}).numpy()
+            ref = models[task](**{k: torch.from_numpy(torch_rows[k]) for k in input_names(models[task])}).numpy()
         diffs[task] = float(np.max(np.abs(ref - got))) if len(ref) else 0.0
     return diffs
 
@@ -136,13 +139,15 @@ def relative_shift(new: float, ref: float) -> float:
     return float(new) / float(ref) - 1.0
 
 
-def input_layer(graph_path: Path, task: str) -> str | None:
-    """The name of a model's input layer in the merged graph: its first MatMul / Gemm (ONNX node
-    order is topological), or None when the graph has none for that task."""
+def input_layer(graph_path: Path, task: str, block: str = "in_item") -> str | None:
+    """The name of one block of a model's input layer in the merged graph (fine_rank.serving_graph:
+    in_user, in_item, in_dense), or None when the graph has none for that task."""
     import onnx
 
+    if block not in INPUT_BLOCKS:
+        raise ValueError(f"input layer block must be one of {INPUT_BLOCKS}, got {block!r}")
     for node in onnx.load(str(graph_path)).graph.node:
-        if node.op_type in ("MatMul", "Gemm") and f"/{task}/" in node.name:
+        if node.op_type in ("MatMul", "Gemm") and f"/{task}/{block}/" in node.name:
             return node.name
     return None
 
@@ -175,13 +180,13 @@ def quantise_int8(fp32_path: Path, int8_path: Path, fp32_quality: dict, populati
     calibration stay within the bounds. -> the check's meta ({"kept", "reason", "fp32_nodes",
     "attempts", per task ...}).
 
-    Every layer is quantised first. A model that fails keeps its input layer in float32 and the
-    check runs once more: that layer's input puts the embeddings beside the raw dense features
-    (price, interacted counts) under one per-call activation scale, and it holds a minority of the
-    model's multiply-adds."""
+    Every layer is quantised but the input layer's dense block (item_dense and the interacted
+    counts: raw prices and counts, 13 columns, a sliver of the multiply-adds) and its user block
+    (one row per request). A model that fails keeps its candidate-embedding block in float32 too
+    and the check runs once more."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    fp32_nodes: list[str] = []
+    fp32_nodes = [n for t in TASKS for b in ("in_user", "in_dense") if (n := input_layer(fp32_path, t, b))]
     attempts: list[dict] = []
     while True:
         # ONNX Runtime's defaults: signed int8 weights, one scale per tensor
@@ -226,15 +231,16 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     rng = np.random.default_rng(0)
     path = out_dir / bundle_files.FILES[STAGE]["ranker"]
     # a request's sequence (S = 1) is fed beside its M candidates: its own leading axis
-    axes = {k: "sequences" for k in SEQUENCE_INPUTS}
-    export_onnx(_Both(models["ctr"], models["cvr"]), _rows(day, PARITY_BATCHES[-1], rng, names), path,
+    # and so is the request's user (U = 1): the graph multiplies its block once
+    axes = {"user_feats": "users", **{k: "sequences" for k in SEQUENCE_INPUTS}}
+    export_onnx(ServingBoth(models["ctr"], models["cvr"]), _request_rows(day, PARITY_BATCHES[-1], rng, names), path,
                 [OUTPUTS[t] for t in TASKS], axes=axes)
-    # each task's parity on its own population's rows (and as served: one request's sequence)
+    # each task's parity on its own population's rows (one user per row, as offline scoring feeds
+    # them) and as served (one request's user and sequence beside its candidates)
     diffs = {t: {str(b): _parity(models, path, _rows(populations[t], b, rng, names))[t] for b in PARITY_BATCHES} for t in TASKS}
-    if set(SEQUENCE_INPUTS) & set(names):
-        for t in TASKS:
-            diffs[t][f"request{PARITY_BATCHES[-1]}"] = _parity(models, path, _request_rows(populations[t], PARITY_BATCHES[-1],
-                                                                                           rng, names))[t]
+    for t in TASKS:
+        diffs[t][f"request{PARITY_BATCHES[-1]}"] = _parity(models, path, _request_rows(populations[t], PARITY_BATCHES[-1],
+                                                                                       rng, names))[t]
     worst = float(np.max([v for d in diffs.values() for v in d.values()]))  # np.max keeps a NaN (max() may not)
     if not worst <= PARITY_TOL:  # also refuses NaN
         path.unlink(missing_ok=True)
@@ -246,7 +252,7 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
         raise ExportError(f"refusing to export: {e}") from None
     quality = _quality(path, populations, eval_labels)
     files = [path.name]
-    meta = {"eval_day": eval_day, "parity_tol": PARITY_TOL, "inputs": list(names), "outputs": OUTPUTS,
+    meta = {"eval_day": eval_day, "parity_tol": PARITY_TOL, "inputs": list(names), "outputs": OUTPUTS, "user_rows": "one",
             "file": path.name, "sequence": {t: cfg.settings(t).sequence for t in TASKS}}
     for task in TASKS:
         labels = populations[task][eval_labels[task]]

@@ -2,7 +2,8 @@
 
 A bundle ships either one graph computing both (`fine/ranker.onnx`, outputs "pctr" and
 "pcvr": one session call, the shared inputs fed once; a graph that reads the behaviour
-sequence also declares seq_items / seq_extras, fed as one (1, L, ...) row per request), optionally with its int8 copy
+sequence also declares seq_items / seq_extras, fed as one (1, L, ...) row per request; a graph
+whose meta says `user_rows: "one"` takes the request's user_feats as one (1, 4) row too), optionally with its int8 copy
 (`fine/ranker_int8.onnx`, written by the exporter only once it passed the quality checks:
 test-day AUC, calibration and the served top-50, see recstack/pipeline/fine_check.py), or the
 older layout of two graphs (`fine/ctr.onnx`, `fine/cvr.onnx`, one output each).
@@ -43,9 +44,11 @@ def check_sequence_inputs(model: OnnxModel, meta: dict) -> None:
 class FineScorer:
     """pCTR and pCVR from one merged graph (one run) or from two graphs (two runs)."""
 
-    def __init__(self, models: list[OnnxModel], precision: str):
+    def __init__(self, models: list[OnnxModel], precision: str, user_once: bool = False):
         self.models = models
         self.precision = precision
+        # the graph takes the request's user as one row and broadcasts it (fine_rank.serving_graph)
+        self.user_once = user_once
         self.merged = len(models) == 1
         # the file each probability comes from, for error messages
         self.files = {"pctr": models[0].relpath, "pcvr": models[-1].relpath}
@@ -73,14 +76,17 @@ class FineScorer:
             models = [OnnxModel(bundle, FINE_CTR, allowed, threads), OnnxModel(bundle, FINE_CVR, allowed, threads)]
         for m in models:
             check_sequence_inputs(m, meta if len(models) == 1 else {})
-        return cls(models, "int8" if models[0].relpath == FINE_RANKER_INT8 else "fp32")
+        user_once = len(models) == 1 and meta.get("user_rows") == "one"
+        return cls(models, "int8" if models[0].relpath == FINE_RANKER_INT8 else "fp32", user_once)
 
     def __call__(self, feeds: dict[str, np.ndarray], check: Callable[[str], None] = lambda stage: None
                  ) -> tuple[np.ndarray, np.ndarray]:
-        """feeds: the fine inputs, (M, ...) each -> pctr (M,), pcvr (M,) float64; `check("fine pCVR")`
-        runs between the two runs of the two-graph layout."""
+        """feeds: one request's fine inputs, (M, ...) each (recstack.features.fine_inputs) -> pctr
+        (M,), pcvr (M,) float64; `check("fine pCVR")` runs between the two runs of the two-graph layout."""
         if self.merged:
             model = self.models[0]
+            if self.user_once:  # the rows repeat one user: the graph multiplies its block once
+                feeds = {**feeds, "user_feats": feeds["user_feats"][:1]}
             pctr, pcvr = model.session.run(self._outputs, {n: feeds[n] for n in model.inputs})
             return pctr.reshape(-1).astype(np.float64), pcvr.reshape(-1).astype(np.float64)
         pctr = self.models[0](feeds).reshape(-1).astype(np.float64)  # (M,)

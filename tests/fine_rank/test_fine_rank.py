@@ -219,7 +219,8 @@ def test_export_files_and_parity(exported, tiny_run):
     assert (out / "ranker_int8.onnx").exists() == int8["kept"]
     for task in ("ctr", "cvr"):
         diffs = result["meta"][task]["parity_max_abs_diff"]
-        assert set(diffs) == {"1", "500"} and max(diffs.values()) <= 1e-5
+        assert set(diffs) == {"1", "500", "request500"} and max(diffs.values()) <= 1e-5
+        assert result["meta"]["user_rows"] == "one"
         # the calibration the service sees equals the trained model's on the same rows
         assert result["meta"][task]["calibration"] == pytest.approx(tiny_run["metrics"][task]["calibration"], rel=1e-4)
         # the int8 verdict follows its bounds
@@ -244,6 +245,11 @@ def test_onnx_matches_pytorch_at_batch_1_and_500(exported, tiny_run):
             assert onnx_prob.shape == (b,)
             assert np.all((onnx_prob > 0) & (onnx_prob < 1))
             assert np.max(np.abs(onnx_prob - ref)) <= 1e-5
+    # as served: one request's user as ONE row beside 500 candidates, broadcast by the graph
+    one = {**{k: rows[k][:500] for k in ftrain.MODEL_INPUTS}, "user_feats": rows["user_feats"][7:8]}
+    repeated = {**one, "user_feats": np.repeat(one["user_feats"], 500, axis=0)}
+    for got, want in zip(sess.run(None, one), sess.run(None, repeated)):
+        assert got.shape == (500,) and np.max(np.abs(got - want)) <= 1e-6
 
 
 def test_export_refuses_a_graph_that_disagrees(tiny_run, tmp_path, monkeypatch):
@@ -269,9 +275,10 @@ def test_int8_graph_is_dropped_when_it_moves_auc_or_calibration(exported, tiny_r
 
 
 def test_a_failing_model_keeps_its_input_layer_in_float32_for_a_second_try(exported, tiny_run, tmp_path, monkeypatch):
-    """When the first int8 graph moves the CVR model past a bound, the second quantises
-    everything but the CVR input layer (still a float MatMul in the graph) and is kept when it
-    passes; the meta names the float32 layer and both attempts."""
+    """The input layer's user and dense blocks stay float32 always; when the first int8 graph
+    moves the CVR model past a bound, the second also keeps the CVR candidate-embedding block
+    float32 (still a float MatMul in the graph) and is kept when it passes; the meta names the
+    float32 nodes and both attempts."""
     import onnx
 
     out, _ = exported
@@ -289,12 +296,15 @@ def test_a_failing_model_keeps_its_input_layer_in_float32_for_a_second_try(expor
     pops, labels = {"ctr": day, "cvr": ftrain.clicked(day)}, {"ctr": "click", "cvr": "purchase"}
     ref = fexport._quality(out / "ranker.onnx", pops, labels)
     meta = fexport.quantise_int8(out / "ranker.onnx", tmp_path / "q.onnx", ref, pops, labels)
-    layer = fexport.input_layer(out / "ranker.onnx", "cvr")
-    assert layer and "/cvr/" in layer and len(calls) == 2
-    assert meta["kept"] and meta["fp32_nodes"] == [layer] and layer in meta["reason"]
-    assert [a["fp32_nodes"] for a in meta["attempts"]] == [[], [layer]] and "cvr calibration" in meta["attempts"][0]["failed"]
+    layer = fexport.input_layer(out / "ranker.onnx", "cvr")  # the candidate-embedding block
+    always = [fexport.input_layer(out / "ranker.onnx", t, b) for t in ("ctr", "cvr") for b in ("in_user", "in_dense")]
+    assert layer and "/cvr/in_item/" in layer and len(calls) == 2 and all(always)
+    assert meta["kept"] and meta["fp32_nodes"] == always + [layer] and layer in meta["reason"]
+    assert [a["fp32_nodes"] for a in meta["attempts"]] == [always, always + [layer]]
+    assert "cvr calibration" in meta["attempts"][0]["failed"]
     ops = {n.name: n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node}
-    assert ops[layer] in ("MatMul", "Gemm")  # float32, as in the source graph
+    for name in always + [layer]:
+        assert ops[name] in ("MatMul", "Gemm")  # float32, as in the source graph
     ctr_layer = fexport.input_layer(out / "ranker.onnx", "ctr")
     assert ctr_layer not in ops  # quantised: replaced by its integer form
 
