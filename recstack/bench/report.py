@@ -29,7 +29,8 @@ LABELS = {
     "onnxruntime": "fine: CTR ranker, ONNX Runtime",
     "onnxruntime_serving_session": "fine: CTR ranker, ONNX Runtime with the serving session options",
     "onnxruntime_intra_op_2": "fine: CTR ranker, ONNX Runtime, 2 intra-op threads (serving options otherwise)",
-    "onnxruntime_int8_dynamic": "fine: CTR ranker, ONNX Runtime, int8 dynamic quantization (served when the export's quality checks pass)",
+    "onnxruntime_int8_dynamic": "fine: CTR ranker, ONNX Runtime, int8 as served (fine_rank.serving_graph: BatchNorms folded, the user's block once, user and dense blocks float32; served when the export's quality checks pass)",
+    "onnxruntime_int8_plain_graph": "fine: CTR ranker, ONNX Runtime, int8 dynamic quantization of the plain graph (every layer)",
 }
 
 

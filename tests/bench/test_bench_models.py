@@ -74,7 +74,10 @@ def test_schema(quick):
     # every ONNX Runtime variant has its parity figure; the fp32 ones within the bound
     for name in ("onnxruntime_serving_session", "onnxruntime_intra_op_2"):
         assert 0 <= f["variant_parity_max_abs_diff"][name] <= 1e-5, name
-    assert "onnxruntime_int8_dynamic" in f["variant_parity_max_abs_diff"]
+    # both int8 graphs measured: the served form (the user fed once) and the plain one; int8 moves
+    # the probabilities a little, never far
+    for name in ("onnxruntime_int8_dynamic", "onnxruntime_int8_plain_graph"):
+        assert name in f["timings_ms"] and 0 <= f["variant_parity_max_abs_diff"][name] < 0.05, name
     for t in f["timings_ms"].values():
         _timing_ok(t)
     assert f["ratios"]["fine_ort_speedup_vs_eager"] == pytest.approx(
