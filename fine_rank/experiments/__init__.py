@@ -71,7 +71,7 @@ def run_plan(plan: FinePlan, data_dir, out_dir, log: Callable[[str], None] | Non
     wall = time.perf_counter() - t0
     results["wall_s"] = wall
     R.write_results(out, results)
-    header = FR.header(plan.experiment, tables, plan.seeds, plan.lrs, plan.quick, plan.overrides, wall)
+    header = FR.header(plan.experiment, tables, plan.seeds, plan.lrs, plan.quick, plan.overrides, wall, plan.n_select_seeds())
     FR.write_report(plan.experiment, out, header, sections)
     return results
 

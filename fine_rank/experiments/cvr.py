@@ -79,7 +79,8 @@ def targets(e: dict) -> list[str]:
 
 def run(plan: FinePlan, tables: Tables, base: T.Config, out: Path, log: Callable[[str], None]) -> tuple[dict, list[str]]:
     """PFD Tables 4 and 6; -> (results.json entries, report sections)."""
-    table = run_table("cvr", plan.rows("cvr"), tables, base, plan.seeds, plan.lrs, plan.data_fractions(), log, plan.workers)
+    table = run_table("cvr", plan.rows("cvr"), tables, base, plan.seeds, plan.lrs, plan.data_fractions(), log, plan.workers,
+                      plan.n_select_seeds())
     lam_methods = [m for m in plan.rows("cvr") if m.name in ("lupi", "pfd")]
     lambdas = QUICK_LAMBDAS if plan.quick else LAMBDAS
     lam = lambda_sweep(lam_methods, table["_chosen"], tables, base, plan.seeds, lambdas, table["methods"], log, plan.workers)

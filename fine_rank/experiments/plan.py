@@ -107,7 +107,9 @@ class FinePlan(ExperimentPlan):
     stream_lrs: tuple[float, ...] = ()
     stream_aux_weights: tuple[float, ...] = (1.0,)
     valid_days: int = 3
-    select_seeds: int = 3
+    # the LR (and grid setting) is the best mean validation score over the first this many seeds;
+    # None: the experiment's default, 3 for the streaming sweep and 1 (the first seed) for a table
+    select_seeds: Optional[int] = None
     # the rows swept (None: every row); an unswept row with an aux tower runs at sead_max's
     # chosen setting (an ablation of the tuned method), one without at the baseline's LR
     stream_swept: Optional[tuple[str, ...]] = None
@@ -129,8 +131,14 @@ class FinePlan(ExperimentPlan):
                               f"got {list(self.tasks)}")
         if self.stream_swept is not None and "sead_max" not in self.stream_swept and self.experiment == "sead":
             raise ConfigError("stream_swept: must include sead_max (the unswept aux rows take its chosen setting)")
-        if self.stream_lrs and not 1 <= self.select_seeds <= len(self.seeds):
-            raise ConfigError(f"select_seeds: must be in [1, {len(self.seeds)}] (the seeds given), got {self.select_seeds}")
+        if (self.stream_lrs or not self.streaming) and not 1 <= self.n_select_seeds() <= len(self.seeds):
+            raise ConfigError(f"select_seeds: must be in [1, {len(self.seeds)}] (the seeds given), got {self.n_select_seeds()}")
+
+    def n_select_seeds(self) -> int:
+        """How many of the first seeds choose each row's LR: `select_seeds`, or the experiment's default."""
+        if self.select_seeds is not None:
+            return self.select_seeds
+        return 3 if self.streaming else 1
 
     def set_keys(self) -> tuple[str, ...]:
         subset = SUBSET_KEYS.get(self.experiment, ())
@@ -168,8 +176,10 @@ class FinePlan(ExperimentPlan):
         """The plan's part of results.json."""
         out = {"lrs": list(self.lrs), "overrides": list(self.overrides), "fractions": list(self.data_fractions()),
                "method_subsets": {t: list(v) for t, v in self.subsets().items()}}
+        if not self.streaming:
+            out["select_seeds"] = self.n_select_seeds()
         if self.streaming:
-            out["stream"] = {"last_days": self.last_days, "valid_days": self.valid_days, "select_seeds": self.select_seeds,
+            out["stream"] = {"last_days": self.last_days, "valid_days": self.valid_days, "select_seeds": self.n_select_seeds(),
                              "stream_lrs": list(self.stream_lrs), "stream_aux_weights": list(self.stream_aux_weights),
                              "stream_swept": None if self.stream_swept is None else list(self.stream_swept),
                              "tasks": None if self.tasks is None else list(self.tasks)}

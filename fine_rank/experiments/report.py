@@ -59,7 +59,7 @@ def plots(out: Path, name: str, table: dict, title: str) -> list[str]:
     return files
 
 
-def header(kind: str, tables: Tables, seeds, lrs, quick: bool, overrides, wall: float) -> str:
+def header(kind: str, tables: Tables, seeds, lrs, quick: bool, overrides, wall: float, select_seeds: int = 1) -> str:
     w = tables.world
     cfg = w["config"]
     non_default = {k: cfg[k] for k in ("consent_rate", "post_event_strength", "privileged_strength") if k in cfg}
@@ -68,7 +68,8 @@ def header(kind: str, tables: Tables, seeds, lrs, quick: bool, overrides, wall: 
         "",
         f"World: preset `{w['preset']}`, seed {w['seed']}, {w['n_days']} days ({non_default}); "
         f"fit days 1..{w['n_days'] - 2}, validation day {w['n_days'] - 1}, test day {w['n_days']}.",
-        f"Seeds {list(seeds)}; learning-rate sweep {list(lrs)} (Adam) on the validation day, first seed; "
+        f"Seeds {list(seeds)}; learning-rate sweep {list(lrs)} (Adam) on the validation day, "
+        f"{'first seed' if select_seeds == 1 else f'best mean over the first {select_seeds} seeds'}; "
         f"config overrides {list(overrides) or 'none'}. Total wall time {wall / 60:.1f} min on this machine "
         f"(1 torch thread, 2 shared cores).",
         "",

@@ -50,7 +50,8 @@ def targets(task: str, e: dict) -> list[str]:
 
 def run(plan: FinePlan, tables: Tables, base: T.Config, out: Path, log: Callable[[str], None]) -> tuple[dict, list[str]]:
     """SEAD Table 1 for pCTR and pCVR; -> (results.json entries, report sections)."""
-    tabs = {task: run_table("sead", plan.rows(task), tables, base, plan.seeds, plan.lrs, plan.data_fractions(), log, plan.workers)
+    tabs = {task: run_table("sead", plan.rows(task), tables, base, plan.seeds, plan.lrs, plan.data_fractions(), log, plan.workers,
+                            plan.n_select_seeds())
             for task in ("ctr", "cvr")}
     results = {"methods": tabs["ctr"]["methods"], "methods_cvr": tabs["cvr"]["methods"],
                "tasks": {t: strip(v) for t, v in tabs.items()}}

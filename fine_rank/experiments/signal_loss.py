@@ -72,7 +72,8 @@ def targets(e: dict) -> list[str]:
 
 def run(plan: FinePlan, tables: Tables, base: T.Config, out: Path, log: Callable[[str], None]) -> tuple[dict, list[str]]:
     """SEAD Table 2; -> (results.json entries, report sections)."""
-    table = run_table("signal-loss", SIGNAL_METHODS, tables, base, plan.seeds, plan.lrs, plan.data_fractions(), log, plan.workers)
+    table = run_table("signal-loss", SIGNAL_METHODS, tables, base, plan.seeds, plan.lrs, plan.data_fractions(), log, plan.workers,
+                      plan.n_select_seeds())
     e = table["methods"]
     files = FR.plots(out, "signal_loss", table, "Signal loss (SEAD Table 2)")
     consent = tables.world["config"].get("consent_rate")

@@ -137,7 +137,7 @@ def _sweep(plan: FinePlan, rows: dict, base: T.Config, cache: Path, eval_days: t
     """Choose each row's setting on the validation window (first `select_seeds` seeds), then
     run the chosen settings on every seed. -> ({(task, name): chosen Setting}, sweep record)."""
     valid, test = W.windows(eval_days, plan.valid_days, plan.last_days)
-    picks = plan.seeds[: plan.select_seeds]
+    picks = plan.seeds[: plan.n_select_seeds()]
     swept = lambda m: not m.lr_times_baseline and (plan.stream_swept is None or m.name in plan.stream_swept  # noqa: E731
                                                    or m.name == "baseline")
     grids = {(t, m.name): W.grid(m, plan.stream_lrs, plan.stream_aux_weights)

@@ -1,9 +1,9 @@
 """The protocol for one task's table of methods (DESIGN §6), shared by every fine experiment:
 
 1. learning rate: each method trains on the fit days (1..D-2) at every rate of the sweep (and
-   every setting of its own grid) and is scored on the validation day D-1, first seed; the best
-   is kept. The test day is never looked at for a choice. (`lr2x` takes twice the baseline's
-   chosen rate, by definition.)
+   every setting of its own grid) with each of the first `select_seeds` seeds and is scored on
+   the validation day D-1; the best mean over those seeds is kept. The test day is never looked
+   at for a choice. (`lr2x` takes twice the baseline's chosen rate, by definition.)
 2. test: each method retrains on days 1..D-1 at its choice for every seed and is scored on the
    test day D; the baseline also trains on a share of the rows for the data curve.
 3. statistics: mean ± std over seeds, the paired difference to the baseline with a 95 %
@@ -32,19 +32,27 @@ class Choice:
 
     lr: dict[str, float]  # method -> learning rate
     extra: dict[str, tuple[str, ...]]  # method -> the settings of its grid
-    sweeps: dict[str, dict]  # method -> {lr: validation score} at the chosen settings
-    grid: dict[str, dict]  # method -> {settings: {lr: validation score}} (methods with a grid)
+    sweeps: dict[str, dict]  # method -> {lr: mean validation score over the selection seeds} at the chosen settings
+    grid: dict[str, dict]  # method -> {settings: {lr: mean validation score}} (methods with a grid)
+    per_seed: dict[str, dict]  # method -> {lr: [validation score per selection seed]} at the chosen settings
 
 
 def choose(kind: str, methods: Sequence[Method], tables: Tables, base: T.Config, seeds: Sequence[int],
-           lrs: Sequence[float], log: Callable[[str], None], workers: int) -> Choice:
-    """Step 1: every (method, setting, LR) trained on the fit days and scored on the validation day."""
+           lrs: Sequence[float], log: Callable[[str], None], workers: int, select_seeds: int = 1) -> Choice:
+    """Step 1: every (method, setting, LR) trained on the fit days with each of the first
+    `select_seeds` seeds and scored on the validation day; the best mean over those seeds wins."""
+    if not 1 <= select_seeds <= len(seeds):
+        raise ValueError(f"select_seeds: must be in [1, {len(seeds)}] (the seeds given), got {select_seeds}")
     task = methods[0].task
-    c = Choice({}, {m.name: () for m in methods}, {}, {})
-    slots = [(m, extra, lr) for m in methods if not m.lr_times_baseline for extra in m.grid for lr in lrs]
-    outs = run_many(tables, [(m, base, "valid", lr, seeds[0], 1.0, extra) for m, extra, lr in slots], workers)
-    valid_auc = {(m.name, extra, float(lr)): validation_score(kind, task, tables.valid.score[task], o["probs"])
-                 for (m, extra, lr), o in zip(slots, outs)}
+    c = Choice({}, {m.name: () for m in methods}, {}, {}, {})
+    slots = [(m, extra, lr, seed) for m in methods if not m.lr_times_baseline for extra in m.grid for lr in lrs
+             for seed in seeds[:select_seeds]]
+    outs = run_many(tables, [(m, base, "valid", lr, seed, 1.0, extra) for m, extra, lr, seed in slots], workers)
+    scores: dict[tuple, list[float]] = {}
+    for (m, extra, lr, _), o in zip(slots, outs):  # slots list the seeds in order within each candidate
+        score = validation_score(kind, task, tables.valid.score[task], o["probs"])
+        scores.setdefault((m.name, extra, float(lr)), []).append(score)
+    valid_auc = {k: float(np.mean(v)) for k, v in scores.items()}
     for m in methods:
         if m.lr_times_baseline:
             continue
@@ -56,6 +64,7 @@ def choose(kind: str, methods: Sequence[Method], tables: Tables, base: T.Config,
             if best is None or sweep[lr] > best[0]:
                 best = (sweep[lr], lr, extra, sweep)
         _, c.lr[m.name], c.extra[m.name], c.sweeps[m.name] = best
+        c.per_seed[m.name] = {lr: scores[(m.name, c.extra[m.name], float(lr))] for lr in lrs}
         log(f"  [{task}] {m.name}: valid AUC by LR {c.sweeps[m.name]} -> lr {c.lr[m.name]} {c.extra[m.name] or ''}")
     for m in methods:
         if m.lr_times_baseline:
@@ -109,6 +118,7 @@ def _entry(kind: str, m: Method, runs: list[dict], base_runs: list[dict], choice
         "lr": choice.lr[m.name],
         "validation_auc": choice.sweeps.get(m.name, {}).get(choice.lr[m.name]) if m.name in choice.sweeps else None,
         "validation_sweep": choice.sweeps.get(m.name),
+        "validation_per_seed": choice.per_seed.get(m.name),
         "chosen_settings": list(choice.extra[m.name]),
         "validation_grid": choice.grid.get(m.name),
         "student_auc": X.mean_std(auc),
@@ -140,11 +150,13 @@ def _entry(kind: str, m: Method, runs: list[dict], base_runs: list[dict], choice
 
 
 def run_table(kind: str, methods: Sequence[Method], tables: Tables, base: T.Config, seeds: Sequence[int],
-              lrs: Sequence[float], fractions: Sequence[float], log: Callable[[str], None], workers: int = 1) -> dict:
-    """The protocol for one task's methods; -> {"methods": {...}, "multiplier_curve": ..., ...}
+              lrs: Sequence[float], fractions: Sequence[float], log: Callable[[str], None], workers: int = 1,
+              select_seeds: int = 1) -> dict:
+    """The protocol for one task's methods, the LR chosen by the mean over the first
+    `select_seeds` seeds; -> {"methods": {...}, "multiplier_curve": ..., ...}
     (keys starting with "_" are for the caller, not for results.json)."""
     task = methods[0].task
-    choice = choose(kind, methods, tables, base, seeds, lrs, log, workers)
+    choice = choose(kind, methods, tables, base, seeds, lrs, log, workers, select_seeds)
     test_rows = tables.test.score[task]
     buckets = X.frequency_buckets(tables.test.fit[task]["item_id"], test_rows["item_id"])
     per_seed, first_probs, curve = seed_runs(kind, methods, choice, tables, base, seeds, fractions, buckets, log, workers)
