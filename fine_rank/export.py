@@ -19,6 +19,7 @@ served top-50 (recstack/pipeline/fine_check.py).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -41,6 +42,9 @@ PARITY_BATCHES = (1, 500)  # one candidate; a typical fine-ranking request
 OUTPUTS = {"ctr": "pctr", "cvr": "pcvr"}  # task -> the merged graph's output
 INT8_MAX_AUC_DROP = 0.0005  # |AUC int8 - AUC fp32| per model, held-out day
 INT8_MAX_CALIBRATION_SHIFT = 0.005  # |calibration int8 / calibration fp32 - 1| per model
+# input-layer blocks an int8 graph keeps in float32: raw prices and counts (a sliver of the
+# multiply-adds) and the request's user (one row)
+FLOAT32_BLOCKS = ("in_user", "in_dense")
 
 
 class ExportError(RuntimeError):
@@ -139,17 +143,37 @@ def relative_shift(new: float, ref: float) -> float:
     return float(new) / float(ref) - 1.0
 
 
-def input_layer(graph_path: Path, task: str, block: str = "in_item") -> str | None:
-    """The name of one block of a model's input layer in the merged graph (fine_rank.serving_graph:
-    in_user, in_item, in_dense), or None when the graph has none for that task."""
+def input_layers(graph_path: Path, tasks: Sequence[str] = TASKS, blocks: Sequence[str] = INPUT_BLOCKS
+                 ) -> dict[tuple[str, str], str]:
+    """(task, block) -> the name of that block of the task's input layer (fine_rank.serving_graph:
+    in_user, in_item, in_dense) in the graph at `graph_path`, read once; a pair the graph lacks is
+    absent. Task "" matches a single model's graph (".../in_item/MatMul")."""
     import onnx
 
-    if block not in INPUT_BLOCKS:
-        raise ValueError(f"input layer block must be one of {INPUT_BLOCKS}, got {block!r}")
+    for block in blocks:
+        if block not in INPUT_BLOCKS:
+            raise ValueError(f"input layer block must be one of {INPUT_BLOCKS}, got {block!r}")
+    found: dict[tuple[str, str], str] = {}
     for node in onnx.load(str(graph_path)).graph.node:
-        if node.op_type in ("MatMul", "Gemm") and f"/{task}/{block}/" in node.name:
-            return node.name
-    return None
+        if node.op_type not in ("MatMul", "Gemm"):
+            continue
+        for task in tasks:
+            for block in blocks:
+                if (task, block) not in found and (f"/{task}/{block}/" if task else f"/{block}/") in node.name:
+                    found[(task, block)] = node.name
+    return found
+
+
+def input_layer(graph_path: Path, task: str, block: str = "in_item") -> str | None:
+    """The name of one block of a model's input layer in the merged graph, or None when the graph
+    has none for that task."""
+    return input_layers(graph_path, (task,), (block,)).get((task, block))
+
+
+def float32_nodes(found: dict[tuple[str, str], str], tasks: Sequence[str] = TASKS) -> list[str]:
+    """The input-layer nodes every int8 graph keeps in float32 (FLOAT32_BLOCKS of each task), from
+    `input_layers`' answer."""
+    return [found[(t, b)] for t in tasks for b in FLOAT32_BLOCKS if (t, b) in found]
 
 
 def _int8_quality(int8_path: Path, fp32_quality: dict, populations: dict, labels: dict) -> tuple[dict, dict[str, list[str]]]:
@@ -186,7 +210,8 @@ def quantise_int8(fp32_path: Path, int8_path: Path, fp32_quality: dict, populati
     and the check runs once more."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    fp32_nodes = [n for t in TASKS for b in ("in_user", "in_dense") if (n := input_layer(fp32_path, t, b))]
+    layers = input_layers(fp32_path)
+    fp32_nodes = float32_nodes(layers)
     attempts: list[dict] = []
     while True:
         # ONNX Runtime's defaults: signed int8 weights, one scale per tensor
@@ -195,7 +220,7 @@ def quantise_int8(fp32_path: Path, int8_path: Path, fp32_quality: dict, populati
         tasks, failures = _int8_quality(int8_path, fp32_quality, populations, labels)
         reason = "; ".join(m for t in TASKS for m in failures.get(t, []))
         attempts.append({"fp32_nodes": list(fp32_nodes), "failed": reason})
-        more = [n for t in TASKS if t in failures and (n := input_layer(fp32_path, t)) and n not in fp32_nodes]
+        more = [n for t in TASKS if t in failures and (n := layers.get((t, "in_item"))) and n not in fp32_nodes]
         if not failures or len(attempts) > 1 or not more:
             break
         fp32_nodes += more

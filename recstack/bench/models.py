@@ -310,9 +310,9 @@ def _fine_variants(model, inputs: dict, tmp: Path) -> tuple[object, dict[str, ob
     variants: dict[str, object] = {"onnxruntime_serving_session": serving_session(path, 1),
                                    "onnxruntime_intra_op_2": serving_session(path, 2)}
     try:  # int8 weights (dynamic quantization): served when the export's quality checks pass
-        import onnx
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
+        from fine_rank.export import float32_nodes, input_layers
         from fine_rank.serving_graph import ServingRanker
 
         qpath = tmp / "ctr.int8.onnx"
@@ -323,8 +323,7 @@ def _fine_variants(model, inputs: dict, tmp: Path) -> tuple[object, dict[str, ob
         one = {**inputs, "user_feats": inputs["user_feats"][:1]}
         spath = export_onnx(ServingRanker(model.eval()), one, tmp / "ctr.served.onnx", ["prob"],
                             axes={"user_feats": "users", "seq_items": "sequences", "seq_extras": "sequences"})
-        keep = [n.name for n in onnx.load(str(spath)).graph.node
-                if n.op_type in ("MatMul", "Gemm") and ("/in_user/" in n.name or "/in_dense/" in n.name)]
+        keep = float32_nodes(input_layers(spath, ("",)), ("",))  # one model's graph: no task in its names
         sq = tmp / "ctr.served.int8.onnx"
         quantize_dynamic(str(spath), str(sq), weight_type=QuantType.QInt8, per_channel=False, nodes_to_exclude=keep)
         variants["onnxruntime_int8_dynamic"] = (serving_session(sq, 1), one)
