@@ -49,7 +49,7 @@ KS = (50, 200, 1000)
 def served_lists(user_emb: np.ndarray, item_emb: np.ndarray, seq_items: np.ndarray, k: int,
                  share: float = 0.3, n_seeds: int = 5, browsed: list[np.ndarray] | None = None,
                  categories: CategoryItems | None = None, browse_share: float = browse.DEFAULT_SHARE,
-                 browse_replaces_i2i: bool = True) -> np.ndarray:
+                 browse_replaces_i2i: bool = browse.DEFAULT_REPLACES_I2I) -> np.ndarray:
     """The serving merge of the sources, exact search: (N, D), (I, D), (N, L, 5) -> (N, k) ids.
 
     Each row: the ANN list's first k - n_i2i - n_browse, then up to n_i2i distinct neighbours

@@ -88,7 +88,8 @@ class Cascade:
                  i2i_share: float = 0.3, i2i_seeds: int = 5, retrieval_backend: str = FAISS,
                  retrieval_timeout_s: float = 0.05, browse_share: float = browse.DEFAULT_SHARE,
                  browse_window_s: float = browse.DEFAULT_WINDOW_S,
-                 browse_coarse_share: float = browse.DEFAULT_COARSE_SHARE, browse_replaces_i2i: bool = True):
+                 browse_coarse_share: float = browse.DEFAULT_COARSE_SHARE,
+                 browse_replaces_i2i: bool = browse.DEFAULT_REPLACES_I2I):
         for name, share in (("i2i_share", i2i_share), ("browse_share", browse_share),
                             ("browse_coarse_share", browse_coarse_share)):
             if not 0.0 <= share <= 1.0:
@@ -105,8 +106,7 @@ class Cascade:
         # of the coarse cut reserved for its candidates (the coarse student cannot see browsing)
         self.browse_share, self.browse_window_s = float(browse_share), float(browse_window_s)
         self.browse_coarse_share = float(browse_coarse_share)
-        # a request with browse triggers skips the i2i source (its seeds' searches cost more than
-        # the browse source, and with it they add no GMV: docs/results/cascade/browse.md)
+        # whether a request with browse triggers skips the i2i source
         self.browse_replaces_i2i = bool(browse_replaces_i2i)
         self.bundle = bundle
         self.version = bundle.version
