@@ -35,8 +35,10 @@ class StreamRows:
     come from the first shard(s) of that order) for BatchNorm re-estimation and calibration.
     """
 
-    def __init__(self, data: SimData, days: list[int], chunk_rows: int, clicked_only: bool = False):
+    def __init__(self, data: SimData, days: list[int], chunk_rows: int, clicked_only: bool = False,
+                 item_stats: bool = True):
         self.data, self.days, self.chunk_rows, self.clicked_only = data, list(days), int(chunk_rows), clicked_only
+        self.item_stats = item_stats  # the rows' item_dense carries the item statistics (fine_rank.inputs.materialise)
         self._streams: dict[tuple, ShardStream] = {}
         self._sample: dict[int, dict[str, np.ndarray]] = {}
         self._sums: dict[str, dict] = {}
@@ -89,7 +91,7 @@ class StreamRows:
                              clicked_only=self.clicked_only)
             parts, got = [], 0
             for _, ex in st.epoch(0):
-                parts.append(materialise(ex))
+                parts.append(materialise(ex, item_stats=self.item_stats))
                 got += len(ex)
                 if got >= STREAM_SAMPLE_ROWS:
                     break

@@ -30,6 +30,7 @@ from recstack.training import checkpoint
 from recstack.evaluation import metrics as M
 from recstack.data import load
 from recstack.features import Vocab
+from recstack.item_stats import FIELDS as ITEM_STATS_FIELDS
 from recstack.training.onnx import export_onnx, onnx_session
 
 from fine_rank.model import Ranker
@@ -58,7 +59,7 @@ def load_models(ckpt: dict) -> tuple[Config, dict[str, Ranker]]:
     models = {}
     for task in TASKS:
         s = cfg.settings(task)
-        model = Ranker.build(vocab, s.emb_dim, s.hidden, s.sequence, s.attention_dim)
+        model = Ranker.build(vocab, s.emb_dim, s.hidden, s.sequence, s.attention_dim, s.n_item_dense)
         model.load_state_dict(ckpt["model"][task])
         models[task] = model.eval()
     return cfg, models
@@ -246,7 +247,7 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     if data.vocab != Vocab.from_dict(ckpt["vocab"]):
         raise ExportError(f"{data.root} has a different vocabulary from the one the checkpoint was trained on")
     _, eval_day = split_days(data, cfg.split)
-    day = materialise(data.examples(eval_day), sequence=cfg.uses_sequence)
+    day = materialise(data.examples(eval_day), sequence=cfg.uses_sequence, item_stats=cfg.item_stats)
     names = graph_inputs(models)
     populations = {"ctr": day, "cvr": clicked(day)}
     eval_labels = {"ctr": "click", "cvr": "purchase"}
@@ -279,6 +280,12 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     files = [path.name]
     meta = {"eval_day": eval_day, "parity_tol": PARITY_TOL, "inputs": list(names), "outputs": OUTPUTS, "user_rows": "one",
             "file": path.name, "sequence": {t: cfg.settings(t).sequence for t in TASKS}}
+    if cfg.item_stats:
+        # the table of the day after the training days: what the rankers read when the bundle serves
+        stats_path = out_dir / bundle_files.FILES[STAGE]["item_stats"]
+        np.save(stats_path, data.item_stats.table(eval_day))
+        files.append(stats_path.name)
+        meta["item_stats"] = {"file": stats_path.name, "day": eval_day, "fields": list(ITEM_STATS_FIELDS)}
     for task in TASKS:
         labels = populations[task][eval_labels[task]]
         meta[task] = {

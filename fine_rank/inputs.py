@@ -21,9 +21,12 @@ TABLE_COLUMNS = MODEL_INPUTS + (
 SEQ_ITEMS_DTYPE = np.int32
 
 
-def materialise(examples: Examples, chunk: int = 16384, sequence: bool = True) -> dict[str, np.ndarray]:
+def materialise(examples: Examples, chunk: int = 16384, sequence: bool = True, item_stats: bool = True
+                ) -> dict[str, np.ndarray]:
     """Examples -> dict of numpy columns (TABLE_COLUMNS, and SEQUENCE_INPUTS unless `sequence`
-    is False: rankers without a sequence do not need their memory), built once.
+    is False: rankers without a sequence do not need their memory), built once. `item_stats`
+    (as the default Config): `item_dense` also holds each row's item statistics on its day
+    (recstack.item_stats), after the price; False for a ranker that reads none.
 
     The behaviour-sequence gathers behind the interacted features dominate batch building,
     and the fine ranker only needs their result, so it is computed once per row rather than
@@ -35,7 +38,11 @@ def materialise(examples: Examples, chunk: int = 16384, sequence: bool = True) -
         return _materialise(examples, keys, chunk)  # its error: no rows
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for s in range(0, n, chunk):  # a chunk at a time: the int64 sequence is never held whole
-        batch = examples.batch(np.arange(s, min(s + chunk, n)))
+        rows = np.arange(s, min(s + chunk, n))
+        batch = examples.batch(rows)
+        if item_stats:
+            stats = examples.data.item_stats.features(examples.imps["day"][rows], examples.imps["item_id"][rows])
+            batch["item_dense"] = np.concatenate([batch["item_dense"], stats], axis=1)
         if sequence:
             batch["seq_items"] = batch["seq_items"].astype(SEQ_ITEMS_DTYPE)
         for k in keys:

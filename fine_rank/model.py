@@ -25,9 +25,8 @@ from torch import nn
 from recstack import features as FE
 from recstack.training import sead
 
+from fine_rank.config import N_ITEM_DENSE
 from fine_rank.sequence import SEQ_ITEM_FIELDS, SEQUENCES, TargetAttention
-
-N_ITEM_DENSE = 1  # columns of `item_dense`
 N_INTERACTED = len(FE.INTERACTED_FIELDS)
 # small initial id vectors: with N(0, 1) (the nn.Embedding default) an unseen or rarely
 # seen id starts as a large random signal that the MLP fits, and the model overfits ids
@@ -147,19 +146,20 @@ class Ranker(nn.Module):
     """
 
     def __init__(self, embeddings: FeatureEmbeddings, hidden: Sequence[int] = (512, 256, 128), negative_slope: float = 0.01,
-                 sequence: TargetAttention | None = None):
+                 sequence: TargetAttention | None = None, n_item_dense: int = N_ITEM_DENSE):
         super().__init__()
         self.embeddings = embeddings
         self.sequence = sequence
+        self.n_item_dense = n_item_dense  # the price, then the item statistics when the model reads them
         extra = sequence.out_dim if sequence is not None else 0
-        self.bottom = SharedBottom(embeddings.out_dim + N_ITEM_DENSE + N_INTERACTED + extra, hidden, negative_slope)
+        self.bottom = SharedBottom(embeddings.out_dim + n_item_dense + N_INTERACTED + extra, hidden, negative_slope)
         self.head = Head(self.bottom.out_dim)
 
     @classmethod
     def build(cls, vocab: FE.Vocab, emb_dim: int = 16, hidden: Sequence[int] = (512, 256, 128), sequence: str = "none",
-              attention_dim: int = 32) -> "Ranker":
+              attention_dim: int = 32, n_item_dense: int = N_ITEM_DENSE) -> "Ranker":
         emb = FeatureEmbeddings(vocab.user_sizes(), vocab.item_sizes(), emb_dim)
-        return cls(emb, hidden, sequence=build_sequence(sequence, emb_dim, attention_dim))
+        return cls(emb, hidden, sequence=build_sequence(sequence, emb_dim, attention_dim), n_item_dense=n_item_dense)
 
     def inputs(self, user_feats, item_feats, item_dense, interacted, seq_items=None, seq_extras=None) -> torch.Tensor:
         """-> (B, bottom input): embeddings, item_dense, interacted (and the sequence vector)."""
@@ -200,7 +200,7 @@ class Teacher(nn.Module):
     """
 
     def __init__(self, embeddings: FeatureEmbeddings | None, n_privileged: int, hidden: Sequence[int],
-                 sequence: TargetAttention | None = None):
+                 sequence: TargetAttention | None = None, n_item_dense: int = N_ITEM_DENSE):
         super().__init__()
         if embeddings is None and n_privileged == 0:
             raise ValueError("a teacher needs regular or privileged inputs")
@@ -209,7 +209,7 @@ class Teacher(nn.Module):
         self.n_privileged = n_privileged
         regular = 0
         if embeddings is not None:
-            regular = embeddings.out_dim + N_ITEM_DENSE + N_INTERACTED + (sequence.out_dim if sequence is not None else 0)
+            regular = embeddings.out_dim + n_item_dense + N_INTERACTED + (sequence.out_dim if sequence is not None else 0)
         self.bottom = SharedBottom(regular + n_privileged, hidden)
         self.head = Head(self.bottom.out_dim)
 
@@ -239,7 +239,7 @@ def build_teacher(kind: str, student: Ranker, hidden: Sequence[int], md_hidden: 
     }
     if kind not in table:
         raise ValueError(f"unknown teacher {kind!r}; choose one of {sorted(table)}")
-    return Teacher(*table[kind], sequence=student.sequence)
+    return Teacher(*table[kind], sequence=student.sequence, n_item_dense=student.n_item_dense)
 
 
 class MTLRanker(nn.Module):

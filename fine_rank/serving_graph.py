@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fine_rank.model import N_INTERACTED, N_ITEM_DENSE, Ranker
+from fine_rank.model import N_INTERACTED, Ranker
 
 # the node-name parts of the input layer's blocks in the exported graph (".../{task}/in_item/MatMul")
 INPUT_BLOCKS = ("in_user", "in_item", "in_dense")
@@ -68,7 +68,7 @@ class ServingRanker(nn.Module):
             slopes.append(float(act.negative_slope))
         w0, b0 = maps[0]
         n_user, n_item = len(emb.user) * emb.dim, len(emb.item) * emb.dim
-        n_dense = N_ITEM_DENSE + N_INTERACTED
+        n_dense = ranker.n_item_dense + N_INTERACTED
         dense_at = n_user + n_item  # regular_inputs: user emb, item emb, item_dense, interacted[, sequence]
         self.in_user = _Affine(w0[:, :n_user])
         self.in_item = _Affine(torch.cat([w0[:, n_user:dense_at], w0[:, dense_at + n_dense :]], dim=1), b0)

@@ -31,12 +31,13 @@ from fine_rank.tasks import build_model, fit, fit_sead, fit_signal_loss
 STREAM_METHODS = ("none", "signal_loss")  # the cvr_teacher values streaming supports
 
 
-def day_tables(data, task: str, sequence: bool = False) -> dict[int, dict[str, np.ndarray]]:
+def day_tables(data, task: str, sequence: bool = False, item_stats: bool = True) -> dict[int, dict[str, np.ndarray]]:
     """{day: the task's population of that day} (CTR: every impression; CVR: the clicked ones),
-    with the behaviour-sequence columns only when `sequence` (a ranker with `*_sequence="din"`)."""
+    with the behaviour-sequence columns only when `sequence` (a ranker with `*_sequence="din"`) and
+    the item statistics in `item_dense` when `item_stats`."""
     out = {}
     for d in range(1, data.n_days + 1):
-        t = materialise(data.examples(d), sequence=sequence)
+        t = materialise(data.examples(d), sequence=sequence, item_stats=item_stats)
         out[d] = t if task == "ctr" else clicked(t)
     return out
 

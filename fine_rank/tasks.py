@@ -36,7 +36,7 @@ def make_optimizer(model: torch.nn.Module, s: ModelSettings) -> torch.optim.Opti
 
 def build_model(vocab, s: ModelSettings, seed: int) -> Ranker:
     torch.manual_seed(seed)
-    return Ranker.build(vocab, s.emb_dim, s.hidden, s.sequence, s.attention_dim)
+    return Ranker.build(vocab, s.emb_dim, s.hidden, s.sequence, s.attention_dim, s.n_item_dense)
 
 
 StepLoss = Callable[[torch.Tensor, int, int], "tuple[torch.Tensor, dict]"]
@@ -130,7 +130,7 @@ def source_batches(src: Source, s: ModelSettings, seed: int, gen: torch.Generato
 
         return lambda resume: streamed_batches(src.rows.stream(seed), None, resume, chunk_batches,
                                                lambda epoch: {"perm": None, "next": 0},
-                                               lambda chunk: src.load(materialise(chunk)))
+                                               lambda chunk: src.load(materialise(chunk, item_stats=src.rows.item_stats)))
 
     def epochs(resume):
         perm, first = (resume["perm"], resume["next"]) if resume is not None else (None, 0)

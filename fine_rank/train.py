@@ -201,12 +201,15 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     data = load(data_dir)
     fit_days, eval_day = split_days(data, cfg.split)
     seq = cfg.uses_sequence  # the (N, L) sequence columns only when a model reads them
-    eval_table = materialise(data.examples(eval_day), sequence=seq)  # the held-out day stays in memory, streamed or not
+    stats = cfg.item_stats
+    # the held-out day stays in memory, streamed or not
+    eval_table = materialise(data.examples(eval_day), sequence=seq, item_stats=stats)
     if cfg.stream_chunk_rows:
-        tables = {"ctr": (StreamRows(data, fit_days, cfg.stream_chunk_rows), eval_table),
-                  "cvr": (StreamRows(data, fit_days, cfg.stream_chunk_rows, clicked_only=True), clicked(eval_table))}
+        tables = {"ctr": (StreamRows(data, fit_days, cfg.stream_chunk_rows, item_stats=stats), eval_table),
+                  "cvr": (StreamRows(data, fit_days, cfg.stream_chunk_rows, clicked_only=True, item_stats=stats),
+                          clicked(eval_table))}
     else:
-        train_table = materialise(data.examples(fit_days), sequence=seq)
+        train_table = materialise(data.examples(fit_days), sequence=seq, item_stats=stats)
         tables = {"ctr": (train_table, eval_table), "cvr": (clicked(train_table), clicked(eval_table))}
     labels = {task: label_for(task, cfg) for task in TASKS}
     truths = {"ctr": "true_pctr", "cvr": "true_pcvr"}

@@ -13,7 +13,9 @@ FILES: dict[str, dict[str, str]] = {
                "item_scales": "item_scales.npy"},
     # ranker: CTR and CVR in one graph (one session call); ranker_int8: its int8 copy, written
     # only when it passes the export's quality checks; ctr / cvr: the older two-graph layout
-    "fine": {"ranker": "ranker.onnx", "ranker_int8": "ranker_int8.onnx", "ctr": "ctr.onnx", "cvr": "cvr.onnx"},
+    # item_stats: the item statistics table the rankers read on the serving day (recstack.item_stats)
+    "fine": {"ranker": "ranker.onnx", "ranker_int8": "ranker_int8.onnx", "ctr": "ctr.onnx", "cvr": "cvr.onnx",
+             "item_stats": "item_stats.npy"},
     # optional: the data's own user / item ids (recstack.ids), one `external_id` column each
     "ids": {"users": "users.parquet", "items": "items.parquet"},
 }
@@ -35,5 +37,6 @@ FINE_RANKER = path("fine", "ranker")
 FINE_RANKER_INT8 = path("fine", "ranker_int8")
 FINE_CTR = path("fine", "ctr")
 FINE_CVR = path("fine", "cvr")
+FINE_ITEM_STATS = path("fine", "item_stats")
 IDS_USERS = path("ids", "users")
 IDS_ITEMS = path("ids", "items")

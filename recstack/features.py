@@ -263,21 +263,26 @@ def interacted_features(seq_items: np.ndarray, seq_extras: np.ndarray, cand_item
 
 
 def fine_inputs(user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.ndarray, items: ItemTable,
-                cands: np.ndarray, interacted: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                cands: np.ndarray, interacted: np.ndarray | None = None, item_stats: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
     """One user's fine-ranker inputs for M candidates, as served: user_feats (1, 4), seq_items
     (1, L, 5), seq_extras (1, L, 3), cands (M,) raw item ids -> {user_feats (M, 4), item_feats
     (M, 5), item_dense (M, 1), interacted (M, X), seq_items (1, L, 5), seq_extras (1, L, 3)}.
     The sequence stays one row: a graph that reads it computes its side once per request.
     `interacted` (M, X): the counts over the user's full log
-    (recstack.interacted.one_user_features); None: counted on the sequence."""
+    (recstack.interacted.one_user_features); None: counted on the sequence. `item_stats` (I, S):
+    the item statistics table (recstack.item_stats), appended to item_dense; None: the price only."""
     cands = np.asarray(cands, dtype=np.int64)
     item_feats = items.feats(cands)
+    dense = items.dense(cands)
+    if item_stats is not None:
+        dense = np.concatenate([dense, item_stats[cands]], axis=1)
     if interacted is None:
         interacted = HistoryFeatures(seq_items, seq_extras).interacted(item_feats)
     return {
         "user_feats": np.repeat(user_feats, len(cands), axis=0),
         "item_feats": item_feats,
-        "item_dense": items.dense(cands),
+        "item_dense": dense,
         "interacted": interacted,
         "seq_items": seq_items,
         "seq_extras": seq_extras,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 from recstack import features as F
+from recstack import item_stats as S
 
 SCHEMA_KEY = "recstack.schema"  # metadata_props key; the value is JSON
 SCHEMA_FORMAT = 1
@@ -34,10 +35,20 @@ TRANSFORMS = {
                  "(0 = empty slot); recstack.features.sequence_tensors",
     "seq_extras": "log1p(hours since the behaviour), log1p(dwell seconds), 1.0 if a purchase; 0 in empty slots; "
                   "recstack.features.sequence_tensors",
-    "item_dense": "(log(price) - log_price_mean) / log_price_std; recstack.features.ItemTable.dense",
+    "item_dense": "(log(price) - log_price_mean) / log_price_std; recstack.features.ItemTable.dense; a graph of "
+                  f"{1 + len(S.FIELDS)} columns also reads the item statistics after it: the bundle's "
+                  "fine/item_stats.npy row of the candidate (recstack.item_stats)",
     "interacted": "log1p(count) of the sequence's clicks on the candidate's category / shop / brand within 24 h, "
                   "the same within 7 d, on the item itself within 7 d; recstack.features.interacted_features",
 }
+
+
+def _columns(name: str, shape: list) -> list[str]:
+    """An input's columns; a fine graph's item_dense may carry the item statistics after the price."""
+    cols = COLUMNS.get(name, [])
+    if name == "item_dense" and shape and shape[-1] == len(cols) + len(S.FIELDS):
+        return cols + list(S.FIELDS)
+    return cols
 
 
 def model_schema(stage: str, role: str, inputs: list[tuple[str, str, list]], outputs: list[tuple[str, str, list]],
@@ -49,7 +60,7 @@ def model_schema(stage: str, role: str, inputs: list[tuple[str, str, list]], out
         "stage": stage,
         "model": role,
         "bundle_version": bundle_version,
-        "inputs": [{"name": n, "dtype": t, "shape": s, "columns": COLUMNS.get(n, []),
+        "inputs": [{"name": n, "dtype": t, "shape": s, "columns": _columns(n, s),
                     "transform": TRANSFORMS.get(n, "")} for n, t, s in inputs],
         "outputs": [{"name": n, "dtype": t, "shape": s} for n, t, s in outputs],
         "id_offset": 1,

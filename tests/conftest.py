@@ -878,6 +878,27 @@ def _merge_fine(bdir: Path, outputs=("pctr", "pcvr"), name="fine/ranker.onnx") -
     onnx.save(model, str(bdir / name))
 
 
+def _install_fine(bdir: Path, result: dict, files: list[str] | None = None, meta: dict | None = None) -> None:
+    """List a fine export written into bdir/fine (`fine_rank.export.export`'s result) as the
+    bundle's fine stage: its files (or `files`, names under fine/) and its meta (or `meta`), in
+    place of the fake two-graph layout."""
+    m = B.read_manifest(bdir)
+    names = [f"fine/{f}" for f in (result["files"] if files is None else files)]
+    stages = {**m["stages"], "fine": {**m["stages"].get("fine", {}), "files": names,
+                                      "meta": result["meta"] if meta is None else meta}}
+    kept = [f for f in m["files"] if f not in ("fine/ctr.onnx", "fine/cvr.onnx")]
+    B.write_manifest(bdir, version=m["version"], files=kept + names, configs=m["configs"],
+                     feature_schema=m["feature_schema"], vocab=m["vocab"], stages=stages,
+                     extra={"snapshot": m["snapshot"]})
+
+
+@pytest.fixture(scope="session")
+def install_fine():
+    """Callable (bundle_dir, export_result, files=None, meta=None): list a real fine export as
+    the bundle's fine stage (files and meta), replacing the fake two-graph layout."""
+    return _install_fine
+
+
 @pytest.fixture(scope="session")
 def relist():
     """Callable (bundle_dir, add, drop=()) -> None: rewrite the manifest listing `add`, not `drop`."""

@@ -30,11 +30,13 @@ EXPERIMENTS = {"cvr": cvr.run, "sead": sead.run, "signal-loss": signal_loss.run}
 
 
 def base_config(plan: FinePlan) -> T.Config:
-    """The Config every method of the plan starts from: no teacher and no aux head, whatever
-    the default config exports (each method says what it trains; calibration keeps the
-    default unless a method sets it), then the plan's overrides."""
+    """The Config every method of the plan starts from: no teacher, no aux head and no item
+    statistics (the papers' rankers read none), whatever the default config exports (each
+    method says what it trains; calibration keeps the default unless a method sets it), then
+    the plan's overrides."""
     base = T.Config(**QUICK) if plan.quick else T.Config()
-    return apply_overrides(base, ["cvr_teacher=none", "ctr_sead=none", "cvr_sead=none"] + list(plan.overrides))
+    return apply_overrides(base, ["cvr_teacher=none", "ctr_sead=none", "cvr_sead=none", "item_stats=false"]
+                           + list(plan.overrides))
 
 
 def run(name: str, data_dir, out_dir, seeds: Sequence[int] = (1, 2, 3), quick: bool = False,

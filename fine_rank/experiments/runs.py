@@ -45,10 +45,11 @@ def _concat(a: dict, b: dict) -> dict:
 
 def load_tables(data_dir) -> Tables:
     data = load(data_dir)
-    # the paper tables' rankers read no behaviour sequence: its (N, 50) columns would multiply the memory
-    fit = T.materialise(data.examples(data.fit_days), sequence=False)
-    valid = T.materialise(data.examples(data.valid_day), sequence=False)
-    test = T.materialise(data.examples(data.test_day), sequence=False)
+    # the paper tables' rankers read no behaviour sequence (its (N, 50) columns would multiply
+    # the memory) and no item statistics (experiments.base_config)
+    fit = T.materialise(data.examples(data.fit_days), sequence=False, item_stats=False)
+    valid = T.materialise(data.examples(data.valid_day), sequence=False, item_stats=False)
+    test = T.materialise(data.examples(data.test_day), sequence=False, item_stats=False)
     train = _concat(fit, valid)
 
     def pops(t):

@@ -31,7 +31,7 @@ def run_one(data_dir: str | Path, out: Path, split: str, variant: str, seed: int
         return checkpoint.load(done, stage=STAGE)["metrics"]
     from fine_rank.train import train
 
-    cfg = Config(seed=seed, split=split, ctr_sequence=variant, cvr_sequence=variant)
+    cfg = Config(seed=seed, split=split, ctr_sequence=variant, cvr_sequence=variant, item_stats=False)
     return train(cfg, data_dir, out, progress=False)
 
 

@@ -54,11 +54,16 @@ def _config(method: Method, base: T.Config, setting: W.Setting | None = None) ->
     return cfg
 
 
+KEYED_WHEN_ON = ("item_stats",)
+
+
 def run_key(world: dict, cfg: T.Config, rows: str) -> str:
     """The key of a streamed run's inputs besides the seed (which its file name carries): the
     world (world.json without its timings) and the row's whole Config. (The code is not in it.)"""
     w = {k: v for k, v in world.items() if k != "timings_s"}
-    text = json.dumps({"world": w, "config": asdict(cfg), "rows": rows}, sort_keys=True, default=str)
+    # a field added later is keyed only when it is on, so the runs cached before it keep their keys
+    config = {k: v for k, v in asdict(cfg).items() if not (k in KEYED_WHEN_ON and not v)}
+    text = json.dumps({"world": w, "config": config, "rows": rows}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -174,7 +179,8 @@ def run(plan: FinePlan, data_dir, out: Path, base: T.Config, log: Callable[[str]
         raise ValueError(f"streaming needs a world of >= 4 days (simulate with --set n_days=...), got {data.n_days}")
     rows = stream_rows(plan)
     _DATA.clear()
-    _DATA.update({"world": data.world, "vocab": data.vocab, "agg": S.day_aggregates(data), **{t: S.day_tables(data, t) for t in rows}})
+    tables = {t: S.day_tables(data, t, item_stats=base.item_stats) for t in rows}
+    _DATA.update({"world": data.world, "vocab": data.vocab, "agg": S.day_aggregates(data), **tables})
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     chosen, sweep = {}, None

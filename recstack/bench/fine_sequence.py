@@ -30,7 +30,8 @@ def request_feeds(cascade: Cascade, user: int, n: int, seed: int = 0) -> dict[st
     seq_items, seq_extras, _ = cascade.sequence(q)
     cands = np.random.default_rng(seed).choice(cascade.n_items, n, replace=False).astype(np.int64)
     counts = cascade.interacted_for(q)(cands)
-    return F.fine_inputs(cascade.users.feats(np.array([user])), seq_items, seq_extras, cascade.items, cands, counts)
+    return F.fine_inputs(cascade.users.feats(np.array([user])), seq_items, seq_extras, cascade.items, cands, counts,
+                         cascade.item_stats)
 
 
 def paths(bundles: dict[str, str], n: int, precision: str, user: int) -> dict:

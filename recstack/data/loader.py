@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from recstack import features as FE
 from recstack.data import contract as K
 from recstack.interacted import EventIndex
+from recstack.item_stats import ItemStats
 from recstack.world.schema import DAY_FILE, SHARD_DIR, SHARD_FILE
 
 IMPRESSION_COLUMNS = (
@@ -108,6 +109,7 @@ class SimData:
         self.behaviours = FE.Behaviours(ev["user_id"], ev["ts"], ev["item_id"], ev["kind"], ev["dwell"], self.vocab.n_users)
         self._events = ev
         self._event_index: EventIndex | None = None
+        self._item_stats: ItemStats | None = None
 
     @property
     def events(self) -> dict[str, np.ndarray]:
@@ -124,6 +126,24 @@ class SimData:
             except ValueError as e:
                 raise DataError(f"{self.root / K.EVENTS.file}: {e}") from e
         return self._event_index
+
+    @property
+    def item_stats(self) -> ItemStats:
+        """Every item's daily counts of impressions and of each event kind (recstack.item_stats),
+        built on first use from every impression day and the full behaviour log."""
+        if self._item_stats is None:
+            day_s = float(self.world.get("day_seconds", 86400))
+            # day d >= 1 is [(history_days + d - 1) x day_seconds, ...); history days are <= 0
+            ev_day = np.floor(self._events["ts"] / day_s).astype(np.int64) + 1 - int(self.world.get("history_days", 0))
+            days = list(range(1, self.n_days + 1))
+            imp_items = [self.impressions(d)["item_id"] for d in days]
+            imp_days = np.concatenate([np.full(len(i), d, np.int64) for d, i in zip(days, imp_items)])
+            try:
+                self._item_stats = ItemStats.build(imp_days, np.concatenate(imp_items), ev_day, self._events["item_id"],
+                                                   self._events["kind"], self.vocab.n_items)
+            except ValueError as e:
+                raise DataError(f"{self.root}: item statistics: {e}") from e
+        return self._item_stats
 
     # next-day split, as in both papers: train on days 1..D-1, test on day D; the day
     # before the test day doubles as the validation day for learning-rate selection.

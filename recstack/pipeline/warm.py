@@ -157,7 +157,7 @@ def _warm_fine(ck, opt_state, data, days, out_dir, origin) -> dict:
     from fine_rank.train import label_for
 
     cfg = checkpoint_config(ck["config"])
-    table = materialise(data.examples(days), sequence=cfg.uses_sequence)
+    table = materialise(data.examples(days), sequence=cfg.uses_sequence, item_stats=cfg.item_stats)
     tables = {"ctr": table, "cvr": clicked(table)}
     models, opts, stats = {}, {}, {"rows": int(len(table["click"]))}
     for task, seed in (("ctr", cfg.seed), ("cvr", cfg.seed + 1)):
@@ -229,7 +229,7 @@ def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
         from fine_rank.tasks import build_model
 
         cfg = checkpoint_config(ck["config"])
-        table = materialise(data.examples(days), sequence=cfg.uses_sequence)
+        table = materialise(data.examples(days), sequence=cfg.uses_sequence, item_stats=cfg.item_stats)
         out = {"n": int(len(table["click"]))}
         for task, rows, label in (("ctr", table, "click"), ("cvr", clicked(table), "purchase")):
             model = build_model(data.vocab, cfg.settings(task), 0)

@@ -44,7 +44,7 @@ from recstack import browse
 from recstack.browse import CategoryItems, browsed_categories
 from recstack.serving.candidates import FAISS, RetrievalUnavailable, popularity_order
 from recstack.serving.coarse import CoarseVectors, inner_products_by_idx  # noqa: F401 (re-exported)
-from recstack.serving.fine import FineScorer
+from recstack.serving.fine import FineScorer, check_item_dense, read_item_stats
 from recstack.serving.loading import OnnxModel, read_ids, read_item_emb, read_snapshot, snapshot_time
 from recstack.serving.objective import read_values
 from recstack.serving.query import DeadlineExceeded, Query, Ranking  # noqa: F401 (re-exported)
@@ -158,6 +158,9 @@ class Cascade:
 
         # fine
         self.fine = FineScorer.load(bundle, _FINE_INPUTS, onnx_threads)
+        self.item_stats = read_item_stats(bundle, self.n_items)  # (I, S) or None: the rankers read no statistics
+        check_item_dense(self.fine.models, self.items.dense(np.zeros(1, np.int64)).shape[1]
+                         + (self.item_stats.shape[1] if self.item_stats is not None else 0))
 
     @classmethod
     def load(cls, path: str | Path, onnx_threads: int = 1, faiss_threads: int = 1, warm: bool = True,
@@ -388,7 +391,7 @@ class Cascade:
         `check("fine pCVR")` runs between the two models when the bundle has two."""
         m = len(cands)
         counts = interacted(cands) if interacted is not None and m else None  # None: counted on the sequence
-        fine_in = F.fine_inputs(user_feats, seq_items, seq_extras, self.items, cands, counts)  # (M, ...) each
+        fine_in = F.fine_inputs(user_feats, seq_items, seq_extras, self.items, cands, counts, self.item_stats)  # (M, ...) each
         if not m:
             return np.zeros(0, np.float64), np.zeros(0, np.float64)
         return self.fine(fine_in, check)

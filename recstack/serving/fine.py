@@ -18,8 +18,9 @@ from typing import Callable
 import numpy as np
 
 from recstack import features as F
+from recstack import item_stats as S
 from recstack.bundle import Bundle, BundleError
-from recstack.bundle_files import FINE_CTR, FINE_CVR, FINE_RANKER, FINE_RANKER_INT8
+from recstack.bundle_files import FINE_CTR, FINE_CVR, FINE_ITEM_STATS, FINE_RANKER, FINE_RANKER_INT8
 from recstack.serving.loading import OnnxModel
 
 OUTPUTS = ("pctr", "pcvr")  # the merged graph's outputs
@@ -39,6 +40,41 @@ def check_sequence_inputs(model: OnnxModel, meta: dict) -> None:
     listed = meta.get("inputs")
     if listed is not None and sorted(listed) != sorted(model.inputs):
         raise BundleError(f"bundle file {model.relpath!r}: inputs {model.inputs}, the manifest's fine stage lists {listed}")
+
+
+def read_item_stats(bundle: Bundle, n_items: int) -> np.ndarray | None:
+    """The item statistics table the rankers read (recstack.item_stats), (I, S) float32, or None
+    for a bundle whose rankers read none. Refuses a manifest that names the table without the
+    file (or the file without the meta), other fields than this server's, or a table of the
+    wrong shape or with negative / non-finite values."""
+    meta = bundle.manifest.get("stages", {}).get("fine", {}).get("meta", {}).get("item_stats")
+    listed = FINE_ITEM_STATS in bundle.manifest.get("files", {})
+    if meta is None and not listed:
+        return None
+    if meta is None or not listed:
+        raise BundleError(f"bundle: {FINE_ITEM_STATS!r} and stages.fine.meta.item_stats come together; "
+                          f"found only the {'file' if listed else 'meta'}")
+    if list(meta.get("fields", [])) != list(S.FIELDS):
+        raise BundleError(f"manifest.json: stages.fine.meta.item_stats.fields {meta.get('fields')!r}, this server "
+                          f"serves {len(S.FIELDS)} fields ({', '.join(S.FIELDS[:2])}, ...)")
+    try:
+        table = np.load(bundle.path(FINE_ITEM_STATS), allow_pickle=False)
+    except ValueError as e:
+        raise BundleError(f"bundle file {FINE_ITEM_STATS!r}: {e}") from e
+    why = S.check_table(table, n_items)
+    if why is not None:
+        raise BundleError(f"bundle file {FINE_ITEM_STATS!r}: {why}")
+    return table
+
+
+def check_item_dense(models: list[OnnxModel], width: int) -> None:
+    """Refuse a fine graph whose item_dense width is not the one the server builds (the price,
+    then the item statistics when the bundle ships them)."""
+    for m in models:
+        for i in m.session.get_inputs():
+            if i.name == "item_dense" and isinstance(i.shape[-1], int) and i.shape[-1] != width:
+                raise BundleError(f"bundle file {m.relpath!r}: item_dense has {i.shape[-1]} columns, the bundle's "
+                                  f"item table and item statistics give {width}")
 
 
 class FineScorer:

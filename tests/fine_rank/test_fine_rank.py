@@ -215,7 +215,8 @@ def exported(tiny_run, tmp_path_factory):
 def test_export_files_and_parity(exported, tiny_run):
     out, result = exported
     int8 = result["meta"]["int8"]
-    assert result["files"] == ["ranker.onnx"] + (["ranker_int8.onnx"] if int8["kept"] else [])
+    # the default rankers read the item statistics: the serving day's table ships beside them
+    assert result["files"] == ["ranker.onnx", "item_stats.npy"] + (["ranker_int8.onnx"] if int8["kept"] else [])
     assert (out / "ranker_int8.onnx").exists() == int8["kept"]
     for task in ("ctr", "cvr"):
         diffs = result["meta"][task]["parity_max_abs_diff"]

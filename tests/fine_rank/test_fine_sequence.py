@@ -179,7 +179,7 @@ def test_din_graph_declares_the_sequence_and_matches_torch_as_served(din_run, tm
     assert len(set(np.round(got, 6))) > 1
 
 
-def test_one_history_gives_the_same_sequence_and_prediction_in_training_and_serving(din_run, tiny_bundle, relist,
+def test_one_history_gives_the_same_sequence_and_prediction_in_training_and_serving(din_run, tiny_bundle, install_fine,
                                                                                     tmp_path):
     """Impressions of the test day: the trainer's table row and the server's fine feeds, built
     from the same event history (the user's events before the impression, at its time), hold
@@ -194,8 +194,8 @@ def test_one_history_gives_the_same_sequence_and_prediction_in_training_and_serv
 
     bdir = tmp_path / tiny_bundle.name  # a bundle's directory is named by its version
     shutil.copytree(tiny_bundle, bdir)
-    fexport.export(din_run["ckpt"], bdir / "fine", int8=False)  # fine/ranker.onnx beside the fake two-graph layout
-    relist(bdir, ["fine/ranker.onnx"], drop=("fine/ctr.onnx", "fine/cvr.onnx"))
+    # fine/ranker.onnx (and the item statistics it reads) in place of the fake two-graph layout
+    install_fine(bdir, fexport.export(din_run["ckpt"], bdir / "fine", int8=False))
     cascade = Cascade.load(bdir)  # the warm-up runs the sequence graph on its probe requests
     assert cascade.fine.merged and "seq_items" in cascade.fine.models[0].inputs
     _, models = fexport.load_models(checkpoint.load(din_run["ckpt"]))
@@ -212,7 +212,7 @@ def test_one_history_gives_the_same_sequence_and_prediction_in_training_and_serv
         q = Query(user_id=user, num_results=1, retrieval_size=1, coarse_size=1, now=ts, history=history)
         seq_items, seq_extras, _ = cascade.sequence(q)
         feeds = FE.fine_inputs(table["user_feats"][row : row + 1], seq_items, seq_extras, cascade.items,
-                               np.array([item]), cascade.interacted_for(q)(np.array([item])))
+                               np.array([item]), cascade.interacted_for(q)(np.array([item])), cascade.item_stats)
         for k in ("seq_items", "seq_extras", "item_feats", "item_dense", "interacted"):
             np.testing.assert_array_equal(feeds[k], table[k][row : row + 1].astype(feeds[k].dtype), err_msg=k)
         pctr, pcvr = cascade.fine(feeds)

@@ -114,7 +114,7 @@ def test_the_documented_snippet_reproduces_a_served_score(trained):
 
 
 @pytest.mark.parametrize("stage,names", [
-    ("fine", ["ranker.onnx"]),
+    ("fine", ["ranker.onnx", "item_stats.npy"]),  # the default rankers read the item statistics
     ("coarse", ["user_tower.onnx", "item_vectors.npy"]),
     ("retrieval", ["user_tower.onnx", "item_emb.npy", "index.faiss"]),
 ])
