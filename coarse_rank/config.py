@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from recstack.config import ConfigError
+from recstack.config import ConfigError, from_dict
+from recstack.item_stats import FIELDS as ITEM_STATS_FIELDS
 
 # "oracle": no teacher network; the soft labels are the simulator's true pCTR of each training
 # impression (the best any teacher could know): the upper bound of what distillation can add
@@ -40,6 +41,7 @@ class Config:
     # --- served objective (coarse_rank/objective.py) ---
     objective: str = "gmv"  # one of OBJECTIVES; gmv keeps more of the oracle through the coarse cut on the validation day (docs/results/cascade); "ctr" for the PFD tables
     cvr_hidden: tuple[int, ...] = (64,)  # the gmv student's item-only CVR head widths
+    item_stats: bool = True  # the item tower (and the teachers' item side) also reads the item statistics (recstack.item_stats) after the price; export folds the serving day's into the item vectors; `small`, validation day, seeds 1-3: GMV@50 share +0.015..+0.034 (docs/results/cascade/item_stats.md); False in the PFD tables
     # --- distillation (PFD Eq. 5, Algorithm 1) ---
     teacher: str = "pfd_md"  # one of TEACHERS ("baseline" = none); pfd_md is the issue's default: it beats the baseline on medium's validation day, within noise of md/sd (docs/results/coarse)
     manner: str = "share_sync"  # one of MANNERS (PFD Table 7); the paper's main runs share common input components
@@ -54,6 +56,11 @@ class Config:
     # N > 0: the training days are streamed from their Parquet shards, N rows per chunk per
     # rank (recstack.data.shards.ShardStream, sessions kept together), each rank reading only its slice
     stream_chunk_rows: int = 0  # 0: loaded in memory (DDP splits each global batch across ranks)
+
+    @property
+    def n_item_dense(self) -> int:
+        """Columns of `item_dense`: the price, then the item statistics when read."""
+        return 1 + (len(ITEM_STATS_FIELDS) if self.item_stats else 0)
 
     def validate(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -100,3 +107,14 @@ class Config:
         if self.stream_chunk_rows and self.train_fraction < 1.0:
             raise ConfigError("train_fraction < 1 samples sessions of the in-memory training days; it is not available "
                               "with stream_chunk_rows > 0")
+
+
+# what a checkpoint that does not name a field was trained with: the fields added since, at
+# the value that reproduces the older models (a default may change; an old model may not)
+_BEFORE_FIELDS = {"item_stats": False}
+
+
+def checkpoint_config(d: dict) -> Config:
+    """A checkpoint's config dict -> Config; a checkpoint from before the item statistics option
+    rebuilds the model it holds (an item tower on the price alone), whatever the default is today."""
+    return from_dict(Config, {**_BEFORE_FIELDS, **d})

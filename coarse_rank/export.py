@@ -22,7 +22,7 @@ from recstack.data import SimData, load
 from recstack.features import SEQ_LEN
 
 from coarse_rank.model import InnerProductStudent
-from coarse_rank.inputs import STAGE, load_student, model_inputs
+from coarse_rank.inputs import STAGE, load_student, model_inputs, split_days
 from coarse_rank.objective import GmvStudent, UserVectorWithOne, centred_item_terms, item_terms
 
 USER_INPUTS = ("user_feats", "seq_items", "seq_extras")
@@ -45,25 +45,43 @@ class ExportError(RuntimeError):
 
 
 @torch.no_grad()
-def item_vectors(model: InnerProductStudent, data: SimData, chunk: int = 8192) -> np.ndarray:
+def item_vectors(model: InnerProductStudent, data: SimData, chunk: int = 8192, stats: np.ndarray | None = None
+                 ) -> np.ndarray:
     """Item-tower vectors of the whole corpus times the score scale: float32 (n_items, out_dim),
-    row i = raw item id i (the same id space as the FAISS index)."""
+    row i = raw item id i (the same id space as the FAISS index). `stats`: the item statistics
+    table (I, S) of the serving day, for a tower that reads them."""
     model.eval()
     n = data.items.n
     parts = []
     for s in range(0, n, chunk):
         ids = np.arange(s, min(s + chunk, n))
         feats = torch.from_numpy(data.items.feats(ids))
-        dense = torch.from_numpy(np.ascontiguousarray(data.items.dense(ids)))
+        dense = data.items.dense(ids) if stats is None else np.concatenate([data.items.dense(ids), stats[ids]], axis=1)
+        dense = torch.from_numpy(np.ascontiguousarray(dense))
         parts.append(model.item_tower(feats, dense).numpy())
     vecs = np.concatenate(parts) if parts else np.zeros((0, model.item_tower.mlp[-1].out_features), np.float32)
     return (vecs * np.float32(model.scale)).astype(np.float32)
 
 
-def _check_rows(data: SimData, n: int) -> dict[str, np.ndarray]:
-    """Real test-day rows (spread over the day) plus one cold-start row: an unknown user with
+def served_item_vectors(model: InnerProductStudent, cfg, data: SimData) -> tuple[np.ndarray, np.ndarray | None, float, int]:
+    """The item vectors the bundle serves: the item tower's (scaled) for the serving day (the day
+    after the training days: its item statistics go in when the tower reads them), with the gmv
+    student's centred item term as one more coordinate. -> (vectors (I, D[+1]) float32, the item
+    terms (I,) or None, their mean, the serving day)."""
+    _, serve_day = split_days(data, cfg.split)
+    stats = data.item_stats.table(serve_day) if cfg.item_stats else None
+    vecs = item_vectors(model, data, stats=stats)
+    item_term, term_mean = None, 0.0
+    if isinstance(model, GmvStudent):  # one more coordinate: the item term, against a user-side 1
+        item_term, term_mean = centred_item_terms(model, data.items, stats)
+        vecs = np.concatenate([vecs, item_term.astype(np.float32)[:, None]], axis=1)
+    return np.ascontiguousarray(vecs, np.float32), item_term, term_mean, serve_day
+
+
+def _check_rows(data: SimData, n: int, day: int, item_stats: bool = False) -> dict[str, np.ndarray]:
+    """Real rows of `day` (spread over the day) plus one cold-start row: an unknown user with
     an empty sequence, the input most likely to break masking in the exported graph."""
-    ex = data.examples(data.test_day)
+    ex = data.examples(day, item_stats=item_stats)
     rows = np.unique(np.linspace(0, len(ex) - 1, num=min(n, len(ex))).astype(np.int64))
     batch = ex.batch(rows)
     cold = {
@@ -91,16 +109,12 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    vecs = item_vectors(model, data)
-    item_term, term_mean = None, 0.0
-    if isinstance(model, GmvStudent):  # one more coordinate: the item term, against a user-side 1
-        item_term, term_mean = centred_item_terms(model, data.items)
-        vecs = np.concatenate([vecs, item_term.astype(np.float32)[:, None]], axis=1)
+    vecs, item_term, term_mean, serve_day = served_item_vectors(model, cfg, data)
     if not np.isfinite(vecs).all():  # a diverged model
         raise ExportError(f"{NAMES['item_vectors']}: {int((~np.isfinite(vecs)).sum())} NaN or infinite values; refusing to export")
     np.save(out_dir / NAMES["item_vectors"], vecs, allow_pickle=False)
 
-    rows = _check_rows(data, PARITY_ROWS)
+    rows = _check_rows(data, PARITY_ROWS, serve_day, cfg.item_stats)
     user_in = {k: rows[k] for k in USER_INPUTS}
     tower = model.user_tower if item_term is None else UserVectorWithOne(model.user_tower).eval()
     onnx_path = onnx_export.export_onnx(tower, user_in, out_dir / NAMES["user_tower"], [USER_OUTPUT])
@@ -140,7 +154,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
         "user_tower_inputs": list(USER_INPUTS),
         "user_tower_output": USER_OUTPUT,
         "item_vectors_scaled": True,
-        "objective": cfg.objective,  # "gmv": the last coordinate is log pCVR + log price (centred) against a user-side 1
+        "objective": cfg.objective,
+        "item_stats_day": serve_day if cfg.item_stats else None,  # the statistics folded into the item vectors  # "gmv": the last coordinate is log pCVR + log price (centred) against a user-side 1
         "parity_max_abs_diff": parity,
         "logit_max_abs_diff": logit_diff,
         "user_vec_norm_max_err": norm_err,

@@ -9,11 +9,10 @@ import numpy as np
 import torch
 
 from recstack.training import checkpoint
-from recstack.config import from_dict
 from recstack.data import to_torch
 from recstack.features import Vocab
 
-from coarse_rank.config import Config
+from coarse_rank.config import Config, checkpoint_config
 from coarse_rank.model import InnerProductStudent
 from coarse_rank.objective import build_student
 
@@ -50,10 +49,15 @@ def request_inputs(batch: dict[str, np.ndarray], ts: np.ndarray) -> dict[str, to
 
 
 
+def split_days(data, split: str) -> tuple[list[int], int]:
+    """(fit days, evaluation day) of a split: "test" fits days 1..D-1 and scores D, "valid" 1..D-2 and D-1."""
+    return (data.train_days, data.test_day) if split == "test" else (data.fit_days, data.valid_day)
+
+
 def load_student(path: str | Path) -> tuple[InnerProductStudent, Config, dict]:
     """Rebuild the trained student (eval mode) from a coarse checkpoint: (model, config, checkpoint)."""
     ckpt = checkpoint.load(path, stage=STAGE)
-    cfg = from_dict(Config, ckpt["config"])
+    cfg = checkpoint_config(ckpt["config"])
     model = build_student(cfg, Vocab.from_dict(ckpt["vocab"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, ckpt

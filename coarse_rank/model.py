@@ -402,6 +402,7 @@ class DNNTeacher(nn.Module):
         self.embeddings = embeddings
         self.sequence = sequence
         self.n_interacted = n_interacted
+        self.n_item_dense = n_item_dense  # the price, then the item statistics when read
         in_dim = embeddings.user_dim + sequence.d_model + embeddings.item_dim + n_item_dense + n_interacted
         self.mlp = MLP(in_dim, hidden, 1)
 
@@ -441,7 +442,7 @@ def build_student(cfg: "Config", vocab: Vocab) -> InnerProductStudent:
     """The student as `cfg` describes it (also used by export to rebuild from a checkpoint)."""
     return InnerProductStudent(
         vocab, embed_dim=cfg.embed_dim, d_model=cfg.d_model, n_heads=cfg.n_heads, ff_dim=cfg.ff_dim,
-        hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale,
+        hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale, n_item_dense=cfg.n_item_dense,
     )
 
 
@@ -463,5 +464,6 @@ def build_teacher(cfg: "Config", vocab: Vocab, student: InnerProductStudent) -> 
         seq = BehaviourEncoder(emb.item_dim, 3, cfg.d_model, cfg.n_heads, cfg.ff_dim)
     privileged = n_x if cfg.teacher in ("pfd", "pfd_md") else 0
     if cfg.teacher in ("sd", "pfd"):
-        return InnerProductTeacher(emb, seq, privileged, hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale)
-    return DNNTeacher(emb, seq, privileged, hidden=tuple(cfg.teacher_hidden))
+        return InnerProductTeacher(emb, seq, privileged, hidden=tuple(cfg.hidden), out_dim=cfg.out_dim, scale=cfg.scale,
+                                   n_item_dense=cfg.n_item_dense)
+    return DNNTeacher(emb, seq, privileged, hidden=tuple(cfg.teacher_hidden), n_item_dense=cfg.n_item_dense)

@@ -79,7 +79,7 @@ def build_student(cfg: Config, vocab: Vocab) -> M.InnerProductStudent:
         return M.build_student(cfg, vocab)
     return GmvStudent(vocab, cvr_hidden=tuple(cfg.cvr_hidden), embed_dim=cfg.embed_dim, d_model=cfg.d_model,
                       n_heads=cfg.n_heads, ff_dim=cfg.ff_dim, hidden=tuple(cfg.hidden), out_dim=cfg.out_dim,
-                      scale=cfg.scale)
+                      scale=cfg.scale, n_item_dense=cfg.n_item_dense)
 
 
 def build_teacher(cfg: Config, vocab: Vocab, student: M.InnerProductStudent) -> nn.Module | None:
@@ -88,7 +88,8 @@ def build_teacher(cfg: Config, vocab: Vocab, student: M.InnerProductStudent) -> 
     teacher = M.build_teacher(cfg, vocab, student)
     if cfg.objective != "gmv" or not isinstance(teacher, M.DNNTeacher):
         return teacher
-    return TwoTaskDNNTeacher(teacher.embeddings, teacher.sequence, teacher.n_interacted, hidden=tuple(cfg.teacher_hidden))
+    return TwoTaskDNNTeacher(teacher.embeddings, teacher.sequence, teacher.n_interacted, hidden=tuple(cfg.teacher_hidden),
+                             n_item_dense=cfg.n_item_dense)
 
 
 def _bce_on(logits: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
@@ -160,12 +161,14 @@ def item_terms(model: GmvStudent, item_feats: np.ndarray, item_dense: np.ndarray
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def centred_item_terms(model: GmvStudent, items) -> tuple[np.ndarray, float]:
-    """The served score's item-only part for the whole corpus (`recstack.features.ItemTable`),
-    minus its mean: (terms (I,) float64, the mean). A constant shift ranks alike and keeps the
-    coordinate near the others' scale (the int8 codes have one scale per row)."""
+def centred_item_terms(model: GmvStudent, items, stats: np.ndarray | None = None) -> tuple[np.ndarray, float]:
+    """The served score's item-only part for the whole corpus (`recstack.features.ItemTable`;
+    `stats`: the item statistics table the model reads, (I, S)), minus its mean: (terms (I,)
+    float64, the mean). A constant shift ranks alike and keeps the coordinate near the others'
+    scale (the int8 codes have one scale per row)."""
     ids = np.arange(items.n)
-    terms = item_terms(model, items.feats(ids), np.ascontiguousarray(items.dense(ids)), items.price)
+    dense = items.dense(ids) if stats is None else np.concatenate([items.dense(ids), stats], axis=1)
+    terms = item_terms(model, items.feats(ids), np.ascontiguousarray(dense), items.price)
     mean = float(terms.mean()) if len(terms) else 0.0
     return terms - mean, mean
 

@@ -45,7 +45,7 @@ from recstack.data.shards import ShardStream
 from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batches, training_state
 
 from coarse_rank.config import MANNERS, OPTIMIZERS, SPLITS, TEACHERS, Config  # noqa: F401  (re-exported)
-from coarse_rank.inputs import MODEL_INPUTS, STAGE, load_student, model_inputs, request_inputs  # noqa: F401
+from coarse_rank.inputs import MODEL_INPUTS, STAGE, load_student, model_inputs, request_inputs, split_days  # noqa: F401
 from coarse_rank.model import InnerProductStudent  # noqa: F401
 from coarse_rank.objective import GmvStep, build_student, build_teacher  # noqa: F401
 from coarse_rank.tasks import DistillationStep, make_optimizer, shares_sequence  # noqa: F401
@@ -156,7 +156,7 @@ def stream_source(cfg: Config, data: SimData, fit_days: list[int]) -> ShardStrea
     so they share a user-tower row), `stream_chunk_rows` rows per chunk."""
     w = D.world()
     return ShardStream(data, fit_days, chunk_rows=cfg.stream_chunk_rows, seed=cfg.seed, rank=w.rank, world_size=w.size,
-                       sessions=True)
+                       sessions=True, item_stats=cfg.item_stats)
 
 
 def training_batches(cfg: Config, train_ex: Examples | ShardStream, local_batch: int) -> Batches:
@@ -242,8 +242,8 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
     if cfg.stream_chunk_rows:
         train_ex = stream_source(cfg, data, fit_days)
     else:
-        train_ex = sample_sessions(data.examples(fit_days), cfg.train_fraction, cfg.seed)
-    eval_ex = data.examples(eval_day)
+        train_ex = sample_sessions(data.examples(fit_days, item_stats=cfg.item_stats), cfg.train_fraction, cfg.seed)
+    eval_ex = data.examples(eval_day, item_stats=cfg.item_stats)
     eval_ex = eval_ex.subset(_sample_rows(len(eval_ex), cfg.eval_max_rows, cfg.seed))
 
     student = build_student(cfg, data.vocab)
@@ -307,7 +307,7 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     """
     cfg.validate()
     data = load(data_dir)
-    fit_days, eval_day = (data.train_days, data.test_day) if cfg.split == "test" else (data.fit_days, data.valid_day)
+    fit_days, eval_day = split_days(data, cfg.split)
     if not fit_days:
         raise ConfigError(f"split={cfg.split!r} leaves no training days in a {data.n_days}-day world")
     D.check_divisible(batch_size=cfg.batch_size)

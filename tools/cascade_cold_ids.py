@@ -20,21 +20,16 @@ import numpy as np
 import pyarrow.dataset as ds
 import torch
 
-from coarse_rank.export import item_vectors
+from coarse_rank.export import served_item_vectors
 from coarse_rank.inputs import load_student
-from coarse_rank.objective import GmvStudent, centred_item_terms
 from recstack.data import load
 from recstack.evaluation import cascade as ce
 from recstack.serving.cascade import Cascade
 from recstack.serving.coarse import CoarseVectors
 
 
-def served_vectors(model, data) -> np.ndarray:
-    vecs = item_vectors(model, data)
-    if isinstance(model, GmvStudent):  # the item-term coordinate, as the exporter appends it
-        term, _ = centred_item_terms(model, data.items)
-        vecs = np.concatenate([vecs, term.astype(np.float32)[:, None]], axis=1)
-    return np.ascontiguousarray(vecs, np.float32)
+def served_vectors(model, cfg, data) -> np.ndarray:
+    return served_item_vectors(model, cfg, data)[0]  # as the exporter writes them
 
 
 def main() -> None:
@@ -47,16 +42,16 @@ def main() -> None:
     p.add_argument("--users", type=int, default=100)
     a = p.parse_args()
     torch.set_num_threads(1)
-    model, _, _ = load_student(Path(a.runs) / "coarse" / "checkpoint.pt")
+    model, cfg, _ = load_student(Path(a.runs) / "coarse" / "checkpoint.pt")
     data = load(a.data)
     table = ds.dataset(Path(a.data) / "impressions", format="parquet", partitioning="hive").to_table(columns=["item_id", "day"])
     fit = np.isin(np.asarray(table.column("day").to_numpy(), np.int64), [int(d) for d in a.fit_days.split(",")])
     seen = np.bincount(table.column("item_id").to_numpy()[fit], minlength=data.items.n)
     cold = np.flatnonzero(seen == 0)
-    variants = {"fp32": served_vectors(model, data)}
+    variants = {"fp32": served_vectors(model, cfg, data)}
     with torch.no_grad():
         model.item_tower.embeddings.item_tables[0].weight[torch.from_numpy(cold + 1)] = 0.0  # model ids are raw + 1
-    variants["fp32_cold_id_zeroed"] = served_vectors(model, data)
+    variants["fp32_cold_id_zeroed"] = served_vectors(model, cfg, data)
     cascade = Cascade.load(a.artifacts)
     settings = ce.Settings(n_users=a.users, retrieval_sizes=(3000, 10000), coarse_sizes=(500, 1000), default_retrieval=10000,
                            default_coarse=500, exhaustive=False, full_grid=True, i2i_shares=(0.3,), plot=False)

@@ -66,8 +66,8 @@ def base_config(plan: CoarsePlan) -> Config:
     Share*&Sync (the manner of the paper's Table 2 PFD+MD figure, its Table 7 row); quick:
     the tiny sizes. Then the plan's overrides."""
     # objective=ctr: the paper's click-only student, what its tables measure
-    base = Config(**QUICK, manner="share_star_sync", objective="ctr") if plan.quick else Config(
-        max_steps=0, eval_max_rows=0, manner="share_star_sync", objective="ctr")
+    base = Config(**QUICK, manner="share_star_sync", objective="ctr", item_stats=False) if plan.quick else Config(
+        max_steps=0, eval_max_rows=0, manner="share_star_sync", objective="ctr", item_stats=False)
     return apply_overrides(base, list(plan.overrides))
 
 

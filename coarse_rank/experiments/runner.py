@@ -22,8 +22,9 @@ from coarse_rank.train import Config, Fitted, fit
 
 def _job_key(data_dir: str, cfg: Config, days: list[int], eval_day: int) -> str:
     fields = dataclasses.asdict(cfg)
-    if not fields.get("stream_chunk_rows"):
-        fields.pop("stream_chunk_rows", None)  # in-memory fits keep the keys of caches written before the field
+    for later in ("stream_chunk_rows", "item_stats"):  # fields added later: keyed only when set
+        if not fields.get(later):
+            fields.pop(later, None)  # so the fits cached before the field keep their keys
     blob = json.dumps([str(Path(data_dir).resolve()), fields, list(days), int(eval_day)], sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:16]
 

@@ -74,10 +74,24 @@ class TeacherCoarseCascade(Cascade):
         need = {"user_feats", "seq_items", "seq_extras", "item_feats", "item_dense", "interacted"}
         if names != need:
             raise ValueError(f"{path}: teacher inputs {sorted(names)}, expected {sorted(need)}")
+        # a teacher trained with the item statistics reads the table written beside it
+        # (recstack.bench.teacher.export_teacher_onnx) after the price
+        width = next(i.shape[-1] for i in self.teacher.get_inputs() if i.name == "item_dense")
+        self.teacher_stats = None
+        if isinstance(width, int) and width > 1:
+            table = Path(path).with_suffix(".item_stats.npy")
+            if not table.exists():
+                raise ValueError(f"{path}: the teacher reads {width} item_dense columns and no {table.name} is beside it")
+            self.teacher_stats = np.load(table, allow_pickle=False)
+            if self.teacher_stats.shape != (self.n_items, width - 1):
+                raise ValueError(f"{table}: shape {self.teacher_stats.shape}, expected ({self.n_items}, {width - 1})")
 
     def score_coarse(self, tower_in: dict[str, np.ndarray], cands: np.ndarray) -> np.ndarray:
         item_feats = self.items.feats(cands)  # (R, 5)
-        feeds = {**tower_in, "item_feats": item_feats, "item_dense": self.items.dense(cands),
+        dense = self.items.dense(cands)
+        if self.teacher_stats is not None:
+            dense = np.concatenate([dense, self.teacher_stats[cands]], axis=1)
+        feeds = {**tower_in, "item_feats": item_feats, "item_dense": dense,
                  "interacted": FE.interacted_features(tower_in["seq_items"], tower_in["seq_extras"], item_feats)}
         return self.teacher.run(None, feeds)[0].reshape(-1)
 

@@ -98,7 +98,7 @@ def coarse_models(vocab: FE.Vocab, runs: str | Path | None, seed: int = 0) -> tu
     and the teacher is wired to its embeddings and sequence encoder (Share&Sync) with a
     freshly initialised DNN head; without one, everything is freshly initialised.
     """
-    from recstack.config import from_dict
+    from coarse_rank.config import checkpoint_config
     from coarse_rank.train import Config, build_student, build_teacher
 
     ckpt_path = Path(runs) / "coarse" / "checkpoint.pt" if runs is not None else None
@@ -107,7 +107,7 @@ def coarse_models(vocab: FE.Vocab, runs: str | Path | None, seed: int = 0) -> tu
         from recstack.training import checkpoint
 
         ckpt = checkpoint.load(ckpt_path, stage="coarse")
-        cfg = from_dict(Config, ckpt["config"])
+        cfg = checkpoint_config(ckpt["config"])
         vocab = FE.Vocab.from_dict(ckpt["vocab"])
         cfg.teacher = "pfd_md"
         student = build_student(cfg, vocab)
@@ -180,14 +180,15 @@ def random_ids(rng: np.random.Generator, sizes, n: int) -> np.ndarray:
     return np.stack([rng.integers(1, s, n) for s in sizes], axis=1).astype(np.int64)
 
 
-def request_inputs(rng: np.random.Generator, vocab: FE.Vocab, n: int) -> dict[str, np.ndarray]:
-    """A random request of n candidates in the teacher's ONNX input layout (user inputs once)."""
+def request_inputs(rng: np.random.Generator, vocab: FE.Vocab, n: int, n_item_dense: int = 1) -> dict[str, np.ndarray]:
+    """A random request of n candidates in the teacher's ONNX input layout (user inputs once);
+    `n_item_dense`: item_dense's columns (the price, and the item statistics of a model that reads them)."""
     return {
         "user_feats": random_ids(rng, vocab.user_sizes(), 1),
         "seq_items": random_ids(rng, vocab.item_sizes(), SEQ_LEN)[None],
         "seq_extras": rng.standard_normal((1, SEQ_LEN, 3)).astype(np.float32),
         "item_feats": random_ids(rng, vocab.item_sizes(), n),
-        "item_dense": rng.standard_normal((n, 1)).astype(np.float32),
+        "item_dense": rng.standard_normal((n, n_item_dense)).astype(np.float32),
         "interacted": rng.random((n, len(FE.INTERACTED_FIELDS))).astype(np.float32),
     }
 
@@ -243,7 +244,7 @@ def _teacher_call(teacher, vocab: FE.Vocab, cands: np.ndarray, rng: np.random.Ge
         "request_index": torch.zeros(n, dtype=torch.int64),
         "item_feats": torch.from_numpy(np.concatenate(
             [cands[:, None] % (vocab.n_items) + 1, random_ids(rng, vocab.item_sizes()[1:], n)], axis=1)),
-        "item_dense": torch.from_numpy(rng.standard_normal((n, 1)).astype(np.float32)),
+        "item_dense": torch.from_numpy(rng.standard_normal((n, getattr(teacher, "n_item_dense", 1))).astype(np.float32)),
         "interacted": torch.from_numpy(rng.random((n, len(FE.INTERACTED_FIELDS))).astype(np.float32)),
     }
 
@@ -337,7 +338,8 @@ def bench_fine(model, vocab: FE.Vocab, n: int, repeats: dict, seed: int = 0) -> 
     inputs = {
         "user_feats": np.repeat(random_ids(rng, vocab.user_sizes(), 1), n, axis=0),  # one request, as the cascade
         "item_feats": random_ids(rng, vocab.item_sizes(), n),
-        "item_dense": rng.standard_normal((n, 1)).astype(np.float32),
+        # the price, and the item statistics when the ranker reads them
+        "item_dense": rng.standard_normal((n, getattr(model, "n_item_dense", 1))).astype(np.float32),
         "interacted": rng.random((n, len(FE.INTERACTED_FIELDS))).astype(np.float32),
     }
     if getattr(model, "sequence", None) is not None:  # one request's sequence, fed once (S = 1), as served

@@ -140,7 +140,7 @@ def bench_fine(checkpoint_path: str | Path, n: int = 500, repeats: int = 200, se
     _, models = load_models(ckpt)
     from fine_rank.export import graph_inputs
 
-    every = request_inputs(np.random.default_rng(seed), Vocab.from_dict(ckpt["vocab"]), n)
+    every = request_inputs(np.random.default_rng(seed), Vocab.from_dict(ckpt["vocab"]), n, models["ctr"].n_item_dense)
     every["user_feats"] = np.repeat(every["user_feats"], n, axis=0)  # one request's user, as the cascade feeds it
     every["seq_extras"] = np.abs(every["seq_extras"])  # ages, dwell, purchase flag: never negative
     inputs = {k: np.ascontiguousarray(every[k]) for k in graph_inputs(models)}  # the sequence stays one row

@@ -55,7 +55,7 @@ def _models(data_dir, runs, teacher: str | Path, scratch: Path, sizes: Sizes, re
         threads = single_threaded(stack)
         vocab, vocab_source = M.vocab_for(data_dir)
         tmodel, tvocab, tinfo = T.load_teacher(teacher, data_dir)
-        tonnx = T.export_teacher_onnx(tmodel, tvocab, scratch / "teacher.onnx", seed)
+        tonnx = T.export_teacher_onnx(tmodel, tvocab, scratch / "teacher.onnx", seed, data_dir)
         tinfo["onnx"] = tonnx
         student, _, cinfo = M.coarse_models(vocab, runs, seed)
         coarse = M.bench_coarse(student, tmodel, vocab, sizes.n_candidates, reps, seed, extra=lambda n, _c: {

@@ -103,8 +103,8 @@ def _parts(path: Path) -> dict:
 def load_teacher(path: str | Path, data_dir: str | Path) -> tuple[torch.nn.Module, FE.Vocab, dict]:
     """The PFD+MD teacher (eval mode) of `path` (a coarse run or a teacher file, see above).
     Refuses one whose vocabulary is not `data_dir`'s. -> (teacher, vocab, info)."""
-    from recstack.config import from_dict
-    from coarse_rank.train import Config, build_student, build_teacher
+    from coarse_rank.config import checkpoint_config
+    from coarse_rank.train import build_student, build_teacher
 
     path = Path(path)
     world_vocab = FE.Vocab.from_dict(json.loads((Path(data_dir) / "world.json").read_text())["vocab"])
@@ -112,7 +112,7 @@ def load_teacher(path: str | Path, data_dir: str | Path) -> tuple[torch.nn.Modul
     vocab = FE.Vocab.from_dict(ckpt["vocab"])
     if vocab != world_vocab:
         raise ValueError(f"teacher {path}: its vocabulary is not the one of {data_dir}")
-    cfg = from_dict(Config, ckpt["config"])
+    cfg = checkpoint_config(ckpt["config"])
     if cfg.teacher != "pfd_md":
         raise ValueError(f"teacher {path}: teacher {cfg.teacher!r}, expected 'pfd_md'")
     student = build_student(cfg, vocab)
@@ -124,12 +124,28 @@ def load_teacher(path: str | Path, data_dir: str | Path) -> tuple[torch.nn.Modul
                                    "hidden": list(cfg.teacher_hidden), "manner": cfg.manner}
 
 
-def export_teacher_onnx(teacher: torch.nn.Module, vocab: FE.Vocab, path: str | Path, seed: int = 0) -> dict:
+def stats_path(onnx_path: str | Path) -> Path:
+    """Where the item statistics a teacher reads are written beside its ONNX file."""
+    return Path(onnx_path).with_suffix(".item_stats.npy")
+
+
+def export_teacher_onnx(teacher: torch.nn.Module, vocab: FE.Vocab, path: str | Path, seed: int = 0,
+                        data_dir: str | Path | None = None) -> dict:
     """The teacher as a one-request coarse scorer in ONNX (coarse_rank.export.export_teacher),
-    checked against PyTorch on a random request of 64 candidates."""
+    checked against PyTorch on a random request of 64 candidates. A teacher that reads the item
+    statistics gets `data_dir`'s test-day table beside the file (`stats_path`)."""
     from coarse_rank.export import export_teacher
 
-    return export_teacher(teacher, request_inputs(np.random.default_rng(seed), vocab, 64), path)
+    width = getattr(teacher, "n_item_dense", 1)
+    out = export_teacher(teacher, request_inputs(np.random.default_rng(seed), vocab, 64, width), path)
+    if width > 1:
+        if data_dir is None:
+            raise ValueError("a teacher that reads the item statistics needs data_dir for their table")
+        from recstack.data import load
+
+        data = load(data_dir)
+        np.save(stats_path(path), data.item_stats.table(data.test_day))
+    return out
 
 
 def teacher_onnx_fn(onnx_path: str | Path, vocab: FE.Vocab, n: int, seed: int = 0) -> Callable[[], object]:
@@ -137,6 +153,7 @@ def teacher_onnx_fn(onnx_path: str | Path, vocab: FE.Vocab, n: int, seed: int = 
     candidates of one request (interacted features handed in, as for the eager teacher)."""
     from recstack.serving.loading import onnx_session as serving_session
 
-    feeds = request_inputs(np.random.default_rng(seed + 2), vocab, n)
     sess = serving_session(Path(onnx_path), 1)
+    width = next((i.shape[-1] for i in sess.get_inputs() if i.name == "item_dense"), 1)
+    feeds = request_inputs(np.random.default_rng(seed + 2), vocab, n, width if isinstance(width, int) else 1)
     return lambda: sess.run(None, feeds)

@@ -219,12 +219,14 @@ class SimData:
             raise DataError(f"unexpected shard {extra[0]} (world.json lists {len(listed)} parts for day {day})")
         return [_check_shard(path, day, int(rows)) for path, rows in zip(expected, listed)]
 
-    def examples(self, days: list[int] | int, clicked_only: bool = False) -> "Examples":
+    def examples(self, days: list[int] | int, clicked_only: bool = False, item_stats: bool = False) -> "Examples":
+        """The impressions of `days` with their features; `item_stats`: their batches' item_dense
+        also holds the item statistics (`Examples`)."""
         imps = self.impressions(days)
         if clicked_only:
             keep = imps["click"].astype(bool)
             imps = {k: v[keep] for k, v in imps.items()}
-        return Examples(self, imps)
+        return Examples(self, imps, item_stats)
 
 
 def load(root: str | Path) -> SimData:
@@ -232,11 +234,14 @@ def load(root: str | Path) -> SimData:
 
 
 class Examples:
-    """Impressions plus the features each one had at its logging time."""
+    """Impressions plus the features each one had at its logging time. With `item_stats`, a
+    batch's item_dense holds the row's item statistics on its day after the price
+    (recstack.item_stats: what the rankers that read them are trained and served with)."""
 
-    def __init__(self, data: SimData, imps: dict[str, np.ndarray]):
+    def __init__(self, data: SimData, imps: dict[str, np.ndarray], item_stats: bool = False):
         self.data = data
         self.imps = imps
+        self.item_stats = bool(item_stats)
         # one searchsorted for all rows; the (N, 50) gathers happen per batch
         self.seq_idx_last = data.behaviours.last_indices(imps["user_id"], imps["ts"], 1)[:, 0]
 
@@ -244,7 +249,7 @@ class Examples:
         return len(self.imps["item_id"])
 
     def subset(self, rows: np.ndarray) -> "Examples":
-        return Examples(self.data, {k: v[rows] for k, v in self.imps.items()})
+        return Examples(self.data, {k: v[rows] for k, v in self.imps.items()}, self.item_stats)
 
     def _seq_idx(self, rows: np.ndarray) -> np.ndarray:
         last = self.seq_idx_last[rows]  # (B,) row of the newest behaviour before ts, or -1
@@ -253,9 +258,11 @@ class Examples:
         start = self.data.behaviours.start[users][:, None]
         return np.where((last[:, None] >= 0) & (idx >= start), idx, -1)
 
-    def batch(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Row indices (B,) -> dict of model inputs and labels (see docs/ARCHITECTURE.md)."""
+    def batch(self, rows: np.ndarray, item_stats: bool | None = None) -> dict[str, np.ndarray]:
+        """Row indices (B,) -> dict of model inputs and labels (see docs/ARCHITECTURE.md);
+        `item_stats` (default: the Examples' own) appends the item statistics to item_dense."""
         d, im = self.data, self.imps
+        stats = self.item_stats if item_stats is None else item_stats
         users, items, ts = im["user_id"][rows], im["item_id"][rows], im["ts"][rows]
         # the serving cascade builds its features with the same function (at the request's time)
         hist = FE.history_features(d.behaviours, users, ts, d.items, rows=self._seq_idx(rows))
@@ -265,7 +272,8 @@ class Examples:
             "seq_items": hist.seq_items,
             "seq_extras": hist.seq_extras,
             "item_feats": item_feats,
-            "item_dense": d.items.dense(items),
+            "item_dense": (np.concatenate([d.items.dense(items), d.item_stats.features(im["day"][rows], items)], axis=1)
+                           if stats else d.items.dense(items)),
             "interacted": d.event_index.features(users, ts, items),
             "post_event": FE.post_event_features(im["dwell"][rows], im["comments"][rows], im["chatted"][rows], im["cart"][rows]),
             "click": im["click"][rows].astype(np.float32),

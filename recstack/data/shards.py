@@ -98,7 +98,8 @@ class ShardStream:
     order (evaluation)."""
 
     def __init__(self, data: SimData, days: list[int] | int, *, chunk_rows: int, seed: int, rank: int = 0,
-                 world_size: int = 1, clicked_only: bool = False, sessions: bool = False, shuffle: bool = True):
+                 world_size: int = 1, clicked_only: bool = False, sessions: bool = False, shuffle: bool = True,
+                 item_stats: bool = False):
         for name, value, low in (("chunk_rows", chunk_rows, 1), ("seed", seed, 0), ("rank", rank, 0), ("world_size", world_size, 1)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
                 raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
@@ -107,6 +108,7 @@ class ShardStream:
         self.data, self.chunk_rows, self.seed = data, int(chunk_rows), int(seed)
         self.rank, self.world_size = int(rank), int(world_size)
         self.clicked_only, self.sessions, self.shuffle = clicked_only, sessions, shuffle
+        self.item_stats = item_stats  # the chunks' Examples append the item statistics to item_dense
         self.shards: list[Shard] = data.impression_shards(days)
         self.sizes = np.array([self._count(s) for s in self.shards], dtype=np.int64)  # rows streamed per shard
         self.total_rows = int(self.sizes.sum())
@@ -235,7 +237,7 @@ class ShardStream:
                 perm = self._permutation(imps["session_id"], [self.seed, int(epoch), _CHUNK, rows // self.chunk_rows])
                 imps = {k: v[perm] for k, v in imps.items()}
             del pieces
-            yield cursor, Examples(self.data, imps)
+            yield cursor, Examples(self.data, imps, self.item_stats)
             rows += n
 
     def _check_start(self, start: Cursor, epoch: int) -> int:

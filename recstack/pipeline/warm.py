@@ -26,6 +26,7 @@ history the live events sit on), not the one-day log world.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -108,10 +109,11 @@ def _warm_retrieval(ck, opt_state, data, days, out_dir, origin) -> dict:
 
 def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
     from coarse_rank.tasks import DistillationStep
-    from coarse_rank.train import Config, GmvStep, build_student, build_teacher, training_batches
+    from coarse_rank.config import checkpoint_config
+    from coarse_rank.train import GmvStep, build_student, build_teacher, training_batches
     from recstack.training.distill import LambdaSchedule
 
-    cfg = from_dict(Config, {**ck["config"], "epochs": 1})
+    cfg = replace(checkpoint_config(ck["config"]), epochs=1)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, data.vocab)
     student.load_state_dict(ck["model"])
@@ -133,7 +135,7 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
         opt.load_state_dict(opt_state)
         for group in opt.param_groups:  # the constant LR of a warm day, whatever schedule the state ended on
             group["lr"] = cfg.lr
-    ex = data.examples(days)
+    ex = data.examples(days, item_stats=cfg.item_stats)
     n = len(ex)
     total = n // cfg.batch_size + (n % cfg.batch_size >= 2)
     # warmed up already: the trained teacher's soft labels count from the first step
@@ -215,12 +217,13 @@ def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
         score = (u * v[inputs["item_id"]]).sum(axis=1)  # the inner product retrieval ranks by
         return {"auc": M.auc(ex.imps["click"], score), "n": int(len(score))}
     if stage == "coarse":
-        from coarse_rank.train import Config, build_student, predict
+        from coarse_rank.config import checkpoint_config
+        from coarse_rank.train import build_student, predict
 
-        cfg = from_dict(Config, ck["config"])
+        cfg = checkpoint_config(ck["config"])
         student = build_student(cfg, data.vocab)
         student.load_state_dict(ck["model"])
-        p = predict(student, data.examples(days), cfg.eval_batch_size, cfg.length_buckets)
+        p = predict(student, data.examples(days, item_stats=cfg.item_stats), cfg.eval_batch_size, cfg.length_buckets)
         return {"auc": M.auc(p["click"], p["logit"]), "n": int(len(p["click"]))}
     if stage == "fine":
         from fine_rank.calibration import predict

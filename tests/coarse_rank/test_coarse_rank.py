@@ -23,7 +23,8 @@ VOCAB = Vocab(n_users=30, n_items=60, n_categories=7, n_shops=9, n_brands=8, n_p
 
 # small enough to train on `tiny` in seconds, big enough to learn something
 FAST = dict(embed_dim=8, d_model=32, n_heads=4, ff_dim=64, hidden=(64,), out_dim=32, batch_size=256,
-            epochs=4, lr=0.003, optimizer="adam", warmup_steps=10, teacher="baseline", objective="ctr")
+            epochs=4, lr=0.003, optimizer="adam", warmup_steps=10, teacher="baseline", objective="ctr",
+            item_stats=False)  # the batches here are plain Examples' (test_coarse_item_stats covers the statistics)
 
 
 def random_inputs(b: int, seed: int = 0, lengths=None) -> dict[str, np.ndarray]:
@@ -261,7 +262,7 @@ from coarse_rank.train import MANNERS, TEACHERS, build_student, build_teacher, f
 from recstack.training.distill import student_loss  # noqa: E402
 
 SMALL_MODEL = dict(embed_dim=8, d_model=32, n_heads=4, ff_dim=64, hidden=(64,), out_dim=32, teacher_hidden=(64, 32),
-                   objective="ctr")
+                   objective="ctr", item_stats=False)  # hand-built batches of item_dense (B, 1)
 
 
 def request_batch(b: int = 12, r: int = 4, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -19,7 +19,8 @@ from coarse_rank.objective import GmvStep, GmvStudent, TwoTaskDNNTeacher, item_t
 from coarse_rank.train import Config, build_student, build_teacher, load_student, model_inputs, request_batches, train
 
 SMALL = dict(embed_dim=8, d_model=32, n_heads=4, ff_dim=64, hidden=(64,), out_dim=32, batch_size=256,
-             teacher_hidden=(32, 16), cvr_hidden=(16,), lr=0.003, optimizer="adam", warmup_steps=2)
+             teacher_hidden=(32, 16), cvr_hidden=(16,), lr=0.003, optimizer="adam", warmup_steps=2,
+             item_stats=False)  # the batches here are plain Examples' (test_coarse_item_stats covers the statistics)
 
 
 @pytest.fixture(scope="module")
