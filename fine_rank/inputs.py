@@ -38,11 +38,7 @@ def materialise(examples: Examples, chunk: int = 16384, sequence: bool = True, i
         return _materialise(examples, keys, chunk)  # its error: no rows
     out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     for s in range(0, n, chunk):  # a chunk at a time: the int64 sequence is never held whole
-        rows = np.arange(s, min(s + chunk, n))
-        batch = examples.batch(rows)
-        if item_stats:
-            stats = examples.data.item_stats.features(examples.imps["day"][rows], examples.imps["item_id"][rows])
-            batch["item_dense"] = np.concatenate([batch["item_dense"], stats], axis=1)
+        batch = examples.batch(np.arange(s, min(s + chunk, n)), item_stats=item_stats)
         if sequence:
             batch["seq_items"] = batch["seq_items"].astype(SEQ_ITEMS_DTYPE)
         for k in keys:
