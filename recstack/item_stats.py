@@ -68,9 +68,9 @@ class ItemStats:
                                 + [ev_d.min() if len(ev_d) else last + 1] * len(EVENT_KINDS), np.int64)
         return cls(daily, first, source_first)
 
-    def _total(self, lo: int, hi: int) -> np.ndarray:
-        """(S, I) counts over days lo..hi (within the log)."""
-        return self._cum[hi - self.first_day + 1] - self._cum[lo - self.first_day]
+    def _total(self, source: int, lo: int, hi: int) -> np.ndarray:
+        """(I,) counts of one source over days lo..hi (within the log)."""
+        return self._cum[hi - self.first_day + 1, source] - self._cum[lo - self.first_day, source]
 
     def table(self, day: int) -> np.ndarray:
         """(n_items, len(FIELDS)) float32: every item's fields on `day`, from whole days before
@@ -84,7 +84,7 @@ class ItemStats:
                 n = last - lo + 1  # (S,) whole days of the window each source's log holds
                 out = np.zeros((len(SOURCES), self.n_items), np.float64)
                 for s in np.flatnonzero(n > 0):
-                    out[s] = self._total(int(lo[s]), last)[s] / n[s]
+                    out[s] = self._total(int(s), int(lo[s]), last) / n[s]
                 parts.append(np.log1p(out.T).astype(np.float32))
             self._tables[day] = np.ascontiguousarray(np.concatenate(parts, axis=1))
         return self._tables[day]
