@@ -4,8 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from recstack.config import ConfigError
+from recstack.config import ConfigError, from_dict
 from recstack.features import EVENT_KINDS
+from recstack.item_stats import SOURCES as STATS_SOURCES
 
 SPLITS = ("test", "valid")
 POSITIVE_SOURCES = ("impressions", "log")
@@ -24,6 +25,14 @@ class Config:
     user_hidden: tuple[int, ...] = (128,)  # user-tower MLP hidden sizes
     item_hidden: tuple[int, ...] = (128,)  # item-tower MLP hidden sizes
     dim: int = 64  # D: embedding size in the index; 64 floats = 256 B per item
+    # The item tower also reads the item's statistics (recstack.item_stats: impressions and
+    # event kinds per day over the last 1 / 7 whole days), each positive those of its own day;
+    # the exported item vectors fold in the serving day's table, so serving reads nothing new.
+    # Off: on small's validation day they cost recall at every K (@50 0.4574 -> 0.4492 with every
+    # source, 0.4557 with clicks alone; 3 seeds; docs/results/retrieval/recall.md)
+    item_stats: bool = False
+    # which sources' fields (both windows each) the tower reads: impression and the event kinds
+    item_stats_sources: tuple[str, ...] = STATS_SOURCES
     # --- loss ----------------------------------------------------------------------
     temperature: float = 0.05  # logits = cosine / T; unit vectors need a small T to reach confident softmaxes
     learn_temperature: bool = False  # fixed T is more stable on tiny data; learnable T is clamped to [0.01, 1]
@@ -114,6 +123,9 @@ class Config:
             raise ConfigError("positives=log is built in memory; it cannot be combined with stream_chunk_rows > 0")
         if self.eval_every_epoch and self.stream_chunk_rows > 0:
             raise ConfigError("eval_every_epoch is for in-memory training; it cannot be combined with stream_chunk_rows > 0")
+        bad = [s for s in self.item_stats_sources if s not in STATS_SOURCES]
+        if not self.item_stats_sources or bad:
+            raise ConfigError(f"item_stats_sources must be a non-empty subset of {STATS_SOURCES}, got {self.item_stats_sources}")
         if self.session_gap_s < 0:
             raise ConfigError(f"session_gap_s must be >= 0, got {self.session_gap_s}")
         if self.split not in SPLITS:
@@ -121,3 +133,19 @@ class Config:
         if self.stream_chunk_rows < 0:
             raise ConfigError(f"stream_chunk_rows must be >= 0 (0: in memory), got {self.stream_chunk_rows}")
 
+
+
+# what a checkpoint written before a field existed was trained with (not today's default)
+_BEFORE_FIELDS = {"item_stats": False}
+
+
+def checkpoint_config(d: dict) -> Config:
+    """A checkpoint's config dict -> Config; one from before an option existed rebuilds the
+    model it holds, whatever the default is today."""
+    return from_dict(Config, {**_BEFORE_FIELDS, **d})
+
+
+def split_days(cfg: Config, data) -> tuple[list[int], int]:
+    """(fit days, evaluation day) of cfg.split: the test day, or the validation day options are
+    chosen on. The evaluation day is also the day the exported vectors serve."""
+    return (data.train_days, data.test_day) if cfg.split == "test" else (data.fit_days, data.valid_day)

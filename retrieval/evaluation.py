@@ -29,7 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-from recstack.config import from_dict
 from recstack.data import SimData, load
 from recstack.evaluation.cascade import requests as first_requests, user_logs
 from recstack import browse
@@ -38,8 +37,8 @@ from recstack.features import Vocab
 from recstack.training import checkpoint
 from recstack.world.truth import Truth
 
-from retrieval.config import Config
-from retrieval.inputs import STAGE, USER_INPUTS, embed_items, embed_users, materialise, top_k_inner_product
+from retrieval.config import Config, checkpoint_config  # noqa: F401  (Config: the stage's settings)
+from retrieval.inputs import STAGE, USER_INPUTS, embed_items, embed_users, materialise, serving_stats, top_k_inner_product
 from retrieval.model import TwoTower, build_model
 from retrieval.positives import log_events
 
@@ -196,7 +195,7 @@ def exposure_ceiling(data: SimData, truth: Truth, day: int, ks=KS, max_clicks: i
 def load_model(path: str | Path) -> tuple[TwoTower, Config, dict]:
     """A retrieval checkpoint -> (model in eval mode, its config, the checkpoint)."""
     ckpt = checkpoint.load(path, stage=STAGE)
-    cfg = from_dict(Config, ckpt["config"])
+    cfg = checkpoint_config(ckpt["config"])
     model = build_model(cfg, Vocab.from_dict(ckpt["vocab"]))
     model.load_state_dict(ckpt["model"])
     return model.eval(), cfg, ckpt
@@ -214,7 +213,7 @@ def run(path: str | Path, data_dir: str | Path | None = None, split: str | None 
     log_counts = np.bincount(log_events(data, ("click",), day)["item_id"], minlength=data.items.n)
     popular = {"popularity": np.argsort(-counts, kind="stable"), "popularity_log": np.argsort(-log_counts, kind="stable")}
     ks = tuple(k for k in ks if k <= data.items.n)
-    item_emb = embed_items(model, data.items)
+    item_emb = embed_items(model, data.items, serving_stats(cfg, data, day))
     truth = Truth.load(data.root)
     out = {"split": split, "day": int(day), "clicks": click_recall(model, data, day, popular, item_emb, ks, max_clicks),
            "oracle": oracle_recall(model, data, truth, day, popular, item_emb, ks, n_users)}

@@ -23,15 +23,14 @@ import numpy as np
 
 from recstack import bundle_files
 from recstack.training import checkpoint
-from recstack.config import from_dict
 from recstack.data import SimData, load
 from recstack.features import Vocab
 from recstack.evaluation.metrics import recall_vs_exact
 from recstack.training.onnx import export_onnx, onnx_session, parity
 from retrieval import index as index_lib
 from retrieval.index import search_params, set_search_params  # noqa: F401  (re-exported)
-from retrieval.config import Config
-from retrieval.inputs import STAGE, USER_INPUTS, embed_items, materialise
+from retrieval.config import Config, checkpoint_config, split_days  # noqa: F401  (Config: re-exported)
+from retrieval.inputs import STAGE, USER_INPUTS, embed_items, materialise, serving_stats
 from retrieval.model import build_model
 
 PARITY_TOLERANCE = 1e-5
@@ -106,7 +105,7 @@ def export(
     behind then). Returns {"files": [relative paths], "meta": {...}} (JSON types).
     """
     ckpt = checkpoint.load(checkpoint_path, stage=STAGE)
-    cfg = from_dict(Config, ckpt["config"])
+    cfg = checkpoint_config(ckpt["config"])
     vocab = Vocab.from_dict(ckpt["vocab"])
     nprobe = cfg.nprobe if nprobe is None else nprobe
     ef_search = cfg.ef_search if ef_search is None else ef_search
@@ -129,7 +128,9 @@ def export(
         onnx_path.unlink(missing_ok=True)
         raise ExportError(f"user tower ONNX/PyTorch max abs diff {diff:.3g} > {PARITY_TOLERANCE:g}; refusing to export")
 
-    item_emb = embed_items(model, data.items)
+    # the vectors serve the day after the training days: the item statistics of that day go in
+    serve_day = split_days(cfg, data)[1]
+    item_emb = embed_items(model, data.items, serving_stats(cfg, data, serve_day))
     if not np.isfinite(item_emb).all():  # a diverged model: refused before an index is built from it
         raise ExportError(f"{NAMES['item_emb']}: {int((~np.isfinite(item_emb)).sum())} NaN or infinite values; refusing to export")
     np.save(out / NAMES["item_emb"], item_emb, allow_pickle=False)
@@ -154,6 +155,7 @@ def export(
         "index_factory": factory,
         "metric": "inner_product",
         "normalized": True,
+        **({"item_stats_day": int(serve_day)} if cfg.item_stats else {}),
         "n_items": int(len(item_emb)),
         **search_params(index),
         "index_build_seconds": float(t_build),

@@ -5,30 +5,69 @@ Pure array work: no training code (export imports this module).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
-from recstack.data import materialise  # noqa: F401  (the stage's name for it)
+from recstack.data import SimData, materialise  # noqa: F401  (the stage's name for it)
 from recstack.features import ItemTable
 
-from retrieval.model import TwoTower
+from retrieval.model import TwoTower, stats_columns
 
 STAGE = "retrieval"
 USER_INPUTS = ("user_feats", "seq_items", "seq_extras")
 ITEM_INPUTS = ("item_feats", "item_dense")
 
 
-def corpus_inputs(items: ItemTable) -> dict[str, np.ndarray]:
-    """item tower inputs for every item of the corpus, in item_id order."""
+def corpus_inputs(items: ItemTable, stats: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """item tower inputs for every item of the corpus, in item_id order; `stats` (n_items, F):
+    one day's item statistics (recstack.item_stats), appended to item_dense after the price."""
     ids = np.arange(items.n)
-    return {"item_feats": items.feats(ids), "item_dense": items.dense(ids)}
+    dense = items.dense(ids)
+    if stats is not None:
+        dense = np.ascontiguousarray(np.concatenate([dense, np.asarray(stats, np.float32)], axis=1))
+    return {"item_feats": items.feats(ids), "item_dense": dense}
+
+
+def serving_stats(cfg, data: SimData, day: int) -> np.ndarray | None:
+    """The item statistics table of `day` (the columns the config's item tower reads) when it
+    reads them, else None."""
+    return np.ascontiguousarray(data.item_stats.table(day)[:, stats_columns(cfg)]) if cfg.item_stats else None
+
+
+def row_stats(cfg, data: SimData) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+    """(days (N,), items (N,)) -> the item statistics the config's tower reads, (N, F) float32,
+    each row those of its day; None when the tower reads none."""
+    if not cfg.item_stats:
+        return None
+    cols = stats_columns(cfg)
+    return lambda days, items: np.ascontiguousarray(data.item_stats.features(days, items)[:, cols])
+
+
+def add_row_stats(cfg, data: SimData, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Training rows (with "day" and "item_id") -> the same rows, item_dense followed by each
+    row's item statistics when the config's tower reads them (in place; returned)."""
+    return append_stats(rows, row_stats(cfg, data))
+
+
+def append_stats(rows: dict[str, np.ndarray], fn: Callable[[np.ndarray, np.ndarray], np.ndarray] | None) -> dict[str, np.ndarray]:
+    """`add_row_stats` with the `row_stats` function given (None: the rows unchanged)."""
+    if fn is not None:
+        rows["item_dense"] = np.ascontiguousarray(np.concatenate(
+            [rows["item_dense"][:, :1], fn(rows["day"], rows["item_id"])], axis=1))
+    return rows
 
 
 @torch.no_grad()
-def embed_items(model: TwoTower, items: ItemTable, batch_size: int = 8192) -> np.ndarray:
-    """Item-tower embeddings of the whole corpus: float32 (n_items, D), row = item_id."""
+def embed_items(model: TwoTower, items: ItemTable, stats: np.ndarray | None = None, batch_size: int = 8192) -> np.ndarray:
+    """Item-tower embeddings of the whole corpus: float32 (n_items, D), row = item_id. A tower
+    that reads the item statistics needs `stats`, the table of the day the vectors serve."""
     model.eval()
-    inputs = corpus_inputs(items)
+    inputs = corpus_inputs(items, stats)
+    if inputs["item_dense"].shape[1] != model.item_tower.n_dense:
+        raise ValueError(f"the item tower reads {model.item_tower.n_dense} dense columns, the corpus gives "
+                         f"{inputs['item_dense'].shape[1]} (item statistics {'missing' if stats is None else 'not read'})")
     out = np.empty((items.n, model.dim), dtype=np.float32)
     for s in range(0, items.n, batch_size):
         sl = slice(s, s + batch_size)

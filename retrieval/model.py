@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from recstack.features import Vocab
+from recstack.item_stats import FIELDS as STATS_FIELDS, SOURCES as STATS_SOURCES, WINDOWS
 
 if TYPE_CHECKING:
     from retrieval.config import Config
@@ -132,10 +133,11 @@ class ItemTower(nn.Module):
     def __init__(self, item_embedding: FieldEmbedding, n_dense: int, hidden: Sequence[int], dim: int):
         super().__init__()
         self.item_embedding = item_embedding
+        self.n_dense = int(n_dense)  # the price, then the item statistics when the tower reads them
         self.mlp = MLP(item_embedding.out_dim + n_dense, hidden, dim)
 
     def forward(self, item_feats: torch.Tensor, item_dense: torch.Tensor) -> torch.Tensor:
-        """item_feats (B, 5) int64, item_dense (B, 1) float32 -> item_emb (B, D), unit norm."""
+        """item_feats (B, 5) int64, item_dense (B, n_dense) float32 -> item_emb (B, D), unit norm."""
         x = torch.cat([self.item_embedding(item_feats), item_dense], dim=-1)
         return F.normalize(self.mlp(x), dim=-1)
 
@@ -175,8 +177,16 @@ class TwoTower(nn.Module):
         item_feats: torch.Tensor,
         item_dense: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """User side (B, 4), (B, L, 5), (B, L, 3); item side (M, 5), (M, 1) -> (user_emb (B, D), item_emb (M, D))."""
+        """User side (B, 4), (B, L, 5), (B, L, 3); item side (M, 5), (M, n_dense) -> (user_emb (B, D), item_emb (M, D))."""
         return self.user_tower(user_feats, seq_items, seq_extras), self.item_tower(item_feats, item_dense)
+
+
+def stats_columns(cfg: "Config") -> list[int]:
+    """The columns of recstack.item_stats.FIELDS the item tower reads: both windows of each of
+    cfg.item_stats_sources."""
+    want = {f"{src}s_per_day_{name}" for name, _ in WINDOWS for src in cfg.item_stats_sources}
+    assert set(want) <= set(STATS_FIELDS) and len(STATS_SOURCES) * len(WINDOWS) == len(STATS_FIELDS)
+    return [i for i, f in enumerate(STATS_FIELDS) if f in want]
 
 
 def build_model(cfg: "Config", vocab: Vocab) -> TwoTower:
@@ -184,4 +194,5 @@ def build_model(cfg: "Config", vocab: Vocab) -> TwoTower:
     return TwoTower(
         vocab, user_dims=cfg.user_dims, item_dims=cfg.item_dims, seq_heads=cfg.seq_heads,
         user_hidden=cfg.user_hidden, item_hidden=cfg.item_hidden, dim=cfg.dim,
+        n_dense=1 + (len(stats_columns(cfg)) if cfg.item_stats else 0),
     )

@@ -63,9 +63,10 @@ def log_events(data: SimData, kinds: tuple[str, ...], before_day: int, session_g
 def tower_inputs(data: SimData, users: np.ndarray, ts: np.ndarray, items: np.ndarray,
                  chunk: int = 8192) -> dict[str, np.ndarray]:
     """(N,) users, times, items -> the two towers' inputs for each (user at ts, item) pair plus
-    `item_id`: user_feats (N, 4), seq_items (N, L, 5), seq_extras (N, L, 3), item_feats (N, 5),
-    item_dense (N, 1), item_id (N,). Behaviours are those strictly before ts, as in training on
-    impressions and in serving."""
+    `item_id` and `day`: user_feats (N, 4), seq_items (N, L, 5), seq_extras (N, L, 3), item_feats
+    (N, 5), item_dense (N, 1), item_id (N,), day (N,): ts's day, whose item statistics a tower
+    that reads them gets (retrieval.inputs.add_row_stats). Behaviours are those strictly before ts, as in training on impressions and
+    in serving."""
     if len(users) == 0:
         raise ValueError("no positives to build inputs for")
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("user_feats", "seq_items", "seq_extras")}
@@ -77,6 +78,7 @@ def tower_inputs(data: SimData, users: np.ndarray, ts: np.ndarray, items: np.nda
         parts["seq_extras"].append(hist.seq_extras)
     out = {k: np.ascontiguousarray(np.concatenate(v)) for k, v in parts.items()}
     out["item_feats"] = data.items.feats(items)
+    out["day"] = data.day_of(ts)
     out["item_dense"] = data.items.dense(items)
     out["item_id"] = np.asarray(items, dtype=np.int64)
     return out

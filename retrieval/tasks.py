@@ -4,6 +4,7 @@ the training loop runs (one process, or a share of each global batch per DDP ran
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 import torch
@@ -103,9 +104,13 @@ class InBatchSoftmaxStep:
     """
 
     def __init__(self, model: TwoTower, loss_fn: SampledSoftmaxLoss, corpus: dict[str, np.ndarray],
-                 log_q_items: torch.Tensor, rng: np.random.Generator, num_uniform: int, streamed: bool):
+                 log_q_items: torch.Tensor, rng: np.random.Generator, num_uniform: int, streamed: bool,
+                 stats: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
+        """stats: (days, items) -> item statistics (retrieval.inputs.row_stats), when the item
+        tower reads them: a uniform negative then gets those of the day of a positive of its
+        batch (negative k: positive k mod B), so negatives and positives come from the same days."""
         self.model, self.loss_fn, self.corpus, self.log_q_items = model, loss_fn, corpus, log_q_items
-        self.rng, self.num_uniform, self.streamed = rng, num_uniform, streamed
+        self.rng, self.num_uniform, self.streamed, self.stats = rng, num_uniform, streamed, stats
         self.rows: dict[str, np.ndarray] = {}
         self.world = D.world()
 
@@ -120,8 +125,12 @@ class InBatchSoftmaxStep:
         """Item embeddings of the positives of `rows` followed by the negatives `neg`."""
         item_feats, item_dense = self.rows["item_feats"][rows], self.rows["item_dense"][rows]
         if neg is not None:
+            neg_dense = self.corpus["item_dense"][neg]
+            if self.stats is not None:
+                days = self.rows["day"][rows][np.arange(len(neg)) % len(rows)]
+                neg_dense = np.concatenate([neg_dense, self.stats(days, neg)], axis=1)
             item_feats = np.concatenate([item_feats, self.corpus["item_feats"][neg]])
-            item_dense = np.concatenate([item_dense, self.corpus["item_dense"][neg]])
+            item_dense = np.concatenate([item_dense, neg_dense])
         return self.model.item_tower(torch.from_numpy(item_feats), torch.from_numpy(item_dense))
 
     def _users(self, rows: np.ndarray) -> torch.Tensor:

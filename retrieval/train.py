@@ -38,9 +38,10 @@ from recstack.data import SimData, load
 from recstack.data.shards import ShardStream
 from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batches, training_state
 
-from retrieval.config import Config
+from retrieval.config import Config, split_days
 from retrieval.inputs import (  # noqa: F401  (embed_items, top_k_inner_product: re-exported)
-    ITEM_INPUTS, STAGE, USER_INPUTS, corpus_inputs, embed_items, embed_users, materialise, top_k_inner_product,
+    ITEM_INPUTS, STAGE, USER_INPUTS, add_row_stats, append_stats, corpus_inputs, embed_items, embed_users, materialise, row_stats,
+    serving_stats, top_k_inner_product,
 )
 from retrieval.model import TwoTower, build_model
 from retrieval.positives import log_events, log_positives
@@ -48,7 +49,7 @@ from retrieval.tasks import (  # noqa: F401  (sampled_softmax_loss: re-exported)
     InBatchSoftmaxStep, SampledSoftmaxLoss, logq_vector, sampled_softmax_loss, sampling_log_q,
 )
 
-TRAIN_KEYS = USER_INPUTS + ITEM_INPUTS + ("item_id",)  # the model inputs of a training click
+TRAIN_KEYS = USER_INPUTS + ITEM_INPUTS + ("item_id", "day")  # the model inputs of a training click, and its day
 
 
 # --- evaluation ------------------------------------------------------------------------
@@ -56,6 +57,7 @@ TRAIN_KEYS = USER_INPUTS + ITEM_INPUTS + ("item_id",)  # the model inputs of a t
 
 def evaluate(
     model: TwoTower, data: SimData, day: int, eval_k: tuple[int, ...], train_click_counts: np.ndarray, batch_size: int = 2048,
+    stats: np.ndarray | None = None,
 ) -> dict[str, float]:
     """Recall@K of `day`'s clicks, retrieving over the whole corpus, beside baselines.
 
@@ -65,7 +67,8 @@ def evaluate(
     `tail_recall@K` is the model's recall on the clicks outside the popular top K (where
     the popularity baseline scores 0 by construction). `pop_log_recall@K`: popularity counted
     over every click of the behaviour log before `day` (history days included), the baseline
-    that sees the same clicks as a model trained on `positives=log`.
+    that sees the same clicks as a model trained on `positives=log`. `stats`: `day`'s item
+    statistics table, for an item tower that reads them.
     """
     n_items = data.items.n
     ks = sorted({k for k in eval_k if k <= n_items})
@@ -77,7 +80,7 @@ def evaluate(
         return metrics
     inputs = materialise(clicks, USER_INPUTS + ("item_id",))
     target = inputs["item_id"]
-    retrieved = top_k_inner_product(embed_users(model, inputs, batch_size), embed_items(model, data.items), ks[-1])
+    retrieved = top_k_inner_product(embed_users(model, inputs, batch_size), embed_items(model, data.items, stats), ks[-1])
     popular = np.argsort(-np.asarray(train_click_counts), kind="stable")[: ks[-1]]
     log_counts = np.bincount(log_events(data, ("click",), day)["item_id"], minlength=n_items)
     popular_log = np.argsort(-log_counts, kind="stable")[: ks[-1]]
@@ -103,7 +106,8 @@ class EpochCurve:
         self.points: list[dict] = []
 
     def __call__(self) -> None:
-        m = evaluate(self.model, self.data, self.day, self.cfg.eval_k, self.clicks.popularity_counts, self.cfg.eval_batch_size)
+        m = evaluate(self.model, self.data, self.day, self.cfg.eval_k, self.clicks.popularity_counts, self.cfg.eval_batch_size,
+                     serving_stats(self.cfg, self.data, self.day))
         self.model.train()
         self.points.append({"epoch": len(self.points) + 1, **{
             k: v for k, v in m.items() if k.startswith(("recall@", "pop_recall@", "pop_log_recall@"))}})
@@ -129,11 +133,6 @@ class Clicks:
         return self.counts if self.popularity is None else self.popularity
 
 
-def split_days(cfg: Config, data: SimData) -> tuple[list[int], int]:
-    """(fit days, evaluation day) of cfg.split: the test day, or the validation day options are chosen on."""
-    return (data.train_days, data.test_day) if cfg.split == "test" else (data.fit_days, data.valid_day)
-
-
 def training_clicks(cfg: Config, data: SimData, data_dir: str | Path) -> Clicks:
     """The training positives (retrieval/positives.py): the fit days' clicked impressions,
     materialised or streamed (cfg.stream_chunk_rows), or the behaviour log's events."""
@@ -143,7 +142,7 @@ def training_clicks(cfg: Config, data: SimData, data_dir: str | Path) -> Clicks:
     if not fit_days:
         raise ConfigError(f"split={cfg.split}: a {data.n_days}-day world leaves no day to fit on")
     if cfg.positives == "log":
-        rows = log_positives(data, cfg.positive_kinds, eval_day, cfg.session_gap_s)
+        rows = add_row_stats(cfg, data, log_positives(data, cfg.positive_kinds, eval_day, cfg.session_gap_s))
         imps = data.impressions(fit_days)
         popularity = np.bincount(imps["item_id"][imps["click"].astype(bool)], minlength=n_items)
         return Clicks(len(rows["item_id"]), np.bincount(rows["item_id"], minlength=n_items), rows, None, popularity)
@@ -160,7 +159,7 @@ def training_clicks(cfg: Config, data: SimData, data_dir: str | Path) -> Clicks:
     if clicks.n < 2:
         raise RuntimeError(f"{data_dir}: {clicks.n} training clicks; need at least 2")
     if clicks.stream is None:
-        clicks.rows = materialise(ex, TRAIN_KEYS)
+        clicks.rows = add_row_stats(cfg, data, materialise(ex, TRAIN_KEYS))
         clicks.counts = np.bincount(clicks.rows["item_id"], minlength=n_items)
     return clicks
 
@@ -189,7 +188,7 @@ def click_batches(cfg: Config, clicks: Clicks, step: InBatchSoftmaxStep, rng: np
     if clicks.stream is not None:
         def load(chunk) -> None:
             step.rows.clear()
-            step.rows.update(materialise(chunk, TRAIN_KEYS))
+            step.rows.update(append_stats(materialise(chunk, TRAIN_KEYS), step.stats))
 
         def chunk_batches(chunk, skip: int):
             # full batches only, as in memory: the chunk's last rows (fewer than a batch) are left out
@@ -255,7 +254,7 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         total_steps = min(total_steps, cfg.max_steps)
 
     step = InBatchSoftmaxStep(model, loss_fn, corpus_inputs(data.items), log_q_items, rng, cfg.num_uniform_negatives,
-                              streamed)
+                              streamed, row_stats(cfg, data))
     step.rows = clicks.rows
     loop = Loop(STAGE, clicks.n, trained, opt, total_steps, Ema("running", 0.95, 0.05, empty=math.nan),
                 streamed=streamed, state=lambda: {"generator": rng.bit_generator.state},
@@ -273,7 +272,8 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         return {"train_clicks": int(clicks.n), "steps": int(steps), "train_loss": float(running),
                 "train_seconds": float(train_seconds)}
     eval_day = split_days(cfg, data)[1]
-    metrics = evaluate(model, data, eval_day, cfg.eval_k, clicks.popularity_counts, cfg.eval_batch_size)
+    metrics = evaluate(model, data, eval_day, cfg.eval_k, clicks.popularity_counts, cfg.eval_batch_size,
+                       serving_stats(cfg, data, eval_day))
     metrics.update(
         train_clicks=int(clicks.n), steps=int(steps), train_loss=float(running),
         temperature=float(loss_fn.temperature.item()), train_seconds=float(train_seconds),

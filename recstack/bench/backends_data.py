@@ -73,13 +73,13 @@ def _requests(data_dir: str | Path, n_queries: int, seed: int) -> dict[str, np.n
 
 
 def _retrieval_model(checkpoint: str | Path, data_dir: str | Path | None):
-    """-> (TwoTower in eval mode, data_dir, label) from a retrieval checkpoint, or from a training
-    state (`train_state.pt`: the running phase's last snapshot, which names no data: `data_dir`)."""
-    from recstack.config import from_dict
+    """-> (TwoTower in eval mode, data_dir, label, its config) from a retrieval checkpoint, or from
+    a training state (`train_state.pt`: the running phase's last snapshot, which names no data:
+    `data_dir`)."""
     from recstack.data import load
     from recstack.features import Vocab
     from recstack.training import checkpoint as ckpt_lib
-    from retrieval.config import Config
+    from retrieval.config import checkpoint_config
     from retrieval.inputs import STAGE
     from retrieval.model import build_model
 
@@ -93,9 +93,10 @@ def _retrieval_model(checkpoint: str | Path, data_dir: str | Path | None):
     else:
         state, vocab, label = ckpt["model"], Vocab.from_dict(ckpt["vocab"]), f"checkpoint {checkpoint}"
         data_dir = ckpt["data_dir"]
-    model = build_model(from_dict(Config, ckpt["config"]), vocab)
+    cfg = checkpoint_config(ckpt["config"])
+    model = build_model(cfg, vocab)
     model.load_state_dict(state)
-    return model.eval(), data_dir, label
+    return model.eval(), data_dir, label, cfg
 
 
 def checkpoint_corpus(checkpoint: str | Path, n_queries: int, seed: int = 0, seeds: int = 5,
@@ -103,10 +104,12 @@ def checkpoint_corpus(checkpoint: str | Path, n_queries: int, seed: int = 0, see
     """A retrieval checkpoint's (or training state's) item tower over its data's whole corpus,
     and its user tower on n_queries test-day requests of that data."""
     from recstack.data import load
-    from retrieval.inputs import embed_items, embed_users
+    from retrieval.config import split_days
+    from retrieval.inputs import embed_items, embed_users, serving_stats
 
-    model, data_dir, label = _retrieval_model(checkpoint, data_dir)
-    item_emb = embed_items(model, load(data_dir).items)
+    model, data_dir, label, cfg = _retrieval_model(checkpoint, data_dir)
+    data = load(data_dir)
+    item_emb = embed_items(model, data.items, serving_stats(cfg, data, split_days(cfg, data)[1]))
     req = _requests(data_dir, n_queries, seed)
     return Corpus(item_emb, embed_users(model, req), seeds_of(req["seq_items"], seeds),
                   f"{label}: item tower over {data_dir}, user tower on test-day requests")

@@ -62,20 +62,21 @@ def embeddings_from_checkpoint(checkpoint: str | Path, n_queries: int, seed: int
     import torch
 
     from recstack.training import checkpoint as C
-    from recstack.config import from_dict
     from recstack.data import load
+    from retrieval.config import checkpoint_config, split_days
     from retrieval.export import request_sample
-    from retrieval.train import Config, build_model, embed_items, embed_users
+    from retrieval.inputs import serving_stats
+    from retrieval.train import build_model, embed_items, embed_users
 
     ckpt = C.load(checkpoint, stage="retrieval")
-    cfg = from_dict(Config, ckpt["config"])
+    cfg = checkpoint_config(ckpt["config"])
     data = load(data_dir or ckpt["data_dir"])
     model = build_model(cfg, data.vocab)
     model.load_state_dict(ckpt["model"])
     model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
-        item_emb = embed_items(model, data.items)
+        item_emb = embed_items(model, data.items, serving_stats(cfg, data, split_days(cfg, data)[1]))
         req = request_sample(data, n_queries, seed)
         queries = embed_users(model, {k: v[:-1] for k, v in req.items()})  # drop the cold-start row
     info = {"checkpoint": str(checkpoint), "data_dir": str(data.root), "n_items": int(data.items.n), "dim": int(item_emb.shape[1]),

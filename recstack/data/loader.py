@@ -127,14 +127,18 @@ class SimData:
                 raise DataError(f"{self.root / K.EVENTS.file}: {e}") from e
         return self._event_index
 
+    def day_of(self, ts: np.ndarray) -> np.ndarray:
+        """The simulated day of each time (N,) -> (N,) int64: day d >= 1 is
+        [(history_days + d - 1) x day_seconds, ...); the history's days are <= 0."""
+        day_s = float(self.world.get("day_seconds", 86400))
+        return np.floor(np.asarray(ts, np.float64) / day_s).astype(np.int64) + 1 - int(self.world.get("history_days", 0))
+
     @property
     def item_stats(self) -> ItemStats:
         """Every item's daily counts of impressions and of each event kind (recstack.item_stats),
         built on first use from every impression day and the full behaviour log."""
         if self._item_stats is None:
-            day_s = float(self.world.get("day_seconds", 86400))
-            # day d >= 1 is [(history_days + d - 1) x day_seconds, ...); history days are <= 0
-            ev_day = np.floor(self._events["ts"] / day_s).astype(np.int64) + 1 - int(self.world.get("history_days", 0))
+            ev_day = self.day_of(self._events["ts"])
             days = list(range(1, self.n_days + 1))
             imp_items = [self.impressions(d)["item_id"] for d in days]
             imp_days = np.concatenate([np.full(len(i), d, np.int64) for d, i in zip(days, imp_items)])
@@ -284,6 +288,7 @@ class Examples:
             "consent": d.consent[users].astype(np.float32),
             "user_id": users.astype(np.int64),
             "item_id": items.astype(np.int64),
+            "day": im["day"][rows].astype(np.int64),
         }
 
     def iterate(self, batch_size: int, shuffle: bool = False, seed: int = 0) -> Iterator[dict[str, np.ndarray]]:

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from recstack.config import from_dict
 from recstack.data import load
 from recstack.evaluation import metrics as M
 from recstack.training import checkpoint as C
@@ -75,12 +74,13 @@ def warm_stage(stage: str, ckpt_path: str | Path, world: str | Path, out_dir: st
 
 
 def _warm_retrieval(ck, opt_state, data, days, out_dir, origin) -> dict:
-    from retrieval.inputs import corpus_inputs
+    from retrieval.config import checkpoint_config
+    from retrieval.inputs import add_row_stats, corpus_inputs, row_stats
     from retrieval.model import build_model
     from retrieval.tasks import InBatchSoftmaxStep, SampledSoftmaxLoss, sampling_log_q
-    from retrieval.train import TRAIN_KEYS, Config, materialise
+    from retrieval.train import TRAIN_KEYS, materialise
 
-    cfg = from_dict(Config, ck["config"])
+    cfg = checkpoint_config(ck["config"])
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed * 1000 + days[-1])
     model = build_model(cfg, data.vocab)
@@ -89,14 +89,15 @@ def _warm_retrieval(ck, opt_state, data, days, out_dir, origin) -> dict:
     opt = torch.optim.AdamW(list(model.parameters()) + list(loss_fn.parameters()), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
-    rows = materialise(data.examples(days, clicked_only=True), TRAIN_KEYS)
+    rows = add_row_stats(cfg, data, materialise(data.examples(days, clicked_only=True), TRAIN_KEYS))
     n = len(rows["item_id"])
     batch = min(cfg.batch_size, n)
     total = n // batch if n >= 2 else 0  # full batches only (the logQ estimate assumes batch_size candidates)
     counts = np.bincount(rows["item_id"], minlength=data.items.n)
     log_q = torch.from_numpy(sampling_log_q(counts, batch, cfg.num_uniform_negatives, cfg.logq_smoothing)
                              if cfg.logq_correction and total else np.zeros(data.items.n, np.float32))
-    step = InBatchSoftmaxStep(model, loss_fn, corpus_inputs(data.items), log_q, rng, cfg.num_uniform_negatives, False)
+    step = InBatchSoftmaxStep(model, loss_fn, corpus_inputs(data.items), log_q, rng, cfg.num_uniform_negatives, False,
+                              row_stats(cfg, data))
     step.rows = rows
     order = rng.permutation(n)
     batches = lambda resume: ((order[s * batch:(s + 1) * batch], dict) for s in range(total))  # noqa: E731
@@ -204,17 +205,20 @@ def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
     data = load(world)
     days = logged_days(data)
     if stage == "retrieval":
-        from retrieval.inputs import USER_INPUTS, embed_items, embed_users, materialise
+        from retrieval.config import checkpoint_config
+        from retrieval.inputs import ITEM_INPUTS, USER_INPUTS, add_row_stats, embed_users, materialise
         from retrieval.model import build_model
-        from retrieval.train import Config
 
-        model = build_model(from_dict(Config, ck["config"]), data.vocab)
+        cfg = checkpoint_config(ck["config"])
+        model = build_model(cfg, data.vocab)
         model.load_state_dict(ck["model"])
         model.eval()
         ex = data.examples(days)
-        inputs = materialise(ex, USER_INPUTS + ("item_id",))
-        u, v = embed_users(model, inputs), embed_items(model, data.items)
-        score = (u * v[inputs["item_id"]]).sum(axis=1)  # the inner product retrieval ranks by
+        inputs = add_row_stats(cfg, data, materialise(ex, USER_INPUTS + ITEM_INPUTS + ("day", "item_id")))
+        u = embed_users(model, inputs)
+        with torch.no_grad():
+            v = model.item_tower(*(torch.from_numpy(inputs[k]) for k in ITEM_INPUTS)).numpy()
+        score = (u * v).sum(axis=1)  # the inner product retrieval ranks by
         return {"auc": M.auc(ex.imps["click"], score), "n": int(len(score))}
     if stage == "coarse":
         from coarse_rank.config import checkpoint_config
