@@ -209,7 +209,8 @@ def _cmd_serve(args) -> int:
         return 2
     try:
         return serve(args.artifacts, host=args.host, port=args.port, workers=args.workers, threads=args.threads,
-                     max_queue=args.max_queue, max_queue_wait_s=args.max_queue_wait or None, onnx_threads=args.onnx_threads, grace_s=args.grace, admin_token=token,
+                     max_queue=args.max_queue, max_queue_wait_s=args.max_queue_wait or None, onnx_threads=args.onnx_threads, grace_s=args.grace,
+                     drain_notice_s=args.drain_notice, admin_token=token,
                      ingest_threads=args.ingest_threads, ingest_queue=args.ingest_queue,
                      tls_cert=args.tls_cert, tls_key=args.tls_key, reflection=not args.no_reflection,
                      metrics_port=args.metrics_port, metrics_host=args.metrics_host,
@@ -363,6 +364,9 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                    help="LogEvents calls waiting beyond --ingest-threads before RESOURCE_EXHAUSTED (default 3 x)")
     s.add_argument("--onnx-threads", type=int, default=1, help="intra-op threads per ONNX session")
     s.add_argument("--grace", type=float, default=10.0, help="SIGTERM: seconds in-flight calls may take to finish")
+    s.add_argument("--drain-notice", type=float, default=1.0,
+                   help="SIGTERM: seconds the server keeps taking calls after it turns NOT_SERVING, so that "
+                        "health-watching clients move to other replicas before the listener closes")
     s.add_argument("--admin-token-file", default=None,
                    help="enables ModelService (reload, model info) for callers sending this token; "
                         "or set RECSTACK_ADMIN_TOKEN. Without either, ModelService is off")

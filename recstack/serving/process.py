@@ -44,6 +44,10 @@ class ServeOptions:
     ingest_queue: int | None = None  # LogEvents calls waiting beyond `ingest_threads`; None = 3 x ingest_threads
     onnx_threads: int = 1  # intra-op threads per ONNX session (bounded: workers x threads x this <= cores is sane)
     grace_s: float = 10.0  # SIGTERM: how long in-flight calls may take to finish
+    # SIGTERM: how long the server keeps taking calls after it turns NOT_SERVING, before the
+    # listener closes and the grace period starts: clients that watch health (the balanced
+    # channel) move new calls to other replicas meanwhile, so none reaches a closing server
+    drain_notice_s: float = 1.0
     admin_token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -238,9 +242,10 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
         if on_ready is not None:
             on_ready(bound)
         signals.wait()
-        servicer.begin_drain()  # NOT_SERVING at once; then in-flight calls get up to grace_s
-        log.info("pid %d draining (up to %.1f s)", os.getpid(), opts.grace_s)
-        server.stop(opts.grace_s).wait()
+        servicer.begin_drain()  # NOT_SERVING at once; calls still served for the notice period
+        log.info("pid %d draining (notice %.1f s, then up to %.1f s)", os.getpid(), opts.drain_notice_s, opts.grace_s)
+        time.sleep(max(0.0, opts.drain_notice_s))
+        server.stop(opts.grace_s).wait()  # no new calls; those in flight get up to grace_s
         log.info("pid %d stopped", os.getpid())
         return 0
     finally:
@@ -298,7 +303,7 @@ def serve(artifacts: str | Path, host: str = "127.0.0.1", port: int = 50051, wor
         for p in procs:
             p.start()
         log.info("started %d serving processes on %s:%d", workers, host, port)
-        return _supervise(procs, signals, opts.grace_s)
+        return _supervise(procs, signals, opts.grace_s + max(0.0, opts.drain_notice_s))
     finally:
         signals.restore()
         reservation.close()

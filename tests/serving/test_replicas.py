@@ -14,6 +14,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recstack.serving import client
 from recstack.serving.balancer import SERVICE_CONFIG, balanced_channel, target_of
@@ -34,9 +35,9 @@ class Replica:
     """One `recstack serve` process; its stderr is watched for lines, its stdout (the access
     log, one JSON line per call) is counted."""
 
-    def __init__(self, artifacts: Path, port: int = 0):
+    def __init__(self, artifacts: Path, port: int = 0, extra: tuple[str, ...] = ()):
         self.proc = subprocess.Popen([sys.executable, "-m", "recstack", "serve", "--artifacts", str(artifacts),
-                                      "--port", str(port), "--threads", "2", "--grace", "30"], cwd=REPO,
+                                      "--port", str(port), "--threads", "2", "--grace", "30", *extra], cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.err: queue.Queue = queue.Queue()
         self.stderr: list[str] = []
@@ -123,3 +124,23 @@ def test_draining_and_restarting_a_replica_fails_no_call(artifacts):
             if r.proc.poll() is None:
                 r.stop()
     assert failures == [] and calls[0] >= 80
+
+
+def test_a_draining_replica_keeps_serving_through_its_notice(artifacts):
+    # a notice far longer than the test: what it checks cannot depend on how fast the machine is
+    r = Replica(artifacts, extra=("--drain-notice", "600"))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{r.port}") as ch:
+            stub = pb_grpc.RankingServiceStub(ch)
+            assert len(stub.Rank(client.make_request(1, 5), timeout=WAIT_S).items) == 5
+            r.proc.send_signal(signal.SIGTERM)
+            r.wait_for("draining")
+            health = health_pb2_grpc.HealthStub(ch).Check(
+                health_pb2.HealthCheckRequest(service="recstack.v1.RankingService"), timeout=WAIT_S)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+            # told NOT_SERVING, yet a call that still comes is served, not cancelled
+            assert len(stub.Rank(client.make_request(2, 5), timeout=WAIT_S).items) == 5
+        assert r.proc.poll() is None
+    finally:
+        r.proc.kill()
+        r.proc.wait(WAIT_S)
