@@ -6,7 +6,10 @@ differences are taken per user against the first bundle, so the pairs are far ti
 the per-bundle intervals.
 
     python tools/paired_gmv.py --data D --out OUT.json [--users 300] [--sizes 1000,200] [--day N] \
-        --bundle base=ART_A --bundle stats=ART_B [--bundle ...]
+        --bundle base=ART_A --bundle stats=ART_B [--bundle ...] [--option stats:browse_coarse_share=0.9]
+
+An `--option NAME:KEY=VALUE` sets a `Cascade.load` option (e.g. browse_coarse_share, browse_share,
+i2i_share) for arm NAME only; one bundle may appear under several names with different options.
 """
 from __future__ import annotations
 
@@ -33,13 +36,13 @@ def mean_ci(x: np.ndarray) -> tuple[float, float]:
 
 
 def compare(data_dir: str, bundles: dict[str, str], n_users: int, retrieval: int, coarse: int, seed: int = 0,
-            day: int | None = None) -> dict:
+            day: int | None = None, options: dict[str, dict] | None = None) -> dict:
     data, truth = load(data_dir), Truth.load(data_dir)
     day = data.test_day if day is None else int(day)
     oracle = C._Oracle(truth, C.requests(data, day, n_users, seed), day, 50)
     rows = {}
     for name, path in bundles.items():
-        cascade = Cascade.load(path)
+        cascade = Cascade.load(path, **(options or {}).get(name, {}))
         rows[name] = {k: np.asarray(v) for k, v in C._measure(cascade, oracle, retrieval, coarse).items()}
         m, h = mean_ci(rows[name]["gmv_share"])
         print(f"{name}: GMV@50 share {m:.4f} ± {h:.4f}", flush=True)
@@ -48,7 +51,8 @@ def compare(data_dir: str, bundles: dict[str, str], n_users: int, retrieval: int
            "retrieval_size": retrieval, "coarse_size": coarse, "bundles": {}, "paired_vs": first, "paired": {}}
     for name, r in rows.items():
         m, h = mean_ci(r["gmv_share"])
-        out["bundles"][name] = {"path": str(Path(bundles[name]).resolve()), "gmv_share": m, "gmv_share_ci95": h,
+        out["bundles"][name] = {"path": str(Path(bundles[name]).resolve()), "options": (options or {}).get(name, {}),
+                                "gmv_share": m, "gmv_share_ci95": h,
                                 **{k: float(r[k].mean()) for k in KEPT}, "cpu_ms_median": float(np.median(r["cpu_ms"]))}
         if name != first:
             d, dh = mean_ci(r["gmv_share"] - rows[first]["gmv_share"])
@@ -62,14 +66,24 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True)
     ap.add_argument("--out", required=True, help="the results JSON")
     ap.add_argument("--bundle", action="append", required=True, metavar="NAME=PATH")
+    ap.add_argument("--option", action="append", default=[], metavar="NAME:KEY=VALUE",
+                    help="a Cascade.load option for one arm (a float, or true / false)")
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--sizes", default="1000,200", help="retrieval,coarse")
     ap.add_argument("--seed", type=int, default=0, help="the user sample's seed")
     ap.add_argument("--day", type=int, default=None, help="the requests' day (default: the test day)")
     args = ap.parse_args(argv)
     bundles = dict(b.split("=", 1) for b in args.bundle)
+    options: dict[str, dict] = {}
+    for o in args.option:
+        name, _, kv = o.partition(":")
+        key, _, value = kv.partition("=")
+        if name not in bundles or not key or not value:
+            ap.error(f"--option {o!r}: expected NAME:KEY=VALUE with NAME one of {sorted(bundles)}")
+        options.setdefault(name, {})[key] = {"true": True, "false": False}.get(value.lower()) \
+            if value.lower() in ("true", "false") else float(value)
     r, c = (int(x) for x in args.sizes.split(","))
-    res = compare(args.data, bundles, args.users, r, c, args.seed, args.day)
+    res = compare(args.data, bundles, args.users, r, c, args.seed, args.day, options)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     return 0
