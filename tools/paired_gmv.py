@@ -3,7 +3,8 @@
 Each bundle ranks the same requests through the serving code at the same sizes
 (`recstack.evaluation.cascade`: the oracle, the requests and the per-request measures); the
 differences are taken per user against the first bundle, so the pairs are far tighter than
-the per-bundle intervals.
+the per-bundle intervals. The bundles are loaded together and take turns request by request,
+so their CPU times per request are comparable.
 
     python tools/paired_gmv.py --data D --out OUT.json [--users 300] [--sizes 1000,200] [--day N] \
         --bundle base=ART_A --bundle stats=ART_B [--bundle ...] [--option stats:browse_coarse_share=0.9]
@@ -40,10 +41,16 @@ def compare(data_dir: str, bundles: dict[str, str], n_users: int, retrieval: int
     data, truth = load(data_dir), Truth.load(data_dir)
     day = data.test_day if day is None else int(day)
     oracle = C._Oracle(truth, C.requests(data, day, n_users, seed), day, 50)
-    rows = {}
-    for name, path in bundles.items():
-        cascade = Cascade.load(path, **(options or {}).get(name, {}))
-        rows[name] = {k: np.asarray(v) for k, v in C._measure(cascade, oracle, retrieval, coarse).items()}
+    cascades = {name: Cascade.load(path, **(options or {}).get(name, {})) for name, path in bundles.items()}
+    lists: dict[str, dict[str, list[float]]] = {name: {m: [] for m in C.METRICS} for name in bundles}
+    names = list(bundles)
+    for n in range(len(oracle.users)):
+        # the arms take turns request by request, in a rotating order, so that their CPU times
+        # see the same process state (caches, allocator, machine load) rather than one another's
+        for name in names[n % len(names):] + names[: n % len(names)]:
+            C._measure_one(cascades[name], oracle, n, retrieval, coarse, lists[name])
+    rows = {name: {k: np.asarray(v) for k, v in r.items()} for name, r in lists.items()}
+    for name in names:
         m, h = mean_ci(rows[name]["gmv_share"])
         print(f"{name}: GMV@50 share {m:.4f} ± {h:.4f}", flush=True)
     first = next(iter(bundles))

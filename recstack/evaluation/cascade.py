@@ -142,26 +142,31 @@ def _measure(cascade: Cascade, oracle: _Oracle, r: int, c: int) -> dict[str, lis
     """Every request at retrieval size r and coarse size c -> metric -> one value per user."""
     rows: dict[str, list[float]] = {m: [] for m in METRICS}
     for n in range(len(oracle.users)):
-        trace: dict = {}
-        t0, c0 = time.perf_counter(), time.process_time()
-        res = oracle.rank(cascade, n, r, c, trace)
-        # the process's CPU time for the served path (one request at a time, single-threaded
-        # ONNX Runtime and FAISS): what a request costs the server, robust to other load
-        rows["cpu_ms"].append((time.process_time() - c0) * 1e3)
-        rows["ms"].append((time.perf_counter() - t0) * 1e3)
-        o = oracle.ids[n]
-        rows["recall_retrieval"].append(_hits(trace["retrieved"], o))
-        rows["recall_coarse"].append(_hits(trace["coarse"], o))
-        rows["recall_served"].append(_hits(res.item_ids, o))
-        rows["gmv_share"].append(oracle.gmv_share(n, res.item_ids))
-        is_i2i = trace["retrieved_sources"] == SOURCES.index(SOURCE_I2I)
-        rows["i2i_in_retrieved"].append(float(is_i2i.mean()) if len(is_i2i) else 0.0)
-        rows["i2i_in_served"].append(float(np.mean([s == SOURCE_I2I for s in res.sources])) if res.sources else 0.0)
-        rows["oracle_via_i2i"].append(_hits(trace["retrieved"][is_i2i], o))
-        is_browse = trace["retrieved_sources"] == SOURCES.index(SOURCE_BROWSE)
-        rows["browse_in_retrieved"].append(float(is_browse.mean()) if len(is_browse) else 0.0)
-        rows["oracle_via_browse"].append(_hits(trace["retrieved"][is_browse], o))
+        _measure_one(cascade, oracle, n, r, c, rows)
     return rows
+
+
+def _measure_one(cascade: Cascade, oracle: _Oracle, n: int, r: int, c: int, rows: dict[str, list[float]]) -> None:
+    """Request n at retrieval size r and coarse size c: appends one value to each metric of `rows`."""
+    trace: dict = {}
+    t0, c0 = time.perf_counter(), time.process_time()
+    res = oracle.rank(cascade, n, r, c, trace)
+    # the process's CPU time for the served path (one request at a time, single-threaded
+    # ONNX Runtime and FAISS): what a request costs the server, robust to other load
+    rows["cpu_ms"].append((time.process_time() - c0) * 1e3)
+    rows["ms"].append((time.perf_counter() - t0) * 1e3)
+    o = oracle.ids[n]
+    rows["recall_retrieval"].append(_hits(trace["retrieved"], o))
+    rows["recall_coarse"].append(_hits(trace["coarse"], o))
+    rows["recall_served"].append(_hits(res.item_ids, o))
+    rows["gmv_share"].append(oracle.gmv_share(n, res.item_ids))
+    is_i2i = trace["retrieved_sources"] == SOURCES.index(SOURCE_I2I)
+    rows["i2i_in_retrieved"].append(float(is_i2i.mean()) if len(is_i2i) else 0.0)
+    rows["i2i_in_served"].append(float(np.mean([s == SOURCE_I2I for s in res.sources])) if res.sources else 0.0)
+    rows["oracle_via_i2i"].append(_hits(trace["retrieved"][is_i2i], o))
+    is_browse = trace["retrieved_sources"] == SOURCES.index(SOURCE_BROWSE)
+    rows["browse_in_retrieved"].append(float(is_browse.mean()) if len(is_browse) else 0.0)
+    rows["oracle_via_browse"].append(_hits(trace["retrieved"][is_browse], o))
 
 
 def _summary(rows: dict[str, list[float]], r: int, c: int, share: float, base: np.ndarray | None) -> dict:
