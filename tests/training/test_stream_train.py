@@ -76,6 +76,17 @@ def test_streamed_runs_reach_the_in_memory_metrics(sharded, tmp_path, one_thread
     assert st["coarse"][0] > 0.56 and st["ctr"][0] > 0.6 and st["retrieval"][0] > 0.3
 
 
+def test_streamed_retrieval_reads_the_item_statistics(sharded, tmp_path, one_thread):
+    from retrieval.evaluation import load_model
+
+    cfg = R.Config(**{**RETRIEVAL, "epochs": 1}, item_stats=True, stream_chunk_rows=CHUNK)
+    r = R.train(cfg, sharded, tmp_path / "retr", progress=False)
+    assert r["stream_chunk_rows"] == CHUNK and r["steps"] > 0
+    assert r["recall@50"] > 5 * r["random_recall@50"], r
+    model, _, _ = load_model(tmp_path / "retr" / "checkpoint.pt")
+    assert model.item_tower.n_dense == 1 + 12  # the price, then every source's 1 d and 7 d fields
+
+
 # The 2 ranks each stream their own slice (batches of batch_size / 2 rows); one process
 # streams everything with the same chunk rows per rank.
 WORKER = textwrap.dedent('''
