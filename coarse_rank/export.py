@@ -56,8 +56,7 @@ def item_vectors(model: InnerProductStudent, data: SimData, chunk: int = 8192, s
     for s in range(0, n, chunk):
         ids = np.arange(s, min(s + chunk, n))
         feats = torch.from_numpy(data.items.feats(ids))
-        dense = data.items.dense(ids) if stats is None else np.concatenate([data.items.dense(ids), stats[ids]], axis=1)
-        dense = torch.from_numpy(np.ascontiguousarray(dense))
+        dense = torch.from_numpy(np.ascontiguousarray(data.items.dense(ids, stats)))
         parts.append(model.item_tower(feats, dense).numpy())
     vecs = np.concatenate(parts) if parts else np.zeros((0, model.item_tower.mlp[-1].out_features), np.float32)
     return (vecs * np.float32(model.scale)).astype(np.float32)

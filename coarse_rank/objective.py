@@ -167,8 +167,7 @@ def centred_item_terms(model: GmvStudent, items, stats: np.ndarray | None = None
     float64, the mean). A constant shift ranks alike and keeps the coordinate near the others'
     scale (the int8 codes have one scale per row)."""
     ids = np.arange(items.n)
-    dense = items.dense(ids) if stats is None else np.concatenate([items.dense(ids), stats], axis=1)
-    terms = item_terms(model, items.feats(ids), np.ascontiguousarray(dense), items.price)
+    terms = item_terms(model, items.feats(ids), np.ascontiguousarray(items.dense(ids, stats)), items.price)
     mean = float(terms.mean()) if len(terms) else 0.0
     return terms - mean, mean
 

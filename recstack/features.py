@@ -135,9 +135,14 @@ class ItemTable:
         out[..., 1:] = np.where(ok[..., None], self.cols[safe], 0)
         return out
 
-    def dense(self, item_ids: np.ndarray) -> np.ndarray:
-        """(N,) raw ids -> (N, 1) float32 `item_dense` (standardised log price)."""
-        return self._dense[np.asarray(item_ids, dtype=np.int64)][:, None]
+    def dense(self, item_ids: np.ndarray, stats: np.ndarray | None = None) -> np.ndarray:
+        """(N,) raw ids -> (N, 1) float32 `item_dense` (standardised log price); with `stats`, one
+        day's item statistics table (I, S) (recstack.item_stats), the ids' rows follow the price:
+        (N, 1 + S)."""
+        ids = np.asarray(item_ids, dtype=np.int64)
+        if stats is None:
+            return self._dense[ids][:, None]
+        return np.concatenate([self._dense[ids][:, None], np.asarray(stats, np.float32)[ids]], axis=1)
 
 
 class Behaviours:
@@ -274,9 +279,7 @@ def fine_inputs(user_feats: np.ndarray, seq_items: np.ndarray, seq_extras: np.nd
     the item statistics table (recstack.item_stats), appended to item_dense; None: the price only."""
     cands = np.asarray(cands, dtype=np.int64)
     item_feats = items.feats(cands)
-    dense = items.dense(cands)
-    if item_stats is not None:
-        dense = np.concatenate([dense, item_stats[cands]], axis=1)
+    dense = items.dense(cands, item_stats)
     if interacted is None:
         interacted = HistoryFeatures(seq_items, seq_extras).interacted(item_feats)
     return {

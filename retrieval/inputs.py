@@ -24,10 +24,7 @@ def corpus_inputs(items: ItemTable, stats: np.ndarray | None = None) -> dict[str
     """item tower inputs for every item of the corpus, in item_id order; `stats` (n_items, F):
     one day's item statistics (recstack.item_stats), appended to item_dense after the price."""
     ids = np.arange(items.n)
-    dense = items.dense(ids)
-    if stats is not None:
-        dense = np.ascontiguousarray(np.concatenate([dense, np.asarray(stats, np.float32)], axis=1))
-    return {"item_feats": items.feats(ids), "item_dense": dense}
+    return {"item_feats": items.feats(ids), "item_dense": np.ascontiguousarray(items.dense(ids, stats))}
 
 
 def serving_stats(cfg, data: SimData, day: int) -> np.ndarray | None:
