@@ -22,7 +22,7 @@ from recstack.data import SimData, load
 from recstack.features import SEQ_LEN
 
 from coarse_rank.model import InnerProductStudent
-from coarse_rank.inputs import STAGE, load_student, model_inputs, split_days
+from coarse_rank.inputs import STAGE, load_student, model_inputs
 from coarse_rank.objective import GmvStudent, UserVectorWithOne, centred_item_terms, item_terms
 
 USER_INPUTS = ("user_feats", "seq_items", "seq_extras")
@@ -67,7 +67,7 @@ def served_item_vectors(model: InnerProductStudent, cfg, data: SimData) -> tuple
     after the training days: its item statistics go in when the tower reads them), with the gmv
     student's centred item term as one more coordinate. -> (vectors (I, D[+1]) float32, the item
     terms (I,) or None, their mean, the serving day)."""
-    _, serve_day = split_days(data, cfg.split)
+    _, serve_day = data.split_days(cfg.split)
     stats = data.item_stats.table(serve_day) if cfg.item_stats else None
     vecs = item_vectors(model, data, stats=stats)
     item_term, term_mean = None, 0.0

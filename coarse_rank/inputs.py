@@ -49,11 +49,6 @@ def request_inputs(batch: dict[str, np.ndarray], ts: np.ndarray) -> dict[str, to
 
 
 
-def split_days(data, split: str) -> tuple[list[int], int]:
-    """(fit days, evaluation day) of a split: "test" fits days 1..D-1 and scores D, "valid" 1..D-2 and D-1."""
-    return (data.train_days, data.test_day) if split == "test" else (data.fit_days, data.valid_day)
-
-
 def load_student(path: str | Path) -> tuple[InnerProductStudent, Config, dict]:
     """Rebuild the trained student (eval mode) from a coarse checkpoint: (model, config, checkpoint)."""
     ckpt = checkpoint.load(path, stage=STAGE)

@@ -45,7 +45,7 @@ from recstack.data.shards import ShardStream
 from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batches, training_state
 
 from coarse_rank.config import MANNERS, OPTIMIZERS, SPLITS, TEACHERS, Config  # noqa: F401  (re-exported)
-from coarse_rank.inputs import MODEL_INPUTS, STAGE, load_student, model_inputs, request_inputs, split_days  # noqa: F401
+from coarse_rank.inputs import MODEL_INPUTS, STAGE, load_student, model_inputs, request_inputs  # noqa: F401
 from coarse_rank.model import InnerProductStudent  # noqa: F401
 from coarse_rank.objective import GmvStep, build_student, build_teacher  # noqa: F401
 from coarse_rank.tasks import DistillationStep, make_optimizer, shares_sequence  # noqa: F401
@@ -307,7 +307,7 @@ def train(cfg: Config, data_dir: str | Path, out_dir: str | Path, *, progress: b
     """
     cfg.validate()
     data = load(data_dir)
-    fit_days, eval_day = split_days(data, cfg.split)
+    fit_days, eval_day = data.split_days(cfg.split)
     if not fit_days:
         raise ConfigError(f"split={cfg.split!r} leaves no training days in a {data.n_days}-day world")
     D.check_divisible(batch_size=cfg.batch_size)

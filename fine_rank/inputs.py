@@ -72,10 +72,8 @@ def clicked(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def split_days(data: SimData, split: str) -> tuple[list[int], int]:
-    """-> (days to fit on, day to score)."""
-    if split == "test":
-        return data.train_days, data.test_day
-    if split == "valid":
-        return data.fit_days, data.valid_day
-    raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    """-> (days to fit on, day to score) (`SimData.split_days`)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return data.split_days(split)
 

@@ -143,9 +143,3 @@ def checkpoint_config(d: dict) -> Config:
     """A checkpoint's config dict -> Config; one from before an option existed rebuilds the
     model it holds, whatever the default is today."""
     return from_dict(Config, {**_BEFORE_FIELDS, **d})
-
-
-def split_days(cfg: Config, data) -> tuple[list[int], int]:
-    """(fit days, evaluation day) of cfg.split: the test day, or the validation day options are
-    chosen on. The evaluation day is also the day the exported vectors serve."""
-    return (data.train_days, data.test_day) if cfg.split == "test" else (data.fit_days, data.valid_day)

@@ -207,7 +207,7 @@ def run(path: str | Path, data_dir: str | Path | None = None, split: str | None 
     model, cfg, ckpt = load_model(path)
     data = load(data_dir or ckpt["data_dir"])
     split = split or cfg.split
-    fit_days, day = (data.train_days, data.test_day) if split == "test" else (data.fit_days, data.valid_day)
+    fit_days, day = data.split_days(split)
     imps = data.impressions(fit_days)
     counts = np.bincount(imps["item_id"][imps["click"].astype(bool)], minlength=data.items.n)
     log_counts = np.bincount(log_events(data, ("click",), day)["item_id"], minlength=data.items.n)

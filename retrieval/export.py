@@ -29,7 +29,7 @@ from recstack.evaluation.metrics import recall_vs_exact
 from recstack.training.onnx import export_onnx, onnx_session, parity
 from retrieval import index as index_lib
 from retrieval.index import search_params, set_search_params  # noqa: F401  (re-exported)
-from retrieval.config import Config, checkpoint_config, split_days  # noqa: F401  (Config: re-exported)
+from retrieval.config import Config, checkpoint_config  # noqa: F401  (Config: re-exported)
 from retrieval.inputs import STAGE, USER_INPUTS, embed_items, materialise, serving_stats
 from retrieval.model import build_model
 
@@ -129,7 +129,7 @@ def export(
         raise ExportError(f"user tower ONNX/PyTorch max abs diff {diff:.3g} > {PARITY_TOLERANCE:g}; refusing to export")
 
     # the vectors serve the day after the training days: the item statistics of that day go in
-    serve_day = split_days(cfg, data)[1]
+    serve_day = data.split_days(cfg.split)[1]
     item_emb = embed_items(model, data.items, serving_stats(cfg, data, serve_day))
     if not np.isfinite(item_emb).all():  # a diverged model: refused before an index is built from it
         raise ExportError(f"{NAMES['item_emb']}: {int((~np.isfinite(item_emb)).sum())} NaN or infinite values; refusing to export")

@@ -38,7 +38,7 @@ from recstack.data import SimData, load
 from recstack.data.shards import ShardStream
 from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batches, training_state
 
-from retrieval.config import Config, split_days
+from retrieval.config import Config
 from retrieval.inputs import (  # noqa: F401  (embed_items, top_k_inner_product: re-exported)
     ITEM_INPUTS, STAGE, USER_INPUTS, add_row_stats, append_stats, corpus_inputs, embed_items, embed_users, materialise, row_stats,
     serving_stats, top_k_inner_product,
@@ -138,7 +138,7 @@ def training_clicks(cfg: Config, data: SimData, data_dir: str | Path) -> Clicks:
     materialised or streamed (cfg.stream_chunk_rows), or the behaviour log's events."""
     world = D.world()
     n_items = data.items.n
-    fit_days, eval_day = split_days(cfg, data)
+    fit_days, eval_day = data.split_days(cfg.split)
     if not fit_days:
         raise ConfigError(f"split={cfg.split}: a {data.n_days}-day world leaves no day to fit on")
     if cfg.positives == "log":
@@ -262,7 +262,7 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
                 before_finish=step.rows.clear if streamed else None, desc=STAGE, show=progress)
     with training_state(out_dir, STAGE, cfg, checkpoint_every, resume) as state:
         model.train()
-        curve = EpochCurve(model, data, split_days(cfg, data)[1], cfg, clicks) if cfg.eval_every_epoch else None
+        curve = EpochCurve(model, data, data.split_days(cfg.split)[1], cfg, clicks) if cfg.eval_every_epoch else None
         stats = loop.run(step, click_batches(cfg, clicks, step, rng, batch_size, local_batch, per_epoch, curve))
     steps, running = int(stats["steps"]), float(stats["loss"])
     train_seconds = time.perf_counter() - t0
@@ -271,7 +271,7 @@ def train(cfg: Config | None, data_dir: str | Path, out_dir: str | Path, *, prog
         D.barrier()
         return {"train_clicks": int(clicks.n), "steps": int(steps), "train_loss": float(running),
                 "train_seconds": float(train_seconds)}
-    eval_day = split_days(cfg, data)[1]
+    eval_day = data.split_days(cfg.split)[1]
     metrics = evaluate(model, data, eval_day, cfg.eval_k, clicks.popularity_counts, cfg.eval_batch_size,
                        serving_stats(cfg, data, eval_day))
     metrics.update(

@@ -104,12 +104,11 @@ def checkpoint_corpus(checkpoint: str | Path, n_queries: int, seed: int = 0, see
     """A retrieval checkpoint's (or training state's) item tower over its data's whole corpus,
     and its user tower on n_queries test-day requests of that data."""
     from recstack.data import load
-    from retrieval.config import split_days
     from retrieval.inputs import embed_items, embed_users, serving_stats
 
     model, data_dir, label, cfg = _retrieval_model(checkpoint, data_dir)
     data = load(data_dir)
-    item_emb = embed_items(model, data.items, serving_stats(cfg, data, split_days(cfg, data)[1]))
+    item_emb = embed_items(model, data.items, serving_stats(cfg, data, data.split_days(cfg.split)[1]))
     req = _requests(data_dir, n_queries, seed)
     return Corpus(item_emb, embed_users(model, req), seeds_of(req["seq_items"], seeds),
                   f"{label}: item tower over {data_dir}, user tower on test-day requests")

@@ -63,7 +63,7 @@ def embeddings_from_checkpoint(checkpoint: str | Path, n_queries: int, seed: int
 
     from recstack.training import checkpoint as C
     from recstack.data import load
-    from retrieval.config import checkpoint_config, split_days
+    from retrieval.config import checkpoint_config
     from retrieval.export import request_sample
     from retrieval.inputs import serving_stats
     from retrieval.train import build_model, embed_items, embed_users
@@ -76,7 +76,7 @@ def embeddings_from_checkpoint(checkpoint: str | Path, n_queries: int, seed: int
     model.eval()
     t0 = time.perf_counter()
     with torch.no_grad():
-        item_emb = embed_items(model, data.items, serving_stats(cfg, data, split_days(cfg, data)[1]))
+        item_emb = embed_items(model, data.items, serving_stats(cfg, data, data.split_days(cfg.split)[1]))
         req = request_sample(data, n_queries, seed)
         queries = embed_users(model, {k: v[:-1] for k, v in req.items()})  # drop the cold-start row
     info = {"checkpoint": str(checkpoint), "data_dir": str(data.root), "n_items": int(data.items.n), "dim": int(item_emb.shape[1]),

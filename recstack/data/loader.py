@@ -159,6 +159,15 @@ class SimData:
     def valid_day(self) -> int:
         return self.n_days - 1
 
+    def split_days(self, split: str) -> tuple[list[int], int]:
+        """(days to fit on, day to score) of a split: "test" fits 1..D-1 and scores D; "valid" fits
+        1..D-2 and scores D-1 (what option choices are made on)."""
+        if split == "test":
+            return self.train_days, self.test_day
+        if split == "valid":
+            return self.fit_days, self.valid_day
+        raise ValueError(f"split must be 'test' or 'valid', got {split!r}")
+
     @property
     def train_days(self) -> list[int]:
         """Days used to fit models whose hyper-parameters are already chosen (1..D-1)."""
