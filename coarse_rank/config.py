@@ -41,6 +41,13 @@ class Config:
     # --- served objective (coarse_rank/objective.py) ---
     objective: str = "gmv"  # one of OBJECTIVES; gmv keeps more of the oracle through the coarse cut on the validation day (docs/results/cascade); "ctr" for the PFD tables
     cvr_hidden: tuple[int, ...] = (64,)  # the gmv student's item-only CVR head widths
+    # N > 0: the fine ranker's order over retrieved candidates is distilled into the served score
+    # (coarse_rank.fine_distill): N x the pairwise loss of its top fine_distill_top against the rest
+    fine_distill: float = 0.0  # 0: off; needs objective gmv and fine_targets
+    fine_targets: str = ""  # the targets file of the split's training days (python -m recstack.pipeline.fine_targets)
+    fine_distill_requests: int = 32  # requests of the targets file per step
+    fine_distill_pairs: int = 128  # candidates per side per request: that many of the fine top, that many of the rest
+    fine_distill_top: int = 50  # the fine ranker's top the cut should keep: the served list (small, validation day: 50 kept more than 200)
     item_stats: bool = True  # the item tower (and the teachers' item side) also reads the item statistics (recstack.item_stats) after the price; export folds the serving day's into the item vectors; `small`, validation day, seeds 1-3: GMV@50 share +0.015..+0.034 (docs/results/cascade/item_stats.md); False in the PFD tables
     # --- distillation (PFD Eq. 5, Algorithm 1) ---
     teacher: str = "pfd_md"  # one of TEACHERS ("baseline" = none); pfd_md is the issue's default: it beats the baseline on medium's validation day, within noise of md/sd (docs/results/coarse)
@@ -70,6 +77,15 @@ class Config:
         if self.objective == "gmv" and self.teacher == "oracle":
             raise ConfigError("teacher 'oracle' (true pCTR soft labels) is a reference of the click-only tables: "
                               "use it with objective=ctr")
+        if self.fine_distill < 0:
+            raise ConfigError(f"fine_distill must be >= 0, got {self.fine_distill}")
+        if self.fine_distill > 0 and (self.objective != "gmv" or not self.fine_targets):
+            raise ConfigError("fine_distill > 0 distils into the gmv objective's served score and reads fine_targets: "
+                              f"set objective=gmv and fine_targets (got objective={self.objective!r}, "
+                              f"fine_targets={self.fine_targets!r})")
+        for name in ("fine_distill_requests", "fine_distill_pairs", "fine_distill_top"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if any(w <= 0 for w in self.cvr_hidden):
             raise ConfigError(f"cvr_hidden widths must be positive, got {self.cvr_hidden}")
         if self.teacher not in TEACHERS:

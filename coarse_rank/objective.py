@@ -106,15 +106,24 @@ class GmvStep:
     mixed with the teacher's soft label by Eq. 5's λ (the CVR soft label on every impression: the
     teacher's P(purchase | click) is defined whether or not this one was clicked). Teacher (in
     train mode): click log-loss plus purchase-given-click log-loss, its soft labels detached.
-    A click-only teacher (sd, lupi, pfd) distils the click logit alone.
+    A click-only teacher (sd, lupi, pfd) distils the click logit alone. With `targets`
+    (`coarse_rank.fine_distill.FineTargets`, cfg.fine_distill > 0) the student also learns the
+    fine ranker's order over retrieved candidates, weighted by cfg.fine_distill.
     """
 
     def __init__(self, cfg: Config, student: GmvStudent | None, teacher: TwoTaskDNNTeacher | None,
-                 schedule: LambdaSchedule):
+                 schedule: LambdaSchedule, targets=None):
         self.cfg, self.student, self.teacher, self.schedule = cfg, student, teacher, schedule
         self.share = student is not None and teacher is not None and cfg.manner in ("share_sync", "share_star_sync")
+        self.targets = targets if student is not None and cfg.fine_distill > 0 else None
 
     def __call__(self, batch: tuple[dict, dict], step: int, total: int) -> torch.Tensor:
+        loss = self._impressions(batch, step)
+        if self.targets is not None:
+            loss = loss + self.cfg.fine_distill * self.targets.pair_loss(self.student, self.cfg, step)
+        return loss
+
+    def _impressions(self, batch: tuple[dict, dict], step: int) -> torch.Tensor:
         batch, inputs = batch
         cfg, student, teacher = self.cfg, self.student, self.teacher
         click = torch.from_numpy(batch["click"])

@@ -45,6 +45,7 @@ from recstack.data.shards import ShardStream
 from recstack.training.loop import Batches, Ema, Loop, save_model, streamed_batches, training_state
 
 from coarse_rank.config import MANNERS, OPTIMIZERS, SPLITS, TEACHERS, Config  # noqa: F401  (re-exported)
+from coarse_rank.fine_distill import FineTargets
 from coarse_rank.inputs import MODEL_INPUTS, STAGE, load_student, model_inputs, request_inputs  # noqa: F401
 from coarse_rank.model import InnerProductStudent  # noqa: F401
 from coarse_rank.objective import GmvStep, build_student, build_teacher  # noqa: F401
@@ -190,7 +191,7 @@ def training_batches(cfg: Config, train_ex: Examples | ShardStream, local_batch:
 
 
 def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductStudent | None, teacher: nn.Module | None,
-          params, schedule: LambdaSchedule, desc: str, progress: bool) -> tuple[int, float, dict]:
+          params, schedule: LambdaSchedule, desc: str, progress: bool, targets=None) -> tuple[int, float, dict]:
     """One training run over `train_ex` (`DistillationStep`: L_s, L_t or Eq. 5) on the shared
     loop; returns (steps, smoothed loss, the optimiser's final state).
 
@@ -213,7 +214,8 @@ def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductSt
                 streamed=streamed, ddp_modules=nn.ModuleList([m for m in trained.values() if m.training]),
                 # BatchNorm statistics are per rank: serve rank 0's everywhere
                 before_finish=lambda: D.broadcast_state(trained), desc=desc, show=progress)
-    step = (GmvStep if cfg.objective == "gmv" else DistillationStep)(cfg, student, teacher, schedule)
+    step = (GmvStep(cfg, student, teacher, schedule, targets) if cfg.objective == "gmv"
+            else DistillationStep(cfg, student, teacher, schedule))
     stats = loop.run(step, training_batches(cfg, train_ex, local_batch))
     return int(stats["steps"]), float(stats["loss"]), opt.state_dict()
 
@@ -246,6 +248,9 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
     eval_ex = data.examples(eval_day, item_stats=cfg.item_stats)
     eval_ex = eval_ex.subset(_sample_rows(len(eval_ex), cfg.eval_max_rows, cfg.seed))
 
+    # the fine ranker's order over retrieved candidates (coarse_rank.fine_distill), checked before training
+    targets = (FineTargets.load(cfg.fine_targets, data, cfg.fine_distill_top, fit_days, cfg.item_stats)
+               if cfg.fine_distill > 0 else None)
     student = build_student(cfg, data.vocab)
     teacher = build_teacher(cfg, data.vocab, student)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -257,13 +262,13 @@ def fit(cfg: Config, data: SimData, fit_days: list[int], eval_day: int, *, progr
         teacher.eval()
         student.train()
         step, loss, opt_state = _loop(cfg, train_ex, student, teacher, student.parameters(), LambdaSchedule(cfg.lam, 0),
-                                      "coarse student", progress)
+                                      "coarse student", progress, targets)
     else:
         both = nn.ModuleList([student] + ([teacher] if teacher is not None else []))
         both.train()
         # parameters() of the list yields a Parameter shared by student and teacher once
         step, loss, opt_state = _loop(cfg, train_ex, student, teacher, both.parameters(),
-                                      LambdaSchedule(cfg.lam, cfg.swap_step), f"coarse {cfg.teacher}", progress)
+                                      LambdaSchedule(cfg.lam, cfg.swap_step), f"coarse {cfg.teacher}", progress, targets)
     train_seconds, train_cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
 
     s_pred = _predict_all(student, eval_ex, cfg.eval_batch_size, cfg.length_buckets)
