@@ -115,6 +115,11 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
     from recstack.training.distill import LambdaSchedule
 
     cfg = replace(checkpoint_config(ck["config"]), epochs=1)
+    # the fine ranker's pairs (coarse_rank.fine_distill) come from a targets file of the initial
+    # training days; a warm day has none of its own, so it trains on its impressions alone, says
+    # so, and saves the setting it trained with
+    distilled = cfg.fine_distill > 0
+    cfg = replace(cfg, fine_distill=0.0, fine_targets="")
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, data.vocab)
     student.load_state_dict(ck["model"])
@@ -147,6 +152,8 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
     stats = _run(f"live:coarse@day{days[-1]}", n, trained, opt, total, step, training_batches(cfg, ex, cfg.batch_size))
     stats.update(rows=int(n), teacher=(f"{cfg.teacher} ({'frozen' if frozen else 'trained with the student'})"
                                        if teacher is not None else "none"), optimizer=origin_of_state)
+    if distilled:
+        stats["fine_distill"] = "off on this warm day: the checkpoint's targets file holds its initial training days"
     extra = {"teacher": teacher.state_dict()} if teacher is not None else None
     _save(out_dir, "coarse", cfg, student.state_dict(), stats, origin, data.vocab, opt.state_dict(), extra)
     return stats

@@ -94,6 +94,16 @@ def test_distilled_student_agrees_more_with_the_fine_cut(targets_file, tiny_data
     assert saved.fine_distill == 5.0 and saved.fine_targets == str(path)
     assert metrics["auc"] == pytest.approx(distilled.result["auc"], abs=1e-6)
 
+    # a warm day (recstack live) has no targets of its own day: it trains on impressions alone and says so
+    from recstack.pipeline.warm import _warm_coarse
+    from recstack.training import checkpoint
+
+    ck = checkpoint.load(tmp_path / "run" / "checkpoint.pt", stage="coarse")
+    stats = _warm_coarse(ck, None, data, [eval_day], tmp_path / "warm", tiny_data)
+    assert "off on this warm day" in stats["fine_distill"] and stats["steps"] > 0
+    _, warm_cfg, _ = load_student(tmp_path / "warm" / "checkpoint.pt")
+    assert warm_cfg.fine_distill == 0.0 and warm_cfg.fine_targets == ""
+
 
 def test_a_targets_file_that_does_not_fit_is_refused_with_one_line(targets_file, tiny_data, tmp_path):
     path, _ = targets_file
