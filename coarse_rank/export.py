@@ -153,8 +153,8 @@ def export(checkpoint_path: str | Path, out_dir: str | Path, *, data_dir: str | 
         "user_tower_inputs": list(USER_INPUTS),
         "user_tower_output": USER_OUTPUT,
         "item_vectors_scaled": True,
-        "objective": cfg.objective,
-        "item_stats_day": serve_day if cfg.item_stats else None,  # the statistics folded into the item vectors  # "gmv": the last coordinate is log pCVR + log price (centred) against a user-side 1
+        "objective": cfg.objective,  # "gmv": the last coordinate is log pCVR + log price (centred) against a user-side 1
+        "item_stats_day": serve_day if cfg.item_stats else None,  # the statistics folded into the item vectors
         "parity_max_abs_diff": parity,
         "logit_max_abs_diff": logit_diff,
         "user_vec_norm_max_err": norm_err,

@@ -88,9 +88,7 @@ class TeacherCoarseCascade(Cascade):
 
     def score_coarse(self, tower_in: dict[str, np.ndarray], cands: np.ndarray) -> np.ndarray:
         item_feats = self.items.feats(cands)  # (R, 5)
-        dense = self.items.dense(cands)
-        if self.teacher_stats is not None:
-            dense = np.concatenate([dense, self.teacher_stats[cands]], axis=1)
+        dense = self.items.dense(cands, self.teacher_stats)  # the price, then the statistics when the teacher reads them
         feeds = {**tower_in, "item_feats": item_feats, "item_dense": dense,
                  "interacted": FE.interacted_features(tower_in["seq_items"], tower_in["seq_extras"], item_feats)}
         return self.teacher.run(None, feeds)[0].reshape(-1)
