@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from recstack.config import ConfigError, from_dict
 from recstack.item_stats import FIELDS as ITEM_STATS_FIELDS
@@ -44,7 +45,7 @@ class Config:
     # N > 0: the fine ranker's order over retrieved candidates is distilled into the served score
     # (coarse_rank.fine_distill): N x the pairwise loss of its top fine_distill_top against the rest
     fine_distill: float = 0.0  # 0: off; needs objective gmv and fine_targets
-    fine_targets: str = ""  # the targets file of the split's training days (python -m recstack.pipeline.fine_targets)
+    fine_targets: Optional[str] = None  # the targets file of the split's training days (python -m recstack.pipeline.fine_targets)
     fine_distill_requests: int = 32  # requests of the targets file per step
     fine_distill_pairs: int = 128  # candidates per side per request: that many of the fine top, that many of the rest
     fine_distill_top: int = 50  # the fine ranker's top the cut should keep: the served list (small, validation day: 50 kept more than 200)

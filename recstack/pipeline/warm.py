@@ -119,7 +119,7 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
     # training days; a warm day has none of its own, so it trains on its impressions alone, says
     # so, and saves the setting it trained with
     distilled = cfg.fine_distill > 0
-    cfg = replace(cfg, fine_distill=0.0, fine_targets="")
+    cfg = replace(cfg, fine_distill=0.0, fine_targets=None)
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, data.vocab)
     student.load_state_dict(ck["model"])

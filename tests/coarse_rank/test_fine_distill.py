@@ -102,7 +102,7 @@ def test_distilled_student_agrees_more_with_the_fine_cut(targets_file, tiny_data
     stats = _warm_coarse(ck, None, data, [eval_day], tmp_path / "warm", tiny_data)
     assert "off on this warm day" in stats["fine_distill"] and stats["steps"] > 0
     _, warm_cfg, _ = load_student(tmp_path / "warm" / "checkpoint.pt")
-    assert warm_cfg.fine_distill == 0.0 and warm_cfg.fine_targets == ""
+    assert warm_cfg.fine_distill == 0.0 and warm_cfg.fine_targets is None
 
 
 def test_a_targets_file_that_does_not_fit_is_refused_with_one_line(targets_file, tiny_data, tmp_path):
