@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from recstack.config import ConfigError
 
+# the arrays of a targets file (recstack.pipeline.fine_targets writes them), one row per request
 ARRAYS = ("day", "user_id", "ts", "user_feats", "seq_items", "seq_extras", "cands", "log_score")
 
 
@@ -108,6 +109,6 @@ def _problem(a: dict[str, np.ndarray], meta: dict, data, fit_days: list[int] | N
         return f"written for a corpus of {meta.get('n_items')} items, the data has {data.items.n}"
     if fit_days is not None and not set(np.unique(a["day"]).tolist()) <= set(fit_days):
         return f"holds requests of days {sorted(set(np.unique(a['day']).tolist()))}, the training days are {list(fit_days)}"
-    if a["seq_items"].shape[1:] != (a["seq_items"].shape[1], 5) or a["user_feats"].ndim != 2:
+    if a["seq_items"].ndim != 3 or a["seq_items"].shape[2] != 5 or a["user_feats"].ndim != 2:
         return "user-side arrays have the wrong shapes"
     return None

@@ -28,8 +28,7 @@ from recstack.data import load
 from recstack.evaluation.cascade import requests
 from recstack.serving.cascade import Cascade
 
-# the arrays of a targets file, one row per request (R candidates each)
-ARRAYS = ("day", "user_id", "ts", "user_feats", "seq_items", "seq_extras", "cands", "log_score")
+from coarse_rank.fine_distill import ARRAYS  # the file's arrays, one row per request, as the trainer reads them
 
 
 def _one(cascade: Cascade, req: dict, n: int, size: int) -> tuple[np.ndarray, np.ndarray]:
