@@ -19,7 +19,9 @@ Two targets:
 And two ceilings from the simulator's truth, on a sample of those clicks: the user's top K
 by true pCTR that day (what taste alone predicts; a click also needs the logging policy to
 show the item), and the top K by true pCTR times the policy's probability of showing the
-item that day (`exposure_ceiling`: what perfect knowledge of the world could reach).
+item that day (`exposure_ceiling`: what perfect knowledge of the world could reach), and the
+same with each session's intents drawn from the world's prior (`prior_intents`: what exact
+knowledge of every user's long-term state could reach without the day's intents).
 """
 from __future__ import annotations
 
@@ -35,7 +37,7 @@ from recstack import browse
 from recstack.browse import CategoryItems, browsed_categories
 from recstack.features import Vocab
 from recstack.training import checkpoint
-from recstack.world.truth import Truth
+from recstack.world.truth import Truth, expected_sigmoid
 
 from retrieval.config import Config, checkpoint_config  # noqa: F401  (Config: the stage's settings)
 from retrieval.inputs import STAGE, USER_INPUTS, embed_items, embed_users, materialise, serving_stats, top_k_inner_product
@@ -152,12 +154,19 @@ def pctr_ceiling(data: SimData, truth: Truth, day: int, ks=KS, max_clicks: int =
 
 
 def exposure_ceiling(data: SimData, truth: Truth, day: int, ks=KS, max_clicks: int = 500, sessions: int = 200,
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int = 0, prior_intents: bool = False) -> dict[str, float]:
     """Recall@K of sampled clicks of `day` in the clicking user's top K by the simulator's own
     expected clicks that day: P(the logging policy shows the item in a session) x true pCTR,
     the showing probability estimated from `sessions` simulated sessions per user with the
     day's true intents. No model that sees only the logs can know that day's intents, so this
-    bounds what any retrieval list can reach on next-day clicks."""
+    bounds what any retrieval list can reach on next-day clicks.
+
+    prior_intents: each simulated session draws its intents from the world's own prior instead
+    (`World.intents`: per slot a habitual category or a taste-led fresh draw), and the expected
+    clicks average shown x pCTR over those sessions. That is the ceiling of a model that knows
+    every user's long-term state exactly (taste, habits, favourite shops and brands) and the
+    policy, but not the day's intents nor the browsing that reveals them (keys
+    `exposure_x_pctr_prior@K`)."""
     w, cfg = truth.world, truth.world.cfg
     imps = data.impressions(day)
     clicked = np.flatnonzero(imps["click"])
@@ -169,9 +178,12 @@ def exposure_ceiling(data: SimData, truth: Truth, day: int, ks=KS, max_clicks: i
     hits = {k: [] for k in ks}
     for r in rows:
         u = int(imps["user_id"][r])
-        intent = truth.intent(np.array([u]), day)[0]  # (k,)
+        if prior_intents:
+            intent = w.intents(np.full(sessions, u), rng)  # (S, k): each session its own draw
+        else:
+            intent = np.repeat(truth.intent(np.array([u]), day), sessions, axis=0)  # (S, k): the day's
         pop = np.minimum(np.searchsorted(cum_pop, rng.random((sessions, cfg.policy_pool_popular)) * cum_pop[-1]), cfg.n_items - 1)
-        ic = intent[rng.integers(0, len(intent), (sessions, cfg.policy_pool_intent))]
+        ic = intent[np.arange(sessions)[:, None], rng.integers(0, intent.shape[1], (sessions, cfg.policy_pool_intent))]
         cnt = start[ic + 1] - start[ic]
         own = by_cat[np.minimum(start[ic] + (rng.random(ic.shape) * np.maximum(cnt, 1)).astype(np.int64), cfg.n_items - 1)]
         pool = np.concatenate([pop, np.where(cnt > 0, own, pop[:, : ic.shape[1]])], axis=1)  # (S, P)
@@ -182,14 +194,18 @@ def exposure_ceiling(data: SimData, truth: Truth, day: int, ks=KS, max_clicks: i
             ids, first = np.unique(pool[s], return_index=True)
             top = first[np.argsort(-score[s, first])[: cfg.impressions_per_session]]
             shown[s, top] = True
-        exposure = np.bincount(pool[shown], minlength=cfg.n_items) / sessions  # (I,)
-        expected = exposure * truth.pctr(np.array([u]), np.arange(cfg.n_items)[None, :], day)[0]
+        if prior_intents:  # pCTR depends on the session's intents: average shown x pCTR
+            p = expected_sigmoid(w.click_logit(np.full(sessions, u), pool, intent), float(cfg.click_noise))  # (S, P)
+            expected = np.bincount(pool[shown], weights=p[shown], minlength=cfg.n_items) / sessions
+        else:
+            exposure = np.bincount(pool[shown], minlength=cfg.n_items) / sessions  # (I,)
+            expected = exposure * truth.pctr(np.array([u]), np.arange(cfg.n_items)[None, :], day)[0]
         e = expected[imps["item_id"][r]]
         rank = (expected > e).sum() + 0.5 * ((expected == e).sum() - 1)  # ties (never shown: 0) take their mean place
         for k in ks:
             hits[k].append(rank < k)
-    return {"clicks": int(len(rows)), "sessions_per_user": sessions,
-            **{f"exposure_x_pctr@{k}": float(np.mean(hits[k])) for k in ks}}
+    name = "exposure_x_pctr_prior" if prior_intents else "exposure_x_pctr"
+    return {"clicks": int(len(rows)), "sessions_per_user": sessions, **{f"{name}@{k}": float(np.mean(hits[k])) for k in ks}}
 
 
 def load_model(path: str | Path) -> tuple[TwoTower, Config, dict]:
@@ -219,7 +235,8 @@ def run(path: str | Path, data_dir: str | Path | None = None, split: str | None 
            "oracle": oracle_recall(model, data, truth, day, popular, item_emb, ks, n_users)}
     if ceiling:
         out["ceiling"] = {**pctr_ceiling(data, truth, day, ks, 2 * ceiling_clicks),
-                          **exposure_ceiling(data, truth, day, ks, ceiling_clicks)}
+                          **exposure_ceiling(data, truth, day, ks, ceiling_clicks),
+                          **exposure_ceiling(data, truth, day, ks, ceiling_clicks, prior_intents=True)}
     return out
 
 

@@ -12,6 +12,7 @@ from recstack.config import ConfigError, from_dict
 from recstack.data import load
 from recstack.training import checkpoint
 from recstack.browse import CategoryItems
+from recstack.world.truth import Truth
 from retrieval import positives as P
 from retrieval.config import Config
 from retrieval.evaluation import load_model, run as evaluate_run, served_lists
@@ -191,8 +192,30 @@ def test_evaluation_reports_recall_against_clicks_and_the_oracle(log_run, tiny_d
             for k in (10, 50):
                 assert 0.0 <= res[part][f"{name}@{k}"] <= 1.0
             assert res[part][f"{name}@10"] <= res[part][f"{name}@50"] + 1e-12
-    for name in ("true_pctr", "exposure_x_pctr"):
+    for name in ("true_pctr", "exposure_x_pctr", "exposure_x_pctr_prior"):
         assert 0.0 <= res["ceiling"][f"{name}@10"] <= res["ceiling"][f"{name}@50"] <= 1.0
+
+
+def test_prior_intent_ceiling_draws_the_sessions_intents_from_the_world(tiny_data, monkeypatch):
+    """prior_intents: the sessions' intents come from World.intents, one draw per session, and
+    the day's true intents are never read; the day's ceiling reads them and draws none."""
+    from recstack.world.simulate import World
+    from retrieval.evaluation import exposure_ceiling
+
+    data = load(tiny_data)
+    truth = Truth.load(data.root)
+    drawn, read = [], []
+    real_intents, real_intent = World.intents, Truth.intent
+    monkeypatch.setattr(World, "intents", lambda self, users, rng: drawn.append(len(users)) or real_intents(self, users, rng))
+    monkeypatch.setattr(Truth, "intent", lambda self, users, day: read.append(day) or real_intent(self, users, day))
+    prior = exposure_ceiling(data, truth, data.valid_day, (10, 50), max_clicks=5, sessions=30, prior_intents=True)
+    assert drawn == [30] * prior["clicks"] and not read
+    assert set(prior) == {"clicks", "sessions_per_user", "exposure_x_pctr_prior@10", "exposure_x_pctr_prior@50"}
+    drawn.clear()
+    day = exposure_ceiling(data, truth, data.valid_day, (10, 50), max_clicks=5, sessions=30)
+    assert not drawn and read and day["clicks"] == prior["clicks"] == 5
+    again = exposure_ceiling(data, truth, data.valid_day, (10, 50), max_clicks=5, sessions=30, prior_intents=True)
+    assert again == prior  # seeded
 
 
 def test_sweep_records_each_run_and_seed_once(tiny_data, tmp_path):
