@@ -1,10 +1,16 @@
 """The embedded default, end to end on one machine:
 simulate `small` -> train retrieval, coarse, fine -> export a bundle -> serve it on a free
 local port (a real `recstack serve` process) -> rank a few users -> shut the server down.
+
+With `fine_distill` > 0 a second coarse training sits between the export and the serving: the
+first bundle's fine ranker orders each training day's retrieved candidates (the targets file,
+recstack.pipeline.fine_targets), the coarse student is trained again to keep that order through
+its cut (coarse_rank `fine_distill`), and the bundle is exported again with it.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -60,11 +66,12 @@ def _quality_lines(metrics: dict) -> list[str]:
             m = f[head]
             lines.append(f"{'fine ' + head.upper() + ' AUC (' + label + ')':24s} {m['auc']:.4f}   {m['auc_truth']:.4f} (true p{head.upper()}); "
                          f"calibration {m['calibration']:.3f}")
-    g = metrics.get("cascade", {})
-    if "gmv_share" in g:
-        lines.append(f"cascade GMV@{g['k']} share       {g['gmv_share']:.4f}   1 (the oracle's top {g['k']}); "
-                     f"{g['n_users']} users, sizes {g['retrieval_size']} -> {g['coarse_size']} -> {g['k']}, "
-                     f"oracle kept by coarse {g['recall_coarse']:.3f} of {g['recall_retrieval']:.3f} retrieved")
+    for key, note in (("cascade_before_fine_distill", " (coarse before fine_distill)"), ("cascade", "")):
+        g = metrics.get(key, {})
+        if "gmv_share" in g:
+            lines.append(f"cascade GMV@{g['k']} share       {g['gmv_share']:.4f}   1 (the oracle's top {g['k']}); "
+                         f"{g['n_users']} users, sizes {g['retrieval_size']} -> {g['coarse_size']} -> {g['k']}, "
+                         f"oracle kept by coarse {g['recall_coarse']:.3f} of {g['recall_retrieval']:.3f} retrieved{note}")
     return lines
 
 
@@ -85,12 +92,48 @@ def cascade_share(bundle: str | Path, data_dir: str | Path, out_dir: str | Path,
         "retrieval_size", "coarse_size", "gmv_share", "gmv_share_se", "recall_retrieval", "recall_coarse", "recall_served")}}
 
 
-def quickstart(workdir: str | Path = "runs/quickstart", preset: str = "small", seed: int = 0) -> int:
+def distil_coarse(data_dir: str | Path, runs_dir: str | Path, art_dir: str | Path, work: str | Path, mu: float,
+                  coarse_settings: dict | None = None, max_requests: int = 0, progress: bool = True) -> tuple[Path, dict]:
+    """Train the coarse stage again, distilling the current bundle's fine order into its cut, and
+    export the bundle again -> (the new bundle, what was done).
+
+    The coarse checkpoint trained without the pairs stays beside it (`runs_dir/coarse_plain`); the
+    targets file is `work/fine_targets.npz`, built over the coarse split's training days.
+    `coarse_settings`: more coarse_rank Config fields (tests shrink the model); `max_requests`
+    > 0 samples that many requests per day for the targets."""
+    from coarse_rank.train import Config as CoarseConfig, train as train_coarse
+    from recstack.pipeline import fine_targets
+    from recstack.pipeline.export import export_bundle
+
+    if mu <= 0:
+        raise ValueError(f"fine_distill must be > 0 to distil, got {mu}")
+    runs_dir, work = Path(runs_dir), Path(work)
+    cfg = CoarseConfig(**(coarse_settings or {}))
+    targets = work / "fine_targets.npz"
+    t = time.perf_counter()
+    meta = fine_targets.build(data_dir, art_dir, targets, split=cfg.split, max_requests=max_requests, progress=progress)
+    info = {"targets": str(targets), "requests": meta["requests"], "targets_s": round(time.perf_counter() - t, 1)}
+    plain = runs_dir / "coarse_plain"
+    if plain.exists():
+        shutil.rmtree(plain)
+    (runs_dir / "coarse").rename(plain)  # the export reads runs_dir/coarse: the distilled student
+    t = time.perf_counter()
+    cfg.fine_distill, cfg.fine_targets = float(mu), str(targets)
+    info["coarse"] = train_coarse(cfg, data_dir, runs_dir / "coarse", progress=progress)
+    info["train_s"] = round(time.perf_counter() - t, 1)
+    bundle = export_bundle(runs_dir, art_dir)
+    return bundle, info
+
+
+def quickstart(workdir: str | Path = "runs/quickstart", preset: str = "small", seed: int = 0,
+               fine_distill: float = 0.0) -> int:
     import importlib
 
     from recstack.world import preset as world_preset
     from recstack.world import simulate
 
+    if fine_distill < 0:
+        raise ValueError(f"--fine-distill must be >= 0 (0: off), got {fine_distill:g}")
     t0 = time.perf_counter()
     work = Path(workdir)
     data_dir, runs_dir, art_dir = work / "data", work / "runs", work / "artifacts"
@@ -118,6 +161,17 @@ def quickstart(workdir: str | Path = "runs/quickstart", preset: str = "small", s
     bundle = export_bundle(runs_dir, art_dir)
     timings["export"] = time.perf_counter() - t
     print(f"bundle {bundle}")
+
+    if fine_distill > 0:
+        _banner(f"distil the fine ranker's order into the coarse cut (fine_distill={fine_distill:g})")
+        t = time.perf_counter()
+        metrics["cascade_before_fine_distill"] = cascade_share(bundle, data_dir, work / "cascade_before_fine_distill")
+        bundle, info = distil_coarse(data_dir, runs_dir, art_dir, work, fine_distill)
+        metrics["coarse_before_fine_distill"], metrics["coarse"] = metrics["coarse"], info.pop("coarse")
+        metrics["fine_distill"] = {"mu": fine_distill, **info}
+        timings["fine_distill"] = time.perf_counter() - t
+        print(f"bundle {bundle} (the coarse student distilled from the fine order; the first one's checkpoint: "
+              f"{runs_dir / 'coarse_plain'})")
 
     _banner("5/5 serve and rank")
     from recstack.serving.client import format_table, rank
