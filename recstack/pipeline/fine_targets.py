@@ -50,11 +50,13 @@ def _one(cascade: Cascade, req: dict, n: int, size: int) -> tuple[np.ndarray, np
 
 
 def build(data_dir: str | Path, bundle: str | Path, out: str | Path, split: str = "valid", retrieval_size: int = 1000,
-          max_requests: int = 0, seed: int = 0, progress: bool = True) -> dict:
+          max_requests: int = 0, seed: int = 0, progress: bool = True, days: list[int] | None = None) -> dict:
     """Write the targets file `out` (.npz) and return its summary. `max_requests` > 0: a seeded
-    sample of that many requests per training day (0: every active user's first request)."""
+    sample of that many requests per training day (0: every active user's first request).
+    `days`: these days' requests instead of the split's training days (a live day's log world,
+    ranked by the bundle that served it)."""
     data = load(data_dir)
-    fit_days, _ = data.split_days(split)
+    fit_days = [int(d) for d in days] if days is not None else data.split_days(split)[0]
     cascade = Cascade.load(bundle)
     size = min(int(retrieval_size), cascade.n_items)
     rows: dict[str, list] = {k: [] for k in ARRAYS}
@@ -77,7 +79,7 @@ def build(data_dir: str | Path, bundle: str | Path, out: str | Path, split: str 
             print(f"fine targets: day {day}, {len(rows['day'])} requests so far, {time.perf_counter() - t0:.0f} s", flush=True)
     if not rows["day"]:
         raise ValueError(f"no request of days {fit_days} retrieved {size} candidates: nothing to write")
-    meta = {"data_dir": str(Path(data_dir).resolve()), "bundle": cascade.version, "split": split,
+    meta = {"data_dir": str(Path(data_dir).resolve()), "bundle": cascade.version, "split": split if days is None else None,
             "fit_days": [int(d) for d in fit_days], "retrieval_size": size, "n_items": int(cascade.n_items),
             "requests": len(rows["day"]), "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1)}
     arrays = {k: np.asarray(v) for k, v in rows.items()}

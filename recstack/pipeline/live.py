@@ -275,7 +275,8 @@ def run_day(i: int, day: int, cfg: LiveConfig, out: Path, world: Path, targets: 
         if done.exists():  # trained before an interruption
             trained[stage] = json.loads(json.dumps(warm.C.load(done)["metrics"], default=float))
         else:
-            trained[stage] = warm.warm_stage(stage, path, d_dir / "world", d_dir / "runs" / stage, world_origin(prev_runs))
+            trained[stage] = warm.warm_stage(stage, path, d_dir / "world", d_dir / "runs" / stage, world_origin(prev_runs),
+                                             served=root_b / rep["served_b"])
     timings["train"] = time.perf_counter() - t
     t = time.perf_counter()
     version = f"day{i:02d}"

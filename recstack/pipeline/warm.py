@@ -26,6 +26,7 @@ history the live events sit on), not the one-day log world.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -59,9 +60,14 @@ def _save(out_dir: Path, stage: str, cfg, model_state, stats: dict, origin, voca
     save_model(out_dir, stage, cfg, model_state, stats, origin, vocab, extra)
 
 
-def warm_stage(stage: str, ckpt_path: str | Path, world: str | Path, out_dir: str | Path, origin: str | Path) -> dict:
+def warm_stage(stage: str, ckpt_path: str | Path, world: str | Path, out_dir: str | Path, origin: str | Path,
+               served: str | Path | None = None) -> dict:
     """One pass of `stage` over `world`'s impressions from `ckpt_path`; writes
-    `out_dir/checkpoint.pt` (+ optimizer.pt) -> {"rows": rows trained on, "steps", "loss", ...}."""
+    `out_dir/checkpoint.pt` (+ optimizer.pt) -> {"rows": rows trained on, "steps", "loss", ...}.
+
+    `served`: the bundle that served the day. A coarse checkpoint trained with `fine_distill`
+    keeps learning the fine order from it: its fine ranker ranks the day's requests' retrieved
+    candidates (`out_dir/fine_targets.npz`) and the day trains on those pairs too."""
     fn = {"retrieval": _warm_retrieval, "coarse": _warm_coarse, "fine": _warm_fine}.get(stage)
     if fn is None:
         raise ValueError(f"stage: unknown {stage!r}; one of {', '.join(STAGES)}")
@@ -70,6 +76,8 @@ def warm_stage(stage: str, ckpt_path: str | Path, world: str | Path, out_dir: st
     days = logged_days(data)
     if not days:
         raise ValueError(f"{world}: no logged impressions to train on")
+    if stage == "coarse":
+        return _warm_coarse(ck, _optimizer_state(Path(ckpt_path)), data, days, Path(out_dir), origin, served)
     return fn(ck, _optimizer_state(Path(ckpt_path)), data, days, Path(out_dir), origin)
 
 
@@ -108,18 +116,31 @@ def _warm_retrieval(ck, opt_state, data, days, out_dir, origin) -> dict:
     return stats
 
 
-def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
+def _warm_coarse(ck, opt_state, data, days, out_dir, origin, served=None) -> dict:
+    from coarse_rank.fine_distill import FineTargets
     from coarse_rank.tasks import DistillationStep
     from coarse_rank.config import checkpoint_config
     from coarse_rank.train import GmvStep, build_student, build_teacher, training_batches
+    from recstack.pipeline import fine_targets
     from recstack.training.distill import LambdaSchedule
 
     cfg = replace(checkpoint_config(ck["config"]), epochs=1)
-    # the fine ranker's pairs (coarse_rank.fine_distill) come from a targets file of the initial
-    # training days; a warm day has none of its own, so it trains on its impressions alone, says
+    # the fine ranker's pairs (coarse_rank.fine_distill): the checkpoint's targets file holds its
+    # initial training days, so a warm day builds its own from the bundle that served it (its fine
+    # ranker has not seen the day); without that bundle it trains on its impressions alone, says
     # so, and saves the setting it trained with
-    distilled = cfg.fine_distill > 0
-    cfg = replace(cfg, fine_distill=0.0, fine_targets=None)
+    distilled, targets, fine_note = cfg.fine_distill > 0, None, None
+    if distilled and served is not None:
+        path = out_dir / "fine_targets.npz"
+        t = time.perf_counter()
+        meta = fine_targets.build(data.root, served, path, days=days, seed=cfg.seed, progress=False)
+        cfg = replace(cfg, fine_targets=str(path))
+        targets = FineTargets.load(path, data, cfg.fine_distill_top, days, cfg.item_stats)
+        fine_note = (f"pairs of {meta['requests']} requests of day(s) {days} ranked by the served bundle "
+                     f"{meta['bundle']} ({time.perf_counter() - t:.0f} s to build)")
+    elif distilled:
+        cfg = replace(cfg, fine_distill=0.0, fine_targets=None)
+        fine_note = "off on this warm day: no served bundle to rank its requests, and the checkpoint's targets hold its initial training days"
     torch.manual_seed(cfg.seed)
     student = build_student(cfg, data.vocab)
     student.load_state_dict(ck["model"])
@@ -145,15 +166,16 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin) -> dict:
     n = len(ex)
     total = n // cfg.batch_size + (n % cfg.batch_size >= 2)
     # warmed up already: the trained teacher's soft labels count from the first step
-    step = (GmvStep if cfg.objective == "gmv" else DistillationStep)(cfg, student, teacher, LambdaSchedule(cfg.lam, 0))
+    step = (GmvStep(cfg, student, teacher, LambdaSchedule(cfg.lam, 0), targets) if cfg.objective == "gmv"
+            else DistillationStep(cfg, student, teacher, LambdaSchedule(cfg.lam, 0)))
     trained.train()
     if frozen:
         teacher.eval()
     stats = _run(f"live:coarse@day{days[-1]}", n, trained, opt, total, step, training_batches(cfg, ex, cfg.batch_size))
     stats.update(rows=int(n), teacher=(f"{cfg.teacher} ({'frozen' if frozen else 'trained with the student'})"
                                        if teacher is not None else "none"), optimizer=origin_of_state)
-    if distilled:
-        stats["fine_distill"] = "off on this warm day: the checkpoint's targets file holds its initial training days"
+    if fine_note:
+        stats["fine_distill"] = fine_note
     extra = {"teacher": teacher.state_dict()} if teacher is not None else None
     _save(out_dir, "coarse", cfg, student.state_dict(), stats, origin, data.vocab, opt.state_dict(), extra)
     return stats

@@ -94,15 +94,40 @@ def test_distilled_student_agrees_more_with_the_fine_cut(targets_file, tiny_data
     assert saved.fine_distill == 5.0 and saved.fine_targets == str(path)
     assert metrics["auc"] == pytest.approx(distilled.result["auc"], abs=1e-6)
 
-    # a warm day (recstack live) has no targets of its own day: it trains on impressions alone and says so
+
+
+def test_a_warm_day_learns_the_fine_order_of_the_bundle_that_served_it(targets_file, tiny_data, tiny_bundle, tmp_path):
+    """recstack live: a warm day of a distilled coarse stage ranks its own requests with the served
+    bundle's fine ranker and trains on those pairs (its cut then agrees more with that order than
+    a warm day without them); with no served bundle it trains on impressions alone and says so."""
     from recstack.pipeline.warm import _warm_coarse
     from recstack.training import checkpoint
 
+    path, _ = targets_file
+    data = load(tiny_data)
+    fit_days, eval_day = data.split_days("valid")
+    cfg = Config(**dict(SMALL, objective="gmv", teacher="baseline", max_steps=20, seed=3, item_stats=False),
+                 fine_distill=5.0, fine_targets=str(path))
+    train(cfg, tiny_data, tmp_path / "run", progress=False)
     ck = checkpoint.load(tmp_path / "run" / "checkpoint.pt", stage="coarse")
-    stats = _warm_coarse(ck, None, data, [eval_day], tmp_path / "warm", tiny_data)
+
+    stats = _warm_coarse(ck, None, data, [eval_day], tmp_path / "alone", tiny_data)
     assert "off on this warm day" in stats["fine_distill"] and stats["steps"] > 0
-    _, warm_cfg, _ = load_student(tmp_path / "warm" / "checkpoint.pt")
-    assert warm_cfg.fine_distill == 0.0 and warm_cfg.fine_targets is None
+    alone, alone_cfg, _ = load_student(tmp_path / "alone" / "checkpoint.pt")
+    assert alone_cfg.fine_distill == 0.0 and alone_cfg.fine_targets is None
+
+    stats = _warm_coarse(ck, None, data, [eval_day], tmp_path / "served", tiny_data, served=tiny_bundle)
+    day_file = tmp_path / "served" / "fine_targets.npz"
+    assert stats["fine_distill"].startswith("pairs of ") and stats["steps"] > 0
+    with np.load(day_file) as z:
+        meta = json.loads(str(z["meta"]))
+        assert set(np.unique(z["day"]).tolist()) == {eval_day}
+    assert meta["bundle"] == Cascade.load(tiny_bundle).version and meta["split"] is None
+    served, served_cfg, _ = load_student(tmp_path / "served" / "checkpoint.pt")
+    assert served_cfg.fine_distill == 5.0 and served_cfg.fine_targets == str(day_file)
+    day_targets = FineTargets.load(day_file, data, cfg.fine_distill_top, [eval_day], item_stats=False)
+    a_alone, a_served = _cut_agreement(alone, day_targets, cfg), _cut_agreement(served, day_targets, cfg)
+    assert a_served > a_alone + 0.1, (a_alone, a_served)
 
 
 def test_a_targets_file_that_does_not_fit_is_refused_with_one_line(targets_file, tiny_data, tmp_path):
