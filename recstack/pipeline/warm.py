@@ -44,8 +44,11 @@ OPTIMIZER_FILE = "optimizer.pt"
 
 
 def logged_days(data) -> list[int]:
-    """The days of a log world that hold impressions."""
-    return [int(d) for d, v in sorted(data.world["days"].items(), key=lambda kv: int(kv[0])) if v["impressions"] > 0]
+    """The days of a world that hold impressions, in order: a log world lists them by day
+    (`{"4": {...}}`), a simulated one as a list of `{"day": 4, ...}`."""
+    days = data.world["days"]
+    rows = days.items() if isinstance(days, dict) else ((v["day"], v) for v in days)
+    return sorted(int(d) for d, v in rows if v["impressions"] > 0)
 
 
 def _optimizer_state(ckpt_path: Path) -> dict | None:
