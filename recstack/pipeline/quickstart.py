@@ -97,30 +97,43 @@ def distil_coarse(data_dir: str | Path, runs_dir: str | Path, art_dir: str | Pat
     """Train the coarse stage again, distilling the current bundle's fine order into its cut, and
     export the bundle again -> (the new bundle, what was done).
 
-    The coarse checkpoint trained without the pairs stays beside it (`runs_dir/coarse_plain`); the
-    targets file is `work/fine_targets.npz`, built over the coarse split's training days.
-    `coarse_settings`: more coarse_rank Config fields (tests shrink the model); `max_requests`
-    > 0 samples that many requests per day for the targets."""
-    from coarse_rank.train import Config as CoarseConfig, train as train_coarse
+    The coarse stage is trained with the config of the checkpoint trained without the pairs
+    (`runs_dir/coarse_plain` once this has run, else `runs_dir/coarse`), plus `fine_distill=mu`
+    and the targets file `work/fine_targets.npz` (the coarse split's training days). It trains
+    into a folder of its own and replaces `runs_dir/coarse` only when done; the checkpoint without
+    the pairs is kept as `runs_dir/coarse_plain`. `coarse_settings`: coarse_rank Config fields to
+    change besides (tests shrink the model); `max_requests` > 0 samples that many requests per
+    day for the targets."""
+    from dataclasses import replace
+
+    from coarse_rank.config import checkpoint_config
+    from coarse_rank.train import train as train_coarse
     from recstack.pipeline import fine_targets
     from recstack.pipeline.export import export_bundle
+    from recstack.training import checkpoint
 
     if mu <= 0:
         raise ValueError(f"fine_distill must be > 0 to distil, got {mu}")
     runs_dir, work = Path(runs_dir), Path(work)
-    cfg = CoarseConfig(**(coarse_settings or {}))
+    current, plain, fresh = runs_dir / "coarse", runs_dir / "coarse_plain", runs_dir / "coarse_distilled"
+    base = plain if plain.exists() else current
+    cfg = checkpoint_config(checkpoint.load(base / "checkpoint.pt", stage="coarse")["config"])
+    cfg = replace(cfg, **(coarse_settings or {}))
     targets = work / "fine_targets.npz"
     t = time.perf_counter()
     meta = fine_targets.build(data_dir, art_dir, targets, split=cfg.split, max_requests=max_requests, progress=progress)
     info = {"targets": str(targets), "requests": meta["requests"], "targets_s": round(time.perf_counter() - t, 1)}
-    plain = runs_dir / "coarse_plain"
-    if plain.exists():
-        shutil.rmtree(plain)
-    (runs_dir / "coarse").rename(plain)  # the export reads runs_dir/coarse: the distilled student
     t = time.perf_counter()
-    cfg.fine_distill, cfg.fine_targets = float(mu), str(targets)
-    info["coarse"] = train_coarse(cfg, data_dir, runs_dir / "coarse", progress=progress)
+    if fresh.exists():
+        shutil.rmtree(fresh)
+    info["coarse"] = train_coarse(replace(cfg, fine_distill=float(mu), fine_targets=str(targets)), data_dir, fresh,
+                                  progress=progress)
     info["train_s"] = round(time.perf_counter() - t, 1)
+    if plain.exists():  # `current` is an earlier distilled student
+        shutil.rmtree(current)
+    else:
+        current.rename(plain)
+    fresh.rename(current)  # the export reads runs_dir/coarse
     bundle = export_bundle(runs_dir, art_dir)
     return bundle, info
 

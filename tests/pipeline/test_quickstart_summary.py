@@ -27,6 +27,7 @@ def test_distil_coarse_retrains_the_cut_on_the_bundles_fine_order_and_exports_ag
     import json
 
     import numpy as np
+    import torch
 
     from recstack.bundle import resolve_bundle
     from recstack.cli import main
@@ -40,22 +41,28 @@ def test_distil_coarse_retrains_the_cut_on_the_bundles_fine_order_and_exports_ag
     first = resolve_bundle(art)
     plain_ckpt = (runs / "coarse" / "checkpoint.pt").read_bytes()
 
-    small = {"max_steps": 8, "batch_size": 256, "hidden": (32,), "eval_max_rows": 1000, "fine_distill_requests": 8}
-    bundle, info = distil_coarse(tiny_data, runs, art, tmp_path, 2.0, coarse_settings=small, max_requests=20, progress=False)
+    bundle, info = distil_coarse(tiny_data, runs, art, tmp_path, 2.0, coarse_settings={"fine_distill_requests": 8},
+                                 max_requests=20, progress=False)
 
     assert bundle != first and resolve_bundle(art) == bundle
     assert (runs / "coarse_plain" / "checkpoint.pt").read_bytes() == plain_ckpt
     with np.load(tmp_path / "fine_targets.npz") as z:
         meta = json.loads(str(z["meta"]))
     assert meta["bundle"] == first.name and info["requests"] == meta["requests"] > 0
-    import torch
-
     cfg = torch.load(runs / "coarse" / "checkpoint.pt", weights_only=False)["config"]
     assert cfg["fine_distill"] == 2.0 and cfg["fine_targets"] == str(tmp_path / "fine_targets.npz")
-    assert info["coarse"]["steps"] == 8
+    assert cfg["fine_distill_requests"] == 8 and cfg["hidden"] == [32]  # the first training's config, plus the pairs
+    assert info["coarse"]["steps"] == 8 and not (runs / "coarse_distilled").exists()
     # the new bundle's coarse item vectors come from the distilled checkpoint, not the first one's
     assert (bundle / "coarse").exists() and any(
         (bundle / "coarse" / f.name).read_bytes() != f.read_bytes() for f in (first / "coarse").iterdir() if f.is_file())
+
+    # a second run starts again from the checkpoint without the pairs and keeps it
+    again, _ = distil_coarse(tiny_data, runs, art, tmp_path, 1.0, coarse_settings={"fine_distill_requests": 8},
+                             max_requests=20, progress=False)
+    assert resolve_bundle(art) == again != bundle
+    assert (runs / "coarse_plain" / "checkpoint.pt").read_bytes() == plain_ckpt
+    assert torch.load(runs / "coarse" / "checkpoint.pt", weights_only=False)["config"]["fine_distill"] == 1.0
 
 
 def test_quickstart_refuses_a_negative_fine_distill(tmp_path, capsys):
