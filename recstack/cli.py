@@ -325,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     cli_rpc.add_parsers(sub, _add)
     data_commands.add_parsers(sub, _add)
 
+    _add_quickstart(sub)
+    _add_live(sub)
+    return p
+
+
+def _add_quickstart(sub) -> None:
     s = _add(sub, "quickstart", "simulate small -> train -> export -> serve -> rank, on this machine", _cmd_quickstart)
     s.add_argument("--workdir", default="runs/quickstart", help="everything is written under this folder")
     s.add_argument("--preset", default="small", choices=["tiny", "small", "medium"], help="world size")
@@ -332,9 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--fine-distill", type=float, default=0.0, metavar="MU",
                    help="> 0: train the coarse stage again on the first bundle's fine order (coarse_rank fine_distill=MU; "
                         "3 on small keeps 71-72%% of the retrieved oracle items instead of 64-66%%) and serve that bundle; "
-                        "about 4 more minutes on small (default 0: off)")
-    _add_live(sub)
-    return p
+                        "about 4 more minutes on small; 0: off")
 
 
 def _add_live(sub) -> None:

@@ -138,6 +138,34 @@ def distil_coarse(data_dir: str | Path, runs_dir: str | Path, art_dir: str | Pat
     return bundle, info
 
 
+def _serve_and_rank(art_dir: Path, n_users: int, timings: dict) -> int:
+    """`recstack serve` the bundle on a free local port, rank a few users over gRPC (the last one
+    unknown: a cold start), stop the server -> its exit code. Records timings["server_start"]."""
+    from recstack.serving.client import format_table, rank
+
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "recstack.cli", "serve", "--artifacts", str(art_dir), "--port", str(port)])
+    try:
+        _wait_serving(target, proc)
+        timings["server_start"] = time.perf_counter() - t
+        print(f"serving on {target} after {timings['server_start']:.1f}s")
+        for user in (0, 1, n_users // 2, n_users + 12345):
+            resp = rank(target, user, 10, debug=True, timeout=5.0)
+            print(f"\nuser {user}{' (unknown: cold start)' if resp.cold_start else ''}")
+            print(format_table(resp))
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+    print(f"\nserver stopped (exit code {code})")
+    return code
+
+
 def quickstart(workdir: str | Path = "runs/quickstart", preset: str = "small", seed: int = 0,
                fine_distill: float = 0.0) -> int:
     import importlib
@@ -187,29 +215,7 @@ def quickstart(workdir: str | Path = "runs/quickstart", preset: str = "small", s
               f"{runs_dir / 'coarse_plain'})")
 
     _banner("5/5 serve and rank")
-    from recstack.serving.client import format_table, rank
-
-    port = _free_port()
-    target = f"127.0.0.1:{port}"
-    t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "recstack.cli", "serve", "--artifacts", str(art_dir), "--port", str(port)])
-    try:
-        _wait_serving(target, proc)
-        timings["server_start"] = time.perf_counter() - t
-        print(f"serving on {target} after {timings['server_start']:.1f}s")
-        n_users = meta["vocab"]["n_users"]
-        for user in (0, 1, n_users // 2, n_users + 12345):  # the last one is unknown: a cold start
-            resp = rank(target, user, 10, debug=True, timeout=5.0)
-            print(f"\nuser {user}{' (unknown: cold start)' if resp.cold_start else ''}")
-            print(format_table(resp))
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            code = proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-    print(f"\nserver stopped (exit code {code})")
+    code = _serve_and_rank(art_dir, meta["vocab"]["n_users"], timings)
 
     _banner("cascade against the truth (GMV@50 share, 150 test-day users)")
     t = time.perf_counter()
