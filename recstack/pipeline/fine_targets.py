@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from recstack.browse import browsed_categories
-from recstack.data import load
+from recstack.data import SimData, load
 from recstack.evaluation.cascade import requests
 from recstack.serving.cascade import Cascade
 
@@ -49,13 +49,14 @@ def _one(cascade: Cascade, req: dict, n: int, size: int) -> tuple[np.ndarray, np
     return cands, np.log(np.maximum(score, 1e-30))
 
 
-def build(data_dir: str | Path, bundle: str | Path, out: str | Path, split: str = "valid", retrieval_size: int = 1000,
-          max_requests: int = 0, seed: int = 0, progress: bool = True, days: list[int] | None = None) -> dict:
+def build(data_dir: str | Path | SimData, bundle: str | Path, out: str | Path, split: str = "valid",
+          retrieval_size: int = 1000, max_requests: int = 0, seed: int = 0, progress: bool = True,
+          days: list[int] | None = None) -> dict:
     """Write the targets file `out` (.npz) and return its summary. `max_requests` > 0: a seeded
     sample of that many requests per training day (0: every active user's first request).
     `days`: these days' requests instead of the split's training days (a live day's log world,
-    ranked by the bundle that served it)."""
-    data = load(data_dir)
+    ranked by the bundle that served it). `data_dir` may be the world already loaded."""
+    data = data_dir if isinstance(data_dir, SimData) else load(data_dir)
     fit_days = [int(d) for d in days] if days is not None else data.split_days(split)[0]
     cascade = Cascade.load(bundle)
     size = min(int(retrieval_size), cascade.n_items)
@@ -79,7 +80,7 @@ def build(data_dir: str | Path, bundle: str | Path, out: str | Path, split: str 
             print(f"fine targets: day {day}, {len(rows['day'])} requests so far, {time.perf_counter() - t0:.0f} s", flush=True)
     if not rows["day"]:
         raise ValueError(f"no request of days {fit_days} retrieved {size} candidates: nothing to write")
-    meta = {"data_dir": str(Path(data_dir).resolve()), "bundle": cascade.version, "split": split if days is None else None,
+    meta = {"data_dir": str(Path(data.root).resolve()), "bundle": cascade.version, "split": split if days is None else None,
             "fit_days": [int(d) for d in fit_days], "retrieval_size": size, "n_items": int(cascade.n_items),
             "requests": len(rows["day"]), "skipped": skipped, "seconds": round(time.perf_counter() - t0, 1)}
     arrays = {k: np.asarray(v) for k, v in rows.items()}

@@ -79,9 +79,8 @@ def warm_stage(stage: str, ckpt_path: str | Path, world: str | Path, out_dir: st
     days = logged_days(data)
     if not days:
         raise ValueError(f"{world}: no logged impressions to train on")
-    if stage == "coarse":
-        return _warm_coarse(ck, _optimizer_state(Path(ckpt_path)), data, days, Path(out_dir), origin, served)
-    return fn(ck, _optimizer_state(Path(ckpt_path)), data, days, Path(out_dir), origin)
+    extra = {"served": served} if stage == "coarse" else {}
+    return fn(ck, _optimizer_state(Path(ckpt_path)), data, days, Path(out_dir), origin, **extra)
 
 
 def _warm_retrieval(ck, opt_state, data, days, out_dir, origin) -> dict:
@@ -136,7 +135,7 @@ def _warm_coarse(ck, opt_state, data, days, out_dir, origin, served=None) -> dic
     if distilled and served is not None:
         path = out_dir / "fine_targets.npz"
         t = time.perf_counter()
-        meta = fine_targets.build(data.root, served, path, days=days, seed=cfg.seed, progress=False)
+        meta = fine_targets.build(data, served, path, days=days, seed=cfg.seed, progress=False)
         cfg = replace(cfg, fine_targets=str(path))
         targets = FineTargets.load(path, data, cfg.fine_distill_top, days, cfg.item_stats)
         fine_note = (f"pairs of {meta['requests']} requests of day(s) {days} ranked by the served bundle "
