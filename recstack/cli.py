@@ -350,7 +350,9 @@ def _add_live(sub) -> None:
     for flag, typ, help_ in (("--days", int, "live days (default 7)"),
                              ("--initial-days", int, "days of the initial training window (default 4)"),
                              ("--sessions", int, "replayed sessions per arm per day (default 300)"),
-                             ("--day-wall-s", float, "seconds a replayed day is compressed to (default 15)")):
+                             ("--day-wall-s", float, "seconds a replayed day is compressed to (default 15)"),
+                             ("--fine-distill", float, "day 0's coarse stage trained again on day 0's fine order with "
+                                                       "this weight, as the quickstart's option (default 0: off)")):
         s.add_argument(flag, type=typ, default=None, help=help_)
     s.add_argument("--seed", type=int, default=0, help="random seed of the world")
 

@@ -58,6 +58,10 @@ class LiveConfig:
     probe_s: float = 0.5  # Rank traffic to B before and after its Reload
     log_roll_s: float = 0.5  # the servers finish a log file at least this often (training reads finished files)
     train_overrides: dict = field(default_factory=dict)  # {stage: ["key=value", ...]} for the initial training
+    # > 0: day 0's coarse stage is trained again on the fine order of day 0's first bundle (the
+    # quickstart's --fine-distill pass) with this weight; warm days then keep distilling from the
+    # bundle that served each day (recstack.pipeline.warm). 0: off
+    fine_distill: float = 0.0
     in_process: bool = False  # servers in this process (tests) instead of `recstack serve` subprocesses
 
     def __post_init__(self) -> None:
@@ -65,6 +69,8 @@ class LiveConfig:
             raise ValueError("LiveConfig: days must be >= 1 and initial_days >= 3 (train, validation, test)")
         if self.sessions < 1 or self.k < 1 or not self.day_wall_s > 0:
             raise ValueError("LiveConfig: sessions and k must be >= 1, day_wall_s > 0")
+        if not self.fine_distill >= 0:
+            raise ValueError(f"LiveConfig: fine_distill must be >= 0 (0: off), got {self.fine_distill}")
 
 
 # ------------------------------------------------------------------------------ servers
@@ -151,6 +157,8 @@ def initial_bundle(cfg: LiveConfig, out: Path, data: str | None) -> tuple[Path, 
             mod = importlib.import_module(f"{pkg}.train")
             mod.train(apply_overrides(mod.Config(), cfg.train_overrides.get(stage, ())), window, runs / stage,
                       progress=False)
+    if cfg.fine_distill > 0:
+        distil_day0(cfg.fine_distill, window, runs, out)
     from recstack import bundle as B
 
     root_a, root_b = out / "arms" / "A", out / "arms" / "B"
@@ -160,6 +168,25 @@ def initial_bundle(cfg: LiveConfig, out: Path, data: str | None) -> tuple[Path, 
         shutil.copytree(root_a / "day00", root_b / "day00", dirs_exist_ok=True)
         B.write_current(root_b, "day00")
     return world, runs
+
+
+def distil_day0(mu: float, window: Path, runs: Path, out: Path) -> None:
+    """Day 0's coarse stage trained again on the fine order of a first bundle exported from the
+    day-0 checkpoints (`out/day00_first`, removed when done); skipped when `runs/coarse` is
+    already a distilled student."""
+    from coarse_rank.config import checkpoint_config
+    from recstack import bundle as B
+    from recstack.pipeline.export import export_bundle
+    from recstack.pipeline.quickstart import retrain_coarse_distilled
+
+    ck = warm.C.load(runs / "coarse" / "checkpoint.pt", stage="coarse")
+    if checkpoint_config(ck["config"]).fine_distill > 0:
+        return
+    first = out / "day00_first"
+    if not (first / B.CURRENT).exists():
+        export_bundle(runs, first, version="plain")
+    retrain_coarse_distilled(window, runs, first, out / "day00_fine_distill", mu, progress=False)
+    shutil.rmtree(first)
 
 
 def replay_arms(targets: dict[str, str], world: Path, day: int, cfg: LiveConfig) -> dict[str, dict]:
@@ -354,6 +381,7 @@ def main_from_args(args) -> int:
 
     given = {"days": args.days, "initial_days": args.initial_days, "sessions": args.sessions,
              "day_wall_s": args.day_wall_s}
+    given["fine_distill"] = args.fine_distill
     cfg = LiveConfig(preset=args.preset, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     summary = live(cfg, args.out, data=args.data)
     png = plot(summary, Path(args.out) / "live.png")

@@ -94,22 +94,31 @@ def cascade_share(bundle: str | Path, data_dir: str | Path, out_dir: str | Path,
 
 def distil_coarse(data_dir: str | Path, runs_dir: str | Path, art_dir: str | Path, work: str | Path, mu: float,
                   coarse_settings: dict | None = None, max_requests: int = 0, progress: bool = True) -> tuple[Path, dict]:
-    """Train the coarse stage again, distilling the current bundle's fine order into its cut, and
-    export the bundle again -> (the new bundle, what was done).
+    """Train the coarse stage again, distilling the current bundle's fine order into its cut
+    (`retrain_coarse_distilled`), and export the bundle again -> (the new bundle, what was done)."""
+    from recstack.pipeline.export import export_bundle
+
+    info = retrain_coarse_distilled(data_dir, runs_dir, art_dir, work, mu, coarse_settings, max_requests, progress)
+    return export_bundle(runs_dir, art_dir), info
+
+
+def retrain_coarse_distilled(data_dir: str | Path, runs_dir: str | Path, art_dir: str | Path, work: str | Path,
+                             mu: float, coarse_settings: dict | None = None, max_requests: int = 0,
+                             progress: bool = True) -> dict:
+    """Train the coarse stage again with the pairs of the bundle's fine order -> what was done.
 
     The coarse stage is trained with the config of the checkpoint trained without the pairs
     (`runs_dir/coarse_plain` once this has run, else `runs_dir/coarse`), plus `fine_distill=mu`
-    and the targets file `work/fine_targets.npz` (the coarse split's training days). It trains
-    into a folder of its own and replaces `runs_dir/coarse` only when done; the checkpoint without
-    the pairs is kept as `runs_dir/coarse_plain`. `coarse_settings`: coarse_rank Config fields to
-    change besides (tests shrink the model); `max_requests` > 0 samples that many requests per
-    day for the targets."""
+    and the targets file `work/fine_targets.npz` (the coarse split's training days, ranked by the
+    bundle `art_dir` serves). It trains into a folder of its own and replaces `runs_dir/coarse`
+    only when done; the checkpoint without the pairs is kept as `runs_dir/coarse_plain`.
+    `coarse_settings`: coarse_rank Config fields to change besides (tests shrink the model);
+    `max_requests` > 0 samples that many requests per day for the targets."""
     from dataclasses import replace
 
     from coarse_rank.config import checkpoint_config
     from coarse_rank.train import train as train_coarse
     from recstack.pipeline import fine_targets
-    from recstack.pipeline.export import export_bundle
     from recstack.training import checkpoint
 
     if mu <= 0:
@@ -129,13 +138,12 @@ def distil_coarse(data_dir: str | Path, runs_dir: str | Path, art_dir: str | Pat
     info["coarse"] = train_coarse(replace(cfg, fine_distill=float(mu), fine_targets=str(targets)), data_dir, fresh,
                                   progress=progress)
     info["train_s"] = round(time.perf_counter() - t, 1)
-    if plain.exists():  # `current` is an earlier distilled student
-        shutil.rmtree(current)
-    else:
+    if not plain.exists():
         current.rename(plain)
+    elif current.exists():  # an earlier distilled student
+        shutil.rmtree(current)
     fresh.rename(current)  # the export reads runs_dir/coarse
-    bundle = export_bundle(runs_dir, art_dir)
-    return bundle, info
+    return info
 
 
 def _serve_and_rank(art_dir: Path, n_users: int, timings: dict) -> int:
