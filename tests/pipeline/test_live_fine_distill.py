@@ -44,7 +44,13 @@ def test_day0_serves_a_coarse_student_distilled_from_the_first_bundles_fine_orde
     assert (runs / "coarse" / "checkpoint.pt").stat().st_mtime_ns == stamp
 
 
-def test_a_negative_fine_distill_is_refused_in_one_line():
+def test_a_negative_fine_distill_is_refused_in_one_line(tmp_path, capsys):
+    from recstack.cli import main
+
     with pytest.raises(ValueError, match=r"^LiveConfig: fine_distill must be >= 0 \(0: off\), got -1") as e:
         LiveConfig(fine_distill=-1.0)
     assert "\n" not in str(e.value)
+    assert main(["live", "--out", str(tmp_path / "live"), "--fine-distill", "-1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "fine_distill must be >= 0" in err[0]
+    assert not (tmp_path / "live").exists()  # refused before anything was written
