@@ -380,8 +380,7 @@ def main_from_args(args) -> int:
     from recstack.pipeline.live_report import plot
 
     given = {"days": args.days, "initial_days": args.initial_days, "sessions": args.sessions,
-             "day_wall_s": args.day_wall_s}
-    given["fine_distill"] = args.fine_distill
+             "day_wall_s": args.day_wall_s, "fine_distill": args.fine_distill}
     cfg = LiveConfig(preset=args.preset, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
     summary = live(cfg, args.out, data=args.data)
     png = plot(summary, Path(args.out) / "live.png")
