@@ -133,13 +133,16 @@ def test_sigterm_with_calls_in_flight_is_never_lost(artifacts, mode):
 
 
 # `_supervise` with stand-ins for the worker processes (objects with multiprocessing.Process's
-# is_alive / pid / exitcode / join / kill), each a small process that exits 0 on SIGTERM.
+# is_alive / pid / exitcode / join / kill), each a small process that exits 0 on SIGTERM. The
+# stand-in waits in short sleeps, not in signal.pause(): a SIGTERM that lands after the
+# interpreter's last signal check but before pause() blocks would leave it paused for good,
+# and the supervisor would then (rightly) kill it and report a failed drain.
 _PARENT_DRIVER = r"""
 import json, os, signal, subprocess, sys, threading
 from recstack.serving import process as S
 
-CHILD = ("import signal, sys; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
-         "print('ready', flush=True); signal.pause()")
+CHILD = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(0)); "
+         "print('ready', flush=True)\nwhile True: time.sleep(0.05)")
 
 class StandIn:
     def __init__(self):
