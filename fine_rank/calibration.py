@@ -66,6 +66,22 @@ def aggregate_rate(agg: dict[str, np.ndarray]) -> float:
     return float(agg["conversions"].sum() / max(agg["clicks"].sum(), 1))
 
 
+HOLDOUT_SEED = 4241  # the held-out slice's own stream, apart from the fit's shuffling
+
+
+def holdout_split(table: dict[str, np.ndarray], frac: float, seed: int
+                  ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """-> (rows to fit, rows to fit the calibration shift on): a seeded random `frac` of the
+    rows held out of fitting."""
+    n = len(table["click"])
+    k = int(round(frac * n))
+    if not 1 <= k < n:
+        raise ValueError(f"calibration_holdout={frac} of {n} rows leaves no rows to fit or none to calibrate on")
+    held = np.zeros(n, dtype=bool)
+    held[np.random.default_rng(HOLDOUT_SEED + seed).choice(n, size=k, replace=False)] = True
+    return {c: v[~held] for c, v in table.items()}, {c: v[held] for c, v in table.items()}
+
+
 def calibrate_to_rate(model: Ranker, table: dict[str, np.ndarray], rate: float, batch_size: int = 8192) -> float:
     """Shift the head bias so that the mean prediction on `table` equals `rate`; -> the shift.
 

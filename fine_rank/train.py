@@ -48,7 +48,7 @@ from recstack.training.loop import save_model, training_state
 
 # the stage's names, importable from here as before the stage was split into modules
 from fine_rank.calibration import (  # noqa: F401
-    aggregate_metrics, aggregate_rate, aggregates, calibrate_to_rate, predict, predict_with,
+    aggregate_metrics, aggregate_rate, aggregates, calibrate_to_rate, holdout_split, predict, predict_with,
 )
 from fine_rank.config import (  # noqa: F401
     CALIBRATIONS, CVR_LABELS, CVR_TEACHERS, OPTIMIZERS, SEAD_MODES, SPLITS, STAGE, TASKS, Config, ModelSettings,
@@ -89,9 +89,17 @@ def fit_task(task: str, cfg: Config, vocab, table: "dict[str, np.ndarray] | Stre
     population: a materialised table, or a `StreamRows`); -> the eval-mode student and its
     extras. `aggregate_rate` is required when cfg.cvr_calibrate == "aggregates" (CVR).
     Streamed, the calibration shift is fitted on the bounded sample (StreamRows.sample_table)
-    to the label mean of every training row."""
+    to the label mean of every training row. With cfg.calibration_holdout > 0 (in memory) that
+    fraction of the rows is kept out of fitting and the shift is fitted on it instead."""
     s = cfg.settings(task)
     label = label_for(task, cfg)
+    calibrate = getattr(cfg, f"{task}_calibrate")
+    held, label_mean = None, None
+    if calibrate != "none" and cfg.calibration_holdout > 0:
+        if isinstance(table, StreamRows):
+            raise ValueError("calibration_holdout needs a materialised table, not a stream")
+        label_mean = float(np.mean(table[label]))  # the target: every training row's label mean
+        table, held = holdout_split(table, cfg.calibration_holdout, seed)
     student = build_model(vocab, s, seed)  # the same initial student for every method of a seed
     extras: dict[str, Callable] = {}
     bs = cfg.eval_batch_size
@@ -123,17 +131,19 @@ def fit_task(task: str, cfg: Config, vocab, table: "dict[str, np.ndarray] | Stre
     else:
         stats = fit(student, table, label, s, seed, bar)
     student.eval()
-    calibrate = getattr(cfg, f"{task}_calibrate")
     if calibrate != "none":
         if calibrate == "aggregates":
             if aggregate_rate is None:
                 raise ValueError("cvr_calibrate=aggregates needs aggregates.parquet (the training days' aggregated conversions)")
             target = aggregate_rate
+        elif label_mean is not None:
+            target = label_mean
         else:
             target = float(np.mean(table[label])) if not isinstance(table, StreamRows) else table.mean(label)
-        rows = table.sample_table(seed) if isinstance(table, StreamRows) else table
+        rows = held if held is not None else table.sample_table(seed) if isinstance(table, StreamRows) else table
         stats["calibration_shift"] = calibrate_to_rate(student, rows, target, bs)
         stats["calibrated_to"] = target
+        stats["calibration_rows"] = int(len(rows["click"]))
     stats["method"] = method if method != "none" else (f"sead_{selector}" if selector != "none" else "baseline")
     return TaskResult(student, stats, extras)
 
