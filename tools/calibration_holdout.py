@@ -4,7 +4,7 @@
     python tools/calibration_holdout.py DATA OUT [--seeds 1,2,3,4,5] [--lr 0.004] [--holdout 0.1]
 
 DATA: a simulated world (the experiments' test split: its training days -> its test day). OUT gets
-results.json and report.md: per seed, the test-day AUC, mean prediction / mean label and mean
+results.json and table.md: per seed, the test-day AUC, mean prediction / mean label and mean
 prediction / mean true pCVR (free of label noise), and the paired AUC difference with its 95 % CI.
 """
 from __future__ import annotations
@@ -15,11 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
-
 from fine_rank import train as T
 from fine_rank.experiments.runs import load_tables
 from recstack.config import apply_overrides
+from recstack.evaluation.protocol import paired_diff
 from recstack.evaluation import metrics as M
 
 BASE = ["cvr_teacher=none", "ctr_sead=none", "cvr_sead=none", "item_stats=false"]  # the CVR tables' baseline
@@ -37,9 +36,8 @@ def fit_one(tables, seed: int, lr: float, holdout: float) -> dict:
 
 def summary(rows: dict, seeds: list[int], holdout: float) -> dict:
     col = lambda h, k: np.array([rows[str(s)][str(h)][k] for s in seeds])  # noqa: E731
-    d = col(holdout, "auc") - col(0.0, "auc")
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    out = {"auc_diff": float(d.mean()), "auc_diff_ci": [float(d.mean()) - half, float(d.mean()) + half]}
+    d = paired_diff(col(holdout, "auc"), col(0.0, "auc"))
+    out = {"auc_diff": d["mean"], "auc_diff_ci": d["ci95"]}
     for h in (0.0, holdout):
         for k in ("auc", "calibration", "calibration_vs_truth"):
             v = col(h, k)
