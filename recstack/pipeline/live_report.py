@@ -17,6 +17,13 @@ from recstack.evaluation.protocol import paired_diff
 
 METRICS = ("expected_gmv", "gmv", "ctr", "conversions")
 AUC_KEYS = (("retrieval", "auc"), ("coarse", "auc"), ("fine", "ctr_auc"), ("fine", "cvr_auc"))
+CALIBRATION_KEYS = ("ctr_calibration", "cvr_calibration")  # the fine heads' mean prediction / label rate
+
+
+def calibration(auc: dict, model: str) -> str:
+    """"CTR 1.02, CVR 0.97": the fine heads' calibration on the day's log, "n/a" where not scored."""
+    vals = [auc[model]["fine"].get(k, math.nan) for k in CALIBRATION_KEYS]
+    return ", ".join(f"{name} {v:.2f}" if math.isfinite(v) else f"{name} n/a" for name, v in zip(("CTR", "CVR"), vals))
 
 
 def welch(b: dict, a: dict, level: float = 0.95) -> dict:
@@ -44,6 +51,7 @@ def day_line(day: dict, resumed: bool = False) -> str:
             f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]) | AUC on B's log, served/frozen: "
             f"fine ctr {auc['served']['fine']['ctr_auc']:.3f}/{auc['frozen']['fine']['ctr_auc']:.3f} "
             f"coarse {auc['served']['coarse']['auc']:.3f}/{auc['frozen']['coarse']['auc']:.3f} | "
+            f"fine calibration served {calibration(auc, 'served')} | "
             f"trained on {day['trained']['fine']['rows']} rows | {day['version']} reloaded under "
             f"{day['reload']['probe_calls']} probe calls, {failed_calls(day)} failed | {day['timings_s']['total']:.0f}s")
 
@@ -106,16 +114,17 @@ def markdown(summary: dict) -> str:
         return f"{v['mean']:+.3f} [{v['ci95'][0]:+.3f}, {v['ci95'][1]:+.3f}]"
 
     lines = ["| day | requests A / B | E[GMV]/req A | E[GMV]/req B | B − A E[GMV] | GMV/req B − A | CTR A / B | "
-             "conv./req A / B | AUC served / frozen: retrieval, coarse, fine CTR, fine CVR | rows trained | "
-             "reload: probe calls, failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "conv./req A / B | AUC served / frozen: retrieval, coarse, fine CTR, fine CVR | "
+             "fine calibration (mean pred / rate), served; frozen | rows trained | reload: probe calls, failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["days"]:
         a, b, diff = r["arms"]["A"], r["arms"]["B"], r["diff_b_minus_a"]
         aucs = ", ".join(f"{r['auc']['served'][s][k]:.3f} / {r['auc']['frozen'][s][k]:.3f}" for s, k in AUC_KEYS)
         lines.append(f"| {r['world_day']} | {r['requests']['A']} / {r['requests']['B']} | {ci(a['expected_gmv'])} | "
                      f"{ci(b['expected_gmv'])} | {d(diff['expected_gmv'])} | {d(diff['gmv'])} | "
                      f"{a['ctr']['mean']:.4f} / {b['ctr']['mean']:.4f} | {a['conversions']['mean']:.4f} / "
-                     f"{b['conversions']['mean']:.4f} | {aucs} | {r['trained_rows']['fine']} | "
+                     f"{b['conversions']['mean']:.4f} | {aucs} | {calibration(r['auc'], 'served')}; "
+                     f"{calibration(r['auc'], 'frozen')} | {r['trained_rows']['fine']} | "
                      f"{r['reload']['probe_calls']}, {r['failed_calls']} |")
     return "\n".join(lines)
 

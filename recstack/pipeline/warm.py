@@ -231,7 +231,8 @@ def _run(name: str, n: int, modules: nn.Module, opt, total: int, step, batches) 
 
 def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
     """AUC of `stage`'s checkpoint on every logged impression of `world` (fine: CTR against
-    clicks, CVR against purchases among the clicked) -> {"auc" | "ctr_auc", "cvr_auc", "n"}."""
+    clicks, CVR against purchases among the clicked) -> {"auc" | "ctr_auc", "cvr_auc", "n"}; for
+    fine also each task's calibration, its mean prediction over the label rate ("ctr_calibration")."""
     ck = C.load(ckpt_path, stage=stage)
     data = load(world)
     days = logged_days(data)
@@ -276,5 +277,8 @@ def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
             probs = predict(model, rows, cfg.eval_batch_size) if len(rows[label]) else None
             out[f"{task}_auc"] = M.auc(rows[label], probs) if probs is not None else math.nan
             out[f"{task}_n"] = int(len(rows[label]))
+            rate = float(np.mean(rows[label])) if probs is not None else 0.0
+            # mean prediction / label rate: how far the served head's calibration drifts on a new day
+            out[f"{task}_calibration"] = float(np.mean(probs, dtype=np.float64)) / rate if rate > 0 else math.nan
         return out
     raise ValueError(f"stage: unknown {stage!r}; one of {', '.join(STAGES)}")

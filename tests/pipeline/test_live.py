@@ -112,3 +112,30 @@ def test_the_coarse_teacher_keeps_teaching_on_warm_days(run):
     for before, after in zip(teachers, teachers[1:]):
         assert before.keys() == after.keys()
         assert any(not torch.equal(before[k], after[k]) for k in before if before[k].is_floating_point())
+
+
+def test_each_day_reads_the_fine_heads_calibration(run):
+    """Each day records the served and frozen fine heads' calibration (mean prediction / label
+    rate) on the day's log; the CVR head shifted to a day's purchase rate reads 1 on that day."""
+    import math
+
+    from recstack.pipeline import warm
+    from recstack.pipeline.live_report import calibration, markdown
+
+    out, _, second, _ = run
+    for d in second["days"]:
+        for model in ("served", "frozen"):
+            fine = d["auc"][model]["fine"]
+            assert fine["ctr_calibration"] > 0  # every tiny day has clicks
+            assert math.isnan(fine["cvr_calibration"]) or fine["cvr_calibration"] > 0
+    assert calibration(second["days"][0]["auc"], "served") in markdown(second)
+    checked = 0
+    for d in second["days"]:
+        day_dir = out / "days" / f"d{d['live_day']:02d}"
+        rec = json.loads((day_dir / "day.json").read_text())
+        if "calibration_shift" not in rec["trained"]["fine"]["cvr"]:
+            continue  # a day without both labels keeps its bias
+        s = warm.score_stage("fine", day_dir / "runs" / "fine" / "checkpoint.pt", day_dir / "world")
+        assert s["cvr_calibration"] == pytest.approx(1.0, abs=1e-4)
+        checked += 1
+    assert checked, "no live day had purchases to calibrate to"
