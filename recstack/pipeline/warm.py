@@ -277,8 +277,8 @@ def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
             probs = predict(model, rows, cfg.eval_batch_size) if len(rows[label]) else None
             out[f"{task}_auc"] = M.auc(rows[label], probs) if probs is not None else math.nan
             out[f"{task}_n"] = int(len(rows[label]))
-            rate = float(np.mean(rows[label])) if probs is not None else 0.0
             # mean prediction / label rate: how far the served head's calibration drifts on a new day
-            out[f"{task}_calibration"] = float(np.mean(probs, dtype=np.float64)) / rate if rate > 0 else math.nan
+            has_positive = probs is not None and bool(np.any(rows[label]))
+            out[f"{task}_calibration"] = M.calibration(rows[label], probs) if has_positive else math.nan
         return out
     raise ValueError(f"stage: unknown {stage!r}; one of {', '.join(STAGES)}")
