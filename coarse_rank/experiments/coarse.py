@@ -36,9 +36,10 @@ def _control(r: Runner, plan: CoarsePlan, seeds, chosen: dict) -> dict:
 
 def _plots(out: Path, methods: dict, fr: list, base_curve: list, buckets: dict) -> None:
     others = [m for m in methods if m != "baseline"]
-    R.plot_curves(out / "sample_efficiency.png", fr, {"baseline": base_curve, **{
-        f"{m} (1x)": [methods[m]["student_auc"]["mean"]] * len(fr) for m in others}},
-        "Baseline AUC vs training data; lines: methods at 1x", "training data (x the train window)", "test AUC", logx=True)
+    if len(fr) > 1:  # one data size draws no curve
+        R.plot_curves(out / "sample_efficiency.png", fr, {"baseline": base_curve, **{
+            f"{m} (1x)": [methods[m]["student_auc"]["mean"]] * len(fr) for m in others}},
+            "Baseline AUC vs training data; lines: methods at 1x", "training data (x the train window)", "test AUC", logx=True)
     R.plot_bars_with_ci(out / "delta_vs_baseline.png", others, [methods[m]["delta_vs_baseline"] for m in others],
                         "Coarse student: AUC − baseline (paired, 95% CI)")
     for field in buckets:
@@ -124,7 +125,8 @@ def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
     fr = sorted(curve)
     base_curve = [float(np.mean(curve[f])) for f in fr]
     for m in methods:
-        methods[m]["data_multiplier"] = X.data_equivalent_multiplier(fr, base_curve, methods[m]["student_auc"]["mean"])
+        methods[m]["data_multiplier"] = (X.data_equivalent_multiplier(fr, base_curve, methods[m]["student_auc"]["mean"])
+                                         if len(fr) > 1 else None)
     buckets = bucket_deltas(runs)
     _plots(out, methods, fr, base_curve, buckets)
     paired = contrasts(methods)
@@ -138,8 +140,8 @@ def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
 
 
 COLUMNS: list[CR.Column] = [
-    ("data-equiv. multiplier", lambda n, m: ("%.2fx" % m["data_multiplier"]["multiplier"])
-     + (" (extrapolated)" if m["data_multiplier"].get("extrapolated") else "")),
+    ("data-equiv. multiplier", lambda n, m: "—" if not m.get("data_multiplier") else
+     ("%.2fx" % m["data_multiplier"]["multiplier"]) + (" (extrapolated)" if m["data_multiplier"].get("extrapolated") else "")),
     ("paper (1 day)", lambda n, m: f"{PAPER[n]:.4f}" if n in PAPER else "—"),
 ]
 
@@ -161,10 +163,12 @@ def body(res: dict) -> list[str]:
     methods = res["methods"]
     se = res["sample_efficiency"]
     out = CR.results_section(methods, COLUMNS)
-    out += ["## Sample efficiency (baseline)", "",
-            R.markdown_table(["data", "baseline AUC"], [[f"{f:g}x", R.fmt_mean_std(se["baseline_auc"][str(f)])] for f in se["fractions"]]),
-            "", *[f"- {n}" for n in se["notes"]], "",
-            "![sample efficiency](sample_efficiency.png) ![delta](delta_vs_baseline.png)", ""]
+    if len(se["fractions"]) > 1:
+        out += ["## Sample efficiency (baseline)", "",
+                R.markdown_table(["data", "baseline AUC"],
+                                 [[f"{f:g}x", R.fmt_mean_std(se["baseline_auc"][str(f)])] for f in se["fractions"]]),
+                "", *[f"- {n}" for n in se["notes"]], "", "![sample efficiency](sample_efficiency.png)", ""]
+    out += ["![delta](delta_vs_baseline.png)", ""]
     out += _buckets_section(res)
     if res["control"]:
         c = res["control"]
@@ -201,6 +205,8 @@ def _contrasts_section(res: dict, title: str = "Paired contrasts (same seeds)") 
 
 def _data_axis_section(res: dict) -> list[str]:
     ax = res["data_axis"]
+    if not ax["days"] and not ax["notes"]:
+        return []
     rows = [[f"{n} days", m, R.fmt_mean_std(s["student_auc"]),
              R.fmt_ci(s["delta_vs_baseline"]) if s.get("delta_vs_baseline") and m != "baseline" else "—"]
             for n, tab in ax["days"].items() for m, s in tab.items()]

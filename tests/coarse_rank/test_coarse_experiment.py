@@ -57,6 +57,17 @@ def test_quick_experiment_writes_the_report_files(name, tiny_data, tmp_path):
         assert {"pfd_md_ind_async", "pfd_md_share_star_sync"} <= set(on_disk["methods"])
 
 
+def test_one_data_size_reports_no_curve_and_no_data_axis(tiny_data, tmp_path):
+    run("coarse", tiny_data, tmp_path, seeds=(1, 2), quick=True,
+        overrides=["methods=baseline,sd", "fractions=", "double=false", "data_days="])
+    on_disk = json.loads((tmp_path / "results.json").read_text())
+    report = (tmp_path / "report.md").read_text()
+    assert on_disk["sample_efficiency"]["fractions"] == [1.0]
+    assert all(m["data_multiplier"] is None for m in on_disk["methods"].values())
+    assert "infx" not in report and "## Sample efficiency" not in report and "## Data axis" not in report
+    assert not (tmp_path / "sample_efficiency.png").exists() and (tmp_path / "delta_vs_baseline.png").exists()
+
+
 def test_unknown_experiment_and_keys_are_errors(tiny_data, tmp_path):
     with pytest.raises(ConfigError):
         run("table9", tiny_data, tmp_path, quick=True)
