@@ -26,6 +26,19 @@ def calibration(auc: dict, model: str) -> str:
     return ", ".join(f"{name} {v:.2f}" if math.isfinite(v) else f"{name} n/a" for name, v in zip(("CTR", "CVR"), vals))
 
 
+def truth_calibration(by_arm: dict | None) -> str:
+    """"A CTR 1.32, CVR 0.89; B CTR 0.97, CVR 0.92": each arm's served heads against the world's
+    true probabilities on the items it served (the replay's `calibration_vs_truth`); "n/a"
+    where the replay did not record it."""
+    parts = []
+    for arm in ("A", "B"):
+        c = (by_arm or {}).get(arm)
+        vals = [c.get(k, math.nan) if c else math.nan for k in ("ctr", "cvr")]
+        parts.append(f"{arm} " + ", ".join(f"{n} {v:.2f}" if math.isfinite(v) else f"{n} n/a"
+                                           for n, v in zip(("CTR", "CVR"), vals)))
+    return "; ".join(parts)
+
+
 def welch(b: dict, a: dict, level: float = 0.95) -> dict:
     """B − A with a Welch t interval, from two `mean_ci` dicts of independent samples."""
     va, vb = a["sd"] ** 2 / a["n"], b["sd"] ** 2 / b["n"]
@@ -51,7 +64,8 @@ def day_line(day: dict, resumed: bool = False) -> str:
             f"[{diff['ci95'][0]:+.3f}, {diff['ci95'][1]:+.3f}]) | AUC on B's log, served/frozen: "
             f"fine ctr {auc['served']['fine']['ctr_auc']:.3f}/{auc['frozen']['fine']['ctr_auc']:.3f} "
             f"coarse {auc['served']['coarse']['auc']:.3f}/{auc['frozen']['coarse']['auc']:.3f} | "
-            f"fine calibration served {calibration(auc, 'served')} | "
+            f"fine calibration served {calibration(auc, 'served')}, against the truth "
+            f"{truth_calibration({x: day['arms'][x].get('calibration_vs_truth') for x in ('A', 'B')})} | "
             f"trained on {day['trained']['fine']['rows']} rows | {day['version']} reloaded under "
             f"{day['reload']['probe_calls']} probe calls, {failed_calls(day)} failed | {day['timings_s']['total']:.0f}s")
 
@@ -64,6 +78,7 @@ def summarise(days: list[dict], meta: dict) -> dict:
         rows.append({"live_day": day["live_day"], "world_day": day["world_day"], "arms": arms,
                      "requests": {arm: day["arms"][arm]["requests"] for arm in ("A", "B")},
                      "diff_b_minus_a": {m: welch(arms["B"][m], arms["A"][m]) for m in METRICS},
+                     "truth_calibration": {arm: day["arms"][arm].get("calibration_vs_truth") for arm in ("A", "B")},
                      "auc": day["auc"], "trained_rows": {s: day["trained"][s].get("rows") for s in day["trained"]},
                      "logged_rows": day["logged_rows"], "served_mix": day.get("served_mix"), "version": day["version"],
                      "reload": day["reload"],
@@ -115,8 +130,9 @@ def markdown(summary: dict) -> str:
 
     lines = ["| day | requests A / B | E[GMV]/req A | E[GMV]/req B | B − A E[GMV] | GMV/req B − A | CTR A / B | "
              "conv./req A / B | AUC served / frozen: retrieval, coarse, fine CTR, fine CVR | "
-             "fine calibration (mean pred / rate), served; frozen | rows trained | reload: probe calls, failed |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "fine calibration (mean pred / rate), served; frozen | served heads against the truth (mean pred / true p) | "
+             "rows trained | reload: probe calls, failed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in summary["days"]:
         a, b, diff = r["arms"]["A"], r["arms"]["B"], r["diff_b_minus_a"]
         aucs = ", ".join(f"{r['auc']['served'][s][k]:.3f} / {r['auc']['frozen'][s][k]:.3f}" for s, k in AUC_KEYS)
@@ -124,7 +140,7 @@ def markdown(summary: dict) -> str:
                      f"{ci(b['expected_gmv'])} | {d(diff['expected_gmv'])} | {d(diff['gmv'])} | "
                      f"{a['ctr']['mean']:.4f} / {b['ctr']['mean']:.4f} | {a['conversions']['mean']:.4f} / "
                      f"{b['conversions']['mean']:.4f} | {aucs} | {calibration(r['auc'], 'served')}; "
-                     f"{calibration(r['auc'], 'frozen')} | {r['trained_rows']['fine']} | "
+                     f"{calibration(r['auc'], 'frozen')} | {truth_calibration(r.get('truth_calibration'))} | {r['trained_rows']['fine']} | "
                      f"{r['reload']['probe_calls']}, {r['failed_calls']} |")
     return "\n".join(lines)
 

@@ -9,12 +9,14 @@ and purchases from its true pCVR (recstack.world.truth), and sent back through
 `EventService.LogEvents` with the call's request id, timestamped with the wall clock, so the
 next call of the same user sees them and the impression log can join them. The report gives,
 per request, clicks, CTR, conversions and GMV (realised) and the expected GMV under the truth
-(no sampling noise from the draws), each as a mean with a 95 % t interval over requests.
+(no sampling noise from the draws), each as a mean with a 95 % t interval over requests, and
+the served heads' calibration against the truth on the items served (`calibration_vs_truth`).
 `arm` / `arms` replay one arm of an A/B split by user (`user_arm`: a fixed hash of the id), so
 two servers can each take their half of the same day.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 
@@ -92,6 +94,7 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_
     rows: dict[str, list] = {k: [] for k in ("clicks", "ctr", "conversions", "gmv", "expected_gmv")}
     answered: list[int] = []
     failed, degraded, events_sent, served = {}, 0, 0, 0
+    sums = np.zeros(4)  # over the served items: sum pCTR-hat, sum pCTR, sum pCTR * pCVR-hat, sum pCTR * pCVR
     with client.channel(target) as ch:
         rank, log_events = pb_grpc.RankingServiceStub(ch).Rank, pb_grpc.EventServiceStub(ch).LogEvents
         t_wall, t_sim = time.monotonic(), float(ts[0])
@@ -110,6 +113,9 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_
             items = np.array([it.item_id for it in resp.items], np.int64)[None]  # (1, K)
             price = np.array([it.price for it in resp.items])
             p, q = truth.pctr([user], items, day)[0], truth.pcvr([user], items, day)[0]
+            pctr_hat = np.array([it.pctr for it in resp.items])
+            pcvr_hat = np.array([it.pcvr for it in resp.items])
+            sums += (pctr_hat.sum(), p.sum(), (p * pcvr_hat).sum(), (p * q).sum())
             click = rng.random(len(p)) < p
             buy = click & (rng.random(len(p)) < q)
             now = time.time()
@@ -128,10 +134,22 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_
                 rows[key].append(float(value))
     report = {"target": target, "data": str(data_dir), "day": day, "config": asdict(cfg),
               "requests": len(rows["clicks"]), "impressions": served, "failed": failed, "degraded": int(degraded),
-              "events_sent": events_sent, "per_request": {k: mean_ci(np.array(v)) for k, v in rows.items()}}
+              "events_sent": events_sent, "per_request": {k: mean_ci(np.array(v)) for k, v in rows.items()},
+              "calibration_vs_truth": calibration_vs_truth(*sums)}
     if keep_rows:
         report["rows"] = {"session": answered, **rows}
     return report
+
+
+def calibration_vs_truth(pctr_hat: float, pctr: float, pcvr_hat_w: float, pcvr_w: float) -> dict:
+    """The served heads' calibration against the world's true probabilities on the items served,
+    free of the draws' noise: CTR = sum pCTR-hat / sum pCTR; CVR = sum pCTR * pCVR-hat / sum pCTR *
+    pCVR (each served item weighted by its true chance of a click, as the CVR head is trained on
+    clicks). 1.0 is calibrated; NaN where nothing was served."""
+    def ratio(a: float, b: float) -> float:
+        return float(a / b) if b > 0 else math.nan
+
+    return {"ctr": ratio(pctr_hat, pctr), "cvr": ratio(pcvr_hat_w, pcvr_w)}
 
 
 def format_report(r: dict) -> str:
@@ -140,4 +158,8 @@ def format_report(r: dict) -> str:
              f"{'per request':<14}{'mean':>12}{'95% CI':>26}"]
     for k, v in r["per_request"].items():
         lines.append(f"{k:<14}{v['mean']:>12.4f}   [{v['ci_low']:.4f}, {v['ci_high']:.4f}]")
+    if "calibration_vs_truth" in r:
+        c = r["calibration_vs_truth"]
+        lines.append(f"served heads' calibration against the truth (mean prediction / true probability): "
+                     f"CTR {c['ctr']:.3f}, CVR {c['cvr']:.3f}")
     return "\n".join(lines)

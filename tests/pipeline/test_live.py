@@ -139,3 +139,16 @@ def test_each_day_reads_the_fine_heads_calibration(run):
         assert s["cvr_calibration"] == pytest.approx(1.0, abs=1e-4)
         checked += 1
     assert checked, "no live day had purchases to calibrate to"
+
+
+def test_each_day_reads_both_arms_heads_against_the_truth(run):
+    """The replay scores what each arm served against the world's true probabilities; the day's
+    row and the report table carry it."""
+    from recstack.pipeline.live_report import markdown, truth_calibration
+
+    _, _, second, _ = run
+    for d in second["days"]:
+        for arm in ("A", "B"):
+            assert all(0 < v < float("inf") for v in d["truth_calibration"][arm].values())
+        assert truth_calibration(d["truth_calibration"]) in markdown(second)
+    assert truth_calibration(None) == "A CTR n/a, CVR n/a; B CTR n/a, CVR n/a"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from recstack.pipeline.replay import ReplayConfig, mean_ci, replay
+from recstack.pipeline.replay import ReplayConfig, calibration_vs_truth, mean_ci, replay
 from recstack.serving.events import LivePath
 from recstack.serving.server import build_server
 from recstack.serving.store import open_store
@@ -25,6 +25,7 @@ def test_replay_ranks_every_session_and_sends_the_drawn_events(tiny_data, tiny_b
     for v in pr.values():
         assert v["n"] == 25 and v["ci_low"] <= v["mean"] <= v["ci_high"]
     assert 0 < pr["ctr"]["mean"] < 1 and pr["expected_gmv"]["mean"] > 0
+    assert all(0 < v < np.inf for v in report["calibration_vs_truth"].values())
     stored = store._conn().execute("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM events").fetchone()
     assert stored[0] == sent and stored[1] >= 1
     store.close()
@@ -34,3 +35,14 @@ def test_mean_ci_is_a_t_interval():
     r = mean_ci(np.array([1.0, 2.0, 3.0, 4.0]))
     assert r["mean"] == 2.5 and r["n"] == 4
     assert np.isclose(r["ci_high"] - r["mean"], 3.182446305284263 * np.std([1, 2, 3, 4], ddof=1) / 2)
+
+
+def test_calibration_vs_truth_weights_the_cvr_head_by_the_true_clicks():
+    p = np.array([0.1, 0.3, 0.0])  # true pCTR of three served items; the third is never clicked
+    q = np.array([0.2, 0.5, 0.9])  # true pCVR
+    exact = calibration_vs_truth(p.sum(), p.sum(), (p * q).sum(), (p * q).sum())
+    assert exact == {"ctr": 1.0, "cvr": 1.0}
+    wrong_where_never_clicked = q + np.array([0.0, 0.0, 0.5])
+    c = calibration_vs_truth(2 * p.sum(), p.sum(), (p * wrong_where_never_clicked).sum(), (p * q).sum())
+    assert c == {"ctr": 2.0, "cvr": 1.0}
+    assert all(np.isnan(v) for v in calibration_vs_truth(0.0, 0.0, 0.0, 0.0).values())
