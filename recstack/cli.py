@@ -355,6 +355,8 @@ def _add_live(sub) -> None:
                                                        "this weight, as the quickstart's option (default 0: off)")):
         s.add_argument(flag, type=typ, default=None, help=help_)
     s.add_argument("--seed", type=int, default=0, help="random seed of the world")
+    s.add_argument("--no-browsing", action="store_true",
+                   help="the replay sends only the drawn clicks and purchases, not the users' own browsing")
 
 
 def _serve_arguments(s: argparse.ArgumentParser) -> None:

@@ -129,7 +129,7 @@ def cmd_replay(args) -> int:
     from recstack.pipeline.replay import ReplayConfig, format_report, replay
 
     cfg = ReplayConfig(day=args.day, sessions=args.sessions, speedup=args.speedup, max_wait_s=args.max_wait, k=args.k,
-                       seed=args.seed, timeout_s=args.timeout)
+                       seed=args.seed, timeout_s=args.timeout, browsing=not args.no_browsing)
     if args.split:
         from recstack.pipeline.replay_split import format_split, parse_split, replay_split
 
@@ -176,6 +176,9 @@ def add_parsers(sub, add) -> None:
     p.add_argument("-k", type=int, default=10, help="items asked for per call")
     p.add_argument("--seed", type=int, default=0, help="the session sample and the click / purchase draws")
     p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds")
+    p.add_argument("--no-browsing", action="store_true",
+                   help="send only the drawn clicks and purchases, not the users' own browsing of the day "
+                        "(the world log's views, favourites, add-to-carts)")
     p.add_argument("--split", default="", metavar="A=HOST:PORT,B=HOST:PORT",
                    help="an A/B test of two servers (e.g. two bundle versions): B - A per request with its 95%% CI")
     p.add_argument("--split-design", choices=("paired", "users"), default="paired",

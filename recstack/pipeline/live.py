@@ -11,7 +11,8 @@ models, day after day, against a frozen control arm (`recstack live`).
    their arm served them: the users are split by a hash of their id
    (`recstack.pipeline.replay.user_arm`).
 2. Each live day d: both arms replay day d at once (`recstack.pipeline.replay`: the truth draws
-   the clicks and purchases, which flow back through LogEvents); arm B's logged rows of that day
+   the clicks and purchases, which flow back through LogEvents with the users' own browsing of
+   the day, as a client app sends it); arm B's logged rows of that day
    become a world folder (`live_data.day_log_world`); the models that served B on day d, and the
    frozen day-0 models, are scored on it (next-day AUC: rows neither has trained on); every stage
    is warm-started on it with one pass (`recstack.pipeline.warm.warm_stage`), exported as
@@ -62,6 +63,7 @@ class LiveConfig:
     # quickstart's --fine-distill pass) with this weight; warm days then keep distilling from the
     # bundle that served each day (recstack.pipeline.warm). 0: off
     fine_distill: float = 0.0
+    browsing: bool = True  # the replay also sends the users' own browsing of the day (ReplayConfig.browsing)
     in_process: bool = False  # servers in this process (tests) instead of `recstack serve` subprocesses
 
     def __post_init__(self) -> None:
@@ -197,7 +199,7 @@ def replay_arms(targets: dict[str, str], world: Path, day: int, cfg: LiveConfig)
 
     def run(i: int, arm: str) -> None:
         rc = ReplayConfig(day=day, sessions=n_sessions, speedup=speedup, max_wait_s=1.0, k=cfg.k, seed=cfg.seed * 1000 + day,
-                          arm=i, arms=len(ARMS))
+                          arm=i, arms=len(ARMS), browsing=cfg.browsing)
         reports[arm] = replay(targets[arm], str(world), rc)
 
     threads = [threading.Thread(target=run, args=(i, arm)) for i, arm in enumerate(ARMS)]
@@ -381,7 +383,8 @@ def main_from_args(args) -> int:
 
     given = {"days": args.days, "initial_days": args.initial_days, "sessions": args.sessions,
              "day_wall_s": args.day_wall_s, "fine_distill": args.fine_distill}
-    cfg = LiveConfig(preset=args.preset, seed=args.seed, **{k: v for k, v in given.items() if v is not None})
+    cfg = LiveConfig(preset=args.preset, seed=args.seed, browsing=not args.no_browsing,
+                     **{k: v for k, v in given.items() if v is not None})
     summary = live(cfg, args.out, data=args.data)
     png = plot(summary, Path(args.out) / "live.png")
     over = summary["over_days_b_minus_a"].get("expected_gmv")

@@ -25,6 +25,7 @@ import numpy as np
 from scipy import stats
 
 from recstack.data import load
+from recstack.features import EVENT_KINDS
 from recstack.serving import client
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
@@ -44,6 +45,11 @@ class ReplayConfig:
     # an A/B split by user: only the users with user_arm(user, arms) == arm are replayed
     arm: int = 0
     arms: int = 1
+    # the users' own browsing of the day (the world log's views, favourites and add-to-carts,
+    # which the recommender did not cause) goes through LogEvents as time passes, as a client
+    # app would send it: the feature store and the impression log then hold what they hold in
+    # production, not only the clicks on what was served
+    browsing: bool = True
 
     def __post_init__(self):
         if self.sessions < 1 or self.k < 1:
@@ -83,6 +89,46 @@ def _sessions(data, day: int, n: int, seed: int, arm: int = 0, arms: int = 1) ->
     return sid[order], user[order].astype(np.int64), ts[order]
 
 
+BROWSE_KINDS = ("view", "favourite", "cart")
+BROWSE_BATCH = 500  # events per LogEvents call (well under the server's default message size)
+
+
+def _browsing(data, day: int, arm: int, arms: int) -> dict[str, np.ndarray]:
+    """The day's browsing events (BROWSE_KINDS) of the users of `arm`, in time order."""
+    ev = data.events
+    keep = (np.isin(ev["kind"], [EVENT_KINDS.index(k) for k in BROWSE_KINDS]) & (data.day_of(ev["ts"]) == day)
+            & (user_arm(ev["user_id"], arms) == arm))
+    order = np.argsort(ev["ts"][keep], kind="stable")
+    return {k: ev[k][keep][order] for k in ("user_id", "ts", "item_id", "kind", "dwell")}
+
+
+class _BrowseFeed:
+    """Sends the browsing that happened before a simulated time, each event stamped at the wall
+    time its simulated time maps to (the replay's compression)."""
+
+    def __init__(self, events: dict[str, np.ndarray], speedup: float, log_events, timeout_s: float):
+        self.ev, self.speedup, self.log_events, self.timeout_s = events, speedup, log_events, timeout_s
+        self.next, self.sent, self.failed = 0, 0, {}
+
+    def until(self, t_sim: float | None) -> None:
+        """Send every event at or before `t_sim` (None: all that remain)."""
+        ts = self.ev["ts"]
+        end = len(ts) if t_sim is None else int(np.searchsorted(ts, t_sim, side="right"))
+        now, t_ref = time.time(), float(t_sim if t_sim is not None else (ts[end - 1] if end else 0.0))
+        for lo in range(self.next, end, BROWSE_BATCH):
+            hi = min(end, lo + BROWSE_BATCH)
+            batch = [client.event(int(u), int(i), now - (t_ref - float(t)) / self.speedup, EVENT_KINDS[k], float(d))
+                     for u, t, i, k, d in zip(self.ev["user_id"][lo:hi], ts[lo:hi], self.ev["item_id"][lo:hi],
+                                              self.ev["kind"][lo:hi], self.ev["dwell"][lo:hi])]
+            try:
+                self.log_events(pb.LogEventsRequest(events=batch), timeout=self.timeout_s)
+                self.sent += len(batch)
+            except grpc.RpcError as e:
+                key = f"LogEvents browsing {e.code().name}"
+                self.failed[key] = self.failed.get(key, 0) + 1
+        self.next = max(self.next, end)
+
+
 def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_rows: bool = False) -> dict:
     """Run the replay against `target` -> the report (see the module docstring); `keep_rows`
     adds "rows": each answered session's id and values, for a paired comparison."""
@@ -97,10 +143,14 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_
     sums = np.zeros(4)  # over the served items: sum pCTR-hat, sum pCTR, sum pCTR * pCVR-hat, sum pCTR * pCVR
     with client.channel(target) as ch:
         rank, log_events = pb_grpc.RankingServiceStub(ch).Rank, pb_grpc.EventServiceStub(ch).LogEvents
+        feed = _BrowseFeed(_browsing(data, day, cfg.arm, cfg.arms) if cfg.browsing else
+                           {k: np.zeros(0) for k in ("user_id", "ts", "item_id", "kind", "dwell")},
+                           cfg.speedup, log_events, cfg.timeout_s)
         t_wall, t_sim = time.monotonic(), float(ts[0])
         for s, user, t in zip(sid.tolist(), users.tolist(), ts.tolist()):
             time.sleep(max(0.0, min(cfg.max_wait_s, (t - t_sim) / cfg.speedup - (time.monotonic() - t_wall))))
             t_wall, t_sim = time.monotonic(), t
+            feed.until(t)
             rid = f"replay-d{day}-s{s}"
             try:
                 resp = rank(client.make_request(user, cfg.k, debug=False), timeout=cfg.timeout_s,
@@ -132,9 +182,11 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_
             for key, value in (("clicks", click.sum()), ("ctr", click.mean()), ("conversions", buy.sum()),
                                ("gmv", float((price * buy).sum())), ("expected_gmv", float((p * q * price).sum()))):
                 rows[key].append(float(value))
+        feed.until(None)  # the rest of the day's browsing: tomorrow's features count it
+    failed.update(feed.failed)
     report = {"target": target, "data": str(data_dir), "day": day, "config": asdict(cfg),
               "requests": len(rows["clicks"]), "impressions": served, "failed": failed, "degraded": int(degraded),
-              "events_sent": events_sent, "per_request": {k: mean_ci(np.array(v)) for k, v in rows.items()},
+              "events_sent": events_sent, "browse_events_sent": feed.sent, "per_request": {k: mean_ci(np.array(v)) for k, v in rows.items()},
               "calibration_vs_truth": calibration_vs_truth(*sums)}
     if keep_rows:
         report["rows"] = {"session": answered, **rows}
@@ -154,7 +206,8 @@ def calibration_vs_truth(pctr_hat: float, pctr: float, pcvr_hat_w: float, pcvr_w
 
 def format_report(r: dict) -> str:
     lines = [f"replay of day {r['day']} against {r['target']}: {r['requests']} requests, {r['events_sent']} events "
-             f"sent, {r['degraded']} degraded, failed {r['failed'] or 0}",
+             f"sent, {r.get('browse_events_sent', 0)} browsing events sent, {r['degraded']} degraded, "
+             f"failed {r['failed'] or 0}",
              f"{'per request':<14}{'mean':>12}{'95% CI':>26}"]
     for k, v in r["per_request"].items():
         lines.append(f"{k:<14}{v['mean']:>12.4f}   [{v['ci_low']:.4f}, {v['ci_high']:.4f}]")

@@ -26,8 +26,35 @@ def test_replay_ranks_every_session_and_sends_the_drawn_events(tiny_data, tiny_b
         assert v["n"] == 25 and v["ci_low"] <= v["mean"] <= v["ci_high"]
     assert 0 < pr["ctr"]["mean"] < 1 and pr["expected_gmv"]["mean"] > 0
     assert all(0 < v < np.inf for v in report["calibration_vs_truth"].values())
-    stored = store._conn().execute("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM events").fetchone()
+    stored = store._conn().execute("SELECT COUNT(*), COUNT(DISTINCT request_id) FROM events WHERE request_id IS NOT NULL"
+                                   " AND request_id != ''").fetchone()
     assert stored[0] == sent and stored[1] >= 1
+    # the users' own browsing of the day went in too, each event once, with no request id
+    from recstack.data import load
+    from recstack.features import EVENT_KINDS
+
+    data = load(tiny_data)
+    ev = data.events
+    mine = np.isin(ev["kind"], [EVENT_KINDS.index(k) for k in ("view", "favourite", "cart")]) & (
+        data.day_of(ev["ts"]) == data.test_day)
+    assert report["browse_events_sent"] == mine.sum() > 0
+    browsed = store._conn().execute("SELECT user_id, item_id, kind FROM events WHERE request_id IS NULL OR request_id = ''"
+                                    " ORDER BY user_id, item_id, kind").fetchall()
+    expect = sorted(zip(ev["user_id"][mine].tolist(), ev["item_id"][mine].tolist(), ev["kind"][mine].tolist()))
+    assert [tuple(r) for r in browsed] == expect
+    store.close()
+
+
+def test_replay_without_browsing_sends_only_the_drawn_events(tiny_data, tiny_bundle, tmp_path):
+    store = open_store(str(tmp_path / "fs.sqlite3"))
+    server, port, _ = build_server(tiny_bundle, max_workers=2, live=LivePath(store))
+    try:
+        cfg = ReplayConfig(sessions=10, speedup=1e12, max_wait_s=0.0, k=20, seed=1, browsing=False)
+        report = replay(f"127.0.0.1:{port}", tiny_data, cfg)
+    finally:
+        server.stop(None)
+    assert report["browse_events_sent"] == 0
+    assert store._conn().execute("SELECT COUNT(*) FROM events").fetchone()[0] == report["events_sent"]
     store.close()
 
 
