@@ -229,13 +229,14 @@ def _run(name: str, n: int, modules: nn.Module, opt, total: int, step, batches) 
 # ------------------------------------------------------------------------------ scoring
 
 
-def score_stage(stage: str, ckpt_path: str | Path, world: str | Path) -> dict:
+def score_stage(stage: str, ckpt_path: str | Path, world: str | Path, days: list[int] | None = None) -> dict:
     """AUC of `stage`'s checkpoint on every logged impression of `world` (fine: CTR against
     clicks, CVR against purchases among the clicked) -> {"auc" | "ctr_auc", "cvr_auc", "n"}; for
-    fine also each task's calibration, its mean prediction over the label rate ("ctr_calibration")."""
+    fine also each task's calibration, its mean prediction over the label rate ("ctr_calibration").
+    `days`: only these days' impressions (default: every logged day)."""
     ck = C.load(ckpt_path, stage=stage)
     data = load(world)
-    days = logged_days(data)
+    days = logged_days(data) if days is None else list(days)
     if stage == "retrieval":
         from retrieval.config import checkpoint_config
         from retrieval.inputs import ITEM_INPUTS, USER_INPUTS, add_row_stats, embed_users, materialise
