@@ -218,7 +218,7 @@ def _cmd_serve(args) -> int:
                      max_message_bytes=args.max_message_bytes, feature_store=args.feature_store,
                      impression_log=args.impression_log, log_roll_s=args.log_roll_s,
                      retrieval_backend=args.retrieval_backend,
-                     retrieval_timeout_s=args.retrieval_timeout_ms / 1e3)
+                     retrieval_timeout_s=args.retrieval_timeout_ms / 1e3, clock_file=args.clock_file)
     except BundleError as e:
         print(f"recstack serve: refusing the bundle: {e}", file=sys.stderr)
         return 1
@@ -357,6 +357,9 @@ def _add_live(sub) -> None:
     s.add_argument("--seed", type=int, default=0, help="random seed of the world")
     s.add_argument("--no-browsing", action="store_true",
                    help="the replay sends only the drawn clicks and purchases, not the users' own browsing")
+    s.add_argument("--wall-clock", action="store_true",
+                   help="the servers keep the wall clock instead of the simulated one (a replayed day then lasts "
+                        "seconds: every replayed event counts as within the last hour)")
 
 
 def _serve_arguments(s: argparse.ArgumentParser) -> None:
@@ -402,6 +405,9 @@ def _serve_arguments(s: argparse.ArgumentParser) -> None:
                         "milvus:///PATH/FILE.db/COLLECTION (milvus-lite)")
     s.add_argument("--retrieval-timeout-ms", type=float, default=50.0,
                    help="the longest a remote retrieval call may take; past it Rank serves popularity candidates")
+    s.add_argument("--clock-file", default="",
+                   help="replays of simulated days only: the server's time is the number in this file (seconds since "
+                        "the epoch), which the replay rewrites as its simulated time passes; default: the wall clock")
 
 
 def _version() -> str:

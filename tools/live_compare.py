@@ -5,7 +5,7 @@
 
 Every run replays the same seeded sessions of each arm (the same users and times), so each
 request's expected GMV under the truth (the sum of true pCTR x pCVR x price over the items it
-served, read back from the arm's impression log) pairs across runs by request id: per arm and
+served, read back from the arm's impression log) pairs across runs by session id: per arm and
 day, run − base with a 95 % normal interval over the day's paired requests, and over the days a
 paired t interval of the daily means.
 
@@ -34,14 +34,16 @@ from recstack.world.truth import Truth
 
 def served(run: Path, arm: str, day: dict) -> dict[str, np.ndarray]:
     """The impression-log rows an arm served on a live day's replay."""
-    since = json.loads((run / "days" / f"d{day['live_day']:02d}" / "replay.json").read_text())["since"]
-    return day_rows(run / "arms" / arm / "live_log", f"replay-d{day['world_day']}-", since)
+    rep = json.loads((run / "days" / f"d{day['live_day']:02d}" / "replay.json").read_text())
+    return day_rows(run / "arms" / arm / "live_log", rep.get("prefix", f"replay-d{day['world_day']}-"), rep["since"])
 
 
 def per_request_gmv(rows: dict, truth: Truth, world_day: int) -> dict[str, float]:
-    """request id -> the expected GMV of what it served, under the truth."""
+    """replayed session ("s<id>", the request id's last part: the runs' prefixes may differ) ->
+    the expected GMV of what its request served, under the truth."""
     g = truth.expected_gmv(np.asarray(rows["user_id"]), np.asarray(rows["item_id"])[:, None], world_day)[:, 0]
-    keys, inv = np.unique(np.asarray(rows["request_id"]).astype(str), return_inverse=True)
+    sessions = np.array([r.rsplit("-", 1)[-1] for r in np.asarray(rows["request_id"]).astype(str).tolist()])
+    keys, inv = np.unique(sessions, return_inverse=True)
     return dict(zip(keys.tolist(), np.bincount(inv, weights=g).tolist()))
 
 

@@ -124,9 +124,17 @@ def snapshot_from_data(data, bundle_dir: str | Path, seq_len: int = FE.SEQ_LEN, 
         },
     )
     n_beh = int(len(rows) + len(recent))
-    meta = {"time": now, "n_users": int(data.users.n), "n_items": int(data.items.n), "n_behaviours": n_beh,
+    meta = {"time": now, **_epoch(data, now), "n_users": int(data.users.n), "n_items": int(data.items.n), "n_behaviours": n_beh,
             "seq_len": seq_len, "data_dir": str(data.root)}
     return files, meta
+
+
+def _epoch(data, now: float) -> dict:
+    """{"epoch": the snapshot's time in seconds since the epoch} for data whose times are
+    absolute (a world written from a server's log: `origin_epoch`); {} otherwise, and the
+    snapshot's time is then the bundle's export time (recstack.serving.loading.snapshot_time)."""
+    origin = data.world.get("origin_epoch")
+    return {"epoch": float(origin) + now} if origin is not None else {}
 
 
 def write_id_maps(data_dir: str | Path, bundle_dir: str | Path, n_users: int, n_items: int) -> list[str]:

@@ -64,6 +64,10 @@ class LiveConfig:
     # bundle that served each day (recstack.pipeline.warm). 0: off
     fine_distill: float = 0.0
     browsing: bool = True  # the replay also sends the users' own browsing of the day (ReplayConfig.browsing)
+    # the servers run on a virtual clock the replay sets to the simulated time (recstack.serving.clock),
+    # so the features age behaviour as the world does; False: the wall clock (a replayed day lasts
+    # seconds, and every replayed event counts as within the last hour)
+    virtual_clock: bool = True
     in_process: bool = False  # servers in this process (tests) instead of `recstack serve` subprocesses
 
     def __post_init__(self) -> None:
@@ -81,15 +85,16 @@ class LiveConfig:
 class SubprocessServer:
     """`recstack serve` on one artifacts root, with its store and impression log there."""
 
-    def __init__(self, root: Path, token_file: Path, roll_s: float):
-        self.root, self.token_file, self.roll_s, self.proc = root, token_file, roll_s, None
+    def __init__(self, root: Path, token_file: Path, roll_s: float, clock_file: Path | None = None):
+        self.root, self.token_file, self.roll_s, self.clock_file, self.proc = root, token_file, roll_s, clock_file, None
 
     def start(self) -> str:
         port = _free_port()
         log = open(self.root / "server.log", "ab")
+        clock = ["--clock-file", str(self.clock_file)] if self.clock_file else []
         self.proc = subprocess.Popen([sys.executable, "-m", "recstack.cli", "serve", "--artifacts", str(self.root),
                                       "--port", str(port), "--admin-token-file", str(self.token_file),
-                                      "--log-roll-s", str(self.roll_s)], stdout=log, stderr=log)
+                                      "--log-roll-s", str(self.roll_s), *clock], stdout=log, stderr=log)
         target = f"127.0.0.1:{port}"
         _wait_serving(target, self.proc)
         return target
@@ -106,17 +111,20 @@ class SubprocessServer:
 class InProcessServer:
     """The same server in this process (build_server on port 0, read back), for the tests."""
 
-    def __init__(self, root: Path, token_file: Path, roll_s: float):
+    def __init__(self, root: Path, token_file: Path, roll_s: float, clock_file: Path | None = None):
         self.root, self.token, self.roll_s = root, token_file.read_text().strip(), roll_s
-        self.server, self.servicer = None, None
+        self.clock_file, self.server, self.servicer = clock_file, None, None
 
     def start(self) -> str:
+        from recstack.serving.clock import FileClock
         from recstack.serving.events import LivePath
         from recstack.serving.server import build_server
         from recstack.serving.store import open_store
 
         live = LivePath(open_store("", self.root), self.root / "live_log", roll_s=self.roll_s)
-        self.server, port, self.servicer = build_server(self.root, max_workers=4, admin_token=self.token, live=live)
+        options = {"clock": FileClock(self.clock_file)} if self.clock_file else {}
+        self.server, port, self.servicer = build_server(self.root, max_workers=4, admin_token=self.token, live=live,
+                                                        cascade_options=options)
         return f"127.0.0.1:{port}"
 
     def stop(self) -> int:
@@ -152,8 +160,8 @@ def initial_bundle(cfg: LiveConfig, out: Path, data: str | None) -> tuple[Path, 
     n_days = json.loads((world / "world.json").read_text())["n_days"]
     if n_days < need:
         raise ValueError(f"data: {world} has {n_days} days; {cfg.initial_days} initial + {cfg.days} live need {need}")
-    if not (window / "world.json").exists():
-        live_data.window_world(world, window, cfg.initial_days)
+    if not (window / "world.json").exists():  # on the virtual clock the window ends now
+        live_data.window_world(world, window, cfg.initial_days, end_epoch=time.time() if cfg.virtual_clock else None)
     for stage, pkg in STAGE_ORDER:
         if not (runs / stage / "checkpoint.pt").exists():
             mod = importlib.import_module(f"{pkg}.train")
@@ -191,15 +199,18 @@ def distil_day0(mu: float, window: Path, runs: Path, out: Path) -> None:
     shutil.rmtree(first)
 
 
-def replay_arms(targets: dict[str, str], world: Path, day: int, cfg: LiveConfig) -> dict[str, dict]:
-    """Both arms replay `day` at once (threads), each its own users -> {arm: replay report}."""
+def replay_arms(targets: dict[str, str], world: Path, day: int, cfg: LiveConfig, prefix: str,
+                clocks: dict[str, Path] | None = None, offset: float = 0.0) -> dict[str, dict]:
+    """Both arms replay `day` at once (threads), each its own users -> {arm: replay report};
+    `clocks`: each arm's clock file, set to `offset` + the simulated time."""
     n_sessions = max(1, cfg.sessions)
     speedup = 86400.0 / cfg.day_wall_s
     reports: dict[str, dict] = {}
 
     def run(i: int, arm: str) -> None:
         rc = ReplayConfig(day=day, sessions=n_sessions, speedup=speedup, max_wait_s=1.0, k=cfg.k, seed=cfg.seed * 1000 + day,
-                          arm=i, arms=len(ARMS), browsing=cfg.browsing)
+                          arm=i, arms=len(ARMS), browsing=cfg.browsing, request_prefix=prefix,
+                          clock_file=str(clocks[arm]) if clocks else "", clock_offset=offset)
         reports[arm] = replay(targets[arm], str(world), rc)
 
     threads = [threading.Thread(target=run, args=(i, arm)) for i, arm in enumerate(ARMS)]
@@ -275,7 +286,7 @@ def score_models(world: Path, runs: dict[str, Path]) -> dict:
 
 
 def run_day(i: int, day: int, cfg: LiveConfig, out: Path, world: Path, targets: dict[str, str], token: str,
-            prev_runs: Path, frozen_runs: Path) -> dict:
+            prev_runs: Path, frozen_runs: Path, clocks: dict[str, Path] | None = None, offset: float = 0.0) -> dict:
     """Live day `i` (world day `day`): replay, score, warm-start, export, reload -> day.json's content."""
     from recstack import bundle as B
     from recstack.pipeline.export import export_bundle
@@ -284,13 +295,15 @@ def run_day(i: int, day: int, cfg: LiveConfig, out: Path, world: Path, targets: 
     d_dir.mkdir(parents=True, exist_ok=True)
     root_b = out / "arms" / "B"
     t0, timings = time.perf_counter(), {}
-    prefix = f"replay-d{day}-"
     if not (d_dir / "replay.json").exists():
-        since = time.time()
+        # on the virtual clock a repeated attempt of the day has the same times: its own prefix
+        prefix = f"replay-d{day}-a{time.time_ns()}-" if clocks else f"replay-d{day}-"
         served = B.resolve_bundle(root_b).name
-        reports = replay_arms(targets, world, day, cfg)
-        _write_json(d_dir / "replay.json", {"since": since, "served_b": served, "arms": reports})
+        reports = replay_arms(targets, world, day, cfg, prefix, clocks, offset)
+        since = min(r["since"] for r in reports.values())
+        _write_json(d_dir / "replay.json", {"since": since, "prefix": prefix, "served_b": served, "arms": reports})
     rep = json.loads((d_dir / "replay.json").read_text())
+    prefix = rep.get("prefix", f"replay-d{day}-")
     timings["replay"] = time.perf_counter() - t0
     logged = wait_logged(root_b / "live_log", prefix, rep["since"], rep["arms"]["B"]["impressions"])
     t = time.perf_counter()
@@ -324,6 +337,25 @@ def run_day(i: int, day: int, cfg: LiveConfig, out: Path, world: Path, targets: 
             "trained": trained, "version": version, "reload": reload, "timings_s": timings}
 
 
+def start_clocks(out: Path, cfg: LiveConfig) -> tuple[dict[str, Path], float]:
+    """Each arm's clock file and the offset from the world's simulated seconds to its times: the
+    day-0 bundle's snapshot time is the end of the initial window (every bundle exported from
+    the window anchors its history there: `window_world`'s end_epoch). A new clock file starts
+    there; a resumed loop keeps each arm's (the time of its last replayed call)."""
+    from recstack import bundle as B
+    from recstack.serving.clock import set_clock
+    from recstack.serving.loading import snapshot_time
+
+    manifest = json.loads((out / "arms" / "A" / "day00" / B.MANIFEST).read_text())
+    window_end = float(json.loads((out / "window" / "world.json").read_text())["now"])
+    offset = snapshot_time(manifest) - window_end
+    clocks = {arm: out / "arms" / arm / "clock" for arm in ARMS}
+    for path in clocks.values():
+        if not path.exists():
+            set_clock(path, offset + window_end)
+    return clocks, offset
+
+
 def world_origin(runs: Path) -> str:
     """The data folder the day-0 checkpoints name (export snapshots it: the pre-live history)."""
     return warm.C.load(runs / "retrieval" / "checkpoint.pt")["data_dir"]
@@ -342,7 +374,9 @@ def live(cfg: LiveConfig, out: str | Path, data: str | None = None, stop_after: 
         token_file.chmod(0o600)
     token = token_file.read_text().strip()
     kind = InProcessServer if cfg.in_process else SubprocessServer
-    servers = {arm: kind(out / "arms" / arm, token_file, cfg.log_roll_s) for arm in ARMS}
+    clocks, offset = start_clocks(out, cfg) if cfg.virtual_clock else (None, 0.0)
+    servers = {arm: kind(out / "arms" / arm, token_file, cfg.log_roll_s, clocks[arm] if clocks else None)
+               for arm in ARMS}
     days, ran = [], 0
     targets = {}
     try:
@@ -357,7 +391,7 @@ def live(cfg: LiveConfig, out: str | Path, data: str | None = None, stop_after: 
             elif stop_after is not None and ran >= stop_after:
                 break
             else:
-                rec = run_day(i, cfg.initial_days + i, cfg, out, world, targets, token, prev, frozen)
+                rec = run_day(i, cfg.initial_days + i, cfg, out, world, targets, token, prev, frozen, clocks, offset)
                 _write_json(d_dir / "day.json", rec)
                 days.append(rec)
                 ran += 1
@@ -366,8 +400,9 @@ def live(cfg: LiveConfig, out: str | Path, data: str | None = None, stop_after: 
     finally:
         codes = {arm: s.stop() for arm, s in servers.items() if targets.get(arm)}
     for rec in days:  # what each arm showed, from the logs (the servers have flushed them)
-        since = json.loads((out / "days" / f"d{rec['live_day']:02d}" / "replay.json").read_text())["since"]
-        rec["served_mix"] = {arm: concentration(out / "arms" / arm / "live_log", rec["world_day"], since) for arm in ARMS}
+        rep = json.loads((out / "days" / f"d{rec['live_day']:02d}" / "replay.json").read_text())
+        prefix = rep.get("prefix", f"replay-d{rec['world_day']}-")
+        rec["served_mix"] = {arm: concentration(out / "arms" / arm / "live_log", prefix, rep["since"]) for arm in ARMS}
     summary = summarise(days, {"config": asdict(cfg), "world": str(world), "days_run_now": ran,
                                "wall_s": time.perf_counter() - t0, "server_exit_codes": codes})
     _write_json(out / "results.json", summary)
@@ -383,7 +418,7 @@ def main_from_args(args) -> int:
 
     given = {"days": args.days, "initial_days": args.initial_days, "sessions": args.sessions,
              "day_wall_s": args.day_wall_s, "fine_distill": args.fine_distill}
-    cfg = LiveConfig(preset=args.preset, seed=args.seed, browsing=not args.no_browsing,
+    cfg = LiveConfig(preset=args.preset, seed=args.seed, browsing=not args.no_browsing, virtual_clock=not args.wall_clock,
                      **{k: v for k, v in given.items() if v is not None})
     summary = live(cfg, args.out, data=args.data)
     png = plot(summary, Path(args.out) / "live.png")

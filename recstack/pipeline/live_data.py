@@ -33,10 +33,12 @@ KEEP_FILES = ("users.parquet", "items.parquet", "truth_users.parquet", "truth_it
               "truth_categories.parquet")
 
 
-def window_world(src: str | Path, out: str | Path, days: int) -> dict:
+def window_world(src: str | Path, out: str | Path, days: int, end_epoch: float | None = None) -> dict:
     """Write `src` cut to its first `days` days into `out` (impressions, events before the end
     of day `days`, aggregates, world.json); -> the world.json written (last, so a half-written
-    folder is refused by the loader)."""
+    folder is refused by the loader). `end_epoch`: the window's end as an absolute time (the
+    live loop's virtual clock starts there): world.json's `origin_epoch` is set so that every
+    bundle exported from the window anchors its snapshot at that time."""
     src, out = Path(src), Path(out)
     world = json.loads((src / "world.json").read_text())
     if world["n_days"] < days:
@@ -56,6 +58,8 @@ def window_world(src: str | Path, out: str | Path, days: int) -> dict:
         pq.write_table(agg.filter(pc.less_equal(agg.column("day"), days)), out / "aggregates.parquet")
     world.update(n_days=days, now=float(end), days=world["days"][:days], n_events=events.num_rows,
                  window_of=str(src))
+    if end_epoch is not None:
+        world["origin_epoch"] = float(end_epoch) - float(end)
     (out / "world.json").write_text(json.dumps(world, indent=2))
     return world
 

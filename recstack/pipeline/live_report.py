@@ -145,13 +145,14 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def concentration(log_dir: str | Path, day: int, since: float) -> dict:
-    """What one arm served on `day` (its replay's rows): distinct items, the share of the
+def concentration(log_dir: str | Path, prefix: str, since: float) -> dict:
+    """What one arm served in a day's replay (the rows of request ids starting with `prefix`,
+    logged at or after `since`): distinct items, the share of the
     impressions on its 100 most shown items, and the mean item price: a feedback loop that
     narrows what is shown shows up here first."""
     from recstack.pipeline.live_data import day_rows
 
-    rows = day_rows(log_dir, f"replay-d{day}-", since)
+    rows = day_rows(log_dir, prefix, since)
     items = rows.get("item_id", np.zeros(0, np.int64))
     if not len(items):
         return {"impressions": 0}

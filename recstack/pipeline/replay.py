@@ -26,6 +26,7 @@ from scipy import stats
 
 from recstack.data import load
 from recstack.features import EVENT_KINDS
+from recstack.serving.clock import set_clock
 from recstack.serving import client
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
@@ -50,6 +51,14 @@ class ReplayConfig:
     # app would send it: the feature store and the impression log then hold what they hold in
     # production, not only the clicks on what was served
     browsing: bool = True
+    # a virtual clock (recstack.serving.clock): when set, the server runs with --clock-file at
+    # this path and the replay sets it to clock_offset + each session's simulated time before
+    # the call, and stamps every event at clock_offset + its simulated time, so the server ages
+    # behaviour as the simulated world would. "" = the wall clock (a compressed day: every
+    # replayed event looks seconds old)
+    clock_file: str = ""
+    clock_offset: float = 0.0
+    request_prefix: str = ""  # each call's request id is this + "s<session>"; "" = "replay-d<day>-"
 
     def __post_init__(self):
         if self.sessions < 1 or self.k < 1:
@@ -102,22 +111,44 @@ def _browsing(data, day: int, arm: int, arms: int) -> dict[str, np.ndarray]:
     return {k: ev[k][keep][order] for k in ("user_id", "ts", "item_id", "kind", "dwell")}
 
 
-class _BrowseFeed:
-    """Sends the browsing that happened before a simulated time, each event stamped at the wall
-    time its simulated time maps to (the replay's compression)."""
+class _Time:
+    """The times a replay stamps: the wall clock with the day compressed by `speedup`, or the
+    virtual clock it sets for the server (ReplayConfig.clock_file)."""
 
-    def __init__(self, events: dict[str, np.ndarray], speedup: float, log_events, timeout_s: float):
-        self.ev, self.speedup, self.log_events, self.timeout_s = events, speedup, log_events, timeout_s
+    def __init__(self, cfg: ReplayConfig):
+        self.file, self.offset, self.speedup = cfg.clock_file, cfg.clock_offset, cfg.speedup
+
+    def at(self, t_sim: float) -> None:
+        """Move the server's clock to simulated time `t_sim` (nothing on the wall clock)."""
+        if self.file:
+            set_clock(self.file, self.offset + t_sim)
+
+    def stamp(self, t_sim: float, t_now: float) -> float:
+        """The timestamp of an event at simulated `t_sim`, sent at simulated `t_now`."""
+        return self.offset + t_sim if self.file else time.time() - (t_now - t_sim) / self.speedup
+
+    def since(self, t_first: float) -> float:
+        """A time at or before every row the replay will log."""
+        return self.offset + t_first - 1.0 if self.file else time.time()
+
+
+class _BrowseFeed:
+    """Sends the browsing that happened up to a simulated time, each event stamped by `clock`."""
+
+    def __init__(self, events: dict[str, np.ndarray], clock: _Time, log_events, timeout_s: float):
+        self.ev, self.clock, self.log_events, self.timeout_s = events, clock, log_events, timeout_s
         self.next, self.sent, self.failed = 0, 0, {}
 
     def until(self, t_sim: float | None) -> None:
         """Send every event at or before `t_sim` (None: all that remain)."""
         ts = self.ev["ts"]
         end = len(ts) if t_sim is None else int(np.searchsorted(ts, t_sim, side="right"))
-        now, t_ref = time.time(), float(t_sim if t_sim is not None else (ts[end - 1] if end else 0.0))
+        t_ref = float(t_sim if t_sim is not None else (ts[end - 1] if end else 0.0))
+        if t_sim is None and end > self.next:
+            self.clock.at(t_ref)  # the day's last browsing: the server's clock moves to it first
         for lo in range(self.next, end, BROWSE_BATCH):
             hi = min(end, lo + BROWSE_BATCH)
-            batch = [client.event(int(u), int(i), now - (t_ref - float(t)) / self.speedup, EVENT_KINDS[k], float(d))
+            batch = [client.event(int(u), int(i), self.clock.stamp(float(t), t_ref), EVENT_KINDS[k], float(d))
                      for u, t, i, k, d in zip(self.ev["user_id"][lo:hi], ts[lo:hi], self.ev["item_id"][lo:hi],
                                               self.ev["kind"][lo:hi], self.ev["dwell"][lo:hi])]
             try:
@@ -141,17 +172,20 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_
     answered: list[int] = []
     failed, degraded, events_sent, served = {}, 0, 0, 0
     sums = np.zeros(4)  # over the served items: sum pCTR-hat, sum pCTR, sum pCTR * pCVR-hat, sum pCTR * pCVR
+    clock = _Time(cfg)
+    since = clock.since(float(ts[0]))
     with client.channel(target) as ch:
         rank, log_events = pb_grpc.RankingServiceStub(ch).Rank, pb_grpc.EventServiceStub(ch).LogEvents
         feed = _BrowseFeed(_browsing(data, day, cfg.arm, cfg.arms) if cfg.browsing else
                            {k: np.zeros(0) for k in ("user_id", "ts", "item_id", "kind", "dwell")},
-                           cfg.speedup, log_events, cfg.timeout_s)
+                           clock, log_events, cfg.timeout_s)
         t_wall, t_sim = time.monotonic(), float(ts[0])
         for s, user, t in zip(sid.tolist(), users.tolist(), ts.tolist()):
             time.sleep(max(0.0, min(cfg.max_wait_s, (t - t_sim) / cfg.speedup - (time.monotonic() - t_wall))))
             t_wall, t_sim = time.monotonic(), t
+            clock.at(t)  # before the browsing: the server checks each event against its clock
             feed.until(t)
-            rid = f"replay-d{day}-s{s}"
+            rid = f"{cfg.request_prefix or f'replay-d{day}-'}s{s}"
             try:
                 resp = rank(client.make_request(user, cfg.k, debug=False), timeout=cfg.timeout_s,
                             metadata=(("x-request-id", rid),))
@@ -168,7 +202,7 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_
             sums += (pctr_hat.sum(), p.sum(), (p * pcvr_hat).sum(), (p * q).sum())
             click = rng.random(len(p)) < p
             buy = click & (rng.random(len(p)) < q)
-            now = time.time()
+            now = clock.stamp(t, t)
             events = [client.event(user, int(i), now, "click", float(rng.exponential(cfg.dwell_mean_s)), request_id=rid)
                       for i in items[0][click]]
             events += [client.event(user, int(i), now + 1e-3, "purchase", request_id=rid) for i in items[0][buy]]
@@ -184,7 +218,7 @@ def replay(target: str, data_dir: str, cfg: ReplayConfig = ReplayConfig(), keep_
                 rows[key].append(float(value))
         feed.until(None)  # the rest of the day's browsing: tomorrow's features count it
     failed.update(feed.failed)
-    report = {"target": target, "data": str(data_dir), "day": day, "config": asdict(cfg),
+    report = {"target": target, "data": str(data_dir), "day": day, "config": asdict(cfg), "since": since,
               "requests": len(rows["clicks"]), "impressions": served, "failed": failed, "degraded": int(degraded),
               "events_sent": events_sent, "browse_events_sent": feed.sent, "per_request": {k: mean_ci(np.array(v)) for k, v in rows.items()},
               "calibration_vs_truth": calibration_vs_truth(*sums)}

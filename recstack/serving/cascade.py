@@ -89,7 +89,7 @@ class Cascade:
                  retrieval_timeout_s: float = 0.05, browse_share: float = browse.DEFAULT_SHARE,
                  browse_window_s: float = browse.DEFAULT_WINDOW_S,
                  browse_coarse_share: float = browse.DEFAULT_COARSE_SHARE,
-                 browse_replaces_i2i: bool = browse.DEFAULT_REPLACES_I2I):
+                 browse_replaces_i2i: bool = browse.DEFAULT_REPLACES_I2I, clock: Callable[[], float] | None = None):
         for name, share in (("i2i_share", i2i_share), ("browse_share", browse_share),
                             ("browse_coarse_share", browse_coarse_share)):
             if not 0.0 <= share <= 1.0:
@@ -126,7 +126,8 @@ class Cascade:
         self.value_column, self.item_values = read_values(bundle, self.items)
         self.n_users, self.n_items = self.users.n, self.items.n
         self.ids = read_ids(bundle, self.n_users, self.n_items)  # external ids <-> internal indices
-        self.clock: Callable[[], float] = time.time  # a request without its own time is aged at this one
+        # a request without its own time is aged at this one (recstack.serving.clock: wall or virtual)
+        self.clock: Callable[[], float] = clock or time.time
         beh_user, beh_seconds, beh_item, beh_kind, beh_dwell, _ = beh
         self.snapshot = Snapshot.from_seconds_ago(beh_user, beh_seconds, beh_item, beh_kind, beh_dwell, self.n_users,
                                                   time=snapshot_time(m))
@@ -170,7 +171,8 @@ class Cascade:
 
         options: i2i_share, i2i_seeds, retrieval_backend (a URI, see recstack.serving.candidates),
         retrieval_timeout_s (the longest a remote retrieval call may take), browse_share,
-        browse_window_s, browse_coarse_share, browse_replaces_i2i (recstack.browse)."""
+        browse_window_s, browse_coarse_share, browse_replaces_i2i (recstack.browse), clock (the
+        server's time, recstack.serving.clock; default the wall clock)."""
         cascade = cls(Bundle.open(path, verify=True, key=key), onnx_threads=onnx_threads, faiss_threads=faiss_threads,
                       **options)
         if warm:

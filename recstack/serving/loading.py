@@ -9,6 +9,7 @@ Export runs the same index check (`check_index_finite`) before it writes a bundl
 from __future__ import annotations
 
 import datetime as _dt
+import math
 from pathlib import Path
 
 import faiss
@@ -188,8 +189,15 @@ def check_index_finite(index, rel: str, chunk: int = 65_536) -> bool:
 
 
 def snapshot_time(manifest: dict) -> float:
-    """When the bundle's snapshot was taken, in seconds since the epoch: its export time
-    (`created`, ISO 8601). BundleError when that is missing or unparsable."""
+    """When the bundle's snapshot was taken, in seconds since the epoch: the time of its data's
+    last event when the data's times are absolute (`snapshot.epoch`: a world written from a
+    server's log), else its export time (`created`, ISO 8601). BundleError when that is missing
+    or unparsable."""
+    epoch = (manifest.get("snapshot") or {}).get("epoch")
+    if epoch is not None:
+        if not isinstance(epoch, (int, float)) or isinstance(epoch, bool) or not math.isfinite(epoch) or epoch <= 0:
+            raise BundleError(f"manifest.json: snapshot.epoch: {epoch!r} is not a time in seconds since the epoch")
+        return float(epoch)
     created = manifest.get("created")
     try:
         t = _dt.datetime.fromisoformat(str(created))

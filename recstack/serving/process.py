@@ -61,6 +61,7 @@ class ServeOptions:
     log_roll_s: float = 60.0  # the longest an impression / event log file stays open before it is finished
     retrieval_backend: str = "faiss"  # or milvus://HOST:PORT/COLLECTION (recstack.serving.candidates)
     retrieval_timeout_s: float = 0.05  # the longest a remote retrieval call may take (the deadline may cut it shorter)
+    clock_file: str = ""  # "" = the wall clock; else the server's time is the number in this file (recstack.serving.clock)
 
 
 class _JSONLines(logging.Formatter):
@@ -190,6 +191,19 @@ def _serve_one(artifacts: str, host: str, port: int, opts: ServeOptions, reuse_p
         signals.restore()
 
 
+def _clock(opts: ServeOptions) -> dict:
+    """Cascade options for the server's clock: none for the wall clock; a FileClock (checked now:
+    a missing or unreadable file stops the server with one line) for --clock-file."""
+    if not opts.clock_file:
+        return {}
+    from recstack.serving.clock import ClockError, FileClock
+
+    try:
+        return {"clock": FileClock(opts.clock_file)}
+    except ClockError as e:
+        raise ServeError(f"--clock-file: {e}") from None
+
+
 def _open_live(artifacts: str, opts: ServeOptions) -> LivePath:
     """The feature store and the impression / event logs of one serving process: each process
     opens its own connection to the one store the workers share, and writes its own log files."""
@@ -230,7 +244,8 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
             reuse_port=reuse_port, admin_token=opts.admin_token, tls=tls, reflection_enabled=opts.reflection,
             max_message_bytes=opts.max_message_bytes, metrics=metrics, worker=worker, load_first=reuse_port,
             bundle_key=opts.bundle_key.encode() if opts.bundle_key else None, live=live,
-            cascade_options={"retrieval_backend": opts.retrieval_backend, "retrieval_timeout_s": opts.retrieval_timeout_s})
+            cascade_options={"retrieval_backend": opts.retrieval_backend, "retrieval_timeout_s": opts.retrieval_timeout_s,
+                             **_clock(opts)})
         try:
             if servicer.cascade is None and signals.received is None:
                 servicer.load(artifacts)

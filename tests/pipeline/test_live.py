@@ -3,6 +3,8 @@ a new served version, the day's logged rows are what every stage trains on, no f
 the Reload, and a loop stopped after day 1 resumes at day 2."""
 import json
 
+import numpy as np
+
 import pytest
 
 from recstack import bundle as B
@@ -183,3 +185,39 @@ def test_live_compare_pairs_runs_by_request_and_reads_the_replays_calibration(ru
     assert sorted(int(d) for d in res["frozen_on_the_simulated_log"]) == days
     tool.plot(res, tmp_path / "compare.png")
     assert (tmp_path / "compare.png").stat().st_size > 0
+
+
+def test_the_servers_run_on_the_simulated_clock(run):
+    """Each arm's server is on the virtual clock the replay sets: every logged request and event
+    of a live day is at offset + a simulated time of that world day, the browsing at its own
+    time in the world's log; every bundle anchors the pre-live history at the window's end."""
+    from recstack import bundle as B
+    from recstack.data import load
+    from recstack.data.live_log import read_log
+    from recstack.pipeline.live import start_clocks
+    from recstack.pipeline.live_data import day_rows
+
+    out, _, second, _ = run
+    _, offset = start_clocks(out, CONFIG)
+    world = load(out / "world")
+    for d in second["days"]:
+        rep = json.loads((out / "days" / f"d{d['live_day']:02d}" / "replay.json").read_text())
+        for arm in ("A", "B"):
+            rows = day_rows(out / "arms" / arm / "live_log", rep["prefix"], rep["since"])
+            assert (world.day_of(rows["ts"] - offset) == d["world_day"]).all()
+            sent = {int(s[1:]) for s in {r.rsplit("-", 1)[-1] for r in rows["request_id"].tolist()}}
+            imps = world.impressions(d["world_day"])
+            first = {int(s): t for s, t in zip(imps["session_id"][::-1].tolist(), imps["ts"][::-1].tolist())}
+            assert all(t == pytest.approx(first[s] + offset, abs=1e-3) for s, t in zip(
+                [int(r.rsplit("-", 1)[-1][1:]) for r in rows["request_id"].tolist()], rows["ts"].tolist()) if s in sent)
+        version = f"day{d['live_day']:02d}"
+        manifest = json.loads((out / "arms" / "B" / version / B.MANIFEST).read_text())
+        window = json.loads((out / "window" / "world.json").read_text())
+        assert manifest["snapshot"]["epoch"] == pytest.approx(offset + window["now"])
+    events = read_log(out / "arms" / "A" / "live_log", "events")
+    browsed = events["request_id"] == ""
+    assert browsed.any()
+    t, ref = events["ts"][browsed] - offset, np.sort(world.events["ts"])
+    i = np.clip(np.searchsorted(ref, t), 1, len(ref) - 1)
+    gap = np.minimum(np.abs(ref[i] - t), np.abs(ref[i - 1] - t))
+    assert gap.max() < 1e-3  # each at its own time in the world's log

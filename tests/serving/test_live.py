@@ -180,3 +180,55 @@ def test_the_snapshot_clock_is_the_bundle_export_time():
     assert snapshot_time({"created": "2026-01-01T00:00:00"}) == 1767225600.0  # no zone: UTC, as export writes it
     with pytest.raises(BundleError, match="created"):
         snapshot_time({"created": "yesterday"})
+
+
+def test_the_snapshot_clock_is_the_datas_last_event_when_its_times_are_absolute():
+    from recstack.bundle import BundleError
+    from recstack.serving.cascade import snapshot_time
+
+    m = {"created": "2026-01-01T00:00:00+00:00", "snapshot": {"time": 345600.0, "epoch": 1.8e9}}
+    assert snapshot_time(m) == 1.8e9
+    for bad in ("soon", float("nan"), -1.0, True):
+        with pytest.raises(BundleError, match="snapshot.epoch"):
+            snapshot_time({**m, "snapshot": {"epoch": bad}})
+
+
+def test_a_server_on_a_virtual_clock_ages_and_logs_at_that_clock(tmp_path, make_fake_bundle):
+    """--clock-file: a request's time (what the user's events are aged at, and the impression
+    log's ts) is the file's, and LogEvents checks "not in the future" against it; the file moves,
+    the server follows."""
+    from recstack.data.live_log import read_log
+    from recstack.serving.clock import FileClock, set_clock
+    from recstack.v1 import ranking_pb2_grpc as pb_grpc
+
+    make_fake_bundle(tmp_path / "artifacts")
+    clock = tmp_path / "clock"
+    t0 = 2.5e9  # years ahead of the wall clock: only the file says what time it is
+    set_clock(clock, t0)
+    store = open_store("", artifacts_root=tmp_path / "artifacts")
+    live = LivePath(store, tmp_path / "log", roll_s=0.05)
+    server, port, servicer = build_server(tmp_path / "artifacts", max_workers=2, live=live,
+                                          cascade_options={"clock": FileClock(clock)})
+    target = f"127.0.0.1:{port}"
+
+    def rank(request_id: str):
+        with client.channel(target) as ch:
+            return pb_grpc.RankingServiceStub(ch).Rank(client.make_request(PROFILE_ONLY_USER, 10), timeout=10,
+                                                       metadata=(("x-request-id", request_id),))
+
+    try:
+        u = PROFILE_ONLY_USER
+        client.log_events(target, [client.event(u, 3, t0 - 3600.0, "click")])  # an hour ago on the file's clock
+        with pytest.raises(grpc.RpcError, match="timestamp"):  # a day ahead of the file's clock
+            client.log_events(target, [client.event(u, 4, t0 + 86400.0, "click")])
+        assert rank("at-t0").stage_counts.sequence_length == 1
+        assert servicer.cascade.clock() == t0
+        set_clock(clock, t0 + 7200.0)
+        assert servicer.cascade.clock() == t0 + 7200.0
+        rank("at-t0-plus-2h")
+    finally:
+        server.stop(None)
+        live.close()
+    imps = read_log(tmp_path / "log", "impressions")
+    ts = dict(zip(imps["request_id"].tolist(), imps["ts"].tolist()))
+    assert ts["at-t0"] == t0 and ts["at-t0-plus-2h"] == t0 + 7200.0
