@@ -42,3 +42,27 @@ def test_coarse_bound_counts_the_fine_rankers_cut_of_every_candidate(tiny_data, 
     # with no cut at all (coarse size = retrieval size), the fine ranker keeps everything retrieved
     full = tool.measure(tiny_data, str(tiny_bundle), 6, 60, 60)
     assert full["fine_of_all"] == pytest.approx(full["retrieval"]) and full["coarse"] == pytest.approx(full["retrieval"])
+
+
+def test_cascade_calibration_sums_the_heads_against_the_truth_by_fine_rank(tiny_data, tiny_bundle, tmp_path):
+    """By block of fine ranks: the predicted and true sums of what the serving code returns, the
+    same numbers recomputed here for one user."""
+    import numpy as np
+
+    from recstack.data import load
+    from recstack.serving.cascade import Cascade, Query
+    from recstack.world.truth import Truth
+
+    tool = _tool("cascade_calibration")
+    out = tmp_path / "cal.json"
+    day = load(tiny_data).test_day
+    assert tool.main(["--bundle", str(tiny_bundle), "--data", tiny_data, "--day", str(day), "--users", "1",
+                      "--out", str(out)]) == 0
+    res = json.loads(out.read_text())["by_fine_rank"]
+    assert list(res)[:2] == ["1-10", "11-50"] and res["1-10"]["items"] == 10
+    cascade = Cascade.load(tiny_bundle)
+    user = int(np.unique(load(tiny_data).impressions(day)["user_id"])[0])
+    r = cascade.rank(Query(user_id=user, num_results=200, retrieval_size=min(1000, cascade.n_items), coarse_size=200,
+                           now=cascade.snapshot.time), None)
+    p = Truth.load(tiny_data).pctr([user], r.item_ids[None], day)[0]
+    assert res["1-10"]["ctr"] == pytest.approx(r.pctr[:10].sum() / p[:10].sum(), rel=1e-6)
