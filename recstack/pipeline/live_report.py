@@ -20,23 +20,23 @@ AUC_KEYS = (("retrieval", "auc"), ("coarse", "auc"), ("fine", "ctr_auc"), ("fine
 CALIBRATION_KEYS = ("ctr_calibration", "cvr_calibration")  # the fine heads' mean prediction / label rate
 
 
+def _ctr_cvr(ctr: float, cvr: float) -> str:
+    """"CTR 1.02, CVR 0.97", "n/a" for a ratio that is not finite."""
+    return ", ".join(f"{name} {v:.2f}" if math.isfinite(v) else f"{name} n/a" for name, v in (("CTR", ctr), ("CVR", cvr)))
+
+
 def calibration(auc: dict, model: str) -> str:
     """"CTR 1.02, CVR 0.97": the fine heads' calibration on the day's log, "n/a" where not scored."""
-    vals = [auc[model]["fine"].get(k, math.nan) for k in CALIBRATION_KEYS]
-    return ", ".join(f"{name} {v:.2f}" if math.isfinite(v) else f"{name} n/a" for name, v in zip(("CTR", "CVR"), vals))
+    return _ctr_cvr(*(auc[model]["fine"].get(k, math.nan) for k in CALIBRATION_KEYS))
 
 
 def truth_calibration(by_arm: dict | None) -> str:
     """"A CTR 1.32, CVR 0.89; B CTR 0.97, CVR 0.92": each arm's served heads against the world's
     true probabilities on the items it served (the replay's `calibration_vs_truth`); "n/a"
     where the replay did not record it."""
-    parts = []
-    for arm in ("A", "B"):
-        c = (by_arm or {}).get(arm)
-        vals = [c.get(k, math.nan) if c else math.nan for k in ("ctr", "cvr")]
-        parts.append(f"{arm} " + ", ".join(f"{n} {v:.2f}" if math.isfinite(v) else f"{n} n/a"
-                                           for n, v in zip(("CTR", "CVR"), vals)))
-    return "; ".join(parts)
+    arms = by_arm or {}
+    return "; ".join(f"{arm} " + _ctr_cvr(*((arms.get(arm) or {}).get(k, math.nan) for k in ("ctr", "cvr")))
+                     for arm in ("A", "B"))
 
 
 def welch(b: dict, a: dict, level: float = 0.95) -> dict:

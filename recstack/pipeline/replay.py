@@ -26,8 +26,8 @@ from scipy import stats
 
 from recstack.data import load
 from recstack.features import EVENT_KINDS
-from recstack.serving.clock import set_clock
 from recstack.serving import client
+from recstack.serving.clock import set_clock
 from recstack.v1 import ranking_pb2 as pb
 from recstack.v1 import ranking_pb2_grpc as pb_grpc
 from recstack.world.truth import Truth
