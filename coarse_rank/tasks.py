@@ -18,8 +18,20 @@ def shares_sequence(cfg: Config) -> bool:
     return cfg.teacher not in ("baseline", "lupi") and cfg.manner in ("share_sync", "share_star_sync")
 
 
-def make_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """Optimizer plus the paper's schedule: LR rises linearly over `warmup_steps`, then stays fixed."""
+def lr_factor(cfg: Config, step: int, total: int) -> float:
+    """The LR multiplier of optimiser step `step` (0-based) of `total`: a linear rise over
+    `warmup_steps`, then 1 (the paper's constant LR) or, with `lr_schedule="linear"`, a linear
+    fall that reaches 0 after the last step."""
+    warm = max(cfg.warmup_steps, 1)
+    rise = min(1.0, (step + 1) / warm)
+    if cfg.lr_schedule == "constant":
+        return rise
+    return min(rise, max(0.0, (total - step) / max(1, total - warm + 1)))
+
+
+def make_optimizer(cfg: Config, params, total: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """Optimizer plus the LR schedule of `total` steps (`lr_factor`): the paper's warm-up, then
+    a constant LR, or a linear decay to 0."""
     params = list(params)
     if cfg.sparse_embeddings:
         opt = sparse.optimizer(cfg.optimizer, params, cfg.lr, cfg.weight_decay)
@@ -27,8 +39,7 @@ def make_optimizer(cfg: Config, params) -> tuple[torch.optim.Optimizer, torch.op
         opt = torch.optim.Adagrad(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     else:
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(cfg.warmup_steps, 1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warm))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(cfg, step, total))
     return opt, sched
 
 

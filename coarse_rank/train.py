@@ -208,8 +208,8 @@ def _loop(cfg: Config, train_ex: Examples | ShardStream, student: InnerProductSt
     local_batch = cfg.batch_size // D.world_size()
     if cfg.sparse_embeddings:
         sparse.enable(trained)
-    opt, sched = make_optimizer(cfg, params)
     total = _steps(cfg, n_rows, train_ex.batches_per_epoch(local_batch, min_rows=2) if streamed else None)
+    opt, sched = make_optimizer(cfg, params, total)
     loop = Loop(f"coarse:{desc}", n_rows, trained, opt, total, Ema("loss_ema", 0.98, 0.02), scheduler=sched,
                 streamed=streamed, ddp_modules=nn.ModuleList([m for m in trained.values() if m.training]),
                 # BatchNorm statistics are per rank: serve rank 0's everywhere

@@ -1,11 +1,13 @@
 """Fill the coarse fit cache in order of priority, seed by seed, so that whatever finishes
 forms complete paired sets: `recstack experiment coarse` then finds every fit cached.
 
-    python tools/pfd_fill_cache.py DATA CONTROL_DATA CACHE [--seeds 1,...,10] [--lr 0.05] [--workers 2]
+    python tools/pfd_fill_cache.py DATA CONTROL_DATA CACHE [--seeds 1,...,10] [--lr 0.05] [--workers 2] \
+        [--set KEY=VALUE ...]
 
 The jobs are the test-day fits of `recstack experiment coarse --set lrs=LR` (Share*&Sync, the
 same Config and keys), in this order: baseline / SD / PFD for each seed, MD / PFD+MD for each
-seed, the oracle, then SD / PFD on the control world. Fits already cached are skipped.
+seed, the oracle, then SD / PFD on the control world. Fits already cached are skipped. `--set`
+changes every fit's Config as `recstack experiment coarse --set` does (e.g. lr_schedule=linear).
 """
 from __future__ import annotations
 
@@ -24,8 +26,8 @@ from coarse_rank.train import Config
 GROUPS = ((("baseline", "sd", "pfd"), "main"), (("md", "pfd_md"), "main"), (("oracle",), "main"), (("sd", "pfd"), "control"))
 
 
-def jobs(data: str, control: str, cache: str, seeds: list[int], lr: float) -> list[tuple]:
-    plan = CoarsePlan.from_cli("coarse", seeds, workers=1, config=Config, cache=cache)
+def jobs(data: str, control: str, cache: str, seeds: list[int], lr: float, sets: list[str] = ()) -> list[tuple]:
+    plan = CoarsePlan.from_cli("coarse", seeds, workers=1, config=Config, cache=cache, overrides=list(sets))
     base = base_config(plan)
     out = []
     for rows, world in GROUPS:
@@ -45,8 +47,9 @@ def main() -> None:
     ap.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9,10")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Config field of every fit")
     a = ap.parse_args()
-    todo = [j for j in jobs(a.data, a.control, a.cache, [int(s) for s in a.seeds.split(",")], a.lr)
+    todo = [j for j in jobs(a.data, a.control, a.cache, [int(s) for s in a.seeds.split(",")], a.lr, a.set)
             if not (Path(a.cache) / f"{_job_key(j[0], j[1], j[2], j[3])}.npz").exists()]
     print(f"{len(todo)} fits to run", flush=True)
     with mp.get_context("fork").Pool(a.workers, maxtasksperchild=4) as pool:

@@ -25,6 +25,8 @@ def _job_key(data_dir: str, cfg: Config, days: list[int], eval_day: int) -> str:
     for later in ("stream_chunk_rows", "item_stats"):  # fields added later: keyed only when set
         if not fields.get(later):
             fields.pop(later, None)  # so the fits cached before the field keep their keys
+    if fields.get("lr_schedule") == "constant":
+        fields.pop("lr_schedule")  # added later, keyed only when not the constant LR of the fits before it
     if not fields.get("fine_distill"):
         for k in [k for k in fields if k.startswith("fine_distill") or k == "fine_targets"]:
             fields.pop(k)

@@ -166,6 +166,36 @@ def test_config_overrides_are_checked():
         apply_overrides(Config(), ["d_model=30"])
 
 
+def test_lr_schedule_warms_up_then_holds_or_falls_to_zero():
+    from coarse_rank.tasks import lr_factor
+
+    const, lin = Config(warmup_steps=4), Config(warmup_steps=4, lr_schedule="linear")
+    total = 20
+    assert [lr_factor(const, s, total) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    f = [lr_factor(lin, s, total) for s in range(total)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # the same warm-up
+    assert all(a > b for a, b in zip(f[3:], f[4:])) and 0 < f[-1] <= 1 / (total - 4)  # falls every step
+    assert lr_factor(lin, total, total) == 0.0  # 0 after the last step
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        apply_overrides(Config(), ["lr_schedule=cosine"])
+
+
+def test_linear_lr_schedule_trains_and_ends_at_zero(tiny_data, tmp_path):
+    from coarse_rank.tasks import make_optimizer
+    from coarse_rank.objective import build_student
+
+    cfg = Config(**dict(FAST, lr_schedule="linear"))
+    opt, sched = make_optimizer(cfg, build_student(cfg, load(tiny_data).vocab).parameters(), 12)
+    for _ in range(12):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == 0.0
+    m = train(Config(**dict(FAST, lr_schedule="linear", max_steps=6, eval_max_rows=200)), tiny_data, tmp_path,
+              progress=False)
+    assert np.isfinite(m["final_train_loss"])
+    assert checkpoint.load(tmp_path / "checkpoint.pt")["config"]["lr_schedule"] == "linear"
+
+
 def test_request_inputs_share_one_user_row_per_request():
     x = random_inputs(6, seed=5, lengths=[3, 3, 3, 8, 8, 2])
     x["user_id"] = np.array([4, 4, 4, 9, 9, 4])

@@ -36,3 +36,16 @@ def test_fill_cache_jobs_have_the_experiments_keys(tiny_data, tmp_path):
     assert all(j[4] == str(tmp_path) for j in jobs)
     assert [(j[1].teacher, j[1].seed) for j in jobs[:4]] == [("baseline", 1), ("sd", 1), ("pfd", 1), ("baseline", 2)]
     assert all(j[1].manner == "share_star_sync" and j[1].objective == "ctr" and j[1].eval_max_rows == 0 for j in jobs)
+
+
+def test_fill_cache_sets_reach_every_fit_and_its_key(tiny_data, tmp_path):
+    plain = _tool().jobs(tiny_data, tiny_data, str(tmp_path), [1, 2, 3], 0.05)
+    linear = _tool().jobs(tiny_data, tiny_data, str(tmp_path), [1, 2, 3], 0.05, ["lr_schedule=linear"])
+    assert all(j[1].lr_schedule == "linear" for j in linear) and all(j[1].lr_schedule == "constant" for j in plain)
+    # the experiment run with the same --set finds these fits in the cache
+    plan = CoarsePlan.from_cli("coarse", [1, 2, 3], config=Config, overrides=("lrs=0.05", "lr_schedule=linear"))
+    data = load(tiny_data)
+    r = Runner(tiny_data, data, base_config(plan), windows(data, plan.base_days), print)
+    assert _job_key(*linear[0][:4]) == _job_key(tiny_data, r.cfg(**ROWS["baseline"], lr=0.05, seed=1), r.win["train"],
+                                                r.win["test"])
+    assert {_job_key(*j[:4]) for j in linear}.isdisjoint(_job_key(*j[:4]) for j in plain)

@@ -167,3 +167,5 @@ def test_fits_cached_before_the_option_keep_their_keys(tiny_data):
     key = _job_key(tiny_data, Config(), [1], 2)
     assert _job_key(tiny_data, Config(fine_distill_top=77, fine_distill_pairs=3), [1], 2) == key  # off: not keyed
     assert _job_key(tiny_data, Config(fine_distill=1.0, fine_targets="t.npz"), [1], 2) != key
+    assert _job_key(tiny_data, Config(lr_schedule="constant"), [1], 2) == key  # the LR schedule of the fits before it
+    assert _job_key(tiny_data, Config(lr_schedule="linear"), [1], 2) != key
