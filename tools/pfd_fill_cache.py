@@ -2,11 +2,12 @@
 forms complete paired sets: `recstack experiment coarse` then finds every fit cached.
 
     python tools/pfd_fill_cache.py DATA CONTROL_DATA CACHE [--seeds 1,...,10] [--lr 0.05] [--workers 2] \
-        [--set KEY=VALUE ...]
+        [--groups bsp,md,oracle,control] [--set KEY=VALUE ...]
 
 The jobs are the test-day fits of `recstack experiment coarse --set lrs=LR` (Share*&Sync, the
 same Config and keys), in this order: baseline / SD / PFD for each seed, MD / PFD+MD for each
-seed, the oracle, then SD / PFD on the control world. Fits already cached are skipped. `--set`
+seed, the oracle, then SD / PFD on the control world (`--groups bsp,md,oracle,control`: which of
+these groups, in which order). Fits already cached are skipped. `--set`
 changes every fit's Config as `recstack experiment coarse --set` does (e.g. lr_schedule=linear).
 """
 from __future__ import annotations
@@ -23,14 +24,20 @@ from coarse_rank.experiments.plan import ROWS, CoarsePlan, windows
 from coarse_rank.experiments.runner import _fit_job, _job_key
 from coarse_rank.train import Config
 
-GROUPS = ((("baseline", "sd", "pfd"), "main"), (("md", "pfd_md"), "main"), (("oracle",), "main"), (("sd", "pfd"), "control"))
+# name -> (rows, world); `--groups` sets their order (default: the order below)
+GROUPS = {"bsp": (("baseline", "sd", "pfd"), "main"), "md": (("md", "pfd_md"), "main"), "oracle": (("oracle",), "main"),
+          "control": (("sd", "pfd"), "control")}
 
 
-def jobs(data: str, control: str, cache: str, seeds: list[int], lr: float, sets: list[str] = ()) -> list[tuple]:
+def jobs(data: str, control: str, cache: str, seeds: list[int], lr: float, sets: list[str] = (),
+         groups: list[str] = tuple(GROUPS)) -> list[tuple]:
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        raise SystemExit(f"--groups: unknown group(s) {unknown}; choose from {list(GROUPS)}")
     plan = CoarsePlan.from_cli("coarse", seeds, workers=1, config=Config, cache=cache, overrides=list(sets))
     base = base_config(plan)
     out = []
-    for rows, world in GROUPS:
+    for rows, world in (GROUPS[g] for g in groups):
         d = data if world == "main" else control
         win = windows(load(d), plan.base_days)
         for s in seeds:
@@ -47,9 +54,10 @@ def main() -> None:
     ap.add_argument("--seeds", default="1,2,3,4,5,6,7,8,9,10")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--groups", default=",".join(GROUPS), help=f"the groups to fill, in this order (of {list(GROUPS)})")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Config field of every fit")
     a = ap.parse_args()
-    todo = [j for j in jobs(a.data, a.control, a.cache, [int(s) for s in a.seeds.split(",")], a.lr, a.set)
+    todo = [j for j in jobs(a.data, a.control, a.cache, [int(s) for s in a.seeds.split(",")], a.lr, a.set, a.groups.split(","))
             if not (Path(a.cache) / f"{_job_key(j[0], j[1], j[2], j[3])}.npz").exists()]
     print(f"{len(todo)} fits to run", flush=True)
     with mp.get_context("fork").Pool(a.workers, maxtasksperchild=4) as pool:

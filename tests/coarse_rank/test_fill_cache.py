@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import pytest
+
 from recstack.data import load
 
 from coarse_rank.experiments import base_config
@@ -49,3 +51,10 @@ def test_fill_cache_sets_reach_every_fit_and_its_key(tiny_data, tmp_path):
     assert _job_key(*linear[0][:4]) == _job_key(tiny_data, r.cfg(**ROWS["baseline"], lr=0.05, seed=1), r.win["train"],
                                                 r.win["test"])
     assert {_job_key(*j[:4]) for j in linear}.isdisjoint(_job_key(*j[:4]) for j in plain)
+
+
+def test_fill_cache_groups_choose_the_rows_and_their_order(tiny_data, tmp_path):
+    jobs = _tool().jobs(tiny_data, tiny_data, str(tmp_path), [1, 2, 3], 0.05, groups=["control", "bsp"])
+    assert [j[1].teacher for j in jobs[:2]] == ["sd", "pfd"] and len(jobs) == 3 * 2 + 3 * 3
+    with pytest.raises(SystemExit, match="unknown group"):
+        _tool().jobs(tiny_data, tiny_data, str(tmp_path), [1, 2, 3], 0.05, groups=["teachers"])
