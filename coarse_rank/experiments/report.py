@@ -40,7 +40,19 @@ def head(name: str, res: dict) -> list[str]:
         "",
         f"Ground-truth ceiling AUC on the test day (true pCTR vs clicks): {res['ceiling_auc']['mean']:.4f}.",
         "",
-    ]
+    ] + _training(res.get("config") or {})
+
+
+def _training(cfg: dict) -> list[str]:
+    """The optimiser and LR schedule every fit of the table shares (the LRs are above)."""
+    if not cfg:
+        return []
+    schedule = {"constant": "then constant (the paper's schedule)",
+                "linear": "then falling linearly to 0 at the last step"}.get(cfg.get("lr_schedule", "constant"),
+                                                                              cfg.get("lr_schedule"))
+    return [f"Training: {cfg.get('optimizer')}, batch {cfg.get('batch_size')}, {cfg.get('epochs')} epoch(s), "
+            f"the LR rising over {cfg.get('warmup_steps')} warm-up steps, {schedule}; manner "
+            f"{cfg.get('manner')}, λ {cfg.get('lam')}.", ""]
 
 
 def _partial(res: dict) -> bool:
