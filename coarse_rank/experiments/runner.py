@@ -22,11 +22,11 @@ from coarse_rank.train import Config, Fitted, fit
 
 def _job_key(data_dir: str, cfg: Config, days: list[int], eval_day: int) -> str:
     fields = dataclasses.asdict(cfg)
-    for later in ("stream_chunk_rows", "item_stats"):  # fields added later: keyed only when set
-        if not fields.get(later):
-            fields.pop(later, None)  # so the fits cached before the field keep their keys
-    if fields.get("lr_schedule") == "constant":
-        fields.pop("lr_schedule")  # added later, keyed only when not the constant LR of the fits before it
+    # fields added later, at the value every fit before them had: keyed only when changed, so
+    # the fits cached before the field keep their keys
+    for later, before in (("stream_chunk_rows", 0), ("item_stats", False), ("lr_schedule", "constant")):
+        if fields.get(later, before) == before:
+            fields.pop(later, None)
     if not fields.get("fine_distill"):
         for k in [k for k in fields if k.startswith("fine_distill") or k == "fine_targets"]:
             fields.pop(k)
