@@ -66,6 +66,7 @@ def test_one_data_size_reports_no_curve_and_no_data_axis(tiny_data, tmp_path):
     assert all(m["data_multiplier"] is None for m in on_disk["methods"].values())
     assert "infx" not in report and "## Sample efficiency" not in report and "## Data axis" not in report
     assert "then constant (the paper's schedule)" in report  # the LR schedule every fit shared
+    assert not (tmp_path / "sample_efficiency.png").exists() and (tmp_path / "delta_vs_baseline.png").exists()
 
 
 def test_report_names_a_linear_lr_schedule(tiny_data, tmp_path):
@@ -73,7 +74,6 @@ def test_report_names_a_linear_lr_schedule(tiny_data, tmp_path):
         overrides=["methods=baseline", "fractions=", "double=false", "data_days=", "lr_schedule=linear"])
     assert json.loads((tmp_path / "results.json").read_text())["config"]["lr_schedule"] == "linear"
     assert "then falling linearly to 0 at the last step" in (tmp_path / "report.md").read_text()
-    assert not (tmp_path / "sample_efficiency.png").exists() and (tmp_path / "delta_vs_baseline.png").exists()
 
 
 def test_unknown_experiment_and_keys_are_errors(tiny_data, tmp_path):
