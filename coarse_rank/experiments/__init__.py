@@ -36,7 +36,9 @@ Protocol (DESIGN §6), the same for every method, the baseline included:
 `--set` keys besides any `coarse_rank.train.Config` field are the fields of `CoarsePlan`:
 lrs=0.025,0.05,0.1  base_days=3  methods=baseline,pfd  lams=0.1,0.5  manners=ind_sync,...
 fractions=0.25,0.5  double=false  control_methods=baseline,pfd  workers=3  cache=DIR
-control_data=PATH  selected_lrs=baseline:0.05,pfd_md:0.1 (skip the sweep for those methods).
+control_data=PATH  selected_lrs=baseline:0.05,pfd_md:0.1 (skip the sweep for those methods)
+select_only=true (coarse: run step 1 alone and report its curves and the selected_lrs= line
+that hands the choices to the test-day run).
 """
 from __future__ import annotations
 

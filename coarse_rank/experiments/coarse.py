@@ -90,9 +90,20 @@ def contrasts(methods: dict) -> dict:
     return out
 
 
+def selection(rows: list[str], sel: dict) -> dict:
+    """The results of an LR sweep run alone (`select_only`): each row's validation curve and
+    choice, and the `selected_lrs` value that hands the choices to the test-day run."""
+    methods = {m: {"lr": sel[m][0]["lr"], "chosen": sel[m][0], "validation_curve": sel[m][1]} for m in rows}
+    # selected_lrs carries a rate only: a row whose choice has more (baseline_wd's weight decay) is left out
+    given = ",".join(f"{m}:{c['lr']:g}" for m, c in ((m, sel[m][0]) for m in rows) if set(c) == {"lr"})
+    return {"select_only": True, "methods": methods, "selected_lrs": given}
+
+
 def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
     rows = list(plan.methods)
     sel = r.select(plan, [(m, ROWS[m]) for m in rows])
+    if plan.select_only:
+        return selection(rows, sel)
     chosen = {m: sel[m][0] for m in rows}
     # every test-day fit in one batch: methods x seeds, the baseline's data curve, the data axis
     specs = [("test", None, dict(ROWS[m], **chosen[m], seed=s)) for m in rows for s in seeds]
@@ -160,6 +171,8 @@ def _buckets_section(res: dict) -> list[str]:
 
 def body(res: dict) -> list[str]:
     """The report below the header."""
+    if res.get("select_only"):
+        return _selection_body(res)
     methods = res["methods"]
     se = res["sample_efficiency"]
     out = CR.results_section(methods, COLUMNS)
@@ -187,6 +200,22 @@ def body(res: dict) -> list[str]:
             R.markdown_table(["method", "AUC by candidate", "chosen"],
                              [[n, _curve(m["validation_curve"]), _label(m["chosen"])] for n, m in methods.items()]), ""]
     return out
+
+
+def _selection_body(res: dict) -> list[str]:
+    """The report of an LR sweep run alone: every candidate's mean, sd and per-seed AUCs."""
+    rows = []
+    for n, m in res["methods"].items():
+        for label, v in m["validation_curve"].items():
+            if not isinstance(v, dict):  # a given or fixed rate: no curve
+                rows.append([n, label, str(v), "", "yes"])
+                continue
+            rows.append([n, label, R.fmt_mean_std(v), ", ".join(f"{x:.4f}" for x in v["per_seed"]),
+                         "yes" if label == ",".join(f"{k}={c:g}" for k, c in m["chosen"].items()) else ""])
+    return ["## Validation curves (student AUC on the whole validation day; no test-day fit in this run)", "",
+            R.markdown_table(["method", "candidate", "mean ± sd", "per seed", "chosen"], rows), "",
+            "The test-day run takes these choices with:", "", "```", f"--set selected_lrs={res['selected_lrs']}",
+            "```", ""]
 
 
 def _label(cand: dict) -> str:

@@ -47,6 +47,7 @@ class CoarsePlan(ExperimentPlan):
     control_methods: tuple[str, ...] = ("baseline", "pfd", "pfd_md", "oracle")  # the control's rows
     cache: str = ""  # a folder keeping every fit's metrics and predictions, reused across tables
     selected_lrs: dict[str, float] = dataclasses.field(default_factory=dict)  # method:lr pairs that skip the sweep
+    select_only: bool = False  # stop after the LR sweep: report each row's curve and choice, fit nothing on the test day
 
     EXPERIMENTS: ClassVar[tuple[str, ...]] = ("coarse", "lambda", "manner")
     QUICK: ClassVar[dict] = {"lrs": (0.05,), "lams": (0.3, 0.7), "fractions": (0.5,), "select_seeds": 1,
@@ -71,11 +72,13 @@ class CoarsePlan(ExperimentPlan):
             raise ConfigError(f"data_days: each must be >= 1, got {list(self.data_days)}")
         if self.base_days < 1:
             raise ConfigError(f"base_days: must be >= 1, got {self.base_days}")
+        if self.select_only and self.experiment != "coarse":
+            raise ConfigError(f"select_only: only the coarse table has an LR sweep to stop after, not {self.experiment!r}")
 
     def record(self) -> dict:
         """The plan's part of results.json."""
         keys = ("lrs", "base_days", "methods", "lams", "manners", "fractions", "control_data", "double",
-                "control_methods", "workers", "cache", "selected_lrs", "select_seeds", "weight_decays", "data_days",
+                "control_methods", "workers", "cache", "selected_lrs", "select_only", "select_seeds", "weight_decays", "data_days",
                 "data_methods")
         return {k: getattr(self, k) for k in keys}
 

@@ -25,22 +25,24 @@ def head(name: str, res: dict) -> list[str]:
     """The report's title and the paragraph on the world, the windows and the cost."""
     w = res["windows"]
     world = res.get("world") or {}
+    test = ("not touched: this run only sweeps the LR" if res.get("select_only") else "touched once per run")
+    ceiling = ([f"Ground-truth ceiling AUC on the test day (true pCTR vs clicks): {res['ceiling_auc']['mean']:.4f}.", ""]
+               if "ceiling_auc" in res else [])
     return [
         f"# Coarse ranker — experiment `{name}` on the `{res['preset']}` world"
         + (" (QUICK smoke run: not a result)" if res["quick"] else "")
-        + (" — PARTIAL: fewer paired seeds than the protocol's contrasts need" if _partial(res) else ""),
+        + (" — PARTIAL: fewer paired seeds than the protocol's contrasts need" if _partial(res) else "")
+        + (" — LR selection only" if res.get("select_only") else ""),
         "",
         f"World: `{res['preset']}` preset, {res['data_dir']} "
         f"(n_days={world.get('n_days')}, privileged_strength={world.get('privileged_strength')}). "
         f"Seeds {res['seeds']}. {lr_text(res['plan'])}: fit days {w['fit']} → "
-        f"validation day {w['valid']}; test: train days {w['train']} → test day {w['test']} (touched once per run). "
+        f"validation day {w['valid']}; test: train days {w['train']} → test day {w['test']} ({test}). "
         f"Total {res['total_seconds'] / 60:.1f} min wall ({res.get('workers', 1)} worker process(es), one thread each, "
         f"on a machine shared with other jobs: compare costs by CPU seconds, not wall seconds; fits found in "
         f"the --cache were reused, not re-run, and are not in this total).",
         "",
-        f"Ground-truth ceiling AUC on the test day (true pCTR vs clicks): {res['ceiling_auc']['mean']:.4f}.",
-        "",
-    ] + _training(res.get("config") or {})
+    ] + ceiling + _training(res.get("config") or {})
 
 
 def _training(cfg: dict) -> list[str]:

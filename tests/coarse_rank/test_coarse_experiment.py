@@ -76,6 +76,32 @@ def test_report_names_a_linear_lr_schedule(tiny_data, tmp_path):
     assert "then falling linearly to 0 at the last step" in (tmp_path / "report.md").read_text()
 
 
+def test_select_only_sweeps_the_lr_and_hands_its_choices_to_the_test_run(tiny_data, tmp_path):
+    sweep, test = tmp_path / "sweep", tmp_path / "test"
+    res = run("coarse", tiny_data, sweep, seeds=(1, 2), quick=True,
+              overrides=["methods=baseline,sd", "lrs=0.05,0.1", "select_seeds=2", "select_only=true"])
+    on_disk = json.loads((sweep / "results.json").read_text())
+    report = (sweep / "report.md").read_text()
+    assert on_disk["select_only"] and on_disk["plan"]["select_only"]
+    assert all(line.startswith("  valid") for line in res["log"])  # no test-day fit
+    for m in on_disk["methods"].values():
+        curve = m["validation_curve"]
+        assert set(curve) == {"lr=0.05", "lr=0.1"} and all(len(v["per_seed"]) == 2 for v in curve.values())
+        assert m["chosen"]["lr"] == max((0.05, 0.1), key=lambda lr: curve[f"lr={lr:g}"]["mean"])
+    handoff = on_disk["selected_lrs"]
+    assert handoff == ",".join(f"{m}:{on_disk['methods'][m]['lr']:g}" for m in ("baseline", "sd"))
+    assert "LR selection only" in report and "not touched" in report and f"--set selected_lrs={handoff}" in report
+    assert "Ground-truth ceiling" not in report  # nothing was scored on the test day
+    done = run("coarse", tiny_data, test, seeds=(1, 2), quick=True,
+               overrides=["methods=baseline,sd", "lrs=0.05,0.1", "select_seeds=2", f"selected_lrs={handoff}",
+                          "fractions=", "double=false", "data_days="])
+    assert all(line.startswith("  test") for line in done["log"])  # the sweep is not re-run
+    for m in ("baseline", "sd"):
+        assert done["methods"][m]["lr"] == on_disk["methods"][m]["lr"]
+    with pytest.raises(ConfigError, match="select_only"):
+        run("lambda", tiny_data, tmp_path / "l", quick=True, overrides=["select_only=true"])
+
+
 def test_unknown_experiment_and_keys_are_errors(tiny_data, tmp_path):
     with pytest.raises(ConfigError):
         run("table9", tiny_data, tmp_path, quick=True)
@@ -133,12 +159,12 @@ def test_every_plan_key_parses_and_bad_values_name_the_key():
     items = ["lrs=0.025,0.1", "base_days=2", "methods=baseline,pfd", "lams=0.1,0.5", "manners=ind_sync,share_sync",
              "fractions=0.25", "double=false", "control_methods=baseline,pfd", "workers=3", "cache=/c",
              "control_data=/w", "selected_lrs=baseline:0.05,pfd:0.1", "lr=0.2", "select_seeds=3",
-             "weight_decays=0,1e-4", "data_days=2,4", "data_methods=baseline,oracle"]
+             "weight_decays=0,1e-4", "data_days=2,4", "data_methods=baseline,oracle", "select_only=true"]
     p = CoarsePlan.from_cli("coarse", (1, 2, 3), workers=1, overrides=items, config=Config)
     assert p.record() == {"lrs": (0.025, 0.1), "base_days": 2, "methods": ("baseline", "pfd"), "lams": (0.1, 0.5),
                           "manners": ("ind_sync", "share_sync"), "fractions": (0.25,), "control_data": "/w",
                           "double": False, "control_methods": ("baseline", "pfd"), "workers": 3, "cache": "/c",
-                          "selected_lrs": {"baseline": 0.05, "pfd": 0.1}, "select_seeds": 3,
+                          "selected_lrs": {"baseline": 0.05, "pfd": 0.1}, "select_only": True, "select_seeds": 3,
                           "weight_decays": (0.0, 1e-4), "data_days": (2, 4), "data_methods": ("baseline", "oracle")}
     assert p.overrides == ("lr=0.2",)
     quick = CoarsePlan.from_cli("lambda", (1,), quick=True, config=Config)
