@@ -7,12 +7,16 @@ forms complete paired sets: `recstack experiment coarse` then finds every fit ca
 The jobs are the test-day fits of `recstack experiment coarse --set lrs=LR` (Share*&Sync, the
 same Config and keys), in this order: baseline / SD / PFD for each seed, MD / PFD+MD for each
 seed, the oracle, then SD / PFD on the control world (`--groups bsp,md,oracle,control`: which of
-these groups, in which order). Fits already cached are skipped. `--set`
-changes every fit's Config as `recstack experiment coarse --set` does (e.g. lr_schedule=linear).
+these groups, in which order). Fits already cached are skipped. `--set` takes the experiment's
+`--set` keys that shape these fits: a Config field changes every fit as it does there (e.g.
+lr_schedule=linear); `selected_lrs=baseline:0.025,pfd:0.05` (an LR sweep's choices, as handed
+to the test-day run) gives those rows their own LR instead of `--lr`, on both worlds, as the
+experiment's control runs at the rates chosen on the main world; `base_days` sets the windows.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import time
 from pathlib import Path
@@ -27,6 +31,7 @@ from coarse_rank.train import Config
 # name -> (rows, world); `--groups` sets their order (default: the order below)
 GROUPS = {"bsp": (("baseline", "sd", "pfd"), "main"), "md": (("md", "pfd_md"), "main"), "oracle": (("oracle",), "main"),
           "control": (("sd", "pfd"), "control")}
+PLAN_KEYS = ("selected_lrs", "base_days")  # the experiment's plan keys that change which fits these are
 
 
 def jobs(data: str, control: str, cache: str, seeds: list[int], lr: float, sets: list[str] = (),
@@ -34,6 +39,10 @@ def jobs(data: str, control: str, cache: str, seeds: list[int], lr: float, sets:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         raise SystemExit(f"--groups: unknown group(s) {unknown}; choose from {list(GROUPS)}")
+    fields = {f.name for f in dataclasses.fields(Config)}
+    other = [s.partition("=")[0] for s in sets if s.partition("=")[0] not in fields and s.partition("=")[0] not in PLAN_KEYS]
+    if other:
+        raise SystemExit(f"--set: {other} would not change these fits; use a Config field or one of {list(PLAN_KEYS)}")
     plan = CoarsePlan.from_cli("coarse", seeds, workers=1, config=Config, cache=cache, overrides=list(sets))
     base = base_config(plan)
     out = []
@@ -42,7 +51,7 @@ def jobs(data: str, control: str, cache: str, seeds: list[int], lr: float, sets:
         win = windows(load(d), plan.base_days)
         for s in seeds:
             for m in rows:
-                cfg = Config(**{**base.__dict__, **ROWS[m], "lr": lr, "seed": s})
+                cfg = Config(**{**base.__dict__, **ROWS[m], "lr": plan.selected_lrs.get(m, lr), "seed": s})
                 cfg.validate()
                 out.append((d, cfg, win["train"], win["test"], cache))
     return out
@@ -55,7 +64,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--groups", default=",".join(GROUPS), help=f"the groups to fill, in this order (of {list(GROUPS)})")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a Config field of every fit")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a Config field of every fit, or selected_lrs=ROW:LR,... / base_days=N")
     a = ap.parse_args()
     todo = [j for j in jobs(a.data, a.control, a.cache, [int(s) for s in a.seeds.split(",")], a.lr, a.set, a.groups.split(","))
             if not (Path(a.cache) / f"{_job_key(j[0], j[1], j[2], j[3])}.npz").exists()]

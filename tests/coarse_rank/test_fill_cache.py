@@ -58,3 +58,18 @@ def test_fill_cache_groups_choose_the_rows_and_their_order(tiny_data, tmp_path):
     assert [j[1].teacher for j in jobs[:2]] == ["sd", "pfd"] and len(jobs) == 3 * 2 + 3 * 3
     with pytest.raises(SystemExit, match="unknown group"):
         _tool().jobs(tiny_data, tiny_data, str(tmp_path), [1, 2, 3], 0.05, groups=["teachers"])
+
+
+def test_fill_cache_selected_lrs_give_rows_their_own_rate_on_both_worlds(tiny_data, tmp_path):
+    sets = ["lr_schedule=linear", "selected_lrs=baseline:0.025,pfd:0.1"]
+    jobs = _tool().jobs(tiny_data, tiny_data, str(tmp_path), [1, 2, 3], 0.05, sets, groups=["bsp", "control"])
+    lrs = [(j[1].teacher, j[1].lr) for j in jobs]
+    assert lrs[:3] == [("baseline", 0.025), ("sd", 0.05), ("pfd", 0.1)] and lrs[-2:] == [("sd", 0.05), ("pfd", 0.1)]
+    # the test-day run handed the same choices finds these fits in the cache
+    plan = CoarsePlan.from_cli("coarse", [1, 2, 3], config=Config, overrides=["lrs=0.025,0.05,0.1", *sets])
+    data = load(tiny_data)
+    r = Runner(tiny_data, data, base_config(plan), windows(data, plan.base_days), print)
+    assert _job_key(*jobs[2][:4]) == _job_key(tiny_data, r.cfg(**ROWS["pfd"], lr=plan.selected_lrs["pfd"], seed=1),
+                                              r.win["train"], r.win["test"])
+    with pytest.raises(SystemExit, match="methods"):
+        _tool().jobs(tiny_data, tiny_data, str(tmp_path), [1, 2, 3], 0.05, ["methods=baseline"])
