@@ -13,7 +13,7 @@ from recstack.evaluation import report as R
 
 from coarse_rank.experiments import report as CR
 from coarse_rank.experiments.plan import CONTRASTS, MIN_CONTRAST_SEEDS, ROWS, CoarsePlan, windows
-from coarse_rank.experiments.runner import Runner, bucket_deltas, ceiling, summary
+from coarse_rank.experiments.runner import Runner, bucket_deltas, candidate_key, ceiling, summary
 
 PAPER = {  # PFD Table 2 (1 day, CTR at coarse ranking), student testing AUC; PFD+MD's is its Share*&Sync row (Table 7)
     "baseline": 0.6625, "lupi": 0.6637, "md": 0.6704, "pfd": 0.6712, "pfd_md": 0.6745,
@@ -211,7 +211,7 @@ def _selection_body(res: dict) -> list[str]:
                 rows.append([n, label, str(v), "", "yes"])
                 continue
             rows.append([n, label, R.fmt_mean_std(v), ", ".join(f"{x:.4f}" for x in v["per_seed"]),
-                         "yes" if label == ",".join(f"{k}={c:g}" for k, c in m["chosen"].items()) else ""])
+                         "yes" if label == candidate_key(m["chosen"]) else ""])
     return ["## Validation curves (student AUC on the whole validation day; no test-day fit in this run)", "",
             R.markdown_table(["method", "candidate", "mean ± sd", "per seed", "chosen"], rows), "",
             "The test-day run takes these choices with:", "", "```", f"--set selected_lrs={res['selected_lrs']}",

@@ -122,7 +122,7 @@ class Runner:
             for cand in grid:
                 for seed in seeds:
                     specs.append(("valid", None, dict(kw, **cand, seed=seed)))
-                    slots.append((key, _label(cand)))
+                    slots.append((key, candidate_key(cand)))
         fits = self.many(specs)
         scores: dict[str, dict[str, list]] = {}
         for (key, label), f in zip(slots, fits):
@@ -132,14 +132,14 @@ class Runner:
             if key in plan.selected_lrs:
                 out[key] = ({"lr": plan.selected_lrs[key]}, {"given": plan.selected_lrs[key]})
             elif len(grids[key]) == 1:
-                out[key] = (grids[key][0], {"fixed": _label(grids[key][0])})
+                out[key] = (grids[key][0], {"fixed": candidate_key(grids[key][0])})
             else:
                 best, curve = X.select_by_mean(scores[key])
-                out[key] = (next(c for c in grids[key] if _label(c) == best), curve)
+                out[key] = (next(c for c in grids[key] if candidate_key(c) == best), curve)
         return out
 
 
-def _label(cand: dict) -> str:
+def candidate_key(cand: dict) -> str:
     """A candidate's name in the validation curve: "lr=0.05" or "lr=0.05,weight_decay=0.0001"."""
     return ",".join(f"{k}={v:g}" for k, v in cand.items())
 
