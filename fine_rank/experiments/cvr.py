@@ -28,7 +28,10 @@ NOTES = [
     "the regular features is the student's own target: distillation helps by lowering the variance of the "
     "training target, more the more the features reveal the propensity rather than the realised label.",
     "LUPI's teacher does not see the price while dwell and comments grow with it, PFD §4's argument for "
-    "adding the regular features to the teacher; the λ table shows what that does to its student as λ grows.",
+    "adding the regular features to the teacher; the λ table shows what that does to its student as λ grows. "
+    "How far they grow with it is the world's `post_event_price_penalty`: at 1 the propensity they follow "
+    "already falls with price and nearly cancels the push, at 0 it does not and dear items are looked at longer "
+    "while they sell less (the world's `world.json` records the value).",
     "MD and PFD+MD teachers are CPU-sized (`cvr_md_hidden`, default 1024-512-512-256-128; the paper: 7 layers "
     "8192..128). Teachers share the student's embeddings (Share&Sync), so they also train those embeddings "
     "with their own log-loss.",

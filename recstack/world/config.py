@@ -99,6 +99,14 @@ class WorldConfig:
     # cvr_bias) only. In between, a mix: dwell, chat and cart reflect how much the user
     # wanted the item, bought or not, as on a real detail page.
     post_event_propensity: float = 0.5
+    # How much of the price's pull on the purchase propensity (price_sensitivity x log price)
+    # the post-event features follow. 1 = all of it: a dearer item is looked at as briefly as
+    # the user's lower wish to buy it says, which nearly cancels the price's own push on dwell,
+    # comments and chat above, so a teacher on them alone is barely misled. 0 = none: the page
+    # shows how much the user likes the item, and deliberation over a dear item lengthens it,
+    # while the purchase still falls with price -- PFD §4's account of LUPI's false positives
+    # on expensive items, which a teacher that also reads the price (PFD) can undo.
+    post_event_price_penalty: float = 1.0
     # Consent (signal loss): users without consent show every conversion as 0 in the
     # per-example stream; only daily per-category aggregates count them.
     consent_rate: float = 1.0
@@ -126,7 +134,7 @@ class WorldConfig:
         if self.n_price_buckets < 2:
             raise ValueError("n_price_buckets must be >= 2")
         for name in ("intent_taste_share", "favourite_taste_share", "view_intent_share", "view_favourite_share",
-                     "post_event_propensity"):
+                     "post_event_propensity", "post_event_price_penalty"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
         if self.view_intent_share + self.view_favourite_share > 1.0:

@@ -54,7 +54,7 @@ SCHEMA: dict[str, dict[str, str]] = {
         "purchase_observed": "bool: purchase as the per-example stream sees it (0 without consent)",
         "dwell": "float32 post-event (CVR privileged): seconds on the detail page, 0 when not clicked; it, comments, "
                  "chatted and cart follow a mix (post_event_propensity) of the realised purchase and the latent "
-                 "purchase propensity",
+                 "purchase propensity (with as much of the price's pull on it as post_event_price_penalty keeps)",
         "comments": "int16 post-event: comments viewed, 0 when not clicked",
         "chatted": "int16 post-event: 0/1 chatted with the seller",
         "cart": "int16 post-event: 0/1 added to cart",

@@ -258,8 +258,10 @@ def _day_chunks(world: World, day: int, rng, browser: Browser, s_user, s_ts, int
         st = cfg.post_event_strength
         a = cfg.post_event_propensity
         propensity = cvr_logit - cfg.cvr_bias  # centred: its spread over clicks (~0.9) is about a purchase's effect
-        purchase_signal = (1.0 - a) * purchase + a * propensity
         lp = world.item_log_price[shown] - world.mean_log_price
+        if cfg.post_event_price_penalty != 1.0:  # the part of the price's pull the page does not show
+            propensity = propensity + (1.0 - cfg.post_event_price_penalty) * world.price_sens[su][:, None] * lp
+        purchase_signal = (1.0 - a) * purchase + a * propensity
         dwell = np.exp(3.0 + 0.35 * lp + st * 0.9 * purchase_signal + rng.normal(0, 0.6, shown.shape))
         comments = rng.poisson(np.exp(-0.7 + 0.2 * lp + st * 1.2 * purchase_signal))
         chatted = rng.random(shown.shape) < _sigmoid(-3.0 + 0.4 * lp + st * 2.0 * purchase_signal)

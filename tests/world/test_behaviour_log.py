@@ -53,3 +53,21 @@ def test_post_event_features_follow_the_propensity(tmp_path):
     # on the label alone a dwell-and-cart teacher is near the label; on the propensity it is not
     assert aucs[0.0] > aucs[1.0] + 0.05, aucs
     assert aucs[1.0] > 0.55, aucs  # the propensity still predicts the purchase
+
+
+def test_without_the_price_penalty_dear_items_are_looked_at_longer(tmp_path):
+    # post_event_price_penalty=0: the page shows the wish to buy without the price's pull on it,
+    # and deliberation lengthens it, so dwell rises with price while purchases still fall
+    base = apply_overrides(preset("tiny"), ["history_days=1", "post_event_propensity=1"])
+    corr = {}
+    for pen in (0.0, 1.0):
+        simulate(apply_overrides(base, [f"post_event_price_penalty={pen}"]), 5, tmp_path / str(pen), progress=False)
+        imps = pq.read_table(tmp_path / str(pen) / "impressions").to_pydict()
+        price = dict(zip(*pq.read_table(tmp_path / str(pen) / "items.parquet", columns=["item_id", "price"]).to_pydict().values()))
+        clicked = np.array(imps["click"])
+        lp = np.log([price[i] for i in np.array(imps["item_id"])[clicked]])
+        dwell = np.log(np.array(imps["dwell"])[clicked])
+        bought = np.array(imps["purchase"])[clicked]
+        corr[pen] = (np.corrcoef(dwell, lp)[0, 1], np.corrcoef(bought, lp)[0, 1])
+    assert corr[0.0][0] > corr[1.0][0] + 0.2 and corr[0.0][0] > 0.2, corr
+    assert corr[0.0][1] < 0 and corr[1.0][1] < 0, corr  # the purchase falls with price either way
