@@ -65,6 +65,9 @@ def run_plan(plan: FinePlan, data_dir, out_dir, log: Callable[[str], None] | Non
     if plan.streaming:
         return _run_streaming(plan, data_dir, out, base, log, t0)
     tables = load_tables(data_dir)
+    if plan.cache:
+        tables.cache = Path(plan.cache)
+        tables.cache.mkdir(parents=True, exist_ok=True)
     results: dict = {"experiment": plan.experiment, "quick": plan.quick, "seeds": list(plan.seeds), **plan.record(),
                      "world": {k: v for k, v in tables.world.items() if k != "config"},
                      "world_config": tables.world["config"]}

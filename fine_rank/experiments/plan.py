@@ -114,6 +114,9 @@ class FinePlan(ExperimentPlan):
     # chosen setting (an ablation of the tuned method), one without at the baseline's LR
     stream_swept: Optional[tuple[str, ...]] = None
     tasks: Optional[tuple[str, ...]] = None  # streaming: run only these tasks' tables (None: all)
+    # a folder keeping each table fit's predictions, keyed by the world and the fit's whole Config,
+    # phase, seed and data share: a rerun (or another table) reuses them, so an interrupted table resumes
+    cache: str = ""
 
     EXPERIMENTS: ClassVar[tuple[str, ...]] = tuple(TABLES)
     MIN_SEEDS: ClassVar[int] = 2
@@ -121,6 +124,8 @@ class FinePlan(ExperimentPlan):
 
     def validate(self) -> None:
         super().validate()
+        if self.cache and self.streaming:
+            raise ConfigError("cache: the streamed runs keep their own cache under --out; set cache for the tables only")
         if self.stream_lrs and not self.streaming:
             raise ConfigError("stream_lrs: the validation-window sweep needs streaming=true")
         if self.stream_lrs and (min(self.stream_lrs) <= 0 or not self.stream_aux_weights or min(self.stream_aux_weights) < 0):

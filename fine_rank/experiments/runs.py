@@ -3,9 +3,11 @@ population, one training run scored on a split, the test-day metrics of a run, a
 forked workers for independent runs."""
 from __future__ import annotations
 
+import hashlib
+import json
 import multiprocessing as mp
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -37,6 +39,7 @@ class Tables:
     valid: Split
     test: Split
     world: dict = field(default_factory=dict)
+    cache: Path | None = None  # where each fit's predictions are kept (None: nowhere)
 
 
 def _concat(a: dict, b: dict) -> dict:
@@ -141,11 +144,49 @@ def train_eval(method: Method, base: T.Config, split: Split, vocab, lr: float, s
 _TABLES: "Tables | None" = None  # the tables of the running experiment; forked workers read them copy-on-write
 
 
+def fit_key(tables: Tables, method: Method, base: T.Config, phase: str, lr: float, seed: int, frac: float,
+            extra: Sequence[str]) -> str:
+    """The cache key of one fit: the world (without its folder) and everything `train_eval` is
+    given -- the fit's whole Config, its rows, phase, seed and data share. (The code is not in it.)"""
+    cfg = apply_overrides(base, list(method.changes) + list(extra) + [f"{method.task}_lr={lr}"])
+    text = json.dumps({"world": {k: v for k, v in tables.world.items() if k != "root"}, "config": asdict(cfg),
+                       "task": method.task, "rows": method.rows, "phase": phase, "seed": seed, "frac": frac},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _save(path: Path, key: str, out: dict) -> None:
+    arrays = {"probs": out["probs"], **{f"extra_{k}": v for k, v in out["extras"].items()}}
+    meta = json.dumps({"key": key, "wall_s": out["wall_s"], "stats": out["stats"]}, default=str)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, meta=np.array(meta), **arrays)
+    tmp.replace(path)  # a fit is cached whole or not at all
+
+
+def _load(path: Path, key: str) -> dict:
+    with np.load(path) as z:
+        meta = json.loads(str(z["meta"]))
+        if meta["key"] != key:
+            raise ValueError(f"cache {path}: holds fit {meta['key']!r}, not {key!r}; remove the file")
+        return {"probs": z["probs"], "wall_s": meta["wall_s"], "stats": meta["stats"],
+                "extras": {k[len("extra_"):]: z[k] for k in z.files if k.startswith("extra_")}}
+
+
 def _job(args: tuple) -> dict:
-    """One train_eval in a worker (or inline): (method, base, phase, lr, seed, frac, extra)."""
+    """One train_eval in a worker (or inline): (method, base, phase, lr, seed, frac, extra);
+    read from the tables' cache when it holds the fit, and kept there once it is done."""
     method, base, phase, lr, seed, frac, extra = args
     torch.set_num_threads(1)
-    return train_eval(method, base, getattr(_TABLES, phase), _TABLES.vocab, lr, seed, frac, extra)
+    path = None
+    if _TABLES.cache is not None:
+        key = fit_key(_TABLES, method, base, phase, lr, seed, frac, extra)
+        path = _TABLES.cache / f"{key}.npz"
+        if path.exists():
+            return _load(path, key)
+    out = train_eval(method, base, getattr(_TABLES, phase), _TABLES.vocab, lr, seed, frac, extra)
+    if path is not None:
+        _save(path, key, out)
+    return out
 
 
 def run_many(tables: Tables, jobs: list[tuple], workers: int) -> list[dict]:
