@@ -64,7 +64,7 @@ def run_plan(plan: FinePlan, data_dir, out_dir, log: Callable[[str], None] | Non
     base = base_config(plan)
     if plan.streaming:
         return _run_streaming(plan, data_dir, out, base, log, t0)
-    tables = load_tables(data_dir)
+    tables = load_tables(data_dir, plan.window_days)
     if plan.cache:
         tables.cache = Path(plan.cache)
         tables.cache.mkdir(parents=True, exist_ok=True)

@@ -117,6 +117,10 @@ class FinePlan(ExperimentPlan):
     # a folder keeping each table fit's predictions, keyed by the world and the fit's whole Config,
     # phase, seed and data share: a rerun (or another table) reuses them, so an interrupted table resumes
     cache: str = ""
+    # 0: the test fit trains on every day before the test day, one more than the LR sweep's fits
+    # had; N: every fit trains on the N days before the day it is scored on, so the test fit
+    # sees as many rows (and steps) as the fits its LR was chosen on
+    window_days: int = 0
 
     EXPERIMENTS: ClassVar[tuple[str, ...]] = tuple(TABLES)
     MIN_SEEDS: ClassVar[int] = 2
@@ -124,6 +128,8 @@ class FinePlan(ExperimentPlan):
 
     def validate(self) -> None:
         super().validate()
+        if self.window_days < 0 or (self.window_days and self.streaming):
+            raise ConfigError(f"window_days: a number of days >= 0 for the tables (not streaming), got {self.window_days}")
         if self.cache and self.streaming:
             raise ConfigError("cache: the streamed runs keep their own cache under --out; set cache for the tables only")
         if self.stream_lrs and not self.streaming:
@@ -183,6 +189,7 @@ class FinePlan(ExperimentPlan):
                "method_subsets": {t: list(v) for t, v in self.subsets().items()}}
         if not self.streaming:
             out["select_seeds"] = self.n_select_seeds()
+            out["window_days"] = self.window_days
         if self.streaming:
             out["stream"] = {"last_days": self.last_days, "valid_days": self.valid_days, "select_seeds": self.n_select_seeds(),
                              "stream_lrs": list(self.stream_lrs), "stream_aux_weights": list(self.stream_aux_weights),

@@ -59,15 +59,21 @@ def plots(out: Path, name: str, table: dict, title: str) -> list[str]:
     return files
 
 
+def _days(days) -> str:
+    return f"{days[0]}..{days[-1]}" if len(days) > 1 else str(days[0])
+
+
 def header(kind: str, tables: Tables, seeds, lrs, quick: bool, overrides, wall: float, select_seeds: int = 1) -> str:
     w = tables.world
     cfg = w["config"]
-    non_default = {k: cfg[k] for k in ("consent_rate", "post_event_strength", "privileged_strength") if k in cfg}
+    non_default = {k: cfg[k] for k in ("consent_rate", "post_event_strength", "post_event_propensity",
+                                       "post_event_price_penalty", "privileged_strength") if k in cfg}
     return "\n".join([
         f"# Fine ranker — `{kind}` experiment ({'QUICK, not a result' if quick else 'world preset: `' + str(w['preset']) + '`'})",
         "",
         f"World: preset `{w['preset']}`, seed {w['seed']}, {w['n_days']} days ({non_default}); "
-        f"fit days 1..{w['n_days'] - 2}, validation day {w['n_days'] - 1}, test day {w['n_days']}.",
+        f"the LR sweep fits days {_days(tables.valid.days)} and scores validation day {w['n_days'] - 1}, "
+        f"the test fits days {_days(tables.test.days)} and scores test day {w['n_days']}.",
         f"Seeds {list(seeds)}; learning-rate sweep {list(lrs)} (Adam) on the validation day, "
         f"{'first seed' if select_seeds == 1 else f'best mean over the first {select_seeds} seeds'}; "
         f"config overrides {list(overrides) or 'none'}. Total wall time {wall / 60:.1f} min on this machine "

@@ -8,6 +8,7 @@ import json
 import multiprocessing as mp
 import time
 from dataclasses import asdict, dataclass, field
+from functools import reduce
 from pathlib import Path
 from typing import Sequence
 
@@ -31,6 +32,8 @@ class Split:
     score: dict[str, dict[str, np.ndarray]]
     agg_rate: float  # aggregated conversion rate of the fit days
     score_agg: dict[str, np.ndarray]  # aggregates of the scored day
+    days: tuple[int, ...] = ()  # the fit days (keyed by the fit cache when a window cuts them)
+    windowed: bool = False  # the fit days are a window, not every day before the scored one
 
 
 @dataclass
@@ -46,22 +49,32 @@ def _concat(a: dict, b: dict) -> dict:
     return {k: np.concatenate([a[k], b[k]]) for k in a}
 
 
-def load_tables(data_dir) -> Tables:
+def load_tables(data_dir, window_days: int = 0) -> Tables:
+    """The validation split (fit on the days before the validation day, score it) and the test
+    split (the days before the test day, score it). window_days 0: every day before; N: the N
+    days before, in both splits, so the test fit sees as many rows as the fits its LR was chosen on."""
     data = load(data_dir)
+    if window_days and not 1 <= window_days <= len(data.fit_days):
+        raise ValueError(f"window_days: must be in [1, {len(data.fit_days)}] (the days before the validation day), got {window_days}")
+    fit_days = data.fit_days[-window_days:] if window_days else data.fit_days
+    train_days = data.train_days[-window_days:] if window_days else data.train_days
     # the paper tables' rankers read no behaviour sequence (its (N, 50) columns would multiply
     # the memory) and no item statistics (experiments.base_config)
-    fit = T.materialise(data.examples(data.fit_days), sequence=False, item_stats=False)
-    valid = T.materialise(data.examples(data.valid_day), sequence=False, item_stats=False)
-    test = T.materialise(data.examples(data.test_day), sequence=False, item_stats=False)
-    train = _concat(fit, valid)
+    day = {d: T.materialise(data.examples(d), sequence=False, item_stats=False)
+           for d in sorted(set(fit_days) | set(train_days) | {data.valid_day, data.test_day})}
+    fit = reduce(_concat, [day[d] for d in fit_days])
+    train = reduce(_concat, [day[d] for d in train_days])
 
     def pops(t):
         return {"ctr": t, "cvr": T.clicked(t)}
 
+    win = bool(window_days) and window_days < len(data.fit_days)
     return Tables(
         vocab=data.vocab,
-        valid=Split(pops(fit), pops(valid), T.aggregate_rate(T.aggregates(data, data.fit_days)), T.aggregates(data, data.valid_day)),
-        test=Split(pops(train), pops(test), T.aggregate_rate(T.aggregates(data, data.train_days)), T.aggregates(data, data.test_day)),
+        valid=Split(pops(fit), pops(day[data.valid_day]), T.aggregate_rate(T.aggregates(data, fit_days)),
+                    T.aggregates(data, data.valid_day), tuple(fit_days), win),
+        test=Split(pops(train), pops(day[data.test_day]), T.aggregate_rate(T.aggregates(data, train_days)),
+                   T.aggregates(data, data.test_day), tuple(train_days), win),
         world={"preset": data.world.get("preset"), "seed": data.world.get("seed"), "n_days": data.n_days,
                "config": data.world.get("config", {}), "root": str(Path(data_dir).resolve())},
     )
@@ -149,9 +162,12 @@ def fit_key(tables: Tables, method: Method, base: T.Config, phase: str, lr: floa
     """The cache key of one fit: the world (without its folder) and everything `train_eval` is
     given -- the fit's whole Config, its rows, phase, seed and data share. (The code is not in it.)"""
     cfg = apply_overrides(base, list(method.changes) + list(extra) + [f"{method.task}_lr={lr}"])
-    text = json.dumps({"world": {k: v for k, v in tables.world.items() if k != "root"}, "config": asdict(cfg),
-                       "task": method.task, "rows": method.rows, "phase": phase, "seed": seed, "frac": frac},
-                      sort_keys=True, default=str)
+    fit = {"world": {k: v for k, v in tables.world.items() if k != "root"}, "config": asdict(cfg),
+           "task": method.task, "rows": method.rows, "phase": phase, "seed": seed, "frac": frac}
+    split = getattr(tables, phase)
+    if split.windowed:  # keyed only when a window cuts the days, so the fits on every day keep their keys
+        fit["days"] = list(split.days)
+    text = json.dumps(fit, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 

@@ -201,3 +201,23 @@ def test_signal_loss_notes_follow_how_the_world_draws_consent():
     assert "independently of everything else" in flat[0]
     assert "consent_age_slope` = 1.5" in sloped[0] and "independently" not in sloped[0]
     assert flat[1:] == sloped[1:] and flat == signal_loss.NOTES and "consent" not in " ".join(cvr.NOTES)
+
+
+def test_a_window_gives_every_fit_as_many_days(tiny4_world):
+    from fine_rank.experiments import runs
+    from fine_rank.experiments.plan import CVR_METHODS
+    from fine_rank import train as T
+    from recstack.data import load
+
+    every, win = runs.load_tables(tiny4_world), runs.load_tables(tiny4_world, window_days=1)
+    assert (every.valid.days, every.test.days) == ((1, 2), (1, 2, 3))
+    assert (win.valid.days, win.test.days) == ((2,), (3,))  # the day before each scored day
+    d = load(tiny4_world)
+    assert len(win.test.fit["ctr"]["click"]) == len(d.impressions(3)["click"])
+    assert len(win.valid.fit["ctr"]["click"]) == len(d.impressions(2)["click"])
+    base = CVR_METHODS[0]
+    key = lambda t, phase: runs.fit_key(t, base, T.Config(), phase, 0.002, 1, 1.0, ())  # noqa: E731
+    assert key(win, "test") != key(every, "test") and key(win, "valid") != key(every, "valid")
+    assert runs.load_tables(tiny4_world, window_days=2).valid.windowed is False  # two days: every day before
+    with pytest.raises(ValueError, match="window_days: must be in"):
+        runs.load_tables(tiny4_world, window_days=3)
