@@ -68,13 +68,12 @@ def load_tables(data_dir, window_days: int = 0) -> Tables:
     def pops(t):
         return {"ctr": t, "cvr": T.clicked(t)}
 
-    win = bool(window_days) and window_days < len(data.fit_days)
     return Tables(
         vocab=data.vocab,
         valid=Split(pops(fit), pops(day[data.valid_day]), T.aggregate_rate(T.aggregates(data, fit_days)),
-                    T.aggregates(data, data.valid_day), tuple(fit_days), win),
+                    T.aggregates(data, data.valid_day), tuple(fit_days), fit_days != data.fit_days),
         test=Split(pops(train), pops(day[data.test_day]), T.aggregate_rate(T.aggregates(data, train_days)),
-                   T.aggregates(data, data.test_day), tuple(train_days), win),
+                   T.aggregates(data, data.test_day), tuple(train_days), train_days != data.train_days),
         world={"preset": data.world.get("preset"), "seed": data.world.get("seed"), "n_days": data.n_days,
                "config": data.world.get("config", {}), "root": str(Path(data_dir).resolve())},
     )

@@ -218,6 +218,8 @@ def test_a_window_gives_every_fit_as_many_days(tiny4_world):
     base = CVR_METHODS[0]
     key = lambda t, phase: runs.fit_key(t, base, T.Config(), phase, 0.002, 1, 1.0, ())  # noqa: E731
     assert key(win, "test") != key(every, "test") and key(win, "valid") != key(every, "valid")
-    assert runs.load_tables(tiny4_world, window_days=2).valid.windowed is False  # two days: every day before
+    two = runs.load_tables(tiny4_world, window_days=2)  # the sweep's fits keep every day, the test fit drops one
+    assert (two.valid.days, two.test.days) == ((1, 2), (2, 3))
+    assert key(two, "valid") == key(every, "valid") and key(two, "test") not in (key(every, "test"), key(win, "test"))
     with pytest.raises(ValueError, match="window_days: must be in"):
         runs.load_tables(tiny4_world, window_days=3)
