@@ -140,7 +140,7 @@ def train_eval(method: Method, base: T.Config, split: Split, vocab, lr: float, s
                extra_changes: Sequence[str] = ()) -> dict:
     """Train `method` on `split.fit` and predict `split.score`; -> probs, extras, stats, wall_s."""
     task = method.task
-    cfg = apply_overrides(base, list(method.changes) + list(extra_changes) + [f"{task}_lr={lr}"])
+    cfg = fit_config(method, base, lr, extra_changes)
     rows = split.fit[task]
     if method.rows == "consented":
         rows = {k: v[rows["consent"] > 0.5] for k, v in rows.items()}
@@ -156,11 +156,16 @@ def train_eval(method: Method, base: T.Config, split: Split, vocab, lr: float, s
 _TABLES: "Tables | None" = None  # the tables of the running experiment; forked workers read them copy-on-write
 
 
+def fit_config(method: Method, base: T.Config, lr: float, extra: Sequence[str]) -> T.Config:
+    """The Config one fit trains with: the method's changes, its grid setting and the LR."""
+    return apply_overrides(base, list(method.changes) + list(extra) + [f"{method.task}_lr={lr}"])
+
+
 def fit_key(tables: Tables, method: Method, base: T.Config, phase: str, lr: float, seed: int, frac: float,
             extra: Sequence[str]) -> str:
     """The cache key of one fit: the world (without its folder) and everything `train_eval` is
     given -- the fit's whole Config, its rows, phase, seed and data share. (The code is not in it.)"""
-    cfg = apply_overrides(base, list(method.changes) + list(extra) + [f"{method.task}_lr={lr}"])
+    cfg = fit_config(method, base, lr, extra)
     fit = {"world": {k: v for k, v in tables.world.items() if k != "root"}, "config": asdict(cfg),
            "task": method.task, "rows": method.rows, "phase": phase, "seed": seed, "frac": frac}
     split = getattr(tables, phase)
