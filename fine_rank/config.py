@@ -22,6 +22,12 @@ SPLITS = ("test", "valid")
 # feature from a shared first layer; signal_loss is SEAD's consent-limited variant
 # "oracle": the simulator's true pCVR as the soft label (fine_rank.oracle): the bound no teacher can pass
 CVR_TEACHERS = ("none", "sd", "md", "lupi", "pfd", "pfd_md", "mtl", "signal_loss", "oracle")
+# how a teacher that reads the regular inputs (sd, md, pfd, pfd_md) is trained beside the student
+# (PFD Table 8): share_sync shares the student's embeddings and trains with it (Eq. 5);
+# ind_sync gives the teacher embeddings of its own, trained alongside; ind_async trains that
+# teacher to the end first, then the student from its frozen soft labels
+CVR_MANNERS = ("share_sync", "ind_sync", "ind_async")
+REGULAR_TEACHERS = ("sd", "md", "pfd", "pfd_md")
 SEAD_MODES = ("none",) + sead.SELECTORS
 CALIBRATIONS = ("none", "labels", "aggregates")
 
@@ -73,8 +79,9 @@ class Config:
     # --- distillation (PFD, CVR) -------------------------------------------------------
     cvr_teacher: str = "none"  # one of CVR_TEACHERS; the exported model is always the student
     cvr_md_hidden: tuple[int, ...] = (1024, 512, 512, 256, 128)  # MD / PFD+MD teacher (paper: 8192..128, 7 layers; CPU-sized)
+    cvr_manner: str = "share_sync"  # one of CVR_MANNERS; the paper's main CVR runs share the embeddings
     distill_lambda: float = 0.5  # λ of Eq. 5 (PFD's default)
-    distill_warmup: float = 0.1  # fraction of steps with λ = 0 (Algorithm 1's swap step k)
+    distill_warmup: float = 0.1  # fraction of steps with λ = 0 (Algorithm 1's swap step k; ind_async: none, its teacher is trained)
     mtl_weight: float = 0.1  # weight of each auxiliary MTL loss (PFD picks from 0.01..2, "balanced")
     mtl_hidden: tuple[int, ...] = (256, 128)  # each MTL task tower on the shared first layer (paper: 2 layers)
     # --- SEAD (CTR and CVR) ---------------------------------------------------------------
@@ -121,6 +128,11 @@ class Config:
         for task in TASKS:
             if getattr(self, f"{task}_sead") not in SEAD_MODES:
                 raise ConfigError(f"{task}_sead must be one of {SEAD_MODES}, got {getattr(self, f'{task}_sead')!r}")
+        if self.cvr_manner not in CVR_MANNERS:
+            raise ConfigError(f"cvr_manner must be one of {CVR_MANNERS}, got {self.cvr_manner!r}")
+        if self.cvr_manner != "share_sync" and self.cvr_teacher not in REGULAR_TEACHERS:
+            raise ConfigError(f"cvr_manner={self.cvr_manner} needs a teacher that reads the regular inputs "
+                              f"(cvr_teacher one of {REGULAR_TEACHERS}), got cvr_teacher={self.cvr_teacher!r}")
         if self.cvr_teacher != "none" and self.cvr_sead != "none":
             raise ConfigError("cvr_teacher and cvr_sead are separate methods; set one of them")
         if self.cvr_teacher == "signal_loss" and (self.cvr_label != "purchase_observed" or self.cvr_calibrate == "labels"):

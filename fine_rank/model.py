@@ -226,10 +226,15 @@ class Teacher(nn.Module):
         return self.head(self.bottom(torch.cat(parts, dim=-1)))
 
 
-def build_teacher(kind: str, student: Ranker, hidden: Sequence[int], md_hidden: Sequence[int]) -> Teacher:
+def build_teacher(kind: str, student: Ranker, hidden: Sequence[int], md_hidden: Sequence[int],
+                  inputs: Ranker | None = None) -> Teacher:
     """kind: sd (same as the student, no privileged input), md (wider/deeper, no privileged),
-    lupi (post-event only), pfd (regular + post-event), pfd_md (PFD with the MD widths)."""
-    emb = student.embeddings
+    lupi (post-event only), pfd (regular + post-event), pfd_md (PFD with the MD widths).
+    The teacher reads the regular inputs through the embeddings (and sequence attention) of
+    `inputs`: the student's own by default (Share), another ranker's for a teacher with
+    input components of its own (Ind)."""
+    source = inputs if inputs is not None else student
+    emb = source.embeddings
     table = {
         "sd": (emb, 0, hidden),
         "md": (emb, 0, md_hidden),
@@ -239,7 +244,7 @@ def build_teacher(kind: str, student: Ranker, hidden: Sequence[int], md_hidden: 
     }
     if kind not in table:
         raise ValueError(f"unknown teacher {kind!r}; choose one of {sorted(table)}")
-    return Teacher(*table[kind], sequence=student.sequence, n_item_dense=student.n_item_dense)
+    return Teacher(*table[kind], sequence=source.sequence, n_item_dense=student.n_item_dense)
 
 
 class MTLRanker(nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as TF
 
 from recstack.training import distributed as D, sead, sparse
-from recstack.training.distill import LambdaSchedule, sync_loss
+from recstack.training.distill import LambdaSchedule, student_loss, sync_loss
 from recstack.training.loop import Batches, Loop, Recent, Stream, streamed_batches
 
 from fine_rank.config import Config, ModelSettings
@@ -191,6 +191,41 @@ def fit_distilled(student: Ranker, teacher: Teacher, table: dict[str, np.ndarray
 
     stats = optimise(both, src, step_loss, fwd, s, seed, bar)
     return {**stats, "train_positive_rate": y_mean, "swap_step": schedule.swap_step}
+
+
+def fit_distilled_async(student: Ranker, teacher: Teacher, table: dict[str, np.ndarray], label: str,
+                        s: ModelSettings, seed: int, lam: float, bar=None) -> dict:
+    """PFD's Ind&Async manner (Table 8): the teacher (input components of its own) learns y
+    to the end first, with the student's settings; then it is frozen and the student learns
+    from (1-λ)·y + λ·teacher from step 0 (a trained teacher's soft labels need no warm-up)."""
+    src = Source(table, label)
+    x = src.x
+    y_mean = src.label_mean()
+    for m in (student, teacher):
+        m.head.set_prior(y_mean)
+
+    def t_fwd(idx):
+        return teacher.logits(*row_inputs(x, idx), x["post_event"][idx])
+
+    def t_loss(idx, step, total):
+        loss = TF.binary_cross_entropy_with_logits(t_fwd(idx), x["y"][idx])
+        return loss, {"teacher": loss.detach()}
+
+    t_stats = optimise(teacher, src, t_loss, t_fwd, s, seed, bar)
+    teacher.eval()
+    teacher.requires_grad_(False)
+
+    def s_fwd(idx):
+        return student.logits(*row_inputs(x, idx))
+
+    def s_loss(idx, step, total):
+        with torch.no_grad():
+            t_logits = t_fwd(idx)
+        return student_loss(s_fwd(idx), x["y"][idx], t_logits, lam)
+
+    stats = optimise(student, src, s_loss, s_fwd, s, seed, bar)
+    stats["train_seconds"] += t_stats["train_seconds"]
+    return {**stats, "teacher_steps": t_stats["steps"], "train_positive_rate": y_mean, "swap_step": 0}
 
 
 def fit_mtl(mtl: MTLRanker, table: dict[str, np.ndarray], label: str, s: ModelSettings, seed: int,

@@ -14,6 +14,7 @@ The training method is chosen in `Config` (`fit_task` dispatches):
 
     cvr_teacher = sd | md | lupi | pfd | pfd_md   PFD Table 4: a `Teacher` trained synchronously
                                                   (Eq. 5, Algorithm 1), sharing the embeddings
+                                                  (cvr_manner: Table 8's ind_sync / ind_async)
     cvr_teacher = mtl                             the MTL baseline (one tower per post-event feature)
     ctr_sead / cvr_sead = max | min | curriculum | ogl | dtl | positives_only   SEAD's aux head
     cvr_teacher = signal_loss (+ cvr_label=purchase_observed, cvr_calibrate=aggregates)
@@ -57,7 +58,7 @@ from fine_rank.data import STREAM_SAMPLE_ROWS, Source, StreamRows  # noqa: F401
 from fine_rank.inputs import MODEL_INPUTS, TABLE_COLUMNS, clicked, materialise, split_days  # noqa: F401
 from fine_rank.model import MTLRanker, Ranker, SelfAuxiliary, SignalTeacher, build_teacher
 from fine_rank.tasks import (  # noqa: F401
-    build_model, fit, fit_distilled, fit_mtl, fit_sead, fit_signal_loss, make_optimizer, optimise, refresh_batchnorm,
+    build_model, fit, fit_distilled, fit_distilled_async, fit_mtl, fit_sead, fit_signal_loss, make_optimizer, optimise, refresh_batchnorm,
 )
 
 
@@ -106,8 +107,14 @@ def fit_task(task: str, cfg: Config, vocab, table: "dict[str, np.ndarray] | Stre
     method = cfg.cvr_teacher if task == "cvr" else "none"
     selector = getattr(cfg, f"{task}_sead")
     if method in ("sd", "md", "lupi", "pfd", "pfd_md"):
-        teacher = build_teacher(method, student, s.hidden, cfg.cvr_md_hidden)
-        stats = fit_distilled(student, teacher, table, label, s, seed, cfg.distill_lambda, cfg.distill_warmup, bar)
+        # Ind manners: the teacher's embeddings (and sequence attention) are a second ranker's, initialised apart
+        own = build_model(vocab, s, seed + TEACHER_SEED_OFFSET) if cfg.cvr_manner != "share_sync" else None
+        teacher = build_teacher(method, student, s.hidden, cfg.cvr_md_hidden, inputs=own)
+        if cfg.cvr_manner == "ind_async":
+            stats = fit_distilled_async(student, teacher, table, label, s, seed, cfg.distill_lambda, bar)
+        else:
+            stats = fit_distilled(student, teacher, table, label, s, seed, cfg.distill_lambda, cfg.distill_warmup, bar)
+        stats["manner"] = cfg.cvr_manner
         teacher.eval()
         extras["teacher"] = lambda t, m=teacher: predict_with(m.logits, t, bs, privileged=True)
     elif method == "oracle":

@@ -34,7 +34,7 @@ NOTES = [
     "while they sell less (the world's `world.json` records the value).",
     "MD and PFD+MD teachers are CPU-sized (`cvr_md_hidden`, default 1024-512-512-256-128; the paper: 7 layers "
     "8192..128). Teachers share the student's embeddings (Share&Sync), so they also train those embeddings "
-    "with their own log-loss.",
+    "with their own log-loss, except in the Ind rows of the manner table (`cvr_manner`).",
 ]
 
 
@@ -55,6 +55,41 @@ def lambda_sweep(methods: Sequence[Method], chosen: dict, tables: Tables, base: 
             out[m.name][str(lam)] = {"student_auc": X.mean_std(aucs), "delta_vs_baseline": X.paired_diff(aucs, base_auc)}
             log(f"  [cvr] λ={lam} {m.name}: AUC {np.mean(aucs):.4f}")
     return out
+
+
+# PFD Table 8 (CVR, 30 days): row, manner, the paper's student and teacher AUC and relative wall time
+MANNER_ROWS = (("baseline", "Baseline", 0.9040, None, 0.0), ("pfd_md_ind_async", "Ind&Async", 0.9067, 0.9887, 1.197),
+               ("pfd_md_ind_sync", "Ind&Sync", 0.9069, 0.9887, 0.674), ("pfd_md", "Share&Sync", 0.9082, 0.9911, 0.225),
+               ("pfd", "Share&Sync† (PFD)", 0.9084, 0.9901, 0.036))
+
+
+def manner_section(e: dict) -> list[str]:
+    """PFD Table 8 from the rows present: PFD+MD in each manner beside PFD, with the paired
+    Share − Ind contrasts (empty without an Ind row)."""
+    if not any(name in e for name in ("pfd_md_ind_sync", "pfd_md_ind_async")):
+        return []
+    base_s = e["baseline"]["wall_s"] if "baseline" in e else None
+    rows = []
+    for name, manner, paper_s, paper_t, paper_rel in MANNER_ROWS:
+        if name not in e:
+            continue
+        m = e[name]
+        rel = "–" if not base_s else f"{m['wall_s'] / base_s - 1:+.0%}"
+        rows.append([manner, name, R.fmt_mean_std(m["student_auc"]), R.fmt_ci(m["delta_vs_baseline"]),
+                     R.fmt_mean_std(m.get("teacher_auc")), f"{m['lr']:g}", f"{m['wall_s']:.1f} ({rel})",
+                     f"{paper_s:.4f}", "–" if paper_t is None else f"{paper_t:.4f}", f"{paper_rel:+.1%}"])
+    lines = ["## Training manners — PFD Table 8\n",
+             "PFD+MD with the teacher's input components shared (Share&Sync, the `pfd_md` row) or its own (Ind): "
+             "trained alongside the student (Sync) or first and then frozen (Async), beside PFD. Wall time is one "
+             "fit's (mean over the test seeds), relative to the baseline's.\n",
+             R.markdown_table(["manner", "row", "student AUC", "Δ vs baseline [95% CI]", "teacher AUC", "LR", "train s",
+                               "paper student", "paper teacher", "paper time"], rows), ""]
+    for a, b in (("pfd_md", "pfd_md_ind_sync"), ("pfd_md", "pfd_md_ind_async"), ("pfd_md_ind_sync", "pfd_md_ind_async"),
+                 ("pfd", "pfd_md")):
+        if a in e and b in e:
+            d = X.paired_diff(e[a]["student_auc_per_seed"], e[b]["student_auc_per_seed"])
+            lines.append(f"- {a} − {b}: {R.fmt_ci(d)} (paired over seeds)")
+    return lines + [""]
 
 
 def targets(e: dict) -> list[str]:
@@ -105,6 +140,7 @@ def run(plan: FinePlan, tables: Tables, base: T.Config, out: Path, log: Callable
         "Gains by the item's training frequency (head = items holding the first 20 % of training rows, torso the "
         "next 50 %, tail the rest and unseen items):\n",
         FR.buckets_table(e, table["bucket_rows"]), "",
+        *manner_section(e),
         "## λ sensitivity — PFD Table 6\n",
         R.markdown_table(["λ"] + list(lam), lam_rows), "",
         "## Against the issue's targets\n",

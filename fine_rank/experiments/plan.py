@@ -40,6 +40,11 @@ CVR_METHODS = (
     Method("md", "cvr", ("cvr_teacher=md",), note="wider/deeper teacher, regular features"),
     Method("pfd", "cvr", ("cvr_teacher=pfd",), note="teacher on regular + post-event features"),
     Method("pfd_md", "cvr", ("cvr_teacher=pfd_md",), note="PFD with the MD teacher widths"),
+    # PFD Table 8: PFD+MD trained in the other manners (pfd_md above is Share&Sync)
+    Method("pfd_md_ind_sync", "cvr", ("cvr_teacher=pfd_md", "cvr_manner=ind_sync"),
+           note="PFD+MD, the teacher with embeddings of its own, trained alongside (Ind&Sync)"),
+    Method("pfd_md_ind_async", "cvr", ("cvr_teacher=pfd_md", "cvr_manner=ind_async"),
+           note="PFD+MD, the teacher with embeddings of its own trained first, then frozen (Ind&Async)"),
     # the λ table (Table 6) is read on the test day; this row chooses λ the fair way
     Method("pfd_lam", "cvr", ("cvr_teacher=pfd",), grid=tuple((f"distill_lambda={lam}",) for lam in (0.1, 0.3, 0.5, 0.7, 0.9)),
            note="PFD with λ chosen on the validation day from {0.1, 0.3, 0.5, 0.7, 0.9}, jointly with the LR"),

@@ -166,7 +166,13 @@ def fit_key(tables: Tables, method: Method, base: T.Config, phase: str, lr: floa
     """The cache key of one fit: the world (without its folder) and everything `train_eval` is
     given -- the fit's whole Config, its rows, phase, seed and data share. (The code is not in it.)"""
     cfg = fit_config(method, base, lr, extra)
-    fit = {"world": {k: v for k, v in tables.world.items() if k != "root"}, "config": asdict(cfg),
+    fields = asdict(cfg)
+    # fields added later, at the value every fit before them had: keyed only when changed, so
+    # the fits cached before the field keep their keys
+    for later, before in (("cvr_manner", "share_sync"),):
+        if fields.get(later) == before:
+            fields.pop(later)
+    fit = {"world": {k: v for k, v in tables.world.items() if k != "root"}, "config": fields,
            "task": method.task, "rows": method.rows, "phase": phase, "seed": seed, "frac": frac}
     split = getattr(tables, phase)
     if split.windowed:  # keyed only when a window cuts the days, so the fits on every day keep their keys
