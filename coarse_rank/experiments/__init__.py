@@ -32,9 +32,13 @@ Protocol (DESIGN §6), the same for every method, the baseline included:
    main world.
 7. Data axis (coarse only): `data_methods` trained on the `data_days` (2 / 4 / 8) days before
    the test day; sizes the world cannot hold are skipped with a note.
+8. λ table (Table 5): each row of `lambda_methods` (the paper's LUPI, MD, PFD, PFD+MD) at
+   every λ of `lams` and at 0.5, at its own LR chosen at λ 0.5 (the λ of every other table),
+   with each λ's paired difference to λ 0.5 beside the Δ to the baseline.
 
 `--set` keys besides any `coarse_rank.train.Config` field are the fields of `CoarsePlan`:
-lrs=0.025,0.05,0.1  base_days=3  methods=baseline,pfd  lams=0.1,0.5  manners=ind_sync,...
+lrs=0.025,0.05,0.1  base_days=3  methods=baseline,pfd  lams=0.1,0.5  lambda_methods=pfd,pfd_md
+manners=ind_sync,...
 fractions=0.25,0.5  double=false  control_methods=baseline,pfd  workers=3  cache=DIR
 control_data=PATH  selected_lrs=baseline:0.05,pfd_md:0.1 (skip the sweep for those methods)
 select_only=true (coarse: run step 1 alone and report its curves and the selected_lrs= line

@@ -22,6 +22,8 @@ ROWS.update({"sd_lam0": {"teacher": "sd", "lam": 0.0}, "oracle_lam1": {"teacher"
 ROW_NAMES = tuple(ROWS)
 # the paired contrasts of the coarse table (method, reference), each over every seed
 CONTRASTS = (("pfd", "sd"), ("pfd_md", "md"), ("pfd", "baseline"), ("pfd_md", "baseline"))
+# the teachers a λ can weigh: every one but the baseline, which distils nothing
+DISTILLED = tuple(t for t in TEACHERS if t != "baseline")
 MIN_CONTRAST_SEEDS = 10  # the protocol's paired seeds for a contrast; fewer is reported as PARTIAL
 
 QUICK = dict(embed_dim=8, d_model=32, n_heads=4, ff_dim=64, hidden=(64,), out_dim=32, teacher_hidden=(64, 32),
@@ -41,6 +43,7 @@ class CoarsePlan(ExperimentPlan):
     data_methods: tuple[str, ...] = ("baseline", "pfd", "pfd_md")  # the data axis' rows
     base_days: int = 3  # days in the fit and train windows
     lams: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # λ values of the lambda table
+    lambda_methods: tuple[str, ...] = ("lupi", "md", "pfd", "pfd_md")  # the lambda table's rows (PFD Table 5's)
     manners: tuple[str, ...] = MANNERS  # training manners of the manner table
     control_data: str = ""  # a world simulated with privileged_strength=0: the coarse table's control
     double: bool = True  # run the baseline at 2x (more days) when the world has them
@@ -54,7 +57,8 @@ class CoarsePlan(ExperimentPlan):
                              "weight_decays": (1e-4,), "data_days": (1,)}
 
     def choices(self) -> dict[str, tuple[str, ...]]:
-        return {"methods": ROW_NAMES, "control_methods": ROW_NAMES, "manners": MANNERS, "data_methods": ROW_NAMES}
+        return {"methods": ROW_NAMES, "control_methods": ROW_NAMES, "manners": MANNERS, "data_methods": ROW_NAMES,
+                "lambda_methods": DISTILLED}
 
     def validate(self) -> None:
         super().validate()
@@ -70,6 +74,8 @@ class CoarsePlan(ExperimentPlan):
             raise ConfigError(f"weight_decays: need at least one value >= 0, got {list(self.weight_decays)}")
         if any(n < 1 for n in self.data_days):
             raise ConfigError(f"data_days: each must be >= 1, got {list(self.data_days)}")
+        if self.experiment == "lambda" and not self.lambda_methods:
+            raise ConfigError(f"lambda_methods: name at least one of {list(DISTILLED)}")
         if self.base_days < 1:
             raise ConfigError(f"base_days: must be >= 1, got {self.base_days}")
         if self.select_only and self.experiment != "coarse":
@@ -79,7 +85,7 @@ class CoarsePlan(ExperimentPlan):
         """The plan's part of results.json."""
         keys = ("lrs", "base_days", "methods", "lams", "manners", "fractions", "control_data", "double",
                 "control_methods", "workers", "cache", "selected_lrs", "select_only", "select_seeds", "weight_decays", "data_days",
-                "data_methods")
+                "data_methods", "lambda_methods")
         return {k: getattr(self, k) for k in keys}
 
 

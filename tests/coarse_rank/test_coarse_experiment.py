@@ -55,6 +55,19 @@ def test_quick_experiment_writes_the_report_files(name, tiny_data, tmp_path):
         assert on_disk["methods"]["baseline"]["delta_vs_baseline"]["mean"] == 0.0
     if name == "manner":
         assert {"pfd_md_ind_async", "pfd_md_share_star_sync"} <= set(on_disk["methods"])
+    if name == "lambda":
+        # PFD Table 5's four rows, each at the plan's λs and at 0.5 (the λ its LR is chosen at)
+        teachers, lams = ("lupi", "md", "pfd", "pfd_md"), (0.3, 0.5, 0.7)
+        m = on_disk["methods"]
+        assert set(m) == {"baseline"} | {f"{t}_lam{lam:g}" for t in teachers for lam in lams}
+        assert on_disk["lams"] == list(lams) and on_disk["teachers"] == list(teachers)
+        assert all(m[f"{t}_lam{lam:g}"]["lr"] == on_disk["lrs"][t] for t in teachers for lam in lams)
+        d = on_disk["vs_select_lam"]["pfd"]["0.3"]
+        want = [a - b for a, b in zip(m["pfd_lam0.3"]["per_seed"], m["pfd_lam0.5"]["per_seed"])]
+        assert d["n"] == 2 and d["mean"] == pytest.approx(sum(want) / 2)
+        assert set(on_disk["vs_select_lam"]["lupi"]) == {"0.3", "0.7"}
+        text = (tmp_path / "report.md").read_text()
+        assert "Table 5's layout" in text and "(paper +0.0015)" in text  # LUPI at 0.3: 0.6640 - 0.6625
 
 
 def test_one_data_size_reports_no_curve_and_no_data_axis(tiny_data, tmp_path):
@@ -159,13 +172,15 @@ def test_every_plan_key_parses_and_bad_values_name_the_key():
     items = ["lrs=0.025,0.1", "base_days=2", "methods=baseline,pfd", "lams=0.1,0.5", "manners=ind_sync,share_sync",
              "fractions=0.25", "double=false", "control_methods=baseline,pfd", "workers=3", "cache=/c",
              "control_data=/w", "selected_lrs=baseline:0.05,pfd:0.1", "lr=0.2", "select_seeds=3",
-             "weight_decays=0,1e-4", "data_days=2,4", "data_methods=baseline,oracle", "select_only=true"]
+             "weight_decays=0,1e-4", "data_days=2,4", "data_methods=baseline,oracle", "select_only=true",
+             "lambda_methods=pfd,oracle"]
     p = CoarsePlan.from_cli("coarse", (1, 2, 3), workers=1, overrides=items, config=Config)
     assert p.record() == {"lrs": (0.025, 0.1), "base_days": 2, "methods": ("baseline", "pfd"), "lams": (0.1, 0.5),
                           "manners": ("ind_sync", "share_sync"), "fractions": (0.25,), "control_data": "/w",
                           "double": False, "control_methods": ("baseline", "pfd"), "workers": 3, "cache": "/c",
                           "selected_lrs": {"baseline": 0.05, "pfd": 0.1}, "select_only": True, "select_seeds": 3,
-                          "weight_decays": (0.0, 1e-4), "data_days": (2, 4), "data_methods": ("baseline", "oracle")}
+                          "weight_decays": (0.0, 1e-4), "data_days": (2, 4), "data_methods": ("baseline", "oracle"),
+                          "lambda_methods": ("pfd", "oracle")}
     assert p.overrides == ("lr=0.2",)
     quick = CoarsePlan.from_cli("lambda", (1,), quick=True, config=Config)
     assert (quick.lrs, quick.lams, quick.fractions, quick.methods) == ((0.05,), (0.3, 0.7), (0.5,), CoarsePlan().methods)
@@ -173,7 +188,8 @@ def test_every_plan_key_parses_and_bad_values_name_the_key():
                         ("control_methods=wizard", "control_methods"), ("base_days=0", "base_days"),
                         ("select_seeds=2", "select_seeds"), ("select_seeds=4", "select_seeds"),
                         ("weight_decays=-1", "weight_decays"), ("data_days=0", "data_days"),
-                        ("selected_lrs=pfd", "selected_lrs"), ("double=maybe", "double"), ("lrs=-1", "lrs")]:
+                        ("selected_lrs=pfd", "selected_lrs"), ("double=maybe", "double"), ("lrs=-1", "lrs"),
+                        ("lambda_methods=baseline", "lambda_methods")]:
         with pytest.raises(ConfigError, match=match):
             CoarsePlan.from_cli("coarse", (1, 2, 3), overrides=[item], config=Config)
 
