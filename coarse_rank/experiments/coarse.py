@@ -75,8 +75,34 @@ def _data_summary(fits, plan: CoarsePlan, seeds, chosen: dict, days: list[int]) 
     out = {}
     for n in days:
         runs = {m: [next(fits) for _ in seeds] for m in plan.data_methods if m in chosen}
-        out[str(n)] = summary(runs)  # Δ to the baseline when it is among the rows
+        tab = summary(runs)  # Δ to the baseline when it is among the rows
+        out[str(n)] = {"methods": tab, "contrasts": axis_contrasts(tab)}
     return out
+
+
+def axis_contrasts(methods: dict) -> dict:
+    """A data-axis point's paired contrasts: the protocol's and each distilled row against SD
+    (PFD − SD and SD − baseline are how the privileged and the plain soft labels move with data)."""
+    out = dict(contrasts(methods))
+    if "sd" in methods and "baseline" in methods:
+        out["sd - baseline"] = X.paired_diff(methods["sd"]["per_seed"], methods["baseline"]["per_seed"])
+    return out
+
+
+def _main_point(methods: dict, plan: CoarsePlan) -> dict:
+    """The main table's own window as a point of the data axis (its rows, same seeds)."""
+    tab = {m: {k: methods[m][k] for k in ("student_auc", "teacher_auc", "delta_vs_baseline", "cpu_s", "per_seed")}
+           for m in plan.data_methods if m in methods}
+    return {"methods": tab, "contrasts": axis_contrasts(tab), "main_window": True}
+
+
+def _axis_plot(out: Path, days: dict) -> None:
+    """data_axis.png: each contrast's paired difference against the days of training data."""
+    xs = sorted(int(n) for n in days)
+    names = sorted({k for p in days.values() for k in p["contrasts"]})
+    if xs and names:
+        R.plot_lines_with_ci(out / "data_axis.png", xs, {k: [days[str(n)]["contrasts"].get(k) for n in xs] for k in names},
+                             "Paired contrasts by days of training data", "training days before the test day")
 
 
 def contrasts(methods: dict) -> dict:
@@ -138,6 +164,10 @@ def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
     for m in methods:
         methods[m]["data_multiplier"] = (X.data_equivalent_multiplier(fr, base_curve, methods[m]["student_auc"]["mean"])
                                          if len(fr) > 1 else None)
+    if data_axis["days"]:
+        data_axis["days"].setdefault(str(len(r.win["train"])), _main_point(methods, plan))
+        data_axis["days"] = dict(sorted(data_axis["days"].items(), key=lambda kv: int(kv[0])))
+        _axis_plot(out, data_axis["days"])
     buckets = bucket_deltas(runs)
     _plots(out, methods, fr, base_curve, buckets)
     paired = contrasts(methods)
@@ -236,9 +266,14 @@ def _data_axis_section(res: dict) -> list[str]:
     ax = res["data_axis"]
     if not ax["days"] and not ax["notes"]:
         return []
-    rows = [[f"{n} days", m, R.fmt_mean_std(s["student_auc"]),
-             R.fmt_ci(s["delta_vs_baseline"]) if s.get("delta_vs_baseline") and m != "baseline" else "—"]
-            for n, tab in ax["days"].items() for m, s in tab.items()]
-    return (["## Data axis (train window before the test day)", "",
-             R.markdown_table(["train days", "method", "student AUC", "Δ vs baseline [95% CI]"], rows), ""]
+    rows = [[f"{n} days" + (" (main)" if p.get("main_window") else ""), m, R.fmt_mean_std(s["student_auc"]),
+             R.fmt_mean_std(s["teacher_auc"]) if s["teacher_auc"]["n"] else "—", f"{s['cpu_s']:.0f}"]
+            for n, p in ax["days"].items() for m, s in p["methods"].items()]
+    names = sorted({k for p in ax["days"].values() for k in p["contrasts"]})
+    crows = [[f"{n} days", *[R.fmt_ci(p["contrasts"][k]) if k in p["contrasts"] else "—" for k in names]]
+             for n, p in ax["days"].items()]
+    plot = ["![data axis](data_axis.png)", ""] if ax["days"] and names else []
+    return (["## Data axis (train window before the test day, same rates and seeds)", "",
+             R.markdown_table(["train days", "method", "student AUC", "teacher AUC", "CPU s"], rows), "",
+             R.markdown_table(["train days", *[f"{k} [95% CI]" for k in names]], crows), "", *plot]
             + [f"- {n}" for n in ax["notes"]] + [""])

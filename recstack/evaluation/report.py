@@ -152,3 +152,22 @@ def plot_curves(path: str | Path, xs: Sequence[float], series: dict[str, Sequenc
     if logx:
         ax.set_xscale("log")
     return _finish(fig, ax, path, title, xlabel, ylabel, legend=True)
+
+
+def plot_lines_with_ci(path: str | Path, xs: Sequence[float], series: dict[str, Sequence[dict]], title: str,
+                       xlabel: str, ylabel: str = "Δ AUC (paired)") -> Path:
+    """Paired differences along an axis (training days, say): one line per series, each point its
+    mean with the 95 % CI as an error bar; `series[name]` holds one paired_diff dict per x (None
+    where the series has no point)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for k, (name, ds) in enumerate(series.items()):
+        pts = [(x, d) for x, d in zip(xs, ds) if d is not None]
+        if not pts:
+            continue
+        shift = (k - (len(series) - 1) / 2) * 0.04  # small horizontal offsets keep the error bars apart
+        ax.errorbar([x + shift for x, _ in pts], [d["mean"] for _, d in pts], yerr=_ci_errors([d for _, d in pts]),
+                    marker="o", ms=4, capsize=3, label=name)
+    ax.axhline(0, color="black", lw=0.8)
+    ax.set_xticks(list(xs))
+    return _finish(fig, ax, path, title, xlabel, ylabel, legend=True)

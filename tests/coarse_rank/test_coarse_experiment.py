@@ -49,7 +49,15 @@ def test_quick_experiment_writes_the_report_files(name, tiny_data, tmp_path):
         pfd, sd = on_disk["methods"]["pfd"]["per_seed"], on_disk["methods"]["sd"]["per_seed"]
         assert d["per_seed"] == pytest.approx([a - b for a, b in zip(pfd, sd)])
         assert (tmp_path / "paired_seeds.png").stat().st_size > 0
-        assert set(on_disk["data_axis"]["days"]["1"]) == {"baseline", "pfd", "pfd_md"}
+        axis = on_disk["data_axis"]["days"]
+        assert set(axis["1"]["methods"]) == {"baseline", "pfd", "pfd_md"}
+        assert set(axis["1"]["contrasts"]) == {"pfd - baseline", "pfd_md - baseline"}
+        one = axis["1"]["methods"]
+        want = [a - b for a, b in zip(one["pfd"]["per_seed"], one["baseline"]["per_seed"])]
+        assert axis["1"]["contrasts"]["pfd - baseline"]["per_seed"] == pytest.approx(want)
+        main = [p for p in axis.values() if p.get("main_window")]  # the main table's window is a point too
+        assert len(main) == 1 and main[0]["methods"]["pfd"]["per_seed"] == pfd
+        assert (tmp_path / "data_axis.png").stat().st_size > 0 and "pfd - baseline [95% CI]" in (tmp_path / "report.md").read_text()
         assert on_disk["methods"]["pfd_md"]["teacher_auc"]["mean"] is not None
         assert on_disk["buckets"]["user_id"]["pfd"]["tail"]["delta"]["ci95"]
         assert on_disk["methods"]["baseline"]["delta_vs_baseline"]["mean"] == 0.0
