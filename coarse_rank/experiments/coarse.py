@@ -81,8 +81,8 @@ def _data_summary(fits, plan: CoarsePlan, seeds, chosen: dict, days: list[int]) 
 
 
 def axis_contrasts(methods: dict) -> dict:
-    """A data-axis point's paired contrasts: the protocol's and each distilled row against SD
-    (PFD − SD and SD − baseline are how the privileged and the plain soft labels move with data)."""
+    """A data-axis point's paired contrasts: the protocol's among its rows, and SD − baseline
+    (with PFD − SD, how the plain and the privileged soft labels move with data)."""
     out = dict(contrasts(methods))
     if "sd" in methods and "baseline" in methods:
         out["sd - baseline"] = X.paired_diff(methods["sd"]["per_seed"], methods["baseline"]["per_seed"])
