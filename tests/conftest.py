@@ -1,7 +1,7 @@
 """Shared fixtures: one `tiny` world per session, fake bundles, thread and state hygiene.
 
-Test modules never import each other: what two modules share lives here, as fixtures (a
-helper is a fixture that returns the callable).
+Test modules never import each other: what two modules share lives here, or in their
+package's own conftest.py, as fixtures (a helper is a fixture that returns the callable).
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import MappingProxyType
 
 # One math-library thread unless the caller says otherwise (set before torch, numpy or faiss
 # start a pool): the suite's models are tiny, and on a shared 2-core machine a second thread
@@ -434,6 +435,12 @@ def _train_export_serve(data_dir, work: Path, value_column: str | None = None, u
     finally:
         server.stop(None)
     return manifest, response
+
+
+@pytest.fixture(scope="session")
+def tiny_train_settings() -> MappingProxyType:
+    """{stage: ("key=value", ...)}: a few training steps of small models per stage (read-only)."""
+    return MappingProxyType(TINY_TRAIN_SETTINGS)
 
 
 @pytest.fixture(scope="session")

@@ -172,3 +172,20 @@ def test_no_source_file_over_500_lines_and_no_function_over_80():
             if n > MAX_FUNCTION_LINES:
                 bad.append(f"{rel}:{fn.lineno} {fn.name}: {n} lines")
     assert not bad, "\n".join(bad)
+
+
+def test_test_modules_never_import_each_other():
+    """What two test modules share lives in a conftest.py as fixtures; no test file imports
+    another (importing one runs its module-level set-up and ties the two files' orders)."""
+    bad = []
+    for f in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):  # a relative import is one of tests' own modules
+                names = ["." * node.level + (node.module or "")] if node.level else [node.module or ""]
+            else:
+                continue
+            bad += [f"{f.relative_to(REPO).as_posix()}: imports {n}" for n in names
+                    if n == "tests" or n.startswith(("tests.", "."))]
+    assert not bad, "\n".join(bad)

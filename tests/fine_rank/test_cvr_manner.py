@@ -11,8 +11,6 @@ from fine_rank.model import Ranker, build_teacher
 from recstack.config import ConfigError, apply_overrides
 from recstack.data import load
 
-from tests.fine_rank.test_fine_rank import VOCAB
-
 CFG = dict(cvr_hidden=(32, 16), cvr_emb_dim=4, cvr_batch_size=128, cvr_md_hidden=(32, 16), cvr_max_steps=12)
 
 
@@ -31,8 +29,8 @@ def same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_a_teacher_reads_the_embeddings_it_is_given():
-    student, other = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8)), Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
+def test_a_teacher_reads_the_embeddings_it_is_given(fine_vocab):
+    student, other = Ranker.build(fine_vocab, emb_dim=4, hidden=(16, 8)), Ranker.build(fine_vocab, emb_dim=4, hidden=(16, 8))
     assert build_teacher("pfd_md", student, (16, 8), (32, 16)).embeddings is student.embeddings
     own = build_teacher("pfd_md", student, (16, 8), (32, 16), inputs=other)
     assert own.embeddings is other.embeddings and own.embeddings is not student.embeddings

@@ -14,32 +14,14 @@ from recstack.evaluation import metrics as M
 from recstack.config import ConfigError, apply_overrides
 from recstack.data import load
 from recstack import features as FE
-from recstack.features import Vocab
 from recstack.training.onnx import onnx_session
-
-VOCAB = Vocab(n_users=50, n_items=80, n_categories=6, n_shops=9, n_brands=7, n_price_buckets=5,
-              n_age_buckets=4, n_genders=2, n_activity_levels=3, log_price_mean=3.0, log_price_std=1.0)
-# enough steps on tiny for a converged, calibrated model, still ~2 s
-TINY_CFG = dict(ctr_batch_size=256, ctr_epochs=2, cvr_batch_size=128)
-
-
-def random_inputs(b: int, vocab: Vocab = VOCAB, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    user = torch.stack([torch.randint(0, n, (b,), generator=g) for n in vocab.user_sizes()], dim=1)
-    item = torch.stack([torch.randint(0, n, (b,), generator=g) for n in vocab.item_sizes()], dim=1)
-    return {
-        "user_feats": user,
-        "item_feats": item,
-        "item_dense": torch.randn(b, 1, generator=g),
-        "interacted": torch.log1p(torch.randint(0, 5, (b, len(FE.INTERACTED_FIELDS)), generator=g).float()),
-    }
 
 
 # ------------------------------------------------------------------------- model
 
 
-def test_ranker_shapes_and_probabilities():
-    model = Ranker.build(VOCAB, emb_dim=8, hidden=(32, 16))
+def test_ranker_shapes_and_probabilities(fine_vocab, random_inputs):
+    model = Ranker.build(fine_vocab, emb_dim=8, hidden=(32, 16))
     x = random_inputs(64)
     model.train()
     logits = model.logits(**x)
@@ -57,8 +39,8 @@ def test_ranker_shapes_and_probabilities():
     torch.testing.assert_close(one, prob[:1])
 
 
-def test_default_architecture_is_512_256_128_with_bn_before_leaky_relu():
-    model = Ranker.build(VOCAB)
+def test_default_architecture_is_512_256_128_with_bn_before_leaky_relu(fine_vocab):
+    model = Ranker.build(fine_vocab)
     layers = list(model.bottom.layers)
     widths = [m.out_features for m in layers if isinstance(m, torch.nn.Linear)]
     assert widths == [512, 256, 128]
@@ -66,13 +48,13 @@ def test_default_architecture_is_512_256_128_with_bn_before_leaky_relu():
     assert kinds == [torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.LeakyReLU] * 3
 
 
-def test_padding_rows_are_zero_and_unknown_ids_score():
-    emb = FeatureEmbeddings(VOCAB.user_sizes(), VOCAB.item_sizes(), dim=4)
+def test_padding_rows_are_zero_and_unknown_ids_score(fine_vocab, random_inputs):
+    emb = FeatureEmbeddings(fine_vocab.user_sizes(), fine_vocab.item_sizes(), dim=4)
     for table in (*emb.user.values(), *emb.item.values()):
         assert torch.count_nonzero(table.weight[0]) == 0
     out = emb(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 5, dtype=torch.long))
     assert out.shape == (3, 36) and torch.count_nonzero(out) == 0
-    model = Ranker.build(VOCAB, emb_dim=4, hidden=(8,)).eval()
+    model = Ranker.build(fine_vocab, emb_dim=4, hidden=(8,)).eval()
     x = random_inputs(3)
     x["user_feats"] = torch.zeros(3, 4, dtype=torch.long)  # a cold-start user
     with torch.no_grad():
@@ -89,11 +71,11 @@ def test_head_starts_at_the_base_rate():
 # ------------------------------------------------------------------------ config
 
 
-def test_config_overrides_and_validation():
+def test_config_overrides_and_validation(fine_vocab):
     cfg = apply_overrides(ftrain.Config(), ["ctr_lr=0.02", "ctr_optimizer=adagrad", "cvr_hidden=64,32", "cvr_label=purchase_observed"])
     assert cfg.settings("ctr").lr == 0.02 and cfg.settings("cvr").hidden == (64, 32)
-    assert isinstance(ftrain.make_optimizer(Ranker.build(VOCAB, 4, (8,)), cfg.settings("ctr")), torch.optim.Adagrad)
-    assert isinstance(ftrain.make_optimizer(Ranker.build(VOCAB, 4, (8,)), ftrain.Config().settings("ctr")), torch.optim.Adam)
+    assert isinstance(ftrain.make_optimizer(Ranker.build(fine_vocab, 4, (8,)), cfg.settings("ctr")), torch.optim.Adagrad)
+    assert isinstance(ftrain.make_optimizer(Ranker.build(fine_vocab, 4, (8,)), ftrain.Config().settings("ctr")), torch.optim.Adam)
     with pytest.raises(ConfigError, match="valid keys"):
         apply_overrides(ftrain.Config(), ["ctr_learning_rate=0.1"])
     with pytest.raises(ConfigError, match="optimizer"):
@@ -137,7 +119,7 @@ def test_clicked_keeps_only_clicked_rows():
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tiny_data, tmp_path_factory):
+def tiny_run(tiny_fine_cfg, tiny_data, tmp_path_factory):
     """One training run on tiny data, recording the table and label every `fit` call got."""
     out = tmp_path_factory.mktemp("fine_run")
     calls = []
@@ -149,7 +131,7 @@ def tiny_run(tiny_data, tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(ftrain, "fit", spy)
-        metrics = ftrain.train(ftrain.Config(**TINY_CFG), tiny_data, out, progress=False)
+        metrics = ftrain.train(ftrain.Config(**tiny_fine_cfg), tiny_data, out, progress=False)
     return {"metrics": metrics, "out": out, "calls": calls, "data": tiny_data}
 
 
@@ -185,16 +167,16 @@ def test_ctr_on_all_impressions_cvr_on_clicked_only(tiny_run):
     assert m["ctr"]["n"] == len(test["click"]) and m["cvr"]["n"] == int(test["click"].sum())
 
 
-def test_checkpoint_layout(tiny_run):
+def test_checkpoint_layout(tiny_fine_cfg, tiny_run):
     ckpt = checkpoint.load(tiny_run["out"] / "checkpoint.pt", stage="fine")
     assert set(ckpt) >= {"stage", "config", "model", "metrics", "data_dir", "vocab"}
     assert set(ckpt["model"]) == {"ctr", "cvr"}
     cfg, models = fexport.load_models(ckpt)
-    assert cfg.ctr_epochs == TINY_CFG["ctr_epochs"] and not models["ctr"].training
+    assert cfg.ctr_epochs == tiny_fine_cfg["ctr_epochs"] and not models["ctr"].training
 
 
-def test_training_is_deterministic(tiny_run, tmp_path):
-    again = ftrain.train(ftrain.Config(**TINY_CFG), tiny_run["data"], tmp_path, progress=False)
+def test_training_is_deterministic(tiny_fine_cfg, tiny_run, tmp_path):
+    again = ftrain.train(ftrain.Config(**tiny_fine_cfg), tiny_run["data"], tmp_path, progress=False)
     a = checkpoint.load(tiny_run["out"] / "checkpoint.pt")["model"]
     b = checkpoint.load(tmp_path / "checkpoint.pt")["model"]
     for task in ("ctr", "cvr"):
@@ -334,8 +316,8 @@ def test_relative_shift():
 from fine_rank.model import MTLRanker, SelfAuxiliary, Teacher, build_teacher  # noqa: E402
 
 
-def test_teachers_inputs_and_shared_embeddings():
-    student = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
+def test_teachers_inputs_and_shared_embeddings(fine_vocab, random_inputs):
+    student = Ranker.build(fine_vocab, emb_dim=4, hidden=(16, 8))
     x = random_inputs(32)
     post = torch.randn(32, 4)
     for kind, widths in (("sd", [16, 8]), ("md", [64, 32, 16]), ("pfd", [16, 8]), ("pfd_md", [64, 32, 16]), ("lupi", [16, 8])):
@@ -361,8 +343,8 @@ def test_teachers_inputs_and_shared_embeddings():
         build_teacher("oracle", student, (16, 8), (32,))
 
 
-def test_mtl_main_path_is_the_student():
-    student = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8, 4))
+def test_mtl_main_path_is_the_student(fine_vocab, random_inputs):
+    student = Ranker.build(fine_vocab, emb_dim=4, hidden=(16, 8, 4))
     mtl = MTLRanker(student, aux_hidden=(6, 3)).eval()
     x = random_inputs(10)
     with torch.no_grad():
@@ -373,8 +355,8 @@ def test_mtl_main_path_is_the_student():
     assert all(t[0].layers[0].in_features == 16 for t in mtl.towers)
 
 
-def test_self_auxiliary_serves_the_main_head_and_sga_stops_gradient():
-    ranker = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
+def test_self_auxiliary_serves_the_main_head_and_sga_stops_gradient(fine_vocab, random_inputs):
+    ranker = Ranker.build(fine_vocab, emb_dim=4, hidden=(16, 8))
     sa = SelfAuxiliary(ranker, aux_width=8)
     x = random_inputs(16)
     sa.eval()
@@ -408,9 +390,9 @@ def test_method_config_validation():
     assert cfg.cvr_md_hidden == (64, 32, 16) and cfg.distill_lambda == 0.3
 
 
-def test_calibrate_to_rate_shifts_the_exported_bias():
+def test_calibrate_to_rate_shifts_the_exported_bias(fine_vocab, random_inputs):
     torch.manual_seed(0)
-    model = Ranker.build(VOCAB, emb_dim=4, hidden=(8,)).eval()
+    model = Ranker.build(fine_vocab, emb_dim=4, hidden=(8,)).eval()
     x = {k: v.numpy() for k, v in random_inputs(500).items()}
     table = dict(x, click=np.zeros(500, np.float32))
     with torch.no_grad():
@@ -451,12 +433,12 @@ def test_sga_leaves_the_serving_head_identical_to_the_baseline(tiny_data):
     ["cvr_teacher=pfd", "ctr_sead=max"],
     ["cvr_teacher=signal_loss", "cvr_label=purchase_observed", "cvr_calibrate=aggregates"],
 ])
-def test_distilled_students_train_export_and_match_onnx(method, tiny_data, consent_world, tmp_path):
+def test_distilled_students_train_export_and_match_onnx(tiny_fine_cfg, method, tiny_data, consent_world, tmp_path):
     """`recstack train fine --set cvr_teacher=...` checkpoints plain students: the export is
     the serving contract (no privileged inputs), parity-checked at 1e-5."""
     signal = "cvr_teacher=signal_loss" in method
     data_dir = consent_world if signal else tiny_data
-    cfg = apply_overrides(ftrain.Config(**TINY_CFG), method)
+    cfg = apply_overrides(ftrain.Config(**tiny_fine_cfg), method)
     metrics = ftrain.train(cfg, data_dir, tmp_path, progress=False)
     assert "teacher" in metrics["cvr"]
     if signal:

@@ -20,15 +20,14 @@ from fine_rank import stream as S
 from fine_rank import train as ftrain
 from fine_rank.experiments import run as run_experiment
 from fine_rank.model import Ranker, SelfAuxiliary, SignalTeacher
-from tests.fine_rank.test_fine_rank import TINY_CFG, VOCAB, random_inputs
 
 SMALL = dict(ctr_hidden=(16, 8), cvr_hidden=(16, 8), ctr_emb_dim=4, cvr_emb_dim=4, ctr_batch_size=256,
              cvr_batch_size=64, sead_aux_width=8)
 
 
-def test_aux_tower_has_its_own_randomly_initialised_weights_and_ogl_is_not_the_main_gradient():
+def test_aux_tower_has_its_own_randomly_initialised_weights_and_ogl_is_not_the_main_gradient(fine_vocab, random_inputs):
     torch.manual_seed(0)
-    ranker = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
+    ranker = Ranker.build(fine_vocab, emb_dim=4, hidden=(16, 8))
     sa = SelfAuxiliary(ranker, aux_width=8)
     main_ids = {id(p) for p in ranker.parameters()}
     aux = list(sa.aux.parameters())
@@ -54,11 +53,11 @@ def test_aux_tower_has_its_own_randomly_initialised_weights_and_ogl_is_not_the_m
     assert abs(float(cos)) < 0.99
 
 
-def test_sead_exports_the_same_graph_as_the_baseline(tiny_data, tmp_path):
+def test_sead_exports_the_same_graph_as_the_baseline(tiny_fine_cfg, tiny_data, tmp_path):
     """Only the main head is exported: same inputs, outputs and weight shapes with and without SEAD."""
     graphs = {}
     for name, changes in (("baseline", []), ("sead", ["ctr_sead=max", "cvr_sead=curriculum"])):
-        cfg = apply_overrides(ftrain.Config(**TINY_CFG), changes)
+        cfg = apply_overrides(ftrain.Config(**tiny_fine_cfg), changes)
         metrics = ftrain.train(cfg, tiny_data, tmp_path / name, progress=False)
         fexport.export(tmp_path / name / "checkpoint.pt", tmp_path / name / "bundle")
         graphs[name] = {}
@@ -92,9 +91,9 @@ def test_fit_stream_trains_one_pass_per_day_and_scores_the_next(tiny4_world):
         S.fit_stream("cvr", ftrain.Config(**SMALL, cvr_teacher="pfd"), data.vocab, days, seed=1)
 
 
-def test_signal_teacher_shares_nothing_with_the_student():
-    student = Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8))
-    teacher = SignalTeacher(Ranker.build(VOCAB, emb_dim=4, hidden=(16, 8)), aux_width=8)
+def test_signal_teacher_shares_nothing_with_the_student(fine_vocab, random_inputs):
+    student = Ranker.build(fine_vocab, emb_dim=4, hidden=(16, 8))
+    teacher = SignalTeacher(Ranker.build(fine_vocab, emb_dim=4, hidden=(16, 8)), aux_width=8)
     assert not {id(p) for p in student.parameters()} & {id(p) for p in teacher.parameters()}
     main, aux = teacher.both(**random_inputs(5))
     assert main.shape == aux.shape == (5,)

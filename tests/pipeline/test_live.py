@@ -8,31 +8,19 @@ import numpy as np
 import pytest
 
 from recstack import bundle as B
-from recstack.pipeline.live import LiveConfig, live
-
-# a few steps of small models: checks the loop, not model quality
-TINY_OVERRIDES = {
-    "retrieval": ["epochs=1", "max_steps=8", "batch_size=128", "dim=8", "user_hidden=16", "item_hidden=16",
-                  "ann_eval_queries=20", "num_uniform_negatives=32"],
-    "coarse": ["max_steps=8", "batch_size=128", "hidden=32", "eval_max_rows=500"],
-    "fine": ["ctr_hidden=16", "cvr_hidden=16", "ctr_max_steps=8", "cvr_max_steps=8", "ctr_batch_size=128",
-             "cvr_batch_size=64"],
-}
-
-CONFIG = LiveConfig(preset="tiny", days=2, initial_days=3, sessions=30, day_wall_s=0.5, probe_s=0.2, log_roll_s=0.2,
-                    train_overrides=TINY_OVERRIDES, in_process=True)
+from recstack.pipeline.live import live
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory, one_thread):
+def run(live_config, tmp_path_factory, one_thread):
     # the coarse export's int8 parity check on 50 requests, not 1,000: these tests check the
     # loop; the check itself is tested with the exporter
     patch = pytest.MonkeyPatch()
     patch.setattr("coarse_rank.export.INT8_REQUESTS", 50)
     out = tmp_path_factory.mktemp("live")
-    first = live(CONFIG, out, stop_after=1)  # an interruption after day 1
+    first = live(live_config, out, stop_after=1)  # an interruption after day 1
     day1 = (out / "days" / "d01" / "day.json").read_text()
-    second = live(CONFIG, out)
+    second = live(live_config, out)
     patch.undo()
     return out, first, second, day1
 
@@ -75,7 +63,7 @@ def test_resume_skips_finished_days(run):
     assert (out / "days" / "d01" / "day.json").read_text() == day1  # day 1 was not run again
 
 
-def test_a_day_interrupted_after_its_export_resumes_there(run, tmp_path):
+def test_a_day_interrupted_after_its_export_resumes_there(live_config, run, tmp_path):
     """day.json is written last: without it the day is unfinished; its replay, training and export
     are found and not redone, B is reloaded and the day recorded again."""
     import shutil
@@ -86,7 +74,7 @@ def test_a_day_interrupted_after_its_export_resumes_there(run, tmp_path):
     (copy / "days" / "d02" / "day.json").unlink()
     replayed = (copy / "days" / "d02" / "replay.json").read_text()
     ckpt = (copy / "days" / "d02" / "runs" / "fine" / "checkpoint.pt").stat().st_mtime_ns
-    again = live(CONFIG, copy)
+    again = live(live_config, copy)
     assert again["days_run_now"] == 1 and again["failed_calls_total"] == 0
     assert (copy / "days" / "d02" / "replay.json").read_text() == replayed  # not replayed
     assert (copy / "days" / "d02" / "runs" / "fine" / "checkpoint.pt").stat().st_mtime_ns == ckpt  # not retrained
@@ -164,7 +152,7 @@ def test_each_day_reads_both_arms_heads_against_the_truth(run):
     assert truth_calibration(None) == "A CTR n/a, CVR n/a; B CTR n/a, CVR n/a"
 
 
-def test_live_compare_pairs_runs_by_request_and_reads_the_replays_calibration(run, tmp_path):
+def test_live_compare_pairs_runs_by_request_and_reads_the_replays_calibration(live_config, run, tmp_path):
     """tools/live_compare.py on a run against itself: every paired difference is 0, and the
     calibration it reads back from the impression logs is the one the replay recorded."""
     import importlib.util
@@ -177,7 +165,7 @@ def test_live_compare_pairs_runs_by_request_and_reads_the_replays_calibration(ru
     res = tool.compare({"a": out, "b": out}, "a", out / "world")
     for arm in ("A", "B"):
         v = res["paired_expected_gmv"]["b - a"][arm]
-        assert all(r["diff"] == 0.0 and r["n"] == CONFIG.sessions for r in v["days"].values())
+        assert all(r["diff"] == 0.0 and r["n"] == live_config.sessions for r in v["days"].values())
         for d in second["days"]:
             got = res["truth_calibration"]["a"][arm][str(d["world_day"])]
             assert got == pytest.approx(d["truth_calibration"][arm], rel=1e-5)
@@ -187,7 +175,7 @@ def test_live_compare_pairs_runs_by_request_and_reads_the_replays_calibration(ru
     assert (tmp_path / "compare.png").stat().st_size > 0
 
 
-def test_the_servers_run_on_the_simulated_clock(run):
+def test_the_servers_run_on_the_simulated_clock(live_config, run):
     """Each arm's server is on the virtual clock the replay sets: every logged request and event
     of a live day is at offset + a simulated time of that world day, the browsing at its own
     time in the world's log; every bundle anchors the pre-live history at the window's end."""
@@ -198,7 +186,7 @@ def test_the_servers_run_on_the_simulated_clock(run):
     from recstack.pipeline.live_data import day_rows
 
     out, _, second, _ = run
-    _, offset = start_clocks(out, CONFIG)
+    _, offset = start_clocks(out, live_config)
     world = load(out / "world")
     for d in second["days"]:
         rep = json.loads((out / "days" / f"d{d['live_day']:02d}" / "replay.json").read_text())

@@ -9,16 +9,16 @@ import pytest
 
 from recstack import bundle as B
 from recstack.pipeline.live import LiveConfig, initial_bundle
-from tests.pipeline.test_live import CONFIG, TINY_OVERRIDES
 
 
-def test_day0_serves_a_coarse_student_distilled_from_the_first_bundles_fine_order(tmp_path, one_thread, monkeypatch):
+def test_day0_serves_a_coarse_student_distilled_from_the_first_bundles_fine_order(live_config, tmp_path, one_thread, monkeypatch):
     import numpy as np
     import torch
 
     monkeypatch.setattr("coarse_rank.export.INT8_REQUESTS", 50)
-    overrides = {**TINY_OVERRIDES, "coarse": [*TINY_OVERRIDES["coarse"], "fine_distill_requests=8"]}
-    cfg = replace(CONFIG, days=1, fine_distill=2.0, train_overrides=overrides)
+    tiny = live_config.train_overrides
+    overrides = {**tiny, "coarse": [*tiny["coarse"], "fine_distill_requests=8"]}
+    cfg = replace(live_config, days=1, fine_distill=2.0, train_overrides=overrides)
     _, runs = initial_bundle(cfg, tmp_path, None)
 
     plain = torch.load(runs / "coarse_plain" / "checkpoint.pt", weights_only=False)["config"]

@@ -19,7 +19,7 @@ def test_summary_prints_the_gmv_share_beside_the_aucs(tiny_data, tiny_bundle, tm
     assert lines.index(gmv) > max(i for i, line in enumerate(lines) if "AUC" in line)  # printed after the AUCs
 
 
-def test_distil_coarse_retrains_the_cut_on_the_bundles_fine_order_and_exports_again(tiny_data, tmp_path):
+def test_distil_coarse_retrains_the_cut_on_the_bundles_fine_order_and_exports_again(tiny_data, tiny_train_settings, tmp_path):
     """The quickstart's --fine-distill step on a trained `tiny` runs folder: the targets file is
     built from the first bundle, the coarse stage is trained again with the pairs (its config
     keeps the setting), the first checkpoint is kept beside it, and `current` is a new bundle
@@ -32,10 +32,9 @@ def test_distil_coarse_retrains_the_cut_on_the_bundles_fine_order_and_exports_ag
     from recstack.bundle import resolve_bundle
     from recstack.cli import main
     from recstack.pipeline.quickstart import distil_coarse
-    from tests.conftest import TINY_TRAIN_SETTINGS
 
     runs, art = tmp_path / "runs", tmp_path / "artifacts"
-    for stage, settings in TINY_TRAIN_SETTINGS.items():
+    for stage, settings in tiny_train_settings.items():
         assert main(["train", stage, "--data", tiny_data, "--out", str(runs), *[a for s in settings for a in ("--set", s)]]) == 0
     assert main(["export", "--runs", str(runs), "--out", str(art)]) == 0
     first = resolve_bundle(art)

@@ -4,6 +4,8 @@ day, and a run killed mid-stream resumes bit-identical (a finished day restores 
 state with its model)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
@@ -12,9 +14,13 @@ from recstack.training import checkpoint
 from recstack.training.checkpoint import CheckpointError, TrainingState
 from recstack.training.loop import Loop, Recent, Stream, training_state
 
-from tests.training.test_training_loop import Killed, ToyConfig
-
 DAYS, ROWS, BATCH = (1, 2, 3, 4), 24, 8  # 3 steps per day
+
+
+@dataclass
+class StreamConfig:
+    """The toy stream's config, saved in its training state as a stage's would be."""
+    lr: float = 0.05
 
 
 def day_data():
@@ -59,7 +65,7 @@ def run_stream(tmp_path, every: int = 0, resume: bool = False):
         with torch.no_grad():
             return {"mse": float(nn.functional.mse_loss(model(x).squeeze(-1), y))}
 
-    with training_state(tmp_path, "toy", ToyConfig(), every, resume):
+    with training_state(tmp_path, "toy", StreamConfig(), every, resume):
         curve = stream.run(train_day, score)
     return model, curve, seen, made, stream
 
@@ -75,16 +81,16 @@ def test_one_pass_per_day_one_optimiser_scored_on_the_next_day(tmp_path):
     assert stream.warm and stream.day == 3
 
 
-def test_a_stream_killed_mid_day_resumes_bit_identical(tmp_path, monkeypatch):
+def test_a_stream_killed_mid_day_resumes_bit_identical(tmp_path, monkeypatch, kill_at):
     plain, plain_curve, _, _, plain_stream = run_stream(tmp_path / "plain")
     state = {"n": 0}
 
     def hook(ph, s):  # the 5th step overall: day 2, step 2 (day 1 finished; a snapshot every step)
         state["n"] += 1
         if state["n"] == 5:
-            raise Killed
+            raise kill_at.Killed
     monkeypatch.setattr(TrainingState, "on_step", hook)
-    with pytest.raises(Killed):
+    with pytest.raises(kill_at.Killed):
         run_stream(tmp_path / "run", every=1)
     monkeypatch.setattr(TrainingState, "on_step", None)
     saved = checkpoint.load(tmp_path / "run" / checkpoint.STATE_FILE, stage="toy")
@@ -101,10 +107,10 @@ def test_a_finished_day_without_optimizer_state_is_refused(tmp_path):
     torch.manual_seed(0)
     model = nn.Linear(3, 1)
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    with training_state(tmp_path, "toy", ToyConfig(), 1, False):  # a finished phase written without carry
+    with training_state(tmp_path, "toy", StreamConfig(), 1, False):  # a finished phase written without carry
         Loop("toy@day1", ROWS, model, opt, 1, Recent()).run(
             lambda idx, s, t: model(torch.ones(2, 3)).sum(), lambda r: iter([(None, lambda: {})]))
-    with training_state(tmp_path, "toy", ToyConfig(), 1, True):
+    with training_state(tmp_path, "toy", StreamConfig(), 1, True):
         with pytest.raises(CheckpointError, match="toy@day1: the finished phase has no optimizer state"):
             Loop("toy@day1", ROWS, model, opt, 1, Recent(), carry_optimizer=True).run(lambda *a: None, lambda r: iter(()))
 
