@@ -35,13 +35,13 @@ def run(r: Runner, plan: CoarsePlan, seeds, out: Path) -> dict:
     sel = r.select(plan, [("baseline", {"teacher": "baseline"})]
                    + [(t, {"teacher": t, "lam": SELECT_LAM}) for t in teachers])
     chosen = {k: v[0] for k, v in sel.items()}
-    specs = [("test", None, dict(teacher="baseline", **chosen["baseline"], seed=s)) for s in seeds]
-    specs += [("test", None, dict(teacher=t, **chosen[t], lam=lam, seed=s)) for t in teachers for lam in lams for s in seeds]
-    fits = iter(r.many(specs))
-    runs = {"baseline": [next(fits) for _ in seeds]}
-    for t in teachers:
-        for lam in lams:
-            runs[row_name(t, lam)] = [next(fits) for _ in seeds]
+    # seed-major: a run cut short leaves every cell of the table with the same first seeds
+    # cached, so `--seeds` with fewer of them reports a whole (partial) table from the cache
+    cells = [("baseline", "baseline", None)] + [(row_name(t, lam), t, lam) for t in teachers for lam in lams]
+    order = [(name, s) for s in seeds for name, _, _ in cells]
+    kw = {name: dict(teacher=t, **chosen[t], **({} if lam is None else {"lam": lam})) for name, t, lam in cells}
+    fitted = dict(zip(order, r.many([("test", None, dict(kw[name], seed=s)) for name, s in order])))
+    runs = {name: [fitted[(name, s)] for s in seeds] for name, _, _ in cells}
     methods = summary(runs)
     for k in methods:
         methods[k]["lr"] = chosen["baseline" if k == "baseline" else k.rpartition("_lam")[0]]["lr"]
