@@ -7,10 +7,14 @@ the per-bundle intervals. The bundles are loaded together and take turns request
 so their CPU times per request are comparable.
 
     python tools/paired_gmv.py --data D --out OUT.json [--users 300] [--sizes 1000,200] [--day N] \
-        --bundle base=ART_A --bundle stats=ART_B [--bundle ...] [--option stats:browse_coarse_share=0.9]
+        --bundle base=ART_A --bundle stats=ART_B [--bundle ...] [--option stats:browse_coarse_share=0.9] \
+        [--arm-sizes stats=1000,100]
 
 An `--option NAME:KEY=VALUE` sets a `Cascade.load` option (e.g. browse_coarse_share, browse_share,
 i2i_share) for arm NAME only; one bundle may appear under several names with different options.
+An `--arm-sizes NAME=R,C` gives arm NAME its own retrieval and coarse sizes (C = R: the fine
+ranker over every retrieved candidate, DESIGN's single stage). Against the first arm each arm
+also gets the ratio of the mean shares with a paired bootstrap interval (users resampled).
 """
 from __future__ import annotations
 
@@ -36,11 +40,20 @@ def mean_ci(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(1.96 * x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else 0.0
 
 
+def ratio_ci(x: np.ndarray, base: np.ndarray, n_boot: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """mean(x) / mean(base) over paired users and its 95 % percentile interval (users resampled)."""
+    idx = np.random.default_rng(seed).integers(0, len(x), (n_boot, len(x)))
+    boot = x[idx].mean(axis=1) / base[idx].mean(axis=1)
+    return float(x.mean() / base.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+
+
 def compare(data_dir: str, bundles: dict[str, str], n_users: int, retrieval: int, coarse: int, seed: int = 0,
-            day: int | None = None, options: dict[str, dict] | None = None) -> dict:
+            day: int | None = None, options: dict[str, dict] | None = None,
+            sizes: dict[str, tuple[int, int]] | None = None) -> dict:
     data, truth = load(data_dir), Truth.load(data_dir)
     day = data.test_day if day is None else int(day)
     oracle = C._Oracle(truth, C.requests(data, day, n_users, seed), day, 50)
+    sizes = sizes or {}
     cascades = {name: Cascade.load(path, **(options or {}).get(name, {})) for name, path in bundles.items()}
     lists: dict[str, dict[str, list[float]]] = {name: {m: [] for m in C.METRICS} for name in bundles}
     names = list(bundles)
@@ -48,7 +61,7 @@ def compare(data_dir: str, bundles: dict[str, str], n_users: int, retrieval: int
         # the arms take turns request by request, in a rotating order, so that their CPU times
         # see the same process state (caches, allocator, machine load) rather than one another's
         for name in names[n % len(names):] + names[: n % len(names)]:
-            C._measure_one(cascades[name], oracle, n, retrieval, coarse, lists[name])
+            C._measure_one(cascades[name], oracle, n, *sizes.get(name, (retrieval, coarse)), lists[name])
     rows = {name: {k: np.asarray(v) for k, v in r.items()} for name, r in lists.items()}
     for name in names:
         m, h = mean_ci(rows[name]["gmv_share"])
@@ -59,12 +72,13 @@ def compare(data_dir: str, bundles: dict[str, str], n_users: int, retrieval: int
     for name, r in rows.items():
         m, h = mean_ci(r["gmv_share"])
         out["bundles"][name] = {"path": str(Path(bundles[name]).resolve()), "options": (options or {}).get(name, {}),
-                                "gmv_share": m, "gmv_share_ci95": h,
+                                "sizes": list(sizes.get(name, (retrieval, coarse))), "gmv_share": m, "gmv_share_ci95": h,
                                 **{k: float(r[k].mean()) for k in KEPT}, "cpu_ms_median": float(np.median(r["cpu_ms"]))}
         if name != first:
             d, dh = mean_ci(r["gmv_share"] - rows[first]["gmv_share"])
-            out["paired"][name] = {"gmv_share_diff": d, "ci95": dh}
-            print(f"{name} - {first}: {d:+.4f} ± {dh:.4f}", flush=True)
+            q, lo, hi = ratio_ci(r["gmv_share"], rows[first]["gmv_share"])
+            out["paired"][name] = {"gmv_share_diff": d, "ci95": dh, "ratio": q, "ratio_ci95": [lo, hi]}
+            print(f"{name} - {first}: {d:+.4f} ± {dh:.4f}; ratio {q:.3f} [{lo:.3f}, {hi:.3f}]", flush=True)
     return out
 
 
@@ -75,6 +89,8 @@ def main(argv=None) -> int:
     ap.add_argument("--bundle", action="append", required=True, metavar="NAME=PATH")
     ap.add_argument("--option", action="append", default=[], metavar="NAME:KEY=VALUE",
                     help="a Cascade.load option for one arm (a float, or true / false)")
+    ap.add_argument("--arm-sizes", action="append", default=[], metavar="NAME=R,C",
+                    help="retrieval and coarse sizes for one arm (default: --sizes)")
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--sizes", default="1000,200", help="retrieval,coarse")
     ap.add_argument("--seed", type=int, default=0, help="the user sample's seed")
@@ -89,8 +105,15 @@ def main(argv=None) -> int:
             ap.error(f"--option {o!r}: expected NAME:KEY=VALUE with NAME one of {sorted(bundles)}")
         options.setdefault(name, {})[key] = {"true": True, "false": False}.get(value.lower()) \
             if value.lower() in ("true", "false") else float(value)
+    sizes: dict[str, tuple[int, int]] = {}
+    for a in args.arm_sizes:
+        name, _, rc = a.partition("=")
+        parts = rc.split(",")
+        if name not in bundles or len(parts) != 2 or not all(x.strip().isdigit() for x in parts):
+            ap.error(f"--arm-sizes {a!r}: expected NAME=R,C with NAME one of {sorted(bundles)}")
+        sizes[name] = (int(parts[0]), int(parts[1]))
     r, c = (int(x) for x in args.sizes.split(","))
-    res = compare(args.data, bundles, args.users, r, c, args.seed, args.day, options)
+    res = compare(args.data, bundles, args.users, r, c, args.seed, args.day, options, sizes)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     return 0

@@ -33,6 +33,26 @@ def test_paired_gmv_compares_options_of_one_bundle(tiny_data, tiny_bundle, tmp_p
         tool.main(["--data", tiny_data, "--out", str(out), "--bundle", f"a={tiny_bundle}", "--option", "c:i2i_share=0"])
 
 
+def test_paired_gmv_gives_an_arm_its_own_sizes_and_the_ratio_to_the_first(tiny_data, tiny_bundle, tmp_path):
+    """The single stage (coarse size = retrieval size) beside the cascade on the same users: its
+    coarse cut keeps everything retrieved; the ratio is of the two arms' mean shares."""
+    tool = _tool("paired_gmv")
+    out = tmp_path / "paired.json"
+    assert tool.main(["--data", tiny_data, "--out", str(out), "--users", "6", "--sizes", "60,20",
+                      "--bundle", f"single={tiny_bundle}", "--bundle", f"cascade={tiny_bundle}",
+                      "--arm-sizes", "single=60,60"]) == 0
+    res = json.loads(out.read_text())
+    single, cascade = res["bundles"]["single"], res["bundles"]["cascade"]
+    assert single["sizes"] == [60, 60] and cascade["sizes"] == [60, 20]
+    assert single["recall_coarse"] == pytest.approx(single["recall_retrieval"])
+    assert cascade["recall_retrieval"] == pytest.approx(single["recall_retrieval"])  # same requests, same retrieval
+    p = res["paired"]["cascade"]
+    assert p["ratio"] == pytest.approx(cascade["gmv_share"] / single["gmv_share"])
+    assert 0.0 <= p["ratio_ci95"][0] <= p["ratio_ci95"][1]
+    with pytest.raises(SystemExit):  # sizes that are not two integers
+        tool.main(["--data", tiny_data, "--out", str(out), "--bundle", f"a={tiny_bundle}", "--arm-sizes", "a=60"])
+
+
 def test_coarse_bound_counts_the_fine_rankers_cut_of_every_candidate(tiny_data, tiny_bundle, tmp_path):
     tool = _tool("coarse_bound")
     res = tool.measure(tiny_data, str(tiny_bundle), 6, 60, 20)
