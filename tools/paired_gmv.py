@@ -54,7 +54,12 @@ def compare(data_dir: str, bundles: dict[str, str], n_users: int, retrieval: int
     day = data.test_day if day is None else int(day)
     oracle = C._Oracle(truth, C.requests(data, day, n_users, seed), day, 50)
     sizes = sizes or {}
-    cascades = {name: Cascade.load(path, **(options or {}).get(name, {})) for name, path in bundles.items()}
+    loaded: dict[tuple, Cascade] = {}  # arms of one bundle and one set of options share one load
+    cascades = {}
+    for name, path in bundles.items():
+        opts = (options or {}).get(name, {})
+        key = (str(Path(path).resolve()), tuple(sorted(opts.items())))
+        cascades[name] = loaded[key] if key in loaded else loaded.setdefault(key, Cascade.load(path, **opts))
     lists: dict[str, dict[str, list[float]]] = {name: {m: [] for m in C.METRICS} for name in bundles}
     names = list(bundles)
     for n in range(len(oracle.users)):
