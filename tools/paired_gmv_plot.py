@@ -2,6 +2,11 @@
 results file (its label: the file name), with its 95 % interval.
 
     python tools/paired_gmv_plot.py OUT.png A.json B.json ...
+    python tools/paired_gmv_plot.py --pareto OUT.png A.json
+
+`--pareto`: one file's arms as GMV@50 share (95 % interval) against the mean server CPU ms per
+request (what bounds a server's throughput), each labelled with its name and coarse size; the
+arms named by a common prefix (the text before the first digit) joined by a line.
 """
 from __future__ import annotations
 
@@ -15,9 +20,35 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def pareto(out: Path, results: Path) -> None:
+    """GMV@50 share against the mean CPU ms per request, one point per arm of `results`."""
+    import re
+
+    arms = json.loads(results.read_text())["bundles"]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    families: dict[str, list[tuple[float, float]]] = {}
+    for name, a in arms.items():
+        x, y = a["cpu_ms_mean"], a["gmv_share"]
+        ax.errorbar([x], [y], yerr=[a["gmv_share_ci95"]], fmt="o", capsize=3, color="C0" if "fd" in name else "C1")
+        ax.annotate(f"{name} ({a['sizes'][1]:,})", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        families.setdefault(re.split(r"\d", name, maxsplit=1)[0], []).append((x, y))
+    for pts in families.values():
+        if len(pts) > 1:
+            pts.sort()
+            ax.plot(*zip(*pts), lw=0.8, color="grey")
+    ax.set_xscale("log")
+    ax.set_xlabel("server CPU ms per request (mean, in process; log scale)")
+    ax.set_ylabel("GMV@50 share of the oracle top 50")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
 def main(argv=None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) < 2:
+    if len(args) == 3 and args[0] == "--pareto":
+        pareto(Path(args[1]), Path(args[2]))
+        return 0
+    if len(args) < 2 or args[0].startswith("--"):
         print(__doc__)
         return 2
     out, files = Path(args[0]), [Path(a) for a in args[1:]]

@@ -49,6 +49,10 @@ def test_paired_gmv_gives_an_arm_its_own_sizes_and_the_ratio_to_the_first(tiny_d
     p = res["paired"]["cascade"]
     assert p["ratio"] == pytest.approx(cascade["gmv_share"] / single["gmv_share"])
     assert 0.0 <= p["ratio_ci95"][0] <= p["ratio_ci95"][1]
+    assert single["cpu_ms_mean"] > 0.0 and cascade["cpu_ms_mean"] > 0.0
+    png = tmp_path / "pareto.png"  # the arms as GMV share against CPU per request
+    assert _tool("paired_gmv_plot").main(["--pareto", str(png), str(out)]) == 0
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit):  # sizes that are not two integers
         tool.main(["--data", tiny_data, "--out", str(out), "--bundle", f"a={tiny_bundle}", "--arm-sizes", "a=60"])
 
