@@ -6,7 +6,7 @@ results file (its label: the file name), with its 95 % interval.
 
 `--pareto`: one file's arms as GMV@50 share (95 % interval) against the mean server CPU ms per
 request (what bounds a server's throughput), each labelled with its name and coarse size; the
-arms named by a common prefix (the text before the first digit) joined by a line.
+arms whose names differ only in their trailing digits (plain500, plain200) joined by a line.
 """
 from __future__ import annotations
 
@@ -22,16 +22,14 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def pareto(out: Path, results: Path) -> None:
     """GMV@50 share against the mean CPU ms per request, one point per arm of `results`."""
-    import re
-
     arms = json.loads(results.read_text())["bundles"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     families: dict[str, list[tuple[float, float]]] = {}
     for name, a in arms.items():
         x, y = a["cpu_ms_mean"], a["gmv_share"]
-        ax.errorbar([x], [y], yerr=[a["gmv_share_ci95"]], fmt="o", capsize=3, color="C0" if "fd" in name else "C1")
+        ax.errorbar([x], [y], yerr=[a["gmv_share_ci95"]], fmt="o", capsize=3, color="C0" if a["sizes"][1] < a["sizes"][0] else "C3")
         ax.annotate(f"{name} ({a['sizes'][1]:,})", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        families.setdefault(re.split(r"\d", name, maxsplit=1)[0], []).append((x, y))
+        families.setdefault(name.rstrip("0123456789"), []).append((x, y))
     for pts in families.values():
         if len(pts) > 1:
             pts.sort()
