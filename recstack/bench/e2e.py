@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -41,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 from recstack import features as FE
-from recstack.bench.timing import loadavg, machine_info
+from recstack.bench.e2e_report import _sat, check_targets, report_lines
+from recstack.bench.timing import loadavg, machine_info, process_tree_cpu_s
 from recstack.serving.cascade import Cascade
 from recstack.quant import top_positions
 from recstack.serving.loading import onnx_session
@@ -51,10 +53,20 @@ REPO = Path(__file__).resolve().parents[2]  # the checkout: the servers run from
 CASCADE = {"retrieval_size": 10_000, "coarse_size": 500, "k": 50}
 SINGLE = {"retrieval_size": 10_000, "coarse_size": 10_000, "k": 50}
 TEACHER = dict(CASCADE)  # same sizes; the coarse scorer is the teacher DNN
-TARGETS = {"p99_at_50qps_ms": 25.0, "best_qps_p99_50ms": 150.0, "throughput_ratio": 10.0, "gmv_retained": 0.95}
 KNOWN = {"cascade_w1": ("cascade", 1, CASCADE), "cascade_w2": ("cascade", 2, CASCADE),
          "single_stage_w1": ("single", 1, SINGLE), "teacher_coarse_w1": ("teacher", 1, TEACHER)}
 DEFAULT_CONFIGS = "cascade_w1,single_stage_w1,teacher_coarse_w1"
+
+
+def config_spec(name: str) -> tuple[str, int, dict]:
+    """A config name -> (kind, workers, sizes): the names of KNOWN, or `cascade_cC_wW` (the cascade
+    at coarse size C with W workers)."""
+    if name in KNOWN:
+        return KNOWN[name]
+    m = re.fullmatch(r"cascade_c(\d+)_w(\d+)", name)
+    if not m or int(m.group(1)) < 1 or int(m.group(2)) < 1:
+        raise ValueError(f"configs: unknown {name!r}; known {sorted(KNOWN)} or cascade_cC_wW")
+    return "cascade", int(m.group(2)), {**CASCADE, "coarse_size": int(m.group(1))}
 
 
 class TeacherCoarseCascade(Cascade):
@@ -201,7 +213,12 @@ def bench_config(name: str, kind: str, workers: int, sizes: dict, artifacts: str
         out["warmup_status"] = w["status"]
         fixed_qps = load["peer_qps"] if peer else load["qps"]
         png = (lambda s: plots / f"{name}_{s}.png") if plots else (lambda s: None)
+        cpu0 = process_tree_cpu_s(proc.pid)
         out["fixed"] = L.run(target, fixed_qps, load["duration"], plot=png("fixed"), **kw)
+        ok = out["fixed"]["status"].get("OK", 0)
+        # the server's own CPU (every worker, gRPC and protobuf included, the load generator not)
+        # per answered request: what bounds its throughput on cores of its own
+        out["fixed"]["server_cpu_ms_per_ok"] = (process_tree_cpu_s(proc.pid) - cpu0) * 1e3 / ok if ok else None
         out["sweep"] = L.run(target, load["peer_sweep_start"] if peer else fixed_qps, load["sweep_duration"],
                              sweep=True, p99_bound_ms=load["p99_bound"], steps=load["sweep_steps"], plot=png("sweep"), **kw)
         out["saturation"] = L.run(target, load["peer_sat_qps"] if peer else load["sat_qps"], load["sat_duration"], **kw)
@@ -217,17 +234,19 @@ def bench_config(name: str, kind: str, workers: int, sizes: dict, artifacts: str
 
 
 def gmv_retained(artifacts: str, data: str, scratch: Path, n_users: int, teacher_onnx: str | None = None,
-                 i2i_share: float = 0.3, cascade: Cascade | None = None) -> dict:
-    """GMV@50 against the world's truth for the cascade (10,000 -> 500), the single-stage peer
-    (10,000 -> 10,000) and, with `teacher_onnx`, the teacher-as-coarse peer (10,000 -> 500),
-    same users, in process through the serving code (recstack.evaluation.cascade)."""
+                 i2i_share: float = 0.3, cascade: Cascade | None = None, extra_coarse: tuple[int, ...] = ()) -> dict:
+    """GMV@50 against the world's truth for the cascade (10,000 -> 500, and 10,000 -> each of
+    `extra_coarse`), the single-stage peer (10,000 -> 10,000) and, with `teacher_onnx`, the
+    teacher-as-coarse peer (10,000 -> 500), same users, in process through the serving code
+    (recstack.evaluation.cascade)."""
     from recstack.evaluation.cascade import run as cascade_eval
 
     common = dict(n_users=n_users, k=CASCADE["k"], retrieval_sizes=(CASCADE["retrieval_size"],),
                   i2i_shares=(i2i_share,), default_retrieval=CASCADE["retrieval_size"],
                   default_coarse=CASCADE["coarse_size"], exhaustive=False, plot=False)
     t0 = time.perf_counter()
-    r = cascade_eval(artifacts, data, scratch / "gmv", coarse_sizes=(CASCADE["coarse_size"], SINGLE["coarse_size"]),
+    r = cascade_eval(artifacts, data, scratch / "gmv", coarse_sizes=(CASCADE["coarse_size"], SINGLE["coarse_size"],
+                                                                    *extra_coarse),
                      cascade=cascade, **common)
     rows = {(c["retrieval_size"], c["coarse_size"]): c for c in r["configs"]}
     n = max(c["retrieval_size"] for c in r["configs"])  # sizes are clamped to the corpus
@@ -244,6 +263,10 @@ def gmv_retained(artifacts: str, data: str, scratch: Path, n_users: int, teacher
            # share of the oracle top-50 still present after each stage (what the coarse cut loses)
            "recall": {name: {m: row_[m] for m in ("recall_retrieval", "recall_coarse", "recall_served")}
                       for name, row_ in (("cascade", casc), ("single_stage", peer))}}
+    # the cascade at other coarse sizes, against the same single stage
+    out["cascade_at"] = {str(c): {"gmv_share": x["gmv_share"], "gmv_share_se": x["gmv_share_se"], "ms_in_process": x["ms"],
+                                  "retained": x["gmv_share"] / peer["gmv_share"] if peer["gmv_share"] > 0 else None}
+                         for c in extra_coarse for x in [row(rows, {**CASCADE, "coarse_size": c})]}
     if teacher_onnx:
         tc = TeacherCoarseCascade.load(artifacts, teacher_onnx=teacher_onnx, warm=False)
         rt = cascade_eval(artifacts, data, scratch / "gmv_teacher", coarse_sizes=(TEACHER["coarse_size"],),
@@ -259,137 +282,6 @@ def gmv_retained(artifacts: str, data: str, scratch: Path, n_users: int, teacher
     return out
 
 
-# ------------------------------------------------------------------ targets / report
-
-
-def _p(x) -> str:
-    return "n/a" if x is None else f"{x:.1f}"
-
-
-def _sat(c: dict | None) -> float | None:
-    return (c or {}).get("saturation", {}).get("achieved_qps") if c else None
-
-
-def check_targets(configs: dict, gmv: dict | None = None) -> list[dict]:
-    """-> rows {target, measured, verdict, met} for the end-to-end targets."""
-    rows = []
-    c1 = configs.get("cascade_w1") or {}
-    best = max((c.get("sweep", {}).get("best_qps", 0.0) for n, c in configs.items() if n.startswith("cascade")),
-               default=0.0)
-    if c1.get("fixed"):
-        p99 = c1["fixed"]["latency_ms"]["p99"]
-        t = TARGETS["p99_at_50qps_ms"]
-        met = p99 is not None and p99 <= t
-        rows.append({"target": f"p99 <= {t:.0f} ms at {c1['fixed']['offered_qps']:.0f} QPS (1 worker)",
-                     "measured": f"{_p(p99)} ms", "met": met,
-                     "verdict": ("met" if met else f"missed by {p99 - t:.1f} ms ({p99 / t:.2f}x)" if p99
-                                 else "missed (no OK calls)")})
-    if any(n.startswith("cascade") and c.get("sweep") for n, c in configs.items()):
-        t = TARGETS["best_qps_p99_50ms"]
-        rows.append({"target": f"highest QPS with p99 <= 50 ms >= {t:.0f} (best of the cascade configs)",
-                     "measured": f"{best:.1f} QPS", "met": best >= t,
-                     "verdict": "met" if best >= t else f"missed by {t - best:.1f} QPS ({best / t:.2f} of target)"})
-    t = TARGETS["throughput_ratio"]
-    for peer, label in (("single_stage_w1", "single-stage"), ("teacher_coarse_w1", "teacher-as-coarse")):
-        ca, pa = _sat(c1), _sat(configs.get(peer))
-        if ca is None or pa is None:
-            continue
-        ratio = ca / pa if pa > 0 else float("inf")
-        row = {"target": f"cascade vs {label} throughput (1 worker each, saturation OK QPS)",
-               "measured": f"{ca:.1f} / {pa:.1f} = {ratio:.1f}x"}
-        if peer == "single_stage_w1":
-            row["target"] = f"cascade >= {t:.0f}x the {label} throughput (1 worker each, saturation OK QPS)"
-            row.update(met=ratio >= t, verdict="met" if ratio >= t else f"missed: {ratio:.1f}x of {t:.0f}x")
-        else:
-            row.update(met=None, verdict="(no target: the peer the PFD paper compares against)")
-        rows.append(row)
-    if gmv and gmv.get("retained") is not None:
-        g = TARGETS["gmv_retained"]
-        rows.append({"target": f"cascade keeps >= {g:.0%} of the single stage's GMV@50", "measured": f"{gmv['retained']:.3f}",
-                     "met": gmv["retained"] >= g,
-                     "verdict": "met" if gmv["retained"] >= g else f"missed by {g - gmv['retained']:.3f}"})
-    return rows
-
-
-def report_lines(res: dict, heading: str = "##") -> list[str]:
-    """Markdown for the end-to-end part of a report (`res`: run_e2e's dict)."""
-    h = heading
-    lines = [f"{h} End to end through gRPC ({res['n_items']:,} items)" if res.get("n_items") else f"{h} End to end through gRPC",
-             "", f"Bundle `{res['artifacts']}`, corpus `{res['data']}`; server and load generator on this host (loopback); "
-             f"load average before {res['loadavg_before']}, after {res.get('loadavg_after')}.", "",
-             "| config | sizes (retr -> coarse -> k) | offered QPS | achieved | p50 | p90 | p99 | max (ms) | status |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for c in res["configs"]:
-        f, s = c.get("fixed"), c["sizes"]
-        if not f:
-            if c.get("error"):
-                lines.append(f"| {c['name']} | | | | | | | | error: {c['error']} |")
-            continue
-        lat = f["latency_ms"]
-        lines.append(f"| {c['name']} | {s['retrieval_size']} -> {s['coarse_size']} -> {s['k']} | {f['offered_qps']:.0f} | "
-                     f"{f['achieved_qps']:.1f} | {_p(lat['p50'])} | {_p(lat['p90'])} | {_p(lat['p99'])} | "
-                     f"{_p(lat['max'])} | {f['status']} |")
-    lines += ["", "Per-stage server timings at the fixed QPS (ms, p50 / p99):", "",
-              "| config | features | retrieval | coarse | fine | total |", "|---|---|---|---|---|---|"]
-    for c in res["configs"]:
-        st = (c.get("fixed") or {}).get("server_stage_ms") or {}
-        if st:
-            lines.append(f"| {c['name']} | " + " | ".join(f"{_p(st[s]['p50'])} / {_p(st[s]['p99'])}" for s in
-                                                         ("features", "retrieval", "coarse", "fine", "total")) + " |")
-    lines += ["", f"Sweep (highest offered QPS with p99 <= {res['p99_bound_ms']:.0f} ms) and saturation "
-              "(offered far above capacity; throughput = OK answers per second):", "",
-              "| config | best QPS | first failing | saturation: offered | achieved OK QPS | p99 (ms) | status |",
-              "|---|---|---|---|---|---|---|"]
-    for c in res["configs"]:
-        sw, sa = c.get("sweep"), c.get("saturation")
-        if sw and sa:
-            lines.append(f"| {c['name']} | {sw['best_qps']:.1f} | {sw['first_failing_qps']} | {sa['offered_qps']:.0f} | "
-                         f"{sa['achieved_qps']:.1f} | {_p(sa['latency_ms']['p99'])} | {sa['status']} |")
-    lines += ["", "Sweep steps (offered -> p50 / p99 ms):", ""]
-    for c in res["configs"]:
-        if c.get("sweep"):
-            runs = ", ".join(f"{r['offered_qps']:.1f} -> {_p(r['latency_ms']['p50'])} / {_p(r['latency_ms']['p99'])} "
-                             f"{'ok' if r['passed'] else 'FAIL'}" for r in c["sweep"]["runs"])
-            lines.append(f"- {c['name']}: {runs}")
-    g = res.get("gmv")
-    if g:
-        lines += ["", f"GMV@{g['k']} against the world's truth ({g['n_users']} test-day users, i2i share {g['i2i_share']}; "
-                  "share of the oracle top-50's true expected GMV; in process through the serving code):", "",
-                  "| server | GMV@50 share | s.e. | oracle top-50 kept: retrieved / after coarse / served | "
-                  "ms / request in process |", "|---|---|---|---|---|"]
-        rec = g.get("recall", {})
-
-        def _rec(name: str) -> str:
-            r = rec.get(name)
-            return f"{r['recall_retrieval']:.3f} / {r['recall_coarse']:.3f} / {r['recall_served']:.3f}" if r else ""
-
-        lines += [f"| cascade 10,000 -> 500 -> 50 | {g['cascade_gmv_share']:.4f} | {g['cascade_gmv_share_se']:.4f} | "
-                  f"{_rec('cascade')} | {g['cascade_ms_in_process']:.1f} |",
-                  f"| single stage 10,000 -> 10,000 -> 50 | {g['single_stage_gmv_share']:.4f} | "
-                  f"{g['single_stage_gmv_share_se']:.4f} | {_rec('single_stage')} | {g['single_stage_ms_in_process']:.1f} |"]
-        if "teacher_coarse_gmv_share" in g:
-            lines.append(f"| teacher as coarse 10,000 -> 500 -> 50 | {g['teacher_coarse_gmv_share']:.4f} | "
-                         f"{g['teacher_coarse_gmv_share_se']:.4f} | {_rec('teacher_coarse')} | "
-                         f"{g['teacher_coarse_ms_in_process']:.1f} |")
-        ratios = []
-        if g.get("retained") is not None:
-            ratios.append(f"cascade / single stage {g['retained']:.3f}")
-        if g.get("cascade_vs_teacher_coarse") is not None:
-            ratios.append(f"cascade / teacher as coarse {g['cascade_vs_teacher_coarse']:.3f}")
-        if ratios:
-            lines += ["", "GMV@50 retained: " + "; ".join(ratios) + "."]
-    c1 = next((c for c in res["configs"] if c["name"] == "cascade_w1" and c.get("fixed")), None)
-    if c1 and c1["fixed"].get("server_stage_ms") and c1["fixed"]["latency_ms"]["p50"] is not None:
-        lat, srv = c1["fixed"]["latency_ms"], c1["fixed"]["server_stage_ms"]["total"]
-        lines += ["", f"cascade_w1 at {c1['fixed']['offered_qps']:.0f} QPS: client-side p50 / p99 {_p(lat['p50'])} / "
-                  f"{_p(lat['p99'])} ms against the server's own total {_p(srv['p50'])} / {_p(srv['p99'])} ms: gRPC, "
-                  f"queueing and the client add {lat['p50'] - srv['p50']:.1f} ms at p50 and "
-                  f"{lat['p99'] - srv['p99']:.1f} ms at p99."]
-    lines += ["", "End-to-end targets:", "", "| target | measured | verdict |", "|---|---|---|"]
-    lines += [f"| {t['target']} | {t['measured']} | {t['verdict']} |" for t in res["targets"]]
-    return lines
-
-
 def run_e2e(artifacts: str, data: str, *, scratch: str | Path, plots: str | Path | None = None,
             configs: str = DEFAULT_CONFIGS, teacher_onnx: str | None = None, gmv_users: int = 0,
             load: dict | None = None, results_path: str | Path | None = None, cascade: Cascade | None = None) -> dict:
@@ -402,9 +294,7 @@ def run_e2e(artifacts: str, data: str, *, scratch: str | Path, plots: str | Path
     if plots:
         Path(plots).mkdir(parents=True, exist_ok=True)
     names = [n for n in configs.split(",") if n]
-    unknown = [n for n in names if n not in KNOWN]
-    if unknown:
-        raise ValueError(f"configs: unknown {unknown}; known {sorted(KNOWN)}")
+    specs = {n: config_spec(n) for n in names}
     if "teacher_coarse_w1" in names and not teacher_onnx:
         raise ValueError("configs: teacher_coarse_w1 needs teacher_onnx")
     res = {"machine": machine_info(), "loadavg_before": loadavg(), "artifacts": str(artifacts), "data": str(data),
@@ -416,7 +306,7 @@ def run_e2e(artifacts: str, data: str, *, scratch: str | Path, plots: str | Path
     except Exception:  # noqa: BLE001 - informational only
         res["n_items"] = None
     for name in names:
-        kind, workers, sizes = KNOWN[name]
+        kind, workers, sizes = specs[name]
         try:
             res["configs"].append(bench_config(name, kind, workers, sizes, str(artifacts), str(data), scratch,
                                                Path(plots) if plots else None, load, teacher_onnx))
@@ -427,12 +317,18 @@ def run_e2e(artifacts: str, data: str, *, scratch: str | Path, plots: str | Path
             Path(results_path).write_text(json.dumps(res, indent=2) + "\n")
     res["loadavg_after"] = loadavg()
     if gmv_users:
-        res["gmv"] = gmv_retained(str(artifacts), str(data), scratch, gmv_users, teacher_onnx, cascade=cascade)
+        extra = sorted({sz["coarse_size"] for k, _, sz in specs.values() if k == "cascade"} - {CASCADE["coarse_size"]})
+        res["gmv"] = gmv_retained(str(artifacts), str(data), scratch, gmv_users, teacher_onnx, cascade=cascade,
+                                  extra_coarse=tuple(extra))
     by_name = {c["name"]: c for c in res["configs"]}
     res["targets"] = check_targets(by_name, res.get("gmv"))
     sats = {n: _sat(c) for n, c in by_name.items()}
     res["throughput_ratios"] = {f"cascade_w1/{n}": sats["cascade_w1"] / s for n, s in sats.items()
                                 if n != "cascade_w1" and s and sats.get("cascade_w1")}
+    cpu = {n: (c.get("fixed") or {}).get("server_cpu_ms_per_ok") for n, c in by_name.items()}
+    if cpu.get("single_stage_w1"):  # single stage CPU / cascade CPU per answered request
+        res["server_cpu_ratios"] = {f"single_stage_w1/{n}": cpu["single_stage_w1"] / v for n, v in cpu.items()
+                                    if n.startswith("cascade") and v}
     if results_path:
         Path(results_path).write_text(json.dumps(res, indent=2) + "\n")
     return res

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recstack.bench import e2e as E2E
+from recstack.bench import e2e_report
 from recstack.evaluation import report as E
 
 LABELS = {
@@ -344,7 +344,7 @@ def write_report_all(out: Path, res: dict) -> Path:
         *_serving_section(res),
         *_models_sections(res),
         *_retrieval_section(res["retrieval"]),
-        *E2E.report_lines(res["e2e"]),
+        *e2e_report.report_lines(res["e2e"]),
         "",
         "Plots: `bench.png` (model costs), `<config>_fixed.png` and `<config>_sweep.png` (latency over time at the "
         "fixed QPS; the sweep).",

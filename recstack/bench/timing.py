@@ -78,6 +78,28 @@ def loadavg() -> list[float]:
         return []
 
 
+def process_tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` and every live descendant (Linux /proc; a
+    server's workers are its children) -> seconds; 0.0 where /proc cannot be read."""
+    parents: dict[int, int] = {}
+    cpu: dict[int, float] = {}
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            # the command name (field 2) may hold spaces: the fields after it start past its ')'
+            rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        parents[int(d.name)] = int(rest[1])  # field 4: ppid
+        cpu[int(d.name)] = (int(rest[11]) + int(rest[12])) / tick  # fields 14, 15: utime, stime
+    tree, frontier = {pid}, [pid]
+    while frontier:
+        kids = [c for c, par in parents.items() if par in frontier and c not in tree]
+        tree.update(kids)
+        frontier = kids
+    return float(sum(cpu.get(q, 0.0) for q in tree))
+
+
 def machine_info() -> dict:
     import onnxruntime as ort
 

@@ -72,6 +72,7 @@ def test_end_to_end_configs_and_ratios(quick_all):
         assert "error" not in c, (name, c.get("error"))
         assert c["fixed"]["status"].get("OK", 0) > 0, name
         assert c["server_exit"] is not None  # stopped
+        assert c["fixed"]["server_cpu_ms_per_ok"] >= 0.0, name  # the server tree's CPU over the fixed run
     assert by["teacher_coarse_w1"]["sizes"] == by["cascade_w1"]["sizes"] == E2E.CASCADE
     assert set(e2e["throughput_ratios"]) == {"cascade_w1/single_stage_w1", "cascade_w1/teacher_coarse_w1"}
     g = e2e["gmv"]
@@ -154,5 +155,32 @@ def test_no_benchmark_but_the_training_cost_calls_the_training_code():
 def test_unknown_e2e_config_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown"):
         E2E.run_e2e("x", "y", scratch=tmp_path, configs="cascade_w9")
+    for bad in ("cascade_c0_w1", "cascade_c200_w0", "cascade_c200"):
+        with pytest.raises(ValueError, match="unknown"):
+            E2E.run_e2e("x", "y", scratch=tmp_path, configs=bad)
     with pytest.raises(ValueError, match="teacher_onnx"):
         E2E.run_e2e("x", "y", scratch=tmp_path, configs="teacher_coarse_w1")
+
+
+def test_a_cascade_config_at_another_coarse_size():
+    assert E2E.config_spec("cascade_c200_w2") == ("cascade", 2, {**E2E.CASCADE, "coarse_size": 200})
+    assert E2E.config_spec("cascade_w1") == E2E.KNOWN["cascade_w1"]
+
+
+def test_targets_of_server_cpu_and_of_each_cascade_size():
+    """The CPU ratio row for each one-worker cascade against the single stage, and a GMV row for
+    the cascade at each extra coarse size, with verdicts from the numbers given."""
+    from recstack.bench import e2e_report as R
+
+    configs = {"cascade_w1": {"workers": 1, "fixed": {"server_cpu_ms_per_ok": 10.0, "latency_ms": {"p99": 20.0},
+                                                      "offered_qps": 50.0}},
+               "cascade_c200_w1": {"workers": 1, "fixed": {"server_cpu_ms_per_ok": 6.0}},
+               "cascade_w2": {"workers": 2, "fixed": {"server_cpu_ms_per_ok": 9.0}},
+               "single_stage_w1": {"workers": 1, "fixed": {"server_cpu_ms_per_ok": 70.0}}}
+    gmv = {"retained": 0.94, "cascade_at": {"200": {"retained": 0.96}}}
+    rows = {r["target"].split(" ")[0] + (" cpu" if "CPU" in r["target"] else " gmv"): r
+            for r in R.check_targets(configs, gmv) if "CPU" in r["target"] or "GMV" in r["target"]}
+    assert rows["cascade_w1 cpu"]["measured"] == "70.0 / 10.0 = 7.0x" and rows["cascade_w1 cpu"]["met"] is False
+    assert rows["cascade_c200_w1 cpu"]["met"] is True and "cascade_w2 cpu" not in rows
+    gm = [r for r in R.check_targets(configs, gmv) if "GMV" in r["target"]]
+    assert [(r["measured"], r["met"]) for r in gm] == [("0.940", False), ("0.960", True)]
