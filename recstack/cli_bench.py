@@ -225,7 +225,8 @@ def add_parser(sub, formatter) -> None:
     p.add_argument("--scratch", default=None, help="scratch folder (teacher ONNX, server logs; default /tmp/recstack-bench)")
     p.add_argument("--gmv-users", type=int, default=100, help="users for GMV@50 against the truth")
     p.add_argument("--configs", default=None, help="end-to-end server configs (default cascade_w1,single_stage_w1,"
-                                                   "teacher_coarse_w1; also cascade_w2)")
+                                                   "teacher_coarse_w1; also cascade_w2, and cascade_cC_wW: "
+                                                   "the cascade at coarse size C with W workers)")
     p.add_argument("--runs", default=None, help="runs folder with coarse/ and fine/checkpoint.pt (default: fresh models)")
     p.add_argument("--quick", action="store_true", help="small sizes and short load runs (a smoke test, not a report)")
 
