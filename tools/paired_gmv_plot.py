@@ -4,9 +4,9 @@ results file (its label: the file name), with its 95 % interval.
     python tools/paired_gmv_plot.py OUT.png A.json B.json ...
     python tools/paired_gmv_plot.py --pareto OUT.png A.json
 
-`--pareto`: one file's arms as GMV@50 share (95 % interval) against the mean server CPU ms per
-request (what bounds a server's throughput), each labelled with its name and coarse size; the
-arms whose names differ only in their trailing digits (plain500, plain200) joined by a line.
+`--pareto`: one file's arms against its first arm (the single stage, say): the share of its
+GMV@50 kept against the CPU speed-up per request (what bounds a server's throughput); arms whose
+names differ only in their trailing digits (plain500, plain200) joined by a line.
 """
 from __future__ import annotations
 
@@ -20,23 +20,32 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def pareto(out: Path, results: Path) -> None:
-    """GMV@50 share against the mean CPU ms per request, one point per arm of `results`."""
-    arms = json.loads(results.read_text())["bundles"]
+def pareto(out: Path, results: Path, target: tuple[float, float] = (10.0, 0.95)) -> None:
+    """Each arm of `results` against its first arm (the reference, e.g. the single stage): the
+    GMV@50 share kept (ratio of means, paired bootstrap 95 % interval) against the CPU speed-up
+    (the reference's mean CPU ms per request over the arm's). Arms whose names differ only in
+    their trailing digits form one line, labelled by coarse size; dashed: the `target` corner."""
+    r = json.loads(results.read_text())
+    arms, ref = r["bundles"], r["paired_vs"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    families: dict[str, list[tuple[float, float]]] = {}
-    for name, a in arms.items():
-        x, y = a["cpu_ms_mean"], a["gmv_share"]
-        ax.errorbar([x], [y], yerr=[a["gmv_share_ci95"]], fmt="o", capsize=3, color="C0" if a["sizes"][1] < a["sizes"][0] else "C3")
-        ax.annotate(f"{name} ({a['sizes'][1]:,})", (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
-        families.setdefault(name.rstrip("0123456789"), []).append((x, y))
-    for pts in families.values():
-        if len(pts) > 1:
-            pts.sort()
-            ax.plot(*zip(*pts), lw=0.8, color="grey")
-    ax.set_xscale("log")
-    ax.set_xlabel("server CPU ms per request (mean, in process; log scale)")
-    ax.set_ylabel("GMV@50 share of the oracle top 50")
+    families: dict[str, list[tuple[float, float, float, float, int]]] = {}
+    for name, p in r["paired"].items():
+        a = arms[name]
+        x = arms[ref]["cpu_ms_mean"] / a["cpu_ms_mean"]
+        families.setdefault(name.rstrip("0123456789").rstrip("_"), []).append(
+            (x, p["ratio"], p["ratio"] - p["ratio_ci95"][0], p["ratio_ci95"][1] - p["ratio"], a["sizes"][1]))
+    for i, (fam, pts) in enumerate(sorted(families.items())):
+        pts.sort()
+        xs, ys, lo, hi, cs = zip(*pts)
+        ax.errorbar(xs, ys, yerr=[lo, hi], fmt="o-", capsize=3, lw=1, color=f"C{i}", label=fam)
+        for x, y, c in zip(xs, ys, cs):
+            ax.annotate(f"{c:,}", (x, y), fontsize=7, xytext=(4, -10), textcoords="offset points", color=f"C{i}")
+    ax.axvline(target[0], color="grey", ls="--", lw=0.8)
+    ax.axhline(target[1], color="grey", ls="--", lw=0.8)
+    ax.set_xlabel(f"CPU speed-up over {ref} (its mean CPU ms per request / the arm's, in process)")
+    ax.set_ylabel(f"GMV@50 share kept of {ref}'s (paired, 95 %)")
+    ax.set_title(f"{r['n_users']} test-day users (sample seed {r['seed']}); labels: coarse size", fontsize=9)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
 
