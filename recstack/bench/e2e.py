@@ -13,7 +13,8 @@ drawn from the data's test day):
   * single stage (a peer), one process: requests 10,000 -> 10,000 -> 50, i.e. the fine ranker
     scores every retrieved candidate. The server's coarse_size_max (2,000) refuses that, so the peer
     is a `build_server` process with `ServingLimits(coarse_size_max=10_000)`, otherwise the same
-    settings as `recstack serve` (4 RPC threads, 1 ONNX thread);
+    settings as `recstack serve` (4 RPC threads, 1 ONNX thread, its default feature store and
+    impression log, so each request does the same live work);
   * teacher as coarse (a peer), one process: requests 10,000 -> 500 -> 50 with the coarse stage
     scored by the PFD+MD teacher DNN (ONNX Runtime, `coarse_rank.export.export_teacher`) instead of
     the inner product: the teacher gets the request's user inputs once and every candidate's item
@@ -141,10 +142,12 @@ def wait_serving(target: str, proc: subprocess.Popen, timeout_s: float = 600.0) 
 
 
 def _peer_child(kind: str, artifacts: str, port: int, teacher_onnx: str | None) -> int:
-    """A peer server (single stage or teacher as coarse): build_server, runs until SIGTERM."""
+    """A peer server (single stage or teacher as coarse): build_server with the live path of
+    `recstack serve`, runs until SIGTERM."""
     import threading
 
     from recstack.serving import server as S
+    from recstack.serving.process import ServeOptions, open_live
     from recstack.serving.validate import ServingLimits
 
     if kind == "teacher":
@@ -153,12 +156,18 @@ def _peer_child(kind: str, artifacts: str, port: int, teacher_onnx: str | None) 
         limits = ServingLimits()
     else:
         limits = ServingLimits(coarse_size_max=SINGLE["coarse_size"])
-    server, _, _ = S.build_server(artifacts, "127.0.0.1", port, 4, limits=limits, onnx_threads=1)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
-    server.stop(5).wait()
+    # the feature store and impression log of `recstack serve`'s defaults, so that a peer pays the
+    # same per-request live work (store read, impression record) as the cascade it is compared with
+    live = open_live(artifacts, ServeOptions())
+    try:
+        server, _, _ = S.build_server(artifacts, "127.0.0.1", port, 4, limits=limits, onnx_threads=1, live=live)
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        server.stop(5).wait()
+    finally:
+        live.close()
     return 0
 
 

@@ -204,7 +204,7 @@ def _clock(opts: ServeOptions) -> dict:
         raise ServeError(f"--clock-file: {e}") from None
 
 
-def _open_live(artifacts: str, opts: ServeOptions) -> LivePath:
+def open_live(artifacts: str, opts: ServeOptions) -> LivePath:
     """The feature store and the impression / event logs of one serving process: each process
     opens its own connection to the one store the workers share, and writes its own log files."""
     root = Path(artifacts) if (Path(artifacts) / B.CURRENT).is_file() else Path(artifacts).resolve().parent
@@ -237,7 +237,7 @@ def _serve_until_signal(artifacts, host, port, opts, reuse_port, worker, signals
     try:
         if signals.received is not None:
             return 0
-        live = _open_live(artifacts, opts)
+        live = open_live(artifacts, opts)
         server, bound, servicer = create_server(
             artifacts, host, port, opts.threads, max_queue=opts.max_queue, onnx_threads=opts.onnx_threads,
             max_queue_wait_s=opts.max_queue_wait_s, ingest_threads=opts.ingest_threads, max_ingest_queue=opts.ingest_queue,
