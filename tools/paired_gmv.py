@@ -59,7 +59,9 @@ def compare(data_dir: str, bundles: dict[str, str], n_users: int, retrieval: int
     for name, path in bundles.items():
         opts = (options or {}).get(name, {})
         key = (str(Path(path).resolve()), tuple(sorted(opts.items())))
-        cascades[name] = loaded[key] if key in loaded else loaded.setdefault(key, Cascade.load(path, **opts))
+        if key not in loaded:
+            loaded[key] = Cascade.load(path, **opts)
+        cascades[name] = loaded[key]
     lists: dict[str, dict[str, list[float]]] = {name: {m: [] for m in C.METRICS} for name in bundles}
     names = list(bundles)
     for n in range(len(oracle.users)):

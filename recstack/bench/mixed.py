@@ -38,6 +38,7 @@ import numpy as np
 
 from recstack import features as F
 from recstack.bench import loadtest as LT
+from recstack.bench.timing import cpu_seconds
 
 # kind -> (share of events, mean dwell in seconds; 0 = no dwell): a shopping funnel
 KIND_MIX = {"view": (0.60, 8.0), "click": (0.25, 35.0), "favourite": (0.05, 0.0), "cart": (0.06, 0.0),
@@ -227,15 +228,6 @@ def store_size(spec: str) -> dict:
         rows = conn.execute("SELECT COUNT(*) FROM events").fetchone()[0]
     files = [p for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")) if p.exists()]
     return {"kind": "sqlite", "rows": int(rows), "bytes": int(sum(p.stat().st_size for p in files))}
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU seconds of process `pid` so far (Linux /proc); None where unreadable."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def _cpu(pids: dict[str, int]) -> dict[str, float | None]:

@@ -78,26 +78,35 @@ def loadavg() -> list[float]:
         return []
 
 
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the third on (the command name, field 2, may hold spaces and
+    parentheses: the fields after it start past its last ')'); None where unreadable."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` so far (Linux /proc); None where unreadable."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def process_tree_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` and every live descendant (Linux /proc; a
-    server's workers are its children) -> seconds; 0.0 where /proc cannot be read."""
-    parents: dict[int, int] = {}
-    cpu: dict[int, float] = {}
-    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    """`cpu_seconds` of process `pid` and every live descendant (a server's workers are its
+    children) summed -> seconds; 0.0 where /proc cannot be read."""
+    children: dict[int, list[int]] = {}
     for d in Path("/proc").glob("[0-9]*"):
-        try:
-            # the command name (field 2) may hold spaces: the fields after it start past its ')'
-            rest = (d / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        parents[int(d.name)] = int(rest[1])  # field 4: ppid
-        cpu[int(d.name)] = (int(rest[11]) + int(rest[12])) / tick  # fields 14, 15: utime, stime
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        kids = [c for c, par in parents.items() if par in frontier and c not in tree]
-        tree.update(kids)
-        frontier = kids
-    return float(sum(cpu.get(q, 0.0) for q in tree))
+        fields = _stat_fields(int(d.name))
+        if fields is not None:
+            children.setdefault(int(fields[1]), []).append(int(d.name))  # field 4: the parent's pid
+    total, stack = 0.0, [pid]
+    while stack:
+        q = stack.pop()
+        total += cpu_seconds(q) or 0.0
+        stack += children.get(q, [])
+    return float(total)
 
 
 def machine_info() -> dict:
